@@ -1,0 +1,68 @@
+"""The model registry: architectures chosen by name.
+
+Every model takes raw 28x28 pixels (0-255, any numeric dtype) and outputs 10 class
+probabilities; the scaling to [0, 1] is the model's first layer, so a saved model scores Kaggle
+CSV rows as they are. The output layer is float32 even under a mixed-precision policy, as
+Keras recommends for a numerically stable softmax.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import digit_models  # noqa: F401  (selects legacy Keras before TensorFlow loads)
+import tf_keras as keras
+from tf_keras import layers
+
+from digit_models.errors import DigitsError
+
+MODELS: dict[str, Callable[[], keras.Model]] = {}
+
+
+def register(name: str):
+    def add(builder: Callable[[], keras.Model]):
+        MODELS[name] = builder
+        return builder
+    return add
+
+
+def build_model(name: str) -> keras.Model:
+    """A fresh, uncompiled model; under a distribution strategy call it inside strategy.scope()."""
+    if name not in MODELS:
+        raise DigitsError(f"unknown model {name!r}; choose one of {', '.join(sorted(MODELS))}")
+    return MODELS[name]()
+
+
+def _pixels_in() -> list[layers.Layer]:
+    return [keras.Input(shape=(28, 28), name="pixels"), layers.Rescaling(1.0 / 255.0)]
+
+
+def _softmax_out() -> layers.Layer:
+    return layers.Dense(10, activation="softmax", dtype="float32", name="probabilities")
+
+
+@register("dense")
+def dense() -> keras.Model:
+    """The seed's fully connected net."""
+    return keras.Sequential([
+        *_pixels_in(),
+        layers.Flatten(),
+        layers.Dense(128, activation="relu"),
+        _softmax_out(),
+    ], name="dense")
+
+
+@register("cnn")
+def cnn() -> keras.Model:
+    """The seed's convolutional net."""
+    return keras.Sequential([
+        *_pixels_in(),
+        layers.Reshape((28, 28, 1)),
+        layers.Conv2D(32, (5, 5), activation="relu"),
+        layers.MaxPooling2D(2, 2),
+        layers.Conv2D(64, (5, 5), activation="relu"),
+        layers.MaxPooling2D(2, 2),
+        layers.Flatten(),
+        layers.Dense(512, activation="relu"),
+        _softmax_out(),
+    ], name="cnn")

@@ -1,0 +1,37 @@
+"""Connecting to Ray: an existing cluster, the one a `ray job submit` job runs in, or an
+embedded local one started for this command and shut down when it ends."""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+
+from digit_models import RUNTIME_ENV_VARS
+
+
+@contextmanager
+def ray_session(address: str | None = None):
+    """Ray for the length of a command.
+
+    With an address (or RAY_ADDRESS, which `ray job submit` sets for its entrypoint) this
+    joins that cluster; otherwise it starts a private local Ray on 127.0.0.1, and stops it
+    on the way out, whatever happens.
+    """
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    runtime_env = {"env_vars": dict(RUNTIME_ENV_VARS)}
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+    else:
+        # The dashboard process also serves the State API that Ray Train's controller polls;
+        # it listens on loopback only.
+        ray.init(runtime_env=runtime_env, include_dashboard=True, dashboard_host="127.0.0.1",
+                 log_to_driver=True, _node_ip_address="127.0.0.1")
+    try:
+        yield
+    finally:
+        ray.shutdown()

@@ -1,0 +1,393 @@
+"""Data-parallel training on Ray Train: one `train_func` per worker, a thin driver `train`.
+
+Each worker receives its own shard of the training rows through Ray Data (so workers on other
+machines never need the driver's disk), keeps it in memory, and trains the registered model
+under MultiWorkerMirroredStrategy: gradients are all-reduced every step, and the global batch is
+the per-worker batch times the number of workers. After every epoch each worker reports its
+metrics and rank 0 a checkpoint (model, optimizer state, history) through `ray.train.report`;
+a restarted worker group resumes from that checkpoint.
+
+The accuracy target is decided collectively: every worker votes whether its metric reached the
+target, the votes are all-reduced, and all workers stop at the same epoch. A worker deciding
+alone would leave `fit()` while the others wait forever in the next step's all-reduce.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import digit_models  # noqa: F401  (selects legacy Keras before TensorFlow loads)
+import numpy as np
+import ray
+import ray.train
+import tensorflow as tf
+import tf_keras as keras
+from ray.train.tensorflow import TensorflowTrainer
+
+from digit_models.data import DigitImages, file_sha256, read_train_csv, resolve_train_csv, validation_split
+from digit_models.errors import DigitsError
+from digit_models.models import MODELS, build_model
+
+TARGET_METRICS = ("accuracy", "val_accuracy")
+MODEL_FILE = "model.keras"
+STATE_FILE = "state.json"
+RUN_FILE = "run.json"
+CHECKPOINTS_DIR = "checkpoints"
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on; recorded in run.json."""
+
+    data: str = "data"  # a folder holding train.csv, or a train.csv path or URI
+    out: str = "runs/cnn"  # the run directory
+    model: str = "cnn"
+    epochs: int = 10
+    workers: int = 1
+    batch_size: int = 32  # per worker
+    learning_rate: float = 1e-3
+    target: float = 0.999
+    target_metric: str = "accuracy"
+    val_fraction: float = 0.1
+    seed: int = 0
+    limit: int | None = None
+    cpus_per_worker: int | None = None  # None: the CPUs Ray has, split between the workers
+    gpus_per_worker: float = 0.0
+    mixed_precision: bool = False
+    max_failures: int = 1
+
+    def validate(self) -> None:
+        def require(ok: bool, message: str) -> None:
+            if not ok:
+                raise DigitsError(message)
+
+        require(self.model in MODELS, f"--model {self.model}: choose one of {', '.join(sorted(MODELS))}")
+        require(self.epochs >= 1, f"--epochs {self.epochs}: must be at least 1")
+        require(self.workers >= 1, f"--workers {self.workers}: must be at least 1")
+        require(self.batch_size >= 1, f"--batch-size {self.batch_size}: must be at least 1")
+        require(self.learning_rate > 0, f"--learning-rate {self.learning_rate}: must be positive")
+        require(0 < self.target <= 1, f"--target {self.target}: must be in (0, 1]")
+        require(self.target_metric in TARGET_METRICS,
+                f"--target-metric {self.target_metric}: choose one of {', '.join(TARGET_METRICS)}")
+        require(0 <= self.val_fraction < 1, f"--val-fraction {self.val_fraction}: must be in [0, 1)")
+        require(self.target_metric != "val_accuracy" or self.val_fraction > 0,
+                "--target-metric val_accuracy needs a validation split (--val-fraction > 0)")
+        require(self.limit is None or self.limit >= 1, f"--limit {self.limit}: must be at least 1")
+        require(self.cpus_per_worker is None or self.cpus_per_worker >= 1,
+                f"--cpus-per-worker {self.cpus_per_worker}: must be at least 1")
+        require(self.gpus_per_worker >= 0, f"--gpus-per-worker {self.gpus_per_worker}: must be >= 0")
+        require(self.max_failures >= 0, f"--max-failures {self.max_failures}: must be >= 0")
+
+
+# ---------------------------------------------------------------------------- the driver side
+
+def train(config: TrainConfig) -> dict:
+    """Trains on the connected Ray cluster and writes RUN_DIR/model.keras and run.json.
+
+    Input is read and validated before anything is written. The run directory gets Ray's
+    checkpoints while training runs; model.keras and then run.json appear only at the end,
+    each atomically, so a run dir without run.json is an unfinished run.
+    """
+    config.validate()
+    started = time.time()
+    run_dir = Path(config.out).resolve()
+    _require_new_run_dir(run_dir)
+    train_csv = resolve_train_csv(config.data)
+    digits = read_train_csv(train_csv, limit=config.limit)
+    train_rows, val_rows = validation_split(len(digits), config.val_fraction, config.seed)
+    if len(train_rows) < config.workers or (config.val_fraction and len(val_rows) < config.workers):
+        raise DigitsError(f"{train_csv}: {len(digits)} rows are too few to split across "
+                          f"{config.workers} workers with --val-fraction {config.val_fraction}")
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    blocks = 4 * config.workers
+    trainer = TensorflowTrainer(
+        train_func,
+        train_loop_config={"config": asdict(config), "train_rows_total": len(digits)},
+        scaling_config=scaling_config(config),
+        datasets={"train": to_ray_dataset(digits, train_rows, blocks),
+                  "validation": to_ray_dataset(digits, val_rows, blocks)},
+        run_config=ray.train.RunConfig(
+            name=CHECKPOINTS_DIR, storage_path=str(run_dir),
+            failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
+    )
+    result = trainer.fit()
+    outcome = result.return_value
+    with tempfile.TemporaryDirectory(prefix=".model-", dir=run_dir) as staging:
+        result.checkpoint.to_directory(staging)
+        os.replace(Path(staging, MODEL_FILE), run_dir / MODEL_FILE)
+    summary = {
+        "model": config.model,
+        "workers": config.workers,
+        "batch_size_per_worker": config.batch_size,
+        "global_batch_size": config.batch_size * config.workers,
+        "epochs_planned": config.epochs,
+        "epochs_run": outcome["epochs_done"],
+        "stop_reason": outcome["stop_reason"],
+        "history": outcome["history"],
+        "shards": outcome["shards"],
+        "restarts": outcome["restarts"],
+        "data": {"train_csv": train_csv, "sha256": file_sha256(train_csv), "rows_read": len(digits),
+                 "train_rows": len(train_rows), "validation_rows": len(val_rows)},
+        "config": asdict(config),
+        "versions": library_versions(),
+        "model_file": MODEL_FILE,
+        "started_at": _utc(started),
+        "wall_s": round(time.time() - started, 2),
+    }
+    write_text_atomic(run_dir / RUN_FILE, json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _require_new_run_dir(run_dir: Path) -> None:
+    if run_dir.exists() and not run_dir.is_dir():
+        raise DigitsError(f"{run_dir}: exists and is not a folder")
+    if (run_dir / RUN_FILE).exists():
+        raise DigitsError(f"{run_dir}: already holds a finished run; choose another --out")
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise DigitsError(f"{run_dir}: not empty (an unfinished run?); choose another --out")
+
+
+def library_versions() -> dict:
+    import platform
+
+    import pandas
+    import pyarrow
+
+    return {"digit_models": digit_models.__version__, "python": platform.python_version(),
+            "tensorflow": tf.__version__, "tf_keras": keras.__version__, "ray": ray.__version__,
+            "numpy": np.__version__, "pandas": pandas.__version__, "pyarrow": pyarrow.__version__}
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    staging.write_text(text)
+    os.replace(staging, path)
+
+
+def _utc(timestamp: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp))
+
+
+def to_ray_dataset(digits: DigitImages, rows: np.ndarray, num_blocks: int) -> ray.data.Dataset:
+    """The chosen rows as a Ray Dataset of (row, label, image); `row` is the row in the file."""
+    import pyarrow as pa
+    from ray.data.extensions import ArrowTensorArray
+
+    table = pa.table({
+        "row": pa.array(rows.astype(np.int32)),
+        "label": pa.array(digits.labels[rows]),
+        "image": ArrowTensorArray.from_numpy(digits.images[rows]),
+    })
+    return ray.data.from_arrow(table, override_num_blocks=max(1, min(num_blocks, len(rows))))
+
+
+def scaling_config(config: TrainConfig) -> ray.train.ScalingConfig:
+    cpus = config.cpus_per_worker or max(1, int(ray.cluster_resources().get("CPU", 1)) // config.workers)
+    resources = {"CPU": cpus}
+    if config.gpus_per_worker:
+        resources["GPU"] = config.gpus_per_worker
+    return ray.train.ScalingConfig(num_workers=config.workers, use_gpu=config.gpus_per_worker > 0,
+                                   resources_per_worker=resources)
+
+
+# ---------------------------------------------------------------------------- the worker side
+
+def train_func(loop_config: dict) -> dict:
+    """Runs on every Ray Train worker; returns (from rank 0) the history and the stop reason."""
+    config = TrainConfig(**loop_config["config"])
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    cpus = int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))
+    _size_thread_pools(cpus)
+    tf.get_logger().setLevel(logging.ERROR)
+    if config.mixed_precision:
+        keras.mixed_precision.set_global_policy("mixed_float16")
+    if not keras.__version__.startswith("2."):
+        raise RuntimeError(f"legacy Keras expected under MultiWorkerMirroredStrategy, got {keras.__version__}")
+
+    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    train_x, train_y, train_rows = _materialize(ray.train.get_dataset_shard("train"))
+    val_x, val_y, val_rows = _materialize(ray.train.get_dataset_shard("validation"))
+    shards = _shard_report(strategy, rank, world, train_rows, val_rows, loop_config["train_rows_total"])
+    # Every worker must run the same number of steps, or one waits forever in an all-reduce.
+    train_size, val_size = min(shards["train_rows"]), min(shards["validation_rows"])
+    steps = train_size // config.batch_size
+    if steps == 0:
+        raise DigitsError(f"each worker has {train_size} training rows, fewer than one batch of "
+                          f"{config.batch_size}; use more rows or a smaller --batch-size")
+    replicas_here = strategy.num_replicas_in_sync // world
+    train_data = strategy.distribute_datasets_from_function(lambda _: _batches(
+        train_x[:train_size], train_y[:train_size], config.batch_size // replicas_here,
+        shuffle_seed=config.seed * 1000 + rank, cpus=cpus))
+    validation = {}
+    if val_size:
+        val_batch = max(config.batch_size, 256)
+        validation = dict(
+            validation_data=strategy.distribute_datasets_from_function(lambda _: _batches(
+                val_x[:val_size], val_y[:val_size], val_batch // replicas_here, cpus=cpus)),
+            validation_steps=-(-val_size // val_batch))
+
+    state = {"epochs_done": 0, "history": [], "restarts": []}
+    checkpoint = ray.train.get_checkpoint()
+    with strategy.scope():
+        if checkpoint:
+            with checkpoint.as_directory() as directory:
+                state = json.loads(Path(directory, STATE_FILE).read_text())
+                model = keras.models.load_model(Path(directory, MODEL_FILE))
+            state["restarts"].append({"resumed_after_epoch": state["epochs_done"]})
+        else:
+            model = build_model(config.model)
+            model.compile(optimizer=keras.optimizers.Adam(config.learning_rate),
+                          loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+
+    target_stop = SynchronizedTargetStop(strategy, config.target_metric, config.target)
+    report = EpochReport(rank, config, state, shards, target_stop,
+                         images_per_epoch=steps * config.batch_size * world)
+    if state.get("stop_reason") is None and state["epochs_done"] < config.epochs:
+        model.fit(train_data, epochs=config.epochs, initial_epoch=state["epochs_done"],
+                  steps_per_epoch=steps, callbacks=[target_stop, report], verbose=0, **validation)
+    return {**state, "shards": shards}
+
+
+def _size_thread_pools(cpus: int) -> None:
+    """TensorFlow sizes its pools to the machine; two workers sharing two cores would then run
+    four busy threads each. Give each worker exactly the CPUs Ray granted it."""
+    tf.config.threading.set_intra_op_parallelism_threads(cpus)
+    tf.config.threading.set_inter_op_parallelism_threads(cpus)
+
+
+def _materialize(shard) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Reads this worker's whole shard once into memory: MNIST-sized data fits many times over,
+    and an in-memory tf.data pipeline is far faster per epoch than re-streaming the rows."""
+    images, labels, rows = [], [], []
+    for batch in shard.iter_batches(batch_size=4096, batch_format="numpy"):
+        images.append(batch["image"])
+        labels.append(batch["label"])
+        rows.append(batch["row"])
+    if not rows:
+        return np.zeros((0, 28, 28), np.uint8), np.zeros(0, np.uint8), np.zeros(0, np.int32)
+    return np.concatenate(images), np.concatenate(labels), np.concatenate(rows)
+
+
+def _batches(images, labels, batch_size: int, cpus: int, shuffle_seed: int | None = None):
+    data = tf.data.Dataset.from_tensor_slices((images, labels))
+    if shuffle_seed is not None:
+        data = data.shuffle(len(images), seed=shuffle_seed, reshuffle_each_iteration=True)
+        data = data.batch(batch_size, drop_remainder=True).repeat()
+    else:
+        data = data.batch(batch_size)
+    options = tf.data.Options()
+    options.threading.private_threadpool_size = cpus
+    return data.prefetch(tf.data.AUTOTUNE).with_options(options)
+
+
+def all_reduce_sum(strategy, values) -> np.ndarray:
+    """Sums a float vector over every replica of every worker; all workers get the total."""
+    local = tf.constant(np.asarray(values, dtype=np.float32))
+    per_replica = strategy.run(lambda: tf.identity(local))
+    return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None).numpy()
+
+
+def _shard_report(strategy, rank: int, world: int, train_rows, val_rows, rows_total: int) -> dict:
+    """Row counts of every worker's shards, and whether any training row reached two workers
+    (one collective over a per-row count vector; with k replicas per worker counts are k-fold)."""
+    replicas_here = strategy.num_replicas_in_sync // world
+    counts = np.zeros(2 * world + rows_total, np.float32)
+    counts[rank] = len(train_rows)
+    counts[world + rank] = len(val_rows)
+    counts[2 * world + train_rows] = 1
+    totals = all_reduce_sum(strategy, counts) / replicas_here
+    per_row = totals[2 * world:]
+    return {
+        "train_rows": [int(n) for n in totals[:world]],
+        "validation_rows": [int(n) for n in totals[world:2 * world]],
+        "train_rows_seen_by_two_workers": int((per_row > 1).sum()),
+        "disjoint": bool(per_row.max(initial=0) <= 1),
+    }
+
+
+class SynchronizedTargetStop(keras.callbacks.Callback):
+    """Stops all workers at the end of the same epoch, once every replica's metric reached the
+    target. The decision is an all-reduce of the replicas' votes, so workers whose local
+    metric values differ still agree."""
+
+    def __init__(self, strategy, metric: str, target: float):
+        super().__init__()
+        self.strategy, self.metric, self.target = strategy, metric, target
+        self.reached_at_epoch: int | None = None
+
+    def on_epoch_end(self, epoch, logs=None):
+        value = (logs or {}).get(self.metric)
+        if value is None:
+            raise DigitsError(f"metric {self.metric!r} was not computed; have {sorted(logs or {})}")
+        votes = all_reduce_sum(self.strategy, [float(value >= self.target)])[0]
+        if votes >= self.strategy.num_replicas_in_sync:
+            self.reached_at_epoch = epoch + 1
+            self.model.stop_training = True
+
+
+class EpochReport(keras.callbacks.Callback):
+    """Per epoch: metrics and throughput into the history, a checkpoint and a report to Ray
+    Train, and (rank 0) one line of progress on the console."""
+
+    def __init__(self, rank: int, config: TrainConfig, state: dict, shards: dict,
+                 target_stop: SynchronizedTargetStop, images_per_epoch: int):
+        super().__init__()
+        self.rank, self.config, self.state, self.shards = rank, config, state, shards
+        self.target_stop, self.images_per_epoch = target_stop, images_per_epoch
+        self.started = time.perf_counter() - sum(e["epoch_s"] for e in state["history"])
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch_started = time.perf_counter()
+        self.train_ended = None
+
+    def on_test_begin(self, logs=None):
+        self.train_ended = self.train_ended or time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        now = time.perf_counter()
+        train_s = (self.train_ended or now) - self.epoch_started
+        entry = {"epoch": epoch + 1, **{k: float(v) for k, v in (logs or {}).items()},
+                 "images_per_s": self.images_per_epoch / train_s,
+                 "epoch_s": now - self.epoch_started, "elapsed_s": now - self.started}
+        state = self.state
+        state["history"].append(entry)
+        state["epochs_done"] = epoch + 1
+        if self.target_stop.reached_at_epoch is not None:
+            state["stop_reason"] = (f"target reached at epoch {epoch + 1} "
+                                    f"({self.config.target_metric} >= {self.config.target})")
+        elif epoch + 1 >= self.config.epochs:
+            state["stop_reason"] = "epochs exhausted"
+        # Every worker saves (the strategy expects all to take part); only rank 0's is kept.
+        with tempfile.TemporaryDirectory(prefix="digits-ckpt-") as directory:
+            self.model.save(os.path.join(directory, MODEL_FILE))
+            Path(directory, STATE_FILE).write_text(json.dumps(state))
+            checkpoint = ray.train.Checkpoint.from_directory(directory) if self.rank == 0 else None
+            ray.train.report({**entry, "stop_reason": state.get("stop_reason")}, checkpoint=checkpoint)
+        if self.rank == 0:
+            # Straight to the process's stdout: Ray Train re-routes print() through logging,
+            # where TensorFlow's handlers would print the line twice. Ray forwards stdout.
+            sys.__stdout__.write(progress_line(entry, self.config.epochs) + "\n")
+            sys.__stdout__.flush()
+
+
+def progress_line(entry: dict, epochs: int) -> str:
+    parts = [f"epoch {entry['epoch']}/{epochs}"]
+    for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
+        if key in entry:
+            parts.append(f"{key} {entry[key]:.4f}")
+    parts.append(f"{entry['images_per_s']:,.0f} img/s")
+    parts.append(f"epoch {entry['epoch_s']:.1f}s")
+    parts.append(f"elapsed {entry['elapsed_s']:.1f}s")
+    return "  ".join(parts)
+
+
