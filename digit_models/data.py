@@ -144,7 +144,7 @@ def read_kaggle_csv(location: str, labelled: bool, limit: int | None = None) -> 
         bad = np.flatnonzero(labels >= NUM_CLASSES)
         if len(bad):
             row = int(bad[0])
-            raise DigitsError(f"{name}: row {row + 1}, column label: {labels[row]} is not a digit 0-9")
+            raise DigitsError(f"{name}: row {row + 1}, column label: '{labels[row]}' is not a digit 0-9")
     return DigitImages(images=pixels.reshape(-1, 28, 28), labels=labels, source=name)
 
 
@@ -209,6 +209,8 @@ def _diagnose(location: str, expected: list[str]) -> None:
                     continue  # blank lines are skipped, as the fast parser skips them
                 row_number += 1
                 _check_row(row, row_number, expected, labelled, name)
+            if row_number == 0:
+                raise DigitsError(f"{name}: no data rows after the header")
     except UnicodeDecodeError:
         raise DigitsError(f"{name}: not UTF-8 text") from None
     except csv.Error as exc:

@@ -20,7 +20,7 @@ import os
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import digit_models  # noqa: F401  (selects legacy Keras before TensorFlow loads)
@@ -33,67 +33,25 @@ from ray.train.tensorflow import TensorflowTrainer
 
 from digit_models.data import DigitImages, file_sha256, read_train_csv, resolve_train_csv, validation_split
 from digit_models.errors import DigitsError
-from digit_models.models import MODELS, build_model
+from digit_models.config import TrainConfig
+from digit_models.models import build_model
+from digit_models.ray_runtime import ray_session
 
-TARGET_METRICS = ("accuracy", "val_accuracy")
 MODEL_FILE = "model.keras"
 STATE_FILE = "state.json"
 RUN_FILE = "run.json"
 CHECKPOINTS_DIR = "checkpoints"
 
 
-@dataclass
-class TrainConfig:
-    """Everything a training run depends on; recorded in run.json."""
-
-    data: str = "data"  # a folder holding train.csv, or a train.csv path or URI
-    out: str = "runs/cnn"  # the run directory
-    model: str = "cnn"
-    epochs: int = 10
-    workers: int = 1
-    batch_size: int = 32  # per worker
-    learning_rate: float = 1e-3
-    target: float = 0.999
-    target_metric: str = "accuracy"
-    val_fraction: float = 0.1
-    seed: int = 0
-    limit: int | None = None
-    cpus_per_worker: int | None = None  # None: the CPUs Ray has, split between the workers
-    gpus_per_worker: float = 0.0
-    mixed_precision: bool = False
-    max_failures: int = 1
-
-    def validate(self) -> None:
-        def require(ok: bool, message: str) -> None:
-            if not ok:
-                raise DigitsError(message)
-
-        require(self.model in MODELS, f"--model {self.model}: choose one of {', '.join(sorted(MODELS))}")
-        require(self.epochs >= 1, f"--epochs {self.epochs}: must be at least 1")
-        require(self.workers >= 1, f"--workers {self.workers}: must be at least 1")
-        require(self.batch_size >= 1, f"--batch-size {self.batch_size}: must be at least 1")
-        require(self.learning_rate > 0, f"--learning-rate {self.learning_rate}: must be positive")
-        require(0 < self.target <= 1, f"--target {self.target}: must be in (0, 1]")
-        require(self.target_metric in TARGET_METRICS,
-                f"--target-metric {self.target_metric}: choose one of {', '.join(TARGET_METRICS)}")
-        require(0 <= self.val_fraction < 1, f"--val-fraction {self.val_fraction}: must be in [0, 1)")
-        require(self.target_metric != "val_accuracy" or self.val_fraction > 0,
-                "--target-metric val_accuracy needs a validation split (--val-fraction > 0)")
-        require(self.limit is None or self.limit >= 1, f"--limit {self.limit}: must be at least 1")
-        require(self.cpus_per_worker is None or self.cpus_per_worker >= 1,
-                f"--cpus-per-worker {self.cpus_per_worker}: must be at least 1")
-        require(self.gpus_per_worker >= 0, f"--gpus-per-worker {self.gpus_per_worker}: must be >= 0")
-        require(self.max_failures >= 0, f"--max-failures {self.max_failures}: must be >= 0")
-
-
 # ---------------------------------------------------------------------------- the driver side
 
-def train(config: TrainConfig) -> dict:
-    """Trains on the connected Ray cluster and writes RUN_DIR/model.keras and run.json.
+def train(config: TrainConfig, address: str | None = None) -> dict:
+    """Trains on Ray and writes RUN_DIR/model.keras and run.json; returns run.json's content.
 
-    Input is read and validated before anything is written. The run directory gets Ray's
-    checkpoints while training runs; model.keras and then run.json appear only at the end,
-    each atomically, so a run dir without run.json is an unfinished run.
+    Input is read and validated before Ray starts or anything is written. Ray is the one
+    already connected, else the cluster at `address`, else an embedded local one. The run
+    directory gets Ray's checkpoints while training runs; model.keras and then run.json appear
+    only at the end, each atomically, so a run dir without run.json is an unfinished run.
     """
     config.validate()
     started = time.time()
@@ -102,24 +60,27 @@ def train(config: TrainConfig) -> dict:
     train_csv = resolve_train_csv(config.data)
     digits = read_train_csv(train_csv, limit=config.limit)
     train_rows, val_rows = validation_split(len(digits), config.val_fraction, config.seed)
-    if len(train_rows) < config.workers or (config.val_fraction and len(val_rows) < config.workers):
-        raise DigitsError(f"{train_csv}: {len(digits)} rows are too few to split across "
-                          f"{config.workers} workers with --val-fraction {config.val_fraction}")
+    too_few_val = config.val_fraction > 0 and len(val_rows) < config.workers
+    if len(train_rows) // config.workers < config.batch_size or too_few_val:
+        raise DigitsError(f"{train_csv}: {len(digits)} rows are too few for {config.workers} "
+                          f"worker(s) with --batch-size {config.batch_size} and "
+                          f"--val-fraction {config.val_fraction}")
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    blocks = 4 * config.workers
-    trainer = TensorflowTrainer(
-        train_func,
-        train_loop_config={"config": asdict(config), "train_rows_total": len(digits)},
-        scaling_config=scaling_config(config),
-        datasets={"train": to_ray_dataset(digits, train_rows, blocks),
-                  "validation": to_ray_dataset(digits, val_rows, blocks)},
-        run_config=ray.train.RunConfig(
-            name=CHECKPOINTS_DIR, storage_path=str(run_dir),
-            failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
-    )
-    result = trainer.fit()
+    with ray_session(address):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        blocks = 4 * config.workers
+        trainer = TensorflowTrainer(
+            train_func,
+            train_loop_config={"config": asdict(config), "train_rows_total": len(digits)},
+            scaling_config=scaling_config(config),
+            datasets={"train": to_ray_dataset(digits, train_rows, blocks),
+                      "validation": to_ray_dataset(digits, val_rows, blocks)},
+            run_config=ray.train.RunConfig(
+                name=CHECKPOINTS_DIR, storage_path=str(run_dir),
+                failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
+        )
+        result = trainer.fit()
     outcome = result.return_value
     with tempfile.TemporaryDirectory(prefix=".model-", dir=run_dir) as staging:
         result.checkpoint.to_directory(staging)
@@ -369,7 +330,10 @@ class EpochReport(keras.callbacks.Callback):
             state["stop_reason"] = "epochs exhausted"
         # Every worker saves (the strategy expects all to take part); only rank 0's is kept.
         with tempfile.TemporaryDirectory(prefix="digits-ckpt-") as directory:
-            self.model.save(os.path.join(directory, MODEL_FILE))
+            # The format named explicitly: tf-keras keeps "use the .keras format" in a
+            # thread-local that its first save resets to False in a non-main thread (Ray
+            # Train's), after which a "model.keras" would silently be written as HDF5.
+            self.model.save(os.path.join(directory, MODEL_FILE), save_format="keras_v3")
             Path(directory, STATE_FILE).write_text(json.dumps(state))
             checkpoint = ray.train.Checkpoint.from_directory(directory) if self.rank == 0 else None
             ray.train.report({**entry, "stop_reason": state.get("stop_reason")}, checkpoint=checkpoint)

@@ -1,0 +1,136 @@
+"""The `digits` command: a thin shell over the library.
+
+Exit status: 0 done, 2 bad input or usage (one line on stderr, a traceback only with --debug),
+1 an unexpected failure, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+
+import digit_models  # noqa: F401  (sets the environment TensorFlow and Ray workers need)
+from digit_models.errors import DigitsError
+
+
+def _add_ray_address(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--address", default=None,
+                        help="join this Ray cluster (e.g. ray://host:10001 or auto); "
+                             "default: start an embedded local Ray for this command")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from digit_models.config import TARGET_METRICS, TrainConfig
+
+    parser = argparse.ArgumentParser(
+        prog="digits", description="Kaggle Digit Recognizer: data, distributed training, scoring.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    data = commands.add_parser("data", help="build Kaggle-format files from real MNIST")
+    data.add_argument("--out", required=True, metavar="DIR", help="folder to write the files into")
+    data.add_argument("--seed", type=int, default=0, help="seed of the split (default 0)")
+
+    defaults = TrainConfig()
+    train = commands.add_parser("train", help="train a model on Ray Train")
+    train.add_argument("--model", default=defaults.model, help="registered model name (default cnn)")
+    train.add_argument("--data", required=True, metavar="DIR_OR_CSV",
+                       help="folder with train.csv (from `digits data`), or a train.csv path or URI")
+    train.add_argument("--out", required=True, metavar="RUN_DIR", help="new run directory")
+    train.add_argument("--workers", type=int, default=defaults.workers, help="Ray Train workers")
+    train.add_argument("--epochs", type=int, default=defaults.epochs, help="maximum epochs")
+    train.add_argument("--batch-size", type=int, default=defaults.batch_size, help="per-worker batch")
+    train.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
+    train.add_argument("--target", type=float, default=defaults.target,
+                       help="stop once the target metric reaches this (default 0.999)")
+    train.add_argument("--target-metric", choices=TARGET_METRICS, default=defaults.target_metric)
+    train.add_argument("--val-fraction", type=float, default=defaults.val_fraction,
+                       help="seeded validation split (default 0.1)")
+    train.add_argument("--seed", type=int, default=defaults.seed)
+    train.add_argument("--limit", type=int, default=None, metavar="ROWS",
+                       help="use only the first ROWS rows of train.csv")
+    train.add_argument("--cpus-per-worker", type=int, default=None,
+                       help="default: the cluster's CPUs split between the workers")
+    train.add_argument("--gpus-per-worker", type=float, default=defaults.gpus_per_worker)
+    train.add_argument("--mixed-precision", action="store_true",
+                       help="mixed_float16 compute (for GPU workers)")
+    train.add_argument("--max-failures", type=int, default=defaults.max_failures,
+                       help="worker-group restarts allowed before the run fails (default 1)")
+    _add_ray_address(train)
+    return parser
+
+
+def run_data(args) -> None:
+    from digit_models.kaggle_split import build_kaggle_files
+    from digit_models.mnist_source import load_mnist
+
+    manifest = build_kaggle_files(load_mnist(), args.out, seed=args.seed)
+    print(f"wrote {manifest['train_rows']:,} training and {manifest['test_rows']:,} test rows "
+          f"({manifest['official_test_rows_in_test_csv']:,} from the official MNIST test set) "
+          f"to {args.out}")
+
+
+def run_train(args) -> None:
+    from digit_models.config import TrainConfig
+    from digit_models.training import train
+
+    config = TrainConfig(
+        data=args.data, out=args.out, model=args.model, epochs=args.epochs, workers=args.workers,
+        batch_size=args.batch_size, learning_rate=args.learning_rate, target=args.target,
+        target_metric=args.target_metric, val_fraction=args.val_fraction, seed=args.seed,
+        limit=args.limit, cpus_per_worker=args.cpus_per_worker,
+        gpus_per_worker=args.gpus_per_worker, mixed_precision=args.mixed_precision,
+        max_failures=args.max_failures)
+    summary = train(config, address=args.address)
+    last = summary["history"][-1]
+    print(f"{summary['stop_reason']}: {summary['epochs_run']} epochs, "
+          + ", ".join(f"{k} {last[k]:.4f}" for k in ("accuracy", "val_accuracy") if k in last)
+          + f"; model in {args.out}")
+
+
+COMMANDS = {"data": run_data, "train": run_train}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        COMMANDS[args.command](args)
+        return 0
+    except KeyboardInterrupt:
+        print("digits: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001  (every failure becomes one line and a status)
+        if args.debug:
+            traceback.print_exc()
+        user_error = _user_error(exc)
+        message = user_error or (f"{type(exc).__name__}: {_first_line(exc)}"
+                                 + ("" if args.debug else " (--debug shows the traceback)"))
+        print(f"digits: error: {message}", file=sys.stderr)
+        return 2 if user_error else 1
+
+
+def _user_error(exc: BaseException) -> str | None:
+    """The DigitsError message, also when it was raised inside a Ray worker and wrapped."""
+    pending, seen = [exc], set()
+    while pending:
+        exc = pending.pop(0)
+        if exc is None or id(exc) in seen:
+            continue
+        seen.add(id(exc))
+        if isinstance(exc, DigitsError):
+            return str(exc)
+        pending += [getattr(exc, "cause", None),  # Ray's task errors keep the original here
+                    getattr(exc, "controller_failure", None), exc.__cause__, exc.__context__,
+                    *(getattr(exc, "worker_failures", None) or {}).values()]
+        pending = [e for e in pending if isinstance(e, BaseException)]
+    return None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else ""
+
+
+if __name__ == "__main__":
+    sys.exit(main())

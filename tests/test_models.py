@@ -1,0 +1,43 @@
+"""The registry's models are exactly the seed's architectures, taking raw pixels."""
+
+import numpy as np
+import pytest
+
+from digit_models.errors import DigitsError
+from digit_models.models import MODELS, build_model
+
+
+def _layer_summary(model):
+    return [(type(layer).__name__, layer.count_params()) for layer in model.layers]
+
+
+def test_dense_is_the_seeds_dense_net():
+    model = build_model("dense")
+    assert _layer_summary(model) == [
+        ("Rescaling", 0), ("Flatten", 0), ("Dense", 784 * 128 + 128), ("Dense", 128 * 10 + 10)]
+    assert model.layers[2].activation.__name__ == "relu"
+    assert model.layers[3].activation.__name__ == "softmax"
+
+
+def test_cnn_is_the_seeds_convnet():
+    model = build_model("cnn")
+    assert _layer_summary(model) == [
+        ("Rescaling", 0), ("Reshape", 0),
+        ("Conv2D", 5 * 5 * 1 * 32 + 32), ("MaxPooling2D", 0),
+        ("Conv2D", 5 * 5 * 32 * 64 + 64), ("MaxPooling2D", 0),
+        ("Flatten", 0), ("Dense", 4 * 4 * 64 * 512 + 512), ("Dense", 512 * 10 + 10)]
+    assert [layer.kernel_size for layer in model.layers if type(layer).__name__ == "Conv2D"] == [(5, 5)] * 2
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_models_take_raw_pixels_and_return_probabilities(name, mnist_slice):
+    model = build_model(name)
+    probabilities = model.predict(mnist_slice.images[:8], verbose=0)
+    assert probabilities.shape == (8, 10)
+    assert probabilities.dtype == np.float32
+    assert np.allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_an_unknown_model_is_a_clear_error():
+    with pytest.raises(DigitsError, match="unknown model 'resnet'; choose one of cnn, dense"):
+        build_model("resnet")

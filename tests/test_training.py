@@ -1,0 +1,157 @@
+"""Data-parallel training on a real local Ray with real TensorFlow, on real MNIST slices."""
+
+from __future__ import annotations
+
+import json
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import ray
+import ray.cloudpickle
+
+from digit_models.data import read_test_csv
+from digit_models.config import TrainConfig
+from digit_models.training import train
+from tests.conftest import ray_processes, run_digits
+
+# The worker functions below live in this test module; ship them by value.
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+@pytest.fixture(scope="module")
+def two_worker_run(tmp_path_factory, kaggle_dir, ray_local) -> Path:
+    run_dir = tmp_path_factory.mktemp("runs") / "dense-2w"
+    train(TrainConfig(data=str(kaggle_dir), out=str(run_dir), model="dense", workers=2, epochs=3,
+                      cpus_per_worker=1))
+    return run_dir
+
+
+def test_two_workers_train_on_disjoint_shards(two_worker_run, kaggle_dir):
+    run = json.loads((two_worker_run / "run.json").read_text())
+    assert run["workers"] == 2 and run["global_batch_size"] == 64
+    assert run["shards"]["disjoint"] is True
+    assert run["shards"]["train_rows_seen_by_two_workers"] == 0
+    assert run["shards"]["train_rows"] == [900, 900]  # 1,800 training rows after the 10% split
+    assert run["shards"]["validation_rows"] == [100, 100]
+    assert run["data"]["rows_read"] == 2000 and run["data"]["validation_rows"] == 200
+    manifest = json.loads((kaggle_dir / "manifest.json").read_text())
+    assert run["data"]["sha256"] == manifest["files"]["train.csv"]
+
+
+def test_run_json_records_the_run(two_worker_run):
+    run = json.loads((two_worker_run / "run.json").read_text())
+    assert run["stop_reason"] == "epochs exhausted" and run["epochs_run"] == 3
+    assert [entry["epoch"] for entry in run["history"]] == [1, 2, 3]
+    for entry in run["history"]:
+        assert {"loss", "accuracy", "val_loss", "val_accuracy", "images_per_s", "epoch_s",
+                "elapsed_s"} <= set(entry)
+    assert run["history"][-1]["loss"] < run["history"][0]["loss"]
+    assert {"tensorflow", "tf_keras", "ray", "numpy", "pandas", "pyarrow"} <= set(run["versions"])
+    assert run["versions"]["tf_keras"].startswith("2.")
+    assert run["config"]["model"] == "dense" and run["restarts"] == []
+
+
+def test_the_saved_model_is_portable_keras_and_predicts_real_digits(two_worker_run, kaggle_dir):
+    import tf_keras as keras
+
+    model_file = two_worker_run / "model.keras"
+    # The native .keras format is a zip; tf-keras can silently write HDF5 under that name.
+    assert zipfile.is_zipfile(model_file)
+    model = keras.models.load_model(model_file, safe_mode=True)
+    test = read_test_csv(str(kaggle_dir / "test.csv"))
+    predicted = model.predict(test.images, verbose=0).argmax(axis=1)
+    labels = pd.read_csv(kaggle_dir / "test_labels.csv")["Label"].to_numpy()
+    accuracy = float((predicted == labels).mean())
+    assert accuracy > 0.80, accuracy  # the dense net after 3 epochs on 1,800 real digits
+
+
+def test_a_run_dir_is_never_reused(two_worker_run, kaggle_dir):
+    from digit_models.errors import DigitsError
+
+    with pytest.raises(DigitsError, match="already holds a finished run"):
+        train(TrainConfig(data=str(kaggle_dir), out=str(two_worker_run), model="dense"))
+
+
+# ---------------------------------------------------------------------------- synchronized stop
+
+def _skewed_metric_train_func(config: dict) -> None:
+    """Real MWMS training where each rank's local `accuracy` reaches the target at a different
+    epoch (config["reached"][rank]); records the epoch each rank stopped at."""
+    import tensorflow as tf
+    import tf_keras as keras
+
+    from digit_models.training import SynchronizedTargetStop
+
+    rank = ray.train.get_context().get_world_rank()
+    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    with strategy.scope():
+        model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+        model.compile(optimizer="sgd", loss="mse")
+    features = np.random.default_rng(rank).normal(size=(64, 4)).astype(np.float32)
+    data = strategy.distribute_datasets_from_function(
+        lambda _: tf.data.Dataset.from_tensor_slices((features, features[:, :1])).batch(8).repeat())
+    reached = config["reached"][rank]
+
+    class RankLocalAccuracy(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            logs["accuracy"] = 1.0 if epoch + 1 >= reached else 0.5
+
+    stop = SynchronizedTargetStop(strategy, "accuracy", 0.999)
+    history = model.fit(data, epochs=config["epochs"], steps_per_epoch=4,
+                        callbacks=[RankLocalAccuracy(), stop], verbose=0)
+    Path(config["out"], f"rank{rank}.json").write_text(
+        json.dumps({"epochs": len(history.epoch), "reached_at": stop.reached_at_epoch}))
+
+
+@pytest.mark.timeout(300)  # a worker deciding alone would hang the other in an all-reduce
+def test_workers_with_different_local_metrics_stop_at_the_same_epoch(tmp_path, ray_local):
+    from ray.train.tensorflow import TensorflowTrainer
+
+    TensorflowTrainer(
+        _skewed_metric_train_func,
+        train_loop_config={"reached": [2, 4], "epochs": 8, "out": str(tmp_path)},
+        scaling_config=ray.train.ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
+        run_config=ray.train.RunConfig(storage_path=str(tmp_path / "ray"), name="skew"),
+    ).fit()
+    ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    # rank 0 alone would have stopped after epoch 2; the collective waits for rank 1 (epoch 4)
+    assert ranks == [{"epochs": 4, "reached_at": 4}, {"epochs": 4, "reached_at": 4}]
+
+
+# ---------------------------------------------------------------------------- the CLI
+
+def test_cli_two_workers_stop_at_the_validation_target(tmp_path, kaggle_dir):
+    before = ray_processes()
+    run_dir = tmp_path / "run"
+    done = run_digits("train", "--model", "cnn", "--data", str(kaggle_dir), "--workers", "2",
+                      "--epochs", "5", "--target-metric", "val_accuracy", "--target", "0.5",
+                      "--out", str(run_dir))
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = json.loads((run_dir / "run.json").read_text())
+    assert run["stop_reason"] == "target reached at epoch 1 (val_accuracy >= 0.5)"
+    assert run["epochs_run"] == 1 and run["workers"] == 2
+    assert "target reached at epoch 1" in done.stdout
+    assert "epoch 1/5  loss" in done.stdout + done.stderr  # rank 0's progress line
+    assert ray_processes() <= before  # the embedded Ray is gone
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--data", "{kaggle}/test.csv"], "no 'label' column"),
+    (["--data", "{tmp}/missing"], "missing: no such file"),
+    (["--data", "{kaggle}", "--workers", "0"], "--workers 0: must be at least 1"),
+    (["--data", "{kaggle}", "--model", "resnet"], "--model resnet: choose one of cnn, dense"),
+    (["--data", "{kaggle}", "--limit", "40", "--workers", "2"], "40 rows are too few"),
+])
+def test_cli_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, kaggle_dir, args, message):
+    run_dir = tmp_path / "run"
+    args = [a.format(kaggle=kaggle_dir, tmp=tmp_path) for a in args]
+    done = run_digits("train", *args, "--out", str(run_dir), timeout=120)
+    assert done.returncode == 2
+    errors = [line for line in done.stderr.splitlines() if line.startswith("digits: error:")]
+    assert len(errors) == 1 and message in errors[0], done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    assert not run_dir.exists()
