@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 import traceback
+from pathlib import Path
 
 import digit_models  # noqa: F401  (sets the environment TensorFlow and Ray workers need)
 from digit_models.errors import DigitsError
@@ -58,6 +59,32 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--max-failures", type=int, default=defaults.max_failures,
                        help="worker-group restarts allowed before the run fails (default 1)")
     _add_ray_address(train)
+
+    predict = commands.add_parser("predict", help="score a test set on Ray Data")
+    predict.add_argument("--run", action="append", required=True, metavar="RUN_DIR",
+                         help="trained run directory; repeat to average several models")
+    predict.add_argument("--input", required=True, metavar="TEST",
+                         help="Kaggle test.csv (.csv, .csv.gz) or Parquet; a path or URI")
+    predict.add_argument("--out", required=True, metavar="OUT_DIR",
+                         help="output folder: predictions/ (Parquet), submission.csv, scoring.json")
+    predict.add_argument("--batch-size", type=int, default=1024, help="images per model call")
+    predict.add_argument("--actors", type=int, default=1, help="concurrent scoring actors")
+    predict.add_argument("--cpus-per-actor", type=int, default=None,
+                         help="default: the cluster's CPUs split between the actors")
+    predict.add_argument("--gpus-per-actor", type=float, default=0.0)
+    _add_ray_address(predict)
+
+    evaluate = commands.add_parser("evaluate", help="accuracy of predictions against true labels")
+    evaluate.add_argument("--predictions", required=True, metavar="OUT_DIR_OR_CSV",
+                          help="a `digits predict` output folder, or a submission.csv")
+    evaluate.add_argument("--labels", required=True, metavar="CSV",
+                          help="true labels, ImageId,Label (test_labels.csv from `digits data`)")
+    evaluate.add_argument("--origin", default=None, metavar="CSV",
+                          help="test_origin.csv, to report the official MNIST test images "
+                               "separately (default: beside --labels, if there)")
+    evaluate.add_argument("--json", default=None, metavar="FILE",
+                          help="where to write the numbers (default: evaluation.json in the "
+                               "predictions folder, or beside the submission.csv)")
     return parser
 
 
@@ -89,7 +116,33 @@ def run_train(args) -> None:
           + f"; model in {args.out}")
 
 
-COMMANDS = {"data": run_data, "train": run_train}
+def run_predict(args) -> None:
+    from digit_models.config import ScoreConfig
+    from digit_models.layout import SUBMISSION_FILE
+    from digit_models.scoring import predict
+
+    summary = predict(ScoreConfig(
+        runs=args.run, input=args.input, out=args.out, batch_size=args.batch_size,
+        actors=args.actors, cpus_per_actor=args.cpus_per_actor,
+        gpus_per_actor=args.gpus_per_actor), address=args.address)
+    print(f"scored {summary['images']:,} images ({summary['images_per_s']:,.0f} images/s); "
+          f"submission: {Path(args.out) / SUBMISSION_FILE}")
+
+
+def run_evaluate(args) -> None:
+    from digit_models.evaluation import evaluate, format_report, write_evaluation
+    from digit_models.layout import EVALUATION_FILE
+
+    result = evaluate(args.predictions, args.labels, origin=args.origin)
+    predictions = Path(args.predictions)
+    target = Path(args.json) if args.json else (
+        predictions if predictions.is_dir() else predictions.parent) / EVALUATION_FILE
+    write_evaluation(result, target)
+    print(format_report(result))
+    print(f"written to {target}")
+
+
+COMMANDS = {"data": run_data, "train": run_train, "predict": run_predict, "evaluate": run_evaluate}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -56,3 +56,27 @@ class TrainConfig:
                 f"--cpus-per-worker {self.cpus_per_worker}: must be at least 1")
         require(self.gpus_per_worker >= 0, f"--gpus-per-worker {self.gpus_per_worker}: must be >= 0")
         require(self.max_failures >= 0, f"--max-failures {self.max_failures}: must be >= 0")
+
+
+@dataclass
+class ScoreConfig:
+    """A batch-scoring run: which trained runs (averaged when several), what input, where to."""
+
+    runs: list[str]
+    input: str
+    out: str
+    batch_size: int = 1024
+    actors: int = 1
+    cpus_per_actor: int | None = None  # None: the CPUs Ray has, split between the actors
+    gpus_per_actor: float = 0.0
+
+    def validate(self) -> None:
+        if not self.runs:
+            raise DigitsError("--run: give at least one run directory")
+        for value, flag in ((self.batch_size, "--batch-size"), (self.actors, "--actors")):
+            if value < 1:
+                raise DigitsError(f"{flag} {value}: must be at least 1")
+        if self.cpus_per_actor is not None and self.cpus_per_actor < 1:
+            raise DigitsError(f"--cpus-per-actor {self.cpus_per_actor}: must be at least 1")
+        if self.gpus_per_actor < 0:
+            raise DigitsError(f"--gpus-per-actor {self.gpus_per_actor}: must be >= 0")

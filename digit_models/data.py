@@ -33,10 +33,11 @@ NUM_CLASSES = 10
 
 @dataclass(frozen=True)
 class DigitImages:
-    """Images as Kaggle numbers them: row i of the file is ImageId i + 1."""
+    """Images with their ids: in a Kaggle CSV, row i (1-based) is ImageId i."""
 
     images: np.ndarray  # uint8, (n, 28, 28)
     labels: np.ndarray | None  # uint8, (n,); None for an unlabelled test set
+    image_ids: np.ndarray  # int32, (n,)
     source: str
 
     def __len__(self) -> int:
@@ -145,7 +146,64 @@ def read_kaggle_csv(location: str, labelled: bool, limit: int | None = None) -> 
         if len(bad):
             row = int(bad[0])
             raise DigitsError(f"{name}: row {row + 1}, column label: '{labels[row]}' is not a digit 0-9")
-    return DigitImages(images=pixels.reshape(-1, 28, 28), labels=labels, source=name)
+    return DigitImages(images=pixels.reshape(-1, 28, 28), labels=labels, source=name,
+                       image_ids=np.arange(1, len(pixels) + 1, dtype=np.int32))
+
+
+def read_test_set(location: str) -> DigitImages:
+    """A test set to score: a Kaggle test.csv (.csv or .csv.gz; ImageId = row number) or a
+    Parquet file or folder with pixel0..pixel783 and optionally its own ImageId column."""
+    if str(location).rstrip("/").endswith((".parquet", ".pq")) or is_directory(location):
+        return _read_test_parquet(location)
+    return read_test_csv(location)
+
+
+def is_directory(location: str) -> bool:
+    fs, path = _filesystem(location)
+    return fs.get_file_info(path).type == pafs.FileType.Directory
+
+
+def _read_test_parquet(location: str) -> DigitImages:
+    import pyarrow.dataset as pads
+
+    name = str(location)
+    fs, path = _filesystem(location)
+    if fs.get_file_info(path).type == pafs.FileType.NotFound:
+        raise DigitsError(f"{name}: no such file")
+    try:
+        table = pads.dataset(path, filesystem=fs, format="parquet").to_table()
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise DigitsError(f"{name}: not readable as Parquet: {_first_line(exc)}") from None
+    columns = [c for c in table.column_names if c != "ImageId"]
+    _check_header(columns, TEST_COLUMNS, name)
+    if table.num_rows == 0:
+        raise DigitsError(f"{name}: no rows")
+    pixels = np.empty((table.num_rows, 784), np.uint8)
+    for i, column in enumerate(PIXEL_COLUMNS):
+        pixels[:, i] = _checked_integers(table.column(column), column, 0, 255, name)
+    if "ImageId" in table.column_names:
+        ids = _checked_integers(table.column("ImageId"), "ImageId", 1, 2**31 - 1, name)
+        unique, counts = np.unique(ids, return_counts=True)
+        if (counts > 1).any():
+            raise DigitsError(f"{name}: column ImageId: {unique[counts > 1][0]} appears more than once")
+    else:
+        ids = np.arange(1, table.num_rows + 1)
+    return DigitImages(images=pixels.reshape(-1, 28, 28), labels=None, source=name,
+                       image_ids=ids.astype(np.int32))
+
+
+def _checked_integers(column: pa.ChunkedArray, name: str, low: int, high: int, source: str):
+    """The column as an integer array, or an error naming the first bad row."""
+    if not pa.types.is_integer(column.type):
+        raise DigitsError(f"{source}: column {name}: type {column.type}, expected integers")
+    values = column.to_numpy(zero_copy_only=False)
+    if column.null_count:
+        row = int(np.flatnonzero(column.is_null().to_numpy(zero_copy_only=False))[0])
+        raise DigitsError(f"{source}: row {row + 1}, column {name}: missing value")
+    bad = np.flatnonzero((values < low) | (values > high))
+    if len(bad):
+        raise DigitsError(f"{source}: row {bad[0] + 1}, column {name}: {values[bad[0]]} is outside {low}-{high}")
+    return values
 
 
 def _read_header(stream, name: str) -> list[str]:
@@ -259,3 +317,46 @@ def validation_split(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np
     order = np.random.default_rng(seed).permutation(n)
     n_val = int(round(n * fraction))
     return np.sort(order[n_val:]), np.sort(order[:n_val])
+
+
+def read_id_label_csv(location: str, label_column: str = "Label") -> tuple[np.ndarray, np.ndarray]:
+    """A small `ImageId,Label` file (Kaggle's submission and solution layout): ids unique and
+    positive, labels digits 0-9. Bad rows are named by row and column."""
+    name = str(location)
+    columns = read_small_csv(location, ["ImageId", label_column])
+    ids = _parse_column(columns["ImageId"], "ImageId", 1, 2**31 - 1, name)
+    labels = _parse_column(columns[label_column], label_column, 0, NUM_CLASSES - 1, name)
+    unique, counts = np.unique(ids, return_counts=True)
+    if (counts > 1).any():
+        duplicate = unique[counts > 1][0]
+        row = np.flatnonzero(ids == duplicate)[1]
+        raise DigitsError(f"{name}: row {row + 1}, column ImageId: {duplicate} appears more than once")
+    return ids, labels
+
+
+def read_small_csv(location: str, expected: list[str]) -> dict[str, list[str]]:
+    """A small CSV with exactly these columns, as text, checked row by row."""
+    name = str(location)
+    with open_binary(location) as stream:
+        try:
+            text = io.TextIOWrapper(io.BufferedReader(stream), encoding="utf-8-sig", newline="")
+            rows = [row for row in csv.reader(text) if row]
+        except (UnicodeDecodeError, csv.Error, OSError, EOFError) as exc:
+            raise DigitsError(f"{name}: not a readable CSV file: {_first_line(exc)}") from None
+    if not rows:
+        raise DigitsError(f"{name}: empty file, expected a CSV header")
+    _check_header(rows[0], expected, name)
+    if len(rows) == 1:
+        raise DigitsError(f"{name}: no data rows after the header")
+    for number, row in enumerate(rows[1:], start=1):
+        if len(row) != len(expected):
+            raise DigitsError(f"{name}: row {number}: has {len(row)} columns, expected {len(expected)}")
+    return {column: [row[i] for row in rows[1:]] for i, column in enumerate(expected)}
+
+
+def _parse_column(cells: list[str], column: str, low: int, high: int, name: str) -> np.ndarray:
+    for number, cell in enumerate(cells, start=1):
+        if not (cell.isascii() and cell.isdigit()) or not low <= int(cell) <= high:
+            shown = repr(cell[:20]) if cell else "blank cell"
+            raise DigitsError(f"{name}: row {number}, column {column}: {shown} is not an integer {low}-{high}")
+    return np.array(cells, dtype=np.int64)

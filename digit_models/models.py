@@ -66,3 +66,17 @@ def cnn() -> keras.Model:
         layers.Dense(512, activation="relu"),
         _softmax_out(),
     ], name="cnn")
+
+
+def load_model_file(path: str) -> keras.Model:
+    """A saved model, loaded in Keras safe mode (a model file cannot run code on load), and
+    checked to map (28, 28) pixels to 10 probabilities."""
+    try:
+        model = keras.models.load_model(path, compile=False, safe_mode=True)
+    except Exception as exc:  # noqa: BLE001  (Keras raises many types for a bad file)
+        message = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise DigitsError(f"{path}: not a loadable Keras model: {message[:200]}") from None
+    if tuple(model.input_shape[1:]) != (28, 28) or tuple(model.output_shape[1:]) != (10,):
+        raise DigitsError(f"{path}: model maps {model.input_shape} to {model.output_shape}, "
+                          "expected (None, 28, 28) to (None, 10)")
+    return model

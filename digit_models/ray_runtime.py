@@ -3,8 +3,11 @@ embedded local one started for this command and shut down when it ends."""
 
 from __future__ import annotations
 
+import logging
 import os
 from contextlib import contextmanager
+
+import numpy as np
 
 from digit_models import RUNTIME_ENV_VARS
 
@@ -31,7 +34,29 @@ def ray_session(address: str | None = None):
         # it listens on loopback only.
         ray.init(runtime_env=runtime_env, include_dashboard=True, dashboard_host="127.0.0.1",
                  log_to_driver=True, _node_ip_address="127.0.0.1")
+    quiet_ray_data()
     try:
         yield
     finally:
         ray.shutdown()
+
+
+def quiet_ray_data() -> None:
+    """Ray Data logs progress every few seconds, and warns that a job 'will hang' whenever actors
+    hold every CPU; our commands print their own summary and check their own output."""
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    logging.getLogger("ray.data").setLevel(logging.ERROR)
+
+
+def images_dataset(images: np.ndarray, num_blocks: int, **columns: np.ndarray):
+    """A Ray Dataset of 28x28 images plus per-image columns (ids, labels), held in the object
+    store so that workers on any node can read it."""
+    import pyarrow as pa
+    import ray.data
+    from ray.data.extensions import ArrowTensorArray
+
+    table = pa.table({**{name: pa.array(values) for name, values in columns.items()},
+                      "image": ArrowTensorArray.from_numpy(images)})
+    return ray.data.from_arrow(table, override_num_blocks=max(1, min(num_blocks, len(images))))

@@ -31,16 +31,14 @@ import tensorflow as tf
 import tf_keras as keras
 from ray.train.tensorflow import TensorflowTrainer
 
-from digit_models.data import DigitImages, file_sha256, read_train_csv, resolve_train_csv, validation_split
+from digit_models.data import file_sha256, read_train_csv, resolve_train_csv, validation_split
 from digit_models.errors import DigitsError
+from digit_models.files import write_text_atomic
+from digit_models.layout import CHECKPOINTS_DIR, MODEL_FILE, RUN_FILE, STATE_FILE
 from digit_models.config import TrainConfig
 from digit_models.models import build_model
-from digit_models.ray_runtime import ray_session
+from digit_models.ray_runtime import images_dataset, ray_session
 
-MODEL_FILE = "model.keras"
-STATE_FILE = "state.json"
-RUN_FILE = "run.json"
-CHECKPOINTS_DIR = "checkpoints"
 
 
 # ---------------------------------------------------------------------------- the driver side
@@ -73,12 +71,14 @@ def train(config: TrainConfig, address: str | None = None) -> dict:
             train_func,
             train_loop_config={"config": asdict(config), "train_rows_total": len(digits)},
             scaling_config=scaling_config(config),
-            datasets={"train": to_ray_dataset(digits, train_rows, blocks),
-                      "validation": to_ray_dataset(digits, val_rows, blocks)},
+            datasets={name: images_dataset(digits.images[rows], blocks, row=rows.astype(np.int32),
+                                           label=digits.labels[rows])
+                      for name, rows in (("train", train_rows), ("validation", val_rows))},
             run_config=ray.train.RunConfig(
                 name=CHECKPOINTS_DIR, storage_path=str(run_dir),
                 failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
-                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+                logging_config=ray.train.LoggingConfig(log_level="WARNING")),
         )
         result = trainer.fit()
     outcome = result.return_value
@@ -128,27 +128,8 @@ def library_versions() -> dict:
             "numpy": np.__version__, "pandas": pandas.__version__, "pyarrow": pyarrow.__version__}
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    staging.write_text(text)
-    os.replace(staging, path)
-
-
 def _utc(timestamp: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp))
-
-
-def to_ray_dataset(digits: DigitImages, rows: np.ndarray, num_blocks: int) -> ray.data.Dataset:
-    """The chosen rows as a Ray Dataset of (row, label, image); `row` is the row in the file."""
-    import pyarrow as pa
-    from ray.data.extensions import ArrowTensorArray
-
-    table = pa.table({
-        "row": pa.array(rows.astype(np.int32)),
-        "label": pa.array(digits.labels[rows]),
-        "image": ArrowTensorArray.from_numpy(digits.images[rows]),
-    })
-    return ray.data.from_arrow(table, override_num_blocks=max(1, min(num_blocks, len(rows))))
 
 
 def scaling_config(config: TrainConfig) -> ray.train.ScalingConfig:

@@ -1,10 +1,17 @@
 #!/usr/bin/env bash
-# From a fresh clone: set up, build the Kaggle files from real MNIST, and train the seed's CNN
-# with one worker on an embedded local Ray.
+# From a fresh clone: set up, build the Kaggle files from real MNIST, train the seed's CNN with
+# one worker on an embedded local Ray, score the 28,000-image test set on Ray Data, and check
+# the submission against the true labels.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 DATA=${DATA:-data}
 RUN=${RUN:-runs/cnn-$(date +%Y%m%d-%H%M%S)}
+OUT=${OUT:-$RUN/scored}
 .venv/bin/digits data --out "$DATA"
 .venv/bin/digits train --model cnn --data "$DATA" --workers 1 --epochs "${EPOCHS:-10}" --out "$RUN"
+.venv/bin/digits predict --run "$RUN" --input "$DATA/test.csv" --out "$OUT"
+.venv/bin/digits evaluate --predictions "$OUT" --labels "$DATA/test_labels.csv"
+echo
+echo "submission: $OUT/submission.csv"
+echo "accuracy:   $(.venv/bin/python -c "import json,sys; r=json.load(open(sys.argv[1])); print(f\"{r['accuracy']:.4f} on all {r['images']:,} test images, {r['official_mnist_test']['accuracy']:.4f} on the 10,000 official MNIST test images\")" "$OUT/evaluation.json")"

@@ -50,6 +50,29 @@ def ray_local():
         yield
 
 
+@pytest.fixture(scope="session")
+def dense_run(tmp_path_factory, kaggle_dir, ray_local) -> Path:
+    """The seed's dense net trained by 2 workers for 3 epochs on the 2,000-row slice."""
+    from digit_models.config import TrainConfig
+    from digit_models.training import train
+
+    run_dir = tmp_path_factory.mktemp("runs") / "dense-2w"
+    train(TrainConfig(data=str(kaggle_dir), out=str(run_dir), model="dense", workers=2, epochs=3,
+                      cpus_per_worker=1))
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def cnn_run(tmp_path_factory, kaggle_dir, ray_local) -> Path:
+    """The seed's CNN, 1 worker, 2 epochs on the slice."""
+    from digit_models.config import TrainConfig
+    from digit_models.training import train
+
+    run_dir = tmp_path_factory.mktemp("runs") / "cnn-1w"
+    train(TrainConfig(data=str(kaggle_dir), out=str(run_dir), model="cnn", workers=1, epochs=2))
+    return run_dir
+
+
 def run_digits(*args: str, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
     """The real `digits` command in a child process."""
     return subprocess.run([sys.executable, "-m", "digit_models.cli", *args], capture_output=True,

@@ -22,16 +22,8 @@ from tests.conftest import ray_processes, run_digits
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
-@pytest.fixture(scope="module")
-def two_worker_run(tmp_path_factory, kaggle_dir, ray_local) -> Path:
-    run_dir = tmp_path_factory.mktemp("runs") / "dense-2w"
-    train(TrainConfig(data=str(kaggle_dir), out=str(run_dir), model="dense", workers=2, epochs=3,
-                      cpus_per_worker=1))
-    return run_dir
-
-
-def test_two_workers_train_on_disjoint_shards(two_worker_run, kaggle_dir):
-    run = json.loads((two_worker_run / "run.json").read_text())
+def test_two_workers_train_on_disjoint_shards(dense_run, kaggle_dir):
+    run = json.loads((dense_run / "run.json").read_text())
     assert run["workers"] == 2 and run["global_batch_size"] == 64
     assert run["shards"]["disjoint"] is True
     assert run["shards"]["train_rows_seen_by_two_workers"] == 0
@@ -42,8 +34,8 @@ def test_two_workers_train_on_disjoint_shards(two_worker_run, kaggle_dir):
     assert run["data"]["sha256"] == manifest["files"]["train.csv"]
 
 
-def test_run_json_records_the_run(two_worker_run):
-    run = json.loads((two_worker_run / "run.json").read_text())
+def test_run_json_records_the_run(dense_run):
+    run = json.loads((dense_run / "run.json").read_text())
     assert run["stop_reason"] == "epochs exhausted" and run["epochs_run"] == 3
     assert [entry["epoch"] for entry in run["history"]] == [1, 2, 3]
     for entry in run["history"]:
@@ -55,10 +47,10 @@ def test_run_json_records_the_run(two_worker_run):
     assert run["config"]["model"] == "dense" and run["restarts"] == []
 
 
-def test_the_saved_model_is_portable_keras_and_predicts_real_digits(two_worker_run, kaggle_dir):
+def test_the_saved_model_is_portable_keras_and_predicts_real_digits(dense_run, kaggle_dir):
     import tf_keras as keras
 
-    model_file = two_worker_run / "model.keras"
+    model_file = dense_run / "model.keras"
     # The native .keras format is a zip; tf-keras can silently write HDF5 under that name.
     assert zipfile.is_zipfile(model_file)
     model = keras.models.load_model(model_file, safe_mode=True)
@@ -69,11 +61,11 @@ def test_the_saved_model_is_portable_keras_and_predicts_real_digits(two_worker_r
     assert accuracy > 0.80, accuracy  # the dense net after 3 epochs on 1,800 real digits
 
 
-def test_a_run_dir_is_never_reused(two_worker_run, kaggle_dir):
+def test_a_run_dir_is_never_reused(dense_run, kaggle_dir):
     from digit_models.errors import DigitsError
 
     with pytest.raises(DigitsError, match="already holds a finished run"):
-        train(TrainConfig(data=str(kaggle_dir), out=str(two_worker_run), model="dense"))
+        train(TrainConfig(data=str(kaggle_dir), out=str(dense_run), model="dense"))
 
 
 # ---------------------------------------------------------------------------- synchronized stop

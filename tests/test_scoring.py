@@ -1,0 +1,203 @@
+"""Batch scoring on real Ray Data, and evaluation, on real MNIST slices."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from digit_models.config import ScoreConfig
+from digit_models.data import PIXEL_COLUMNS, read_test_csv
+from digit_models.errors import DigitsError
+from digit_models.evaluation import evaluate
+from digit_models.models import load_model_file
+from digit_models.scoring import PROBABILITY_COLUMNS, predict
+from tests.conftest import REPO, SLICE_TEST_ROWS, ray_processes, run_digits
+
+
+def _in_process_probabilities(run_dir: Path, images: np.ndarray) -> np.ndarray:
+    return load_model_file(str(run_dir / "model.keras")).predict(images, verbose=0)
+
+
+@pytest.fixture(scope="module")
+def scored(tmp_path_factory, kaggle_dir, dense_run) -> Path:
+    out = tmp_path_factory.mktemp("scored") / "out"
+    predict(ScoreConfig(runs=[str(dense_run)], input=str(kaggle_dir / "test.csv"), out=str(out),
+                        batch_size=128, actors=2, cpus_per_actor=1))
+    return out
+
+
+def test_every_image_is_scored_once_and_matches_an_in_process_predict(scored, kaggle_dir, dense_run):
+    table = pq.read_table(scored / "predictions")
+    assert sorted(table.column("ImageId").to_pylist()) == list(range(1, SLICE_TEST_ROWS + 1))
+    frame = table.to_pandas().sort_values("ImageId")
+    test = read_test_csv(str(kaggle_dir / "test.csv"))
+    expected = _in_process_probabilities(dense_run, test.images)
+    assert np.array_equal(frame["Label"].to_numpy(), expected.argmax(axis=1))
+    assert np.allclose(frame[PROBABILITY_COLUMNS].to_numpy(), expected, atol=1e-5)
+
+
+def test_parquet_schema_is_the_documented_one(scored):
+    schema = pq.read_schema(next((scored / "predictions").glob("*.parquet")))
+    assert schema.names == ["ImageId", "Label", "Confidence", *PROBABILITY_COLUMNS]
+    assert schema.field("ImageId").type == pa.int32() and schema.field("Label").type == pa.int32()
+    assert all(schema.field(c).type == pa.float32() for c in ["Confidence", *PROBABILITY_COLUMNS])
+    frame = pd.read_parquet(scored / "predictions")  # pandas reads the folder too
+    assert np.allclose(frame[PROBABILITY_COLUMNS].sum(axis=1), 1.0, atol=1e-4)
+    assert np.allclose(frame["Confidence"], frame[PROBABILITY_COLUMNS].max(axis=1))
+
+
+def test_submission_has_kaggles_exact_layout(scored, kaggle_dir):
+    submission = (scored / "submission.csv").read_bytes().decode("ascii").split("\n")
+    sample = (kaggle_dir / "sample_submission.csv").read_bytes().decode("ascii").split("\n")
+    assert submission[0] == sample[0] == "ImageId,Label"
+    assert len(submission) == len(sample) and submission[-1] == sample[-1] == ""  # trailing LF
+    assert [line.split(",")[0] for line in submission[1:-1]] == [line.split(",")[0] for line in sample[1:-1]]
+    assert all(line.split(",")[1] in "0123456789" and len(line.split(",")) == 2 for line in submission[1:-1])
+    labels = pd.read_parquet(scored / "predictions").sort_values("ImageId")["Label"].tolist()
+    assert [int(line.split(",")[1]) for line in submission[1:-1]] == labels
+    record = json.loads((scored / "scoring.json").read_text())
+    assert record["images"] == SLICE_TEST_ROWS and record["actors"] == 2
+
+
+def test_an_ensemble_averages_the_models_probabilities(tmp_path, kaggle_dir, dense_run, cnn_run, ray_local):
+    out = tmp_path / "ensemble"
+    predict(ScoreConfig(runs=[str(dense_run), str(cnn_run)], input=str(kaggle_dir / "test.csv"),
+                        out=str(out), batch_size=256))
+    frame = pd.read_parquet(out / "predictions").sort_values("ImageId")
+    images = read_test_csv(str(kaggle_dir / "test.csv")).images
+    expected = (_in_process_probabilities(dense_run, images) + _in_process_probabilities(cnn_run, images)) / 2
+    assert np.allclose(frame[PROBABILITY_COLUMNS].to_numpy(), expected, atol=1e-5)
+    assert np.array_equal(frame["Label"].to_numpy(), expected.argmax(axis=1))
+
+
+def test_parquet_input_keeps_its_own_image_ids(tmp_path, kaggle_dir, dense_run, ray_local):
+    test = read_test_csv(str(kaggle_dir / "test.csv"), limit=300)
+    ids = np.random.default_rng(0).permutation(np.arange(5001, 5301)).astype(np.int32)
+    frame = pd.DataFrame(test.images.reshape(300, 784), columns=PIXEL_COLUMNS)
+    frame.insert(0, "ImageId", ids)
+    frame.to_parquet(tmp_path / "test.parquet")
+    predict(ScoreConfig(runs=[str(dense_run)], input=str(tmp_path / "test.parquet"),
+                        out=str(tmp_path / "out")))
+    result = pd.read_parquet(tmp_path / "out" / "predictions").set_index("ImageId").loc[ids]
+    expected = _in_process_probabilities(dense_run, test.images).argmax(axis=1)
+    assert np.array_equal(result["Label"].to_numpy(), expected)
+    assert (tmp_path / "out" / "submission.csv").read_text().splitlines()[1].startswith("5001,")
+
+
+def test_scoring_refuses_unfinished_or_broken_runs(tmp_path, kaggle_dir, dense_run):
+    test_csv = str(kaggle_dir / "test.csv")
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    (unfinished / "model.keras").write_bytes((dense_run / "model.keras").read_bytes())
+    with pytest.raises(DigitsError, match="no run.json, so not a finished run"):
+        predict(ScoreConfig(runs=[str(unfinished)], input=test_csv, out=str(tmp_path / "o")))
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "run.json").write_text("{}")
+    (corrupt / "model.keras").write_bytes(b"PK\x03\x04 not really a zip")
+    with pytest.raises(DigitsError, match="model.keras: not a loadable Keras model"):
+        predict(ScoreConfig(runs=[str(corrupt)], input=test_csv, out=str(tmp_path / "o")))
+    (tmp_path / "precious").mkdir()
+    (tmp_path / "precious" / "notes.txt").write_text("mine")
+    with pytest.raises(DigitsError, match="not an earlier `digits predict` output"):
+        predict(ScoreConfig(runs=[str(dense_run)], input=test_csv, out=str(tmp_path / "precious")))
+    assert not (tmp_path / "o").exists()
+
+
+# ---------------------------------------------------------------------------- evaluate
+
+def _write_csv(path: Path, rows: list[tuple]) -> str:
+    path.write_text("ImageId,Label\n" + "".join(f"{i},{label}\n" for i, label in rows))
+    return str(path)
+
+
+def test_evaluate_numbers_on_a_hand_checked_case(tmp_path):
+    labels = _write_csv(tmp_path / "labels.csv", [(1, 0), (2, 1), (3, 2), (4, 2), (5, 9)])
+    predictions = _write_csv(tmp_path / "sub.csv", [(5, 9), (4, 1), (3, 2), (2, 1), (1, 0)])
+    result = evaluate(predictions, labels)
+    assert result["accuracy"] == 0.8 and result["correct"] == 4 and result["images"] == 5
+    assert result["per_class"]["2"] == {"accuracy": 0.5, "images": 2}
+    assert result["per_class"]["9"] == {"accuracy": 1.0, "images": 1}
+    assert result["per_class"]["5"] == {"accuracy": 0.0, "images": 0}
+    confusion = np.array(result["confusion_matrix"])
+    assert confusion[2, 1] == 1 and confusion[2, 2] == 1 and confusion.sum() == 5
+    assert "official_mnist_test" not in result
+
+
+@pytest.mark.parametrize("predicted,message", [
+    ([(1, 0), (2, 1)], "no prediction for ImageId 3"),
+    ([(1, 0), (2, 1), (3, 2), (3, 2)], "row 4, column ImageId: 3 appears more than once"),
+    ([(1, 0), (2, 1), (3, 2), (7, 2)], "ImageId 7 is not in"),
+])
+def test_evaluate_refuses_mismatched_ids(tmp_path, predicted, message):
+    labels = _write_csv(tmp_path / "labels.csv", [(1, 0), (2, 1), (3, 2)])
+    with pytest.raises(DigitsError, match=message):
+        evaluate(_write_csv(tmp_path / "sub.csv", predicted), labels)
+
+
+def test_evaluate_refuses_a_predictions_folder_with_a_duplicated_id(tmp_path, scored):
+    broken = tmp_path / "broken"
+    (broken / "predictions").mkdir(parents=True)
+    (broken / "scoring.json").write_text("{}")
+    table = pq.read_table(scored / "predictions")
+    pq.write_table(pa.concat_tables([table, table.slice(0, 1)]), broken / "predictions" / "p.parquet")
+    with pytest.raises(DigitsError, match="predictions: ImageId .* appears more than once"):
+        evaluate(str(broken), str(tmp_path / "unused.csv"))
+
+
+def test_evaluate_reports_the_official_mnist_test_subset(scored, kaggle_dir):
+    result = evaluate(str(scored), str(kaggle_dir / "test_labels.csv"))
+    official = result["official_mnist_test"]
+    origin = pd.read_csv(kaggle_dir / "test_origin.csv")
+    assert official["images"] == (origin["MnistSplit"] == "test").sum() == 1000
+    assert 0.8 < result["accuracy"] <= 1.0
+
+
+# ---------------------------------------------------------------------------- the CLI
+
+def test_cli_predict_then_evaluate(tmp_path, kaggle_dir, dense_run):
+    before = ray_processes()
+    out = tmp_path / "out"
+    done = run_digits("predict", "--run", str(dense_run), "--input", str(kaggle_dir / "test.csv"),
+                      "--out", str(out))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"scored {SLICE_TEST_ROWS:,} images" in done.stdout and str(out / "submission.csv") in done.stdout
+    assert ray_processes() <= before
+    evaluated = run_digits("evaluate", "--predictions", str(out), "--labels",
+                           str(kaggle_dir / "test_labels.csv"))
+    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+    assert evaluated.stdout.startswith("accuracy 0.")
+    assert "official MNIST test images: accuracy" in evaluated.stdout
+    assert json.loads((out / "evaluation.json").read_text())["images"] == SLICE_TEST_ROWS
+
+
+def test_a_killed_predict_leaves_nothing_that_looks_complete(tmp_path, kaggle_dir, dense_run):
+    out = tmp_path / "out"
+    before = ray_processes()
+    child = subprocess.Popen([sys.executable, "-m", "digit_models.cli", "predict", "--run",
+                              str(dense_run), "--input", str(kaggle_dir / "test.csv"), "--out", str(out)],
+                             cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not list(tmp_path.glob(".out.partial-*")) and time.time() < deadline:
+        time.sleep(0.05)
+    assert list(tmp_path.glob(".out.partial-*")), "scoring never started"
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    assert not out.exists()
+    for pid in ray_processes() - before:  # the killed driver's embedded Ray
+        subprocess.run(["kill", "-9", str(pid)])
+    again = run_digits("predict", "--run", str(dense_run), "--input", str(kaggle_dir / "test.csv"),
+                       "--out", str(out))
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert len((out / "submission.csv").read_text().splitlines()) == SLICE_TEST_ROWS + 1
+    assert not list(tmp_path.glob(".out.partial-*"))  # the abandoned attempt was cleaned up
