@@ -151,6 +151,9 @@ def train_func(loop_config: dict) -> dict:
     cpus = int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))
     _size_thread_pools(cpus)
     tf.get_logger().setLevel(logging.ERROR)
+    # TensorFlow's absl handler sits on the root logger and would print every INFO record of
+    # Ray Train's (per-report lines), bypassing the level set in RunConfig's LoggingConfig.
+    logging.getLogger("ray.train").propagate = False
     if config.mixed_precision:
         keras.mixed_precision.set_global_policy("mixed_float16")
     if not keras.__version__.startswith("2."):
