@@ -7,6 +7,7 @@ Exit status: 0 done, 2 bad input or usage (one line on stderr, a traceback only 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -36,9 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
     defaults = TrainConfig()
     train = commands.add_parser("train", help="train a model on Ray Train")
     train.add_argument("--model", default=defaults.model, help="registered model name (default cnn)")
-    train.add_argument("--data", required=True, metavar="DIR_OR_CSV",
+    train.add_argument("--data", metavar="DIR_OR_CSV",
                        help="folder with train.csv (from `digits data`), or a train.csv path or URI")
-    train.add_argument("--out", required=True, metavar="RUN_DIR", help="new run directory")
+    train.add_argument("--out", metavar="RUN_DIR", help="new run directory")
+    train.add_argument("--resume", metavar="RUN_DIR",
+                       help="continue this unfinished run from its last checkpoint, with its "
+                            "own settings (instead of --data/--out and the options below)")
     train.add_argument("--workers", type=int, default=defaults.workers, help="Ray Train workers")
     train.add_argument("--epochs", type=int, default=defaults.epochs, help="maximum epochs")
     train.add_argument("--batch-size", type=int, default=defaults.batch_size, help="per-worker batch")
@@ -89,9 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_data(args) -> None:
-    from digit_models.kaggle_split import build_kaggle_files
+    from digit_models.kaggle_split import build_kaggle_files, require_output_folder
     from digit_models.mnist_source import load_mnist
 
+    require_output_folder(args.out)  # before the download
     manifest = build_kaggle_files(load_mnist(), args.out, seed=args.seed)
     print(f"wrote {manifest['train_rows']:,} training and {manifest['test_rows']:,} test rows "
           f"({manifest['official_test_rows_in_test_csv']:,} from the official MNIST test set) "
@@ -99,21 +104,34 @@ def run_data(args) -> None:
 
 
 def run_train(args) -> None:
-    from digit_models.config import TrainConfig
-    from digit_models.training import train
+    from digit_models.training import resume, train
 
-    config = TrainConfig(
+    if args.resume:
+        if args.data or args.out:
+            raise DigitsError("--resume continues a run with its own settings; "
+                              "give it without --data and --out")
+        summary = resume(args.resume, address=args.address)
+        args.out = args.resume
+    elif not (args.data and args.out):
+        raise DigitsError("train needs --data and --out (or --resume RUN_DIR)")
+    else:
+        summary = train(_train_config(args), address=args.address)
+    last = summary["history"][-1]
+    print(f"{summary['stop_reason']}: {summary['epochs_run']} epochs, "
+          + ", ".join(f"{k} {last[k]:.4f}" for k in ("accuracy", "val_accuracy") if k in last)
+          + f"; model in {args.out}")
+
+
+def _train_config(args):
+    from digit_models.config import TrainConfig
+
+    return TrainConfig(
         data=args.data, out=args.out, model=args.model, epochs=args.epochs, workers=args.workers,
         batch_size=args.batch_size, learning_rate=args.learning_rate, target=args.target,
         target_metric=args.target_metric, val_fraction=args.val_fraction, seed=args.seed,
         limit=args.limit, cpus_per_worker=args.cpus_per_worker,
         gpus_per_worker=args.gpus_per_worker, mixed_precision=args.mixed_precision,
         max_failures=args.max_failures)
-    summary = train(config, address=args.address)
-    last = summary["history"][-1]
-    print(f"{summary['stop_reason']}: {summary['epochs_run']} epochs, "
-          + ", ".join(f"{k} {last[k]:.4f}" for k in ("accuracy", "val_accuracy") if k in last)
-          + f"; model in {args.out}")
 
 
 def run_predict(args) -> None:
@@ -145,34 +163,54 @@ def run_evaluate(args) -> None:
 COMMANDS = {"data": run_data, "train": run_train, "predict": run_predict, "evaluate": run_evaluate}
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised like Ctrl-C's KeyboardInterrupt so that every cleanup runs."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    previous_handler = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         COMMANDS[args.command](args)
         return 0
     except KeyboardInterrupt:
         print("digits: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("digits: terminated", file=sys.stderr)
+        return 143
     except Exception as exc:  # noqa: BLE001  (every failure becomes one line and a status)
+        interruption = _find_in_chain(exc, (KeyboardInterrupt, Terminated))
+        if interruption is not None:  # re-wrapped by a library on its way up
+            print(f"digits: {'terminated' if isinstance(interruption, Terminated) else 'interrupted'}",
+                  file=sys.stderr)
+            return 143 if isinstance(interruption, Terminated) else 130
         if args.debug:
             traceback.print_exc()
-        user_error = _user_error(exc)
-        message = user_error or (f"{type(exc).__name__}: {_first_line(exc)}"
+        user_error = _find_in_chain(exc, (DigitsError,))
+        message = str(user_error) if user_error else (f"{type(exc).__name__}: {_first_line(exc)}"
                                  + ("" if args.debug else " (--debug shows the traceback)"))
         print(f"digits: error: {message}", file=sys.stderr)
         return 2 if user_error else 1
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
 
 
-def _user_error(exc: BaseException) -> str | None:
-    """The DigitsError message, also when it was raised inside a Ray worker and wrapped."""
+def _find_in_chain(exc: BaseException, types: tuple) -> BaseException | None:
+    """The first exception of these types in exc's chain of causes, including the worker
+    failures that Ray Train and Ray tasks wrap their errors in."""
     pending, seen = [exc], set()
     while pending:
         exc = pending.pop(0)
         if exc is None or id(exc) in seen:
             continue
         seen.add(id(exc))
-        if isinstance(exc, DigitsError):
-            return str(exc)
+        if isinstance(exc, types):
+            return exc
         pending += [getattr(exc, "cause", None),  # Ray's task errors keep the original here
                     getattr(exc, "controller_failure", None), exc.__cause__, exc.__context__,
                     *(getattr(exc, "worker_failures", None) or {}).values()]

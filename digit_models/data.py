@@ -171,7 +171,10 @@ def _read_test_parquet(location: str) -> DigitImages:
     if fs.get_file_info(path).type == pafs.FileType.NotFound:
         raise DigitsError(f"{name}: no such file")
     try:
-        table = pads.dataset(path, filesystem=fs, format="parquet").to_table()
+        dataset = pads.dataset(path, filesystem=fs, format="parquet")
+        if not dataset.files:
+            raise DigitsError(f"{name}: folder holds no Parquet files")
+        table = dataset.to_table()
     except (pa.ArrowInvalid, OSError) as exc:
         raise DigitsError(f"{name}: not readable as Parquet: {_first_line(exc)}") from None
     columns = [c for c in table.column_names if c != "ImageId"]

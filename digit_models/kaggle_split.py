@@ -26,6 +26,11 @@ KAGGLE_TEST_SIZE = 28_000
 FILES = ("train.csv", "test.csv", "test_labels.csv", "test_origin.csv", "sample_submission.csv")
 
 
+def require_output_folder(out_dir: Path) -> None:
+    if Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise DigitsError(f"{out_dir}: exists and is not a folder")
+
+
 def build_kaggle_files(mnist: Mnist, out_dir: Path, seed: int = 0,
                        train_size: int = KAGGLE_TRAIN_SIZE,
                        test_size: int = KAGGLE_TEST_SIZE) -> dict:
@@ -49,8 +54,7 @@ def build_kaggle_files(mnist: Mnist, out_dir: Path, seed: int = 0,
     is_test = mnist.is_official_test[test_rows]
 
     out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise DigitsError(f"{out_dir}: exists and is not a folder")
+    require_output_folder(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".digits-data-", dir=out_dir) as staging:
         staged = Path(staging)

@@ -2,6 +2,7 @@
 
 # A run directory (`digits train --out`)
 MODEL_FILE = "model.keras"  # the trained model, native Keras format
+STARTED_FILE = "started.json"  # written first: configuration and data, for --resume
 RUN_FILE = "run.json"  # written last: a run dir without it is unfinished
 CHECKPOINTS_DIR = "checkpoints"  # Ray Train's per-epoch checkpoints
 STATE_FILE = "state.json"  # inside each checkpoint: epochs done, history, stop reason

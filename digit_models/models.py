@@ -74,7 +74,10 @@ def load_model_file(path: str) -> keras.Model:
     try:
         model = keras.models.load_model(path, compile=False, safe_mode=True)
     except Exception as exc:  # noqa: BLE001  (Keras raises many types for a bad file)
-        message = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        if "arbitrary code execution" in message:
+            raise DigitsError(f"{path}: refused: the model contains Python code (e.g. a Lambda "
+                              "layer), which Keras safe mode does not load") from None
         raise DigitsError(f"{path}: not a loadable Keras model: {message[:200]}") from None
     if tuple(model.input_shape[1:]) != (28, 28) or tuple(model.output_shape[1:]) != (10,):
         raise DigitsError(f"{path}: model maps {model.input_shape} to {model.output_shape}, "

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
 from contextlib import contextmanager
 
 import numpy as np
@@ -25,6 +27,7 @@ def ray_session(address: str | None = None):
     if ray.is_initialized():
         yield
         return
+    caller_sigterm = signal.getsignal(signal.SIGTERM)
     runtime_env = {"env_vars": dict(RUNTIME_ENV_VARS)}
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
@@ -34,11 +37,35 @@ def ray_session(address: str | None = None):
         # it listens on loopback only.
         ray.init(runtime_env=runtime_env, include_dashboard=True, dashboard_host="127.0.0.1",
                  log_to_driver=True, _node_ip_address="127.0.0.1")
+    if callable(caller_sigterm) and threading.current_thread() is threading.main_thread():
+        # ray.init replaces SIGTERM's handler with sys.exit(15); keep the caller's policy.
+        signal.signal(signal.SIGTERM, caller_sigterm)
     quiet_ray_data()
     try:
         yield
     finally:
         ray.shutdown()
+
+
+def call_interruptibly(function):
+    """Runs function() in a helper thread and returns its result, leaving Ctrl-C and SIGTERM
+    to the main thread. Ray Train's fit() installs its own SIGINT handler when called on the
+    main thread, which ends the process with status 1 or 0 and skips our cleanup."""
+    outcome = {}
+
+    def call():
+        try:
+            outcome["value"] = function()
+        except BaseException as exc:  # noqa: BLE001  (re-raised on the main thread)
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=call, name="digits-ray-call", daemon=True)
+    worker.start()
+    while worker.is_alive():
+        worker.join(timeout=0.2)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
 
 
 def quiet_ray_data() -> None:

@@ -34,10 +34,10 @@ from ray.train.tensorflow import TensorflowTrainer
 from digit_models.data import file_sha256, read_train_csv, resolve_train_csv, validation_split
 from digit_models.errors import DigitsError
 from digit_models.files import write_text_atomic
-from digit_models.layout import CHECKPOINTS_DIR, MODEL_FILE, RUN_FILE, STATE_FILE
+from digit_models.layout import CHECKPOINTS_DIR, MODEL_FILE, RUN_FILE, STARTED_FILE, STATE_FILE
 from digit_models.config import TrainConfig
 from digit_models.models import build_model
-from digit_models.ray_runtime import images_dataset, ray_session
+from digit_models.ray_runtime import call_interruptibly, images_dataset, ray_session
 
 
 
@@ -47,25 +47,59 @@ def train(config: TrainConfig, address: str | None = None) -> dict:
     """Trains on Ray and writes RUN_DIR/model.keras and run.json; returns run.json's content.
 
     Input is read and validated before Ray starts or anything is written. Ray is the one
-    already connected, else the cluster at `address`, else an embedded local one. The run
-    directory gets Ray's checkpoints while training runs; model.keras and then run.json appear
-    only at the end, each atomically, so a run dir without run.json is an unfinished run.
+    already connected, else the cluster at `address`, else an embedded local one. While the
+    run trains, RUN_DIR holds started.json (what `resume` needs) and Ray's checkpoints;
+    model.keras and then run.json appear only at the end, each atomically, so a run dir
+    without run.json is an unfinished run.
     """
     config.validate()
-    started = time.time()
     run_dir = Path(config.out).resolve()
     _require_new_run_dir(run_dir)
+    return _run(config, run_dir, address, started=None)
+
+
+def resume(run_dir: str, address: str | None = None) -> dict:
+    """Continues an unfinished run (driver stopped by Ctrl-C, SIGTERM or a lost machine) from
+    its last checkpoint, with its original configuration and the same training data."""
+    path = Path(run_dir).resolve()
+    if (path / RUN_FILE).exists():
+        raise DigitsError(f"{path}: already finished ({RUN_FILE} is there); nothing to resume")
+    if not (path / STARTED_FILE).is_file():
+        raise DigitsError(f"{path}: no {STARTED_FILE}, so not a run directory `digits train` started")
+    try:
+        started = json.loads((path / STARTED_FILE).read_text())
+        config = TrainConfig(**started["config"])
+    except (ValueError, TypeError, KeyError) as exc:
+        raise DigitsError(f"{path / STARTED_FILE}: unreadable ({exc})") from None
+    config.validate()
+    return _run(config, path, address, started=started)
+
+
+def _run(config: TrainConfig, run_dir: Path, address: str | None, started: dict | None) -> dict:
     train_csv = resolve_train_csv(config.data)
     digits = read_train_csv(train_csv, limit=config.limit)
+    data_sha256 = file_sha256(train_csv)
+    if started and started["data"]["sha256"] != data_sha256:
+        raise DigitsError(f"{train_csv}: changed since the run started (sha256 {data_sha256}, "
+                          f"was {started['data']['sha256']}); cannot resume on different data")
     train_rows, val_rows = validation_split(len(digits), config.val_fraction, config.seed)
     too_few_val = config.val_fraction > 0 and len(val_rows) < config.workers
     if len(train_rows) // config.workers < config.batch_size or too_few_val:
         raise DigitsError(f"{train_csv}: {len(digits)} rows are too few for {config.workers} "
                           f"worker(s) with --batch-size {config.batch_size} and "
                           f"--val-fraction {config.val_fraction}")
+    now = _utc(time.time())
+    if started:
+        started["resumed_at"].append(now)
+    else:
+        started = {"config": asdict(config), "started_at": now, "resumed_at": [],
+                   "data": {"train_csv": train_csv, "sha256": data_sha256, "rows_read": len(digits),
+                            "train_rows": len(train_rows), "validation_rows": len(val_rows)}}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(run_dir / STARTED_FILE, json.dumps(started, indent=2) + "\n")
 
+    clock = time.time()
     with ray_session(address):
-        run_dir.mkdir(parents=True, exist_ok=True)
         blocks = 4 * config.workers
         trainer = TensorflowTrainer(
             train_func,
@@ -74,13 +108,15 @@ def train(config: TrainConfig, address: str | None = None) -> dict:
             datasets={name: images_dataset(digits.images[rows], blocks, row=rows.astype(np.int32),
                                            label=digits.labels[rows])
                       for name, rows in (("train", train_rows), ("validation", val_rows))},
+            # The same name and storage path on resume: Ray Train then restores its
+            # checkpoint bookkeeping and hands the workers the latest checkpoint.
             run_config=ray.train.RunConfig(
                 name=CHECKPOINTS_DIR, storage_path=str(run_dir),
                 failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
                 logging_config=ray.train.LoggingConfig(log_level="WARNING")),
         )
-        result = trainer.fit()
+        result = call_interruptibly(trainer.fit)
     outcome = result.return_value
     with tempfile.TemporaryDirectory(prefix=".model-", dir=run_dir) as staging:
         result.checkpoint.to_directory(staging)
@@ -96,13 +132,13 @@ def train(config: TrainConfig, address: str | None = None) -> dict:
         "history": outcome["history"],
         "shards": outcome["shards"],
         "restarts": outcome["restarts"],
-        "data": {"train_csv": train_csv, "sha256": file_sha256(train_csv), "rows_read": len(digits),
-                 "train_rows": len(train_rows), "validation_rows": len(val_rows)},
+        "data": started["data"],
         "config": asdict(config),
         "versions": library_versions(),
         "model_file": MODEL_FILE,
-        "started_at": _utc(started),
-        "wall_s": round(time.time() - started, 2),
+        "started_at": started["started_at"],
+        "resumed_at": started["resumed_at"],
+        "wall_s": round(time.time() - clock, 2),
     }
     write_text_atomic(run_dir / RUN_FILE, json.dumps(summary, indent=2) + "\n")
     return summary
@@ -113,8 +149,11 @@ def _require_new_run_dir(run_dir: Path) -> None:
         raise DigitsError(f"{run_dir}: exists and is not a folder")
     if (run_dir / RUN_FILE).exists():
         raise DigitsError(f"{run_dir}: already holds a finished run; choose another --out")
+    if (run_dir / STARTED_FILE).exists():
+        raise DigitsError(f"{run_dir}: holds an unfinished run; continue it with "
+                          f"`digits train --resume {run_dir}` or choose another --out")
     if run_dir.exists() and any(run_dir.iterdir()):
-        raise DigitsError(f"{run_dir}: not empty (an unfinished run?); choose another --out")
+        raise DigitsError(f"{run_dir}: not empty; choose another --out")
 
 
 def library_versions() -> dict:
@@ -151,9 +190,7 @@ def train_func(loop_config: dict) -> dict:
     cpus = int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))
     _size_thread_pools(cpus)
     tf.get_logger().setLevel(logging.ERROR)
-    # TensorFlow's absl handler sits on the root logger and would print every INFO record of
-    # Ray Train's (per-report lines), bypassing the level set in RunConfig's LoggingConfig.
-    logging.getLogger("ray.train").propagate = False
+    _quiet_report_logging()
     if config.mixed_precision:
         keras.mixed_precision.set_global_policy("mixed_float16")
     if not keras.__version__.startswith("2."):
@@ -208,6 +245,14 @@ def _size_thread_pools(cpus: int) -> None:
     four busy threads each. Give each worker exactly the CPUs Ray granted it."""
     tf.config.threading.set_intra_op_parallelism_threads(cpus)
     tf.config.threading.set_inter_op_parallelism_threads(cpus)
+
+
+def _quiet_report_logging() -> None:
+    """Ray Train 2.60 logs every report() at INFO on each worker through a logger named by its
+    source file, outside the `ray.train` hierarchy that RunConfig's LoggingConfig filters."""
+    from ray.train.v2._internal.execution import context as train_context
+
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
 
 
 def _materialize(shard) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

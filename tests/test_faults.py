@@ -1,0 +1,134 @@
+"""Faults with real processes: a killed Ray Train worker, an interrupted and resumed run, a
+terminated scoring run. No Ray process may outlive the command that started it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, SLICE_TEST_ROWS, ray_processes, run_digits
+
+
+def _start_digits(*args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "digit_models.cli", *args], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(condition, timeout: float, what: str) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        if time.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def _checkpoint_registered(run_dir: Path) -> bool:
+    """Ray Train has recorded a reported checkpoint (a checkpoint folder alone may still be
+    mid-report, and a restart before registration rightly starts from scratch)."""
+    snapshot = run_dir / "checkpoints" / "checkpoint_manager_snapshot.json"
+    try:
+        return "checkpoint_" in snapshot.read_text()
+    except OSError:
+        return False
+
+
+def _descendants(root: int) -> list[tuple[int, str]]:
+    """(pid, command line) of every process below `root`."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, pending = [], [root]
+    while pending:
+        for pid in children.get(pending.pop(), []):
+            try:
+                command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            found.append((pid, command))
+            pending.append(pid)
+    return found
+
+
+def _train_workers(driver: int) -> list[int]:
+    return [pid for pid, command in _descendants(driver) if command.startswith("ray::RayTrainWorker")]
+
+
+@pytest.mark.timeout(420)
+def test_a_killed_worker_is_replaced_and_the_run_resumes_from_its_checkpoint(tmp_path, kaggle_dir):
+    before = ray_processes()
+    run_dir = tmp_path / "run"
+    child = _start_digits("train", "--model", "cnn", "--data", str(kaggle_dir), "--workers", "2",
+                          "--epochs", "4", "--max-failures", "1", "--out", str(run_dir))
+    _wait_for(lambda: _checkpoint_registered(run_dir) or child.poll() is not None, 300,
+              "epoch 1's checkpoint")
+    victims = _train_workers(child.pid)
+    assert len(victims) == 2, victims
+    os.kill(victims[-1], signal.SIGKILL)  # one real worker process, mid-run
+    stdout, stderr = child.communicate(timeout=360)
+    assert child.returncode == 0, stderr[-3000:]
+    run = json.loads((run_dir / "run.json").read_text())
+    assert run["epochs_run"] == 4 and run["stop_reason"] == "epochs exhausted"
+    assert [entry["epoch"] for entry in run["history"]] == [1, 2, 3, 4]  # no epoch run twice
+    assert len(run["restarts"]) == 1 and run["restarts"][0]["resumed_after_epoch"] >= 1
+    assert run["shards"]["disjoint"] is True
+    assert ray_processes() <= before
+
+
+@pytest.mark.timeout(420)
+def test_ctrl_c_stops_cleanly_and_resume_finishes_the_run(tmp_path, kaggle_dir):
+    before = ray_processes()
+    run_dir = tmp_path / "run"
+    # val_accuracy 1.0 on 200 held-out digits is out of the dense net's reach: all 12 epochs run
+    child = _start_digits("train", "--model", "dense", "--data", str(kaggle_dir), "--epochs", "12",
+                          "--batch-size", "8", "--target-metric", "val_accuracy", "--target", "1.0",
+                          "--out", str(run_dir))
+    _wait_for(lambda: _checkpoint_registered(run_dir) or child.poll() is not None, 300, "a checkpoint")
+    child.send_signal(signal.SIGINT)
+    _, stderr = child.communicate(timeout=120)
+    assert child.returncode == 130, stderr[-3000:]
+    assert stderr.strip().endswith("digits: interrupted")
+    assert not (run_dir / "run.json").exists() and not (run_dir / "model.keras").exists()
+    assert ray_processes() <= before
+
+    refused = run_digits("train", "--model", "dense", "--data", str(kaggle_dir), "--out", str(run_dir))
+    assert refused.returncode == 2 and "holds an unfinished run; continue it with" in refused.stderr
+
+    resumed = run_digits("train", "--resume", str(run_dir), timeout=400)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    run = json.loads((run_dir / "run.json").read_text())
+    assert run["epochs_run"] == 12 and [e["epoch"] for e in run["history"]] == list(range(1, 13))
+    assert len(run["resumed_at"]) == 1 and run["restarts"][0]["resumed_after_epoch"] >= 1
+    assert ray_processes() <= before
+
+    again = run_digits("train", "--resume", str(run_dir))
+    assert again.returncode == 2 and "already finished" in again.stderr
+
+
+@pytest.mark.timeout(300)
+def test_sigterm_during_scoring_exits_143_and_writes_nothing(tmp_path, kaggle_dir, dense_run):
+    before = ray_processes()
+    out = tmp_path / "scored"
+    child = _start_digits("predict", "--run", str(dense_run), "--input", str(kaggle_dir / "test.csv"),
+                          "--out", str(out))
+    _wait_for(lambda: list(tmp_path.glob(".scored.partial-*")) or child.poll() is not None, 120,
+              "scoring to start")
+    child.send_signal(signal.SIGTERM)
+    _, stderr = child.communicate(timeout=120)
+    assert child.returncode == 143, stderr[-3000:]
+    assert not out.exists() and not list(tmp_path.glob(".scored.partial-*"))
+    assert ray_processes() <= before
+    done = run_digits("predict", "--run", str(dense_run), "--input", str(kaggle_dir / "test.csv"),
+                      "--out", str(out))
+    assert done.returncode == 0 and len((out / "submission.csv").read_text().splitlines()) == SLICE_TEST_ROWS + 1
