@@ -151,10 +151,12 @@ def run_evaluate(args) -> None:
     from digit_models.evaluation import evaluate, format_report, write_evaluation
     from digit_models.layout import EVALUATION_FILE
 
+    from digit_models.files import Folder
+
     result = evaluate(args.predictions, args.labels, origin=args.origin)
-    predictions = Path(args.predictions)
-    target = Path(args.json) if args.json else (
-        predictions if predictions.is_dir() else predictions.parent) / EVALUATION_FILE
+    predictions = Folder(args.predictions)
+    target = args.json or (predictions.child(EVALUATION_FILE) if predictions.is_folder()
+                           else f"{args.predictions.rpartition('/')[0] or '.'}/{EVALUATION_FILE}")
     write_evaluation(result, target)
     print(format_report(result))
     print(f"written to {target}")

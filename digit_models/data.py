@@ -24,6 +24,7 @@ import pyarrow.csv as pacsv
 import pyarrow.fs as pafs
 
 from digit_models.errors import DigitsError
+from digit_models.files import filesystem, first_line, is_uri
 
 PIXEL_COLUMNS = [f"pixel{i}" for i in range(784)]
 TRAIN_COLUMNS = ["label", *PIXEL_COLUMNS]
@@ -46,21 +47,8 @@ class DigitImages:
 
 # ---------------------------------------------------------------------------- opening files
 
-def is_uri(location: str) -> bool:
-    return "://" in str(location)
-
-
-def _filesystem(location: str) -> tuple[pafs.FileSystem, str]:
-    if is_uri(location):
-        try:
-            return pafs.FileSystem.from_uri(location)
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as exc:
-            raise DigitsError(f"{location}: cannot open: {_first_line(exc)}") from None
-    return pafs.LocalFileSystem(), os.path.abspath(location)
-
-
 def _require_file(location: str) -> tuple[pafs.FileSystem, str]:
-    fs, path = _filesystem(location)
+    fs, path = filesystem(location)
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.NotFound:
         raise DigitsError(f"{location}: no such file")
@@ -77,7 +65,7 @@ def open_binary(location: str):
     try:
         return fs.open_input_stream(path, compression="detect")
     except OSError as exc:
-        raise DigitsError(f"{location}: cannot open: {_first_line(exc)}") from None
+        raise DigitsError(f"{location}: cannot open: {first_line(exc)}") from None
 
 
 def file_sha256(location: str) -> str:
@@ -89,18 +77,13 @@ def file_sha256(location: str) -> str:
     return digest.hexdigest()
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def resolve_train_csv(data: str) -> str:
     """`--data` is a folder holding train.csv (what `digits data` writes) or the file itself."""
-    fs, path = _filesystem(data)
+    fs, path = filesystem(data)
     if fs.get_file_info(path).type == pafs.FileType.Directory:
         for name in ("train.csv", "train.csv.gz"):
             candidate = data.rstrip("/") + "/" + name
-            if fs.get_file_info(_filesystem(candidate)[1]).type == pafs.FileType.File:
+            if fs.get_file_info(filesystem(candidate)[1]).type == pafs.FileType.File:
                 return candidate
         raise DigitsError(f"{data}: folder has no train.csv")
     return data
@@ -131,7 +114,7 @@ def read_kaggle_csv(location: str, labelled: bool, limit: int | None = None) -> 
             )
         except (pa.ArrowInvalid, OSError, EOFError, UnicodeDecodeError) as exc:
             _diagnose(location, expected)  # raises with the row and column
-            raise DigitsError(f"{name}: {_first_line(exc)}") from None
+            raise DigitsError(f"{name}: {first_line(exc)}") from None
     if table.num_rows == 0:
         raise DigitsError(f"{name}: no data rows after the header")
     if any(column.null_count for column in table.columns):
@@ -159,7 +142,7 @@ def read_test_set(location: str) -> DigitImages:
 
 
 def is_directory(location: str) -> bool:
-    fs, path = _filesystem(location)
+    fs, path = filesystem(location)
     return fs.get_file_info(path).type == pafs.FileType.Directory
 
 
@@ -167,7 +150,7 @@ def _read_test_parquet(location: str) -> DigitImages:
     import pyarrow.dataset as pads
 
     name = str(location)
-    fs, path = _filesystem(location)
+    fs, path = filesystem(location)
     if fs.get_file_info(path).type == pafs.FileType.NotFound:
         raise DigitsError(f"{name}: no such file")
     try:
@@ -176,7 +159,7 @@ def _read_test_parquet(location: str) -> DigitImages:
             raise DigitsError(f"{name}: folder holds no Parquet files")
         table = dataset.to_table()
     except (pa.ArrowInvalid, OSError) as exc:
-        raise DigitsError(f"{name}: not readable as Parquet: {_first_line(exc)}") from None
+        raise DigitsError(f"{name}: not readable as Parquet: {first_line(exc)}") from None
     columns = [c for c in table.column_names if c != "ImageId"]
     _check_header(columns, TEST_COLUMNS, name)
     if table.num_rows == 0:
@@ -277,7 +260,7 @@ def _diagnose(location: str, expected: list[str]) -> None:
     except csv.Error as exc:
         raise DigitsError(f"{name}: malformed CSV: {exc}") from None
     except (OSError, EOFError) as exc:
-        raise DigitsError(f"{name}: cannot read: {_first_line(exc)}") from None
+        raise DigitsError(f"{name}: cannot read: {first_line(exc)}") from None
 
 
 def _check_row(row: list[str], row_number: int, expected: list[str], labelled: bool, name: str):
@@ -345,7 +328,7 @@ def read_small_csv(location: str, expected: list[str]) -> dict[str, list[str]]:
             text = io.TextIOWrapper(io.BufferedReader(stream), encoding="utf-8-sig", newline="")
             rows = [row for row in csv.reader(text) if row]
         except (UnicodeDecodeError, csv.Error, OSError, EOFError) as exc:
-            raise DigitsError(f"{name}: not a readable CSV file: {_first_line(exc)}") from None
+            raise DigitsError(f"{name}: not a readable CSV file: {first_line(exc)}") from None
     if not rows:
         raise DigitsError(f"{name}: empty file, expected a CSV header")
     _check_header(rows[0], expected, name)

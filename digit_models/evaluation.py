@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 
 from digit_models.data import NUM_CLASSES, read_id_label_csv, read_small_csv
 from digit_models.errors import DigitsError
-from digit_models.files import write_text_atomic
+from digit_models.files import Folder
 from digit_models.layout import PREDICTIONS_DIR, SCORING_FILE
 
 
@@ -53,19 +53,20 @@ def scores(truth: np.ndarray, predicted: np.ndarray) -> dict:
 
 
 def read_predictions(location: str) -> tuple[np.ndarray, np.ndarray]:
-    path = Path(location)
-    if path.is_dir():
-        if not (path / SCORING_FILE).exists():
-            raise DigitsError(f"{path}: no {SCORING_FILE}, so not a complete `digits predict` output")
-        table = pq.read_table(path / PREDICTIONS_DIR, columns=["ImageId", "Label"])
+    folder = Folder(location)
+    if folder.is_folder():
+        if not folder.exists(SCORING_FILE):
+            raise DigitsError(f"{folder}: no {SCORING_FILE}, so not a complete `digits predict` output")
+        table = pq.read_table(f"{folder.path}/{PREDICTIONS_DIR}", filesystem=folder.fs,
+                              columns=["ImageId", "Label"])
+        where = folder.child(PREDICTIONS_DIR)
         ids = table.column("ImageId").to_numpy().astype(np.int64)
         labels = table.column("Label").to_numpy().astype(np.int64)
         unique, counts = np.unique(ids, return_counts=True)
         if (counts > 1).any():
-            raise DigitsError(f"{path / PREDICTIONS_DIR}: ImageId {unique[counts > 1][0]} "
-                              "appears more than once")
+            raise DigitsError(f"{where}: ImageId {unique[counts > 1][0]} appears more than once")
         if labels.min() < 0 or labels.max() >= NUM_CLASSES:
-            raise DigitsError(f"{path / PREDICTIONS_DIR}: Label outside 0-9")
+            raise DigitsError(f"{where}: Label outside 0-9")
         return ids, labels
     return read_id_label_csv(location)
 
@@ -105,5 +106,7 @@ def format_report(result: dict) -> str:
     return "\n".join(lines)
 
 
-def write_evaluation(result: dict, path: Path) -> None:
-    write_text_atomic(path, json.dumps(result, indent=2) + "\n")
+def write_evaluation(result: dict, location: str) -> None:
+    """Into a local path or a URI, whole or not at all."""
+    parent, _, name = str(location).rstrip("/").rpartition("/")
+    Folder(parent or ".").write_text(name, json.dumps(result, indent=2) + "\n")

@@ -1,4 +1,13 @@
-"""Output that appears complete or not at all."""
+"""Where files live, and output that appears complete or not at all.
+
+Locations are local paths or URIs pyarrow can open (s3://, gs://, hdfs://, file://). On a
+multi-node cluster the driver's local disk is not the workers', so outputs that every node must
+reach go to a URI or a shared mount.
+
+Completeness: a local output folder is assembled beside its final place and renamed into it
+(`staged_dir`). Object stores have no rename, so a remote output folder is written in place
+with its completion record (run.json, scoring.json) last; readers check for that record.
+"""
 
 from __future__ import annotations
 
@@ -8,12 +17,92 @@ import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.fs as pafs
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Readers see the old file or the whole new one, never a part."""
-    staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    staging.write_text(text)
-    os.replace(staging, path)
+from digit_models.errors import DigitsError
+
+
+def is_uri(location: str) -> bool:
+    return "://" in str(location)
+
+
+def filesystem(location: str) -> tuple[pafs.FileSystem, str]:
+    """The pyarrow filesystem and the path within it; local paths become absolute."""
+    if is_uri(location):
+        try:
+            return pafs.FileSystem.from_uri(str(location))
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as exc:
+            raise DigitsError(f"{location}: cannot open: {first_line(exc)}") from None
+    return pafs.LocalFileSystem(), os.path.abspath(location)
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+class Folder:
+    """A folder that is local or behind a URI, with the few operations our outputs need."""
+
+    def __init__(self, location: str):
+        self.location = str(location).rstrip("/") or "/"
+        self.fs, self.path = filesystem(self.location)
+        self.is_local = not is_uri(self.location)
+
+    def __str__(self) -> str:
+        return self.location
+
+    def child(self, name: str) -> str:
+        """The location (path or URI) of an entry, in the form the user gave."""
+        return f"{self.location}/{name}"
+
+    def _type(self, name: str = "") -> pafs.FileType:
+        return self.fs.get_file_info(f"{self.path}/{name}" if name else self.path).type
+
+    def exists(self, name: str = "") -> bool:
+        return self._type(name) != pafs.FileType.NotFound
+
+    def is_file(self, name: str) -> bool:
+        return self._type(name) == pafs.FileType.File
+
+    def is_folder(self) -> bool:
+        return self._type() == pafs.FileType.Directory
+
+    def is_empty(self) -> bool:
+        return not self.fs.get_file_info(pafs.FileSelector(self.path, allow_not_found=True))
+
+    def create(self) -> None:
+        self.fs.create_dir(self.path, recursive=True)
+
+    def read_bytes(self, name: str) -> bytes:
+        with self.fs.open_input_stream(f"{self.path}/{name}") as stream:
+            return stream.read()
+
+    def read_text(self, name: str) -> str:
+        return self.read_bytes(name).decode()
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        """Readers see the old file or the whole new one: a rename locally, and a single
+        object upload (atomic in object stores) otherwise."""
+        if self.is_local:
+            target = Path(self.path, name)
+            staging = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+            staging.write_bytes(data)
+            os.replace(staging, target)
+        else:
+            with self.fs.open_output_stream(f"{self.path}/{name}") as stream:
+                stream.write(data)
+
+    def write_text(self, name: str, text: str) -> None:
+        self.write_bytes(name, text.encode())
+
+    def delete(self, name: str) -> None:
+        kind = self._type(name)
+        if kind == pafs.FileType.Directory:
+            self.fs.delete_dir(f"{self.path}/{name}")
+        elif kind == pafs.FileType.File:
+            self.fs.delete_file(f"{self.path}/{name}")
 
 
 @contextmanager

@@ -68,18 +68,19 @@ def cnn() -> keras.Model:
     ], name="cnn")
 
 
-def load_model_file(path: str) -> keras.Model:
+def load_model_file(path: str, name: str | None = None) -> keras.Model:
     """A saved model, loaded in Keras safe mode (a model file cannot run code on load), and
-    checked to map (28, 28) pixels to 10 probabilities."""
+    checked to map (28, 28) pixels to 10 probabilities. `name` is how errors refer to it."""
+    name = name or path
     try:
         model = keras.models.load_model(path, compile=False, safe_mode=True)
     except Exception as exc:  # noqa: BLE001  (Keras raises many types for a bad file)
         message = " ".join(str(exc).split()) or type(exc).__name__
         if "arbitrary code execution" in message:
-            raise DigitsError(f"{path}: refused: the model contains Python code (e.g. a Lambda "
+            raise DigitsError(f"{name}: refused: the model contains Python code (e.g. a Lambda "
                               "layer), which Keras safe mode does not load") from None
-        raise DigitsError(f"{path}: not a loadable Keras model: {message[:200]}") from None
+        raise DigitsError(f"{name}: not a loadable Keras model: {message[:200]}") from None
     if tuple(model.input_shape[1:]) != (28, 28) or tuple(model.output_shape[1:]) != (10,):
-        raise DigitsError(f"{path}: model maps {model.input_shape} to {model.output_shape}, "
+        raise DigitsError(f"{name}: model maps {model.input_shape} to {model.output_shape}, "
                           "expected (None, 28, 28) to (None, 10)")
     return model

@@ -17,6 +17,7 @@ import json
 import os
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +27,7 @@ import pyarrow.parquet as pq
 from digit_models.config import ScoreConfig
 from digit_models.data import file_sha256, is_directory, read_test_set
 from digit_models.errors import DigitsError
-from digit_models.files import staged_dir
+from digit_models.files import Folder, is_uri, staged_dir
 from digit_models.ray_runtime import images_dataset, ray_session
 from digit_models.layout import (MODEL_FILE, PREDICTIONS_DIR, RUN_FILE, SCORING_FILE,
                                  SUBMISSION_FILE)
@@ -42,12 +43,12 @@ def predict(config: ScoreConfig, address: str | None = None) -> dict:
     and OUT/scoring.json (the completion record). Returns scoring.json's content."""
     config.validate()
     started = time.time()
-    out_dir = Path(config.out).resolve()
-    _require_replaceable(out_dir)
-    model_files = [_finished_model_bytes(Path(run)) for run in config.runs]
+    out = Folder(config.out if is_uri(config.out) else str(Path(config.out).resolve()))
+    _require_replaceable(out)
+    model_files = [_finished_model_bytes(run) for run in config.runs]
     test = read_test_set(config.input)
 
-    with ray_session(address), staged_dir(out_dir) as staging:
+    with ray_session(address), _writing_into(out) as target:
         import ray.data
 
         cpus = config.cpus_per_actor or max(1, int(ray.cluster_resources().get("CPU", 1)) // config.actors)
@@ -58,15 +59,19 @@ def predict(config: ScoreConfig, address: str | None = None) -> dict:
             compute=ray.data.ActorPoolStrategy(size=config.actors),
             num_cpus=cpus, num_gpus=config.gpus_per_actor or None)
         scoring_started = time.time()
-        # Writing is light; at zero CPUs it never waits for the actors to free theirs.
-        predictions.write_parquet(str(staging / PREDICTIONS_DIR), min_rows_per_file=50_000,
-                                  ray_remote_args={"num_cpus": 0})
+        # A local folder is written by tasks on this (the driver's) node: `local://`; a URI
+        # by whichever node runs the task. Writing is light: at zero CPUs it never waits
+        # for the actors to free theirs.
+        parquet = target.child(PREDICTIONS_DIR)
+        predictions.write_parquet(f"local://{parquet}" if target.is_local else parquet,
+                                  min_rows_per_file=50_000, ray_remote_args={"num_cpus": 0})
         scoring_s = time.time() - scoring_started
-        table = pq.read_table(staging / PREDICTIONS_DIR, schema=PREDICTION_SCHEMA)
+        table = pq.read_table(f"{target.path}/{PREDICTIONS_DIR}", filesystem=target.fs,
+                              schema=PREDICTION_SCHEMA)
         _require_every_image_once(table, test.image_ids, config.input)
-        write_submission(table, staging / SUBMISSION_FILE)
+        target.write_text(SUBMISSION_FILE, submission_csv(table))
         summary = {
-            "runs": [str(Path(run).resolve()) for run in config.runs],
+            "runs": [str(run) for run in config.runs],
             "input": str(config.input),
             "input_sha256": None if is_directory(config.input) else file_sha256(config.input),
             "images": len(test),
@@ -79,8 +84,23 @@ def predict(config: ScoreConfig, address: str | None = None) -> dict:
             "predictions": PREDICTIONS_DIR,
             "submission": SUBMISSION_FILE,
         }
-        (staging / SCORING_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+        target.write_text(SCORING_FILE, json.dumps(summary, indent=2) + "\n")  # last
     return summary
+
+
+@contextmanager
+def _writing_into(out: Folder):
+    """The folder to write the output into. Locally: a hidden staging folder renamed to `out`
+    once complete. Remotely (object stores cannot rename): `out` itself, after removing the
+    previous output's completion record first, so that only a finished run has one."""
+    if out.is_local:
+        with staged_dir(Path(out.path)) as staging:
+            yield Folder(str(staging))
+        return
+    for name in (SCORING_FILE, SUBMISSION_FILE, PREDICTIONS_DIR):
+        out.delete(name)
+    out.create()
+    yield out
 
 
 class DigitPredictor:
@@ -111,13 +131,13 @@ class DigitPredictor:
         }
 
 
-def write_submission(predictions: pa.Table, path: Path) -> None:
+def submission_csv(predictions: pa.Table) -> str:
     """Kaggle's format exactly: `ImageId,Label`, one row per image, ImageId ascending."""
     order = np.argsort(predictions.column("ImageId").to_numpy())
     ids = predictions.column("ImageId").to_numpy()[order]
     labels = predictions.column("Label").to_numpy()[order]
     lines = ["ImageId,Label", *(f"{i},{label}" for i, label in zip(ids.tolist(), labels.tolist()))]
-    path.write_text("\n".join(lines) + "\n")
+    return "\n".join(lines) + "\n"
 
 
 def _require_every_image_once(predictions: pa.Table, image_ids: np.ndarray, source: str) -> None:
@@ -127,26 +147,29 @@ def _require_every_image_once(predictions: pa.Table, image_ids: np.ndarray, sour
                           f"{len(image_ids)} images; not writing a partial submission")
 
 
-def _require_replaceable(out_dir: Path) -> None:
+def _require_replaceable(out: Folder) -> None:
     """The output folder may be new, empty, or an earlier `digits predict` output."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise DigitsError(f"{out_dir}: exists and is not a folder")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / SCORING_FILE).exists():
-        raise DigitsError(f"{out_dir}: not empty and not an earlier `digits predict` output; "
+    if out.exists() and not out.is_folder():
+        raise DigitsError(f"{out}: exists and is not a folder")
+    if not out.is_empty() and not out.exists(SCORING_FILE):
+        raise DigitsError(f"{out}: not empty and not an earlier `digits predict` output; "
                           "refusing to replace it")
 
 
-def _finished_model_bytes(run_dir: Path) -> bytes:
+def _finished_model_bytes(run: str) -> bytes:
     """The run's model file, checked to load (safe mode) before any scoring starts. Bytes, so
     that actors on any node receive it through Ray rather than reading the driver's disk."""
     from digit_models.models import load_model_file
 
-    if not run_dir.is_dir():
-        raise DigitsError(f"{run_dir}: no such run directory")
-    if not (run_dir / RUN_FILE).exists():
-        raise DigitsError(f"{run_dir}: no {RUN_FILE}, so not a finished run")
-    model_path = run_dir / MODEL_FILE
-    if not model_path.is_file():
-        raise DigitsError(f"{run_dir}: no {MODEL_FILE}")
-    load_model_file(str(model_path))
-    return model_path.read_bytes()
+    folder = Folder(run)
+    if not folder.is_folder():
+        raise DigitsError(f"{run}: no such run directory")
+    if not folder.exists(RUN_FILE):
+        raise DigitsError(f"{run}: no {RUN_FILE}, so not a finished run")
+    if not folder.is_file(MODEL_FILE):
+        raise DigitsError(f"{run}: no {MODEL_FILE}")
+    content = folder.read_bytes(MODEL_FILE)
+    with tempfile.TemporaryDirectory(prefix="digits-check-") as directory:
+        Path(directory, MODEL_FILE).write_bytes(content)
+        load_model_file(str(Path(directory, MODEL_FILE)), name=folder.child(MODEL_FILE))
+    return content

@@ -33,7 +33,7 @@ from ray.train.tensorflow import TensorflowTrainer
 
 from digit_models.data import file_sha256, read_train_csv, resolve_train_csv, validation_split
 from digit_models.errors import DigitsError
-from digit_models.files import write_text_atomic
+from digit_models.files import Folder, is_uri
 from digit_models.layout import CHECKPOINTS_DIR, MODEL_FILE, RUN_FILE, STARTED_FILE, STATE_FILE
 from digit_models.config import TrainConfig
 from digit_models.models import build_model
@@ -53,7 +53,7 @@ def train(config: TrainConfig, address: str | None = None) -> dict:
     without run.json is an unfinished run.
     """
     config.validate()
-    run_dir = Path(config.out).resolve()
+    run_dir = run_folder(config.out)
     _require_new_run_dir(run_dir)
     return _run(config, run_dir, address, started=None)
 
@@ -61,21 +61,26 @@ def train(config: TrainConfig, address: str | None = None) -> dict:
 def resume(run_dir: str, address: str | None = None) -> dict:
     """Continues an unfinished run (driver stopped by Ctrl-C, SIGTERM or a lost machine) from
     its last checkpoint, with its original configuration and the same training data."""
-    path = Path(run_dir).resolve()
-    if (path / RUN_FILE).exists():
-        raise DigitsError(f"{path}: already finished ({RUN_FILE} is there); nothing to resume")
-    if not (path / STARTED_FILE).is_file():
-        raise DigitsError(f"{path}: no {STARTED_FILE}, so not a run directory `digits train` started")
+    folder = run_folder(run_dir)
+    if folder.exists(RUN_FILE):
+        raise DigitsError(f"{folder}: already finished ({RUN_FILE} is there); nothing to resume")
+    if not folder.is_file(STARTED_FILE):
+        raise DigitsError(f"{folder}: no {STARTED_FILE}, so not a run directory `digits train` started")
     try:
-        started = json.loads((path / STARTED_FILE).read_text())
+        started = json.loads(folder.read_text(STARTED_FILE))
         config = TrainConfig(**started["config"])
     except (ValueError, TypeError, KeyError) as exc:
-        raise DigitsError(f"{path / STARTED_FILE}: unreadable ({exc})") from None
+        raise DigitsError(f"{folder.child(STARTED_FILE)}: unreadable ({exc})") from None
     config.validate()
-    return _run(config, path, address, started=started)
+    return _run(config, folder, address, started=started)
 
 
-def _run(config: TrainConfig, run_dir: Path, address: str | None, started: dict | None) -> dict:
+def run_folder(location: str) -> Folder:
+    """A run directory: a local path (made absolute, as Ray needs) or a URI every node reads."""
+    return Folder(location if is_uri(location) else str(Path(location).resolve()))
+
+
+def _run(config: TrainConfig, run_dir: Folder, address: str | None, started: dict | None) -> dict:
     train_csv = resolve_train_csv(config.data)
     digits = read_train_csv(train_csv, limit=config.limit)
     data_sha256 = file_sha256(train_csv)
@@ -95,8 +100,8 @@ def _run(config: TrainConfig, run_dir: Path, address: str | None, started: dict 
         started = {"config": asdict(config), "started_at": now, "resumed_at": [],
                    "data": {"train_csv": train_csv, "sha256": data_sha256, "rows_read": len(digits),
                             "train_rows": len(train_rows), "validation_rows": len(val_rows)}}
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(run_dir / STARTED_FILE, json.dumps(started, indent=2) + "\n")
+    run_dir.create()
+    run_dir.write_text(STARTED_FILE, json.dumps(started, indent=2) + "\n")
 
     clock = time.time()
     with ray_session(address):
@@ -111,16 +116,16 @@ def _run(config: TrainConfig, run_dir: Path, address: str | None, started: dict 
             # The same name and storage path on resume: Ray Train then restores its
             # checkpoint bookkeeping and hands the workers the latest checkpoint.
             run_config=ray.train.RunConfig(
-                name=CHECKPOINTS_DIR, storage_path=str(run_dir),
+                name=CHECKPOINTS_DIR, storage_path=run_dir.location,
                 failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
                 logging_config=ray.train.LoggingConfig(log_level="WARNING")),
         )
         result = call_interruptibly(trainer.fit)
     outcome = result.return_value
-    with tempfile.TemporaryDirectory(prefix=".model-", dir=run_dir) as staging:
+    with tempfile.TemporaryDirectory(prefix="digits-model-") as staging:
         result.checkpoint.to_directory(staging)
-        os.replace(Path(staging, MODEL_FILE), run_dir / MODEL_FILE)
+        run_dir.write_bytes(MODEL_FILE, Path(staging, MODEL_FILE).read_bytes())
     summary = {
         "model": config.model,
         "workers": config.workers,
@@ -140,19 +145,19 @@ def _run(config: TrainConfig, run_dir: Path, address: str | None, started: dict 
         "resumed_at": started["resumed_at"],
         "wall_s": round(time.time() - clock, 2),
     }
-    write_text_atomic(run_dir / RUN_FILE, json.dumps(summary, indent=2) + "\n")
+    run_dir.write_text(RUN_FILE, json.dumps(summary, indent=2) + "\n")
     return summary
 
 
-def _require_new_run_dir(run_dir: Path) -> None:
-    if run_dir.exists() and not run_dir.is_dir():
+def _require_new_run_dir(run_dir: Folder) -> None:
+    if run_dir.exists() and not run_dir.is_folder():
         raise DigitsError(f"{run_dir}: exists and is not a folder")
-    if (run_dir / RUN_FILE).exists():
+    if run_dir.exists(RUN_FILE):
         raise DigitsError(f"{run_dir}: already holds a finished run; choose another --out")
-    if (run_dir / STARTED_FILE).exists():
+    if run_dir.exists(STARTED_FILE):
         raise DigitsError(f"{run_dir}: holds an unfinished run; continue it with "
                           f"`digits train --resume {run_dir}` or choose another --out")
-    if run_dir.exists() and any(run_dir.iterdir()):
+    if not run_dir.is_empty():
         raise DigitsError(f"{run_dir}: not empty; choose another --out")
 
 

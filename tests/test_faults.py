@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, SLICE_TEST_ROWS, ray_processes, run_digits
+from tests.conftest import REPO, ray_processes, run_digits
 
 
 def _start_digits(*args: str) -> subprocess.Popen:
@@ -90,8 +90,8 @@ def test_a_killed_worker_is_replaced_and_the_run_resumes_from_its_checkpoint(tmp
 def test_ctrl_c_stops_cleanly_and_resume_finishes_the_run(tmp_path, kaggle_dir):
     before = ray_processes()
     run_dir = tmp_path / "run"
-    # val_accuracy 1.0 on 200 held-out digits is out of the dense net's reach: all 12 epochs run
-    child = _start_digits("train", "--model", "dense", "--data", str(kaggle_dir), "--epochs", "12",
+    # val_accuracy 1.0 on 200 held-out digits is out of the dense net's reach: all epochs run
+    child = _start_digits("train", "--model", "dense", "--data", str(kaggle_dir), "--epochs", "6",
                           "--batch-size", "8", "--target-metric", "val_accuracy", "--target", "1.0",
                           "--out", str(run_dir))
     _wait_for(lambda: _checkpoint_registered(run_dir) or child.poll() is not None, 300, "a checkpoint")
@@ -108,7 +108,7 @@ def test_ctrl_c_stops_cleanly_and_resume_finishes_the_run(tmp_path, kaggle_dir):
     resumed = run_digits("train", "--resume", str(run_dir), timeout=400)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     run = json.loads((run_dir / "run.json").read_text())
-    assert run["epochs_run"] == 12 and [e["epoch"] for e in run["history"]] == list(range(1, 13))
+    assert run["epochs_run"] == 6 and [e["epoch"] for e in run["history"]] == list(range(1, 7))
     assert len(run["resumed_at"]) == 1 and run["restarts"][0]["resumed_after_epoch"] >= 1
     assert ray_processes() <= before
 
@@ -128,7 +128,4 @@ def test_sigterm_during_scoring_exits_143_and_writes_nothing(tmp_path, kaggle_di
     _, stderr = child.communicate(timeout=120)
     assert child.returncode == 143, stderr[-3000:]
     assert not out.exists() and not list(tmp_path.glob(".scored.partial-*"))
-    assert ray_processes() <= before
-    done = run_digits("predict", "--run", str(dense_run), "--input", str(kaggle_dir / "test.csv"),
-                      "--out", str(out))
-    assert done.returncode == 0 and len((out / "submission.csv").read_text().splitlines()) == SLICE_TEST_ROWS + 1
+    assert ray_processes() <= before  # a re-run after a kill: tests/test_scoring.py
