@@ -144,7 +144,7 @@ def run_predict(args) -> None:
         actors=args.actors, cpus_per_actor=args.cpus_per_actor,
         gpus_per_actor=args.gpus_per_actor), address=args.address)
     print(f"scored {summary['images']:,} images ({summary['images_per_s']:,.0f} images/s); "
-          f"submission: {Path(args.out) / SUBMISSION_FILE}")
+          f"submission: {args.out.rstrip('/')}/{SUBMISSION_FILE}")
 
 
 def run_evaluate(args) -> None:

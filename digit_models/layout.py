@@ -10,5 +10,6 @@ STATE_FILE = "state.json"  # inside each checkpoint: epochs done, history, stop 
 # A scoring output (`digits predict --out`)
 PREDICTIONS_DIR = "predictions"  # Parquet
 SUBMISSION_FILE = "submission.csv"  # Kaggle's ImageId,Label
-SCORING_FILE = "scoring.json"  # what was scored, with what, how fast
+SCORING_FILE = "scoring.json"  # what was scored, with what, how fast; written last
+SCORING_UNDERWAY = "scoring.underway"  # remote outputs only: a run is (or was) writing here
 EVALUATION_FILE = "evaluation.json"  # `digits evaluate`'s numbers

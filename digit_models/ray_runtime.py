@@ -3,6 +3,7 @@ embedded local one started for this command and shut down when it ends."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -28,7 +29,7 @@ def ray_session(address: str | None = None):
         yield
         return
     caller_sigterm = signal.getsignal(signal.SIGTERM)
-    runtime_env = {"env_vars": dict(RUNTIME_ENV_VARS)}
+    runtime_env = {"env_vars": _env_vars_to_add()}
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
@@ -45,6 +46,26 @@ def ray_session(address: str | None = None):
         yield
     finally:
         ray.shutdown()
+
+
+def _env_vars_to_add() -> dict:
+    """Our environment variables that Ray's processes do not get already. Inside a `ray job
+    submit` job, Ray refuses a driver runtime_env that repeats a variable the job's runtime
+    env (cluster/runtime_env.yaml) sets, so those are left out."""
+    job_config = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
+    from_job = (job_config.get("runtime_env") or {}).get("env_vars") or {}
+    return {name: value for name, value in RUNTIME_ENV_VARS.items() if name not in from_job}
+
+
+def cpus_per_process(processes: int) -> int:
+    """The default CPUs for each of `processes` training workers or scoring actors: the
+    cluster's CPUs shared out, but never more than one node has (a request no single node can
+    grant would wait forever)."""
+    import ray
+
+    node_cpus = [int(node["Resources"].get("CPU", 0)) for node in ray.nodes() if node["Alive"]]
+    share = int(ray.cluster_resources().get("CPU", 1)) // processes
+    return max(1, min(share, max(node_cpus, default=1)))
 
 
 def call_interruptibly(function):

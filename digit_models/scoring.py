@@ -28,9 +28,9 @@ from digit_models.config import ScoreConfig
 from digit_models.data import file_sha256, is_directory, read_test_set
 from digit_models.errors import DigitsError
 from digit_models.files import Folder, is_uri, staged_dir
-from digit_models.ray_runtime import images_dataset, ray_session
+from digit_models.ray_runtime import cpus_per_process, images_dataset, ray_session
 from digit_models.layout import (MODEL_FILE, PREDICTIONS_DIR, RUN_FILE, SCORING_FILE,
-                                 SUBMISSION_FILE)
+                                 SCORING_UNDERWAY, SUBMISSION_FILE)
 
 PROBABILITY_COLUMNS = [f"prob_{digit}" for digit in range(10)]
 PREDICTION_SCHEMA = pa.schema([("ImageId", pa.int32()), ("Label", pa.int32()),
@@ -51,7 +51,7 @@ def predict(config: ScoreConfig, address: str | None = None) -> dict:
     with ray_session(address), _writing_into(out) as target:
         import ray.data
 
-        cpus = config.cpus_per_actor or max(1, int(ray.cluster_resources().get("CPU", 1)) // config.actors)
+        cpus = config.cpus_per_actor or cpus_per_process(config.actors)
         dataset = images_dataset(test.images, num_blocks=4 * config.actors, ImageId=test.image_ids)
         predictions = dataset.map_batches(
             DigitPredictor, fn_constructor_kwargs={"model_files": model_files, "cpus": cpus},
@@ -91,16 +91,19 @@ def predict(config: ScoreConfig, address: str | None = None) -> dict:
 @contextmanager
 def _writing_into(out: Folder):
     """The folder to write the output into. Locally: a hidden staging folder renamed to `out`
-    once complete. Remotely (object stores cannot rename): `out` itself, after removing the
-    previous output's completion record first, so that only a finished run has one."""
+    once complete. Remotely (object stores cannot rename): `out` itself, marked as underway
+    and cleared of the previous output (completion record first), so that only a finished
+    run has a completion record, and an interrupted one can be overwritten by the next."""
     if out.is_local:
         with staged_dir(Path(out.path)) as staging:
             yield Folder(str(staging))
         return
+    out.create()
+    out.write_text(SCORING_UNDERWAY, "")
     for name in (SCORING_FILE, SUBMISSION_FILE, PREDICTIONS_DIR):
         out.delete(name)
-    out.create()
     yield out
+    out.delete(SCORING_UNDERWAY)
 
 
 class DigitPredictor:
@@ -151,7 +154,7 @@ def _require_replaceable(out: Folder) -> None:
     """The output folder may be new, empty, or an earlier `digits predict` output."""
     if out.exists() and not out.is_folder():
         raise DigitsError(f"{out}: exists and is not a folder")
-    if not out.is_empty() and not out.exists(SCORING_FILE):
+    if not out.is_empty() and not (out.exists(SCORING_FILE) or out.exists(SCORING_UNDERWAY)):
         raise DigitsError(f"{out}: not empty and not an earlier `digits predict` output; "
                           "refusing to replace it")
 

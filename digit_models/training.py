@@ -37,7 +37,7 @@ from digit_models.files import Folder, is_uri
 from digit_models.layout import CHECKPOINTS_DIR, MODEL_FILE, RUN_FILE, STARTED_FILE, STATE_FILE
 from digit_models.config import TrainConfig
 from digit_models.models import build_model
-from digit_models.ray_runtime import call_interruptibly, images_dataset, ray_session
+from digit_models.ray_runtime import call_interruptibly, cpus_per_process, images_dataset, ray_session
 
 
 
@@ -93,18 +93,18 @@ def _run(config: TrainConfig, run_dir: Folder, address: str | None, started: dic
         raise DigitsError(f"{train_csv}: {len(digits)} rows are too few for {config.workers} "
                           f"worker(s) with --batch-size {config.batch_size} and "
                           f"--val-fraction {config.val_fraction}")
-    now = _utc(time.time())
-    if started:
-        started["resumed_at"].append(now)
-    else:
-        started = {"config": asdict(config), "started_at": now, "resumed_at": [],
-                   "data": {"train_csv": train_csv, "sha256": data_sha256, "rows_read": len(digits),
-                            "train_rows": len(train_rows), "validation_rows": len(val_rows)}}
-    run_dir.create()
-    run_dir.write_text(STARTED_FILE, json.dumps(started, indent=2) + "\n")
-
     clock = time.time()
     with ray_session(address):
+        now = _utc(clock)
+        if started:
+            started["resumed_at"].append(now)
+        else:
+            started = {"config": asdict(config), "started_at": now, "resumed_at": [],
+                       "data": {"train_csv": train_csv, "sha256": data_sha256,
+                                "rows_read": len(digits), "train_rows": len(train_rows),
+                                "validation_rows": len(val_rows)}}
+        run_dir.create()
+        run_dir.write_text(STARTED_FILE, json.dumps(started, indent=2) + "\n")
         blocks = 4 * config.workers
         trainer = TensorflowTrainer(
             train_func,
@@ -177,7 +177,7 @@ def _utc(timestamp: float) -> str:
 
 
 def scaling_config(config: TrainConfig) -> ray.train.ScalingConfig:
-    cpus = config.cpus_per_worker or max(1, int(ray.cluster_resources().get("CPU", 1)) // config.workers)
+    cpus = config.cpus_per_worker or cpus_per_process(config.workers)
     resources = {"CPU": cpus}
     if config.gpus_per_worker:
         resources["GPU"] = config.gpus_per_worker

@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# A multi-node Ray cluster on this one machine, for trying multi-node behaviour:
+#
+#   cluster/local_cluster.sh start [WORKER_NODES]   # head + WORKER_NODES worker nodes (default 2)
+#   cluster/local_cluster.sh address                # the Jobs API address for `ray job submit`
+#   cluster/local_cluster.sh stop                   # stops exactly this cluster's processes
+#
+# The head takes no CPUs (it runs drivers and Ray's own actors); each worker node offers
+# WORKER_CPUS (default 1), so a 2-worker training run spans two nodes. Token authentication
+# stays on (`ray start --head` writes the token to ~/.ray/auth_token); clients need
+# RAY_AUTH_MODE=token. The dashboard and Jobs API listen on 127.0.0.1 only.
+#
+# Settings (environment): RAY_PORT (6380), DASHBOARD_PORT (8266), WORKER_CPUS (1),
+# CLUSTER_STATE (/tmp/digits-local-cluster: logs and the process sessions to stop), RAY (the
+# ray command; default .venv/bin/ray).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RAY=${RAY:-$PWD/.venv/bin/ray}
+STATE=${CLUSTER_STATE:-/tmp/digits-local-cluster}
+RAY_PORT=${RAY_PORT:-6380}
+DASHBOARD_PORT=${DASHBOARD_PORT:-8266}
+WORKER_CPUS=${WORKER_CPUS:-1}
+export RAY_AUTH_MODE=token RAY_USAGE_STATS_ENABLED=0
+
+# Each node starts in a session of its own; stopping kills those sessions' processes and
+# nothing else (`ray stop` would stop every Ray on the machine).
+# Each node gets a temp dir of its own too: nodes sharing one would race to build the same
+# runtime environments (pip virtualenvs) in the same place.
+start_node() {  # name, then `ray start` arguments
+    local name=$1
+    shift
+    mkdir -p "$STATE/$name"
+    setsid bash -c 'echo $$ >> "$0/sessions"; exec "$@"' "$STATE" "$RAY" start \
+        --temp-dir "$STATE/$name" --disable-usage-stats "$@" > "$STATE/$name.log" 2>&1 \
+        || { echo "$name failed to start; see $STATE/$name.log" >&2; return 1; }
+}
+
+start() {
+    local workers=${1:-2}
+    if [ -s "$STATE/sessions" ]; then
+        echo "a local cluster is already running (state in $STATE); stop it first" >&2
+        exit 1
+    fi
+    mkdir -p "$STATE"
+    start_node head --head --port "$RAY_PORT" --num-cpus 0 \
+        --dashboard-host 127.0.0.1 --dashboard-port "$DASHBOARD_PORT"
+    for i in $(seq 1 "$workers"); do
+        start_node "worker-$i" --address "127.0.0.1:$RAY_PORT" --num-cpus "$WORKER_CPUS"
+    done
+    echo "local Ray cluster: head + $workers worker node(s); submit jobs to $(address)"
+}
+
+address() {
+    echo "http://127.0.0.1:$DASHBOARD_PORT"
+}
+
+stop() {
+    [ -s "$STATE/sessions" ] || { echo "no local cluster running (state in $STATE)"; return 0; }
+    local sid
+    for sid in $(cat "$STATE/sessions"); do pkill -TERM -s "$sid" 2>/dev/null || true; done
+    for _ in $(seq 1 50); do
+        local alive=0
+        for sid in $(cat "$STATE/sessions"); do pgrep -s "$sid" >/dev/null && alive=1; done
+        [ "$alive" = 0 ] && break
+        sleep 0.2
+    done
+    for sid in $(cat "$STATE/sessions"); do pkill -KILL -s "$sid" 2>/dev/null || true; done
+    rm -f "$STATE/sessions"
+    echo "local Ray cluster stopped"
+}
+
+case "${1:-}" in
+    start) shift; start "$@" ;;
+    stop) stop ;;
+    address) address ;;
+    *) echo "usage: $0 start [WORKER_NODES] | address | stop" >&2; exit 2 ;;
+esac
