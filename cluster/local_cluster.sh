@@ -2,16 +2,17 @@
 # A multi-node Ray cluster on this one machine, for trying multi-node behaviour:
 #
 #   cluster/local_cluster.sh start [WORKER_NODES]   # head + WORKER_NODES worker nodes (default 2)
+#   cluster/local_cluster.sh start 0                # a head alone (give it CPUs: HEAD_CPUS=2)
 #   cluster/local_cluster.sh address                # the Jobs API address for `ray job submit`
 #   cluster/local_cluster.sh stop                   # stops exactly this cluster's processes
 #
-# The head takes no CPUs (it runs drivers and Ray's own actors); each worker node offers
-# WORKER_CPUS (default 1), so a 2-worker training run spans two nodes. Token authentication
+# By default the head takes no CPUs (it runs drivers and Ray's own actors) and each worker node
+# offers WORKER_CPUS (default 1), so a 2-worker training run spans two nodes. Token authentication
 # stays on (`ray start --head` writes the token to ~/.ray/auth_token); clients need
 # RAY_AUTH_MODE=token. The dashboard and Jobs API listen on 127.0.0.1 only.
 #
-# Settings (environment): RAY_PORT (6380), DASHBOARD_PORT (8266), WORKER_CPUS (1),
-# CLUSTER_STATE (/tmp/digits-local-cluster: logs and the process sessions to stop), RAY (the
+# Settings (environment): RAY_PORT (6380), DASHBOARD_PORT (8266), HEAD_CPUS (0), WORKER_CPUS (1),
+# AGENT_PORT (52400: the head's dashboard agent, worker node i's at AGENT_PORT + i), CLUSTER_STATE (/tmp/digits-local-cluster: logs and the process sessions to stop), RAY (the
 # ray command; default .venv/bin/ray).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,7 +20,11 @@ RAY=${RAY:-$PWD/.venv/bin/ray}
 STATE=${CLUSTER_STATE:-/tmp/digits-local-cluster}
 RAY_PORT=${RAY_PORT:-6380}
 DASHBOARD_PORT=${DASHBOARD_PORT:-8266}
+HEAD_CPUS=${HEAD_CPUS:-0}
 WORKER_CPUS=${WORKER_CPUS:-1}
+# Every node's dashboard agent needs a port of its own: Ray's default (52365) is taken by any
+# other Ray on the machine, and a node without its agent cannot run submitted jobs.
+AGENT_PORT=${AGENT_PORT:-52400}
 export RAY_AUTH_MODE=token RAY_USAGE_STATS_ENABLED=0
 
 # Each node starts in a session of its own; stopping kills those sessions' processes and
@@ -42,10 +47,12 @@ start() {
         exit 1
     fi
     mkdir -p "$STATE"
-    start_node head --head --port "$RAY_PORT" --num-cpus 0 \
-        --dashboard-host 127.0.0.1 --dashboard-port "$DASHBOARD_PORT"
+    start_node head --head --port "$RAY_PORT" --num-cpus "$HEAD_CPUS" \
+        --dashboard-host 127.0.0.1 --dashboard-port "$DASHBOARD_PORT" \
+        --dashboard-agent-listen-port "$AGENT_PORT"
     for i in $(seq 1 "$workers"); do
-        start_node "worker-$i" --address "127.0.0.1:$RAY_PORT" --num-cpus "$WORKER_CPUS"
+        start_node "worker-$i" --address "127.0.0.1:$RAY_PORT" --num-cpus "$WORKER_CPUS" \
+            --dashboard-agent-listen-port $((AGENT_PORT + i))
     done
     echo "local Ray cluster: head + $workers worker node(s); submit jobs to $(address)"
 }
@@ -66,6 +73,8 @@ stop() {
     done
     for sid in $(cat "$STATE/sessions"); do pkill -KILL -s "$sid" 2>/dev/null || true; done
     rm -f "$STATE/sessions"
+    # `ray start --head` names this cluster as the machine's default for `ray.init()`; forget it.
+    if grep -qs ":$RAY_PORT\$" /tmp/ray/ray_current_cluster; then rm -f /tmp/ray/ray_current_cluster; fi
     echo "local Ray cluster stopped"
 }
 

@@ -10,7 +10,6 @@ import argparse
 import signal
 import sys
 import traceback
-from pathlib import Path
 
 import digit_models  # noqa: F401  (sets the environment TensorFlow and Ray workers need)
 from digit_models.errors import DigitsError
@@ -23,7 +22,7 @@ def _add_ray_address(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from digit_models.config import TARGET_METRICS, TrainConfig
+    from digit_models.config import LR_SCHEDULES, PRESETS, TARGET_METRICS, TrainConfig
 
     parser = argparse.ArgumentParser(
         prog="digits", description="Kaggle Digit Recognizer: data, distributed training, scoring.")
@@ -35,33 +34,46 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--seed", type=int, default=0, help="seed of the split (default 0)")
 
     defaults = TrainConfig()
-    train = commands.add_parser("train", help="train a model on Ray Train")
-    train.add_argument("--model", default=defaults.model, help="registered model name (default cnn)")
-    train.add_argument("--data", metavar="DIR_OR_CSV",
-                       help="folder with train.csv (from `digits data`), or a train.csv path or URI")
-    train.add_argument("--out", metavar="RUN_DIR", help="new run directory")
-    train.add_argument("--resume", metavar="RUN_DIR",
-                       help="continue this unfinished run from its last checkpoint, with its "
-                            "own settings (instead of --data/--out and the options below)")
-    train.add_argument("--workers", type=int, default=defaults.workers, help="Ray Train workers")
-    train.add_argument("--epochs", type=int, default=defaults.epochs, help="maximum epochs")
-    train.add_argument("--batch-size", type=int, default=defaults.batch_size, help="per-worker batch")
-    train.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
-    train.add_argument("--target", type=float, default=defaults.target,
-                       help="stop once the target metric reaches this (default 0.999)")
-    train.add_argument("--target-metric", choices=TARGET_METRICS, default=defaults.target_metric)
-    train.add_argument("--val-fraction", type=float, default=defaults.val_fraction,
-                       help="seeded validation split (default 0.1)")
-    train.add_argument("--seed", type=int, default=defaults.seed)
-    train.add_argument("--limit", type=int, default=None, metavar="ROWS",
-                       help="use only the first ROWS rows of train.csv")
-    train.add_argument("--cpus-per-worker", type=int, default=None,
-                       help="default: the cluster's CPUs split between the workers")
-    train.add_argument("--gpus-per-worker", type=float, default=defaults.gpus_per_worker)
-    train.add_argument("--mixed-precision", action="store_true",
-                       help="mixed_float16 compute (for GPU workers)")
-    train.add_argument("--max-failures", type=int, default=defaults.max_failures,
-                       help="worker-group restarts allowed before the run fails (default 1)")
+    train = commands.add_parser(
+        "train", help="train a model on Ray Train",
+        description="Options left out take the --preset's value, else the default shown.")
+    # Defaults of None mark the options a user left out, which a preset then fills.
+    option = train.add_argument
+    option("--preset", choices=sorted(PRESETS), default=None,
+           help="fast: 99%% held-out accuracy soonest; best: the highest accuracy in about an "
+                "hour on 2 CPU cores (see the README's results table)")
+    option("--model", help=f"registered model: the seed's dense and cnn, or deep_cnn "
+                           f"(default {defaults.model})")
+    option("--data", metavar="DIR_OR_CSV",
+           help="folder with train.csv (from `digits data`), or a train.csv path or URI")
+    option("--out", metavar="RUN_DIR", help="new run directory")
+    option("--resume", metavar="RUN_DIR",
+           help="continue this unfinished run from its last checkpoint, with its own settings "
+                "(instead of --data/--out and the options below)")
+    option("--workers", type=int, help=f"Ray Train workers (default {defaults.workers})")
+    option("--epochs", type=int, help=f"maximum epochs (default {defaults.epochs})")
+    option("--batch-size", type=int, help=f"per-worker batch (default {defaults.batch_size})")
+    option("--learning-rate", type=float, help=f"default {defaults.learning_rate}")
+    option("--lr-schedule", choices=LR_SCHEDULES,
+           help="constant, or cosine: one epoch of warm-up then cosine decay (default constant)")
+    option("--augment", action="store_true", default=None,
+           help="random small rotations, shifts and zooms of the training images")
+    option("--label-smoothing", type=float, help="default 0")
+    option("--target", type=float,
+           help=f"stop once the target metric reaches this (default {defaults.target})")
+    option("--target-metric", choices=TARGET_METRICS,
+           help=f"default {defaults.target_metric}")
+    option("--val-fraction", type=float,
+           help=f"seeded validation split (default {defaults.val_fraction})")
+    option("--seed", type=int, help=f"default {defaults.seed}")
+    option("--limit", type=int, metavar="ROWS", help="use only the first ROWS rows of train.csv")
+    option("--cpus-per-worker", type=int,
+           help="default: the cluster's CPUs split between the workers")
+    option("--gpus-per-worker", type=float, help="default 0")
+    option("--mixed-precision", action="store_true", default=None,
+           help="mixed_float16 compute (for GPU workers)")
+    option("--max-failures", type=int,
+           help=f"worker-group restarts allowed before the run fails (default {defaults.max_failures})")
     _add_ray_address(train)
 
     predict = commands.add_parser("predict", help="score a test set on Ray Data")
@@ -76,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--cpus-per-actor", type=int, default=None,
                          help="default: the cluster's CPUs split between the actors")
     predict.add_argument("--gpus-per-actor", type=float, default=0.0)
+    predict.add_argument("--tta", type=int, default=0, metavar="VIEWS",
+                         help="test-time augmentation: also average over this many fixed "
+                              "shifted, rotated and zoomed views of each image (0-8; default 0)")
     _add_ray_address(predict)
 
     evaluate = commands.add_parser("evaluate", help="accuracy of predictions against true labels")
@@ -89,6 +104,15 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", default=None, metavar="FILE",
                           help="where to write the numbers (default: evaluation.json in the "
                                "predictions folder, or beside the submission.csv)")
+
+    report = commands.add_parser("report", help="training curves, confusion matrix and the "
+                                                 "most confident mistakes as PNGs and one HTML page")
+    report.add_argument("run", metavar="RUN_DIR", help="a finished training run")
+    report.add_argument("--predictions", default=None, metavar="OUT_DIR",
+                        help="a `digits predict` output folder (needs --labels)")
+    report.add_argument("--labels", default=None, metavar="CSV",
+                        help="true labels of the scored images (test_labels.csv)")
+    report.add_argument("--out", required=True, metavar="REPORT_DIR", help="new folder to write")
     return parser
 
 
@@ -107,9 +131,9 @@ def run_train(args) -> None:
     from digit_models.training import resume, train
 
     if args.resume:
-        if args.data or args.out:
+        if args.data or args.out or args.preset:
             raise DigitsError("--resume continues a run with its own settings; "
-                              "give it without --data and --out")
+                              "give it without --data, --out and --preset")
         summary = resume(args.resume, address=args.address)
         args.out = args.resume
     elif not (args.data and args.out):
@@ -123,15 +147,13 @@ def run_train(args) -> None:
 
 
 def _train_config(args):
+    from dataclasses import fields
+
     from digit_models.config import TrainConfig
 
-    return TrainConfig(
-        data=args.data, out=args.out, model=args.model, epochs=args.epochs, workers=args.workers,
-        batch_size=args.batch_size, learning_rate=args.learning_rate, target=args.target,
-        target_metric=args.target_metric, val_fraction=args.val_fraction, seed=args.seed,
-        limit=args.limit, cpus_per_worker=args.cpus_per_worker,
-        gpus_per_worker=args.gpus_per_worker, mixed_precision=args.mixed_precision,
-        max_failures=args.max_failures)
+    given = {field.name: getattr(args, field.name) for field in fields(TrainConfig)
+             if field.name != "preset" and getattr(args, field.name, None) is not None}
+    return TrainConfig.from_preset(args.preset, **given)
 
 
 def run_predict(args) -> None:
@@ -142,7 +164,7 @@ def run_predict(args) -> None:
     summary = predict(ScoreConfig(
         runs=args.run, input=args.input, out=args.out, batch_size=args.batch_size,
         actors=args.actors, cpus_per_actor=args.cpus_per_actor,
-        gpus_per_actor=args.gpus_per_actor), address=args.address)
+        gpus_per_actor=args.gpus_per_actor, tta=args.tta), address=args.address)
     print(f"scored {summary['images']:,} images ({summary['images_per_s']:,.0f} images/s); "
           f"submission: {args.out.rstrip('/')}/{SUBMISSION_FILE}")
 
@@ -162,7 +184,15 @@ def run_evaluate(args) -> None:
     print(f"written to {target}")
 
 
-COMMANDS = {"data": run_data, "train": run_train, "predict": run_predict, "evaluate": run_evaluate}
+def run_report(args) -> None:
+    from digit_models.report import write_report
+
+    written = write_report(args.run, args.out, predictions=args.predictions, labels=args.labels)
+    print(f"wrote {', '.join(written)} to {args.out}")
+
+
+COMMANDS = {"data": run_data, "train": run_train, "predict": run_predict, "evaluate": run_evaluate,
+            "report": run_report}
 
 
 class Terminated(BaseException):

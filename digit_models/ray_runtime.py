@@ -34,9 +34,10 @@ def ray_session(address: str | None = None):
     if address:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
     else:
+        # "local": never attach to whatever cluster /tmp/ray/ray_current_cluster last named.
         # The dashboard process also serves the State API that Ray Train's controller polls;
         # it listens on loopback only.
-        ray.init(runtime_env=runtime_env, include_dashboard=True, dashboard_host="127.0.0.1",
+        ray.init(address="local", runtime_env=runtime_env, include_dashboard=True, dashboard_host="127.0.0.1",
                  log_to_driver=True, _node_ip_address="127.0.0.1")
     if callable(caller_sigterm) and threading.current_thread() is threading.main_thread():
         # ray.init replaces SIGTERM's handler with sys.exit(15); keep the caller's policy.

@@ -5,7 +5,8 @@ The driver reads and validates the test set, then the rows go through a Ray Data
 predicts whole batches, then `write_parquet`. Ray Data does not keep row order across parallel
 blocks, so every row carries its ImageId through the pipeline.
 
-Several runs form an ensemble: each actor averages the models' class probabilities.
+Several runs form an ensemble: each actor averages the models' class probabilities, and with
+test-time augmentation also over fixed shifted, rotated and zoomed views of each image.
 
 The output folder is written beside its final place and renamed into it when complete, so an
 interrupted run never leaves a predictions folder or a submission.csv that looks finished.
@@ -54,10 +55,10 @@ def predict(config: ScoreConfig, address: str | None = None) -> dict:
         cpus = config.cpus_per_actor or cpus_per_process(config.actors)
         dataset = images_dataset(test.images, num_blocks=4 * config.actors, ImageId=test.image_ids)
         predictions = dataset.map_batches(
-            DigitPredictor, fn_constructor_kwargs={"model_files": model_files, "cpus": cpus},
+            DigitPredictor,
+            fn_constructor_kwargs={"model_files": model_files, "cpus": cpus, "tta": config.tta},
             batch_size=config.batch_size, batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=config.actors),
-            num_cpus=cpus, num_gpus=config.gpus_per_actor or None)
+            compute=ray.data.ActorPoolStrategy(size=config.actors), **actor_resources(config, cpus))
         scoring_started = time.time()
         # A local folder is written by tasks on this (the driver's) node: `local://`; a URI
         # by whichever node runs the task. Writing is light: at zero CPUs it never waits
@@ -72,12 +73,14 @@ def predict(config: ScoreConfig, address: str | None = None) -> dict:
         target.write_text(SUBMISSION_FILE, submission_csv(table))
         summary = {
             "runs": [str(run) for run in config.runs],
-            "input": str(config.input),
+            # Absolute, so that readers elsewhere (`digits report`) find the images again.
+            "input": config.input if is_uri(config.input) else str(Path(config.input).resolve()),
             "input_sha256": None if is_directory(config.input) else file_sha256(config.input),
             "images": len(test),
             "actors": config.actors,
             "cpus_per_actor": cpus,
             "batch_size": config.batch_size,
+            "tta_views": 1 + config.tta,
             "scoring_s": round(scoring_s, 3),
             "images_per_s": round(len(test) / scoring_s, 1),
             "wall_s": round(time.time() - started, 3),
@@ -106,16 +109,20 @@ def _writing_into(out: Folder):
     out.delete(SCORING_UNDERWAY)
 
 
+def actor_resources(config: ScoreConfig, cpus: int) -> dict:
+    """What each scoring actor asks Ray for; a GPU only when asked for."""
+    return {"num_cpus": cpus, **({"num_gpus": config.gpus_per_actor} if config.gpus_per_actor else {})}
+
+
 class DigitPredictor:
     """One per scoring actor: loads the models once, then predicts whole batches."""
 
-    def __init__(self, model_files: list[bytes], cpus: int):
-        import tensorflow as tf
-
+    def __init__(self, model_files: list[bytes], cpus: int, tta: int = 0):
         from digit_models.models import load_model_file
+        from digit_models.tf_setup import configure_tensorflow
 
-        tf.config.threading.set_intra_op_parallelism_threads(cpus)
-        tf.config.threading.set_inter_op_parallelism_threads(cpus)
+        configure_tensorflow(cpus)
+        self.views = 1 + tta
         self.models = []
         with tempfile.TemporaryDirectory(prefix="digits-model-") as directory:
             for index, content in enumerate(model_files):
@@ -124,7 +131,12 @@ class DigitPredictor:
                 self.models.append(load_model_file(path))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        probabilities = np.mean([model.predict_on_batch(batch["image"]) for model in self.models],
+        from digit_models.augmentation import tta_view
+
+        views = [batch["image"], *(tta_view(batch["image"], view).numpy()
+                                   for view in range(1, self.views))]
+        probabilities = np.mean([model.predict_on_batch(images)
+                                 for model in self.models for images in views],
                                 axis=0, dtype=np.float32)
         return {
             "ImageId": batch["ImageId"].astype(np.int32),

@@ -31,12 +31,14 @@ import tensorflow as tf
 import tf_keras as keras
 from ray.train.tensorflow import TensorflowTrainer
 
-from digit_models.data import file_sha256, read_train_csv, resolve_train_csv, validation_split
+from digit_models.augmentation import Augmentation, random_affine
+from digit_models.data import NUM_CLASSES, file_sha256, read_train_csv, resolve_train_csv, validation_split
 from digit_models.errors import DigitsError
 from digit_models.files import Folder, is_uri
 from digit_models.layout import CHECKPOINTS_DIR, MODEL_FILE, RUN_FILE, STARTED_FILE, STATE_FILE
 from digit_models.config import TrainConfig
 from digit_models.models import build_model
+from digit_models.tf_setup import configure_tensorflow
 from digit_models.ray_runtime import call_interruptibly, cpus_per_process, images_dataset, ray_session
 
 
@@ -193,13 +195,8 @@ def train_func(loop_config: dict) -> dict:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     cpus = int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))
-    _size_thread_pools(cpus)
-    tf.get_logger().setLevel(logging.ERROR)
+    configure_tensorflow(cpus, config.mixed_precision)
     _quiet_report_logging()
-    if config.mixed_precision:
-        keras.mixed_precision.set_global_policy("mixed_float16")
-    if not keras.__version__.startswith("2."):
-        raise RuntimeError(f"legacy Keras expected under MultiWorkerMirroredStrategy, got {keras.__version__}")
 
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
     train_x, train_y, train_rows = _materialize(ray.train.get_dataset_shard("train"))
@@ -212,15 +209,16 @@ def train_func(loop_config: dict) -> dict:
         raise DigitsError(f"each worker has {train_size} training rows, fewer than one batch of "
                           f"{config.batch_size}; use more rows or a smaller --batch-size")
     replicas_here = strategy.num_replicas_in_sync // world
+    augmentation = Augmentation() if config.augment else None
     train_data = strategy.distribute_datasets_from_function(lambda _: _batches(
-        train_x[:train_size], train_y[:train_size], config.batch_size // replicas_here,
-        shuffle_seed=config.seed * 1000 + rank, cpus=cpus))
+        train_x[:train_size], train_y[:train_size], config.batch_size // replicas_here, cpus,
+        shuffle_seed=config.seed * 1000 + rank, augmentation=augmentation))
     validation = {}
     if val_size:
         val_batch = max(config.batch_size, 256)
         validation = dict(
             validation_data=strategy.distribute_datasets_from_function(lambda _: _batches(
-                val_x[:val_size], val_y[:val_size], val_batch // replicas_here, cpus=cpus)),
+                val_x[:val_size], val_y[:val_size], val_batch // replicas_here, cpus)),
             validation_steps=-(-val_size // val_batch))
 
     state = {"epochs_done": 0, "history": [], "restarts": []}
@@ -233,8 +231,10 @@ def train_func(loop_config: dict) -> dict:
             state["restarts"].append({"resumed_after_epoch": state["epochs_done"]})
         else:
             model = build_model(config.model)
-            model.compile(optimizer=keras.optimizers.Adam(config.learning_rate),
-                          loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+            model.compile(optimizer=keras.optimizers.Adam(learning_rate(config, steps)),
+                          loss=keras.losses.CategoricalCrossentropy(
+                              label_smoothing=config.label_smoothing),
+                          metrics=["accuracy"])
 
     target_stop = SynchronizedTargetStop(strategy, config.target_metric, config.target)
     report = EpochReport(rank, config, state, shards, target_stop,
@@ -243,13 +243,6 @@ def train_func(loop_config: dict) -> dict:
         model.fit(train_data, epochs=config.epochs, initial_epoch=state["epochs_done"],
                   steps_per_epoch=steps, callbacks=[target_stop, report], verbose=0, **validation)
     return {**state, "shards": shards}
-
-
-def _size_thread_pools(cpus: int) -> None:
-    """TensorFlow sizes its pools to the machine; two workers sharing two cores would then run
-    four busy threads each. Give each worker exactly the CPUs Ray granted it."""
-    tf.config.threading.set_intra_op_parallelism_threads(cpus)
-    tf.config.threading.set_inter_op_parallelism_threads(cpus)
 
 
 def _quiet_report_logging() -> None:
@@ -273,13 +266,34 @@ def _materialize(shard) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return np.concatenate(images), np.concatenate(labels), np.concatenate(rows)
 
 
-def _batches(images, labels, batch_size: int, cpus: int, shuffle_seed: int | None = None):
-    data = tf.data.Dataset.from_tensor_slices((images, labels))
-    if shuffle_seed is not None:
+def learning_rate(config: TrainConfig, steps_per_epoch: int):
+    """The constant rate, or one epoch of linear warm-up from a tenth of it followed by cosine
+    decay to zero at the last planned step (the optimizer's step count survives restarts)."""
+    if config.lr_schedule == "constant":
+        return config.learning_rate
+    warmup = steps_per_epoch if config.epochs > 1 else 0
+    return keras.optimizers.schedules.CosineDecay(
+        config.learning_rate / 10 if warmup else config.learning_rate,
+        decay_steps=config.epochs * steps_per_epoch - warmup,
+        warmup_target=config.learning_rate if warmup else None, warmup_steps=warmup)
+
+
+def _batches(images, labels, batch_size: int, cpus: int, shuffle_seed: int | None = None,
+             augmentation: Augmentation | None = None):
+    """Batches of (pixels, one-hot label); one-hot because only the categorical loss takes
+    label smoothing. With a shuffle seed: reshuffled, endless training batches, augmented
+    per batch from (seed, batch number) if asked."""
+    data = tf.data.Dataset.from_tensor_slices((images, tf.one_hot(labels, NUM_CLASSES)))
+    if shuffle_seed is None:
+        data = data.batch(batch_size)
+    else:
         data = data.shuffle(len(images), seed=shuffle_seed, reshuffle_each_iteration=True)
         data = data.batch(batch_size, drop_remainder=True).repeat()
-    else:
-        data = data.batch(batch_size)
+        if augmentation:
+            def augment(step, batch):
+                seed = tf.stack([tf.constant(shuffle_seed, tf.int64), step])
+                return random_affine(batch[0], seed, augmentation), batch[1]
+            data = data.enumerate().map(augment, num_parallel_calls=cpus)
     options = tf.data.Options()
     options.threading.private_threadpool_size = cpus
     return data.prefetch(tf.data.AUTOTUNE).with_options(options)

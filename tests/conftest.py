@@ -83,3 +83,15 @@ def ray_processes() -> set[int]:
     """PIDs of Ray's node processes (raylet, GCS) on this machine."""
     found = subprocess.run(["pgrep", "-f", "raylet|gcs_server"], capture_output=True, text=True)
     return {int(pid) for pid in found.stdout.split()}
+
+
+@pytest.fixture(scope="session")
+def dense_scored(tmp_path_factory, kaggle_dir, dense_run) -> Path:
+    """The test slice scored by `dense_run` through Ray Data with 2 actors (read-only)."""
+    from digit_models.config import ScoreConfig
+    from digit_models.scoring import predict
+
+    out = tmp_path_factory.mktemp("scored") / "out"
+    predict(ScoreConfig(runs=[str(dense_run)], input=str(kaggle_dir / "test.csv"), out=str(out),
+                        batch_size=128, actors=2, cpus_per_actor=1))
+    return out

@@ -129,3 +129,27 @@ def test_sigterm_during_scoring_exits_143_and_writes_nothing(tmp_path, kaggle_di
     assert child.returncode == 143, stderr[-3000:]
     assert not out.exists() and not list(tmp_path.glob(".scored.partial-*"))
     assert ray_processes() <= before  # a re-run after a kill: tests/test_scoring.py
+
+
+@pytest.mark.timeout(180)
+def test_an_embedded_ray_never_joins_a_stale_default_cluster():
+    """`ray start --head` names its cluster in /tmp/ray/ray_current_cluster and plain
+    `ray.init()` joins whatever that names, even a cluster long gone. Ours must start its own."""
+    default_cluster = Path("/tmp/ray/ray_current_cluster")
+    if default_cluster.exists():
+        pytest.skip("a cluster on this machine is named as the default; leave it alone")
+    default_cluster.parent.mkdir(parents=True, exist_ok=True)
+    stale = "192.0.2.1:6380"  # TEST-NET: nothing answers there
+    default_cluster.write_text(stale)
+    try:
+        joined = subprocess.run(
+            [sys.executable, "-c", "import ray\n"
+             "from digit_models.ray_runtime import ray_session\n"
+             "with ray_session():\n"
+             "    print(ray.get_runtime_context().gcs_address)"],
+            cwd=REPO, capture_output=True, text=True, timeout=150)
+    finally:
+        default_cluster.unlink(missing_ok=True)
+    assert joined.returncode == 0, joined.stderr[-2000:]
+    assert joined.stdout.strip() != stale
+    assert "Started a local Ray instance" in joined.stderr

@@ -39,5 +39,28 @@ def test_models_take_raw_pixels_and_return_probabilities(name, mnist_slice):
 
 
 def test_an_unknown_model_is_a_clear_error():
-    with pytest.raises(DigitsError, match="unknown model 'resnet'; choose one of cnn, dense"):
+    with pytest.raises(DigitsError, match="unknown model 'resnet'; choose one of cnn, deep_cnn, dense"):
         build_model("resnet")
+
+
+def test_deep_cnn_has_batchnorm_dropout_and_learned_downsampling():
+    model = build_model("deep_cnn")
+    kinds = [type(layer).__name__ for layer in model.layers]
+    convs = [layer for layer in model.layers if type(layer).__name__ == "Conv2D"]
+    assert [conv.filters for conv in convs] == [32, 32, 32, 64, 64, 64, 128]
+    assert [conv.strides for conv in convs].count((2, 2)) == 2
+    assert kinds.count("BatchNormalization") == 7 and kinds.count("Dropout") == 3
+    assert "MaxPooling2D" not in kinds
+
+
+@pytest.mark.parametrize("name", ["deep_cnn"])
+def test_a_new_model_learns_in_a_few_steps(name, mnist_slice):
+    import tf_keras as keras
+
+    model = build_model(name)
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="sparse_categorical_crossentropy")
+    images, labels = mnist_slice.images[:64], mnist_slice.labels[:64]
+    first = model.train_on_batch(images, labels)
+    for _ in range(10):
+        last = model.train_on_batch(images, labels)
+    assert np.isfinite(last) and last < first

@@ -28,16 +28,8 @@ def _in_process_probabilities(run_dir: Path, images: np.ndarray) -> np.ndarray:
     return load_model_file(str(run_dir / "model.keras")).predict(images, verbose=0)
 
 
-@pytest.fixture(scope="module")
-def scored(tmp_path_factory, kaggle_dir, dense_run) -> Path:
-    out = tmp_path_factory.mktemp("scored") / "out"
-    predict(ScoreConfig(runs=[str(dense_run)], input=str(kaggle_dir / "test.csv"), out=str(out),
-                        batch_size=128, actors=2, cpus_per_actor=1))
-    return out
-
-
-def test_every_image_is_scored_once_and_matches_an_in_process_predict(scored, kaggle_dir, dense_run):
-    table = pq.read_table(scored / "predictions")
+def test_every_image_is_scored_once_and_matches_an_in_process_predict(dense_scored, kaggle_dir, dense_run):
+    table = pq.read_table(dense_scored / "predictions")
     assert sorted(table.column("ImageId").to_pylist()) == list(range(1, SLICE_TEST_ROWS + 1))
     frame = table.to_pandas().sort_values("ImageId")
     test = read_test_csv(str(kaggle_dir / "test.csv"))
@@ -46,26 +38,26 @@ def test_every_image_is_scored_once_and_matches_an_in_process_predict(scored, ka
     assert np.allclose(frame[PROBABILITY_COLUMNS].to_numpy(), expected, atol=1e-5)
 
 
-def test_parquet_schema_is_the_documented_one(scored):
-    schema = pq.read_schema(next((scored / "predictions").glob("*.parquet")))
+def test_parquet_schema_is_the_documented_one(dense_scored):
+    schema = pq.read_schema(next((dense_scored / "predictions").glob("*.parquet")))
     assert schema.names == ["ImageId", "Label", "Confidence", *PROBABILITY_COLUMNS]
     assert schema.field("ImageId").type == pa.int32() and schema.field("Label").type == pa.int32()
     assert all(schema.field(c).type == pa.float32() for c in ["Confidence", *PROBABILITY_COLUMNS])
-    frame = pd.read_parquet(scored / "predictions")  # pandas reads the folder too
+    frame = pd.read_parquet(dense_scored / "predictions")  # pandas reads the folder too
     assert np.allclose(frame[PROBABILITY_COLUMNS].sum(axis=1), 1.0, atol=1e-4)
     assert np.allclose(frame["Confidence"], frame[PROBABILITY_COLUMNS].max(axis=1))
 
 
-def test_submission_has_kaggles_exact_layout(scored, kaggle_dir):
-    submission = (scored / "submission.csv").read_bytes().decode("ascii").split("\n")
+def test_submission_has_kaggles_exact_layout(dense_scored, kaggle_dir):
+    submission = (dense_scored / "submission.csv").read_bytes().decode("ascii").split("\n")
     sample = (kaggle_dir / "sample_submission.csv").read_bytes().decode("ascii").split("\n")
     assert submission[0] == sample[0] == "ImageId,Label"
     assert len(submission) == len(sample) and submission[-1] == sample[-1] == ""  # trailing LF
     assert [line.split(",")[0] for line in submission[1:-1]] == [line.split(",")[0] for line in sample[1:-1]]
     assert all(line.split(",")[1] in "0123456789" and len(line.split(",")) == 2 for line in submission[1:-1])
-    labels = pd.read_parquet(scored / "predictions").sort_values("ImageId")["Label"].tolist()
+    labels = pd.read_parquet(dense_scored / "predictions").sort_values("ImageId")["Label"].tolist()
     assert [int(line.split(",")[1]) for line in submission[1:-1]] == labels
-    record = json.loads((scored / "scoring.json").read_text())
+    record = json.loads((dense_scored / "scoring.json").read_text())
     assert record["images"] == SLICE_TEST_ROWS and record["actors"] == 2
 
 
@@ -145,18 +137,18 @@ def test_evaluate_refuses_mismatched_ids(tmp_path, predicted, message):
         evaluate(_write_csv(tmp_path / "sub.csv", predicted), labels)
 
 
-def test_evaluate_refuses_a_predictions_folder_with_a_duplicated_id(tmp_path, scored):
+def test_evaluate_refuses_a_predictions_folder_with_a_duplicated_id(tmp_path, dense_scored):
     broken = tmp_path / "broken"
     (broken / "predictions").mkdir(parents=True)
     (broken / "scoring.json").write_text("{}")
-    table = pq.read_table(scored / "predictions")
+    table = pq.read_table(dense_scored / "predictions")
     pq.write_table(pa.concat_tables([table, table.slice(0, 1)]), broken / "predictions" / "p.parquet")
     with pytest.raises(DigitsError, match="predictions: ImageId .* appears more than once"):
         evaluate(str(broken), str(tmp_path / "unused.csv"))
 
 
-def test_evaluate_reports_the_official_mnist_test_subset(scored, kaggle_dir):
-    result = evaluate(str(scored), str(kaggle_dir / "test_labels.csv"))
+def test_evaluate_reports_the_official_mnist_test_subset(dense_scored, kaggle_dir):
+    result = evaluate(str(dense_scored), str(kaggle_dir / "test_labels.csv"))
     official = result["official_mnist_test"]
     origin = pd.read_csv(kaggle_dir / "test_origin.csv")
     assert official["images"] == (origin["MnistSplit"] == "test").sum() == 1000
@@ -165,23 +157,7 @@ def test_evaluate_reports_the_official_mnist_test_subset(scored, kaggle_dir):
 
 # ---------------------------------------------------------------------------- the CLI
 
-def test_cli_predict_then_evaluate(tmp_path, kaggle_dir, dense_run):
-    before = ray_processes()
-    out = tmp_path / "out"
-    done = run_digits("predict", "--run", str(dense_run), "--input", str(kaggle_dir / "test.csv"),
-                      "--out", str(out))
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert f"scored {SLICE_TEST_ROWS:,} images" in done.stdout and str(out / "submission.csv") in done.stdout
-    assert ray_processes() <= before
-    evaluated = run_digits("evaluate", "--predictions", str(out), "--labels",
-                           str(kaggle_dir / "test_labels.csv"))
-    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
-    assert evaluated.stdout.startswith("accuracy 0.")
-    assert "official MNIST test images: accuracy" in evaluated.stdout
-    assert json.loads((out / "evaluation.json").read_text())["images"] == SLICE_TEST_ROWS
-
-
-def test_a_killed_predict_leaves_nothing_that_looks_complete(tmp_path, kaggle_dir, dense_run):
+def test_a_killed_predict_leaves_nothing_and_the_cli_rerun_completes(tmp_path, kaggle_dir, dense_run):
     out = tmp_path / "out"
     before = ray_processes()
     child = subprocess.Popen([sys.executable, "-m", "digit_models.cli", "predict", "--run",
@@ -199,5 +175,14 @@ def test_a_killed_predict_leaves_nothing_that_looks_complete(tmp_path, kaggle_di
     again = run_digits("predict", "--run", str(dense_run), "--input", str(kaggle_dir / "test.csv"),
                        "--out", str(out))
     assert again.returncode == 0, again.stderr[-2000:]
+    assert f"scored {SLICE_TEST_ROWS:,} images" in again.stdout and str(out / "submission.csv") in again.stdout
     assert len((out / "submission.csv").read_text().splitlines()) == SLICE_TEST_ROWS + 1
     assert not list(tmp_path.glob(".out.partial-*"))  # the abandoned attempt was cleaned up
+    assert ray_processes() <= before
+
+    evaluated = run_digits("evaluate", "--predictions", str(out), "--labels",
+                           str(kaggle_dir / "test_labels.csv"))
+    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+    assert evaluated.stdout.startswith("accuracy 0.")
+    assert "official MNIST test images: accuracy" in evaluated.stdout
+    assert json.loads((out / "evaluation.json").read_text())["images"] == SLICE_TEST_ROWS

@@ -14,6 +14,7 @@ import ray
 import ray.cloudpickle
 
 from digit_models.data import read_test_csv
+from digit_models.errors import DigitsError
 from digit_models.config import TrainConfig
 from digit_models.training import train
 from tests.conftest import ray_processes, run_digits
@@ -117,13 +118,18 @@ def test_workers_with_different_local_metrics_stop_at_the_same_epoch(tmp_path, r
 # ---------------------------------------------------------------------------- the CLI
 
 def test_cli_two_workers_stop_at_the_validation_target(tmp_path, kaggle_dir):
+    """Also: a preset's settings, overridden by the options given, recorded in run.json, and
+    augmentation, label smoothing and the cosine schedule working under the strategy."""
     before = ray_processes()
     run_dir = tmp_path / "run"
-    done = run_digits("train", "--model", "cnn", "--data", str(kaggle_dir), "--workers", "2",
-                      "--epochs", "5", "--target-metric", "val_accuracy", "--target", "0.5",
-                      "--out", str(run_dir))
+    done = run_digits("train", "--preset", "fast", "--model", "dense", "--data", str(kaggle_dir),
+                      "--workers", "2", "--batch-size", "32", "--augment", "--label-smoothing",
+                      "0.1", "--target", "0.5", "--out", str(run_dir))
     assert done.returncode == 0, done.stderr[-3000:]
     run = json.loads((run_dir / "run.json").read_text())
+    assert run["config"] | {"preset": "fast", "model": "dense", "batch_size": 32, "augment": True,
+                            "label_smoothing": 0.1, "lr_schedule": "cosine", "epochs": 5,
+                            "target_metric": "val_accuracy", "target": 0.5} == run["config"]
     assert run["stop_reason"] == "target reached at epoch 1 (val_accuracy >= 0.5)"
     assert run["epochs_run"] == 1 and run["workers"] == 2
     assert "target reached at epoch 1" in done.stdout
@@ -144,7 +150,8 @@ def test_cli_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, kaggle_di
 
 @pytest.mark.parametrize("args,message", [
     (["--workers", "0"], "--workers 0: must be at least 1"),
-    (["--model", "resnet"], "--model resnet: choose one of cnn, dense"),
+    (["--model", "resnet"], "--model resnet: choose one of cnn, deep_cnn, dense"),
+    (["--label-smoothing", "1"], "--label-smoothing 1.0: must be in [0, 1)"),
     (["--limit", "40", "--workers", "2"], "40 rows are too few"),
     (["--target", "1.5"], "--target 1.5: must be in (0, 1]"),
     (["--target-metric", "val_accuracy", "--val-fraction", "0"], "needs a validation split"),
@@ -155,3 +162,14 @@ def test_bad_training_options(tmp_path, kaggle_dir, capsys, args, message):
     assert main(["train", "--data", str(kaggle_dir), "--out", str(tmp_path / "run"), *args]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_preset_fills_only_the_options_not_given():
+    from digit_models.config import PRESETS, TrainConfig
+
+    config = TrainConfig.from_preset("best", epochs=3, seed=7)
+    assert (config.preset, config.epochs, config.seed) == ("best", 3, 7)
+    assert config.model == PRESETS["best"]["model"] and config.augment
+    assert TrainConfig.from_preset(None) == TrainConfig()
+    with pytest.raises(DigitsError, match="--preset quick: choose one of fast, best"):
+        TrainConfig.from_preset("quick")

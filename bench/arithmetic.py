@@ -1,0 +1,55 @@
+"""The arithmetic side: FLOPs per image of each model, and this machine's float32 peak as
+TensorFlow reaches it (a large matmul on all cores). Prints one JSON line."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+
+import digit_models  # noqa: F401  (selects legacy Keras before TensorFlow loads)
+import tensorflow as tf
+
+from digit_models.models import build_model
+
+
+def forward_flops(model) -> int:
+    """Multiply-adds of the convolutions and dense layers, 2 FLOPs each; the rest (pooling,
+    activations, normalization) is a rounding error beside them."""
+    flops = 0
+    for layer in model.layers:
+        kind = type(layer).__name__
+        if kind == "Conv2D":
+            _, height, width, channels_out = layer.output_shape
+            kernel_h, kernel_w = layer.kernel_size
+            flops += 2 * height * width * channels_out * kernel_h * kernel_w * layer.input_shape[-1]
+        elif kind == "Dense":
+            flops += 2 * layer.input_shape[-1] * layer.units
+    return flops
+
+
+def matmul_peak_gflops(size: int = 2048, repeats: int = 10) -> float:
+    a = tf.random.normal([size, size])
+    b = tf.random.normal([size, size])
+    tf.matmul(a, b).numpy()  # warm-up
+    seconds = []
+    for _ in range(repeats):
+        began = time.perf_counter()
+        tf.matmul(a, b).numpy()
+        seconds.append(time.perf_counter() - began)
+    return 2 * size ** 3 / statistics.median(seconds) / 1e9
+
+
+def main() -> None:
+    models = {}
+    for name in sys.argv[1:] or ["dense", "cnn", "deep_cnn"]:
+        forward = forward_flops(build_model(name))
+        # Backpropagation costs about twice the forward pass: gradients for inputs and weights.
+        models[name] = {"inference_flops": forward, "train_flops": 3 * forward}
+    sys.stdout.write("BENCH " + json.dumps({"models": models,
+                                            "peak_gflops": matmul_peak_gflops()}) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""End to end with the real tools: a Ray head started by cluster/local_cluster.sh (`ray start
+--head`, token authentication on, dashboard on loopback), training and then scoring submitted
+with the real `ray job submit` CLI and cluster/runtime_env.yaml, outputs on file:// URIs: the
+code path of a multi-node cluster with shared storage. (A head alone: every extra node builds
+the runtime env's virtualenv again, which would double this test's minutes.)"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from tests.conftest import REPO, SLICE_TEST_ROWS, ray_processes
+
+RAY = str(Path(sys.executable).with_name("ray"))
+SCRIPT = str(REPO / "cluster" / "local_cluster.sh")
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture
+def local_cluster():
+    state = tempfile.mkdtemp(prefix="dlc-", dir="/tmp")  # short: Ray's socket paths live under it
+    env = {**os.environ, "RAY": RAY, "RAY_PORT": str(_free_port()),
+           "DASHBOARD_PORT": str(_free_port()), "AGENT_PORT": str(_free_port()), "CLUSTER_STATE": state,
+           "HEAD_CPUS": "2", "RAY_AUTH_MODE": "token"}
+    env.pop("RAY_ADDRESS", None)
+    before = ray_processes()
+    started = subprocess.run([SCRIPT, "start", "0"], env=env, capture_output=True, text=True, timeout=180)
+    try:
+        assert started.returncode == 0, started.stdout + started.stderr
+        yield env
+    finally:
+        subprocess.run([SCRIPT, "stop"], env=env, capture_output=True, timeout=120)
+        deadline = time.time() + 30
+        while not ray_processes() <= before and time.time() < deadline:
+            time.sleep(0.5)
+        assert ray_processes() <= before, "a raylet or GCS of the test cluster outlived `stop`"
+        shutil.rmtree(state, ignore_errors=True)
+
+
+def _ray_job(env: dict, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([RAY, "job", *args, "--address", f"http://127.0.0.1:{env['DASHBOARD_PORT']}"],
+                          env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def _submit(env: dict, job_id: str, *command: str) -> None:
+    """Submits with the project's runtime env, waits for the end, and requires SUCCEEDED.
+    Right after `ray start` the head's job agent may not have registered yet; Ray answers
+    that with a 500 that asks the client to try again, so a client does."""
+    for _ in range(30):
+        done = subprocess.run(
+            [RAY, "job", "submit", "--address", f"http://127.0.0.1:{env['DASHBOARD_PORT']}",
+             "--submission-id", job_id, "--runtime-env", "cluster/runtime_env.yaml", "--",
+             "python", "jobs/digits_job.py", *command],
+            env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+        if "No available agent to submit job" not in done.stderr:
+            break
+        time.sleep(2)
+    status = _ray_job(env, "status", job_id)
+    assert f"Job '{job_id}' succeeded" in status.stdout + status.stderr, (done.stdout + done.stderr)[-4000:]
+
+
+@pytest.mark.timeout(900)
+def test_train_then_score_through_ray_job_submit(local_cluster, tmp_path, kaggle_dir):
+    env = local_cluster
+    refused = _ray_job({k: v for k, v in env.items() if k != "RAY_AUTH_MODE"}, "list", timeout=60)
+    assert refused.returncode != 0  # the Jobs API does not answer without the token
+
+    run, scored = f"file://{tmp_path}/run", f"file://{tmp_path}/scored"
+    _submit(env, f"train-{os.getpid()}", "train", "--model", "dense", "--workers", "2", "--epochs", "2",
+            "--data", f"file://{kaggle_dir}", "--out", run)
+    summary = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert summary["workers"] == 2 and summary["epochs_run"] == 2 and summary["shards"]["disjoint"]
+    assert (tmp_path / "run" / "model.keras").is_file()
+
+    _submit(env, f"predict-{os.getpid()}", "predict", "--run", run, "--input", f"file://{kaggle_dir}/test.csv", "--out", scored)
+    predictions = pd.read_parquet(tmp_path / "scored" / "predictions")
+    assert sorted(predictions["ImageId"]) == list(range(1, SLICE_TEST_ROWS + 1))
+    submission = (tmp_path / "scored" / "submission.csv").read_text().splitlines()
+    assert submission[0] == "ImageId,Label" and len(submission) == SLICE_TEST_ROWS + 1
+    assert json.loads((tmp_path / "scored" / "scoring.json").read_text())["images"] == SLICE_TEST_ROWS
+    assert not (tmp_path / "scored" / "scoring.underway").exists()

@@ -1,0 +1,75 @@
+"""GPU paths, tested as far as a CPU allows: the resources asked of Ray, and mixed precision."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from digit_models.cli import _train_config, build_parser
+from digit_models.config import ScoreConfig
+from digit_models.scoring import actor_resources
+from digit_models.training import scaling_config
+from tests.conftest import REPO
+
+
+def test_a_cpu_only_run_never_asks_ray_for_a_gpu():
+    args = build_parser().parse_args(["train", "--data", "d", "--out", "o", "--workers", "2",
+                                      "--cpus-per-worker", "1"])
+    config = _train_config(args)
+    assert config.gpus_per_worker == 0 and config.mixed_precision is False
+    scaling = scaling_config(config)
+    assert scaling.use_gpu is False and scaling.resources_per_worker == {"CPU": 1}
+    assert actor_resources(ScoreConfig(runs=["r"], input="i", out="o"), cpus=2) == {"num_cpus": 2}
+
+
+def test_gpu_workers_and_actors_get_their_gpus():
+    args = build_parser().parse_args(["train", "--data", "d", "--out", "o", "--workers", "4",
+                                      "--cpus-per-worker", "3", "--gpus-per-worker", "1",
+                                      "--mixed-precision"])
+    config = _train_config(args)
+    assert config.mixed_precision is True
+    scaling = scaling_config(config)
+    assert scaling.use_gpu is True and scaling.num_workers == 4
+    assert scaling.resources_per_worker == {"CPU": 3, "GPU": 1}
+    assert actor_resources(ScoreConfig(runs=["r"], input="i", out="o", gpus_per_actor=0.5), cpus=2) == \
+        {"num_cpus": 2, "num_gpus": 0.5}
+
+
+MIXED_PRECISION_PROBE = """
+import json, sys
+import numpy as np
+from digit_models.tf_setup import configure_tensorflow
+configure_tensorflow(cpus=1, mixed_precision=True)
+from digit_models.data import read_train_csv
+from digit_models.models import build_model
+import tf_keras as keras
+digits = read_train_csv(sys.argv[1], limit=256)
+cnn = build_model("cnn")
+model = build_model("dense")
+model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="sparse_categorical_crossentropy")
+history = model.fit(digits.images, digits.labels, batch_size=64, epochs=2, verbose=0)
+probabilities = model.predict(digits.images[:16], verbose=0)
+print(json.dumps({
+    "policy": keras.mixed_precision.global_policy().name,
+    "hidden_compute": [layer.compute_dtype for layer in cnn.layers if layer.name.startswith(("conv2d", "dense"))],
+    "output_dtype": cnn.layers[-1].compute_dtype,
+    "optimizer": type(model.optimizer).__name__,
+    "losses": history.history["loss"],
+    "probabilities_dtype": str(probabilities.dtype),
+    "sums": probabilities.sum(axis=1).round(3).tolist(),
+}))
+"""
+
+
+def test_mixed_precision_computes_in_float16_with_a_float32_softmax(kaggle_dir):
+    done = subprocess.run([sys.executable, "-c", MIXED_PRECISION_PROBE, str(kaggle_dir / "train.csv")],
+                          capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    probe = json.loads(done.stdout.strip().splitlines()[-1])
+    assert probe["policy"] == "mixed_float16"
+    assert probe["hidden_compute"] == ["float16"] * 3
+    assert probe["output_dtype"] == "float32" and probe["probabilities_dtype"] == "float32"
+    assert probe["optimizer"].startswith("LossScaleOptimizer")  # loss scaling under float16
+    assert probe["losses"][1] < probe["losses"][0]
+    assert all(abs(total - 1.0) < 1e-2 for total in probe["sums"])
