@@ -33,7 +33,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=str(REPO / "data"),
                         help="folder from `digits data` (made there if missing)")
-    parser.add_argument("--epochs", type=int, default=4, help="epochs per throughput run (>= 2)")
+    parser.add_argument("--epochs", type=int, default=3, help="epochs per throughput run (>= 2)")
     parser.add_argument("--repeats", type=int, default=2, help="interleaved repeats of each run")
     parser.add_argument("--results-dir", default=str(REPO / "bench" / "results"))
     parser.add_argument("--markdown", default=str(REPO / "BENCHMARKS.md"))
