@@ -39,9 +39,8 @@ def random_affine(images: tf.Tensor, seed: tf.Tensor, augmentation: Augmentation
 
 # Test-time views: the image itself, then one-pixel shifts, small rotations and zooms, each a
 # (degrees, scale, (dx, dy)); fixed, so that a prediction never depends on how rows were batched.
-TTA_VIEWS = [(0, 1, (0, 0)), (0, 1, (1, 0)), (0, 1, (-1, 0)), (0, 1, (0, 1)),
-                   (0, 1, (0, -1)), (8, 1, (0, 0)), (-8, 1, (0, 0)), (0, 1.08, (0, 0)),
-                   (0, 0.92, (0, 0))]
+TTA_VIEWS = [(0, 1, (0, 0)), (0, 1, (1, 0)), (0, 1, (-1, 0)), (0, 1, (0, 1)), (0, 1, (0, -1)),
+             (8, 1, (0, 0)), (-8, 1, (0, 0)), (0, 1.08, (0, 0)), (0, 0.92, (0, 0))]
 
 
 def tta_view(images: tf.Tensor, view: int) -> tf.Tensor:

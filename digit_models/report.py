@@ -85,10 +85,10 @@ def _read_json(folder: Folder, name: str):
 
 def _require_new_output(out: str) -> None:
     # staged_dir would silently replace whatever is there; like `digits train --out`, refuse.
-    target = Path(out)
-    if target.exists() and not target.is_dir():
+    target = Folder(out)
+    if target.exists() and not target.is_folder():
         raise DigitsError(f"{out}: exists and is not a folder")
-    if target.is_dir() and any(target.iterdir()):
+    if not target.is_empty():
         raise DigitsError(f"{out}: not empty; choose another output folder")
 
 
