@@ -191,8 +191,11 @@ class Bench:
         for name, score in scorers:
             seconds, wall, images = score(self.test_csv)
             seconds_twice, _, images_twice = score(self.test_csv_twice)
+            # On a small set the extra time can drown in noise; then there is no marginal rate.
+            extra_s = seconds_twice - seconds
             result[name] = {"images_per_s": images / seconds, "wall_s": wall,
-                            "marginal_images_per_s": (images_twice - images) / (seconds_twice - seconds)}
+                            "marginal_images_per_s": (images_twice - images) / extra_s
+                            if extra_s > 0 else None}
         result["images"], result["model"] = images, model
         return result
 
@@ -213,8 +216,9 @@ def ratios(results: dict) -> dict:
         if digits is None:
             continue
         out[f"scoring {actors} actor(s)/plain"] = digits["images_per_s"] / scoring["plain"]["images_per_s"]
-        out[f"scoring marginal {actors} actor(s)/plain"] = (digits["marginal_images_per_s"]
-                                                            / scoring["plain"]["marginal_images_per_s"])
+        marginal, plain_marginal = digits["marginal_images_per_s"], scoring["plain"]["marginal_images_per_s"]
+        if marginal and plain_marginal:
+            out[f"scoring marginal {actors} actor(s)/plain"] = marginal / plain_marginal
     return out
 
 
@@ -285,8 +289,9 @@ def markdown_report(results: dict, chart: str) -> str:
     for name, entry in scoring.items():
         if isinstance(entry, dict):
             marginal = entry["marginal_images_per_s"]
+            gflops = "-" if marginal is None else f"{inference * marginal / 1e9:.1f}"
             lines.append(f"| {name.replace('_', ' ')} | {entry['images_per_s']:,.0f} | "
-                         f"{marginal:,.0f} | {inference * marginal / 1e9:.1f} | {entry['wall_s']:.1f} s |")
+                         f"{_fmt(marginal)} | {gflops} | {entry['wall_s']:.1f} s |")
     lines += ["", "Scoring time: for `digits predict` from the pipeline's start (actors started, "
               "model loaded in each) to the Parquet written; for the plain script, "
               "model.predict + to_parquet on arrays already in memory. Marginal: scoring the "

@@ -7,6 +7,7 @@ Exit status: 0 done, 2 bad input or usage (one line on stderr, a traceback only 
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import traceback
@@ -255,5 +256,17 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else ""
 
 
+def entry_point() -> None:
+    """The `digits` command. After an interrupt, every cleanup has run by the time main()
+    returns; the process then ends at once, because Python's own shutdown with TensorFlow's
+    and Ray's native threads still winding down can crash (seen: SIGSEGV after Ctrl-C)."""
+    status = main()
+    if status in (130, 143):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    sys.exit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry_point()

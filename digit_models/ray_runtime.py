@@ -31,19 +31,19 @@ def ray_session(address: str | None = None):
     caller_sigterm = signal.getsignal(signal.SIGTERM)
     runtime_env = {"env_vars": _env_vars_to_add()}
     address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
-    else:
-        # "local": never attach to whatever cluster /tmp/ray/ray_current_cluster last named.
-        # The dashboard process also serves the State API that Ray Train's controller polls;
-        # it listens on loopback only.
-        ray.init(address="local", runtime_env=runtime_env, include_dashboard=True, dashboard_host="127.0.0.1",
-                 log_to_driver=True, _node_ip_address="127.0.0.1")
-    if callable(caller_sigterm) and threading.current_thread() is threading.main_thread():
-        # ray.init replaces SIGTERM's handler with sys.exit(15); keep the caller's policy.
-        signal.signal(signal.SIGTERM, caller_sigterm)
-    quiet_ray_data()
-    try:
+    try:  # a Ctrl-C halfway through ray.init must still stop what it started
+        if address:
+            ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+        else:
+            # "local": never attach to whatever cluster /tmp/ray/ray_current_cluster last named.
+            # The dashboard process also serves the State API that Ray Train's controller polls;
+            # it listens on loopback only.
+            ray.init(address="local", runtime_env=runtime_env, include_dashboard=True,
+                     dashboard_host="127.0.0.1", log_to_driver=True, _node_ip_address="127.0.0.1")
+        if callable(caller_sigterm) and threading.current_thread() is threading.main_thread():
+            # ray.init replaces SIGTERM's handler with sys.exit(15); keep the caller's policy.
+            signal.signal(signal.SIGTERM, caller_sigterm)
+        quiet_ray_data()
         yield
     finally:
         ray.shutdown()

@@ -267,11 +267,12 @@ def _materialize(shard) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def learning_rate(config: TrainConfig, steps_per_epoch: int):
-    """The constant rate, or one epoch of linear warm-up from a tenth of it followed by cosine
+    """The constant rate, or a linear warm-up from a tenth of it (one epoch, or a tenth of the
+    run if shorter: a 2-epoch run cannot spend half its steps warming up) followed by cosine
     decay to zero at the last planned step (the optimizer's step count survives restarts)."""
     if config.lr_schedule == "constant":
         return config.learning_rate
-    warmup = steps_per_epoch if config.epochs > 1 else 0
+    warmup = min(steps_per_epoch, config.epochs * steps_per_epoch // 10)
     return keras.optimizers.schedules.CosineDecay(
         config.learning_rate / 10 if warmup else config.learning_rate,
         decay_steps=config.epochs * steps_per_epoch - warmup,

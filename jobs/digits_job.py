@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the job's working_dir
 
-from digit_models.cli import main  # noqa: E402
+from digit_models.cli import entry_point  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry_point()

@@ -34,8 +34,8 @@ def _checkpoint_registered(run_dir: Path) -> bool:
     mid-report, and a restart before registration rightly starts from scratch)."""
     snapshot = run_dir / "checkpoints" / "checkpoint_manager_snapshot.json"
     try:
-        return "checkpoint_" in snapshot.read_text()
-    except OSError:
+        return bool(json.loads(snapshot.read_text())["checkpoint_results"])
+    except (OSError, ValueError, KeyError):  # not there yet, or caught mid-write
         return False
 
 
