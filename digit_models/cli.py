@@ -56,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     option("--batch-size", type=int, help=f"per-worker batch (default {defaults.batch_size})")
     option("--learning-rate", type=float, help=f"default {defaults.learning_rate}")
     option("--lr-schedule", choices=LR_SCHEDULES,
-           help="constant, or cosine: one epoch of warm-up then cosine decay (default constant)")
+           help="constant, or cosine: a warm-up (one epoch, at most a tenth of the run) then "
+                "cosine decay to 0 (default constant)")
     option("--augment", action="store_true", default=None,
            help="random small rotations, shifts and zooms of the training images")
     option("--label-smoothing", type=float, help="default 0")

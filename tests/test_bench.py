@@ -20,12 +20,11 @@ def test_the_harness_runs_every_benchmark_and_writes_its_reports(tmp_path, kaggl
     assert done.returncode == 0, done.stderr[-3000:]
     [json_file] = results.glob("*.json")
     measured = json.loads(json_file.read_text())
-    # The marginal scoring rate needs more rows than a smoke run scores to rise above noise.
-    assert set(measured["ratios"]) >= {"b/a dense", "c/b dense", "time_to_99 fast/seed",
+    # No marginal scoring rate: a smoke run's test set is too small to measure one.
+    assert set(measured["ratios"]) == {"b/a dense", "c/b dense", "wall b/a dense",
+                                       "time_to_99 fast/seed", "training-clock time_to_99 fast/seed",
                                        "scoring 1 actor(s)/plain"}
     assert all(value > 0 for value in measured["ratios"].values())
-    marginal = measured["scoring"]["digits_1_actors"]["marginal_images_per_s"]
-    assert marginal is None or marginal > 0
     assert measured["training"]["dense@32"]["a"] > 0 and measured["arithmetic"]["peak_gflops"] > 0
     table = markdown.read_text()
     assert "QUICK SMOKE RUN" in table and "| b/a dense |" in table

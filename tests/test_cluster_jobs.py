@@ -57,7 +57,7 @@ def _ray_job(env: dict, *args: str, timeout: float = 600) -> subprocess.Complete
                           env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
 
 
-def _submit(env: dict, job_id: str, *command: str) -> None:
+def _submit(env: dict, job_id: str, *command: str) -> str:
     """Submits with the project's runtime env, waits for the end, and requires SUCCEEDED.
     Right after `ray start` the head's job agent may not have registered yet; Ray answers
     that with a 500 that asks the client to try again, so a client does."""
@@ -72,6 +72,7 @@ def _submit(env: dict, job_id: str, *command: str) -> None:
         time.sleep(2)
     status = _ray_job(env, "status", job_id)
     assert f"Job '{job_id}' succeeded" in status.stdout + status.stderr, (done.stdout + done.stderr)[-4000:]
+    return done.stdout + done.stderr  # the job's own output, which the CLI follows
 
 
 @pytest.mark.timeout(900)
@@ -81,10 +82,19 @@ def test_train_then_score_through_ray_job_submit(local_cluster, tmp_path, kaggle
     assert refused.returncode != 0  # the Jobs API does not answer without the token
 
     run, scored = f"file://{tmp_path}/run", f"file://{tmp_path}/scored"
-    _submit(env, f"train-{os.getpid()}", "train", "--model", "dense", "--workers", "2", "--epochs", "2",
-            "--data", f"file://{kaggle_dir}", "--out", run)
+    # Also: a preset's settings, overridden by the options given, recorded in run.json;
+    # augmentation, label smoothing and the cosine schedule under the strategy; and 2 workers
+    # stopping together at the validation target.
+    output = _submit(env, f"train-{os.getpid()}", "train", "--preset", "fast", "--model", "dense",
+                     "--workers", "2", "--batch-size", "32", "--augment", "--label-smoothing", "0.1",
+                     "--target", "0.5", "--data", f"file://{kaggle_dir}", "--out", run)
     summary = json.loads((tmp_path / "run" / "run.json").read_text())
-    assert summary["workers"] == 2 and summary["epochs_run"] == 2 and summary["shards"]["disjoint"]
+    assert summary["config"] | {"preset": "fast", "model": "dense", "batch_size": 32, "augment": True,
+                                "label_smoothing": 0.1, "lr_schedule": "cosine", "epochs": 2,
+                                "target_metric": "val_accuracy", "target": 0.5} == summary["config"]
+    assert summary["stop_reason"] == "target reached at epoch 1 (val_accuracy >= 0.5)"
+    assert summary["workers"] == 2 and summary["epochs_run"] == 1 and summary["shards"]["disjoint"]
+    assert "epoch 1/2  loss" in output and "target reached at epoch 1" in output  # rank 0's progress
     assert (tmp_path / "run" / "model.keras").is_file()
 
     _submit(env, f"predict-{os.getpid()}", "predict", "--run", run, "--input", f"file://{kaggle_dir}/test.csv", "--out", scored)
