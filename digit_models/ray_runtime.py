@@ -84,6 +84,9 @@ def call_interruptibly(function):
     worker = threading.Thread(target=call, name="digits-ray-call", daemon=True)
     worker.start()
     while worker.is_alive():
+        if threading.current_thread() is threading.main_thread():
+            # Keep Ctrl-C ours: a library taking SIGINT over mid-run would swallow it.
+            signal.signal(signal.SIGINT, signal.default_int_handler)
         worker.join(timeout=0.2)
     if "error" in outcome:
         raise outcome["error"]
