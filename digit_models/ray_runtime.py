@@ -81,13 +81,21 @@ def call_interruptibly(function):
         except BaseException as exc:  # noqa: BLE001  (re-raised on the main thread)
             outcome["error"] = exc
 
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    caller_sigint = signal.getsignal(signal.SIGINT) if on_main_thread else None
+    if caller_sigint is None:  # set outside Python, so it cannot be put back: Python's default
+        caller_sigint = signal.default_int_handler
     worker = threading.Thread(target=call, name="digits-ray-call", daemon=True)
     worker.start()
-    while worker.is_alive():
-        if threading.current_thread() is threading.main_thread():
-            # Keep Ctrl-C ours: a library taking SIGINT over mid-run would swallow it.
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-        worker.join(timeout=0.2)
+    try:
+        while worker.is_alive():
+            if on_main_thread and signal.getsignal(signal.SIGINT) is not caller_sigint:
+                # Keep Ctrl-C the caller's: a library taking SIGINT over mid-run would swallow it.
+                signal.signal(signal.SIGINT, caller_sigint)
+            worker.join(timeout=0.2)
+    finally:
+        if on_main_thread:
+            signal.signal(signal.SIGINT, caller_sigint)
     if "error" in outcome:
         raise outcome["error"]
     return outcome["value"]
