@@ -2,6 +2,7 @@
 JSON, the Markdown table and the chart come out. The numbers themselves mean nothing here."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -11,12 +12,12 @@ from tests.conftest import REPO
 
 
 @pytest.mark.timeout(900)
-def test_the_harness_runs_every_benchmark_and_writes_its_reports(tmp_path, kaggle_dir):
+def test_the_harness_runs_every_benchmark_and_writes_its_reports(tmp_path, kaggle_dir, shared_ray_env):
     results, markdown = tmp_path / "results", tmp_path / "BENCHMARKS.md"
     done = subprocess.run(
         [sys.executable, "-m", "bench", "--quick", "--data", str(kaggle_dir), "--epochs", "2",
          "--repeats", "1", "--results-dir", str(results), "--markdown", str(markdown)],
-        cwd=REPO, capture_output=True, text=True, timeout=880)
+        cwd=REPO, env={**os.environ, **shared_ray_env}, capture_output=True, text=True, timeout=880)
     assert done.returncode == 0, done.stderr[-3000:]
     [json_file] = results.glob("*.json")
     measured = json.loads(json_file.read_text())
