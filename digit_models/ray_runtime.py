@@ -89,8 +89,10 @@ def call_interruptibly(function):
     worker.start()
     try:
         while worker.is_alive():
-            if on_main_thread and signal.getsignal(signal.SIGINT) is not caller_sigint:
-                # Keep Ctrl-C the caller's: a library taking SIGINT over mid-run would swallow it.
+            if on_main_thread:
+                # Keep Ctrl-C the caller's: a library taking SIGINT over mid-run would swallow
+                # it. Installed again each time, as native code can take the signal over
+                # without Python's own record of the handler changing.
                 signal.signal(signal.SIGINT, caller_sigint)
             worker.join(timeout=0.2)
     finally:
