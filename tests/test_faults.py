@@ -29,14 +29,16 @@ def _wait_for(condition, timeout: float, what: str) -> None:
         time.sleep(0.05)
 
 
-def _checkpoint_registered(run_dir: Path) -> bool:
-    """Ray Train has recorded a reported checkpoint (a checkpoint folder alone may still be
-    mid-report, and a restart before registration rightly starts from scratch)."""
+def _checkpointed_epoch(run_dir: Path) -> int:
+    """The last epoch whose checkpoint Ray Train has registered; 0 before the first. (A
+    checkpoint folder alone may still be mid-report, and a restart before registration
+    rightly starts from scratch.)"""
     snapshot = run_dir / "checkpoints" / "checkpoint_manager_snapshot.json"
     try:
-        return bool(json.loads(snapshot.read_text())["checkpoint_results"])
+        results = json.loads(snapshot.read_text())["checkpoint_results"]
+        return max((result["metrics"]["epoch"] for result in results), default=0)
     except (OSError, ValueError, KeyError):  # not there yet, or caught mid-write
-        return False
+        return 0
 
 
 def _descendants(root: int) -> list[tuple[int, str]]:
@@ -65,44 +67,35 @@ def _train_workers(driver: int) -> list[int]:
     return [pid for pid, command in _descendants(driver) if command.startswith("ray::RayTrainWorker")]
 
 
-@pytest.mark.timeout(420)
-def test_a_killed_worker_is_replaced_and_the_run_resumes_from_its_checkpoint(tmp_path, kaggle_dir):
+@pytest.mark.timeout(600)
+def test_a_run_survives_a_killed_worker_and_a_stopped_driver_and_runs_each_epoch_once(tmp_path, kaggle_dir):
+    """One run through both faults. A Ray Train worker killed mid-run: the group is replaced and
+    resumes from the last checkpoint. Then Ctrl-C: the driver stops cleanly (status 130, no
+    model or run.json, no Ray left), and `--resume` finishes the planned epochs."""
     before = ray_processes()
     run_dir = tmp_path / "run"
+    # val_accuracy 1.0 on 200 held-out digits is out of reach: every planned epoch runs, enough
+    # of them that the run is still going when it is interrupted.
     child = _start_digits("train", "--model", "cnn", "--data", str(kaggle_dir), "--workers", "2",
-                          "--epochs", "4", "--max-failures", "1", "--out", str(run_dir))
-    _wait_for(lambda: _checkpoint_registered(run_dir) or child.poll() is not None, 300,
+                          "--epochs", "10", "--max-failures", "1", "--target-metric", "val_accuracy",
+                          "--target", "1.0", "--out", str(run_dir))
+    _wait_for(lambda: _checkpointed_epoch(run_dir) >= 1 or child.poll() is not None, 300,
               "epoch 1's checkpoint")
     victims = _train_workers(child.pid)
     assert len(victims) == 2, victims
     os.kill(victims[-1], signal.SIGKILL)  # one real worker process, mid-run
-    stdout, stderr = child.communicate(timeout=360)
-    assert child.returncode == 0, stderr[-3000:]
-    run = json.loads((run_dir / "run.json").read_text())
-    assert run["epochs_run"] == 4 and run["stop_reason"] == "epochs exhausted"
-    assert [entry["epoch"] for entry in run["history"]] == [1, 2, 3, 4]  # no epoch run twice
-    assert len(run["restarts"]) == 1 and run["restarts"][0]["resumed_after_epoch"] >= 1
-    assert run["shards"]["disjoint"] is True
-    assert ray_processes() <= before
+    killed_after = _checkpointed_epoch(run_dir)
+    _wait_for(lambda: _checkpointed_epoch(run_dir) > killed_after or child.poll() is not None, 300,
+              "a checkpoint from the replaced worker group")
+    assert child.poll() is None, "the run ended before it could be interrupted"
+    assert not set(_train_workers(child.pid)) & set(victims)  # a new group
 
-
-@pytest.mark.timeout(420)
-def test_ctrl_c_stops_cleanly_and_resume_finishes_the_run(tmp_path, kaggle_dir):
-    before = ray_processes()
-    run_dir = tmp_path / "run"
-    # val_accuracy 1.0 on 200 held-out digits is out of the dense net's reach: all epochs run,
-    # enough of them that the run is still going when its first checkpoint is seen.
-    child = _start_digits("train", "--model", "dense", "--data", str(kaggle_dir), "--epochs", "20",
-                          "--batch-size", "8", "--target-metric", "val_accuracy", "--target", "1.0",
-                          "--out", str(run_dir))
-    _wait_for(lambda: _checkpoint_registered(run_dir) or child.poll() is not None, 300, "a checkpoint")
-    assert child.poll() is None, "the run ended before its first checkpoint was seen"
     child.send_signal(signal.SIGINT)
     try:
         _, stderr = child.communicate(timeout=10)
     except subprocess.TimeoutExpired:
         # Seen twice in full-suite runs, never alone: the first SIGINT left no trace and the
-        # run went on to finish. A user would press Ctrl-C again; so does the test.
+        # run went on. A user would press Ctrl-C again; so does the test.
         child.send_signal(signal.SIGINT)
         _, stderr = child.communicate(timeout=120)
     assert child.returncode == 130, stderr[-3000:]
@@ -110,14 +103,18 @@ def test_ctrl_c_stops_cleanly_and_resume_finishes_the_run(tmp_path, kaggle_dir):
     assert not (run_dir / "run.json").exists() and not (run_dir / "model.keras").exists()
     assert ray_processes() <= before
 
-    refused = run_digits("train", "--model", "dense", "--data", str(kaggle_dir), "--out", str(run_dir))
+    refused = run_digits("train", "--model", "cnn", "--data", str(kaggle_dir), "--out", str(run_dir))
     assert refused.returncode == 2 and "holds an unfinished run; continue it with" in refused.stderr
 
     resumed = run_digits("train", "--resume", str(run_dir), timeout=400)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     run = json.loads((run_dir / "run.json").read_text())
-    assert run["epochs_run"] == 20 and [e["epoch"] for e in run["history"]] == list(range(1, 21))
-    assert len(run["resumed_at"]) == 1 and run["restarts"][0]["resumed_after_epoch"] >= 1
+    assert run["epochs_run"] == 10 and run["stop_reason"] == "epochs exhausted"
+    assert [entry["epoch"] for entry in run["history"]] == list(range(1, 11))  # none twice
+    # Two restores from a checkpoint: the replaced worker group, then the resumed run.
+    [after_kill, after_resume] = [entry["resumed_after_epoch"] for entry in run["restarts"]]
+    assert 1 <= after_kill < after_resume < 10
+    assert len(run["resumed_at"]) == 1 and run["shards"]["disjoint"] is True
     assert ray_processes() <= before
 
     again = run_digits("train", "--resume", str(run_dir))
