@@ -150,13 +150,16 @@ class Bench:
 
     def time_to_accuracy(self) -> dict:
         """Wall time of `digits train` (start-up included) until validation accuracy >= 99%:
-        the seed's settings (batch 32, Adam 1e-3) against --preset fast."""
+        the seed's settings (batch 32, Adam 1e-3, at most 10 epochs) against --preset fast.
+        A quick run trains the preset alone, for one epoch."""
         target = ["--target-metric", "val_accuracy", "--target", "0.99"]
-        epochs = ["--epochs", "1"] if self.args.quick else []
+        settings = [("seed", ["--model", "cnn", "--batch-size", "32", "--learning-rate", "0.001",
+                              "--epochs", "10", *target]),
+                    ("fast", ["--preset", "fast"])]
+        if self.args.quick:
+            settings = [("fast", ["--preset", "fast", "--epochs", "1"])]
         result = {}
-        for name, args in (("seed", ["--model", "cnn", "--batch-size", "32", "--learning-rate",
-                                     "0.001", "--epochs", "10", *target, *epochs]),
-                           ("fast", ["--preset", "fast", *epochs])):
+        for name, args in settings:
             run, wall, _ = self.train(*args)
             result[name] = {"wall_s": wall, "epochs": run["epochs_run"],
                             "reached": run["stop_reason"].startswith("target reached"),
@@ -211,10 +214,14 @@ def ratios(results: dict) -> dict:
         out[f"wall b/a {model}"] = entry["b_wall"] / entry["a_wall"]
     if "cnn@128" in training:
         out["c/b cnn, batch 128"] = training["cnn@128"]["c"] / training["cnn@128"]["b"]
-    if to_99["fast"]["reached"] and to_99["seed"]["reached"]:  # else there is no time to compare
-        out["time_to_99 fast/seed"] = to_99["fast"]["wall_s"] / to_99["seed"]["wall_s"]
+    fast, seed = to_99["fast"], to_99.get("seed")
+    if fast["reached"] and seed:
+        # When the seed's settings never got there, their whole run is a lower bound on their
+        # time to 99%, so the ratio is an upper bound on the true one.
+        name = "time_to_99 fast/seed" + ("" if seed["reached"] else " (upper bound: seed never reached 99%)")
+        out[name] = fast["wall_s"] / seed["wall_s"]
         # The same without the start-up both pay alike (Ray, the workers, the data): training only.
-        out["training-clock time_to_99 fast/seed"] = to_99["fast"]["training_s"] / to_99["seed"]["training_s"]
+        out[f"training-clock {name}"] = fast["training_s"] / seed["training_s"]
     for actors in (1, 2):
         digits = scoring.get(f"digits_{actors}_actors")
         if digits is None:
@@ -261,11 +268,10 @@ def markdown_report(results: dict, chart: str) -> str:
     for name, value in results["ratios"].items():
         target, met = verdict(name, value)
         lines.append(f"| {name} | {value:.2f} | {target} | {met} |")
-    if "time_to_99 fast/seed" not in results["ratios"]:
-        reached = {name: "yes" if entry["reached"] else "no" for name, entry in results["time_to_99"].items()}
-        met = "met (only fast got there)" if reached["fast"] == "yes" else "**missed**"
-        lines.append(f"| time_to_99 fast/seed | none: 99% reached by seed {reached['seed']}, "
-                     f"by fast {reached['fast']} | <= 0.5 | {met} |")
+    if not any(name.startswith("time_to_99") for name in results["ratios"]):
+        reached = ", ".join(f"by {name} {'yes' if entry['reached'] else 'no'}"
+                            for name, entry in results["time_to_99"].items())
+        lines.append(f"| time_to_99 fast/seed | none: 99% reached {reached} | <= 0.5 | **missed** |")
     lines += ["", "## Training throughput (images/s) and arithmetic", "",
               "| model, per-worker batch | a: seed Keras | b: 1 worker | c: 2 workers | "
               "train MFLOP/image | b GFLOP/s | b % of peak |", "|---|---|---|---|---|---|---|"]

@@ -90,11 +90,11 @@ def test_train_then_score_through_ray_job_submit(local_cluster, tmp_path, kaggle
                      "--target", "0.5", "--data", f"file://{kaggle_dir}", "--out", run)
     summary = json.loads((tmp_path / "run" / "run.json").read_text())
     assert summary["config"] | {"preset": "fast", "model": "dense", "batch_size": 32, "augment": True,
-                                "label_smoothing": 0.1, "lr_schedule": "cosine", "epochs": 2,
+                                "label_smoothing": 0.1, "lr_schedule": "cosine", "epochs": 3,
                                 "target_metric": "val_accuracy", "target": 0.5} == summary["config"]
     assert summary["stop_reason"] == "target reached at epoch 1 (val_accuracy >= 0.5)"
     assert summary["workers"] == 2 and summary["epochs_run"] == 1 and summary["shards"]["disjoint"]
-    assert "epoch 1/2  loss" in output and "target reached at epoch 1" in output  # rank 0's progress
+    assert "epoch 1/3  loss" in output and "target reached at epoch 1" in output  # rank 0's progress
     assert (tmp_path / "run" / "model.keras").is_file()
 
     _submit(env, f"predict-{os.getpid()}", "predict", "--run", run, "--input", f"file://{kaggle_dir}/test.csv", "--out", scored)
