@@ -153,11 +153,9 @@ class Bench:
         the seed's settings (batch 32, Adam 1e-3, at most 10 epochs) against --preset fast.
         A quick run trains the preset alone, for one epoch."""
         target = ["--target-metric", "val_accuracy", "--target", "0.99"]
-        settings = [("seed", ["--model", "cnn", "--batch-size", "32", "--learning-rate", "0.001",
-                              "--epochs", "10", *target]),
-                    ("fast", ["--preset", "fast"])]
-        if self.args.quick:
-            settings = [("fast", ["--preset", "fast", "--epochs", "1"])]
+        seed = ["--model", "cnn", "--batch-size", "32", "--learning-rate", "0.001", "--epochs", "10", *target]
+        fast = ["--preset", "fast", *(["--epochs", "1"] if self.args.quick else [])]
+        settings = [("fast", fast)] if self.args.quick else [("seed", seed), ("fast", fast)]
         result = {}
         for name, args in settings:
             run, wall, _ = self.train(*args)

@@ -22,7 +22,7 @@ from digit_models.errors import DigitsError
 from digit_models.evaluation import evaluate
 from digit_models.models import load_model_file
 from digit_models.scoring import PROBABILITY_COLUMNS, predict
-from tests.conftest import REPO, SLICE_TEST_ROWS, run_digits
+from tests.conftest import REPO, SLICE_TEST_ROWS, ray_processes, run_digits
 
 
 def _in_process_probabilities(run_dir: Path, images: np.ndarray) -> np.ndarray:
@@ -161,6 +161,7 @@ def test_evaluate_reports_the_official_mnist_test_subset(dense_scored, kaggle_di
 def test_a_killed_predict_leaves_nothing_and_the_cli_rerun_completes(tmp_path, kaggle_dir, dense_run,
                                                                    shared_ray_env):
     out = tmp_path / "out"
+    before = ray_processes()
     child = subprocess.Popen([sys.executable, "-m", "digit_models.cli", "predict", "--run",
                               str(dense_run), "--input", str(kaggle_dir / "test.csv"), "--out", str(out)],
                              cwd=REPO, env={**os.environ, **shared_ray_env},
@@ -178,6 +179,7 @@ def test_a_killed_predict_leaves_nothing_and_the_cli_rerun_completes(tmp_path, k
     assert f"scored {SLICE_TEST_ROWS:,} images" in again.stdout and str(out / "submission.csv") in again.stdout
     assert len((out / "submission.csv").read_text().splitlines()) == SLICE_TEST_ROWS + 1
     assert not list(tmp_path.glob(".out.partial-*"))  # the abandoned attempt was cleaned up
+    assert ray_processes() <= before  # both joined the session's Ray; neither started one
 
     evaluated = run_digits("evaluate", "--predictions", str(out), "--labels",
                            str(kaggle_dir / "test_labels.csv"))
