@@ -30,5 +30,5 @@ def test_the_harness_runs_every_benchmark_and_writes_its_reports(tmp_path, kaggl
     assert measured["training"]["dense@32"]["a"] > 0 and measured["arithmetic"]["peak_gflops"] > 0
     table = markdown.read_text()
     assert "QUICK SMOKE RUN" in table and "| b/a dense |" in table
-    assert "| time_to_99 fast/seed | none: 99% reached by fast no | <= 0.5 | **missed** |" in table
+    assert "| time_to_99 fast/seed | none: 99% reached by fast in 0/1 | <= 0.5 | **missed** |" in table
     assert json_file.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
