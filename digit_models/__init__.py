@@ -20,12 +20,15 @@ import os
 #
 # RAY_DATA_LOG_LEVEL: Ray Data's coordinator actors would print five lines of INFO per dataset
 # of every run ("Starting execution", the plan, "execution finished") into the user's console.
+# PYTHONWARNINGS: nor would Ray's internal actors' deprecation warnings about Ray's own code,
+# which no user of this tool can act on.
 RUNTIME_ENV_VARS = {
     "TF_USE_LEGACY_KERAS": "1",
     "TF_CPP_MIN_LOG_LEVEL": "2",
     "MALLOC_TOP_PAD_": str(64 << 20),
     "PYTHONDONTWRITEBYTECODE": "",
     "RAY_DATA_LOG_LEVEL": "ERROR",
+    "PYTHONWARNINGS": "ignore::DeprecationWarning",
 }
 for _name, _value in RUNTIME_ENV_VARS.items():
     os.environ.setdefault(_name, _value)
