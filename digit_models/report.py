@@ -95,20 +95,26 @@ def _require_new_output(out: str) -> None:
 # ---------------------------------------------------------------------------- figures
 
 def training_curves(run: dict) -> Figure:
+    """Loss, and the error rate (1 - accuracy) on a log scale: past 99% accuracy, the epochs
+    that still halve the errors would look flat on an accuracy axis."""
     history = run["history"]
     epochs = [entry["epoch"] for entry in history]
     figure = Figure(figsize=(10, 4), layout="constrained")
-    for axes, metric in zip(figure.subplots(1, 2), ("loss", "accuracy")):
-        axes.plot(epochs, [entry[metric] for entry in history], "o-", label="training")
-        if any(f"val_{metric}" in entry for entry in history):
-            axes.plot(epochs, [entry.get(f"val_{metric}", np.nan) for entry in history], "o-",
-                      label="validation")
-        axes.set(xlabel="epoch", title=metric)
+    loss_axes, error_axes = figure.subplots(1, 2)
+    curves = (("loss", loss_axes, lambda values: values),
+              ("accuracy", error_axes, lambda values: np.where(values < 1, 1 - values, np.nan)))
+    for metric, axes, shown in curves:
+        for prefix, label in (("", "training"), ("val_", "validation")):
+            if any(prefix + metric in entry for entry in history):
+                values = np.array([entry.get(prefix + metric, np.nan) for entry in history], float)
+                axes.plot(epochs, shown(values), "o-", label=label)
+        axes.set(xlabel="epoch")
         axes.xaxis.set_major_locator(MaxNLocator(integer=True))
-        if metric == "accuracy":
-            axes.yaxis.set_major_formatter(PercentFormatter(1.0, decimals=1))
-        axes.grid(alpha=0.3)
+        axes.grid(alpha=0.3, which="both")
         axes.legend()
+    loss_axes.set_title("loss")
+    error_axes.set(title="error rate (1 - accuracy), log scale", yscale="log")
+    error_axes.yaxis.set_major_formatter(PercentFormatter(1.0, decimals=None))
     figure.suptitle(_run_title(run))
     return figure
 
