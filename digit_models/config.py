@@ -24,8 +24,9 @@ PRESETS = {
     "fast": dict(model="cnn", batch_size=128, learning_rate=3e-3, lr_schedule="cosine",
                  epochs=3, target_metric="val_accuracy", target=0.99),
     # The highest accuracy of one run within an hour on 2 CPU cores (15 min on a fast pair):
-    # the BatchNorm CNN, augmented, with label smoothing, trained for every planned epoch (the schedule's low-rate end is where
-    # the last errors go; a target of 1.0 only stops a run that is already perfect).
+    # the BatchNorm CNN, augmented, with label smoothing, trained for every planned epoch (the
+    # schedule's low-rate end is where the last errors go; a target of 1.0 only stops a run
+    # that is already perfect).
     "best": dict(model="deep_cnn", batch_size=64, learning_rate=2e-3, lr_schedule="cosine",
                  augment=True, label_smoothing=0.1, epochs=30, target_metric="val_accuracy",
                  target=1.0),
