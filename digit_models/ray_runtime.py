@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import threading
 from contextlib import contextmanager
 
@@ -38,14 +37,9 @@ def ray_session(address: str | None = None):
         else:
             # "local": never attach to whatever cluster /tmp/ray/ray_current_cluster last named.
             # The dashboard process also serves the State API that Ray Train's controller polls;
-            # it listens on loopback only. Ray's own processes find that API by looking for a
-            # Ray on this machine, and give up with a traceback when there are two (another
-            # command's, say); told its address, they look no further.
-            port = _free_loopback_port()
-            runtime_env["env_vars"]["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+            # it listens on loopback only.
             ray.init(address="local", runtime_env=runtime_env, include_dashboard=True,
-                     dashboard_host="127.0.0.1", dashboard_port=port, log_to_driver=True,
-                     _node_ip_address="127.0.0.1")
+                     dashboard_host="127.0.0.1", log_to_driver=True, _node_ip_address="127.0.0.1")
         if callable(caller_sigterm) and threading.current_thread() is threading.main_thread():
             # ray.init replaces SIGTERM's handler with sys.exit(15); keep the caller's policy.
             signal.signal(signal.SIGTERM, caller_sigterm)
@@ -53,12 +47,6 @@ def ray_session(address: str | None = None):
         yield
     finally:
         ray.shutdown()
-
-
-def _free_loopback_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _env_vars_to_add() -> dict:
