@@ -8,8 +8,7 @@ import statistics
 import sys
 import time
 
-import digit_models  # noqa: F401  (selects legacy Keras before TensorFlow loads)
-import tensorflow as tf
+from digit_models.tf_setup import tf
 
 from digit_models.models import build_model
 

@@ -10,8 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import digit_models  # noqa: F401  (selects legacy Keras before TensorFlow loads)
-import tensorflow as tf
+from digit_models.tf_setup import tf
 
 SIDE = 28
 

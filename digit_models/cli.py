@@ -23,7 +23,7 @@ def _add_ray_address(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from digit_models.config import LR_SCHEDULES, PRESETS, TARGET_METRICS, TrainConfig
+    from digit_models.config import LR_SCHEDULES, PRESETS, TARGET_METRICS, PredictConfig, TrainConfig
 
     parser = argparse.ArgumentParser(
         prog="digits", description="Kaggle Digit Recognizer: data, distributed training, scoring.")
@@ -78,21 +78,26 @@ def build_parser() -> argparse.ArgumentParser:
            help=f"worker-group restarts allowed before the run fails (default {defaults.max_failures})")
     _add_ray_address(train)
 
+    scoring = PredictConfig(runs=[], input="", out="")  # the defaults
     predict = commands.add_parser("predict", help="score a test set on Ray Data")
     predict.add_argument("--run", action="append", required=True, metavar="RUN_DIR",
                          help="trained run directory; repeat to average several models")
     predict.add_argument("--input", required=True, metavar="TEST",
-                         help="Kaggle test.csv (.csv, .csv.gz) or Parquet; a path or URI")
+                         help="Kaggle test.csv (.csv, .csv.gz) or Parquet, a folder of them or a "
+                              "glob; a path or URI")
     predict.add_argument("--out", required=True, metavar="OUT_DIR",
-                         help="output folder: predictions/ (Parquet), submission.csv, scoring.json")
-    predict.add_argument("--batch-size", type=int, default=1024, help="images per model call")
-    predict.add_argument("--actors", type=int, default=1, help="concurrent scoring actors")
-    predict.add_argument("--cpus-per-actor", type=int, default=None,
+                         help="output folder: predictions/ (Parquet), submission.csv, predict.json")
+    predict.add_argument("--batch-size", type=int, default=scoring.batch_size,
+                         help=f"images per model call (default {scoring.batch_size})")
+    predict.add_argument("--actors", type=int, default=scoring.actors,
+                         help=f"concurrent scoring actors (default {scoring.actors})")
+    predict.add_argument("--cpus-per-actor", type=int, default=scoring.cpus_per_actor,
                          help="default: the cluster's CPUs split between the actors")
-    predict.add_argument("--gpus-per-actor", type=float, default=0.0)
-    predict.add_argument("--tta", type=int, default=0, metavar="VIEWS",
+    predict.add_argument("--gpus-per-actor", type=float, default=scoring.gpus_per_actor,
+                         help=f"default {scoring.gpus_per_actor:g}")
+    predict.add_argument("--tta", type=int, default=scoring.tta, metavar="VIEWS",
                          help="test-time augmentation: also average over this many fixed "
-                              "shifted, rotated and zoomed views of each image (0-8; default 0)")
+                              f"shifted, rotated and zoomed views of each image (0-8; default {scoring.tta})")
     _add_ray_address(predict)
 
     evaluate = commands.add_parser("evaluate", help="accuracy of predictions against true labels")
@@ -119,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_data(args) -> None:
-    from digit_models.kaggle_split import build_kaggle_files, require_output_folder
+    from digit_models.data import build_kaggle_files, require_output_folder
     from digit_models.mnist_source import load_mnist
 
     require_output_folder(args.out)  # before the download
@@ -159,21 +164,20 @@ def _train_config(args):
 
 
 def run_predict(args) -> None:
-    from digit_models.config import ScoreConfig
-    from digit_models.layout import SUBMISSION_FILE
-    from digit_models.scoring import predict
+    from dataclasses import fields
 
-    summary = predict(ScoreConfig(
-        runs=args.run, input=args.input, out=args.out, batch_size=args.batch_size,
-        actors=args.actors, cpus_per_actor=args.cpus_per_actor,
-        gpus_per_actor=args.gpus_per_actor, tta=args.tta), address=args.address)
+    from digit_models.config import PredictConfig
+    from digit_models.predict import SUBMISSION_FILE, predict
+
+    options = {field.name: getattr(args, field.name) for field in fields(PredictConfig)
+               if field.name != "runs"}
+    summary = predict(PredictConfig(runs=args.run, **options), address=args.address)
     print(f"scored {summary['images']:,} images ({summary['images_per_s']:,.0f} images/s); "
           f"submission: {args.out.rstrip('/')}/{SUBMISSION_FILE}")
 
 
 def run_evaluate(args) -> None:
-    from digit_models.evaluation import evaluate, format_report, write_evaluation
-    from digit_models.layout import EVALUATION_FILE
+    from digit_models.evaluation import EVALUATION_FILE, evaluate, format_report, write_evaluation
 
     from digit_models.files import Folder
 
@@ -226,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             traceback.print_exc()
         user_error = _find_in_chain(exc, (DigitsError,))
-        message = str(user_error) if user_error else (f"{type(exc).__name__}: {_first_line(exc)}"
+        message = _first_line(user_error) if user_error else (f"{type(exc).__name__}: {_first_line(exc)}"
                                  + ("" if args.debug else " (--debug shows the traceback)"))
         print(f"digits: error: {message}", file=sys.stderr)
         return 2 if user_error else 1
@@ -236,18 +240,20 @@ def main(argv: list[str] | None = None) -> int:
 
 def _find_in_chain(exc: BaseException, types: tuple) -> BaseException | None:
     """The first exception of these types in exc's chain of causes, including the worker
-    failures that Ray Train and Ray tasks wrap their errors in."""
+    failures that Ray Train and Ray tasks wrap their errors in. A Ray task's error is an
+    instance of its cause's type too, with the remote traceback in its text: the cause it
+    keeps is the original."""
     pending, seen = [exc], set()
     while pending:
         exc = pending.pop(0)
         if exc is None or id(exc) in seen:
             continue
         seen.add(id(exc))
-        if isinstance(exc, types):
+        cause = getattr(exc, "cause", None)  # Ray's task errors keep the original here
+        if isinstance(exc, types) and not isinstance(cause, types):
             return exc
-        pending += [getattr(exc, "cause", None),  # Ray's task errors keep the original here
-                    getattr(exc, "controller_failure", None), exc.__cause__, exc.__context__,
-                    *(getattr(exc, "worker_failures", None) or {}).values()]
+        pending += [cause, getattr(exc, "controller_failure", None), exc.__cause__,
+                    exc.__context__, *(getattr(exc, "worker_failures", None) or {}).values()]
         pending = [e for e in pending if isinstance(e, BaseException)]
     return None
 
@@ -258,12 +264,16 @@ def _first_line(exc: BaseException) -> str:
 
 
 def entry_point() -> None:
-    """The `digits` command. After an interrupt, every cleanup has run by the time main()
+    """The `digits` command. Its console carries our lines and real warnings, not library
+    chatter (console.py). After an interrupt, every cleanup has run by the time main()
     returns; the process then ends at once, because Python's own shutdown with TensorFlow's
     and Ray's native threads still winding down can crash (seen: SIGSEGV after Ctrl-C)."""
-    status = main()
-    if status in (130, 143):
+    from digit_models.console import stderr_filtered
+
+    with stderr_filtered():
+        status = main()
         sys.stdout.flush()
+    if status in (130, 143):
         sys.stderr.flush()
         os._exit(status)
     sys.exit(status)

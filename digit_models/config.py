@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from digit_models.errors import DigitsError
 
+MODEL_NAMES = ("dense", "cnn", "deep_cnn")  # models.py's registry (a test checks they agree)
 TARGET_METRICS = ("accuracy", "val_accuracy")
 LR_SCHEDULES = ("constant", "cosine")
 MAX_TTA = 8  # extra test-time views: augmentation.TTA_VIEWS has this many after the identity
@@ -70,9 +71,7 @@ class TrainConfig:
             if not ok:
                 raise DigitsError(message)
 
-        from digit_models.models import MODELS
-
-        require(self.model in MODELS, f"--model {self.model}: choose one of {', '.join(sorted(MODELS))}")
+        require(self.model in MODEL_NAMES, f"--model {self.model}: choose one of {', '.join(sorted(MODEL_NAMES))}")
         require(self.epochs >= 1, f"--epochs {self.epochs}: must be at least 1")
         require(self.workers >= 1, f"--workers {self.workers}: must be at least 1")
         require(self.batch_size >= 1, f"--batch-size {self.batch_size}: must be at least 1")
@@ -97,7 +96,7 @@ class TrainConfig:
 
 
 @dataclass
-class ScoreConfig:
+class PredictConfig:
     """A batch-scoring run: which trained runs (averaged when several), what input, where to."""
 
     runs: list[str]

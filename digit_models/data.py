@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from digit_models.data import file_sha256, write_kaggle_csv
+from digit_models.kaggle_csv import file_sha256, write_kaggle_csv
 from digit_models.errors import DigitsError
 from digit_models.mnist_source import Mnist
 

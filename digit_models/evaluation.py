@@ -13,10 +13,12 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from digit_models.data import NUM_CLASSES, read_id_label_csv, read_small_csv
+from digit_models.kaggle_csv import NUM_CLASSES, read_id_label_csv, read_small_csv
 from digit_models.errors import DigitsError
 from digit_models.files import Folder
-from digit_models.layout import PREDICTIONS_DIR, SCORING_FILE
+from digit_models.predict import PREDICTIONS_DIR, RECORD_FILE
+
+EVALUATION_FILE = "evaluation.json"
 
 
 def evaluate(predictions: str, labels: str, origin: str | None = None) -> dict:
@@ -55,8 +57,8 @@ def scores(truth: np.ndarray, predicted: np.ndarray) -> dict:
 def read_predictions(location: str) -> tuple[np.ndarray, np.ndarray]:
     folder = Folder(location)
     if folder.is_folder():
-        if not folder.exists(SCORING_FILE):
-            raise DigitsError(f"{folder}: no {SCORING_FILE}, so not a complete `digits predict` output")
+        if not folder.exists(RECORD_FILE):
+            raise DigitsError(f"{folder}: no {RECORD_FILE}, so not a complete `digits predict` output")
         table = pq.read_table(f"{folder.path}/{PREDICTIONS_DIR}", filesystem=folder.fs,
                               columns=["ImageId", "Label"])
         where = folder.child(PREDICTIONS_DIR)

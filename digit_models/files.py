@@ -97,12 +97,32 @@ class Folder:
     def write_text(self, name: str, text: str) -> None:
         self.write_bytes(name, text.encode())
 
+    def open_output(self, name: str):
+        """A stream writing a new file, for output too large to hold (the caller makes it
+        appear whole: inside a staged folder, or before its completion record)."""
+        return self.fs.open_output_stream(f"{self.path}/{name}")
+
     def delete(self, name: str) -> None:
         kind = self._type(name)
         if kind == pafs.FileType.Directory:
             self.fs.delete_dir(f"{self.path}/{name}")
         elif kind == pafs.FileType.File:
             self.fs.delete_file(f"{self.path}/{name}")
+
+
+def require_output_folder(folder: Folder, advice: str,
+                          replaces: tuple[str, tuple[str, ...]] | None = None) -> None:
+    """An output folder must be new or empty, or be an earlier output of the same command
+    (`replaces`: the command, and the files that mark its output), which the caller replaces."""
+    if folder.exists() and not folder.is_folder():
+        raise DigitsError(f"{folder}: exists and is not a folder")
+    if folder.is_empty():
+        return
+    if replaces is None:
+        raise DigitsError(f"{folder}: not empty; {advice}")
+    command, markers = replaces
+    if not any(folder.exists(marker) for marker in markers):
+        raise DigitsError(f"{folder}: not empty and not an earlier `{command}` output; {advice}")
 
 
 @contextmanager

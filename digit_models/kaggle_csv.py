@@ -1,22 +1,26 @@
-"""Kaggle Digit Recognizer CSV files: read and validate, write, and split.
+"""Kaggle Digit Recognizer CSV files: read and validate, count, write.
 
 train.csv is `label,pixel0,...,pixel783`, test.csv the same without `label`; one image per row,
 pixels are integers 0-255. Files may be local paths or URIs pyarrow can open (s3://, gs://),
-optionally gzip'd (.csv.gz). A UTF-8 BOM and CRLF line endings are accepted.
+optionally gzip'd (.csv.gz). A UTF-8 BOM, CRLF line endings and blank lines are accepted.
 
-Reading takes pyarrow's multithreaded parser straight to uint8 columns. When that parse fails
-it says little about where, so the file is scanned again row by row to name the first bad
-cell: the slow path runs only for files that are already known to be broken.
+A file is read in chunks of whole lines, each parsed by pyarrow straight into uint8 columns, so
+memory stays flat however long the file is. A parse failure says little about where, so only
+the chunk that failed is scanned again row by row to name the first bad cell: the slow path
+runs on a few thousand rows already known to hold an error, however deep in the file it is.
+
+Rows are numbered from 1 after the header, not counting blank lines (Kaggle's ImageId).
 """
 
 from __future__ import annotations
 
 import csv
+import gzip
 import hashlib
 import io
 import os
 from dataclasses import dataclass
-from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -30,6 +34,8 @@ PIXEL_COLUMNS = [f"pixel{i}" for i in range(784)]
 TRAIN_COLUMNS = ["label", *PIXEL_COLUMNS]
 TEST_COLUMNS = PIXEL_COLUMNS
 NUM_CLASSES = 10
+CHUNK_BYTES = 8 << 20  # about 5,000 rows: a Ray Data block of a useful size
+MAX_LINE_BYTES = 1 << 20  # a row of 785 cells is under 4 KiB; far longer is not our CSV
 
 
 @dataclass(frozen=True)
@@ -47,7 +53,7 @@ class DigitImages:
 
 # ---------------------------------------------------------------------------- opening files
 
-def _require_file(location: str) -> tuple[pafs.FileSystem, str]:
+def require_file(location: str) -> tuple[pafs.FileSystem, str]:
     fs, path = filesystem(location)
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.NotFound:
@@ -61,7 +67,7 @@ def _require_file(location: str) -> tuple[pafs.FileSystem, str]:
 
 def open_binary(location: str):
     """A readable byte stream; .gz files are decompressed transparently."""
-    fs, path = _require_file(location)
+    fs, path = require_file(location)
     try:
         return fs.open_input_stream(path, compression="detect")
     except OSError as exc:
@@ -69,10 +75,10 @@ def open_binary(location: str):
 
 
 def file_sha256(location: str) -> str:
-    fs, path = _require_file(location)
+    fs, path = require_file(location)
     digest = hashlib.sha256()
-    with fs.open_input_stream(path) as stream:  # the bytes as stored, not decompressed
-        for chunk in iter(lambda: stream.read(1 << 20), b""):
+    with fs.open_input_stream(path, compression=None) as stream:  # the bytes as stored, not decompressed
+        for chunk in iter(lambda: stream.read(CHUNK_BYTES), b""):
             digest.update(chunk)
     return digest.hexdigest()
 
@@ -100,115 +106,136 @@ def read_test_csv(location: str, limit: int | None = None) -> DigitImages:
 
 
 def read_kaggle_csv(location: str, labelled: bool, limit: int | None = None) -> DigitImages:
-    expected = TRAIN_COLUMNS if labelled else TEST_COLUMNS
-    name = str(location)
-    with open_binary(location) as stream:
-        try:
-            header = _read_header(stream, name)
-            _check_header(header, expected, name)
-            table = pacsv.read_csv(
-                stream,
-                read_options=pacsv.ReadOptions(column_names=expected, block_size=8 << 20),
-                convert_options=pacsv.ConvertOptions(
-                    column_types={column: pa.uint8() for column in expected}),
-            )
-        except (pa.ArrowInvalid, OSError, EOFError, UnicodeDecodeError) as exc:
-            _diagnose(location, expected)  # raises with the row and column
-            raise DigitsError(f"{name}: {first_line(exc)}") from None
-    if table.num_rows == 0:
-        raise DigitsError(f"{name}: no data rows after the header")
-    if any(column.null_count for column in table.columns):
-        _diagnose(location, expected)
-    if limit is not None:
-        table = table.slice(0, limit)
-    pixels = np.stack([table.column(c).to_numpy() for c in PIXEL_COLUMNS], axis=1)
-    labels = None
-    if labelled:
-        labels = table.column("label").to_numpy()
-        bad = np.flatnonzero(labels >= NUM_CLASSES)
-        if len(bad):
-            row = int(bad[0])
-            raise DigitsError(f"{name}: row {row + 1}, column label: '{labels[row]}' is not a digit 0-9")
-    return DigitImages(images=pixels.reshape(-1, 28, 28), labels=labels, source=name,
-                       image_ids=np.arange(1, len(pixels) + 1, dtype=np.int32))
+    """A whole file in memory (training's few tens of thousands of rows)."""
+    tables = [table for _, table in read_csv_chunks(location, labelled, limit=limit)]
+    table = pa.concat_tables(tables)
+    return DigitImages(images=pixels_of(table), source=str(location),
+                       labels=table.column("label").to_numpy() if labelled else None,
+                       image_ids=np.arange(1, table.num_rows + 1, dtype=np.int32))
 
 
-def read_test_set(location: str) -> DigitImages:
-    """A test set to score: a Kaggle test.csv (.csv or .csv.gz; ImageId = row number) or a
-    Parquet file or folder with pixel0..pixel783 and optionally its own ImageId column."""
-    if str(location).rstrip("/").endswith((".parquet", ".pq")) or is_directory(location):
-        return _read_test_parquet(location)
-    return read_test_csv(location)
-
-
-def is_directory(location: str) -> bool:
-    fs, path = filesystem(location)
-    return fs.get_file_info(path).type == pafs.FileType.Directory
-
-
-def _read_test_parquet(location: str) -> DigitImages:
-    import pyarrow.dataset as pads
-
-    name = str(location)
-    fs, path = filesystem(location)
-    if fs.get_file_info(path).type == pafs.FileType.NotFound:
-        raise DigitsError(f"{name}: no such file")
-    try:
-        dataset = pads.dataset(path, filesystem=fs, format="parquet")
-        if not dataset.files:
-            raise DigitsError(f"{name}: folder holds no Parquet files")
-        table = dataset.to_table()
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise DigitsError(f"{name}: not readable as Parquet: {first_line(exc)}") from None
-    columns = [c for c in table.column_names if c != "ImageId"]
-    _check_header(columns, TEST_COLUMNS, name)
-    if table.num_rows == 0:
-        raise DigitsError(f"{name}: no rows")
+def pixels_of(table: pa.Table) -> np.ndarray:
+    """The pixel columns as (n, 28, 28) uint8 images."""
     pixels = np.empty((table.num_rows, 784), np.uint8)
-    for i, column in enumerate(PIXEL_COLUMNS):
-        pixels[:, i] = _checked_integers(table.column(column), column, 0, 255, name)
-    if "ImageId" in table.column_names:
-        ids = _checked_integers(table.column("ImageId"), "ImageId", 1, 2**31 - 1, name)
-        unique, counts = np.unique(ids, return_counts=True)
-        if (counts > 1).any():
-            raise DigitsError(f"{name}: column ImageId: {unique[counts > 1][0]} appears more than once")
-    else:
-        ids = np.arange(1, table.num_rows + 1)
-    return DigitImages(images=pixels.reshape(-1, 28, 28), labels=None, source=name,
-                       image_ids=ids.astype(np.int32))
+    for index, column in enumerate(PIXEL_COLUMNS):
+        pixels[:, index] = table.column(column).to_numpy()
+    return pixels.reshape(-1, 28, 28)
 
 
-def _checked_integers(column: pa.ChunkedArray, name: str, low: int, high: int, source: str):
-    """The column as an integer array, or an error naming the first bad row."""
-    if not pa.types.is_integer(column.type):
-        raise DigitsError(f"{source}: column {name}: type {column.type}, expected integers")
-    values = column.to_numpy(zero_copy_only=False)
-    if column.null_count:
-        row = int(np.flatnonzero(column.is_null().to_numpy(zero_copy_only=False))[0])
-        raise DigitsError(f"{source}: row {row + 1}, column {name}: missing value")
-    bad = np.flatnonzero((values < low) | (values > high))
-    if len(bad):
-        raise DigitsError(f"{source}: row {bad[0] + 1}, column {name}: {values[bad[0]]} is outside {low}-{high}")
-    return values
+def read_csv_chunks(location: str, labelled: bool, limit: int | None = None,
+                    threads: bool = True) -> Iterator[tuple[int, pa.Table]]:
+    """Yields (rows before the chunk, the chunk's rows as uint8 columns), every cell checked."""
+    name = str(location)
+    expected = TRAIN_COLUMNS if labelled else TEST_COLUMNS
+    rows = 0
+    try:
+        with open_binary(location) as stream:
+            chunks = line_chunks(stream, name)
+            check_header(_header(next(chunks, b""), name), expected, name)
+            for chunk in chunks:
+                table = _parse_chunk(chunk, expected, name, rows, threads)
+                if limit is not None and rows + table.num_rows >= limit:
+                    yield rows, table.slice(0, limit - rows)
+                    return
+                if table.num_rows:
+                    yield rows, table
+                rows += table.num_rows
+    except (OSError, EOFError) as exc:
+        raise DigitsError(f"{name}: cannot read: {first_line(exc)}") from None
+    if rows == 0:
+        raise DigitsError(f"{name}: no data rows after the header")
 
 
-def _read_header(stream, name: str) -> list[str]:
-    """Consumes the header line and leaves the stream at the first data row."""
-    line = bytearray()
-    while not line.endswith(b"\n"):
-        byte = stream.read(1)
-        if not byte:
-            break
-        line += byte
-        if len(line) > 1 << 16:
-            raise DigitsError(f"{name}: line 1 is not a CSV header (no newline in 64 KiB)")
-    if not line.strip():
+def line_chunks(stream, name: str) -> Iterator[bytes]:
+    """The stream's bytes in chunks of whole lines, each ending in a newline; the first chunk is
+    the header line alone. A last line without its newline gets one."""
+    pending = b""
+    header_done = False
+    while True:
+        block = stream.read(CHUNK_BYTES)
+        data = pending + block
+        if not block:
+            if data:
+                yield data if data.endswith(b"\n") else data + b"\n"
+            return
+        if not header_done:
+            end = data.find(b"\n")
+            if end < 0:
+                if len(data) > MAX_LINE_BYTES:
+                    raise DigitsError(f"{name}: line 1 is not a CSV header (no newline in "
+                                      f"{MAX_LINE_BYTES >> 20} MiB)")
+                pending = data
+                continue
+            header_done = True
+            yield data[:end + 1]
+            data = data[end + 1:]
+        cut = data.rfind(b"\n") + 1
+        if cut == 0 and len(data) > MAX_LINE_BYTES:
+            raise DigitsError(f"{name}: a line longer than {MAX_LINE_BYTES >> 20} MiB; not a "
+                              "Kaggle digits CSV")
+        if cut:
+            yield data[:cut]
+        pending = data[cut:]
+
+
+def _header(line: bytes, name: str) -> list[str]:
+    text = line.decode("utf-8-sig", errors="replace").strip("\r\n")
+    if not text.strip():
         raise DigitsError(f"{name}: empty file, expected a CSV header")
-    text = bytes(line).decode("utf-8-sig", errors="replace").strip("\r\n")
     return next(csv.reader([text]))
 
 
-def _check_header(header: list[str], expected: list[str], name: str) -> None:
+def _parse_chunk(chunk: bytes, expected: list[str], name: str, rows_before: int,
+                 threads: bool) -> pa.Table:
+    try:
+        table = pacsv.read_csv(
+            pa.BufferReader(chunk),
+            read_options=pacsv.ReadOptions(column_names=expected, use_threads=threads),
+            convert_options=pacsv.ConvertOptions(column_types={c: pa.uint8() for c in expected}))
+    except (pa.ArrowInvalid, UnicodeDecodeError) as exc:
+        _diagnose(chunk, expected, name, rows_before)  # raises with the row and column
+        raise DigitsError(f"{name}: {first_line(exc)}") from None
+    if any(column.null_count for column in table.columns):
+        _diagnose(chunk, expected, name, rows_before)
+    if "label" in expected:
+        labels = table.column("label").to_numpy()
+        bad = np.flatnonzero(labels >= NUM_CLASSES)
+        if len(bad):
+            raise DigitsError(f"{name}: row {rows_before + bad[0] + 1}, column label: "
+                              f"'{labels[bad[0]]}' is not a digit 0-9")
+    return table
+
+
+def _diagnose(chunk: bytes, expected: list[str], name: str, rows_before: int) -> None:
+    """Finds the first bad row of a chunk whose fast parse failed, and raises naming it."""
+    row_number = rows_before
+    for line in chunk.split(b"\n"):
+        if not line.strip(b"\r"):
+            continue  # blank lines are skipped, as the fast parser skips them
+        row_number += 1
+        try:
+            row = next(csv.reader([line.decode("utf-8").rstrip("\r")]))
+        except UnicodeDecodeError:
+            raise DigitsError(f"{name}: row {row_number}: not UTF-8 text") from None
+        except csv.Error as exc:
+            raise DigitsError(f"{name}: row {row_number}: malformed CSV: {exc}") from None
+        _check_row(row, row_number, expected, name)
+
+
+def _check_row(row: list[str], row_number: int, expected: list[str], name: str) -> None:
+    where = f"{name}: row {row_number}"
+    if len(row) != len(expected):
+        raise DigitsError(f"{where}: has {len(row)} columns, expected {len(expected)}")
+    for column, cell in zip(expected, row):
+        if cell == "":
+            raise DigitsError(f"{where}, column {column}: blank cell")
+        limit = NUM_CLASSES - 1 if column == "label" else 255
+        if not (cell.isascii() and cell.isdigit()) or int(cell) > limit:
+            kind = "a digit 0-9" if column == "label" else "an integer pixel value 0-255"
+            raise DigitsError(f"{where}, column {column}: {cell[:20]!r} is not {kind}")
+
+
+def check_header(header: list[str], expected: list[str], name: str) -> None:
     if header == expected:
         return
     seen = set()
@@ -238,51 +265,74 @@ def _check_header(header: list[str], expected: list[str], name: str) -> None:
                       f"expected {expected[position]!r} (columns out of order)")
 
 
-def _diagnose(location: str, expected: list[str]) -> None:
-    """Finds the first bad row of a file whose fast parse failed, and raises naming it."""
+def read_csv_header(location: str) -> list[str]:
+    """The header's column names, reading no further than the first line."""
     name = str(location)
-    labelled = expected[0] == "label"
     try:
         with open_binary(location) as stream:
-            text = io.TextIOWrapper(io.BufferedReader(stream), encoding="utf-8-sig", newline="")
-            rows = csv.reader(text)
-            next(rows)  # the header was checked already
-            row_number = 0
-            for row in rows:
-                if not row:
-                    continue  # blank lines are skipped, as the fast parser skips them
-                row_number += 1
-                _check_row(row, row_number, expected, labelled, name)
-            if row_number == 0:
-                raise DigitsError(f"{name}: no data rows after the header")
-    except UnicodeDecodeError:
-        raise DigitsError(f"{name}: not UTF-8 text") from None
-    except csv.Error as exc:
-        raise DigitsError(f"{name}: malformed CSV: {exc}") from None
+            return _header(next(line_chunks(_Prefix(stream), name), b""), name)
     except (OSError, EOFError) as exc:
         raise DigitsError(f"{name}: cannot read: {first_line(exc)}") from None
 
 
-def _check_row(row: list[str], row_number: int, expected: list[str], labelled: bool, name: str):
-    where = f"{name}: row {row_number}"
-    if len(row) != len(expected):
-        raise DigitsError(f"{where}: has {len(row)} columns, expected {len(expected)}")
-    if "".join(row).isdigit() and all(row) and max(map(len, row)) <= 3:
-        values = [int(cell) for cell in row]
-        if max(values) <= 255 and (not labelled or values[0] < NUM_CLASSES):
-            return
-    for column, cell in zip(expected, row):
-        if cell == "":
-            raise DigitsError(f"{where}, column {column}: blank cell")
-        limit = NUM_CLASSES - 1 if column == "label" else 255
-        if not (cell.isascii() and cell.isdigit()) or int(cell) > limit:
-            kind = "a digit 0-9" if column == "label" else "an integer pixel value 0-255"
-            raise DigitsError(f"{where}, column {column}: {cell[:20]!r} is not {kind}")
+class _Prefix:
+    """A stream read in small pieces: finding the header of a large remote file must not
+    download a whole chunk."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def read(self, size: int) -> bytes:
+        return self.stream.read(min(size, 64 << 10))
+
+
+# ---------------------------------------------------------------------------- counting
+
+def count_csv_rows(location: str) -> dict:
+    """Data rows (as the reader numbers them), byte size and sha256 of the bytes as stored,
+    in one pass over the file."""
+    fs, path = require_file(location)
+    name = str(location)
+    hashing = _HashingReader(fs.open_input_stream(path, compression=None))
+    stream = gzip.GzipFile(fileobj=hashing) if str(location).endswith(".gz") else hashing
+    lines = 0
+    try:
+        with hashing.raw:
+            for chunk in line_chunks(stream, name):
+                lines += count_lines(chunk)
+            while hashing.read(CHUNK_BYTES):  # a gzip trailer the decompressor did not need
+                pass
+    except (OSError, EOFError, gzip.BadGzipFile) as exc:
+        raise DigitsError(f"{name}: cannot read: {first_line(exc)}") from None
+    return {"rows": max(lines - 1, 0), "bytes": hashing.size, "sha256": hashing.digest.hexdigest()}
+
+
+def count_lines(chunk: bytes) -> int:
+    """Non-blank lines in a chunk of whole lines: those the CSV parser makes rows of."""
+    if not chunk:
+        return 0
+    data = np.frombuffer(chunk, np.uint8)
+    ends = np.flatnonzero(data == ord("\n"))
+    starts = np.concatenate([[0], ends[:-1] + 1])
+    lengths = ends - starts
+    blank = (lengths == 0) | ((lengths == 1) & (data[np.minimum(starts, len(data) - 1)] == ord("\r")))
+    return int(len(ends) - blank.sum())
+
+
+class _HashingReader:
+    def __init__(self, raw):
+        self.raw, self.digest, self.size = raw, hashlib.sha256(), 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.raw.read(size)
+        self.digest.update(data)
+        self.size += len(data)
+        return data
 
 
 # ---------------------------------------------------------------------------- writing
 
-def write_kaggle_csv(path: Path, images: np.ndarray, labels: np.ndarray | None = None) -> None:
+def write_kaggle_csv(path, images: np.ndarray, labels: np.ndarray | None = None) -> None:
     """Writes Kaggle's exact layout: unquoted header, integers, LF line endings."""
     pixels = images.reshape(len(images), 784)
     columns = TRAIN_COLUMNS if labels is not None else TEST_COLUMNS
@@ -294,16 +344,7 @@ def write_kaggle_csv(path: Path, images: np.ndarray, labels: np.ndarray | None =
                         write_options=pacsv.WriteOptions(include_header=False))
 
 
-# ---------------------------------------------------------------------------- splitting
-
-def validation_split(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded row indices (train, validation); the validation part is round(n * fraction)."""
-    if not 0.0 <= fraction < 1.0:
-        raise DigitsError(f"--val-fraction {fraction}: must be in [0, 1)")
-    order = np.random.default_rng(seed).permutation(n)
-    n_val = int(round(n * fraction))
-    return np.sort(order[n_val:]), np.sort(order[:n_val])
-
+# ---------------------------------------------------------------------------- ImageId,Label files
 
 def read_id_label_csv(location: str, label_column: str = "Label") -> tuple[np.ndarray, np.ndarray]:
     """A small `ImageId,Label` file (Kaggle's submission and solution layout): ids unique and
@@ -331,7 +372,7 @@ def read_small_csv(location: str, expected: list[str]) -> dict[str, list[str]]:
             raise DigitsError(f"{name}: not a readable CSV file: {first_line(exc)}") from None
     if not rows:
         raise DigitsError(f"{name}: empty file, expected a CSV header")
-    _check_header(rows[0], expected, name)
+    check_header(rows[0], expected, name)
     if len(rows) == 1:
         raise DigitsError(f"{name}: no data rows after the header")
     for number, row in enumerate(rows[1:], start=1):

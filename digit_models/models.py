@@ -8,11 +8,12 @@ Keras recommends for a numerically stable softmax.
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable
 
-import digit_models  # noqa: F401  (selects legacy Keras before TensorFlow loads)
-import tf_keras as keras
-from tf_keras import layers
+from digit_models.tf_setup import keras
+
+layers = keras.layers
 
 from digit_models.errors import DigitsError
 
@@ -94,7 +95,9 @@ def load_model_file(path: str, name: str | None = None) -> keras.Model:
     checked to map (28, 28) pixels to 10 probabilities. `name` is how errors refer to it."""
     name = name or path
     try:
-        model = keras.models.load_model(path, compile=False, safe_mode=True)
+        with warnings.catch_warnings():  # e.g. about a Lambda layer's code, refused just below
+            warnings.simplefilter("ignore")
+            model = keras.models.load_model(path, compile=False, safe_mode=True)
     except Exception as exc:  # noqa: BLE001  (Keras raises many types for a bad file)
         message = " ".join(str(exc).split()) or type(exc).__name__
         if "arbitrary code execution" in message:

@@ -13,15 +13,24 @@ from contextlib import contextmanager
 import numpy as np
 
 from digit_models import RUNTIME_ENV_VARS
+from digit_models.console import filter_worker_output
+
+
+# An embedded Ray keeps up to this many idle worker processes instead of one per CPU: Ray Data
+# and Ray Train start a few actors of their own, and past one per CPU the worker that has just
+# read the input would be killed within a second, so writing the output had to start a new
+# Python process first.
+EMBEDDED_RAY_CONFIG = {"num_workers_soft_limit": 8}
 
 
 @contextmanager
-def ray_session(address: str | None = None):
+def ray_session(address: str | None = None, dashboard: bool = False):
     """Ray for the length of a command.
 
     With an address (or RAY_ADDRESS, which `ray job submit` sets for its entrypoint) this
     joins that cluster; otherwise it starts a private local Ray on 127.0.0.1, and stops it
-    on the way out, whatever happens.
+    on the way out, whatever happens. `dashboard`: the embedded Ray also runs the dashboard
+    process, which serves the State API that Ray Train's controller polls.
     """
     import ray
 
@@ -29,24 +38,49 @@ def ray_session(address: str | None = None):
         yield
         return
     caller_sigterm = signal.getsignal(signal.SIGTERM)
-    runtime_env = {"env_vars": _env_vars_to_add()}
     address = address or os.environ.get("RAY_ADDRESS")
     try:  # a Ctrl-C halfway through ray.init must still stop what it started
         if address:
-            ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+            ray.init(address=address, runtime_env={"env_vars": _env_vars_to_add()},
+                     log_to_driver=True, logging_level=logging.ERROR)
         else:
             # "local": never attach to whatever cluster /tmp/ray/ray_current_cluster last named.
-            # The dashboard process also serves the State API that Ray Train's controller polls;
-            # it listens on loopback only.
-            ray.init(address="local", runtime_env=runtime_env, include_dashboard=True,
-                     dashboard_host="127.0.0.1", log_to_driver=True, _node_ip_address="127.0.0.1")
+            # No runtime_env: the processes of a Ray started here inherit this environment,
+            # and one would keep Ray from handing work to the workers it starts in advance.
+            ray.init(address="local", include_dashboard=dashboard, dashboard_host="127.0.0.1",
+                     log_to_driver=True, logging_level=logging.ERROR, _node_ip_address="127.0.0.1",
+                     _system_config=EMBEDDED_RAY_CONFIG)
         if callable(caller_sigterm) and threading.current_thread() is threading.main_thread():
             # ray.init replaces SIGTERM's handler with sys.exit(15); keep the caller's policy.
             signal.signal(signal.SIGTERM, caller_sigterm)
-        quiet_ray_data()
+        configure_ray_data()
+        filter_worker_output()
         yield
     finally:
         ray.shutdown()
+        _SESSION_OBJECTS.clear()
+
+
+_SESSION_OBJECTS: list = []
+
+
+def put_for_session(value):
+    """ray.put, with the object kept until Ray shuts down rather than until the caller lets go
+    of it: an actor still starting when its pipeline has failed would otherwise find its
+    constructor's argument gone, and print Ray's object-store report on the console."""
+    import ray
+
+    reference = ray.put(value)
+    _SESSION_OBJECTS.append(reference)
+    return reference
+
+
+def on_this_node() -> dict:
+    """Ray task options that keep a task on this (the driver's) node: for reading and writing
+    local paths, which other nodes of a cluster cannot see."""
+    import ray
+
+    return {"label_selector": {"ray.io/node-id": ray.get_runtime_context().get_node_id()}}
 
 
 def _env_vars_to_add() -> dict:
@@ -103,13 +137,18 @@ def call_interruptibly(function):
     return outcome["value"]
 
 
-def quiet_ray_data() -> None:
-    """Ray Data logs progress every few seconds, and warns that a job 'will hang' whenever actors
-    hold every CPU; our commands print their own summary and check their own output."""
+def configure_ray_data() -> None:
+    """Ray Data logs progress every few seconds, warns that a job 'will hang' whenever actors
+    hold every CPU, and logs a failed task's traceback twice before raising it; our commands
+    print their own summary, check their own output, and say what failed in one line. It
+    would also wrap our own errors raised in a batch (bad input, a model that will not load)
+    in an exception that reaches the driver without them."""
     import ray.data
 
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    logging.getLogger("ray.data").setLevel(logging.ERROR)
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    context.raise_original_map_exception = True
+    logging.getLogger("ray.data").setLevel(logging.CRITICAL)
 
 
 def images_dataset(images: np.ndarray, num_blocks: int, **columns: np.ndarray):

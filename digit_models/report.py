@@ -24,12 +24,13 @@ from matplotlib.colors import ListedColormap, LogNorm
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator, PercentFormatter
 
-from digit_models.data import (NUM_CLASSES, DigitImages, file_sha256, read_id_label_csv,
-                               read_test_set)
 from digit_models.errors import DigitsError
 from digit_models.evaluation import evaluate
-from digit_models.files import Folder, first_line, staged_dir
-from digit_models.layout import PREDICTIONS_DIR, RUN_FILE, SCORING_FILE
+from digit_models.files import Folder, first_line, require_output_folder, staged_dir
+from digit_models.kaggle_csv import NUM_CLASSES, read_id_label_csv
+from digit_models.predict import PREDICTIONS_DIR, RECORD_FILE
+from digit_models.predict_input import inspect_file, open_input, read_images
+from digit_models.run_dir import RunDir
 
 __all__ = ["write_report"]  # the rest is its parts, named for reading and testing
 
@@ -46,7 +47,7 @@ def write_report(run_dir: str, out: str, predictions: str | None = None,
     if (predictions is None) != (labels is None):
         raise DigitsError("a report on predictions needs both the predictions and their labels")
     run = read_run(run_dir)
-    _require_new_output(out)
+    require_output_folder(Folder(out), "choose another output folder")
     figures = {"training_curves.png": training_curves(run)}
     evaluation = None
     if predictions is not None:
@@ -63,16 +64,12 @@ def write_report(run_dir: str, out: str, predictions: str | None = None,
 
 
 def read_run(run_dir: str) -> dict:
-    folder = Folder(run_dir)
-    if not folder.is_folder():
-        raise DigitsError(f"{run_dir}: no such run directory")
-    if not folder.exists(RUN_FILE):
-        raise DigitsError(f"{run_dir}: no {RUN_FILE}, so not a finished run")
-    run = _read_json(folder, RUN_FILE)
-    history = run.get("history") if isinstance(run, dict) else None
+    run_folder = RunDir(run_dir)
+    run = run_folder.read_run()
+    history = run.get("history")
     if not history or not all(isinstance(entry, dict) and {"epoch", "loss", "accuracy"} <= entry.keys()
                               for entry in history):
-        raise DigitsError(f"{folder.child(RUN_FILE)}: no per-epoch history of loss and accuracy")
+        raise DigitsError(f"{run_folder.child(RunDir.RUN)}: no per-epoch history of loss and accuracy")
     return run
 
 
@@ -81,15 +78,6 @@ def _read_json(folder: Folder, name: str):
         return json.loads(folder.read_text(name))
     except (OSError, ValueError) as exc:
         raise DigitsError(f"{folder.child(name)}: unreadable: {first_line(exc)}") from None
-
-
-def _require_new_output(out: str) -> None:
-    # staged_dir would silently replace whatever is there; like `digits train --out`, refuse.
-    target = Folder(out)
-    if target.exists() and not target.is_folder():
-        raise DigitsError(f"{out}: exists and is not a folder")
-    if not target.is_empty():
-        raise DigitsError(f"{out}: not empty; choose another output folder")
 
 
 # ---------------------------------------------------------------------------- figures
@@ -193,25 +181,25 @@ def confident_mistakes(predictions: str, labels: str, limit: int = GALLERY_SIZE)
     truth = truth[np.argsort(true_ids)]  # evaluate() has checked the ImageIds are the same
     wrong = np.flatnonzero(predicted != truth)
     shown = wrong[np.argsort(-confidence[wrong], kind="stable")][:limit]
-    images = np.zeros((0, 28, 28), np.uint8)
-    if len(shown):
-        scored = _scored_images(folder)
-        by_id = np.argsort(scored.image_ids)
-        images = scored.images[by_id[np.searchsorted(scored.image_ids, ids[shown], sorter=by_id)]]
+    images = _scored_images(folder, ids[shown]) if len(shown) else np.zeros((0, 28, 28), np.uint8)
     return Mistakes(total=len(wrong), image_ids=ids[shown], truth=truth[shown],
                     predicted=predicted[shown], confidence=confidence[shown], images=images)
 
 
-def _scored_images(folder: Folder) -> DigitImages:
-    scoring = _read_json(folder, SCORING_FILE)
-    source = scoring["input"]
+def _scored_images(folder: Folder, wanted: np.ndarray) -> np.ndarray:
+    """The images with these ImageIds, from the input that was scored."""
+    record = _read_json(folder, RECORD_FILE)
     try:
+        source = open_input(record["input"])
         # Images are matched to predictions by ImageId alone, so they must be the ones scored.
-        if scoring.get("input_sha256") and file_sha256(source) != scoring["input_sha256"]:
-            raise DigitsError(f"{source}: changed since it was scored")
-        return read_test_set(source)
+        scored = {entry["file"]: entry["sha256"] for entry in record["input_files"]}
+        for file in source.files:
+            if scored.get(file) != inspect_file(source.kind, file)["sha256"]:
+                raise DigitsError(f"{file}: changed since it was scored")
+        found = read_images(source, wanted)
     except DigitsError as exc:  # a relative input is relative to where `digits predict` ran
-        raise DigitsError(f"{folder.child(SCORING_FILE)}: the scored images: {exc}") from None
+        raise DigitsError(f"{folder.child(RECORD_FILE)}: the scored images: {exc}") from None
+    return np.stack([found[int(image_id)] for image_id in wanted])
 
 
 def mistakes_gallery(mistakes: Mistakes) -> Figure:

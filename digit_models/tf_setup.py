@@ -1,26 +1,28 @@
-"""Per-process TensorFlow settings for Ray Train workers and scoring actors.
-
-Must run before TensorFlow executes its first operation in the process: thread pools and GPU
-memory growth cannot change afterwards.
-"""
+"""TensorFlow for our processes (Ray Train workers, scoring actors): imported without its
+start-up noise (console.py), and set up for the CPUs and GPUs Ray granted."""
 
 from __future__ import annotations
 
 import logging
 
 import digit_models  # noqa: F401  (selects legacy Keras before TensorFlow loads)
-import tensorflow as tf
-import tf_keras as keras
+from digit_models.console import startup_noise_filtered
+
+with startup_noise_filtered():
+    import tensorflow as tf
+    import tf_keras as keras
+
+    GPUS = tf.config.list_physical_devices("GPU")  # CUDA's own lines come with the first look
 
 
 def configure_tensorflow(cpus: int, mixed_precision: bool = False) -> None:
     """Thread pools sized to the CPUs Ray granted (TensorFlow would size them to the machine,
     and two workers sharing two cores would each run a full set); GPU memory allocated as
     needed rather than all at once, so a GPU can be shared; mixed_float16 compute on request
-    (models keep a float32 softmax)."""
+    (models keep a float32 softmax). Must run before TensorFlow's first operation."""
     tf.config.threading.set_intra_op_parallelism_threads(cpus)
     tf.config.threading.set_inter_op_parallelism_threads(cpus)
-    for gpu in tf.config.list_physical_devices("GPU"):
+    for gpu in GPUS:
         tf.config.experimental.set_memory_growth(gpu, True)
     keras.mixed_precision.set_global_policy("mixed_float16" if mixed_precision else "float32")
     tf.get_logger().setLevel(logging.ERROR)

@@ -23,22 +23,20 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-import digit_models  # noqa: F401  (selects legacy Keras before TensorFlow loads)
 import numpy as np
+
+import digit_models
+from digit_models.tf_setup import configure_tensorflow, keras, tf  # before Ray Train's TensorFlow
 import ray
 import ray.train
-import tensorflow as tf
-import tf_keras as keras
 from ray.train.tensorflow import TensorflowTrainer
 
 from digit_models.augmentation import Augmentation, random_affine
-from digit_models.data import NUM_CLASSES, file_sha256, read_train_csv, resolve_train_csv, validation_split
+from digit_models.kaggle_csv import NUM_CLASSES, file_sha256, read_train_csv, resolve_train_csv
 from digit_models.errors import DigitsError
-from digit_models.files import Folder, is_uri
-from digit_models.layout import CHECKPOINTS_DIR, MODEL_FILE, RUN_FILE, STARTED_FILE, STATE_FILE
+from digit_models.run_dir import RunDir
 from digit_models.config import TrainConfig
 from digit_models.models import build_model
-from digit_models.tf_setup import configure_tensorflow
 from digit_models.ray_runtime import call_interruptibly, cpus_per_process, images_dataset, ray_session
 
 
@@ -60,34 +58,25 @@ def train(config: TrainConfig, address: str | None = None) -> dict:
     without run.json is an unfinished run.
     """
     config.validate()
-    run_dir = run_folder(config.out)
-    _require_new_run_dir(run_dir)
+    run_dir = RunDir(config.out)
+    run_dir.require_new()
     return _run(config, run_dir, address, started=None)
 
 
 def resume(run_dir: str, address: str | None = None) -> dict:
     """Continues an unfinished run (driver stopped by Ctrl-C, SIGTERM or a lost machine) from
     its last checkpoint, with its original configuration and the same training data."""
-    folder = run_folder(run_dir)
-    if folder.exists(RUN_FILE):
-        raise DigitsError(f"{folder}: already finished ({RUN_FILE} is there); nothing to resume")
-    if not folder.is_file(STARTED_FILE):
-        raise DigitsError(f"{folder}: no {STARTED_FILE}, so not a run directory `digits train` started")
+    folder = RunDir(run_dir)
+    started = folder.read_started()
     try:
-        started = json.loads(folder.read_text(STARTED_FILE))
         config = TrainConfig(**started["config"])
-    except (ValueError, TypeError, KeyError) as exc:
-        raise DigitsError(f"{folder.child(STARTED_FILE)}: unreadable ({exc})") from None
+    except (TypeError, KeyError) as exc:
+        raise DigitsError(f"{folder.child(folder.STARTED)}: unreadable ({exc})") from None
     config.validate()
     return _run(config, folder, address, started=started)
 
 
-def run_folder(location: str) -> Folder:
-    """A run directory: a local path (made absolute, as Ray needs) or a URI every node reads."""
-    return Folder(location if is_uri(location) else str(Path(location).resolve()))
-
-
-def _run(config: TrainConfig, run_dir: Folder, address: str | None, started: dict | None) -> dict:
+def _run(config: TrainConfig, run_dir: RunDir, address: str | None, started: dict | None) -> dict:
     train_csv = resolve_train_csv(config.data)
     digits = read_train_csv(train_csv, limit=config.limit)
     data_sha256 = file_sha256(train_csv)
@@ -101,7 +90,7 @@ def _run(config: TrainConfig, run_dir: Folder, address: str | None, started: dic
                           f"worker(s) with --batch-size {config.batch_size} and "
                           f"--val-fraction {config.val_fraction}")
     clock = time.time()
-    with ray_session(address):
+    with ray_session(address, dashboard=True):
         now = _utc(clock)
         if started:
             started["resumed_at"].append(now)
@@ -110,8 +99,7 @@ def _run(config: TrainConfig, run_dir: Folder, address: str | None, started: dic
                        "data": {"train_csv": train_csv, "sha256": data_sha256,
                                 "rows_read": len(digits), "train_rows": len(train_rows),
                                 "validation_rows": len(val_rows)}}
-        run_dir.create()
-        run_dir.write_text(STARTED_FILE, json.dumps(started, indent=2) + "\n")
+        run_dir.write_started(started)
         blocks = 4 * config.workers
         trainer = TensorflowTrainer(
             train_func,
@@ -123,7 +111,7 @@ def _run(config: TrainConfig, run_dir: Folder, address: str | None, started: dic
             # The same name and storage path on resume: Ray Train then restores its
             # checkpoint bookkeeping and hands the workers the latest checkpoint.
             run_config=ray.train.RunConfig(
-                name=CHECKPOINTS_DIR, storage_path=run_dir.location,
+                name=RunDir.CHECKPOINTS, storage_path=run_dir.location,
                 failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
                 logging_config=ray.train.LoggingConfig(log_level="WARNING")),
@@ -132,7 +120,7 @@ def _run(config: TrainConfig, run_dir: Folder, address: str | None, started: dic
     outcome = result.return_value
     with tempfile.TemporaryDirectory(prefix="digits-model-") as staging:
         result.checkpoint.to_directory(staging)
-        run_dir.write_bytes(MODEL_FILE, Path(staging, MODEL_FILE).read_bytes())
+        run_dir.write_bytes(RunDir.MODEL, Path(staging, RunDir.MODEL).read_bytes())
     summary = {
         "model": config.model,
         "workers": config.workers,
@@ -147,25 +135,20 @@ def _run(config: TrainConfig, run_dir: Folder, address: str | None, started: dic
         "data": started["data"],
         "config": asdict(config),
         "versions": library_versions(),
-        "model_file": MODEL_FILE,
+        "model_file": RunDir.MODEL,
         "started_at": started["started_at"],
         "resumed_at": started["resumed_at"],
         "wall_s": round(time.time() - clock, 2),
     }
-    run_dir.write_text(RUN_FILE, json.dumps(summary, indent=2) + "\n")
+    run_dir.write_run(summary)
     return summary
 
 
-def _require_new_run_dir(run_dir: Folder) -> None:
-    if run_dir.exists() and not run_dir.is_folder():
-        raise DigitsError(f"{run_dir}: exists and is not a folder")
-    if run_dir.exists(RUN_FILE):
-        raise DigitsError(f"{run_dir}: already holds a finished run; choose another --out")
-    if run_dir.exists(STARTED_FILE):
-        raise DigitsError(f"{run_dir}: holds an unfinished run; continue it with "
-                          f"`digits train --resume {run_dir}` or choose another --out")
-    if not run_dir.is_empty():
-        raise DigitsError(f"{run_dir}: not empty; choose another --out")
+def validation_split(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded row indices (train, validation); the validation part is round(n * fraction)."""
+    order = np.random.default_rng(seed).permutation(n)
+    n_val = int(round(n * fraction))
+    return np.sort(order[n_val:]), np.sort(order[:n_val])
 
 
 def library_versions() -> dict:
@@ -231,8 +214,8 @@ def train_func(loop_config: dict) -> dict:
     with strategy.scope():
         if checkpoint:
             with checkpoint.as_directory() as directory:
-                state = json.loads(Path(directory, STATE_FILE).read_text())
-                model = keras.models.load_model(Path(directory, MODEL_FILE))
+                state = json.loads(Path(directory, RunDir.STATE).read_text())
+                model = keras.models.load_model(Path(directory, RunDir.MODEL))
             state["restarts"].append({"resumed_after_epoch": state["epochs_done"]})
         else:
             model = build_model(config.model)
@@ -387,8 +370,8 @@ class EpochReport(keras.callbacks.Callback):
             # The format named explicitly: tf-keras keeps "use the .keras format" in a
             # thread-local that its first save resets to False in a non-main thread (Ray
             # Train's), after which a "model.keras" would silently be written as HDF5.
-            self.model.save(os.path.join(directory, MODEL_FILE), save_format="keras_v3")
-            Path(directory, STATE_FILE).write_text(json.dumps(state))
+            self.model.save(os.path.join(directory, RunDir.MODEL), save_format="keras_v3")
+            Path(directory, RunDir.STATE).write_text(json.dumps(state))
             checkpoint = ray.train.Checkpoint.from_directory(directory) if self.rank == 0 else None
             ray.train.report({**entry, "stop_reason": state.get("stop_reason")}, checkpoint=checkpoint)
         if self.rank == 0:

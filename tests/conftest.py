@@ -33,7 +33,7 @@ def mnist_slice() -> Mnist:
 @pytest.fixture(scope="session")
 def kaggle_dir(tmp_path_factory, mnist_slice) -> Path:
     """train.csv (2,000 rows), test.csv (1,500 rows), labels: Kaggle's layout, real digits."""
-    from digit_models.kaggle_split import build_kaggle_files
+    from digit_models.data import build_kaggle_files
 
     out = tmp_path_factory.mktemp("kaggle")
     build_kaggle_files(mnist_slice, out, seed=0, train_size=SLICE_TRAIN_ROWS,
@@ -43,10 +43,11 @@ def kaggle_dir(tmp_path_factory, mnist_slice) -> Path:
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """One embedded Ray for the tests that call the library directly."""
+    """One embedded Ray for the tests that call the library directly (with the dashboard, as
+    Ray Train needs it)."""
     from digit_models.ray_runtime import ray_session
 
-    with ray_session():
+    with ray_session(dashboard=True):
         yield
 
 
@@ -98,10 +99,10 @@ def ray_processes() -> set[int]:
 @pytest.fixture(scope="session")
 def dense_scored(tmp_path_factory, kaggle_dir, dense_run) -> Path:
     """The test slice scored by `dense_run` through Ray Data with 2 actors (read-only)."""
-    from digit_models.config import ScoreConfig
-    from digit_models.scoring import predict
+    from digit_models.config import PredictConfig
+    from digit_models.predict import predict
 
     out = tmp_path_factory.mktemp("scored") / "out"
-    predict(ScoreConfig(runs=[str(dense_run)], input=str(kaggle_dir / "test.csv"), out=str(out),
+    predict(PredictConfig(runs=[str(dense_run)], input=str(kaggle_dir / "test.csv"), out=str(out),
                         batch_size=128, actors=2, cpus_per_actor=1))
     return out

@@ -106,7 +106,7 @@ def test_accepted_variants_bom_crlf_and_gzip(tmp_path, capsys, kaggle_dir):
     variants = {"bom.csv": b"\xef\xbb\xbf" + "\n".join(lines).encode() + b"\n",
                 "crlf.csv": "\r\n".join(lines).encode() + b"\r\n",
                 "packed.csv.gz": gzip.compress("\n".join(lines).encode() + b"\n")}
-    from digit_models.data import read_train_csv
+    from digit_models.kaggle_csv import read_train_csv
 
     reference = read_train_csv(str(kaggle_dir / "train.csv"), limit=200)
     for name, content in variants.items():
@@ -141,7 +141,7 @@ def test_unusable_files_are_rejected_by_train_and_predict(tmp_path, capsys, dens
     assert main(["predict", "--run", str(dense_run), "--input", str(path), "--out", str(tmp_path / "o")]) == 2
     predicted = _only_error_line(capsys)
     if case == "directory":
-        assert "folder has no train.csv" in trained and "folder holds no Parquet files" in predicted
+        assert "folder has no train.csv" in trained and "folder holds no .csv, .csv.gz, .parquet or .pq files" in predicted
     else:
         assert message in trained and message in predicted
     assert not (tmp_path / "run").exists() and not (tmp_path / "o").exists()

@@ -102,5 +102,5 @@ def test_train_then_score_through_ray_job_submit(local_cluster, tmp_path, kaggle
     assert sorted(predictions["ImageId"]) == list(range(1, SLICE_TEST_ROWS + 1))
     submission = (tmp_path / "scored" / "submission.csv").read_text().splitlines()
     assert submission[0] == "ImageId,Label" and len(submission) == SLICE_TEST_ROWS + 1
-    assert json.loads((tmp_path / "scored" / "scoring.json").read_text())["images"] == SLICE_TEST_ROWS
+    assert json.loads((tmp_path / "scored" / "predict.json").read_text())["images"] == SLICE_TEST_ROWS
     assert not (tmp_path / "scored" / "scoring.underway").exists()

@@ -7,8 +7,8 @@ import subprocess
 import sys
 
 from digit_models.cli import _train_config, build_parser
-from digit_models.config import ScoreConfig
-from digit_models.scoring import actor_resources
+from digit_models.config import PredictConfig
+from digit_models.predict import actor_resources
 from digit_models.training import scaling_config
 from tests.conftest import REPO
 
@@ -20,7 +20,7 @@ def test_a_cpu_only_run_never_asks_ray_for_a_gpu():
     assert config.gpus_per_worker == 0 and config.mixed_precision is False
     scaling = scaling_config(config)
     assert scaling.use_gpu is False and scaling.resources_per_worker == {"CPU": 1}
-    assert actor_resources(ScoreConfig(runs=["r"], input="i", out="o"), cpus=2) == {"num_cpus": 2}
+    assert actor_resources(PredictConfig(runs=["r"], input="i", out="o"), cpus=2) == {"num_cpus": 2}
 
 
 def test_gpu_workers_and_actors_get_their_gpus():
@@ -32,7 +32,7 @@ def test_gpu_workers_and_actors_get_their_gpus():
     scaling = scaling_config(config)
     assert scaling.use_gpu is True and scaling.num_workers == 4
     assert scaling.resources_per_worker == {"CPU": 3, "GPU": 1}
-    assert actor_resources(ScoreConfig(runs=["r"], input="i", out="o", gpus_per_actor=0.5), cpus=2) == \
+    assert actor_resources(PredictConfig(runs=["r"], input="i", out="o", gpus_per_actor=0.5), cpus=2) == \
         {"num_cpus": 2, "num_gpus": 0.5}
 
 
@@ -41,7 +41,7 @@ import json, sys
 import numpy as np
 from digit_models.tf_setup import configure_tensorflow
 configure_tensorflow(cpus=1, mixed_precision=True)
-from digit_models.data import read_train_csv
+from digit_models.kaggle_csv import read_train_csv
 from digit_models.models import build_model
 import tf_keras as keras
 digits = read_train_csv(sys.argv[1], limit=256)

@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 from matplotlib.image import imread
 
-from digit_models.data import read_test_csv
+from digit_models.kaggle_csv import read_test_csv
 from digit_models.errors import DigitsError
 from digit_models.evaluation import evaluate
 from digit_models.report import confident_mistakes, write_report
@@ -143,8 +143,8 @@ def test_images_changed_since_scoring_are_refused(tmp_path, dense_run, dense_sco
     shutil.copytree(dense_scored, tmp_path / "scored")
     lines = (kaggle_dir / "test.csv").read_text().splitlines(keepends=True)
     (tmp_path / "test.csv").write_text("".join([lines[0], *reversed(lines[1:])]))
-    record = json.loads((tmp_path / "scored" / "scoring.json").read_text())
-    (tmp_path / "scored" / "scoring.json").write_text(json.dumps({**record, "input": str(tmp_path / "test.csv")}))
+    record = json.loads((tmp_path / "scored" / "predict.json").read_text())
+    (tmp_path / "scored" / "predict.json").write_text(json.dumps({**record, "input": str(tmp_path / "test.csv")}))
     with pytest.raises(DigitsError, match="changed since it was scored"):
         write_report(str(dense_run), str(tmp_path / "report"), str(tmp_path / "scored"),
                      str(kaggle_dir / "test_labels.csv"))

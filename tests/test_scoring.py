@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import signal
@@ -16,12 +17,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from digit_models.config import ScoreConfig
-from digit_models.data import PIXEL_COLUMNS, read_test_csv
+from digit_models.config import PredictConfig
+from digit_models.kaggle_csv import PIXEL_COLUMNS, read_test_csv
 from digit_models.errors import DigitsError
 from digit_models.evaluation import evaluate
 from digit_models.models import load_model_file
-from digit_models.scoring import PROBABILITY_COLUMNS, predict
+from digit_models.predict import PROBABILITY_COLUMNS, predict
 from tests.conftest import REPO, SLICE_TEST_ROWS, ray_processes, run_digits
 
 
@@ -58,13 +59,13 @@ def test_submission_has_kaggles_exact_layout(dense_scored, kaggle_dir):
     assert all(line.split(",")[1] in "0123456789" and len(line.split(",")) == 2 for line in submission[1:-1])
     labels = pd.read_parquet(dense_scored / "predictions").sort_values("ImageId")["Label"].tolist()
     assert [int(line.split(",")[1]) for line in submission[1:-1]] == labels
-    record = json.loads((dense_scored / "scoring.json").read_text())
+    record = json.loads((dense_scored / "predict.json").read_text())
     assert record["images"] == SLICE_TEST_ROWS and record["actors"] == 2
 
 
 def test_an_ensemble_averages_the_models_probabilities(tmp_path, kaggle_dir, dense_run, cnn_run, ray_local):
     out = tmp_path / "ensemble"
-    predict(ScoreConfig(runs=[str(dense_run), str(cnn_run)], input=str(kaggle_dir / "test.csv"),
+    predict(PredictConfig(runs=[str(dense_run), str(cnn_run)], input=str(kaggle_dir / "test.csv"),
                         out=str(out), batch_size=256))
     frame = pd.read_parquet(out / "predictions").sort_values("ImageId")
     images = read_test_csv(str(kaggle_dir / "test.csv")).images
@@ -79,12 +80,76 @@ def test_parquet_input_keeps_its_own_image_ids(tmp_path, kaggle_dir, dense_run, 
     frame = pd.DataFrame(test.images.reshape(300, 784), columns=PIXEL_COLUMNS)
     frame.insert(0, "ImageId", ids)
     frame.to_parquet(tmp_path / "test.parquet")
-    predict(ScoreConfig(runs=[str(dense_run)], input=str(tmp_path / "test.parquet"),
+    predict(PredictConfig(runs=[str(dense_run)], input=str(tmp_path / "test.parquet"),
                         out=str(tmp_path / "out")))
     result = pd.read_parquet(tmp_path / "out" / "predictions").set_index("ImageId").loc[ids]
     expected = _in_process_probabilities(dense_run, test.images).argmax(axis=1)
     assert np.array_equal(result["Label"].to_numpy(), expected)
     assert (tmp_path / "out" / "submission.csv").read_text().splitlines()[1].startswith("5001,")
+
+
+def test_several_files_and_blocks_keep_kaggles_row_numbers(tmp_path, kaggle_dir, dense_run, ray_local):
+    """9,000 rows (the slice six times over) in three files, one gzip'd: Ray reads the first
+    two in several blocks each, and every ImageId is the row's number across the files."""
+    lines = (kaggle_dir / "test.csv").read_text().splitlines()
+    rows = lines[1:] * 6
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    (parts / "part-0.csv").write_text("\n".join([lines[0], *rows[:4000]]) + "\n")
+    (parts / "part-1.csv").write_text("\n".join([lines[0], *rows[4000:7000]]) + "\n")
+    (parts / "part-2.csv.gz").write_bytes(gzip.compress(("\n".join([lines[0], *rows[7000:]]) + "\n").encode()))
+    record = predict(PredictConfig(runs=[str(dense_run)], input=str(parts), out=str(tmp_path / "out"),
+                                   batch_size=512, actors=2, cpus_per_actor=1))
+    assert record["images"] == 9000 and [f["rows"] for f in record["input_files"]] == [4000, 3000, 2000]
+    frame = pd.read_parquet(tmp_path / "out" / "predictions").sort_values("ImageId")
+    assert frame["ImageId"].tolist() == list(range(1, 9001))
+    images = read_test_csv(str(kaggle_dir / "test.csv")).images
+    expected = _in_process_probabilities(dense_run, np.concatenate([images] * 6)).argmax(axis=1)
+    assert np.array_equal(frame["Label"].to_numpy(), expected)
+    submission = (tmp_path / "out" / "submission.csv").read_text().splitlines()
+    assert submission[1:] == [f"{i},{label}" for i, label in zip(range(1, 9001), expected)]
+
+
+def test_a_folder_of_parquet_files_is_numbered_across_files(tmp_path, kaggle_dir, dense_run, ray_local):
+    test = read_test_csv(str(kaggle_dir / "test.csv"))
+    folder = tmp_path / "parquet"
+    folder.mkdir()
+    for index, part in enumerate(np.array_split(np.arange(SLICE_TEST_ROWS), 3)):
+        pd.DataFrame(test.images[part].reshape(len(part), 784), columns=PIXEL_COLUMNS).to_parquet(
+            folder / f"part-{index}.parquet")
+    predict(PredictConfig(runs=[str(dense_run)], input=str(folder / "part-*.parquet"),
+                          out=str(tmp_path / "out")))
+    frame = pd.read_parquet(tmp_path / "out" / "predictions").sort_values("ImageId")
+    assert frame["ImageId"].tolist() == list(range(1, SLICE_TEST_ROWS + 1))
+    expected = _in_process_probabilities(dense_run, test.images).argmax(axis=1)
+    assert np.array_equal(frame["Label"].to_numpy(), expected)
+
+
+def test_a_bad_row_deep_in_a_large_input_is_named_and_nothing_is_written(tmp_path, kaggle_dir, dense_run,
+                                                                          shared_ray_env):
+    lines = (kaggle_dir / "test.csv").read_text().splitlines()
+    rows = lines[1:] * 8  # 12,000 rows: the bad one is in the read task's second chunk
+    cells = rows[10_499].split(",")
+    cells[123] = "-1"
+    rows[10_499] = ",".join(cells)
+    (tmp_path / "big.csv").write_text("\n".join([lines[0], *rows]) + "\n")
+    done = run_digits("predict", "--run", str(dense_run), "--input", str(tmp_path / "big.csv"),
+                      "--out", str(tmp_path / "out"), env=shared_ray_env)
+    assert done.returncode == 2
+    assert done.stderr.strip() == (f"digits: error: {tmp_path / 'big.csv'}: row 10500, column pixel123: "
+                                   "'-1' is not an integer pixel value 0-255"), done.stderr
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["big.csv"]
+
+
+def test_duplicated_own_image_ids_are_refused(tmp_path, kaggle_dir, dense_run, ray_local):
+    test = read_test_csv(str(kaggle_dir / "test.csv"), limit=100)
+    frame = pd.DataFrame(test.images.reshape(100, 784), columns=PIXEL_COLUMNS)
+    frame.insert(0, "ImageId", np.r_[np.arange(1, 100), 42].astype(np.int32))
+    frame.to_parquet(tmp_path / "dup.parquet")
+    with pytest.raises(DigitsError, match="column ImageId: 42 appears more than once"):
+        predict(PredictConfig(runs=[str(dense_run)], input=str(tmp_path / "dup.parquet"),
+                              out=str(tmp_path / "out")))
+    assert not (tmp_path / "out").exists()
 
 
 def test_scoring_refuses_unfinished_or_broken_runs(tmp_path, kaggle_dir, dense_run):
@@ -93,17 +158,17 @@ def test_scoring_refuses_unfinished_or_broken_runs(tmp_path, kaggle_dir, dense_r
     unfinished.mkdir()
     (unfinished / "model.keras").write_bytes((dense_run / "model.keras").read_bytes())
     with pytest.raises(DigitsError, match="no run.json, so not a finished run"):
-        predict(ScoreConfig(runs=[str(unfinished)], input=test_csv, out=str(tmp_path / "o")))
+        predict(PredictConfig(runs=[str(unfinished)], input=test_csv, out=str(tmp_path / "o")))
     corrupt = tmp_path / "corrupt"
     corrupt.mkdir()
     (corrupt / "run.json").write_text("{}")
     (corrupt / "model.keras").write_bytes(b"PK\x03\x04 not really a zip")
     with pytest.raises(DigitsError, match="model.keras: not a loadable Keras model"):
-        predict(ScoreConfig(runs=[str(corrupt)], input=test_csv, out=str(tmp_path / "o")))
+        predict(PredictConfig(runs=[str(corrupt)], input=test_csv, out=str(tmp_path / "o")))
     (tmp_path / "precious").mkdir()
     (tmp_path / "precious" / "notes.txt").write_text("mine")
     with pytest.raises(DigitsError, match="not an earlier `digits predict` output"):
-        predict(ScoreConfig(runs=[str(dense_run)], input=test_csv, out=str(tmp_path / "precious")))
+        predict(PredictConfig(runs=[str(dense_run)], input=test_csv, out=str(tmp_path / "precious")))
     assert not (tmp_path / "o").exists()
 
 
@@ -141,7 +206,7 @@ def test_evaluate_refuses_mismatched_ids(tmp_path, predicted, message):
 def test_evaluate_refuses_a_predictions_folder_with_a_duplicated_id(tmp_path, dense_scored):
     broken = tmp_path / "broken"
     (broken / "predictions").mkdir(parents=True)
-    (broken / "scoring.json").write_text("{}")
+    (broken / "predict.json").write_text("{}")
     table = pq.read_table(dense_scored / "predictions")
     pq.write_table(pa.concat_tables([table, table.slice(0, 1)]), broken / "predictions" / "p.parquet")
     with pytest.raises(DigitsError, match="predictions: ImageId .* appears more than once"):

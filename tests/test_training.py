@@ -13,7 +13,7 @@ import pytest
 import ray
 import ray.cloudpickle
 
-from digit_models.data import read_test_csv
+from digit_models.kaggle_csv import read_test_csv
 from digit_models.errors import DigitsError
 from digit_models.config import TrainConfig
 from digit_models.training import train

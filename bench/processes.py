@@ -1,0 +1,45 @@
+"""Running what the benchmarks measure, each in a fresh process, as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+
+
+class Processes:
+    def __init__(self, scratch: Path):
+        self.scratch = scratch
+
+    def digits(self, *args: str) -> float:
+        """Runs a `digits` command to completion; returns its wall time."""
+        began = time.perf_counter()
+        done = subprocess.run([PYTHON, "-m", "digit_models.cli", *args], cwd=REPO,
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            sys.exit(f"bench: `digits {' '.join(args)}` failed:\n{done.stderr[-3000:]}")
+        return time.perf_counter() - began
+
+    def baseline(self, *args: str) -> dict:
+        """A plain script of bench/baselines.py, with TensorFlow's own Keras as the seed had it."""
+        return self._json_line("bench.baselines", args, drop_env=("TF_USE_LEGACY_KERAS",))
+
+    def probe(self, *args: str) -> dict:
+        """A measurement of bench/probes.py."""
+        return self._json_line("bench.probes", args)
+
+    def _json_line(self, module: str, args, drop_env=()) -> dict:
+        env = {k: v for k, v in os.environ.items() if k not in drop_env}
+        began = time.perf_counter()
+        done = subprocess.run([PYTHON, "-m", module, *args], cwd=REPO, env=env,
+                              capture_output=True, text=True)
+        lines = [line for line in done.stdout.splitlines() if line.startswith("BENCH ")]
+        if done.returncode != 0 or not lines:
+            sys.exit(f"bench: {module} {' '.join(args)} failed:\n{done.stderr[-3000:]}")
+        return {**json.loads(lines[-1][6:]), "process_s": time.perf_counter() - began}

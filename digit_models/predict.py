@@ -1,0 +1,241 @@
+"""`digits predict`: batch scoring on Ray Data, streaming from the input files to Parquet
+predictions and a Kaggle submission.csv.
+
+    read tasks (one per input file: parse, check, number the rows; predict_input.py)
+      -> an actor pool (each actor loads the model(s) once and predicts whole batches)
+      -> write tasks (Parquet)
+
+No process holds the whole input or every prediction: blocks of a few thousand rows flow
+through the object store. The driver plans the pipeline, then reads back two columns of what
+was written (ImageId and Label, a byte per image for Kaggle's numbering), checks that every
+ImageId appears exactly once, and writes submission.csv from them. The driver never imports
+TensorFlow: the actors load the models and turn a bad one into the usual one-line error.
+
+Several runs form an ensemble: each actor averages the models' class probabilities, and with
+test-time augmentation also over fixed shifted, rotated and zoomed views of each image.
+
+The output folder appears complete or not at all: locally it is assembled beside its final
+place and renamed into it; on object stores, which cannot rename, predict.json is written last
+and marks a complete output.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.dataset as pads
+
+from digit_models.config import PredictConfig
+from digit_models.errors import DigitsError
+from digit_models.files import Folder, is_uri, require_output_folder, staged_dir
+from digit_models.predict_input import Inspections, images_datasource, open_input
+from digit_models.ray_runtime import cpus_per_process, on_this_node, put_for_session, ray_session
+from digit_models.run_dir import RunDir
+
+PREDICTIONS_DIR = "predictions"  # Parquet
+SUBMISSION_FILE = "submission.csv"  # Kaggle's ImageId,Label
+RECORD_FILE = "predict.json"  # what was scored, with what, how fast; written last
+UNDERWAY_FILE = "predict.underway"  # remote outputs only: a run is (or was) writing here
+PROBABILITY_COLUMNS = [f"prob_{digit}" for digit in range(10)]
+ROWS_PER_FILE = 16_384  # Parquet files of about 0.9 MB, however small Ray's blocks are
+
+
+def predict(config: PredictConfig, address: str | None = None) -> dict:
+    """Scores config.input with the runs' models and writes OUT/predictions/, OUT/submission.csv
+    and OUT/predict.json (the completion record). Returns predict.json's content."""
+    config.validate()
+    started = time.time()
+    out = Folder(config.out if is_uri(config.out) else str(Path(config.out).resolve()))
+    require_output_folder(out, "refusing to replace it",
+                          replaces=("digits predict", (RECORD_FILE, UNDERWAY_FILE)))
+    runs = [RunDir(run) for run in config.runs]
+    models = [run.model_bytes() for run in runs]
+    source = open_input(config.input)
+
+    with ray_session(address), _writing_into(out) as target:
+        import ray
+        import ray.data
+
+        ray_started = time.time()
+        local_input = {} if is_uri(config.input) else on_this_node()
+        inspections = Inspections(source, tasks=8, **local_input)
+        cpus = config.cpus_per_actor or cpus_per_process(config.actors)
+        images = ray.data.read_datasource(images_datasource(source, inspections), num_cpus=0,
+                                          override_num_blocks=len(source.files),
+                                          concurrency=min(len(source.files), 2 * config.actors),
+                                          **local_input)
+        predictions = images.map_batches(
+            DigitPredictor,
+            fn_constructor_kwargs={"models": [put_for_session(model) for model in models],
+                                   "names": [run.child(run.MODEL) for run in runs],
+                                   "cpus": cpus, "tta": config.tta},
+            batch_size=config.batch_size, batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=config.actors), **actor_resources(config, cpus))
+        # Writing is light: at zero CPUs it never waits for the actors to free theirs.
+        predictions.write_parquet(target.child(PREDICTIONS_DIR), min_rows_per_file=ROWS_PER_FILE,
+                                  ray_remote_args={"num_cpus": 0, **({} if is_uri(config.out) else on_this_node())})
+        scored = time.time()
+        files = [{"file": file if is_uri(file) else str(Path(file).resolve()), **found} for file, found in
+                 zip(source.files, inspections.first(len(source.files)))]
+        images_total = sum(found["rows"] for found in files)
+        write_submission(target, images_total, source.own_ids, config.input)
+        record = {
+            "runs": [str(run) for run in runs],
+            # Absolute, so that readers elsewhere (`digits report`) find the images again.
+            "input": config.input if is_uri(config.input) else str(Path(config.input).resolve()),
+            "input_files": files,
+            "images": images_total,
+            "actors": config.actors,
+            "cpus_per_actor": cpus,
+            "gpus_per_actor": config.gpus_per_actor,
+            "batch_size": config.batch_size,
+            "tta_views": 1 + config.tta,
+            "seconds": {"ray_start": round(ray_started - started, 3),
+                        "pipeline": round(scored - ray_started, 3),
+                        "submission": round(time.time() - scored, 3)},
+            "images_per_s": round(images_total / (scored - ray_started), 1),
+            "wall_s": round(time.time() - started, 3),
+            "driver_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "predictions": PREDICTIONS_DIR,
+            "submission": SUBMISSION_FILE,
+        }
+        target.write_text(RECORD_FILE, json.dumps(record, indent=2) + "\n")  # last
+    return record
+
+
+@contextmanager
+def _writing_into(out: Folder):
+    """The folder to write the output into. Locally: a hidden staging folder renamed to `out`
+    once complete. Remotely (object stores cannot rename): `out` itself, marked as underway
+    and cleared of the previous output (completion record first), so that only a finished
+    run has a completion record, and an interrupted one can be overwritten by the next."""
+    if out.is_local:
+        with staged_dir(Path(out.path)) as staging:
+            yield Folder(str(staging))
+        return
+    out.create()
+    out.write_text(UNDERWAY_FILE, "")
+    for name in (RECORD_FILE, SUBMISSION_FILE, PREDICTIONS_DIR):
+        out.delete(name)
+    yield out
+    out.delete(UNDERWAY_FILE)
+
+
+def actor_resources(config: PredictConfig, cpus: int) -> dict:
+    """What each scoring actor asks Ray for; a GPU only when asked for."""
+    return {"num_cpus": cpus, **({"num_gpus": config.gpus_per_actor} if config.gpus_per_actor else {})}
+
+
+class DigitPredictor:
+    """One per scoring actor: loads the models once, then predicts whole batches.
+
+    A model that will not load is reported by the first batch, not by the constructor: Ray
+    keeps the error of a failed batch intact, where a failed actor constructor reaches the
+    driver as text inside an ActorDiedError (and is printed on the console besides, even when
+    the pipeline has already failed for another reason and the models are gone)."""
+
+    def __init__(self, models: list, names: list[str], cpus: int, tta: int = 0):
+        from digit_models.tf_setup import configure_tensorflow
+
+        configure_tensorflow(cpus)
+        self.views = 1 + tta
+        self.models, self.error = [], None
+        try:
+            self.models = [self._load(model, name) for model, name in zip(models, names)]
+        except Exception as exc:  # noqa: BLE001  (raised again by the first batch)
+            self.error = exc
+
+    @staticmethod
+    def _load(model, name: str):
+        import ray
+
+        from digit_models.models import load_model_file
+        from digit_models.tf_setup import tf
+
+        with tempfile.TemporaryDirectory(prefix="digits-model-") as directory:
+            path = os.path.join(directory, "model.keras")
+            Path(path).write_bytes(ray.get(model))
+            loaded = load_model_file(path, name=name)
+        # One traced graph for every batch size: faster per call than predict_on_batch.
+        return tf.function(lambda images: loaded(images, training=False),
+                           input_signature=[tf.TensorSpec([None, 28, 28], tf.uint8)])
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from digit_models.augmentation import tta_view
+
+        if self.error:
+            raise self.error
+        views = [batch["image"], *(tta_view(batch["image"], view).numpy()
+                                   for view in range(1, self.views))]
+        probabilities = np.mean([model(images).numpy()
+                                 for model in self.models for images in views],
+                                axis=0, dtype=np.float32)
+        return {
+            "ImageId": batch["ImageId"].astype(np.int32),
+            "Label": probabilities.argmax(axis=1).astype(np.int32),
+            "Confidence": probabilities.max(axis=1),
+            **{column: probabilities[:, digit] for digit, column in enumerate(PROBABILITY_COLUMNS)},
+        }
+
+
+# ---------------------------------------------------------------------------- submission.csv
+
+def write_submission(target: Folder, images: int, own_ids: bool, source: str) -> None:
+    """Kaggle's format exactly (`ImageId,Label`, one row per image, ImageId ascending), from
+    the ImageId and Label columns of the written predictions, after checking that every
+    ImageId of the input is there exactly once."""
+    written = pads.dataset(f"{target.path}/{PREDICTIONS_DIR}", filesystem=target.fs, format="parquet")
+    batches = (batch for batch in written.to_batches(columns=["ImageId", "Label"], batch_size=1 << 20))
+    ids, labels = (_sorted_own_ids if own_ids else _labels_by_row)(batches, images, source)
+    with target.open_output(SUBMISSION_FILE) as stream:
+        stream.write(b"ImageId,Label\n")
+        for start in range(0, len(labels), 1 << 20):
+            part = slice(start, start + (1 << 20))
+            pacsv.write_csv(pa.table({"ImageId": ids[part], "Label": labels[part]}), stream,
+                            write_options=pacsv.WriteOptions(include_header=False))
+
+
+def _labels_by_row(batches, images: int, source: str) -> tuple[np.ndarray, np.ndarray]:
+    """For ImageIds 1..images: one byte per image, filled in as predictions arrive."""
+    unseen = 255
+    labels = np.full(images, unseen, np.uint8)
+    for batch in batches:
+        positions = batch.column("ImageId").to_numpy() - 1
+        if len(positions) and (positions.min() < 0 or positions.max() >= images):
+            raise DigitsError(f"{source}: the pipeline returned ImageIds outside 1-{images}; "
+                              "not writing a submission")
+        if (labels[positions] != unseen).any() or len(np.unique(positions)) < len(positions):
+            raise DigitsError(f"{source}: the pipeline returned some ImageIds twice; "
+                              "not writing a submission")
+        labels[positions] = batch.column("Label").to_numpy()
+    missing = np.flatnonzero(labels == unseen)
+    if len(missing):
+        raise DigitsError(f"{source}: the pipeline returned no prediction for ImageId "
+                          f"{missing[0] + 1} ({len(missing)} missing); not writing a submission")
+    return np.arange(1, images + 1, dtype=np.int32), labels
+
+
+def _sorted_own_ids(batches, images: int, source: str) -> tuple[np.ndarray, np.ndarray]:
+    """For an input's own ImageIds: five bytes per image, sorted."""
+    parts = [(batch.column("ImageId").to_numpy(), batch.column("Label").to_numpy().astype(np.uint8))
+             for batch in batches]
+    ids = np.concatenate([part[0] for part in parts]) if parts else np.zeros(0, np.int32)
+    labels = np.concatenate([part[1] for part in parts]) if parts else np.zeros(0, np.uint8)
+    order = np.argsort(ids, kind="stable")
+    ids, labels = ids[order], labels[order]
+    repeated = np.flatnonzero(ids[1:] == ids[:-1])
+    if len(repeated):
+        raise DigitsError(f"{source}: column ImageId: {ids[repeated[0]]} appears more than once")
+    if len(ids) != images:
+        raise DigitsError(f"{source}: the pipeline returned {len(ids)} predictions for {images} "
+                          "images; not writing a submission")
+    return ids, labels
