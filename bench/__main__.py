@@ -70,6 +70,8 @@ def main() -> None:
                 "fixed_cost": scoring.fixed_cost(run, run_dir / "model.keras", test_csv, args.repeats),
                 "scale": scoring.scale(run, run_dir / "model.keras", test_csv, sizes,
                                        actors=[1] if args.quick else [1, 2])}
+            if not args.quick:  # a cluster of its own: not beside the test suite's Ray
+                results["scoring"]["two_node_cluster"] = scoring.two_node_cluster(run, run_dir, test_csv)
     results["ratios"] = report.ratios(results)
     results["wall_s"] = round(time.time() - started, 1)
     _write(results, Path(args.results_dir), Path(args.markdown))

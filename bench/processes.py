@@ -17,11 +17,11 @@ class Processes:
     def __init__(self, scratch: Path):
         self.scratch = scratch
 
-    def digits(self, *args: str) -> float:
+    def digits(self, *args: str, env: dict | None = None) -> float:
         """Runs a `digits` command to completion; returns its wall time."""
         began = time.perf_counter()
         done = subprocess.run([PYTHON, "-m", "digit_models.cli", *args], cwd=REPO,
-                              capture_output=True, text=True)
+                              env={**os.environ, **(env or {})}, capture_output=True, text=True)
         if done.returncode != 0:
             sys.exit(f"bench: `digits {' '.join(args)}` failed:\n{done.stderr[-3000:]}")
         return time.perf_counter() - began

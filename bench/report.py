@@ -106,6 +106,13 @@ def _scoring_tables(scoring: dict) -> list[str]:
              "| " + " | ".join(k.replace("_", " ") for k in fixed["startup"] if k != "process_s") + " |",
              "|" + "---|" * (len(fixed["startup"]) - 1),
              "| " + " | ".join(f"{v:.2f}" for k, v in fixed["startup"].items() if k != "process_s") + " |"]
+    cluster = scoring.get("two_node_cluster")
+    if cluster:
+        lines += ["", f"On `cluster/local_cluster.sh start 2` ({cluster['cluster_nodes']} nodes: a head "
+                  "without CPUs and two worker nodes of one CPU each), 2 actors scored test.csv in "
+                  f"{cluster['cluster_2_actors_wall_s']:.1f} s (the embedded Ray with 1 actor: "
+                  f"{cluster['embedded_1_actor_wall_s']:.1f} s); submission.csv byte-identical to the "
+                  f"embedded run's: {cluster['identical_submissions']}."]
     rows = scoring.get("scale", {}).get("rows", [])
     if rows:
         lines += ["", "## Scoring at scale", "",

@@ -90,7 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--batch-size", type=int, default=scoring.batch_size,
                          help=f"images per model call (default {scoring.batch_size})")
     predict.add_argument("--actors", type=int, default=scoring.actors,
-                         help=f"concurrent scoring actors (default {scoring.actors})")
+                         help="concurrent scoring actors (default: one for the Kaggle test set, "
+                              "more for inputs of more than about half a million images, up to one "
+                              "per CPU)")
     predict.add_argument("--cpus-per-actor", type=int, default=scoring.cpus_per_actor,
                          help="default: the cluster's CPUs split between the actors")
     predict.add_argument("--gpus-per-actor", type=float, default=scoring.gpus_per_actor,
@@ -135,7 +137,7 @@ def run_data(args) -> None:
 
 
 def run_train(args) -> None:
-    from digit_models.training import resume, train
+    from digit_models.train import resume, train
 
     if args.resume:
         if args.data or args.out or args.preset:

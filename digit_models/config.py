@@ -103,7 +103,7 @@ class PredictConfig:
     input: str
     out: str
     batch_size: int = 1024
-    actors: int = 1
+    actors: int | None = None  # None: one per ACTOR_IMAGE_BYTES of input, up to one per CPU
     cpus_per_actor: int | None = None  # None: the CPUs Ray has, split between the actors
     gpus_per_actor: float = 0.0
     tta: int = 0  # extra test-time views averaged with each image's own prediction
@@ -113,7 +113,7 @@ class PredictConfig:
             raise DigitsError(f"--tta {self.tta}: must be 0 to {MAX_TTA}")
         if not self.runs:
             raise DigitsError("--run: give at least one run directory")
-        for value, flag in ((self.batch_size, "--batch-size"), (self.actors, "--actors")):
+        for value, flag in ((self.batch_size, "--batch-size"), (self.actors or 1, "--actors")):
             if value < 1:
                 raise DigitsError(f"{flag} {value}: must be at least 1")
         if self.cpus_per_actor is not None and self.cpus_per_actor < 1:

@@ -116,10 +116,10 @@ def read_kaggle_csv(location: str, labelled: bool, limit: int | None = None) -> 
 
 def pixels_of(table: pa.Table) -> np.ndarray:
     """The pixel columns as (n, 28, 28) uint8 images."""
-    pixels = np.empty((table.num_rows, 784), np.uint8)
-    for index, column in enumerate(PIXEL_COLUMNS):
-        pixels[:, index] = table.column(column).to_numpy()
-    return pixels.reshape(-1, 28, 28)
+    # np.stack copies in a cache-friendly order; filling the result's strided columns one at a
+    # time is several times slower.
+    columns = [table.column(column).to_numpy() for column in PIXEL_COLUMNS]
+    return np.stack(columns, axis=1).reshape(-1, 28, 28)
 
 
 def read_csv_chunks(location: str, labelled: bool, limit: int | None = None,

@@ -37,7 +37,7 @@ import pyarrow.dataset as pads
 from digit_models.config import PredictConfig
 from digit_models.errors import DigitsError
 from digit_models.files import Folder, is_uri, require_output_folder, staged_dir
-from digit_models.predict_input import Inspections, images_datasource, open_input
+from digit_models.predict_input import BLOCK_ROWS, Inspections, images_datasource, open_input
 from digit_models.ray_runtime import cpus_per_process, on_this_node, put_for_session, ray_session
 from digit_models.run_dir import RunDir
 
@@ -46,6 +46,7 @@ SUBMISSION_FILE = "submission.csv"  # Kaggle's ImageId,Label
 RECORD_FILE = "predict.json"  # what was scored, with what, how fast; written last
 UNDERWAY_FILE = "predict.underway"  # remote outputs only: a run is (or was) writing here
 PROBABILITY_COLUMNS = [f"prob_{digit}" for digit in range(10)]
+ACTOR_IMAGE_BYTES = 384 << 20  # about 500,000 images: see default_actors
 ROWS_PER_FILE = 16_384  # Parquet files of about 0.9 MB, however small Ray's blocks are
 
 
@@ -68,18 +69,21 @@ def predict(config: PredictConfig, address: str | None = None) -> dict:
         ray_started = time.time()
         local_input = {} if is_uri(config.input) else on_this_node()
         inspections = Inspections(source, tasks=8, **local_input)
-        cpus = config.cpus_per_actor or cpus_per_process(config.actors)
+        actors = config.actors or default_actors(source)
+        cpus = config.cpus_per_actor or cpus_per_process(actors)
         images = ray.data.read_datasource(images_datasource(source, inspections), num_cpus=0,
                                           override_num_blocks=len(source.files),
-                                          concurrency=min(len(source.files), 2 * config.actors),
+                                          concurrency=min(len(source.files), 2 * actors),
                                           **local_input)
         predictions = images.map_batches(
             DigitPredictor,
             fn_constructor_kwargs={"models": [put_for_session(model) for model in models],
                                    "names": [run.child(run.MODEL) for run in runs],
-                                   "cpus": cpus, "tta": config.tta},
-            batch_size=config.batch_size, batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=config.actors), **actor_resources(config, cpus))
+                                   "cpus": cpus, "batch_size": config.batch_size, "tta": config.tta},
+            # Ray Data hands each actor whole blocks (its per-batch overhead is paid once per
+            # block); the actor calls the model on config.batch_size images at a time.
+            batch_size=BLOCK_ROWS, batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=actors), **actor_resources(config, cpus))
         # Writing is light: at zero CPUs it never waits for the actors to free theirs.
         predictions.write_parquet(target.child(PREDICTIONS_DIR), min_rows_per_file=ROWS_PER_FILE,
                                   ray_remote_args={"num_cpus": 0, **({} if is_uri(config.out) else on_this_node())})
@@ -94,7 +98,8 @@ def predict(config: PredictConfig, address: str | None = None) -> dict:
             "input": config.input if is_uri(config.input) else str(Path(config.input).resolve()),
             "input_files": files,
             "images": images_total,
-            "actors": config.actors,
+            "nodes": sum(node["Alive"] for node in ray.nodes()),
+            "actors": actors,
             "cpus_per_actor": cpus,
             "gpus_per_actor": config.gpus_per_actor,
             "batch_size": config.batch_size,
@@ -130,6 +135,16 @@ def _writing_into(out: Folder):
     out.delete(UNDERWAY_FILE)
 
 
+def default_actors(source) -> int:
+    """One scoring actor for an input of up to ACTOR_IMAGE_BYTES of images, where a second one
+    would cost more to start than it saves; one per ACTOR_IMAGE_BYTES beyond, up to one per
+    CPU of the cluster."""
+    import ray
+
+    wanted = -(-source.image_bytes // ACTOR_IMAGE_BYTES)
+    return max(1, min(wanted, int(ray.cluster_resources().get("CPU", 1))))
+
+
 def actor_resources(config: PredictConfig, cpus: int) -> dict:
     """What each scoring actor asks Ray for; a GPU only when asked for."""
     return {"num_cpus": cpus, **({"num_gpus": config.gpus_per_actor} if config.gpus_per_actor else {})}
@@ -143,11 +158,11 @@ class DigitPredictor:
     driver as text inside an ActorDiedError (and is printed on the console besides, even when
     the pipeline has already failed for another reason and the models are gone)."""
 
-    def __init__(self, models: list, names: list[str], cpus: int, tta: int = 0):
+    def __init__(self, models: list, names: list[str], cpus: int, batch_size: int, tta: int = 0):
         from digit_models.tf_setup import configure_tensorflow
 
         configure_tensorflow(cpus)
-        self.views = 1 + tta
+        self.batch_size, self.views = batch_size, 1 + tta
         self.models, self.error = [], None
         try:
             self.models = [self._load(model, name) for model, name in zip(models, names)]
@@ -174,11 +189,13 @@ class DigitPredictor:
 
         if self.error:
             raise self.error
-        views = [batch["image"], *(tta_view(batch["image"], view).numpy()
-                                   for view in range(1, self.views))]
-        probabilities = np.mean([model(images).numpy()
-                                 for model in self.models for images in views],
-                                axis=0, dtype=np.float32)
+        images = batch["image"]
+        probabilities = np.empty((len(images), 10), np.float32)
+        for start in range(0, len(images), self.batch_size):
+            part = images[start:start + self.batch_size]
+            views = [part, *(tta_view(part, view).numpy() for view in range(1, self.views))]
+            probabilities[start:start + len(part)] = np.mean(
+                [model(view).numpy() for model in self.models for view in views], axis=0)
         return {
             "ImageId": batch["ImageId"].astype(np.int32),
             "Label": probabilities.argmax(axis=1).astype(np.int32),
@@ -199,13 +216,15 @@ def write_submission(target: Folder, images: int, own_ids: bool, source: str) ->
     with target.open_output(SUBMISSION_FILE) as stream:
         stream.write(b"ImageId,Label\n")
         for start in range(0, len(labels), 1 << 20):
-            part = slice(start, start + (1 << 20))
-            pacsv.write_csv(pa.table({"ImageId": ids[part], "Label": labels[part]}), stream,
+            end = min(start + (1 << 20), len(labels))
+            part_ids = ids[start:end] if ids is not None else np.arange(start + 1, end + 1, dtype=np.int32)
+            pacsv.write_csv(pa.table({"ImageId": part_ids, "Label": labels[start:end]}), stream,
                             write_options=pacsv.WriteOptions(include_header=False))
 
 
-def _labels_by_row(batches, images: int, source: str) -> tuple[np.ndarray, np.ndarray]:
-    """For ImageIds 1..images: one byte per image, filled in as predictions arrive."""
+def _labels_by_row(batches, images: int, source: str) -> tuple[None, np.ndarray]:
+    """For ImageIds 1..images: one byte per image, filled in as predictions arrive (the ids
+    are the positions)."""
     unseen = 255
     labels = np.full(images, unseen, np.uint8)
     for batch in batches:
@@ -221,7 +240,7 @@ def _labels_by_row(batches, images: int, source: str) -> tuple[np.ndarray, np.nd
     if len(missing):
         raise DigitsError(f"{source}: the pipeline returned no prediction for ImageId "
                           f"{missing[0] + 1} ({len(missing)} missing); not writing a submission")
-    return np.arange(1, images + 1, dtype=np.int32), labels
+    return None, labels
 
 
 def _sorted_own_ids(batches, images: int, source: str) -> tuple[np.ndarray, np.ndarray]:

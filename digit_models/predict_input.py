@@ -44,8 +44,9 @@ class PredictInput:
     own_ids: bool  # Parquet files carrying an ImageId column
 
     @property
-    def bytes(self) -> int:
-        return sum(self.sizes)
+    def image_bytes(self) -> int:
+        """About how many bytes the images take in memory."""
+        return sum(_in_memory_bytes(self.kind, size) for size in self.sizes)
 
 
 def open_input(location: str) -> PredictInput:
@@ -160,9 +161,8 @@ def _read_parquet(location: str, first_id: int | None):
         batches = pq.ParquetFile(path, filesystem=fs).iter_batches(
             batch_size=PARQUET_BATCH_ROWS, columns=PIXEL_COLUMNS + (["ImageId"] if first_id is None else []))
         for batch in batches:
-            pixels = np.empty((batch.num_rows, 784), np.uint8)
-            for index, column in enumerate(PIXEL_COLUMNS):
-                pixels[:, index] = _checked(batch.column(column), column, 0, 255, location, rows_before)
+            pixels = np.stack([_checked(batch.column(column), column, 0, 255, location, rows_before)
+                               for column in PIXEL_COLUMNS], axis=1).astype(np.uint8, copy=False)
             if first_id is None:
                 ids = _checked(batch.column("ImageId"), "ImageId", 1, MAX_IMAGE_ID, location, rows_before)
             else:
@@ -179,6 +179,8 @@ def _checked(column: pa.Array, name: str, low: int, high: int, source: str, rows
         row = int(np.flatnonzero(column.is_null().to_numpy(zero_copy_only=False))[0])
         raise DigitsError(f"{source}: row {rows_before + row + 1}, column {name}: missing value")
     values = column.to_numpy()
+    if column.type == pa.uint8() and (low, high) == (0, 255):
+        return values  # the type holds no other values
     bad = np.flatnonzero((values < low) | (values > high))
     if len(bad):
         raise DigitsError(f"{source}: row {rows_before + bad[0] + 1}, column {name}: "
@@ -245,7 +247,7 @@ def images_datasource(source: PredictInput, inspections: Inspections):
 
     class ImagesDatasource(Datasource):
         def estimate_inmemory_data_size(self) -> int:
-            return sum(_in_memory_bytes(source.kind, size) for size in source.sizes)
+            return source.image_bytes
 
         def get_read_tasks(self, parallelism, per_task_row_limit=None, data_context=None):
             return [ReadTask(lambda index=index: read(index),

@@ -65,7 +65,7 @@ def shared_ray_env(ray_local) -> dict:
 def dense_run(tmp_path_factory, kaggle_dir, ray_local) -> Path:
     """The seed's dense net trained by 2 workers for 3 epochs on the 2,000-row slice."""
     from digit_models.config import TrainConfig
-    from digit_models.training import train
+    from digit_models.train import train
 
     run_dir = tmp_path_factory.mktemp("runs") / "dense-2w"
     train(TrainConfig(data=str(kaggle_dir), out=str(run_dir), model="dense", workers=2, epochs=3,
@@ -77,7 +77,7 @@ def dense_run(tmp_path_factory, kaggle_dir, ray_local) -> Path:
 def cnn_run(tmp_path_factory, kaggle_dir, ray_local) -> Path:
     """The seed's CNN, 1 worker, 2 epochs on the slice."""
     from digit_models.config import TrainConfig
-    from digit_models.training import train
+    from digit_models.train import train
 
     run_dir = tmp_path_factory.mktemp("runs") / "cnn-1w"
     train(TrainConfig(data=str(kaggle_dir), out=str(run_dir), model="cnn", workers=1, epochs=2))

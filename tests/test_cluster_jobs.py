@@ -103,4 +103,4 @@ def test_train_then_score_through_ray_job_submit(local_cluster, tmp_path, kaggle
     submission = (tmp_path / "scored" / "submission.csv").read_text().splitlines()
     assert submission[0] == "ImageId,Label" and len(submission) == SLICE_TEST_ROWS + 1
     assert json.loads((tmp_path / "scored" / "predict.json").read_text())["images"] == SLICE_TEST_ROWS
-    assert not (tmp_path / "scored" / "scoring.underway").exists()
+    assert not (tmp_path / "scored" / "predict.underway").exists()

@@ -15,7 +15,7 @@ import pytest
 
 from digit_models.kaggle_csv import (PIXEL_COLUMNS, TRAIN_COLUMNS, read_test_csv, read_train_csv,
                                      resolve_train_csv, write_kaggle_csv)
-from digit_models.training import validation_split
+from digit_models.train import validation_split
 from digit_models.errors import DigitsError
 from digit_models.data import build_kaggle_files
 from digit_models.mnist_source import read_wheel, restricted_loads

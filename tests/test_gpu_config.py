@@ -9,7 +9,7 @@ import sys
 from digit_models.cli import _train_config, build_parser
 from digit_models.config import PredictConfig
 from digit_models.predict import actor_resources
-from digit_models.training import scaling_config
+from digit_models.train import scaling_config
 from tests.conftest import REPO
 
 

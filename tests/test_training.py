@@ -16,7 +16,7 @@ import ray.cloudpickle
 from digit_models.kaggle_csv import read_test_csv
 from digit_models.errors import DigitsError
 from digit_models.config import TrainConfig
-from digit_models.training import train
+from digit_models.train import train
 from tests.conftest import run_digits
 
 # The worker functions below live in this test module; ship them by value.
@@ -77,7 +77,7 @@ def _skewed_metric_train_func(config: dict) -> None:
     import tensorflow as tf
     import tf_keras as keras
 
-    from digit_models.training import SynchronizedTargetStop
+    from digit_models.train_worker import SynchronizedTargetStop
 
     rank = ray.train.get_context().get_world_rank()
     strategy = tf.distribute.MultiWorkerMirroredStrategy()

@@ -1,0 +1,162 @@
+"""`digits train`: data-parallel training on Ray Train, the driver side (train_worker.py is what
+each worker runs): read and check train.csv, split off the validation rows, hand both to Ray
+Train's TensorflowTrainer, and write the run directory.
+
+The driver puts the rows into Ray's object store once; each worker takes its own share from
+there, so workers on other machines never read the driver's disk. The driver imports no
+TensorFlow of its own (Ray Train's TensorFlow backend still does, once Ray is up).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import platform
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+import digit_models
+from digit_models.config import TrainConfig
+from digit_models.errors import DigitsError
+from digit_models.kaggle_csv import file_sha256, read_train_csv, resolve_train_csv
+from digit_models.ray_runtime import call_interruptibly, cpus_per_process, ray_session
+from digit_models.run_dir import RunDir
+
+
+def train(config: TrainConfig, address: str | None = None) -> dict:
+    """Trains on Ray and writes RUN_DIR/model.keras and run.json; returns run.json's content.
+
+    Input is read and validated before Ray starts or anything is written. Ray is the one
+    already connected, else the cluster at `address`, else an embedded local one. While the
+    run trains, RUN_DIR holds started.json (what `resume` needs) and Ray's checkpoints;
+    model.keras and then run.json appear only at the end, each atomically, so a run dir
+    without run.json is an unfinished run.
+    """
+    config.validate()
+    run_dir = RunDir(config.out)
+    run_dir.require_new()
+    return _run(config, run_dir, address, started=None)
+
+
+def resume(run_dir: str, address: str | None = None) -> dict:
+    """Continues an unfinished run (driver stopped by Ctrl-C, SIGTERM or a lost machine) from
+    its last checkpoint, with its original configuration and the same training data."""
+    folder = RunDir(run_dir)
+    started = folder.read_started()
+    try:
+        config = TrainConfig(**started["config"])
+    except (TypeError, KeyError) as exc:
+        raise DigitsError(f"{folder.child(folder.STARTED)}: unreadable ({exc})") from None
+    config.validate()
+    return _run(config, folder, address, started=started)
+
+
+def train_func(loop_config: dict) -> dict:
+    """What every Ray Train worker runs (train_worker.py, imported there: TensorFlow is loaded
+    by the workers, not by whoever unpickles this function)."""
+    from digit_models.train_worker import run_worker
+
+    return run_worker(loop_config)
+
+
+def _run(config: TrainConfig, run_dir: RunDir, address: str | None, started: dict | None) -> dict:
+    train_csv = resolve_train_csv(config.data)
+    digits = read_train_csv(train_csv, limit=config.limit)
+    data_sha256 = file_sha256(train_csv)
+    if started and started["data"]["sha256"] != data_sha256:
+        raise DigitsError(f"{train_csv}: changed since the run started (sha256 {data_sha256}, "
+                          f"was {started['data']['sha256']}); cannot resume on different data")
+    train_rows, val_rows = validation_split(len(digits), config.val_fraction, config.seed)
+    too_few_val = config.val_fraction > 0 and len(val_rows) < config.workers
+    if len(train_rows) // config.workers < config.batch_size or too_few_val:
+        raise DigitsError(f"{train_csv}: {len(digits)} rows are too few for {config.workers} "
+                          f"worker(s) with --batch-size {config.batch_size} and "
+                          f"--val-fraction {config.val_fraction}")
+    clock = time.time()
+    with ray_session(address, dashboard=True):
+        import ray
+        import ray.train
+        from ray.train.tensorflow import TensorflowTrainer
+
+        now = _utc(clock)
+        if started:
+            started["resumed_at"].append(now)
+        else:
+            started = {"config": asdict(config), "started_at": now, "resumed_at": [],
+                       "data": {"train_csv": train_csv, "sha256": data_sha256,
+                                "rows_read": len(digits), "train_rows": len(train_rows),
+                                "validation_rows": len(val_rows)}}
+        run_dir.write_started(started)
+        shares = {name: {"images": ray.put(digits.images[rows]), "labels": ray.put(digits.labels[rows]),
+                         "rows": ray.put(rows.astype(np.int64))}
+                  for name, rows in (("train", train_rows), ("validation", val_rows))}
+        trainer = TensorflowTrainer(
+            train_func,
+            train_loop_config={"config": asdict(config), "rows_total": len(digits), **shares},
+            scaling_config=scaling_config(config),
+            # The same name and storage path on resume: Ray Train then restores its
+            # checkpoint bookkeeping and hands the workers the latest checkpoint.
+            run_config=ray.train.RunConfig(
+                name=RunDir.CHECKPOINTS, storage_path=run_dir.location,
+                failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+                logging_config=ray.train.LoggingConfig(log_level="WARNING")),
+        )
+        result = call_interruptibly(trainer.fit)
+    outcome = result.return_value
+    with tempfile.TemporaryDirectory(prefix="digits-model-") as staging:
+        result.checkpoint.to_directory(staging)
+        run_dir.write_bytes(RunDir.MODEL, Path(staging, RunDir.MODEL).read_bytes())
+    summary = {
+        "model": config.model,
+        "workers": config.workers,
+        "batch_size_per_worker": config.batch_size,
+        "global_batch_size": config.batch_size * config.workers,
+        "collective": "NCCL" if config.gpus_per_worker else "RING",
+        "epochs_planned": config.epochs,
+        "epochs_run": outcome["epochs_done"],
+        "stop_reason": outcome["stop_reason"],
+        "history": outcome["history"],
+        "shards": outcome["shards"],
+        "restarts": outcome["restarts"],
+        "data": started["data"],
+        "config": asdict(config),
+        "versions": library_versions(),
+        "model_file": RunDir.MODEL,
+        "started_at": started["started_at"],
+        "resumed_at": started["resumed_at"],
+        "wall_s": round(time.time() - clock, 2),
+    }
+    run_dir.write_run(summary)
+    return summary
+
+
+def validation_split(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded row indices (train, validation); the validation part is round(n * fraction)."""
+    order = np.random.default_rng(seed).permutation(n)
+    n_val = int(round(n * fraction))
+    return np.sort(order[n_val:]), np.sort(order[:n_val])
+
+
+def scaling_config(config: TrainConfig):
+    import ray.train
+
+    cpus = config.cpus_per_worker or cpus_per_process(config.workers)
+    resources = {"CPU": cpus}
+    if config.gpus_per_worker:
+        resources["GPU"] = config.gpus_per_worker
+    return ray.train.ScalingConfig(num_workers=config.workers, use_gpu=config.gpus_per_worker > 0,
+                                   resources_per_worker=resources)
+
+
+def library_versions() -> dict:
+    return {"digit_models": digit_models.__version__, "python": platform.python_version(),
+            **{name: importlib.metadata.version(name)
+               for name in ("tensorflow", "tf_keras", "ray", "numpy", "pandas", "pyarrow")}}
+
+
+def _utc(timestamp: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp))

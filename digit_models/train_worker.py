@@ -1,0 +1,281 @@
+"""The worker side of `digits train`: what every Ray Train worker runs (train.py is the driver).
+
+Each worker takes its own rows of the training set from the object store (every `world`-th row
+from its rank on, so no two workers share a row), keeps them in memory, and trains the
+registered model under MultiWorkerMirroredStrategy: gradients are all-reduced every step, and
+the global batch is the per-worker batch times the number of workers.
+After every epoch each worker reports its metrics and rank 0 a checkpoint (model, optimizer
+state, history) through `ray.train.report`; a restarted worker group resumes from it.
+
+The accuracy target is decided collectively: every worker votes whether its metric reached the
+target, the votes are all-reduced, and all workers stop at the same epoch. A worker deciding
+alone would leave `fit()` while the others wait forever in the next step's all-reduce.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from digit_models.tf_setup import configure_tensorflow, keras, tf  # before Ray Train's TensorFlow
+import ray
+import ray.train
+
+from digit_models.augmentation import Augmentation, random_affine
+from digit_models.config import TrainConfig
+from digit_models.errors import DigitsError
+from digit_models.kaggle_csv import NUM_CLASSES
+from digit_models.models import build_model
+from digit_models.run_dir import RunDir
+
+# Training steps per call from Python into TensorFlow: for the seed's small dense net the
+# round trip of a call would be most of each step.
+STEPS_PER_EXECUTION = 16
+
+
+def run_worker(loop_config: dict) -> dict:
+    """Trains this worker's share; returns (all ranks alike) the history and the stop reason."""
+    config = TrainConfig(**loop_config["config"])
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    cpus = int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))
+    configure_tensorflow(cpus, config.mixed_precision)
+    _quiet_report_logging()
+
+    strategy = tf.distribute.MultiWorkerMirroredStrategy(communication_options=communication(config))
+    train_x, train_y, train_rows = own_rows(loop_config["train"], rank, world)
+    val_x, val_y, val_rows = own_rows(loop_config["validation"], rank, world)
+    shards = _shard_report(strategy, rank, world, train_rows, val_rows, loop_config["rows_total"])
+    # Every worker must run the same number of steps, or one waits forever in an all-reduce.
+    train_size, val_size = min(shards["train_rows"]), min(shards["validation_rows"])
+    steps = train_size // config.batch_size
+    if steps == 0:
+        raise DigitsError(f"each worker has {train_size} training rows, fewer than one batch of "
+                          f"{config.batch_size}; use more rows or a smaller --batch-size")
+    replicas_here = strategy.num_replicas_in_sync // world
+    augmentation = Augmentation() if config.augment else None
+    train_data = strategy.distribute_datasets_from_function(lambda _: _batches(
+        train_x[:train_size], train_y[:train_size], config.batch_size // replicas_here, cpus,
+        shuffle_seed=config.seed * 1000 + rank, augmentation=augmentation))
+    validation = {}
+    if val_size:
+        val_batch = max(config.batch_size, 256)
+        validation = dict(
+            validation_data=strategy.distribute_datasets_from_function(lambda _: _batches(
+                val_x[:val_size], val_y[:val_size], val_batch // replicas_here, cpus)),
+            validation_steps=-(-val_size // val_batch))
+
+    state = {"epochs_done": 0, "history": [], "restarts": []}
+    checkpoint = ray.train.get_checkpoint()
+    with strategy.scope():
+        if checkpoint:
+            with checkpoint.as_directory() as directory:
+                state = json.loads(Path(directory, RunDir.STATE).read_text())
+                model = keras.models.load_model(Path(directory, RunDir.MODEL))
+            state["restarts"].append({"resumed_after_epoch": state["epochs_done"]})
+        else:
+            model = build_model(config.model)
+            model.compile(optimizer=keras.optimizers.Adam(learning_rate(config, steps)),
+                          loss=keras.losses.CategoricalCrossentropy(
+                              label_smoothing=config.label_smoothing),
+                          metrics=["accuracy"], steps_per_execution=STEPS_PER_EXECUTION)
+
+    target_stop = SynchronizedTargetStop(strategy, config.target_metric, config.target)
+    callbacks = [target_stop,
+                 EpochHistory(config, state, target_stop, images_per_epoch=steps * config.batch_size * world),
+                 Checkpointing(rank, state),
+                 *([ProgressLine(config.epochs, state)] if rank == 0 else [])]
+    if state.get("stop_reason") is None and state["epochs_done"] < config.epochs:
+        model.fit(train_data, epochs=config.epochs, initial_epoch=state["epochs_done"],
+                  steps_per_epoch=steps, callbacks=callbacks, verbose=0, **validation)
+    return {**state, "shards": shards}
+
+
+def communication(config: TrainConfig) -> tf.distribute.experimental.CommunicationOptions:
+    """The collective implementation, chosen rather than left to TensorFlow: NCCL between GPUs,
+    ring all-reduce over gRPC between CPUs."""
+    implementation = (tf.distribute.experimental.CommunicationImplementation.NCCL
+                      if config.gpus_per_worker else tf.distribute.experimental.CommunicationImplementation.RING)
+    return tf.distribute.experimental.CommunicationOptions(implementation=implementation)
+
+
+def own_rows(arrays: dict, rank: int, world: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """This worker's rows (every world-th, from its rank on) of the images, labels and row
+    numbers the driver put into the object store."""
+    images, labels, rows = ray.get([arrays["images"], arrays["labels"], arrays["rows"]])
+    return images[rank::world], labels[rank::world], rows[rank::world]
+
+
+def _quiet_report_logging() -> None:
+    """Ray Train 2.60 logs every report() at INFO on each worker through a logger named by its
+    source file, outside the `ray.train` hierarchy that RunConfig's LoggingConfig filters."""
+    from ray.train.v2._internal.execution import context as train_context
+
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+
+
+def learning_rate(config: TrainConfig, steps_per_epoch: int):
+    """The constant rate, or a linear warm-up from a tenth of it (one epoch, or a tenth of the
+    run if shorter: a 2-epoch run cannot spend half its steps warming up) followed by cosine
+    decay to zero at the last planned step (the optimizer's step count survives restarts)."""
+    if config.lr_schedule == "constant":
+        return config.learning_rate
+    warmup = min(steps_per_epoch, config.epochs * steps_per_epoch // 10)
+    return keras.optimizers.schedules.CosineDecay(
+        config.learning_rate / 10 if warmup else config.learning_rate,
+        decay_steps=config.epochs * steps_per_epoch - warmup,
+        warmup_target=config.learning_rate if warmup else None, warmup_steps=warmup)
+
+
+def _batches(images, labels, batch_size: int, cpus: int, shuffle_seed: int | None = None,
+             augmentation: Augmentation | None = None):
+    """Batches of (pixels, one-hot label); one-hot because only the categorical loss takes
+    label smoothing. With a shuffle seed: reshuffled, endless training batches, augmented
+    per batch from (seed, batch number) if asked."""
+    data = tf.data.Dataset.from_tensor_slices((images, tf.one_hot(labels, NUM_CLASSES)))
+    if shuffle_seed is None:
+        data = data.batch(batch_size)
+    else:
+        data = data.shuffle(len(images), seed=shuffle_seed, reshuffle_each_iteration=True)
+        data = data.batch(batch_size, drop_remainder=True).repeat()
+        if augmentation:
+            def augment(step, batch):
+                seed = tf.stack([tf.constant(shuffle_seed, tf.int64), step])
+                return random_affine(batch[0], seed, augmentation), batch[1]
+            data = data.enumerate().map(augment, num_parallel_calls=cpus)
+    options = tf.data.Options()
+    options.threading.private_threadpool_size = cpus
+    return data.prefetch(tf.data.AUTOTUNE).with_options(options)
+
+
+def all_reduce_sum(strategy, values) -> np.ndarray:
+    """Sums a float vector over every replica of every worker; all workers get the total."""
+    local = tf.constant(np.asarray(values, dtype=np.float32))
+    per_replica = strategy.run(lambda: tf.identity(local))
+    return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None).numpy()
+
+
+def _shard_report(strategy, rank: int, world: int, train_rows, val_rows, rows_total: int) -> dict:
+    """Row counts of every worker's shards, and whether any training row reached two workers
+    (one collective over a per-row count vector; with k replicas per worker counts are k-fold)."""
+    replicas_here = strategy.num_replicas_in_sync // world
+    counts = np.zeros(2 * world + rows_total, np.float32)
+    counts[rank] = len(train_rows)
+    counts[world + rank] = len(val_rows)
+    counts[2 * world + train_rows] = 1
+    totals = all_reduce_sum(strategy, counts) / replicas_here
+    per_row = totals[2 * world:]
+    return {
+        "train_rows": [int(n) for n in totals[:world]],
+        "validation_rows": [int(n) for n in totals[world:2 * world]],
+        "train_rows_seen_by_two_workers": int((per_row > 1).sum()),
+        "disjoint": bool(per_row.max(initial=0) <= 1),
+    }
+
+
+# ---------------------------------------------------------------------------- callbacks
+
+class SynchronizedTargetStop(keras.callbacks.Callback):
+    """Stops all workers at the end of the same epoch, once every replica's metric reached the
+    target. The decision is an all-reduce of the replicas' votes, so workers whose local
+    metric values differ still agree."""
+
+    def __init__(self, strategy, metric: str, target: float):
+        super().__init__()
+        self.strategy, self.metric, self.target = strategy, metric, target
+        self.reached_at_epoch: int | None = None
+
+    def on_epoch_end(self, epoch, logs=None):
+        value = (logs or {}).get(self.metric)
+        if value is None:
+            raise DigitsError(f"metric {self.metric!r} was not computed; have {sorted(logs or {})}")
+        votes = all_reduce_sum(self.strategy, [float(value >= self.target)])[0]
+        if votes >= self.strategy.num_replicas_in_sync:
+            self.reached_at_epoch = epoch + 1
+            self.model.stop_training = True
+
+
+class EpochHistory(keras.callbacks.Callback):
+    """Per epoch: metrics, throughput and times into the run's history, and whether and why
+    training stops (decided here, once, for the checkpoint and the record)."""
+
+    def __init__(self, config: TrainConfig, state: dict, target_stop: SynchronizedTargetStop,
+                 images_per_epoch: int):
+        super().__init__()
+        self.config, self.state, self.target_stop = config, state, target_stop
+        self.images_per_epoch = images_per_epoch
+        self.started = time.perf_counter() - sum(e["epoch_s"] for e in state["history"])
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch_started = time.perf_counter()
+        self.train_ended = None
+
+    def on_test_begin(self, logs=None):
+        self.train_ended = self.train_ended or time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        now = time.perf_counter()
+        train_s = (self.train_ended or now) - self.epoch_started
+        self.state["history"].append({
+            "epoch": epoch + 1, **{k: float(v) for k, v in (logs or {}).items()},
+            "images_per_s": self.images_per_epoch / train_s,
+            "epoch_s": now - self.epoch_started, "elapsed_s": now - self.started})
+        self.state["epochs_done"] = epoch + 1
+        if self.target_stop.reached_at_epoch is not None:
+            self.state["stop_reason"] = (f"target reached at epoch {epoch + 1} "
+                                         f"({self.config.target_metric} >= {self.config.target})")
+        elif epoch + 1 >= self.config.epochs:
+            self.state["stop_reason"] = "epochs exhausted"
+
+
+class Checkpointing(keras.callbacks.Callback):
+    """Per epoch: model, optimizer state and the run's state into a checkpoint, reported to
+    Ray Train with the epoch's metrics. Every worker saves (the strategy expects all to take
+    part); only rank 0's is kept."""
+
+    def __init__(self, rank: int, state: dict):
+        super().__init__()
+        self.rank, self.state = rank, state
+
+    def on_epoch_end(self, epoch, logs=None):
+        with tempfile.TemporaryDirectory(prefix="digits-ckpt-") as directory:
+            # The format named explicitly: tf-keras keeps "use the .keras format" in a
+            # thread-local that its first save resets to False in a non-main thread (Ray
+            # Train's), after which a "model.keras" would silently be written as HDF5.
+            self.model.save(os.path.join(directory, RunDir.MODEL), save_format="keras_v3")
+            Path(directory, RunDir.STATE).write_text(json.dumps(self.state))
+            checkpoint = ray.train.Checkpoint.from_directory(directory) if self.rank == 0 else None
+            ray.train.report({**self.state["history"][-1], "stop_reason": self.state.get("stop_reason")},
+                             checkpoint=checkpoint)
+
+
+class ProgressLine(keras.callbacks.Callback):
+    """One line per epoch on the console (rank 0's)."""
+
+    def __init__(self, epochs: int, state: dict):
+        super().__init__()
+        self.epochs, self.state = epochs, state
+
+    def on_epoch_end(self, epoch, logs=None):
+        # Straight to the process's stdout: Ray Train re-routes print() through logging, where
+        # TensorFlow's handlers would print the line twice. Ray forwards stdout.
+        sys.__stdout__.write(progress_line(self.state["history"][-1], self.epochs) + "\n")
+        sys.__stdout__.flush()
+
+
+def progress_line(entry: dict, epochs: int) -> str:
+    parts = [f"epoch {entry['epoch']}/{epochs}"]
+    for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
+        if key in entry:
+            parts.append(f"{key} {entry[key]:.4f}")
+    parts.append(f"{entry['images_per_s']:,.0f} img/s")
+    parts.append(f"epoch {entry['epoch_s']:.1f}s")
+    parts.append(f"elapsed {entry['elapsed_s']:.1f}s")
+    return "  ".join(parts)
