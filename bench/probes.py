@@ -74,6 +74,7 @@ def _time_steps(settings: dict) -> dict:
     """Milliseconds per step (medians of several timed runs of `calls` x STEPS_PER_EXECUTION
     steps, after a warm-up), as every worker sees them; rank 0's are returned."""
     import numpy as np
+    import ray.train
 
     from digit_models.config import TrainConfig
     from digit_models.models import build_model
@@ -81,8 +82,14 @@ def _time_steps(settings: dict) -> dict:
     from digit_models.train_worker import STEPS_PER_EXECUTION, communication
 
     configure_tensorflow(settings["cpus"])
+    if settings.get("inter_threads"):
+        tf.config.threading.set_inter_op_parallelism_threads(settings["inter_threads"])
     config = TrainConfig(model=settings["model"], batch_size=settings["batch"])
-    strategy = tf.distribute.MultiWorkerMirroredStrategy(communication_options=communication(config))
+    options = communication(config)
+    if settings.get("bytes_per_pack"):
+        options = tf.distribute.experimental.CommunicationOptions(
+            bytes_per_pack=settings["bytes_per_pack"], implementation=options.implementation)
+    strategy = tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (4096, 28, 28), dtype=np.uint8)
     labels = tf.one_hot(rng.integers(0, 10, 4096), 10)
@@ -118,17 +125,88 @@ def _time_steps(settings: dict) -> dict:
             strategy.run(reduce)
 
     @tf.function
+    def compute_all_reduce(iterator):
+        def step(x, y):
+            grads = gradients(x, y)
+            return tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, grads)
+        for _ in tf.range(STEPS_PER_EXECUTION):
+            strategy.run(step, args=next(iterator))
+
+    @tf.function
+    def compute_apply(iterator):
+        def step(x, y):
+            grads = gradients(x, y)
+            model.optimizer.apply_gradients(zip(grads, model.trainable_variables))
+        for _ in tf.range(STEPS_PER_EXECUTION):
+            strategy.run(step, args=next(iterator))
+
+    @tf.function
+    def compute_apply_counter(iterator):
+        def step(x, y):
+            grads = gradients(x, y)
+            model.optimizer.apply_gradients(zip(grads, model.trainable_variables))
+            model._train_counter.assign_add(1)
+        for _ in tf.range(STEPS_PER_EXECUTION):
+            strategy.run(step, args=next(iterator))
+
+    def all_reduce_as(dtype):
+        @tf.function
+        def reduce_all():
+            def reduce():
+                context = tf.distribute.get_replica_context()
+                return context.all_reduce(tf.distribute.ReduceOp.SUM,
+                                          [tf.ones_like(v, dtype=dtype) for v in model.trainable_variables])
+            for _ in tf.range(STEPS_PER_EXECUTION):
+                strategy.run(reduce)
+        return reduce_all
+
+    @tf.function
     def input_only(iterator):
         for _ in tf.range(STEPS_PER_EXECUTION):
             strategy.run(lambda x, y: tf.reduce_sum(x), args=next(iterator))
 
-    def fit():
-        model.fit(data, epochs=1, steps_per_epoch=STEPS_PER_EXECUTION, verbose=0)
+    class StepTimes(keras.callbacks.Callback):
+        """Times of every call of the train function (STEPS_PER_EXECUTION steps each)."""
+
+        def on_train_begin(self, logs=None):
+            self.ends = [time.perf_counter()]
+
+        def on_train_batch_end(self, batch, logs=None):
+            self.ends.append(time.perf_counter())
+
+    def whole_steps(variant: str) -> float:
+        """Keras's own steps, in one long fit (its per-fit set-up is not a step's cost), with
+        a variant of the step: "keras" (as Keras has it), or "DTYPE[xK]": the gradients of K
+        micro-batches all-reduced in DTYPE (digits' data_parallel_step)."""
+        import types
+
+        from digit_models.train_worker import data_parallel_step
+
+        dtype, _, micro = variant.partition("x")
+        micro = int(micro or 1)
+        if dtype == "keras":
+            model.train_step = types.MethodType(type(model).train_step, model)
+        else:
+            model.train_step = types.MethodType(data_parallel_step(getattr(tf, dtype), micro), model)
+        model.distribute_reduction_method = settings["reduction"]
+        model.train_function = None
+        rows = config.batch_size * micro
+        steps = strategy.distribute_datasets_from_function(lambda _: tf.data.Dataset.from_tensor_slices(
+            (images, labels)).shuffle(4096).batch(rows, drop_remainder=True).repeat().prefetch(2))
+        times = StepTimes()
+        model.fit(steps, epochs=1, steps_per_epoch=STEPS_PER_EXECUTION * (settings["calls"] + 2),
+                  callbacks=[times], verbose=0)
+        calls = np.diff(times.ends)[2:]  # after a warm-up
+        return float(np.median(calls)) * 1000 / STEPS_PER_EXECUTION / micro
 
     timed = {"compute": lambda: compute(batches).numpy(), "all_reduce": all_reduce,
-             "input": lambda: input_only(batches), "whole_step": fit}
+             "input": lambda: input_only(batches),
+             "compute_all_reduce": lambda: compute_all_reduce(batches),
+             "compute_apply": lambda: compute_apply(batches),
+             "compute_apply_counter": lambda: compute_apply_counter(batches),
+             "all_reduce_float16": all_reduce_as(tf.float16), "all_reduce_bfloat16": all_reduce_as(tf.bfloat16)}
     result = {}
-    for name, call in timed.items():
+    for name, call in ({} if settings["skip_parts"] else timed).items():
         call()  # tracing and warm-up
         runs = []
         for _ in range(5):
@@ -137,6 +215,12 @@ def _time_steps(settings: dict) -> dict:
                 call()
             runs.append((time.perf_counter() - began) * 1000 / (settings["calls"] * STEPS_PER_EXECUTION))
         result[f"{name}_ms"] = sorted(runs)[len(runs) // 2]
+    variants = settings["variants"]
+    samples = {variant: [] for variant in variants}
+    for _ in range(settings["rounds"]):
+        for variant in variants:
+            samples[variant].append(whole_steps(variant))
+    result["ms_per_micro_batch"] = {variant: float(np.median(values)) for variant, values in samples.items()}
     return result
 
 
@@ -150,6 +234,13 @@ def main() -> None:
     step.add_argument("--workers", type=int, default=1)
     step.add_argument("--cpus", type=int, default=1, help="per worker")
     step.add_argument("--calls", type=int, default=4, help="calls of 16 steps per timed run")
+    step.add_argument("--reduction", default="auto", help="Keras's distribute_reduction_method")
+    step.add_argument("--bytes-per-pack", type=int, default=0)
+    step.add_argument("--inter-threads", type=int, default=0)
+    step.add_argument("--variants", nargs="+", default=["keras"],
+                      help="whole steps to time: keras, or DTYPE[xK] (e.g. bfloat16x2)")
+    step.add_argument("--rounds", type=int, default=3, help="interleaved timings of every variant")
+    step.add_argument("--skip-parts", action="store_true", help="time whole steps only")
     args = parser.parse_args()
     sys.stdout.write("BENCH " + json.dumps({"startup": startup, "steps": steps}[args.probe](args)) + "\n")
 

@@ -23,7 +23,8 @@ def _add_ray_address(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from digit_models.config import LR_SCHEDULES, PRESETS, TARGET_METRICS, PredictConfig, TrainConfig
+    from digit_models.config import (ALL_REDUCE_DTYPES, LR_SCHEDULES, PRESETS, TARGET_METRICS,
+                                     PredictConfig, TrainConfig)
 
     parser = argparse.ArgumentParser(
         prog="digits", description="Kaggle Digit Recognizer: data, distributed training, scoring.")
@@ -54,6 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
     option("--workers", type=int, help=f"Ray Train workers (default {defaults.workers})")
     option("--epochs", type=int, help=f"maximum epochs (default {defaults.epochs})")
     option("--batch-size", type=int, help=f"per-worker batch (default {defaults.batch_size})")
+    option("--accumulate", type=int, metavar="K",
+           help="sum the gradients of K batches before each update and all-reduce: K times fewer "
+                f"all-reduces, K times the batch per update (default {defaults.accumulate})")
+    option("--all-reduce-dtype", choices=ALL_REDUCE_DTYPES,
+           help="what the gradients are summed across workers in (default bfloat16 between CPU "
+                "workers, float32 between GPUs; the weights stay float32)")
     option("--learning-rate", type=float, help=f"default {defaults.learning_rate}")
     option("--lr-schedule", choices=LR_SCHEDULES,
            help="constant, or cosine: a warm-up (one epoch, at most a tenth of the run) then "

@@ -11,6 +11,7 @@ from digit_models.errors import DigitsError
 
 MODEL_NAMES = ("dense", "cnn", "deep_cnn")  # models.py's registry (a test checks they agree)
 TARGET_METRICS = ("accuracy", "val_accuracy")
+ALL_REDUCE_DTYPES = ("float32", "bfloat16")
 LR_SCHEDULES = ("constant", "cosine")
 MAX_TTA = 8  # extra test-time views: augmentation.TTA_VIEWS has this many after the identity
 
@@ -44,6 +45,8 @@ class TrainConfig:
     epochs: int = 10
     workers: int = 1
     batch_size: int = 32  # per worker
+    accumulate: int = 1  # micro-batches of batch_size whose gradients make one update
+    all_reduce_dtype: str | None = None  # None: bfloat16 between CPU workers, float32 between GPUs
     learning_rate: float = 1e-3
     target: float = 0.999
     target_metric: str = "accuracy"
@@ -58,6 +61,12 @@ class TrainConfig:
     lr_schedule: str = "constant"  # or "cosine": warm-up (an epoch or a tenth of the run), then decay to 0
     label_smoothing: float = 0.0
     preset: str | None = None  # the preset the settings started from, for the record
+
+    @property
+    def gradient_dtype(self) -> str:
+        """What the gradients are summed across workers in: on CPUs an all-reduce costs by the
+        byte, and bfloat16 halves the bytes while keeping float32's range."""
+        return self.all_reduce_dtype or ("float32" if self.gpus_per_worker else "bfloat16")
 
     @classmethod
     def from_preset(cls, preset: str | None, **settings) -> "TrainConfig":
@@ -75,6 +84,9 @@ class TrainConfig:
         require(self.epochs >= 1, f"--epochs {self.epochs}: must be at least 1")
         require(self.workers >= 1, f"--workers {self.workers}: must be at least 1")
         require(self.batch_size >= 1, f"--batch-size {self.batch_size}: must be at least 1")
+        require(self.accumulate >= 1, f"--accumulate {self.accumulate}: must be at least 1")
+        require(self.all_reduce_dtype is None or self.all_reduce_dtype in ALL_REDUCE_DTYPES,
+                f"--all-reduce-dtype {self.all_reduce_dtype}: choose one of {', '.join(ALL_REDUCE_DTYPES)}")
         require(self.learning_rate > 0, f"--learning-rate {self.learning_rate}: must be positive")
         require(0 < self.target <= 1, f"--target {self.target}: must be in (0, 1]")
         require(self.target_metric in TARGET_METRICS,

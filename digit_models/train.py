@@ -71,7 +71,7 @@ def _run(config: TrainConfig, run_dir: RunDir, address: str | None, started: dic
                           f"was {started['data']['sha256']}); cannot resume on different data")
     train_rows, val_rows = validation_split(len(digits), config.val_fraction, config.seed)
     too_few_val = config.val_fraction > 0 and len(val_rows) < config.workers
-    if len(train_rows) // config.workers < config.batch_size or too_few_val:
+    if len(train_rows) // config.workers < config.batch_size * config.accumulate or too_few_val:
         raise DigitsError(f"{train_csv}: {len(digits)} rows are too few for {config.workers} "
                           f"worker(s) with --batch-size {config.batch_size} and "
                           f"--val-fraction {config.val_fraction}")
@@ -114,8 +114,10 @@ def _run(config: TrainConfig, run_dir: RunDir, address: str | None, started: dic
         "model": config.model,
         "workers": config.workers,
         "batch_size_per_worker": config.batch_size,
-        "global_batch_size": config.batch_size * config.workers,
+        "accumulate": config.accumulate,
+        "global_batch_size": config.batch_size * config.accumulate * config.workers,
         "collective": "NCCL" if config.gpus_per_worker else "RING",
+        "all_reduce_dtype": config.gradient_dtype if config.workers > 1 else None,
         "epochs_planned": config.epochs,
         "epochs_run": outcome["epochs_done"],
         "stop_reason": outcome["stop_reason"],
