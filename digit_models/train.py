@@ -35,15 +35,17 @@ def train(config: TrainConfig, address: str | None = None) -> dict:
     model.keras and then run.json appear only at the end, each atomically, so a run dir
     without run.json is an unfinished run.
     """
+    called = time.time()
     config.validate()
     run_dir = RunDir(config.out)
     run_dir.require_new()
-    return _run(config, run_dir, address, started=None)
+    return _run(config, run_dir, address, started=None, called=called)
 
 
 def resume(run_dir: str, address: str | None = None) -> dict:
     """Continues an unfinished run (driver stopped by Ctrl-C, SIGTERM or a lost machine) from
     its last checkpoint, with its original configuration and the same training data."""
+    called = time.time()
     folder = RunDir(run_dir)
     started = folder.read_started()
     try:
@@ -51,7 +53,7 @@ def resume(run_dir: str, address: str | None = None) -> dict:
     except (TypeError, KeyError) as exc:
         raise DigitsError(f"{folder.child(folder.STARTED)}: unreadable ({exc})") from None
     config.validate()
-    return _run(config, folder, address, started=started)
+    return _run(config, folder, address, started=started, called=called)
 
 
 def train_func(loop_config: dict) -> dict:
@@ -62,7 +64,8 @@ def train_func(loop_config: dict) -> dict:
     return run_worker(loop_config)
 
 
-def _run(config: TrainConfig, run_dir: RunDir, address: str | None, started: dict | None) -> dict:
+def _run(config: TrainConfig, run_dir: RunDir, address: str | None, started: dict | None,
+         called: float) -> dict:
     train_csv = resolve_train_csv(config.data)
     digits = read_train_csv(train_csv, limit=config.limit)
     data_sha256 = file_sha256(train_csv)
@@ -77,6 +80,7 @@ def _run(config: TrainConfig, run_dir: RunDir, address: str | None, started: dic
                           f"--val-fraction {config.val_fraction}")
     clock = time.time()
     with ray_session(address, dashboard=True):
+        ray_started = time.time()
         import ray
         import ray.train
         from ray.train.tensorflow import TensorflowTrainer
@@ -105,7 +109,9 @@ def _run(config: TrainConfig, run_dir: RunDir, address: str | None, started: dic
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
                 logging_config=ray.train.LoggingConfig(log_level="WARNING")),
         )
+        fit_called = time.time()
         result = call_interruptibly(trainer.fit)
+        fit_returned = time.time()
     outcome = result.return_value
     with tempfile.TemporaryDirectory(prefix="digits-model-") as staging:
         result.checkpoint.to_directory(staging)
@@ -130,7 +136,12 @@ def _run(config: TrainConfig, run_dir: RunDir, address: str | None, started: dic
         "model_file": RunDir.MODEL,
         "started_at": started["started_at"],
         "resumed_at": started["resumed_at"],
-        "wall_s": round(time.time() - clock, 2),
+        "wall_s": round(time.time() - called, 2),
+        # Seconds since train() was called, when each stage began (worker stages: rank 0's,
+        # of the last attempt); the start-up is everything before "first_step".
+        "timeline": {name: round(at - called, 2) for name, at in {
+            "data_read": clock, "ray_started": ray_started, "trainer_started": fit_called,
+            **outcome["timeline"], "trainer_returned": fit_returned, "finished": time.time()}.items()},
     }
     run_dir.write_run(summary)
     return summary

@@ -43,6 +43,7 @@ STEPS_PER_EXECUTION = 16
 
 def run_worker(loop_config: dict) -> dict:
     """Trains this worker's share; returns (all ranks alike) the history and the stop reason."""
+    timeline = {"train_func_started": time.time()}
     config = TrainConfig(**loop_config["config"])
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
@@ -51,6 +52,7 @@ def run_worker(loop_config: dict) -> dict:
     _quiet_report_logging()
 
     strategy = tf.distribute.MultiWorkerMirroredStrategy(communication_options=communication(config))
+    timeline["strategy_ready"] = time.time()
     train_x, train_y, train_rows = own_rows(loop_config["train"], rank, world)
     val_x, val_y, val_rows = own_rows(loop_config["validation"], rank, world)
     shards = _shard_report(strategy, rank, world, train_rows, val_rows, loop_config["rows_total"])
@@ -74,6 +76,7 @@ def run_worker(loop_config: dict) -> dict:
                 val_x[:val_size], val_y[:val_size], val_batch // replicas_here, cpus)),
             validation_steps=-(-val_size // val_batch))
 
+    timeline["data_ready"] = time.time()
     state = {"epochs_done": 0, "history": [], "restarts": []}
     checkpoint = ray.train.get_checkpoint()
     with strategy.scope():
@@ -92,15 +95,17 @@ def run_worker(loop_config: dict) -> dict:
     if strategy.num_replicas_in_sync > 1 or config.accumulate > 1:
         model.train_step = types.MethodType(data_parallel_step(
             getattr(tf, config.gradient_dtype), config.accumulate), model)
+    timeline["model_ready"] = time.time()
     target_stop = SynchronizedTargetStop(strategy, config.target_metric, config.target)
     callbacks = [target_stop,
-                 EpochHistory(config, state, target_stop, images_per_epoch=steps * step_rows * world),
+                 EpochHistory(config, state, target_stop, images_per_epoch=steps * step_rows * world,
+                              timeline=timeline),
                  Checkpointing(rank, state),
                  *([ProgressLine(config.epochs, state)] if rank == 0 else [])]
     if state.get("stop_reason") is None and state["epochs_done"] < config.epochs:
         model.fit(train_data, epochs=config.epochs, initial_epoch=state["epochs_done"],
                   steps_per_epoch=steps, callbacks=callbacks, verbose=0, **validation)
-    return {**state, "shards": shards}
+    return {**state, "shards": shards, "timeline": timeline}
 
 
 def communication(config: TrainConfig) -> tf.distribute.experimental.CommunicationOptions:
@@ -244,11 +249,17 @@ class EpochHistory(keras.callbacks.Callback):
     training stops (decided here, once, for the checkpoint and the record)."""
 
     def __init__(self, config: TrainConfig, state: dict, target_stop: SynchronizedTargetStop,
-                 images_per_epoch: int):
+                 images_per_epoch: int, timeline: dict):
         super().__init__()
         self.config, self.state, self.target_stop = config, state, target_stop
-        self.images_per_epoch = images_per_epoch
+        self.images_per_epoch, self.timeline = images_per_epoch, timeline
         self.started = time.perf_counter() - sum(e["epoch_s"] for e in state["history"])
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self.timeline.setdefault("first_step", time.time())
+
+    def on_train_end(self, logs=None):
+        self.timeline["training_ended"] = time.time()
 
     def on_epoch_begin(self, epoch, logs=None):
         self.epoch_started = time.perf_counter()
