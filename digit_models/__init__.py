@@ -2,21 +2,21 @@
 
 import os
 
-# Environment every process of ours needs before TensorFlow loads. Ray workers get it through
-# the runtime_env (ray_runtime.py), because they may import TensorFlow before any of our code.
+# Environment every process of ours needs before TensorFlow loads. The processes of an embedded
+# Ray inherit it; those of a cluster we join get it through the runtime_env (ray_runtime.py),
+# because they may import TensorFlow before any of our code.
 #
 # TF_USE_LEGACY_KERAS: TF 2.21's bundled Keras 3 fails under MultiWorkerMirroredStrategy with
 # 2+ workers; legacy Keras (tf-keras) works. Read once, when TensorFlow is first imported.
 #
 # MALLOC_TOP_PAD_: under any tf.distribute strategy, glibc hands each training step's large
-# temporary buffers back to the kernel and page-faults them in again on the next step
-# (measured: 20x the page faults, the CNN training at 45% speed). 64 MiB of slack at the top of
-# each malloc arena removes that. glibc reads it when a process starts.
+# temporary buffers back to the kernel and page-faults them in again on the next step, which
+# slows CNN training badly; slack at the top of each malloc arena keeps them. glibc reads it
+# when a process starts.
 #
 # PYTHONDONTWRITEBYTECODE, emptied: a `pip` runtime env copies the node's virtualenv without its
 # bytecode caches, and where PYTHONDONTWRITEBYTECODE is set they are never rebuilt, so every
-# process of every job compiles TensorFlow's Python again (measured: 9-10 s per import instead
-# of 4 s, for the driver, the controller, each worker and each scoring actor).
+# process of every job would compile TensorFlow's Python again.
 #
 # RAY_DATA_LOG_LEVEL: Ray Data's coordinator actors would print five lines of INFO per dataset
 # of every run ("Starting execution", the plan, "execution finished") into the user's console.

@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
            help="what the gradients are summed across workers in (default bfloat16 between CPU "
                 "workers, float32 between GPUs; the weights stay float32)")
     option("--learning-rate", type=float, help=f"default {defaults.learning_rate}")
+    option("--scale-learning-rate", action="store_true", default=None,
+           help="multiply the rate by the square root of workers x --accumulate (the presets do)")
     option("--lr-schedule", choices=LR_SCHEDULES,
            help="constant, or cosine: a warm-up (one epoch, at most a tenth of the run) then "
                 "cosine decay to 0 (default constant)")

@@ -124,6 +124,7 @@ def _run(config: TrainConfig, run_dir: RunDir, address: str | None, started: dic
         "global_batch_size": config.batch_size * config.accumulate * config.workers,
         "collective": "NCCL" if config.gpus_per_worker else "RING",
         "all_reduce_dtype": config.gradient_dtype if config.workers > 1 else None,
+        "learning_rate_per_update": config.step_learning_rate,
         "epochs_planned": config.epochs,
         "epochs_run": outcome["epochs_done"],
         "stop_reason": outcome["stop_reason"],

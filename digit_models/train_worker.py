@@ -51,7 +51,7 @@ def run_worker(loop_config: dict) -> dict:
     configure_tensorflow(cpus, config.mixed_precision)
     _quiet_report_logging()
 
-    strategy = tf.distribute.MultiWorkerMirroredStrategy(communication_options=communication(config))
+    strategy = multi_worker_strategy(config)
     timeline["strategy_ready"] = time.time()
     train_x, train_y, train_rows = own_rows(loop_config["train"], rank, world)
     val_x, val_y, val_rows = own_rows(loop_config["validation"], rank, world)
@@ -105,7 +105,19 @@ def run_worker(loop_config: dict) -> dict:
     if state.get("stop_reason") is None and state["epochs_done"] < config.epochs:
         model.fit(train_data, epochs=config.epochs, initial_epoch=state["epochs_done"],
                   steps_per_epoch=steps, callbacks=callbacks, verbose=0, **validation)
+    timeline["train_func_ended"] = time.time()
     return {**state, "shards": shards, "timeline": timeline}
+
+
+def multi_worker_strategy(config: TrainConfig) -> tf.distribute.MultiWorkerMirroredStrategy:
+    """MultiWorkerMirroredStrategy without TensorFlow's own peer health check. Ray Train
+    watches the workers (and restarts the group when one dies); TensorFlow's check pings the
+    peers from a thread that sleeps 30 s between rounds and that the strategy's destructor
+    joins, so every multi-worker run's end waited out the rest of that sleep."""
+    from tensorflow.python.distribute import collective_all_reduce_strategy
+
+    collective_all_reduce_strategy.CollectiveAllReduceExtended._enable_check_health = False
+    return tf.distribute.MultiWorkerMirroredStrategy(communication_options=communication(config))
 
 
 def communication(config: TrainConfig) -> tf.distribute.experimental.CommunicationOptions:
@@ -167,13 +179,13 @@ def learning_rate(config: TrainConfig, steps_per_epoch: int):
     """The constant rate, or a linear warm-up from a tenth of it (one epoch, or a tenth of the
     run if shorter: a 2-epoch run cannot spend half its steps warming up) followed by cosine
     decay to zero at the last planned step (the optimizer's step count survives restarts)."""
+    rate = config.step_learning_rate
     if config.lr_schedule == "constant":
-        return config.learning_rate
+        return rate
     warmup = min(steps_per_epoch, config.epochs * steps_per_epoch // 10)
     return keras.optimizers.schedules.CosineDecay(
-        config.learning_rate / 10 if warmup else config.learning_rate,
-        decay_steps=config.epochs * steps_per_epoch - warmup,
-        warmup_target=config.learning_rate if warmup else None, warmup_steps=warmup)
+        rate / 10 if warmup else rate, decay_steps=config.epochs * steps_per_epoch - warmup,
+        warmup_target=rate if warmup else None, warmup_steps=warmup)
 
 
 def _batches(images, labels, batch_size: int, cpus: int, shuffle_seed: int | None = None,
