@@ -58,13 +58,20 @@ def main() -> None:
         trainer = training.Trainer(run, data, limit=1500 if args.quick else None)
         test_csv = _test_csv(data, run.scratch, args.quick)
         if "training" in args.sections:
-            setups = [("dense", 32)] if args.quick else [("dense", 32), ("cnn", 32), ("cnn", 128)]
-            results["training"] = training.throughput(trainer, setups, args.epochs, args.repeats)
-            results["time_to_99"] = training.time_to_accuracy(trainer, args.quick, args.repeats)
+            setups = ([("dense", 32, 1)] if args.quick else
+                      [("cnn", 32, 1), ("cnn", 32, 2), ("cnn", 128, 1)])
+            results["training"] = {
+                "weak_scaling": training.weak_scaling(trainer, setups, args.epochs, args.repeats),
+                "overhead": training.overhead(trainer, ["dense"] if args.quick else ["dense", "cnn"],
+                                              args.epochs, args.repeats),
+                "time_to_99": training.time_to_accuracy(trainer, args.quick, args.repeats),
+                "step_parts": training.step_parts(run, args.quick)}
+            if not args.quick:  # a cluster of its own: not beside the test suite's Ray
+                results["training"]["two_node_cluster"] = training.two_node_cluster(trainer)
         if "scoring" in args.sections:
             model = "dense" if args.quick else "cnn"
             _, _, run_dir = trainer.train("--model", model, "--epochs", "2" if not args.quick else "1")
-            sizes = [500, 1000] if args.quick else args.scale
+            sizes = [500] if args.quick else args.scale
             results["scoring"] = {
                 "model": model,
                 "fixed_cost": scoring.fixed_cost(run, run_dir / "model.keras", test_csv, args.repeats),

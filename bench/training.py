@@ -1,14 +1,25 @@
-"""Training benchmarks: the seed's plain Keras script (a) against `digits train` with one
-worker (b) and two workers of one CPU each (c); and the time to 99% validation accuracy of the
-seed's settings against `--preset fast`."""
+"""Training benchmarks: what a second worker adds, where a step's time goes, how long until the
+first step, and `digits train` against the seed's plain Keras script.
+
+- weak scaling: images/s of 2 workers x 1 CPU over twice that of 1 worker x 1 CPU, the same
+  per-worker batch (the epochs after the first);
+- overhead: the seed's plain Keras script (a) against `digits train` with 1 worker and every
+  CPU (b), the seed's batch 32, no validation split (the seed has none);
+- time to 99% validation accuracy, `--preset fast`, 1 worker x 1 CPU against 2 x 1 CPU;
+- a step's parts and start-up stages: bench/probes.py `steps`, and run.json's timeline.
+"""
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import statistics
+import subprocess
+import tempfile
 from pathlib import Path
 
-from bench.processes import Processes
+from bench.processes import PYTHON, REPO, Processes
 
 
 class Trainer:
@@ -17,63 +28,101 @@ class Trainer:
     def __init__(self, run: Processes, data: Path, limit: int | None):
         self.run, self.data, self.limit, self.count = run, data, limit, 0
 
-    def train(self, *args: str) -> tuple[dict, float, Path]:
+    def train(self, *args: str, env: dict | None = None) -> tuple[dict, float, Path]:
         """Returns run.json, the wall time and the run directory."""
         self.count += 1
         run_dir = self.run.scratch / f"run-{self.count}"
         limit = ["--limit", str(self.limit)] if self.limit else []
-        wall = self.run.digits("train", "--data", str(self.data), "--out", str(run_dir), *limit, *args)
+        wall = self.run.digits("train", "--data", str(self.data), "--out", str(run_dir), *limit, *args,
+                               env=env)
         return json.loads((run_dir / "run.json").read_text()), wall, run_dir
 
 
-def throughput(trainer: Trainer, setups: list[tuple[str, int]], epochs: int, repeats: int) -> dict:
-    """Images/s of the epochs after the first, same per-worker batch, no validation split
-    (the seed has none): a, the seed's script; b, 1 worker with every CPU; c, 2 workers x 1
-    CPU. Also returns, per model, the run directory of a batch-32 model for scoring."""
+ONE_CPU = ["--cpus-per-worker", "1"]
+
+
+def weak_scaling(trainer: Trainer, setups: list[tuple[str, int, int]], epochs: int, repeats: int) -> dict:
+    """Per (model, batch, accumulate): 1 worker x 1 CPU against 2 workers x 1 CPU."""
     fixed = ["--epochs", str(epochs), "--val-fraction", "0", "--target", "1.0"]
-    limit = ["--limit", str(trainer.limit)] if trainer.limit else []
     samples: dict = {}
     for _ in range(repeats):
-        for model, batch in setups:
-            entry = samples.setdefault(f"{model}@{batch}", {"a": [], "b": [], "c": [], "a_wall": [], "b_wall": []})
-            if batch == 32:
-                seed = trainer.run.baseline("train", "--model", model, "--train-csv",
-                                            str(trainer.data / "train.csv"), "--epochs", str(epochs), *limit)
-                entry["a"] += seed["images_per_s"][1:]
-                entry["a_wall"].append(seed["process_s"])
-            one, wall, run_dir = trainer.train("--model", model, "--workers", "1",
-                                               "--batch-size", str(batch), *fixed)
-            entry["b"] += [e["images_per_s"] for e in one["history"][1:]]
-            entry["b_wall"].append(wall)
-            if batch == 32:
-                entry["run_dir"] = str(run_dir)
-            two, _, _ = trainer.train("--model", model, "--workers", "2", "--cpus-per-worker", "1",
-                                      "--batch-size", str(batch), *fixed)
-            entry["c"] += [e["images_per_s"] for e in two["history"][1:]]
-    return {key: {**{name: statistics.median(values) for name, values in entry.items()
-                     if isinstance(values, list) and values},
-                  "run_dir": entry.get("run_dir"), "samples": entry}
-            for key, entry in samples.items()}
+        for model, batch, accumulate in setups:
+            entry = samples.setdefault(f"{model}@{batch}x{accumulate}", {"one": [], "two": [], "timelines": []})
+            for workers, key in (("1", "one"), ("2", "two")):
+                run, _, _ = trainer.train("--model", model, "--workers", workers, *ONE_CPU,
+                                          "--batch-size", str(batch), "--accumulate", str(accumulate), *fixed)
+                entry[key] += [e["images_per_s"] for e in run["history"][1:]]
+                entry["timelines"].append({"workers": int(workers), **run["timeline"]})
+    return {key: {"one_worker": statistics.median(entry["one"]), "two_workers": statistics.median(entry["two"]),
+                  "efficiency": statistics.median(entry["two"]) / (2 * statistics.median(entry["one"])),
+                  "samples": entry} for key, entry in samples.items()}
+
+
+def overhead(trainer: Trainer, models: list[str], epochs: int, repeats: int) -> dict:
+    """a: the seed's plain Keras script; b: `digits train`, 1 worker with every CPU."""
+    fixed = ["--epochs", str(epochs), "--val-fraction", "0", "--target", "1.0", "--batch-size", "32"]
+    limit = ["--limit", str(trainer.limit)] if trainer.limit else []
+    samples: dict = {model: {"a": [], "b": [], "a_wall": [], "b_wall": []} for model in models}
+    for _ in range(repeats):
+        for model in models:
+            seed = trainer.run.baseline("train", "--model", model, "--train-csv", str(trainer.data / "train.csv"),
+                                        "--epochs", str(epochs), *limit)
+            samples[model]["a"] += seed["images_per_s"][1:]
+            samples[model]["a_wall"].append(seed["process_s"])
+            run, wall, _ = trainer.train("--model", model, "--workers", "1", *fixed)
+            samples[model]["b"] += [e["images_per_s"] for e in run["history"][1:]]
+            samples[model]["b_wall"].append(wall)
+    return {model: {name: statistics.median(values) for name, values in entry.items()}
+            for model, entry in samples.items()}
 
 
 def time_to_accuracy(trainer: Trainer, quick: bool, repeats: int) -> dict:
-    """Wall time of `digits train` (start-up included) until validation accuracy >= 99%: the
-    seed's settings (batch 32, Adam 1e-3, at most 10 epochs) against --preset fast, repeats
-    interleaved, medians reported: whether a run gets there at all varies from run to run, as
-    99% is near where the seed's CNN ends. A quick run trains the preset alone, for one epoch."""
-    target = ["--target-metric", "val_accuracy", "--target", "0.99"]
-    seed = ["--model", "cnn", "--batch-size", "32", "--learning-rate", "0.001", "--epochs", "10", *target]
-    fast = ["--preset", "fast", *(["--epochs", "1"] if quick else [])]
-    settings = [("fast", fast)] if quick else [("seed", seed), ("fast", fast)]
+    """`--preset fast` (stops at 99% validation accuracy) with 1 worker x 1 CPU and 2 workers
+    x 1 CPU: the whole command, the training clock until the epoch that reached 99%, and the
+    start-up before the first step. A quick run trains one epoch of each."""
+    settings = [("1 worker", ["--workers", "1"]), ("2 workers", ["--workers", "2"])]
     samples: dict = {name: [] for name, _ in settings}
     for _ in range(repeats):
         for name, args in settings:
-            run, wall, _ = trainer.train(*args)
+            run, wall, _ = trainer.train("--preset", "fast", *args, *ONE_CPU,
+                                         *(["--epochs", "1"] if quick else []))
             samples[name].append({"wall_s": wall, "epochs": run["epochs_run"],
                                   "reached": run["stop_reason"].startswith("target reached"),
                                   "val_accuracy": run["history"][-1]["val_accuracy"],
-                                  "training_s": run["history"][-1]["elapsed_s"]})
+                                  "training_s": run["history"][-1]["elapsed_s"],
+                                  "first_step_s": run["timeline"]["first_step"],
+                                  "timeline": run["timeline"]})
     return {name: {**{key: statistics.median(run[key] for run in runs)
-                      for key in ("wall_s", "training_s", "epochs", "val_accuracy")},
+                      for key in ("wall_s", "training_s", "first_step_s", "epochs", "val_accuracy")},
                    "reached": sum(run["reached"] for run in runs), "repeats": len(runs), "runs": runs}
             for name, runs in samples.items()}
+
+
+def step_parts(run: Processes, quick: bool) -> dict:
+    """bench/probes.py `steps`: the parts of a step (seed CNN, batch 32) for 1 and 2 workers of
+    one CPU, and whole steps as Keras runs them and with digits' data-parallel step."""
+    variants = ["keras", "bfloat16", "bfloat16x2"]
+    calls = ["--calls", "1", "--rounds", "1"] if quick else []
+    shapes = [(2, 32)] if quick else [(1, 32), (2, 32), (1, 128), (2, 128)]
+    return {f"{workers}x1@{batch}": run.probe("steps", "--workers", str(workers), "--cpus", "1",
+                                              "--batch", str(batch), "--variants", *variants, *calls)
+            for workers, batch in shapes}
+
+
+def two_node_cluster(trainer: Trainer) -> dict:
+    """`cluster/local_cluster.sh start 2` (a head without CPUs, two worker nodes of one CPU
+    each): `--preset fast --workers 2`, one worker per node."""
+    state = tempfile.mkdtemp(prefix="dlc-", dir="/tmp")
+    env = {"CLUSTER_STATE": state, "RAY_PORT": "6392", "DASHBOARD_PORT": "8292", "AGENT_PORT": "52492",
+           "RAY": str(Path(PYTHON).with_name("ray"))}
+    script = str(REPO / "cluster" / "local_cluster.sh")
+    subprocess.run([script, "start", "2"], env={**os.environ, **env}, check=True, capture_output=True)
+    try:
+        run, wall, _ = trainer.train("--preset", "fast", "--workers", "2",
+                                     env={"RAY_ADDRESS": "127.0.0.1:6392", "RAY_AUTH_MODE": "token"})
+    finally:
+        subprocess.run([script, "stop"], env={**os.environ, **env}, capture_output=True)
+        shutil.rmtree(state, ignore_errors=True)
+    return {"wall_s": wall, "epochs": run["epochs_run"], "stop_reason": run["stop_reason"],
+            "val_accuracy": run["history"][-1]["val_accuracy"], "shards": run["shards"],
+            "images_per_s": [e["images_per_s"] for e in run["history"]]}

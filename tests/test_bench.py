@@ -21,14 +21,22 @@ def test_the_harness_runs_every_benchmark_and_writes_its_reports(tmp_path, kaggl
     assert done.returncode == 0, done.stderr[-3000:]
     [json_file] = results.glob("*.json")
     measured = json.loads(json_file.read_text())
-    # No marginal scoring rate: a smoke run's test set is too small to measure one; and a quick
-    # run trains the fast preset alone (one epoch on a slice: short of 99%), so there is no
-    # time-to-99 ratio.
-    assert set(measured["ratios"]) == {"b/a dense", "c/b dense", "wall b/a dense", "scoring 1 actor(s)/plain"}
+    # A quick run: one epoch of the fast preset (short of 99% on a slice: no time-to-99 ratio),
+    # one input size (no marginal rate, no growth of the driver's memory).
+    assert set(measured["ratios"]) == {"weak-scaling efficiency, dense@32x1", "b/a dense",
+                                       "first step after the command starts (s, 1 worker)",
+                                       "predict wall / plain wall"}
     assert all(value > 0 for value in measured["ratios"].values())
-    assert list(measured["time_to_99"]) == ["fast"] and measured["time_to_99"]["fast"]["epochs"] == 1
-    assert measured["training"]["dense@32"]["a"] > 0 and measured["arithmetic"]["peak_gflops"] > 0
+    training = measured["training"]
+    assert training["weak_scaling"]["dense@32x1"]["two_workers"] > 0
+    assert set(training["time_to_99"]) == {"1 worker", "2 workers"}
+    assert training["step_parts"]["2x1@32"]["ms_per_micro_batch"]["bfloat16x2"] > 0
+    scoring = measured["scoring"]
+    assert scoring["fixed_cost"]["identical_submissions"]
+    assert {(row["format"], row["path"]) for row in scoring["scale"]["rows"]} == {
+        ("parquet", "digits, 1 actor(s)"), ("parquet", "plain"), ("csv", "digits, 1 actor(s)"), ("csv", "plain")}
+    assert measured["arithmetic"]["peak_gflops"] > 0
     table = markdown.read_text()
-    assert "QUICK SMOKE RUN" in table and "| b/a dense |" in table
-    assert "| time_to_99 fast/seed | none: 99% reached by fast in 0/1 | <= 0.5 | **missed** |" in table
+    assert "QUICK SMOKE RUN" in table and "| weak-scaling efficiency, dense@32x1 |" in table
+    assert "## Scoring at scale" in table and "Where a step's time goes" in table
     assert json_file.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
