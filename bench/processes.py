@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -43,3 +46,20 @@ class Processes:
         if done.returncode != 0 or not lines:
             sys.exit(f"bench: {module} {' '.join(args)} failed:\n{done.stderr[-3000:]}")
         return {**json.loads(lines[-1][6:]), "process_s": time.perf_counter() - began}
+
+
+@contextmanager
+def local_cluster(port: int):
+    """`cluster/local_cluster.sh start 2` (a head without CPUs and two worker nodes of one CPU
+    each) on ports of its own; yields the environment that sends a `digits` command to it."""
+    state = tempfile.mkdtemp(prefix="dlc-", dir="/tmp")
+    env = {**os.environ, "CLUSTER_STATE": state, "RAY_PORT": str(port),
+           "DASHBOARD_PORT": str(port + 1900), "AGENT_PORT": str(port + 46100),
+           "RAY": str(Path(PYTHON).with_name("ray"))}
+    script = str(REPO / "cluster" / "local_cluster.sh")
+    subprocess.run([script, "start", "2"], env=env, check=True, capture_output=True)
+    try:
+        yield {"RAY_ADDRESS": f"127.0.0.1:{port}", "RAY_AUTH_MODE": "token"}
+    finally:
+        subprocess.run([script, "stop"], env=env, capture_output=True)
+        shutil.rmtree(state, ignore_errors=True)

@@ -12,17 +12,14 @@ script a user would write (bench/baselines.py `score`), both started as fresh pr
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import statistics
-import subprocess
-import tempfile
 import threading
 import time
 from contextlib import nullcontext
 from pathlib import Path
 
-from bench.processes import PYTHON, REPO, Processes
+from bench.processes import Processes, local_cluster
 
 PLAIN_MEMORY_LIMIT_MB = 16_000  # the plain script is not run where it would need more
 
@@ -69,18 +66,9 @@ def two_node_cluster(run: Processes, run_dir: Path, test_csv: Path) -> dict:
     actors, one on each node, against the 1-actor run on an embedded Ray."""
     embedded = digits(run, run_dir, test_csv, actors=1)
     expected = (run.scratch / "digits-out" / "submission.csv").read_bytes()
-    state = tempfile.mkdtemp(prefix="dlc-", dir="/tmp")
-    env = {"CLUSTER_STATE": state, "RAY_PORT": "6391", "DASHBOARD_PORT": "8291", "AGENT_PORT": "52491",
-           "RAY": str(Path(PYTHON).with_name("ray"))}
-    script = str(REPO / "cluster" / "local_cluster.sh")
-    subprocess.run([script, "start", "2"], env={**os.environ, **env}, check=True, capture_output=True)
-    try:
-        clustered = digits(run, run_dir, test_csv, actors=2, cpus_per_actor=1,
-                           env={"RAY_ADDRESS": "127.0.0.1:6391", "RAY_AUTH_MODE": "token"})
-        nodes = clustered["nodes"]
-    finally:
-        subprocess.run([script, "stop"], env={**os.environ, **env}, capture_output=True)
-        shutil.rmtree(state, ignore_errors=True)
+    with local_cluster(6391) as cluster:
+        clustered = digits(run, run_dir, test_csv, actors=2, cpus_per_actor=1, env=cluster)
+    nodes = clustered["nodes"]
     same = (run.scratch / "digits-out" / "submission.csv").read_bytes() == expected
     return {"embedded_1_actor_wall_s": embedded["wall_s"], "cluster_2_actors_wall_s": clustered["wall_s"],
             "cluster_nodes": nodes, "identical_submissions": same}

@@ -12,14 +12,10 @@ first step, and `digits train` against the seed's plain Keras script.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import statistics
-import subprocess
-import tempfile
 from pathlib import Path
 
-from bench.processes import PYTHON, REPO, Processes
+from bench.processes import Processes, local_cluster
 
 
 class Trainer:
@@ -112,17 +108,8 @@ def step_parts(run: Processes, quick: bool) -> dict:
 def two_node_cluster(trainer: Trainer) -> dict:
     """`cluster/local_cluster.sh start 2` (a head without CPUs, two worker nodes of one CPU
     each): `--preset fast --workers 2`, one worker per node."""
-    state = tempfile.mkdtemp(prefix="dlc-", dir="/tmp")
-    env = {"CLUSTER_STATE": state, "RAY_PORT": "6392", "DASHBOARD_PORT": "8292", "AGENT_PORT": "52492",
-           "RAY": str(Path(PYTHON).with_name("ray"))}
-    script = str(REPO / "cluster" / "local_cluster.sh")
-    subprocess.run([script, "start", "2"], env={**os.environ, **env}, check=True, capture_output=True)
-    try:
-        run, wall, _ = trainer.train("--preset", "fast", "--workers", "2",
-                                     env={"RAY_ADDRESS": "127.0.0.1:6392", "RAY_AUTH_MODE": "token"})
-    finally:
-        subprocess.run([script, "stop"], env={**os.environ, **env}, capture_output=True)
-        shutil.rmtree(state, ignore_errors=True)
+    with local_cluster(6392) as cluster:
+        run, wall, _ = trainer.train("--preset", "fast", "--workers", "2", env=cluster)
     return {"wall_s": wall, "epochs": run["epochs_run"], "stop_reason": run["stop_reason"],
             "val_accuracy": run["history"][-1]["val_accuracy"], "shards": run["shards"],
             "images_per_s": [e["images_per_s"] for e in run["history"]]}

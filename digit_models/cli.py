@@ -1,19 +1,18 @@
 """The `digits` command: a thin shell over the library.
 
 Exit status: 0 done, 2 bad input or usage (one line on stderr, a traceback only with --debug),
-1 an unexpected failure, 130 interrupted.
+1 an unexpected failure, 130 after Ctrl-C, 143 after SIGTERM (interrupts.py).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import signal
 import sys
 import traceback
 
 import digit_models  # noqa: F401  (sets the environment TensorFlow and Ray workers need)
-from digit_models.errors import DigitsError
+from digit_models.errors import DigitsError, first_line
+from digit_models.interrupts import EXIT_STATUS, MESSAGE, Terminated, exit_now, sigterm_raises
 
 
 def _add_ray_address(parser: argparse.ArgumentParser) -> None:
@@ -212,41 +211,24 @@ COMMANDS = {"data": run_data, "train": run_train, "predict": run_predict, "evalu
             "report": run_report}
 
 
-class Terminated(BaseException):
-    """SIGTERM, raised like Ctrl-C's KeyboardInterrupt so that every cleanup runs."""
-
-
-def _raise_terminated(signum, frame):
-    raise Terminated()
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    previous_handler = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
-        COMMANDS[args.command](args)
+        with sigterm_raises():
+            COMMANDS[args.command](args)
         return 0
-    except KeyboardInterrupt:
-        print("digits: interrupted", file=sys.stderr)
-        return 130
-    except Terminated:
-        print("digits: terminated", file=sys.stderr)
-        return 143
-    except Exception as exc:  # noqa: BLE001  (every failure becomes one line and a status)
-        interruption = _find_in_chain(exc, (KeyboardInterrupt, Terminated))
-        if interruption is not None:  # re-wrapped by a library on its way up
-            print(f"digits: {'terminated' if isinstance(interruption, Terminated) else 'interrupted'}",
-                  file=sys.stderr)
-            return 143 if isinstance(interruption, Terminated) else 130
+    except (KeyboardInterrupt, Terminated, Exception) as exc:  # every end becomes a line and a status
+        interruption = _find_in_chain(exc, tuple(EXIT_STATUS))  # perhaps re-wrapped by a library
+        if interruption is not None:
+            print(f"digits: {MESSAGE[type(interruption)]}", file=sys.stderr)
+            return EXIT_STATUS[type(interruption)]
         if args.debug:
             traceback.print_exc()
         user_error = _find_in_chain(exc, (DigitsError,))
-        message = _first_line(user_error) if user_error else (f"{type(exc).__name__}: {_first_line(exc)}"
+        message = first_line(user_error) if user_error else (f"{type(exc).__name__}: {first_line(exc)}"
                                  + ("" if args.debug else " (--debug shows the traceback)"))
         print(f"digits: error: {message}", file=sys.stderr)
         return 2 if user_error else 1
-    finally:
-        signal.signal(signal.SIGTERM, previous_handler)
 
 
 def _find_in_chain(exc: BaseException, types: tuple) -> BaseException | None:
@@ -269,24 +251,16 @@ def _find_in_chain(exc: BaseException, types: tuple) -> BaseException | None:
     return None
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else ""
-
-
 def entry_point() -> None:
     """The `digits` command. Its console carries our lines and real warnings, not library
-    chatter (console.py). After an interrupt, every cleanup has run by the time main()
-    returns; the process then ends at once, because Python's own shutdown with TensorFlow's
-    and Ray's native threads still winding down can crash (seen: SIGSEGV after Ctrl-C)."""
+    chatter (console.py); interrupts end it as interrupts.py says."""
     from digit_models.console import stderr_filtered
 
     with stderr_filtered():
         status = main()
         sys.stdout.flush()
-    if status in (130, 143):
-        sys.stderr.flush()
-        os._exit(status)
+    if status in EXIT_STATUS.values():
+        exit_now(status)
     sys.exit(status)
 
 

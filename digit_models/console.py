@@ -34,48 +34,51 @@ NOISE = re.compile(
 @contextmanager
 def startup_noise_filtered():
     """Everything written to file descriptor 2 inside the block, but the noise."""
-    sys.stderr.flush()
-    saved = os.dup(2)
     with tempfile.TemporaryFile() as caught:
-        os.dup2(caught.fileno(), 2)
         try:
-            yield
+            with _stderr_to(caught.fileno()):
+                yield
         finally:
-            sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
             caught.seek(0)
-            for line in caught.read().decode(errors="replace").splitlines(keepends=True):
-                if not NOISE.search(line):
-                    sys.stderr.write(line)
-            sys.stderr.flush()
+            _pass_on(caught, os.fdopen(os.dup(2), "wb", buffering=0))
 
 
 @contextmanager
 def stderr_filtered():
     """File descriptor 2 passed through a filter for as long as the block runs: the driver's
     own Ray and TensorFlow libraries write there from C++ at any moment of a command."""
-    sys.stderr.flush()
-    original = os.dup(2)
     read_end, write_end = os.pipe()
-    os.dup2(write_end, 2)
-    os.close(write_end)
-
-    def forward():
-        with os.fdopen(read_end, "rb") as lines, os.fdopen(os.dup(original), "wb", buffering=0) as out:
-            for line in lines:
-                if not NOISE.search(line.decode(errors="replace")):
-                    out.write(line)
-
-    forwarder = threading.Thread(target=forward, name="digits-stderr", daemon=True)
+    forwarder = threading.Thread(
+        target=_pass_on, args=(os.fdopen(read_end, "rb"), os.fdopen(os.dup(2), "wb", buffering=0)),
+        name="digits-stderr", daemon=True)
     forwarder.start()
+    try:
+        with _stderr_to(write_end):
+            os.close(write_end)  # fd 2 holds the pipe's only write end: restoring it ends the pipe
+            yield
+    finally:
+        forwarder.join(timeout=5)
+
+
+@contextmanager
+def _stderr_to(fd: int):
+    sys.stderr.flush()
+    saved = os.dup(2)
+    os.dup2(fd, 2)
     try:
         yield
     finally:
         sys.stderr.flush()
-        os.dup2(original, 2)  # closes the pipe's last write end: the forwarder reads to its end
-        os.close(original)
-        forwarder.join(timeout=5)
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _pass_on(lines, out) -> None:
+    """Copies the lines that are not noise, byte for byte, and closes both ends."""
+    with lines, out:
+        for line in lines:
+            if not NOISE.search(line.decode(errors="replace")):
+                out.write(line)
 
 
 def filter_worker_output() -> None:

@@ -6,11 +6,12 @@ reach go to a URI or a shared mount.
 
 Completeness: a local output folder is assembled beside its final place and renamed into it
 (`staged_dir`). Object stores have no rename, so a remote output folder is written in place
-with its completion record (run.json, scoring.json) last; readers check for that record.
+with its completion record (run.json, predict.json) last; readers check for that record.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import uuid
@@ -20,7 +21,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from digit_models.errors import DigitsError
+from digit_models.errors import DigitsError, first_line
 
 
 def is_uri(location: str) -> bool:
@@ -35,11 +36,6 @@ def filesystem(location: str) -> tuple[pafs.FileSystem, str]:
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as exc:
             raise DigitsError(f"{location}: cannot open: {first_line(exc)}") from None
     return pafs.LocalFileSystem(), os.path.abspath(location)
-
-
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 class Folder:
@@ -81,6 +77,12 @@ class Folder:
 
     def read_text(self, name: str) -> str:
         return self.read_bytes(name).decode()
+
+    def read_json(self, name: str):
+        try:
+            return json.loads(self.read_text(name))
+        except (OSError, ValueError) as exc:
+            raise DigitsError(f"{self.child(name)}: unreadable: {first_line(exc)}") from None
 
     def write_bytes(self, name: str, data: bytes) -> None:
         """Readers see the old file or the whole new one: a rename locally, and a single

@@ -27,8 +27,8 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.fs as pafs
 
-from digit_models.errors import DigitsError
-from digit_models.files import filesystem, first_line, is_uri
+from digit_models.errors import DigitsError, first_line
+from digit_models.files import filesystem, is_uri
 
 PIXEL_COLUMNS = [f"pixel{i}" for i in range(784)]
 TRAIN_COLUMNS = ["label", *PIXEL_COLUMNS]

@@ -22,8 +22,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from digit_models.errors import DigitsError
-from digit_models.files import filesystem, first_line
+from digit_models.errors import DigitsError, first_line
+from digit_models.files import filesystem
 from digit_models.kaggle_csv import (PIXEL_COLUMNS, TEST_COLUMNS, check_header,
                                      count_csv_rows, file_sha256, pixels_of, read_csv_chunks,
                                      read_csv_header, require_file)
@@ -75,10 +75,8 @@ def _list_files(location: str) -> tuple[list[str], list[int]]:
         pattern = location
     else:
         info = fs.get_file_info(path)
-        if info.type == pafs.FileType.NotFound:
-            raise DigitsError(f"{location}: no such file")
-        if info.type == pafs.FileType.File:
-            require_file(location)
+        if info.type != pafs.FileType.Directory:
+            require_file(location)  # there and readable
             if _kind(location) is None:
                 raise DigitsError(f"{location}: expected a .csv, .csv.gz, .parquet or .pq file")
             return [location], [info.size]

@@ -7,11 +7,11 @@ import json
 import logging
 import os
 import signal
-import threading
 from contextlib import contextmanager
 
 from digit_models import RUNTIME_ENV_VARS
 from digit_models.console import filter_worker_output
+from digit_models.interrupts import keep_sigterm_handler
 
 
 # An embedded Ray keeps up to this many idle worker processes instead of one per CPU: Ray Data
@@ -48,9 +48,7 @@ def ray_session(address: str | None = None, dashboard: bool = False):
             ray.init(address="local", include_dashboard=dashboard, dashboard_host="127.0.0.1",
                      log_to_driver=True, logging_level=logging.ERROR, _node_ip_address="127.0.0.1",
                      _system_config=EMBEDDED_RAY_CONFIG)
-        if callable(caller_sigterm) and threading.current_thread() is threading.main_thread():
-            # ray.init replaces SIGTERM's handler with sys.exit(15); keep the caller's policy.
-            signal.signal(signal.SIGTERM, caller_sigterm)
+        keep_sigterm_handler(caller_sigterm)  # ray.init put in its own
         configure_ray_data()
         filter_worker_output()
         yield
@@ -113,40 +111,6 @@ def cpus_per_process(processes: int) -> int:
     node_cpus = [int(node["Resources"].get("CPU", 0)) for node in ray.nodes() if node["Alive"]]
     share = int(ray.cluster_resources().get("CPU", 1)) // processes
     return max(1, min(share, max(node_cpus, default=1)))
-
-
-def call_interruptibly(function):
-    """Runs function() in a helper thread and returns its result, leaving Ctrl-C and SIGTERM
-    to the main thread. Ray Train's fit() installs its own SIGINT handler when called on the
-    main thread, which ends the process with status 1 or 0 and skips our cleanup."""
-    outcome = {}
-
-    def call():
-        try:
-            outcome["value"] = function()
-        except BaseException as exc:  # noqa: BLE001  (re-raised on the main thread)
-            outcome["error"] = exc
-
-    on_main_thread = threading.current_thread() is threading.main_thread()
-    caller_sigint = signal.getsignal(signal.SIGINT) if on_main_thread else None
-    if caller_sigint is None:  # set outside Python, so it cannot be put back: Python's default
-        caller_sigint = signal.default_int_handler
-    worker = threading.Thread(target=call, name="digits-ray-call", daemon=True)
-    worker.start()
-    try:
-        while worker.is_alive():
-            if on_main_thread:
-                # Keep Ctrl-C the caller's: a library taking SIGINT over mid-run would swallow
-                # it. Installed again each time, as native code can take the signal over
-                # without Python's own record of the handler changing.
-                signal.signal(signal.SIGINT, caller_sigint)
-            worker.join(timeout=0.2)
-    finally:
-        if on_main_thread:
-            signal.signal(signal.SIGINT, caller_sigint)
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome["value"]
 
 
 def configure_ray_data() -> None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from matplotlib.ticker import MaxNLocator, PercentFormatter
 
 from digit_models.errors import DigitsError
 from digit_models.evaluation import evaluate
-from digit_models.files import Folder, first_line, require_output_folder, staged_dir
+from digit_models.files import Folder, require_output_folder, staged_dir
 from digit_models.kaggle_csv import NUM_CLASSES, read_id_label_csv
 from digit_models.predict import PREDICTIONS_DIR, RECORD_FILE
 from digit_models.predict_input import inspect_file, open_input, read_images
@@ -71,13 +70,6 @@ def read_run(run_dir: str) -> dict:
                               for entry in history):
         raise DigitsError(f"{run_folder.child(RunDir.RUN)}: no per-epoch history of loss and accuracy")
     return run
-
-
-def _read_json(folder: Folder, name: str):
-    try:
-        return json.loads(folder.read_text(name))
-    except (OSError, ValueError) as exc:
-        raise DigitsError(f"{folder.child(name)}: unreadable: {first_line(exc)}") from None
 
 
 # ---------------------------------------------------------------------------- figures
@@ -188,7 +180,7 @@ def confident_mistakes(predictions: str, labels: str, limit: int = GALLERY_SIZE)
 
 def _scored_images(folder: Folder, wanted: np.ndarray) -> np.ndarray:
     """The images with these ImageIds, from the input that was scored."""
-    record = _read_json(folder, RECORD_FILE)
+    record = folder.read_json(RECORD_FILE)
     try:
         source = open_input(record["input"])
         # Images are matched to predictions by ImageId alone, so they must be the ones scored.

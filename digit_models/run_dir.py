@@ -16,8 +16,8 @@ import zipfile
 from io import BytesIO
 from pathlib import Path
 
-from digit_models.errors import DigitsError
-from digit_models.files import Folder, first_line, is_uri, require_output_folder
+from digit_models.errors import DigitsError, first_line
+from digit_models.files import Folder, is_uri, require_output_folder
 
 
 class RunDir(Folder):
@@ -50,7 +50,7 @@ class RunDir(Folder):
             raise DigitsError(f"{self}: already finished ({self.RUN} is there); nothing to resume")
         if not self.is_file(self.STARTED):
             raise DigitsError(f"{self}: no {self.STARTED}, so not a run directory `digits train` started")
-        return self._read_json(self.STARTED)
+        return self.read_json(self.STARTED)
 
     def write_started(self, started: dict) -> None:
         self.create()
@@ -62,7 +62,7 @@ class RunDir(Folder):
     def read_run(self) -> dict:
         """run.json of a finished run."""
         self._require_finished()
-        run = self._read_json(self.RUN)
+        run = self.read_json(self.RUN)
         if not isinstance(run, dict):
             raise DigitsError(f"{self.child(self.RUN)}: unreadable: not a JSON object")
         return run
@@ -89,9 +89,3 @@ class RunDir(Folder):
             raise DigitsError(f"{self.given}: no such run directory")
         if not self.exists(self.RUN):
             raise DigitsError(f"{self.given}: no {self.RUN}, so not a finished run")
-
-    def _read_json(self, name: str):
-        try:
-            return json.loads(self.read_text(name))
-        except (OSError, ValueError) as exc:
-            raise DigitsError(f"{self.child(name)}: unreadable: {first_line(exc)}") from None

@@ -22,7 +22,8 @@ import digit_models
 from digit_models.config import TrainConfig
 from digit_models.errors import DigitsError
 from digit_models.kaggle_csv import file_sha256, read_train_csv, resolve_train_csv
-from digit_models.ray_runtime import call_interruptibly, cpus_per_process, ray_session
+from digit_models.interrupts import call_interruptibly
+from digit_models.ray_runtime import cpus_per_process, ray_session
 from digit_models.run_dir import RunDir
 
 
@@ -110,7 +111,7 @@ def _run(config: TrainConfig, run_dir: RunDir, address: str | None, started: dic
                 logging_config=ray.train.LoggingConfig(log_level="WARNING")),
         )
         fit_called = time.time()
-        result = call_interruptibly(trainer.fit)
+        result = call_interruptibly(trainer.fit)  # its SIGINT handler would skip our cleanup
         fit_returned = time.time()
     outcome = result.return_value
     with tempfile.TemporaryDirectory(prefix="digits-model-") as staging:
