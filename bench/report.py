@@ -197,10 +197,6 @@ def _training_tables(results: dict) -> list[str]:
     return lines
 
 
-def _fmt(value) -> str:
-    return "-" if value is None else f"{value:,.0f}"
-
-
 def chart(results: dict, path: Path) -> None:
     from matplotlib.figure import Figure
 

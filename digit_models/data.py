@@ -17,8 +17,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from digit_models.kaggle_csv import file_sha256, write_kaggle_csv
 from digit_models.errors import DigitsError
+from digit_models.files import file_sha256
+from digit_models.kaggle_csv import write_kaggle_csv
 from digit_models.mnist_source import Mnist
 
 KAGGLE_TRAIN_SIZE = 42_000

@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from digit_models.kaggle_csv import NUM_CLASSES, read_id_label_csv, read_small_csv
+from digit_models.kaggle_csv import NUM_CLASSES
+from digit_models.submission_csv import read_id_label_csv, read_small_csv
 from digit_models.errors import DigitsError
 from digit_models.files import Folder
 from digit_models.predict import PREDICTIONS_DIR, RECORD_FILE

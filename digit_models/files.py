@@ -1,4 +1,4 @@
-"""Where files live, and output that appears complete or not at all.
+"""Where files live: opening inputs, and output that appears complete or not at all.
 
 Locations are local paths or URIs pyarrow can open (s3://, gs://, hdfs://, file://). On a
 multi-node cluster the driver's local disk is not the workers', so outputs that every node must
@@ -11,6 +11,7 @@ with its completion record (run.json, predict.json) last; readers check for that
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -36,6 +37,36 @@ def filesystem(location: str) -> tuple[pafs.FileSystem, str]:
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as exc:
             raise DigitsError(f"{location}: cannot open: {first_line(exc)}") from None
     return pafs.LocalFileSystem(), os.path.abspath(location)
+
+
+def require_file(location: str) -> tuple[pafs.FileSystem, str]:
+    fs, path = filesystem(location)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        raise DigitsError(f"{location}: no such file")
+    if info.type == pafs.FileType.Directory:
+        raise DigitsError(f"{location}: is a directory, expected a file")
+    if not is_uri(location) and not os.access(path, os.R_OK):
+        raise DigitsError(f"{location}: permission denied")
+    return fs, path
+
+
+def open_binary(location: str):
+    """A readable byte stream; .gz files are decompressed transparently."""
+    fs, path = require_file(location)
+    try:
+        return fs.open_input_stream(path, compression="detect")
+    except OSError as exc:
+        raise DigitsError(f"{location}: cannot open: {first_line(exc)}") from None
+
+
+def file_sha256(location: str) -> str:
+    fs, path = require_file(location)
+    digest = hashlib.sha256()
+    with fs.open_input_stream(path, compression=None) as stream:  # the bytes as stored, not decompressed
+        for chunk in iter(lambda: stream.read(8 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 class Folder:

@@ -17,8 +17,6 @@ from __future__ import annotations
 import csv
 import gzip
 import hashlib
-import io
-import os
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -28,7 +26,7 @@ import pyarrow.csv as pacsv
 import pyarrow.fs as pafs
 
 from digit_models.errors import DigitsError, first_line
-from digit_models.files import filesystem, is_uri
+from digit_models.files import filesystem, open_binary, require_file
 
 PIXEL_COLUMNS = [f"pixel{i}" for i in range(784)]
 TRAIN_COLUMNS = ["label", *PIXEL_COLUMNS]
@@ -52,36 +50,6 @@ class DigitImages:
 
 
 # ---------------------------------------------------------------------------- opening files
-
-def require_file(location: str) -> tuple[pafs.FileSystem, str]:
-    fs, path = filesystem(location)
-    info = fs.get_file_info(path)
-    if info.type == pafs.FileType.NotFound:
-        raise DigitsError(f"{location}: no such file")
-    if info.type == pafs.FileType.Directory:
-        raise DigitsError(f"{location}: is a directory, expected a CSV file")
-    if not is_uri(location) and not os.access(path, os.R_OK):
-        raise DigitsError(f"{location}: permission denied")
-    return fs, path
-
-
-def open_binary(location: str):
-    """A readable byte stream; .gz files are decompressed transparently."""
-    fs, path = require_file(location)
-    try:
-        return fs.open_input_stream(path, compression="detect")
-    except OSError as exc:
-        raise DigitsError(f"{location}: cannot open: {first_line(exc)}") from None
-
-
-def file_sha256(location: str) -> str:
-    fs, path = require_file(location)
-    digest = hashlib.sha256()
-    with fs.open_input_stream(path, compression=None) as stream:  # the bytes as stored, not decompressed
-        for chunk in iter(lambda: stream.read(CHUNK_BYTES), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
 
 def resolve_train_csv(data: str) -> str:
     """`--data` is a folder holding train.csv (what `digits data` writes) or the file itself."""
@@ -342,48 +310,3 @@ def write_kaggle_csv(path, images: np.ndarray, labels: np.ndarray | None = None)
         f.write((",".join(columns) + "\n").encode())
         pacsv.write_csv(pa.Table.from_arrays(arrays, names=columns), f,
                         write_options=pacsv.WriteOptions(include_header=False))
-
-
-# ---------------------------------------------------------------------------- ImageId,Label files
-
-def read_id_label_csv(location: str, label_column: str = "Label") -> tuple[np.ndarray, np.ndarray]:
-    """A small `ImageId,Label` file (Kaggle's submission and solution layout): ids unique and
-    positive, labels digits 0-9. Bad rows are named by row and column."""
-    name = str(location)
-    columns = read_small_csv(location, ["ImageId", label_column])
-    ids = _parse_column(columns["ImageId"], "ImageId", 1, 2**31 - 1, name)
-    labels = _parse_column(columns[label_column], label_column, 0, NUM_CLASSES - 1, name)
-    unique, counts = np.unique(ids, return_counts=True)
-    if (counts > 1).any():
-        duplicate = unique[counts > 1][0]
-        row = np.flatnonzero(ids == duplicate)[1]
-        raise DigitsError(f"{name}: row {row + 1}, column ImageId: {duplicate} appears more than once")
-    return ids, labels
-
-
-def read_small_csv(location: str, expected: list[str]) -> dict[str, list[str]]:
-    """A small CSV with exactly these columns, as text, checked row by row."""
-    name = str(location)
-    with open_binary(location) as stream:
-        try:
-            text = io.TextIOWrapper(io.BufferedReader(stream), encoding="utf-8-sig", newline="")
-            rows = [row for row in csv.reader(text) if row]
-        except (UnicodeDecodeError, csv.Error, OSError, EOFError) as exc:
-            raise DigitsError(f"{name}: not a readable CSV file: {first_line(exc)}") from None
-    if not rows:
-        raise DigitsError(f"{name}: empty file, expected a CSV header")
-    check_header(rows[0], expected, name)
-    if len(rows) == 1:
-        raise DigitsError(f"{name}: no data rows after the header")
-    for number, row in enumerate(rows[1:], start=1):
-        if len(row) != len(expected):
-            raise DigitsError(f"{name}: row {number}: has {len(row)} columns, expected {len(expected)}")
-    return {column: [row[i] for row in rows[1:]] for i, column in enumerate(expected)}
-
-
-def _parse_column(cells: list[str], column: str, low: int, high: int, name: str) -> np.ndarray:
-    for number, cell in enumerate(cells, start=1):
-        if not (cell.isascii() and cell.isdigit()) or not low <= int(cell) <= high:
-            shown = repr(cell[:20]) if cell else "blank cell"
-            raise DigitsError(f"{name}: row {number}, column {column}: {shown} is not an integer {low}-{high}")
-    return np.array(cells, dtype=np.int64)

@@ -23,10 +23,9 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from digit_models.errors import DigitsError, first_line
-from digit_models.files import filesystem
-from digit_models.kaggle_csv import (PIXEL_COLUMNS, TEST_COLUMNS, check_header,
-                                     count_csv_rows, file_sha256, pixels_of, read_csv_chunks,
-                                     read_csv_header, require_file)
+from digit_models.files import file_sha256, filesystem, require_file
+from digit_models.kaggle_csv import (PIXEL_COLUMNS, TEST_COLUMNS, check_header, count_csv_rows,
+                                     pixels_of, read_csv_chunks, read_csv_header)
 
 CSV_SUFFIXES = (".csv", ".csv.gz")
 PARQUET_SUFFIXES = (".parquet", ".pq")

@@ -26,10 +26,11 @@ from matplotlib.ticker import MaxNLocator, PercentFormatter
 from digit_models.errors import DigitsError
 from digit_models.evaluation import evaluate
 from digit_models.files import Folder, require_output_folder, staged_dir
-from digit_models.kaggle_csv import NUM_CLASSES, read_id_label_csv
+from digit_models.kaggle_csv import NUM_CLASSES
 from digit_models.predict import PREDICTIONS_DIR, RECORD_FILE
 from digit_models.predict_input import inspect_file, open_input, read_images
 from digit_models.run_dir import RunDir
+from digit_models.submission_csv import read_id_label_csv
 
 __all__ = ["write_report"]  # the rest is its parts, named for reading and testing
 

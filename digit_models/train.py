@@ -21,7 +21,8 @@ import numpy as np
 import digit_models
 from digit_models.config import TrainConfig
 from digit_models.errors import DigitsError
-from digit_models.kaggle_csv import file_sha256, read_train_csv, resolve_train_csv
+from digit_models.files import file_sha256
+from digit_models.kaggle_csv import read_train_csv, resolve_train_csv
 from digit_models.interrupts import call_interruptibly
 from digit_models.ray_runtime import cpus_per_process, ray_session
 from digit_models.run_dir import RunDir

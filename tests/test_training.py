@@ -77,7 +77,7 @@ def _skewed_metric_train_func(config: dict) -> None:
     import tensorflow as tf
     import tf_keras as keras
 
-    from digit_models.train_worker import SynchronizedTargetStop
+    from digit_models.train_callbacks import SynchronizedTargetStop
 
     rank = ray.train.get_context().get_world_rank()
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
