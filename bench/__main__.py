@@ -38,6 +38,9 @@ def main() -> None:
                         metavar="IMAGES", help="input sizes of the scoring scale runs")
     parser.add_argument("--results-dir", default=str(REPO / "bench" / "results"))
     parser.add_argument("--markdown", default=str(REPO / "BENCHMARKS.md"))
+    parser.add_argument("--update", metavar="RESULTS_JSON",
+                        help="measure only --sections again; keep the other sections' numbers "
+                             "from this earlier results file (the report says which and when)")
     parser.add_argument("--quick", action="store_true",
                         help="a smoke run on a small slice: every step, meaningless numbers")
     args = parser.parse_args()
@@ -79,9 +82,21 @@ def main() -> None:
                                        actors=[1] if args.quick else [1, 2])}
             if not args.quick:  # a cluster of its own: not beside the test suite's Ray
                 results["scoring"]["two_node_cluster"] = scoring.two_node_cluster(run, run_dir, test_csv)
+    if args.update:
+        _keep_other_sections(results, Path(args.update))
     results["ratios"] = report.ratios(results)
     results["wall_s"] = round(time.time() - started, 1)
     _write(results, Path(args.results_dir), Path(args.markdown))
+
+
+def _keep_other_sections(results: dict, earlier_file: Path) -> None:
+    earlier = json.loads(earlier_file.read_text())
+    kept = [name for name in SECTIONS if name not in results["sections"] and name in earlier]
+    for name in kept:
+        results[name] = earlier[name]
+    results["kept"] = {"sections": kept, "date": earlier["date"], "wall_s": earlier["wall_s"],
+                       "peak_gflops": earlier["arithmetic"]["peak_gflops"]}
+    results["sections"] = [name for name in SECTIONS if name in results]
 
 
 def _arithmetic() -> dict:

@@ -56,12 +56,12 @@ def startup(args) -> dict:
 
 def steps(args) -> dict:
     import ray.train
-    from ray.train.tensorflow import TensorflowTrainer
 
     from digit_models.ray_runtime import ray_session
+    from digit_models.train_backend import tensorflow_trainer
 
     with ray_session(dashboard=True):
-        result = TensorflowTrainer(
+        result = tensorflow_trainer(
             _time_steps, train_loop_config=vars(args),
             scaling_config=ray.train.ScalingConfig(num_workers=args.workers,
                                                    resources_per_worker={"CPU": args.cpus}),

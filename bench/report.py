@@ -77,7 +77,8 @@ def markdown(results: dict, chart: str) -> str:
              "", f"`python -m bench` on {results['machine']['cpus']} CPUs "
              f"({results['machine']['platform']}; a 2048x2048 float32 matmul in TensorFlow peaks at "
              f"{peak:.0f} GFLOP/s here), {results['wall_s'] / 60:.0f} minutes, repeats "
-             f"{results['settings']['repeats']}, sections: {', '.join(results['sections'])}.", "",
+             f"{results['settings']['repeats']}, sections: {', '.join(results['sections'])}."
+             + _kept_note(results.get("kept")), "",
              "## Headline ratios", "", "| ratio | measured | target | |", "|---|---|---|---|"]
     for name, value in results["ratios"].items():
         target, met = verdict(name, value)
@@ -88,6 +89,15 @@ def markdown(results: dict, chart: str) -> str:
         lines += _training_tables(results)
     lines += ["", f"![benchmark chart]({chart})", ""]
     return "\n".join(lines)
+
+
+def _kept_note(kept: dict | None) -> str:
+    if not kept or not kept["sections"]:
+        return ""
+    return (f" The {' and '.join(kept['sections'])} section{'s' if len(kept['sections']) > 1 else ''} "
+            f"{'are' if len(kept['sections']) > 1 else 'is'} kept from an earlier run ({kept['date']}, "
+            f"{kept['wall_s'] / 60:.0f} minutes, matmul peak {kept['peak_gflops']:.0f} GFLOP/s; "
+            "`--update`): compare its ratios, not its absolute numbers, with this run's.")
 
 
 def _scoring_tables(scoring: dict) -> list[str]:

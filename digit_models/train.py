@@ -1,10 +1,10 @@
 """`digits train`: data-parallel training on Ray Train, the driver side (train_worker.py is what
 each worker runs): read and check train.csv, split off the validation rows, hand both to Ray
-Train's TensorflowTrainer, and write the run directory.
+Train (train_backend.py), and write the run directory.
 
 The driver puts the rows into Ray's object store once; each worker takes its own share from
-there, so workers on other machines never read the driver's disk. The driver imports no
-TensorFlow of its own (Ray Train's TensorFlow backend still does, once Ray is up).
+there, so workers on other machines never read the driver's disk. Neither the driver nor Ray
+Train's controller imports TensorFlow (train_backend.py).
 """
 
 from __future__ import annotations
@@ -85,7 +85,8 @@ def _run(config: TrainConfig, run_dir: RunDir, address: str | None, started: dic
         ray_started = time.time()
         import ray
         import ray.train
-        from ray.train.tensorflow import TensorflowTrainer
+
+        from digit_models.train_backend import tensorflow_trainer
 
         now = _utc(clock)
         if started:
@@ -99,7 +100,7 @@ def _run(config: TrainConfig, run_dir: RunDir, address: str | None, started: dic
         shares = {name: {"images": ray.put(digits.images[rows]), "labels": ray.put(digits.labels[rows]),
                          "rows": ray.put(rows.astype(np.int64))}
                   for name, rows in (("train", train_rows), ("validation", val_rows))}
-        trainer = TensorflowTrainer(
+        trainer = tensorflow_trainer(
             train_func,
             train_loop_config={"config": asdict(config), "rows_total": len(digits), **shares},
             scaling_config=scaling_config(config),
@@ -140,8 +141,9 @@ def _run(config: TrainConfig, run_dir: RunDir, address: str | None, started: dic
         "started_at": started["started_at"],
         "resumed_at": started["resumed_at"],
         "wall_s": round(time.time() - called, 2),
-        # Seconds since train() was called, when each stage began (worker stages: rank 0's,
-        # of the last attempt); the start-up is everything before "first_step".
+        # Seconds since train() was called (at timeline_origin_unix), when each stage began
+        # (worker stages: rank 0's, of the last attempt); the start-up is all before "first_step".
+        "timeline_origin_unix": round(called, 3),
         "timeline": {name: round(at - called, 2) for name, at in {
             "data_read": clock, "ray_started": ray_started, "trainer_started": fit_called,
             **outcome["timeline"], "trainer_returned": fit_returned, "finished": time.time()}.items()},

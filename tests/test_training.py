@@ -102,9 +102,9 @@ def _skewed_metric_train_func(config: dict) -> None:
 
 @pytest.mark.timeout(300)  # a worker deciding alone would hang the other in an all-reduce
 def test_workers_with_different_local_metrics_stop_at_the_same_epoch(tmp_path, ray_local):
-    from ray.train.tensorflow import TensorflowTrainer
+    from digit_models.train_backend import tensorflow_trainer
 
-    TensorflowTrainer(
+    tensorflow_trainer(
         _skewed_metric_train_func,
         train_loop_config={"reached": [2, 4], "epochs": 8, "out": str(tmp_path)},
         scaling_config=ray.train.ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
