@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from digit_models.kaggle_csv import NUM_CLASSES
-from digit_models.submission_csv import read_id_label_csv, read_small_csv
 from digit_models.errors import DigitsError
-from digit_models.files import Folder
+from digit_models.files import Folder, is_uri
+from digit_models.kaggle_csv import NUM_CLASSES
 from digit_models.predict import PREDICTIONS_DIR, RECORD_FILE
+from digit_models.submission_csv import read_id_label_csv, read_small_csv
 
 EVALUATION_FILE = "evaluation.json"
 
@@ -87,7 +87,7 @@ def _require_same_images(predicted_ids, true_ids, predictions: str, labels: str)
 
 def _origin_beside(labels: str) -> str | None:
     candidate = Path(labels).with_name("test_origin.csv")
-    return str(candidate) if "://" not in str(labels) and candidate.is_file() else None
+    return str(candidate) if not is_uri(labels) and candidate.is_file() else None
 
 
 def _ratio(part, whole) -> float:

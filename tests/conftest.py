@@ -3,9 +3,11 @@ from it by the real builder, and one local Ray for the library-level tests."""
 
 from __future__ import annotations
 
+import gc
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +51,22 @@ def ray_local():
 
     with ray_session(dashboard=True):
         yield
+
+
+@pytest.fixture(autouse=True)
+def _session_ray_cpus_free_after_each_test():
+    """A failed in-process pipeline's actors live as long as their handles, which its
+    exception's traceback keeps in reference cycles; until Python's collector frees them they
+    hold the session Ray's CPUs, and the next `digits` command that joins it waits forever."""
+    yield
+    gc.collect()
+    import ray
+
+    if ray.is_initialized():
+        deadline = time.time() + 30
+        total = ray.cluster_resources().get("CPU", 0)
+        while ray.available_resources().get("CPU", 0) < total and time.time() < deadline:
+            time.sleep(0.2)
 
 
 @pytest.fixture(scope="session")
