@@ -116,15 +116,6 @@ def _time_steps(settings: dict) -> dict:
         return total
 
     @tf.function
-    def all_reduce():
-        def reduce():
-            context = tf.distribute.get_replica_context()
-            return context.all_reduce(tf.distribute.ReduceOp.SUM,
-                                      [tf.ones_like(v) for v in model.trainable_variables])
-        for _ in tf.range(STEPS_PER_EXECUTION):
-            strategy.run(reduce)
-
-    @tf.function
     def compute_all_reduce(iterator):
         def step(x, y):
             grads = gradients(x, y)
@@ -132,22 +123,17 @@ def _time_steps(settings: dict) -> dict:
         for _ in tf.range(STEPS_PER_EXECUTION):
             strategy.run(step, args=next(iterator))
 
-    @tf.function
-    def compute_apply(iterator):
-        def step(x, y):
-            grads = gradients(x, y)
-            model.optimizer.apply_gradients(zip(grads, model.trainable_variables))
-        for _ in tf.range(STEPS_PER_EXECUTION):
-            strategy.run(step, args=next(iterator))
-
-    @tf.function
-    def compute_apply_counter(iterator):
-        def step(x, y):
-            grads = gradients(x, y)
-            model.optimizer.apply_gradients(zip(grads, model.trainable_variables))
-            model._train_counter.assign_add(1)
-        for _ in tf.range(STEPS_PER_EXECUTION):
-            strategy.run(step, args=next(iterator))
+    def compute_apply(count_steps: bool):
+        @tf.function
+        def run(iterator):
+            def step(x, y):
+                grads = gradients(x, y)
+                model.optimizer.apply_gradients(zip(grads, model.trainable_variables))
+                if count_steps:  # as Keras's own step does
+                    model._train_counter.assign_add(1)
+            for _ in tf.range(STEPS_PER_EXECUTION):
+                strategy.run(step, args=next(iterator))
+        return run
 
     def all_reduce_as(dtype):
         @tf.function
@@ -199,11 +185,12 @@ def _time_steps(settings: dict) -> dict:
         calls = np.diff(times.ends)[2:]  # after a warm-up
         return float(np.median(calls)) * 1000 / STEPS_PER_EXECUTION / micro
 
-    timed = {"compute": lambda: compute(batches).numpy(), "all_reduce": all_reduce,
+    apply_only, apply_counted = compute_apply(False), compute_apply(True)
+    timed = {"compute": lambda: compute(batches).numpy(), "all_reduce": all_reduce_as(tf.float32),
              "input": lambda: input_only(batches),
              "compute_all_reduce": lambda: compute_all_reduce(batches),
-             "compute_apply": lambda: compute_apply(batches),
-             "compute_apply_counter": lambda: compute_apply_counter(batches),
+             "compute_apply": lambda: apply_only(batches),
+             "compute_apply_counter": lambda: apply_counted(batches),
              "all_reduce_float16": all_reduce_as(tf.float16), "all_reduce_bfloat16": all_reduce_as(tf.bfloat16)}
     result = {}
     for name, call in ({} if settings["skip_parts"] else timed).items():
