@@ -12,15 +12,21 @@ They are written from C++ to file descriptor 2, so they are caught there: in our
 while TensorFlow loads, in the driver for the whole command; from Ray's worker processes, whose
 output Ray forwards to the driver, they are dropped on the way to the console. Ray's log files
 keep everything.
+
+Our own workers and actors talk to the user through the same forwarding: `say` a line (the
+driver prints it without Ray's "(RayTrainWorker pid=...)" prefix), or `report_progress`, which
+the driver draws as one live line on a terminal and at most once every 30 s into a log.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import sys
 import tempfile
 import threading
+import time
 from contextlib import contextmanager
 
 NOISE = re.compile(
@@ -81,8 +87,88 @@ def _pass_on(lines, out) -> None:
                 out.write(line)
 
 
+SAY = "digits-say "  # a worker's line for the console
+PROGRESS = "digits-progress "  # a worker's progress message (JSON)
+
+
+def say(line: str) -> None:
+    """From a Ray worker: a line for the user's console."""
+    _to_driver(SAY + line)
+
+
+def report_progress(**message) -> None:
+    """From a Ray worker: how far it is, for the driver's live line. `text` is shown as it is;
+    other messages go to the command's own formatter (see `LiveLine.formatter`)."""
+    _to_driver(PROGRESS + json.dumps(message))
+
+
+def _to_driver(line: str) -> None:
+    # Straight to the process's stdout, which Ray forwards: Ray Train re-routes print()
+    # through logging, where TensorFlow's handlers would print the line twice.
+    sys.__stdout__.write(line + "\n")
+    sys.__stdout__.flush()
+
+
+class LiveLine:
+    """The driver's console: our lines, and one progress line below them, redrawn in place on
+    a terminal; in a log, written out every `log_every_s` seconds once progress has lasted
+    that long."""
+
+    def __init__(self, stream=None, terminal: bool | None = None, log_every_s: float = 30.0,
+                 clock=time.monotonic):
+        self._stream, self._terminal = stream, terminal  # default: sys.stdout as it is when used
+        self.log_every_s, self.clock = log_every_s, clock
+        self.formatter = None  # message -> text, for messages without a `text`
+        self.shown, self.logged_at = False, None
+        self.lock = threading.Lock()
+
+    @property
+    def stream(self):
+        return self._stream or sys.stdout
+
+    @property
+    def terminal(self) -> bool:
+        return self.stream.isatty() if self._terminal is None else self._terminal
+
+    def line(self, text: str) -> None:
+        with self.lock:
+            self._erase()
+            self.stream.write(text + "\n")
+            self.stream.flush()
+
+    def progress(self, message: dict) -> None:
+        text = message.get("text") or (self.formatter and self.formatter(message))
+        with self.lock:
+            if not text:
+                return
+            if self.terminal:
+                self.stream.write(f"\r{text}\x1b[K")
+                self.shown = True
+            elif self.logged_at is None:  # a log hears of progress only once it has lasted
+                self.logged_at = self.clock()
+            elif self.clock() - self.logged_at >= self.log_every_s:
+                self.stream.write(text + "\n")
+                self.logged_at = self.clock()
+            self.stream.flush()
+
+    def clear(self) -> None:
+        """Erases the live line (before a command's own closing lines)."""
+        with self.lock:
+            self._erase()
+            self.formatter, self.logged_at = None, None
+
+    def _erase(self) -> None:
+        if self.shown:
+            self.stream.write("\r\x1b[K")
+            self.shown = False
+
+
+live = LiveLine()
+
+
 def filter_worker_output() -> None:
-    """Drops the noise from the worker output Ray prints on this driver's console."""
+    """Worker output on this driver's console: our workers' lines without Ray's prefix, their
+    progress as the live line, the rest as Ray prints it, without the noise."""
     from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
 
     printers = [handler for name, handler in dispatcher.handlers if name == "ray_print_logs"]
@@ -90,7 +176,14 @@ def filter_worker_output() -> None:
         return
 
     def print_filtered(batch: dict, print_logs=printers[0]) -> None:
-        lines = [line for line in batch.get("lines", []) if not NOISE.search(line)]
+        lines = []
+        for line in batch.get("lines", []):
+            if line.startswith(SAY):
+                live.line(line[len(SAY):])
+            elif line.startswith(PROGRESS):
+                live.progress(json.loads(line[len(PROGRESS):]))
+            elif not NOISE.search(line):
+                lines.append(line)
         if lines:
             print_logs({**batch, "lines": lines})
 

@@ -32,9 +32,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
-import pyarrow.dataset as pads
 
 from digit_models.config import PredictConfig
+from digit_models.console import live, report_progress
 from digit_models.errors import DigitsError
 from digit_models.files import Folder, is_uri, require_output_folder, staged_dir
 from digit_models.predict_input import BLOCK_ROWS, Inspections, images_datasource, open_input
@@ -69,6 +69,7 @@ def predict(config: PredictConfig, address: str | None = None) -> dict:
         ray_started = time.time()
         local_input = {} if is_uri(config.input) else on_this_node()
         inspections = Inspections(source, tasks=8, **local_input)
+        live.formatter = ScoringProgress(inspections)
         actors = config.actors or default_actors(source)
         cpus = config.cpus_per_actor or cpus_per_process(actors)
         images = ray.data.read_datasource(images_datasource(source, inspections), num_cpus=0,
@@ -196,6 +197,7 @@ class DigitPredictor:
             views = [part, *(tta_view(part, view).numpy() for view in range(1, self.views))]
             probabilities[start:start + len(part)] = np.mean(
                 [model(view).numpy() for model in self.models for view in views], axis=0)
+        report_progress(images=len(images))
         return {
             "ImageId": batch["ImageId"].astype(np.int32),
             "Label": probabilities.argmax(axis=1).astype(np.int32),
@@ -204,12 +206,31 @@ class DigitPredictor:
         }
 
 
+class ScoringProgress:
+    """The driver's live line while scoring: images done (of the total, once the files are
+    counted), images/s so far, and time left."""
+
+    def __init__(self, inspections: Inspections):
+        self.inspections, self.done, self.started = inspections, 0, time.monotonic()
+
+    def __call__(self, message: dict) -> str:
+        self.done += message["images"]
+        rate = self.done / max(time.monotonic() - self.started, 1e-3)
+        total = self.inspections.rows_if_counted()
+        if total is None:
+            return f"scoring: {self.done:,} images, {rate:,.0f} images/s"
+        return (f"scoring: {self.done:,} of {total:,} images, {rate:,.0f} images/s, "
+                f"{max(total - self.done, 0) / rate:.0f}s left")
+
+
 # ---------------------------------------------------------------------------- submission.csv
 
 def write_submission(target: Folder, images: int, own_ids: bool, source: str) -> None:
     """Kaggle's format exactly (`ImageId,Label`, one row per image, ImageId ascending), from
     the ImageId and Label columns of the written predictions, after checking that every
     ImageId of the input is there exactly once."""
+    import pyarrow.dataset as pads  # here: its import (pandas) would delay every bad-input error
+
     written = pads.dataset(f"{target.path}/{PREDICTIONS_DIR}", filesystem=target.fs, format="parquet")
     batches = (batch for batch in written.to_batches(columns=["ImageId", "Label"], batch_size=1 << 20))
     ids, labels = (_sorted_own_ids if own_ids else _labels_by_row)(batches, images, source)

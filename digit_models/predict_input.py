@@ -218,6 +218,15 @@ class Inspections:
         groups = [ref for start, ref in zip(self.bounds, self.refs) if start < count]
         return [found for group in ray.get(groups) for found in group][:count]
 
+    def rows_if_counted(self) -> int | None:
+        """The rows of all files, or None while some are still being counted."""
+        import ray
+
+        ready, _ = ray.wait(self.refs, num_returns=len(self.refs), timeout=0)
+        if len(ready) < len(self.refs):
+            return None
+        return sum(found["rows"] for group in ray.get(self.refs) for found in group)
+
 
 def images_datasource(source: PredictInput, inspections: Inspections):
     """A Ray Data datasource reading `source` one file per read task. A task numbering rows

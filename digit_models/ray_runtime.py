@@ -7,10 +7,11 @@ import json
 import logging
 import os
 import signal
+import socket
 from contextlib import contextmanager
 
 from digit_models import RUNTIME_ENV_VARS
-from digit_models.console import filter_worker_output
+from digit_models.console import filter_worker_output, live
 from digit_models.interrupts import keep_sigterm_handler
 
 
@@ -45,18 +46,56 @@ def ray_session(address: str | None = None, dashboard: bool = False):
             # "local": never attach to whatever cluster /tmp/ray/ray_current_cluster last named.
             # No runtime_env: the processes of a Ray started here inherit this environment,
             # and one would keep Ray from handing work to the workers it starts in advance.
-            ray.init(address="local", include_dashboard=dashboard, dashboard_host="127.0.0.1",
-                     log_to_driver=True, logging_level=logging.ERROR, _node_ip_address="127.0.0.1",
-                     _system_config=EMBEDDED_RAY_CONFIG)
+            with _state_api_address_known(dashboard) as dashboard_port:
+                ray.init(address="local", include_dashboard=dashboard, dashboard_host="127.0.0.1",
+                         dashboard_port=dashboard_port, log_to_driver=True,
+                         logging_level=logging.ERROR, _node_ip_address="127.0.0.1",
+                         _system_config=EMBEDDED_RAY_CONFIG)
         keep_sigterm_handler(caller_sigterm)  # ray.init put in its own
         configure_ray_data()
         filter_worker_output()
         yield
     finally:
+        live.clear()
         if not address:
             _stop_autoscaler_monitor()
         ray.shutdown()
         _SESSION_OBJECTS.clear()
+
+
+@contextmanager
+def _state_api_address_known(dashboard: bool):
+    """The dashboard's port, chosen here, and its address in the environment that the Ray
+    about to start hands down to its processes. Ray Train's placement-group cleaner and state
+    actor look for the State API by looking for a Ray on this machine, and die with a traceback
+    when there are two (another command's, say); told the address, they look no further."""
+    if not dashboard:
+        yield None
+        return
+    port = _free_loopback_port()
+    saved = os.environ.get(API_SERVER_ADDRESS)
+    os.environ[API_SERVER_ADDRESS] = f"http://127.0.0.1:{port}"
+    try:
+        yield port
+    finally:  # this process's own later commands must not find it
+        if saved is None:
+            del os.environ[API_SERVER_ADDRESS]
+        else:
+            os.environ[API_SERVER_ADDRESS] = saved
+
+
+API_SERVER_ADDRESS = "RAY_API_SERVER_ADDRESS"
+# Ports Ray takes by default whenever they are free, which a port chosen free could be.
+RAY_DEFAULT_PORTS = {6379, 8265, 10001, 52365}
+
+
+def _free_loopback_port() -> int:
+    while True:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        if port not in RAY_DEFAULT_PORTS:
+            return port
 
 
 def _stop_autoscaler_monitor() -> None:

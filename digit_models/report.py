@@ -18,10 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
-from matplotlib import colormaps
-from matplotlib.colors import ListedColormap, LogNorm
-from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator, PercentFormatter
+from typing import TYPE_CHECKING
 
 from digit_models.errors import DigitsError
 from digit_models.evaluation import evaluate
@@ -31,6 +28,9 @@ from digit_models.predict import PREDICTIONS_DIR, RECORD_FILE
 from digit_models.predict_input import inspect_file, open_input, read_images
 from digit_models.run_dir import RunDir
 from digit_models.submission_csv import read_id_label_csv
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 __all__ = ["write_report"]  # the rest is its parts, named for reading and testing
 
@@ -74,13 +74,23 @@ def read_run(run_dir: str) -> dict:
 
 
 # ---------------------------------------------------------------------------- figures
+# matplotlib is imported where it draws: at the top it would delay every bad-input error by
+# about a second.
+
+def _figure(**options) -> Figure:
+    from matplotlib.figure import Figure
+
+    return Figure(**options)
+
 
 def training_curves(run: dict) -> Figure:
     """Loss, and the error rate (1 - accuracy) on a log scale: past 99% accuracy, the epochs
     that still halve the errors would look flat on an accuracy axis."""
+    from matplotlib.ticker import MaxNLocator, PercentFormatter
+
     history = run["history"]
     epochs = [entry["epoch"] for entry in history]
-    figure = Figure(figsize=(10, 4), layout="constrained")
+    figure = _figure(figsize=(10, 4), layout="constrained")
     loss_axes, error_axes = figure.subplots(1, 2)
     curves = (("loss", loss_axes, lambda values: values),
               ("accuracy", error_axes, lambda values: np.where(values < 1, 1 - values, np.nan)))
@@ -108,8 +118,11 @@ def _run_title(run: dict) -> str:
 
 
 def confusion_matrix(evaluation: dict) -> Figure:
+    from matplotlib import colormaps
+    from matplotlib.colors import ListedColormap, LogNorm
+
     counts = np.array(evaluation["confusion_matrix"])
-    figure = Figure(figsize=(6.5, 5.5), layout="constrained")
+    figure = _figure(figsize=(6.5, 5.5), layout="constrained")
     axes = figure.subplots()
     # Log colours: the diagonal holds thousands and the errors a handful; on a linear scale
     # every error would be the same pale colour. Zero cells are left white, and the palest
@@ -128,9 +141,11 @@ def confusion_matrix(evaluation: dict) -> Figure:
 
 
 def per_class_accuracy(evaluation: dict) -> Figure:
+    from matplotlib.ticker import PercentFormatter
+
     per_class = [evaluation["per_class"][str(digit)] for digit in range(NUM_CLASSES)]
     accuracy = np.array([entry["accuracy"] for entry in per_class])
-    figure = Figure(figsize=(8, 4), layout="constrained")
+    figure = _figure(figsize=(8, 4), layout="constrained")
     axes = figure.subplots()
     bars = axes.bar(range(NUM_CLASSES), accuracy, color="tab:blue")
     axes.bar_label(bars, labels=[f"{value:.2%}" for value in accuracy], padding=-14, fontsize=8,
@@ -197,12 +212,12 @@ def _scored_images(folder: Folder, wanted: np.ndarray) -> np.ndarray:
 
 def mistakes_gallery(mistakes: Mistakes) -> Figure:
     if not mistakes.total:
-        figure = Figure(figsize=(6, 1.2))
+        figure = _figure(figsize=(6, 1.2))
         figure.text(0.5, 0.5, "no mistakes: every image was predicted correctly",
                     ha="center", va="center", fontsize=13)
         return figure
     rows = -(-len(mistakes.images) // GALLERY_COLUMNS)
-    figure = Figure(figsize=(1.6 * GALLERY_COLUMNS, 1.9 * rows + 0.5), layout="constrained")
+    figure = _figure(figsize=(1.6 * GALLERY_COLUMNS, 1.9 * rows + 0.5), layout="constrained")
     panels = list(figure.subplots(rows, GALLERY_COLUMNS, squeeze=False).flat)
     for axes in panels:
         axes.set_axis_off()  # frames and ticks would only clutter the digits; blanks stay blank

@@ -1,12 +1,11 @@
 """What a training worker does at each epoch's end (train_worker.py puts them in fit()): the
 collective stop at the accuracy target, the run's history and stop reason, the checkpoint
-reported to Ray Train, and rank 0's progress line."""
+reported to Ray Train, and rank 0's progress on the console."""
 
 from __future__ import annotations
 
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -17,6 +16,7 @@ from digit_models.tf_setup import keras, tf  # before Ray Train's TensorFlow
 import ray.train
 
 from digit_models.config import TrainConfig
+from digit_models.console import report_progress, say
 from digit_models.errors import DigitsError
 from digit_models.run_dir import RunDir
 
@@ -110,17 +110,32 @@ class Checkpointing(keras.callbacks.Callback):
 
 
 class ProgressLine(keras.callbacks.Callback):
-    """One line per epoch on the console (rank 0's)."""
+    """Rank 0's line per epoch on the console; within epochs longer than `longer_than_s`, how
+    far it is every `every_s` seconds (the driver's live line)."""
 
-    def __init__(self, epochs: int, state: dict):
+    def __init__(self, epochs: int, steps: int, state: dict, every_s: float = 2.0,
+                 longer_than_s: float = 30.0):
         super().__init__()
-        self.epochs, self.state = epochs, state
+        self.epochs, self.steps, self.state = epochs, steps, state
+        self.every_s, self.longer_than_s = every_s, longer_than_s
+        self._supports_tf_logs = True  # the batch hook reads no logs: Keras need not convert them
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch, self.started = epoch, time.monotonic()
+        self.reported = self.started
+
+    def on_train_batch_end(self, batch, logs=None):
+        now, done = time.monotonic(), batch + 1
+        elapsed = now - self.started
+        if now - self.reported < self.every_s or elapsed / done * self.steps < self.longer_than_s:
+            return
+        self.reported = now
+        report_progress(text=f"epoch {self.epoch + 1}/{self.epochs}: {done / self.steps:.0%} "
+                             f"({done:,}/{self.steps:,} steps), "
+                             f"{elapsed / done * (self.steps - done):.0f}s left in the epoch")
 
     def on_epoch_end(self, epoch, logs=None):
-        # Straight to the process's stdout: Ray Train re-routes print() through logging, where
-        # TensorFlow's handlers would print the line twice. Ray forwards stdout.
-        sys.__stdout__.write(progress_line(self.state["history"][-1], self.epochs) + "\n")
-        sys.__stdout__.flush()
+        say(progress_line(self.state["history"][-1], self.epochs))
 
 
 def progress_line(entry: dict, epochs: int) -> str:

@@ -100,7 +100,7 @@ def run_worker(loop_config: dict) -> dict:
                  EpochHistory(config, state, target_stop, images_per_epoch=steps * step_rows * world,
                               timeline=timeline),
                  Checkpointing(rank, state),
-                 *([ProgressLine(config.epochs, state)] if rank == 0 else [])]
+                 *([ProgressLine(config.epochs, steps, state)] if rank == 0 else [])]
     if state.get("stop_reason") is None and state["epochs_done"] < config.epochs:
         model.fit(train_data, epochs=config.epochs, initial_epoch=state["epochs_done"],
                   steps_per_epoch=steps, callbacks=callbacks, verbose=0, **validation)

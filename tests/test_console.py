@@ -1,0 +1,166 @@
+"""What the user's console shows: one line for bad input, decided before any heavy library
+loads; our own lines from a real run, without TensorFlow's or Ray's start-up chatter; and
+progress as one live line on a terminal, sparse lines in a log."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO, run_digits
+from digit_models.console import PROGRESS, SAY, LiveLine
+
+# Runs the real entry point, then lists the modules it had imported when it exited.
+PROBE = ("import atexit, json, os, sys\n"
+         "atexit.register(lambda: open(os.environ['IMPORTED'], 'w').write(json.dumps(sorted(sys.modules))))\n"
+         "from digit_models.cli import entry_point\n"
+         "sys.argv[0] = 'digits'\n"
+         "entry_point()\n")
+HEAVY = ("tensorflow", "ray", "matplotlib", "pandas")
+
+# What TensorFlow's CUDA build and Ray print from every process, and Ray's prefix on
+# forwarded worker lines, none of which a user should have to read past.
+CHATTER = re.compile(r"cuInit|cuda drivers|absl::InitializeLog|cudart_stub|oneDNN custom operations"
+                     r"|computation_placer|Traceback|\(\w+ pid=\d+|\x1b\[|object store and max_restarts")
+
+
+def _mistyped(kaggle_dir, dense_run, out):
+    test_csv, labels = str(kaggle_dir / "test.csv"), str(kaggle_dir / "test_labels.csv")
+    return {
+        "predict, no such run": (["predict", "--run", "/nonexistent/run", "--input", test_csv,
+                                  "--out", out], "no such run directory"),
+        "predict, no such input": (["predict", "--run", str(dense_run), "--input",
+                                    "/nonexistent/test.csv", "--out", out], "no such file"),
+        "train, no such data": (["train", "--data", "/nonexistent/train.csv", "--out", out],
+                                "no such file"),
+        "train, unknown model": (["train", "--model", "nosuch", "--data", str(kaggle_dir),
+                                  "--out", out], "--model nosuch: choose one of"),
+        "evaluate, no such predictions": (["evaluate", "--predictions", "/nonexistent/out",
+                                           "--labels", labels], "no such file"),
+        "report, no such run": (["report", "/nonexistent/run", "--out", out], "no such run directory"),
+    }
+
+
+@pytest.mark.parametrize("case", ["predict, no such run", "predict, no such input",
+                                  "train, no such data", "train, unknown model",
+                                  "evaluate, no such predictions", "report, no such run"])
+def test_mistyped_input_is_one_line_before_any_heavy_import(tmp_path, kaggle_dir, dense_run, case):
+    out = tmp_path / "out"
+    args, message = _mistyped(kaggle_dir, dense_run, str(out))[case]
+    imported = tmp_path / "imported.json"
+    done = subprocess.run([sys.executable, "-c", PROBE, *args], capture_output=True, text=True,
+                          cwd=REPO, timeout=60, env={**os.environ, "IMPORTED": str(imported)})
+    assert done.returncode == 2, done.stderr
+    assert done.stdout == ""
+    [line] = done.stderr.splitlines()
+    assert line.startswith("digits: error: ") and message in line, line
+    loaded = {name.split(".")[0] for name in json.loads(imported.read_text())}
+    assert not loaded & set(HEAVY), f"imported before the error: {sorted(loaded & set(HEAVY))}"
+    assert not out.exists()
+
+
+def test_a_real_run_prints_our_lines_and_no_start_up_chatter(tmp_path, kaggle_dir):
+    """Train with two workers and score, each on its own embedded Ray, as a user would."""
+    run_dir, out = tmp_path / "run", tmp_path / "scored"
+    trained = run_digits("train", "--model", "dense", "--data", str(kaggle_dir), "--limit", "800",
+                         "--workers", "2", "--epochs", "2", "--out", str(run_dir))
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    lines = (trained.stdout + trained.stderr).splitlines()
+    assert [line[:10] for line in lines] == ["epoch 1/2 ", "epoch 2/2 ", "epochs exh"], lines
+    scored = run_digits("predict", "--run", str(run_dir), "--input", str(kaggle_dir / "test.csv"),
+                        "--out", str(out))
+    assert scored.returncode == 0, scored.stderr[-3000:]
+    assert (scored.stdout + scored.stderr).splitlines() == [
+        f"scored 1,500 images ({json.loads((out / 'predict.json').read_text())['images_per_s']:,.0f} "
+        f"images/s); submission: {out}/submission.csv"]
+    for line in lines:
+        assert not CHATTER.search(line), line
+
+
+# ---------------------------------------------------------------------------- the live line
+
+class Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_on_a_terminal_progress_is_one_line_redrawn_in_place():
+    stream = io.StringIO()
+    live = LiveLine(stream, terminal=True)
+    live.progress({"text": "epoch 1/3: 10%"})
+    live.progress({"text": "epoch 1/3: 20%"})
+    live.line("epoch 1/3  loss 0.1")
+    live.progress({"text": "epoch 2/3: 5%"})
+    live.clear()
+    assert stream.getvalue() == ("\repoch 1/3: 10%\x1b[K\repoch 1/3: 20%\x1b[K"
+                                 "\r\x1b[Kepoch 1/3  loss 0.1\n"
+                                 "\repoch 2/3: 5%\x1b[K\r\x1b[K")
+
+
+def test_in_a_log_progress_appears_once_it_has_lasted_and_then_every_30_s():
+    stream, clock = io.StringIO(), Clock()
+    live = LiveLine(stream, terminal=False, clock=clock)
+    live.formatter = lambda message: f"scoring: {message['images']:,} images"
+    for second in range(0, 100, 5):
+        clock.now = second
+        live.progress({"images": second * 100})
+    live.line("scored 9,500 images")
+    assert stream.getvalue().splitlines() == ["scoring: 3,000 images", "scoring: 6,000 images",
+                                              "scoring: 9,000 images", "scored 9,500 images"]
+
+
+def test_a_worker_says_and_reports_through_its_stdout(capfd):
+    """The driver tells our lines from other output by these marks (filter_worker_output)."""
+    from digit_models.console import report_progress, say
+
+    say("epoch 1/1  loss 0.5")
+    report_progress(images=4096)
+    written = capfd.readouterr().out.splitlines()
+    assert written == [SAY + "epoch 1/1  loss 0.5", PROGRESS + json.dumps({"images": 4096})]
+
+
+def test_training_reports_progress_within_long_epochs_only(capfd):
+    """Rank 0's callback, driven by a real Keras fit: within-epoch reports only where the
+    epoch is predicted to last longer than the threshold."""
+    import numpy as np
+
+    from digit_models.tf_setup import keras
+    from digit_models.train_callbacks import ProgressLine
+
+    model = keras.Sequential([keras.layers.Input((4,)), keras.layers.Dense(2)])
+    model.compile(optimizer="sgd", loss="mse")
+    x, y = np.zeros((64, 4), np.float32), np.zeros((64, 2), np.float32)
+    entry = {"epoch": 1, "loss": 0.5, "images_per_s": 100.0, "epoch_s": 0.1, "elapsed_s": 0.1}
+    for longer_than_s, reports in ((0.0, 8), (3600.0, 0)):
+        callback = ProgressLine(epochs=1, steps=8, state={"history": [entry]}, every_s=0.0,
+                                longer_than_s=longer_than_s)
+        model.fit(x, y, batch_size=8, epochs=1, callbacks=[callback], verbose=0)
+        written = capfd.readouterr().out.splitlines()
+        progress = [json.loads(line[len(PROGRESS):])["text"] for line in written if line.startswith(PROGRESS)]
+        assert len(progress) == reports
+        assert all(re.fullmatch(r"epoch 1/1: \d+% \(\d/8 steps\), \d+s left in the epoch", text)
+                   for text in progress), progress
+        assert written[-1] == SAY + "epoch 1/1  loss 0.5000  100 img/s  epoch 0.1s  elapsed 0.1s"
+
+
+def test_scoring_progress_counts_images_of_the_whole_input(kaggle_dir, ray_local):
+    import ray
+
+    from digit_models.predict import ScoringProgress
+    from digit_models.predict_input import Inspections, open_input
+
+    inspections = Inspections(open_input(str(kaggle_dir / "test.csv")), tasks=1)
+    ray.get(inspections.refs)
+    progress = ScoringProgress(inspections)
+    progress({"images": 500})
+    assert re.fullmatch(r"scoring: 1,000 of 1,500 images, [\d,]+ images/s, \d+s left",
+                        progress({"images": 500}))
