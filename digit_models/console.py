@@ -87,6 +87,11 @@ def _pass_on(lines, out) -> None:
                 out.write(line)
 
 
+# Ray's own lines said in fewer words (its log files keep them whole).
+RETOLD = [(re.compile(r"A worker died or was killed while executing a task by an unexpected system "
+                      r"error\..*Worker PID: (\d+).*Worker exit type: (\w+)"),
+           r"Ray: worker process \1 died unexpectedly (\2); Ray's logs have the details")]
+
 SAY = "digits-say "  # a worker's line for the console
 PROGRESS = "digits-progress "  # a worker's progress message (JSON)
 
@@ -100,6 +105,14 @@ def report_progress(**message) -> None:
     """From a Ray worker: how far it is, for the driver's live line. `text` is shown as it is;
     other messages go to the command's own formatter (see `LiveLine.formatter`)."""
     _to_driver(PROGRESS + json.dumps(message))
+
+
+def _retold(line: str) -> str:
+    for pattern, shorter in RETOLD:
+        found = pattern.search(line)
+        if found:
+            return found.expand(shorter)
+    return line
 
 
 def _to_driver(line: str) -> None:
@@ -183,7 +196,7 @@ def filter_worker_output() -> None:
             elif line.startswith(PROGRESS):
                 live.progress(json.loads(line[len(PROGRESS):]))
             elif not NOISE.search(line):
-                lines.append(line)
+                lines.append(_retold(line))
         if lines:
             print_logs({**batch, "lines": lines})
 

@@ -102,6 +102,11 @@ class Folder:
     def create(self) -> None:
         self.fs.create_dir(self.path, recursive=True)
 
+    def names(self) -> list[str]:
+        """The names of the entries in this folder (none if it does not exist), sorted."""
+        found = self.fs.get_file_info(pafs.FileSelector(self.path, allow_not_found=True))
+        return sorted(info.base_name for info in found)
+
     def read_bytes(self, name: str) -> bytes:
         with self.fs.open_input_stream(f"{self.path}/{name}") as stream:
             return stream.read()

@@ -2,6 +2,7 @@
 
     started.json   written first: the configuration and the data's checksum (what --resume reads)
     checkpoints/   Ray Train's per-epoch checkpoints, each with state.json (epochs, history)
+    attempts/      each worker-group start and worker failure (attempts.py)
     model.keras    the trained model, native Keras format
     run.json       written last: a run directory without it is unfinished
 
@@ -25,6 +26,7 @@ class RunDir(Folder):
     STARTED = "started.json"
     RUN = "run.json"
     CHECKPOINTS = "checkpoints"
+    ATTEMPTS = "attempts"
     STATE = "state.json"  # inside each checkpoint
 
     def __init__(self, location: str):

@@ -10,6 +10,7 @@ Train's controller imports TensorFlow (train_backend.py).
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import platform
 import tempfile
 import time
@@ -19,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 import digit_models
-from digit_models.config import TrainConfig
+from digit_models.config import FAULT_MOMENTS, TrainConfig
 from digit_models.errors import DigitsError
 from digit_models.files import file_sha256
 from digit_models.kaggle_csv import read_train_csv, resolve_train_csv
@@ -74,6 +75,7 @@ def _run(config: TrainConfig, run_dir: RunDir, address: str | None, started: dic
     if started and started["data"]["sha256"] != data_sha256:
         raise DigitsError(f"{train_csv}: changed since the run started (sha256 {data_sha256}, "
                           f"was {started['data']['sha256']}); cannot resume on different data")
+    fault = injected_fault(config)
     train_rows, val_rows = validation_split(len(digits), config.val_fraction, config.seed)
     too_few_val = config.val_fraction > 0 and len(val_rows) < config.workers
     if len(train_rows) // config.workers < config.batch_size * config.accumulate or too_few_val:
@@ -86,6 +88,7 @@ def _run(config: TrainConfig, run_dir: RunDir, address: str | None, started: dic
         import ray
         import ray.train
 
+        from digit_models.attempts import FailureRecorder, restarts
         from digit_models.train_backend import tensorflow_trainer
 
         now = _utc(clock)
@@ -102,7 +105,9 @@ def _run(config: TrainConfig, run_dir: RunDir, address: str | None, started: dic
                   for name, rows in (("train", train_rows), ("validation", val_rows))}
         trainer = tensorflow_trainer(
             train_func,
-            train_loop_config={"config": asdict(config), "rows_total": len(digits), **shares},
+            train_loop_config={"config": asdict(config), "rows_total": len(digits), **shares,
+                               "run": run_dir.location, "fault": fault,
+                               "driver_session": len(started["resumed_at"])},
             scaling_config=scaling_config(config),
             # The same name and storage path on resume: Ray Train then restores its
             # checkpoint bookkeeping and hands the workers the latest checkpoint.
@@ -110,6 +115,7 @@ def _run(config: TrainConfig, run_dir: RunDir, address: str | None, started: dic
                 name=RunDir.CHECKPOINTS, storage_path=run_dir.location,
                 failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+                callbacks=[FailureRecorder(run_dir.location)],
                 logging_config=ray.train.LoggingConfig(log_level="WARNING")),
         )
         fit_called = time.time()
@@ -133,7 +139,8 @@ def _run(config: TrainConfig, run_dir: RunDir, address: str | None, started: dic
         "stop_reason": outcome["stop_reason"],
         "history": outcome["history"],
         "shards": outcome["shards"],
-        "restarts": outcome["restarts"],
+        "restarts": restarts(run_dir.location),
+        **({"fault_injected": fault} if fault else {}),
         "data": started["data"],
         "config": asdict(config),
         "versions": library_versions(),
@@ -150,6 +157,21 @@ def _run(config: TrainConfig, run_dir: RunDir, address: str | None, started: dic
     }
     run_dir.write_run(summary)
     return summary
+
+
+def injected_fault(config: TrainConfig) -> str | None:
+    """DIGITS_FAULT=MOMENT:EPOCH:RANK, for fault tests: that worker kills itself then, once
+    (train_callbacks.InjectedFault); run.json and attempts/ record it."""
+    spec = os.environ.get("DIGITS_FAULT")
+    if not spec:
+        return None
+    moment, _, rest = spec.partition(":")
+    epoch, _, rank = rest.partition(":")
+    if moment not in FAULT_MOMENTS or not (epoch.isdigit() and rank.isdigit()) \
+            or not 1 <= int(epoch) <= config.epochs or int(rank) >= config.workers:
+        raise DigitsError(f"DIGITS_FAULT={spec}: expected MOMENT:EPOCH:RANK, MOMENT one of "
+                          f"{', '.join(FAULT_MOMENTS)}, an epoch of the run and a worker's rank")
+    return spec
 
 
 def validation_split(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

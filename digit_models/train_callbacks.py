@@ -4,21 +4,21 @@ reported to Ray Train, and rank 0's progress on the console."""
 
 from __future__ import annotations
 
-import json
 import os
+import signal
 import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 
 from digit_models.tf_setup import keras, tf  # before Ray Train's TensorFlow
 import ray.train
 
-from digit_models.config import TrainConfig
+from digit_models import attempts
+from digit_models.checkpoints import write_checkpoint
+from digit_models.config import FAULT_MOMENTS, TrainConfig
 from digit_models.console import report_progress, say
 from digit_models.errors import DigitsError
-from digit_models.run_dir import RunDir
 
 
 def all_reduce_sum(strategy, values) -> np.ndarray:
@@ -93,20 +93,54 @@ class Checkpointing(keras.callbacks.Callback):
     Ray Train with the epoch's metrics. Every worker saves (the strategy expects all to take
     part); only rank 0's is kept."""
 
-    def __init__(self, rank: int, state: dict):
+    def __init__(self, rank: int, state: dict, before_report=None):
         super().__init__()
-        self.rank, self.state = rank, state
+        self.rank, self.state, self.before_report = rank, state, before_report
 
     def on_epoch_end(self, epoch, logs=None):
         with tempfile.TemporaryDirectory(prefix="digits-ckpt-") as directory:
-            # The format named explicitly: tf-keras keeps "use the .keras format" in a
-            # thread-local that its first save resets to False in a non-main thread (Ray
-            # Train's), after which a "model.keras" would silently be written as HDF5.
-            self.model.save(os.path.join(directory, RunDir.MODEL), save_format="keras_v3")
-            Path(directory, RunDir.STATE).write_text(json.dumps(self.state))
+            write_checkpoint(directory, self.model, self.state)
+            if self.before_report:
+                self.before_report()
             checkpoint = ray.train.Checkpoint.from_directory(directory) if self.rank == 0 else None
             ray.train.report({**self.state["history"][-1], "stop_reason": self.state.get("stop_reason")},
                              checkpoint=checkpoint)
+
+
+class InjectedFault(keras.callbacks.Callback):
+    """For fault tests (DIGITS_FAULT=MOMENT:EPOCH:RANK): the worker of that rank kills itself
+    with SIGKILL at that moment of that epoch, once per run, and says so in attempts/ first.
+    Moments: mid_epoch (half the epoch's steps done), validation (as it begins), checkpoint
+    (saved locally, not yet reported: before the upload), after_epoch (reported, line printed)."""
+
+    def __init__(self, spec: str, rank: int, steps: int, run_location: str):
+        super().__init__()
+        moment, epoch, victim = spec.split(":")
+        assert moment in FAULT_MOMENTS, spec
+        self.spec, self.moment, self.fault_epoch, self.rank = spec, moment, int(epoch), rank
+        self.steps, self.run_location = steps, run_location
+        self.armed = rank == int(victim) and not attempts.recorded(run_location, "fault")
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch + 1
+
+    def on_train_batch_end(self, batch, logs=None):
+        if batch + 1 >= self.steps // 2:
+            self._at("mid_epoch")
+
+    def on_test_begin(self, logs=None):
+        self._at("validation")
+
+    def checkpoint_written(self) -> None:
+        self._at("checkpoint")
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._at("after_epoch")
+
+    def _at(self, moment: str) -> None:
+        if self.armed and moment == self.moment and self.epoch == self.fault_epoch:
+            attempts.record(self.run_location, "fault", {"fault": self.spec, "rank": self.rank})
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 class ProgressLine(keras.callbacks.Callback):

@@ -5,7 +5,8 @@ from its rank on, so no two workers share a row), keeps them in memory, and trai
 registered model under MultiWorkerMirroredStrategy: gradients are all-reduced every step, and
 the global batch is the per-worker batch times the number of workers.
 After every epoch each worker reports its metrics and rank 0 a checkpoint (model, optimizer
-state, history) through `ray.train.report`; a restarted worker group resumes from it.
+state, history) through `ray.train.report`; a restarted worker group resumes from the newest
+complete one (checkpoints.py), and its rank 0 records the start (attempts.py).
 
 The accuracy target is decided collectively: every worker votes whether its metric reached the
 target, the votes are all-reduced, and all workers stop at the same epoch. A worker deciding
@@ -14,8 +15,8 @@ alone would leave `fit()` while the others wait forever in the next step's all-r
 
 from __future__ import annotations
 
-import json
 import logging
+import tempfile
 import time
 import types
 from pathlib import Path
@@ -26,13 +27,15 @@ from digit_models.tf_setup import configure_tensorflow, keras, tf  # before Ray 
 import ray
 import ray.train
 
+from digit_models import attempts
 from digit_models.augmentation import Augmentation, random_affine
+from digit_models.checkpoints import newest_complete
 from digit_models.config import TrainConfig
 from digit_models.errors import DigitsError
 from digit_models.kaggle_csv import NUM_CLASSES
 from digit_models.models import build_model
 from digit_models.run_dir import RunDir
-from digit_models.train_callbacks import (Checkpointing, EpochHistory, ProgressLine,
+from digit_models.train_callbacks import (Checkpointing, EpochHistory, InjectedFault, ProgressLine,
                                           SynchronizedTargetStop, all_reduce_sum)
 
 # Training steps per call from Python into TensorFlow: for the seed's small dense net the
@@ -76,31 +79,36 @@ def run_worker(loop_config: dict) -> dict:
             validation_steps=-(-val_size // val_batch))
 
     timeline["data_ready"] = time.time()
-    state = {"epochs_done": 0, "history": [], "restarts": []}
-    checkpoint = ray.train.get_checkpoint()
+    resumed = newest_complete(loop_config["run"])
+    state = resumed[0] if resumed else {"epochs_done": 0, "history": []}
     with strategy.scope():
-        if checkpoint:
-            with checkpoint.as_directory() as directory:
-                state = json.loads(Path(directory, RunDir.STATE).read_text())
+        if resumed:
+            with tempfile.TemporaryDirectory(prefix="digits-resume-") as directory:
+                Path(directory, RunDir.MODEL).write_bytes(resumed[1])
                 model = keras.models.load_model(Path(directory, RunDir.MODEL))
-            state["restarts"].append({"resumed_after_epoch": state["epochs_done"]})
         else:
             model = build_model(config.model)
             model.compile(optimizer=keras.optimizers.Adam(learning_rate(config, steps)),
                           loss=keras.losses.CategoricalCrossentropy(
                               label_smoothing=config.label_smoothing),
                           metrics=["accuracy"], steps_per_execution=STEPS_PER_EXECUTION)
+    if rank == 0:
+        attempts.record(loop_config["run"], "start", {
+            "driver_session": loop_config["driver_session"], "workers": world,
+            "resumed_after_epoch": state["epochs_done"] if resumed else None})
 
     if strategy.num_replicas_in_sync > 1 or config.accumulate > 1:
         model.train_step = types.MethodType(data_parallel_step(
             getattr(tf, config.gradient_dtype), config.accumulate), model)
     timeline["model_ready"] = time.time()
     target_stop = SynchronizedTargetStop(strategy, config.target_metric, config.target)
+    fault = loop_config["fault"] and InjectedFault(loop_config["fault"], rank, steps, loop_config["run"])
     callbacks = [target_stop,
                  EpochHistory(config, state, target_stop, images_per_epoch=steps * step_rows * world,
                               timeline=timeline),
-                 Checkpointing(rank, state),
-                 *([ProgressLine(config.epochs, steps, state)] if rank == 0 else [])]
+                 Checkpointing(rank, state, before_report=fault and fault.checkpoint_written),
+                 *([ProgressLine(config.epochs, steps, state)] if rank == 0 else []),
+                 *([fault] if fault else [])]
     if state.get("stop_reason") is None and state["epochs_done"] < config.epochs:
         model.fit(train_data, epochs=config.epochs, initial_epoch=state["epochs_done"],
                   steps_per_epoch=steps, callbacks=callbacks, verbose=0, **validation)
