@@ -84,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
            help="mixed_float16 compute (for GPU workers)")
     option("--max-failures", type=int,
            help=f"worker-group restarts allowed before the run fails (default {defaults.max_failures})")
+    option("--mlflow", metavar="TRACKING_URI",
+           help="also log the run to MLflow (e.g. file:///abs/path/mlruns or http://host:5000); "
+                "needs the mlflow extra")
     _add_ray_address(train)
 
     scoring = PredictConfig(runs=[], input="", out="")  # the defaults

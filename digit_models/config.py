@@ -62,6 +62,7 @@ class TrainConfig:
     lr_schedule: str = "constant"  # or "cosine": warm-up (an epoch or a tenth of the run), then decay to 0
     label_smoothing: float = 0.0
     preset: str | None = None  # the preset the settings started from, for the record
+    mlflow: str | None = None  # MLflow tracking URI to log the run to (mlflow_log.py)
 
     @property
     def step_learning_rate(self) -> float:

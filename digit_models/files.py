@@ -99,6 +99,10 @@ class Folder:
     def is_empty(self) -> bool:
         return not self.fs.get_file_info(pafs.FileSelector(self.path, allow_not_found=True))
 
+    def names(self) -> list[str]:
+        return [info.base_name for info in
+                self.fs.get_file_info(pafs.FileSelector(self.path, allow_not_found=True))]
+
     def create(self) -> None:
         self.fs.create_dir(self.path, recursive=True)
 

@@ -30,8 +30,10 @@ from digit_models.augmentation import Augmentation, random_affine
 from digit_models.config import TrainConfig
 from digit_models.errors import DigitsError
 from digit_models.kaggle_csv import NUM_CLASSES
+from digit_models.mlflow_log import EpochMetrics
 from digit_models.models import build_model
 from digit_models.run_dir import RunDir
+from digit_models.tensorboard_log import TensorBoardEvents
 from digit_models.train_callbacks import (Checkpointing, EpochHistory, ProgressLine,
                                           SynchronizedTargetStop, all_reduce_sum)
 
@@ -100,12 +102,22 @@ def run_worker(loop_config: dict) -> dict:
                  EpochHistory(config, state, target_stop, images_per_epoch=steps * step_rows * world,
                               timeline=timeline),
                  Checkpointing(rank, state),
-                 *([ProgressLine(config.epochs, state)] if rank == 0 else [])]
+                 *(rank_zero_logs(config, loop_config, state) if rank == 0 else [])]
     if state.get("stop_reason") is None and state["epochs_done"] < config.epochs:
         model.fit(train_data, epochs=config.epochs, initial_epoch=state["epochs_done"],
                   steps_per_epoch=steps, callbacks=callbacks, verbose=0, **validation)
     timeline["train_func_ended"] = time.time()
     return {**state, "shards": shards, "timeline": timeline}
+
+
+def rank_zero_logs(config: TrainConfig, loop_config: dict, state: dict) -> list[keras.callbacks.Callback]:
+    """The console line, TensorBoard's event file and MLflow's metrics: once per run, from
+    rank 0, after the epoch's checkpoint (so they show what a restart continues from)."""
+    logs = [ProgressLine(config.epochs, state), TensorBoardEvents(loop_config["run_dir"], state)]
+    if config.mlflow:
+        metrics = EpochMetrics(config.mlflow, loop_config["mlflow_run_id"])
+        logs.append(keras.callbacks.LambdaCallback(on_epoch_end=lambda *_: metrics.log(state["history"])))
+    return logs
 
 
 def multi_worker_strategy(config: TrainConfig) -> tf.distribute.MultiWorkerMirroredStrategy:
