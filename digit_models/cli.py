@@ -22,8 +22,8 @@ def _add_ray_address(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from digit_models.config import (ALL_REDUCE_DTYPES, LR_SCHEDULES, PRESETS, TARGET_METRICS,
-                                     PredictConfig, TrainConfig)
+    from digit_models.config import (ALL_REDUCE_DTYPES, EXPORT_FORMATS, LR_SCHEDULES, PRESETS,
+                                     TARGET_METRICS, PredictConfig, TrainConfig)
 
     parser = argparse.ArgumentParser(
         prog="digits", description="Kaggle Digit Recognizer: data, distributed training, scoring.")
@@ -133,6 +133,14 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--labels", default=None, metavar="CSV",
                         help="true labels of the scored images (test_labels.csv)")
     report.add_argument("--out", required=True, metavar="REPORT_DIR", help="new folder to write")
+
+    export = commands.add_parser("export", help="a trained model for serving: a TensorFlow "
+                                                 "SavedModel (TensorFlow Serving) or TFLite")
+    export.add_argument("--run", required=True, metavar="RUN_DIR", help="a finished training run")
+    export.add_argument("--format", choices=EXPORT_FORMATS, default="savedmodel",
+                        help="savedmodel: OUT/1/, the layout TensorFlow Serving loads; "
+                             "tflite: OUT/model.tflite (default savedmodel)")
+    export.add_argument("--out", required=True, metavar="OUT_DIR", help="new folder to write")
     return parser
 
 
@@ -210,8 +218,14 @@ def run_report(args) -> None:
     print(f"wrote {', '.join(written)} to {args.out}")
 
 
+def run_export(args) -> None:
+    from digit_models.export import export
+
+    print(f"wrote {export(args.run, args.out, args.format)}")
+
+
 COMMANDS = {"data": run_data, "train": run_train, "predict": run_predict, "evaluate": run_evaluate,
-            "report": run_report}
+            "report": run_report, "export": run_export}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,6 +13,7 @@ MODEL_NAMES = ("dense", "cnn", "deep_cnn")  # models.py's registry (a test check
 TARGET_METRICS = ("accuracy", "val_accuracy")
 ALL_REDUCE_DTYPES = ("float32", "bfloat16")
 LR_SCHEDULES = ("constant", "cosine")
+EXPORT_FORMATS = ("savedmodel", "tflite")  # digits export (export.py)
 MAX_TTA = 8  # extra test-time views: augmentation.TTA_VIEWS has this many after the identity
 
 # Settings a preset chooses; options given on the command line still win. Both presets stop
