@@ -137,9 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     export = commands.add_parser("export", help="a trained model for serving: a TensorFlow "
                                                  "SavedModel (TensorFlow Serving) or TFLite")
     export.add_argument("--run", required=True, metavar="RUN_DIR", help="a finished training run")
-    export.add_argument("--format", choices=EXPORT_FORMATS, default="savedmodel",
-                        help="savedmodel: OUT/1/, the layout TensorFlow Serving loads; "
-                             "tflite: OUT/model.tflite (default savedmodel)")
+    export.add_argument("--format", default="savedmodel",
+                        help=f"{' or '.join(EXPORT_FORMATS)}: OUT/1/ (the layout TensorFlow "
+                             "Serving loads) or OUT/model.tflite (default savedmodel)")
     export.add_argument("--out", required=True, metavar="OUT_DIR", help="new folder to write")
     return parser
 
