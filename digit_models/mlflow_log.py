@@ -38,9 +38,9 @@ def client(tracking_uri: str):
 
 def start_run(tracking_uri: str, config: dict, name: str, run_id: str | None = None) -> str:
     """A new MLflow run with the configuration as params, or `run_id` (a resumed run) again."""
+    tracking = client(tracking_uri)
     from mlflow.entities import Param
 
-    tracking = client(tracking_uri)
     if run_id:
         tracking.update_run(run_id, status="RUNNING")
         return run_id

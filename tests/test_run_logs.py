@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -15,7 +17,7 @@ import pytest
 from digit_models.config import TrainConfig
 from digit_models.run_dir import EPOCH_METRICS
 from digit_models.train import train
-from tests.conftest import run_digits
+from tests.conftest import REPO, run_digits
 
 EPOCHS = 3
 
@@ -120,3 +122,17 @@ def test_mlflow_has_the_params_each_epoch_once_and_the_artifacts(resumed_run):
     assert artifacts == {"run.json", "model.keras"}
     local = Path(tracking.download_artifacts(logged.info.run_id, "run.json", str(resumed_run["dir"].parent)))
     assert json.loads(local.read_text())["mlflow_run_id"] == logged.info.run_id
+
+
+def test_mlflow_without_its_package_is_one_line_before_anything_starts(tmp_path, kaggle_dir):
+    """A Python without mlflow (the import made to fail, as Python does for a None module)."""
+    without_mlflow = ("import sys; sys.modules['mlflow'] = None; "
+                      "from digit_models.cli import main; sys.exit(main(sys.argv[1:]))")
+    done = subprocess.run([sys.executable, "-c", without_mlflow, "train", "--model", "dense",
+                           "--data", str(kaggle_dir), "--epochs", "1", "--out", str(tmp_path / "run"),
+                           "--mlflow", f"file://{tmp_path}/mlruns"],
+                          capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip() == ("digits: error: --mlflow: the mlflow package is not installed; "
+                                   "pip install 'digit-models[mlflow]'")
+    assert list(tmp_path.iterdir()) == []
