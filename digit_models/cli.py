@@ -22,8 +22,8 @@ def _add_ray_address(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from digit_models.config import (ALL_REDUCE_DTYPES, LR_SCHEDULES, PRESETS, TARGET_METRICS,
-                                     PredictConfig, TrainConfig)
+    from digit_models.config import (ALL_REDUCE_DTYPES, EXPORT_FORMATS, LR_SCHEDULES, PRESETS,
+                                     TARGET_METRICS, PredictConfig, TrainConfig)
 
     parser = argparse.ArgumentParser(
         prog="digits", description="Kaggle Digit Recognizer: data, distributed training, scoring.")
@@ -85,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
            help="mixed_float16 compute (for GPU workers)")
     option("--max-failures", type=int,
            help=f"worker-group restarts allowed before the run fails (default {defaults.max_failures})")
+    option("--mlflow", metavar="TRACKING_URI",
+           help="also log the run to MLflow (e.g. file:///abs/path/mlruns or http://host:5000); "
+                "needs the mlflow extra")
     _add_ray_address(train)
 
     scoring = PredictConfig(runs=[], input="", out="")  # the defaults
@@ -131,6 +134,14 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--labels", default=None, metavar="CSV",
                         help="true labels of the scored images (test_labels.csv)")
     report.add_argument("--out", required=True, metavar="REPORT_DIR", help="new folder to write")
+
+    export = commands.add_parser("export", help="a trained model for serving: a TensorFlow "
+                                                 "SavedModel (TensorFlow Serving) or TFLite")
+    export.add_argument("--run", required=True, metavar="RUN_DIR", help="a finished training run")
+    export.add_argument("--format", default="savedmodel",
+                        help=f"{' or '.join(EXPORT_FORMATS)}: OUT/1/ (the layout TensorFlow "
+                             "Serving loads) or OUT/model.tflite (default savedmodel)")
+    export.add_argument("--out", required=True, metavar="OUT_DIR", help="new folder to write")
     return parser
 
 
@@ -208,8 +219,14 @@ def run_report(args) -> None:
     print(f"wrote {', '.join(written)} to {args.out}")
 
 
+def run_export(args) -> None:
+    from digit_models.export import export
+
+    print(f"wrote {export(args.run, args.out, args.format)}")
+
+
 COMMANDS = {"data": run_data, "train": run_train, "predict": run_predict, "evaluate": run_evaluate,
-            "report": run_report}
+            "report": run_report, "export": run_export}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,6 +13,7 @@ MODEL_NAMES = ("dense", "cnn", "deep_cnn")  # models.py's registry (a test check
 TARGET_METRICS = ("accuracy", "val_accuracy")
 ALL_REDUCE_DTYPES = ("float32", "bfloat16")
 LR_SCHEDULES = ("constant", "cosine")
+EXPORT_FORMATS = ("savedmodel", "tflite")  # digits export (export.py)
 MAX_TTA = 8  # extra test-time views: augmentation.TTA_VIEWS has this many after the identity
 # Moments of an epoch at which DIGITS_FAULT kills a worker (train_callbacks.InjectedFault).
 FAULT_MOMENTS = ("mid_epoch", "validation", "checkpoint", "after_epoch")
@@ -64,6 +65,7 @@ class TrainConfig:
     lr_schedule: str = "constant"  # or "cosine": warm-up (an epoch or a tenth of the run), then decay to 0
     label_smoothing: float = 0.0
     preset: str | None = None  # the preset the settings started from, for the record
+    mlflow: str | None = None  # MLflow tracking URI to log the run to (mlflow_log.py)
 
     @property
     def step_learning_rate(self) -> float:

@@ -3,6 +3,7 @@
     started.json   written first: the configuration and the data's checksum (what --resume reads)
     checkpoints/   Ray Train's per-epoch checkpoints, each with state.json (epochs, history)
     attempts/      each worker-group start and worker failure (attempts.py)
+    tensorboard/   TensorBoard's event file, rewritten by rank 0 after every epoch
     model.keras    the trained model, native Keras format
     run.json       written last: a run directory without it is unfinished
 
@@ -21,12 +22,19 @@ from digit_models.errors import DigitsError, first_line
 from digit_models.files import Folder, is_uri, require_output_folder
 
 
+# The per-epoch numbers of a run's history that TensorBoard and MLflow chart (step = epoch).
+# Each history entry also has "ended_unix", when the epoch ended (0 in runs started before it
+# was recorded), which is where the charts put it in time.
+EPOCH_METRICS = ("loss", "accuracy", "val_loss", "val_accuracy", "learning_rate", "images_per_s")
+
+
 class RunDir(Folder):
     MODEL = "model.keras"
     STARTED = "started.json"
     RUN = "run.json"
     CHECKPOINTS = "checkpoints"
     ATTEMPTS = "attempts"
+    TENSORBOARD = "tensorboard"
     STATE = "state.json"  # inside each checkpoint
 
     def __init__(self, location: str):

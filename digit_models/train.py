@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 import digit_models
+from digit_models import mlflow_log
 from digit_models.config import FAULT_MOMENTS, TrainConfig
 from digit_models.errors import DigitsError
 from digit_models.files import file_sha256
@@ -82,6 +83,9 @@ def _run(config: TrainConfig, run_dir: RunDir, address: str | None, started: dic
         raise DigitsError(f"{train_csv}: {len(digits)} rows are too few for {config.workers} "
                           f"worker(s) with --batch-size {config.batch_size} and "
                           f"--val-fraction {config.val_fraction}")
+    mlflow_run_id = mlflow_log.start_run(
+        config.mlflow, asdict(config), Path(run_dir.location).name,
+        run_id=(started or {}).get("mlflow_run_id")) if config.mlflow else None
     clock = time.time()
     with ray_session(address, dashboard=True):
         ray_started = time.time()
@@ -98,7 +102,8 @@ def _run(config: TrainConfig, run_dir: RunDir, address: str | None, started: dic
             started = {"config": asdict(config), "started_at": now, "resumed_at": [],
                        "data": {"train_csv": train_csv, "sha256": data_sha256,
                                 "rows_read": len(digits), "train_rows": len(train_rows),
-                                "validation_rows": len(val_rows)}}
+                                "validation_rows": len(val_rows)},
+                       "mlflow_run_id": mlflow_run_id}
         run_dir.write_started(started)
         shares = {name: {"images": ray.put(digits.images[rows]), "labels": ray.put(digits.labels[rows]),
                          "rows": ray.put(rows.astype(np.int64))}
@@ -106,8 +111,8 @@ def _run(config: TrainConfig, run_dir: RunDir, address: str | None, started: dic
         trainer = tensorflow_trainer(
             train_func,
             train_loop_config={"config": asdict(config), "rows_total": len(digits), **shares,
-                               "run": run_dir.location, "fault": fault,
-                               "driver_session": len(started["resumed_at"])},
+                               "run_dir": run_dir.location, "mlflow_run_id": mlflow_run_id,
+                               "fault": fault, "driver_session": len(started["resumed_at"])},
             scaling_config=scaling_config(config),
             # The same name and storage path on resume: Ray Train then restores its
             # checkpoint bookkeeping and hands the workers the latest checkpoint.
@@ -145,6 +150,8 @@ def _run(config: TrainConfig, run_dir: RunDir, address: str | None, started: dic
         "config": asdict(config),
         "versions": library_versions(),
         "model_file": RunDir.MODEL,
+        "tensorboard": RunDir.TENSORBOARD,
+        "mlflow_run_id": mlflow_run_id,
         "started_at": started["started_at"],
         "resumed_at": started["resumed_at"],
         "wall_s": round(time.time() - called, 2),
@@ -156,6 +163,8 @@ def _run(config: TrainConfig, run_dir: RunDir, address: str | None, started: dic
             **outcome["timeline"], "trainer_returned": fit_returned, "finished": time.time()}.items()},
     }
     run_dir.write_run(summary)
+    if mlflow_run_id:
+        mlflow_log.finish_run(config.mlflow, mlflow_run_id, run_dir)
     return summary
 
 

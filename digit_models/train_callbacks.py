@@ -79,7 +79,9 @@ class EpochHistory(keras.callbacks.Callback):
         self.state["history"].append({
             "epoch": epoch + 1, **{k: float(v) for k, v in (logs or {}).items()},
             "images_per_s": self.images_per_epoch / train_s,
-            "epoch_s": now - self.epoch_started, "elapsed_s": now - self.started})
+            "learning_rate": float(keras.backend.get_value(self.model.optimizer.learning_rate)),
+            "epoch_s": now - self.epoch_started, "elapsed_s": now - self.started,
+            "ended_unix": time.time()})
         self.state["epochs_done"] = epoch + 1
         if self.target_stop.reached_at_epoch is not None:
             self.state["stop_reason"] = (f"target reached at epoch {epoch + 1} "

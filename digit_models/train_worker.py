@@ -33,8 +33,10 @@ from digit_models.checkpoints import newest_complete
 from digit_models.config import TrainConfig
 from digit_models.errors import DigitsError
 from digit_models.kaggle_csv import NUM_CLASSES
+from digit_models.mlflow_log import EpochMetrics
 from digit_models.models import build_model
 from digit_models.run_dir import RunDir
+from digit_models.tensorboard_log import TensorBoardEvents
 from digit_models.train_callbacks import (Checkpointing, EpochHistory, InjectedFault, ProgressLine,
                                           SynchronizedTargetStop, all_reduce_sum)
 
@@ -79,7 +81,7 @@ def run_worker(loop_config: dict) -> dict:
             validation_steps=-(-val_size // val_batch))
 
     timeline["data_ready"] = time.time()
-    resumed = newest_complete(loop_config["run"])
+    resumed = newest_complete(loop_config["run_dir"])
     state = resumed[0] if resumed else {"epochs_done": 0, "history": []}
     with strategy.scope():
         if resumed:
@@ -93,7 +95,7 @@ def run_worker(loop_config: dict) -> dict:
                               label_smoothing=config.label_smoothing),
                           metrics=["accuracy"], steps_per_execution=STEPS_PER_EXECUTION)
     if rank == 0:
-        attempts.record(loop_config["run"], "start", {
+        attempts.record(loop_config["run_dir"], "start", {
             "driver_session": loop_config["driver_session"], "workers": world,
             "resumed_after_epoch": state["epochs_done"] if resumed else None})
 
@@ -102,18 +104,29 @@ def run_worker(loop_config: dict) -> dict:
             getattr(tf, config.gradient_dtype), config.accumulate), model)
     timeline["model_ready"] = time.time()
     target_stop = SynchronizedTargetStop(strategy, config.target_metric, config.target)
-    fault = loop_config["fault"] and InjectedFault(loop_config["fault"], rank, steps, loop_config["run"])
+    fault = loop_config["fault"] and InjectedFault(loop_config["fault"], rank, steps, loop_config["run_dir"])
     callbacks = [target_stop,
                  EpochHistory(config, state, target_stop, images_per_epoch=steps * step_rows * world,
                               timeline=timeline),
                  Checkpointing(rank, state, before_report=fault and fault.checkpoint_written),
-                 *([ProgressLine(config.epochs, steps, state)] if rank == 0 else []),
+                 *(rank_zero_logs(config, loop_config, state, steps) if rank == 0 else []),
                  *([fault] if fault else [])]
     if state.get("stop_reason") is None and state["epochs_done"] < config.epochs:
         model.fit(train_data, epochs=config.epochs, initial_epoch=state["epochs_done"],
                   steps_per_epoch=steps, callbacks=callbacks, verbose=0, **validation)
     timeline["train_func_ended"] = time.time()
     return {**state, "shards": shards, "timeline": timeline}
+
+
+def rank_zero_logs(config: TrainConfig, loop_config: dict, state: dict,
+                   steps: int) -> list[keras.callbacks.Callback]:
+    """The console line, TensorBoard's event file and MLflow's metrics: once per run, from
+    rank 0, after the epoch's checkpoint (so they show what a restart continues from)."""
+    logs = [ProgressLine(config.epochs, steps, state), TensorBoardEvents(loop_config["run_dir"], state)]
+    if config.mlflow:
+        metrics = EpochMetrics(config.mlflow, loop_config["mlflow_run_id"])
+        logs.append(keras.callbacks.LambdaCallback(on_epoch_end=lambda *_: metrics.log(state["history"])))
+    return logs
 
 
 def multi_worker_strategy(config: TrainConfig) -> tf.distribute.MultiWorkerMirroredStrategy:
