@@ -45,8 +45,14 @@ class FailureRecorder(ray.train.UserCallback):
         self.run_location = run_location
 
     def after_exception(self, run_context, worker_exceptions: dict) -> None:
-        record(self.run_location, "failure",
-               {"errors": {str(rank): _described(exc) for rank, exc in sorted(worker_exceptions.items())}})
+        try:
+            # A worker that died first: the others' errors (a broken collective) follow from it.
+            ranks = sorted(worker_exceptions, key=lambda rank: (
+                not hasattr(worker_exceptions[rank], "health_check_failure"), rank))
+            record(self.run_location, "failure", {"errors": {
+                str(rank): _described(worker_exceptions[rank]) for rank in ranks}})
+        except OSError:  # storage full or gone: the failure itself is what the user will see
+            pass
 
 
 def _described(exc: BaseException) -> str:

@@ -7,6 +7,8 @@ Exit status: 0 done, 2 bad input or usage (one line on stderr, a traceback only 
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 import sys
 import traceback
 
@@ -242,6 +244,14 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_STATUS[type(interruption)]
         if args.debug:
             traceback.print_exc()
+        full = _find_in_chain(exc, (OSError,))
+        if full is not None and full.errno in (errno.ENOSPC, errno.EDQUOT):
+            where = getattr(args, "out", None) or getattr(args, "resume", None) or full.filename
+            print(f"digits: error: {where}: {os.strerror(full.errno)} (nothing of the output is kept)"
+                  if args.command != "train" else
+                  f"digits: error: {where}: {os.strerror(full.errno)}; the run can go on with "
+                  f"`digits train --resume {where}` once there is room", file=sys.stderr)
+            return 1
         user_error = _find_in_chain(exc, (DigitsError,))
         message = first_line(user_error) if user_error else (f"{type(exc).__name__}: {first_line(exc)}"
                                  + ("" if args.debug else " (--debug shows the traceback)"))

@@ -92,6 +92,11 @@ RETOLD = [(re.compile(r"A worker died or was killed while executing a task by an
                       r"error\..*Worker PID: (\d+).*Worker exit type: (\w+)"),
            r"Ray: worker process \1 died unexpectedly (\2); Ray's logs have the details")]
 
+# Ray Train's worker prints the training function's error with its traceback; the error reaches
+# the driver too, which says it in one line (and shows the traceback with --debug).
+REPEATED_ERROR = "Error in training function:"
+TRACEBACK_LINE = re.compile(r"$|\s|Traceback \(|[\w.]+(Error|Exception|Exit|Interrupt)\b")
+
 SAY = "digits-say "  # a worker's line for the console
 PROGRESS = "digits-progress "  # a worker's progress message (JSON)
 
@@ -188,10 +193,17 @@ def filter_worker_output() -> None:
     if not printers:  # log_to_driver is off, or already filtered
         return
 
+    in_traceback: set = set()  # the worker processes whose repeated traceback is being dropped
+
     def print_filtered(batch: dict, print_logs=printers[0]) -> None:
-        lines = []
+        lines, pid = [], batch.get("pid")
         for line in batch.get("lines", []):
-            if line.startswith(SAY):
+            if pid in in_traceback and TRACEBACK_LINE.match(line):
+                continue
+            in_traceback.discard(pid)
+            if line.startswith(REPEATED_ERROR):
+                in_traceback.add(pid)
+            elif line.startswith(SAY):
                 live.line(line[len(SAY):])
             elif line.startswith(PROGRESS):
                 live.progress(json.loads(line[len(PROGRESS):]))

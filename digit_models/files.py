@@ -154,6 +154,8 @@ def require_output_folder(folder: Folder, advice: str,
     (`replaces`: the command, and the files that mark its output), which the caller replaces."""
     if folder.exists() and not folder.is_folder():
         raise DigitsError(f"{folder}: exists and is not a folder")
+    if folder.is_local:
+        _require_writable(Path(folder.path), str(folder))
     if folder.is_empty():
         return
     if replaces is None:
@@ -161,6 +163,18 @@ def require_output_folder(folder: Folder, advice: str,
     command, markers = replaces
     if not any(folder.exists(marker) for marker in markers):
         raise DigitsError(f"{folder}: not empty and not an earlier `{command}` output; {advice}")
+
+
+def _require_writable(path: Path, named: str) -> None:
+    """Checked before anything starts: where a folder would be made, writing must be allowed
+    (by permissions and by the file system: even root cannot write to a read-only mount)."""
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if os.statvfs(existing).f_flag & os.ST_RDONLY:
+        raise DigitsError(f"{named}: cannot write there: {existing} is on a read-only file system")
+    if not os.access(existing, os.W_OK):
+        raise DigitsError(f"{named}: cannot write there: {existing} is not writable")
 
 
 @contextmanager

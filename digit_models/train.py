@@ -169,18 +169,17 @@ def _run(config: TrainConfig, run_dir: RunDir, address: str | None, started: dic
 
 
 def injected_fault(config: TrainConfig) -> str | None:
-    """DIGITS_FAULT=MOMENT:EPOCH:RANK, for fault tests: that worker kills itself then, once
-    (train_callbacks.InjectedFault); run.json and attempts/ record it."""
-    spec = os.environ.get("DIGITS_FAULT")
-    if not spec:
-        return None
-    moment, _, rest = spec.partition(":")
-    epoch, _, rank = rest.partition(":")
-    if moment not in FAULT_MOMENTS or not (epoch.isdigit() and rank.isdigit()) \
-            or not 1 <= int(epoch) <= config.epochs or int(rank) >= config.workers:
-        raise DigitsError(f"DIGITS_FAULT={spec}: expected MOMENT:EPOCH:RANK, MOMENT one of "
-                          f"{', '.join(FAULT_MOMENTS)}, an epoch of the run and a worker's rank")
-    return spec
+    """DIGITS_FAULT=MOMENT:EPOCH:RANK[,...], for fault tests: that worker kills itself then,
+    once (train_callbacks.InjectedFault); run.json and attempts/ record it."""
+    specs = os.environ.get("DIGITS_FAULT")
+    for spec in specs.split(",") if specs else []:
+        moment, _, rest = spec.partition(":")
+        epoch, _, rank = rest.partition(":")
+        if moment not in FAULT_MOMENTS or not (epoch.isdigit() and rank.isdigit()) \
+                or not 1 <= int(epoch) <= config.epochs or int(rank) >= config.workers:
+            raise DigitsError(f"DIGITS_FAULT={specs}: expected MOMENT:EPOCH:RANK[,...], MOMENT one "
+                              f"of {', '.join(FAULT_MOMENTS)}, an epoch of the run and a worker's rank")
+    return specs or None
 
 
 def validation_split(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

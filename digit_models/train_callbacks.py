@@ -110,18 +110,22 @@ class Checkpointing(keras.callbacks.Callback):
 
 
 class InjectedFault(keras.callbacks.Callback):
-    """For fault tests (DIGITS_FAULT=MOMENT:EPOCH:RANK): the worker of that rank kills itself
-    with SIGKILL at that moment of that epoch, once per run, and says so in attempts/ first.
-    Moments: mid_epoch (half the epoch's steps done), validation (as it begins), checkpoint
-    (saved locally, not yet reported: before the upload), after_epoch (reported, line printed)."""
+    """For fault tests (DIGITS_FAULT=MOMENT:EPOCH:RANK[,...]): the worker of that rank kills
+    itself with SIGKILL at that moment of that epoch, once per run, and says so in attempts/
+    first. Moments: mid_epoch (half the epoch's steps done), validation (as it begins),
+    checkpoint (saved locally, not yet reported: before the upload), after_epoch (reported,
+    line printed)."""
 
-    def __init__(self, spec: str, rank: int, steps: int, run_location: str):
+    def __init__(self, specs: str, rank: int, steps: int, run_location: str):
         super().__init__()
-        moment, epoch, victim = spec.split(":")
-        assert moment in FAULT_MOMENTS, spec
-        self.spec, self.moment, self.fault_epoch, self.rank = spec, moment, int(epoch), rank
-        self.steps, self.run_location = steps, run_location
-        self.armed = rank == int(victim) and not attempts.recorded(run_location, "fault")
+        done = {entry["fault"] for entry in attempts.recorded(run_location, "fault")}
+        self.armed = {}
+        for spec in specs.split(","):
+            moment, epoch, victim = spec.split(":")
+            assert moment in FAULT_MOMENTS, spec
+            if int(victim) == rank and spec not in done:
+                self.armed[(moment, int(epoch))] = spec
+        self.rank, self.steps, self.run_location = rank, steps, run_location
 
     def on_epoch_begin(self, epoch, logs=None):
         self.epoch = epoch + 1
@@ -140,8 +144,9 @@ class InjectedFault(keras.callbacks.Callback):
         self._at("after_epoch")
 
     def _at(self, moment: str) -> None:
-        if self.armed and moment == self.moment and self.epoch == self.fault_epoch:
-            attempts.record(self.run_location, "fault", {"fault": self.spec, "rank": self.rank})
+        spec = self.armed.get((moment, self.epoch))
+        if spec:
+            attempts.record(self.run_location, "fault", {"fault": spec, "rank": self.rank})
             os.kill(os.getpid(), signal.SIGKILL)
 
 

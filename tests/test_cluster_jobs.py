@@ -57,22 +57,35 @@ def _ray_job(env: dict, *args: str, timeout: float = 600) -> subprocess.Complete
                           env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
 
 
-def _submit(env: dict, job_id: str, *command: str) -> str:
-    """Submits with the project's runtime env, waits for the end, and requires SUCCEEDED.
-    Right after `ray start` the head's job agent may not have registered yet; Ray answers
-    that with a 500 that asks the client to try again, so a client does."""
+def _submit(env: dict, job_id: str, *command: str, wait: bool = True) -> str:
+    """Submits with the project's runtime env; unless told not to wait, waits for the end and
+    requires SUCCEEDED. Right after `ray start` the head's job agent may not have registered
+    yet; Ray answers that with a 500 that asks the client to try again, so a client does."""
     for _ in range(30):
         done = subprocess.run(
             [RAY, "job", "submit", "--address", f"http://127.0.0.1:{env['DASHBOARD_PORT']}",
-             "--submission-id", job_id, "--runtime-env", "cluster/runtime_env.yaml", "--",
-             "python", "jobs/digits_job.py", *command],
+             "--submission-id", job_id, "--runtime-env", "cluster/runtime_env.yaml",
+             *([] if wait else ["--no-wait"]), "--", "python", "jobs/digits_job.py", *command],
             env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
         if "No available agent to submit job" not in done.stderr:
             break
         time.sleep(2)
-    status = _ray_job(env, "status", job_id)
-    assert f"Job '{job_id}' succeeded" in status.stdout + status.stderr, (done.stdout + done.stderr)[-4000:]
+    if wait:
+        _wait_succeeded(env, job_id, output=done.stdout + done.stderr)
     return done.stdout + done.stderr  # the job's own output, which the CLI follows
+
+
+def _wait_succeeded(env: dict, job_id: str, output: str = "", timeout: float = 600) -> None:
+    deadline = time.time() + timeout
+    while True:
+        status = _ray_job(env, "status", job_id)
+        said = status.stdout + status.stderr
+        if f"Job '{job_id}' succeeded" in said:
+            return
+        if any(f"Job '{job_id}' {end}" in said for end in ("failed", "was stopped")) or time.time() > deadline:
+            logs = _ray_job(env, "logs", job_id)
+            raise AssertionError(said[-1000:] + (output or logs.stdout + logs.stderr)[-4000:])
+        time.sleep(2)
 
 
 @pytest.mark.timeout(900)
@@ -97,10 +110,19 @@ def test_train_then_score_through_ray_job_submit(local_cluster, tmp_path, kaggle
     assert "epoch 1/3  loss" in output and "target reached at epoch 1" in output  # rank 0's progress
     assert (tmp_path / "run" / "model.keras").is_file()
 
-    _submit(env, f"predict-{os.getpid()}", "predict", "--run", run, "--input", f"file://{kaggle_dir}/test.csv", "--out", scored)
-    predictions = pd.read_parquet(tmp_path / "scored" / "predictions")
+    # Three scoring jobs at once, each asking for both of the head's CPUs: they queue for them.
+    jobs = {f"predict-{os.getpid()}-{n}": tmp_path / f"scored{n}" for n in range(3)}
+    for job_id, out in jobs.items():
+        _submit(env, job_id, "predict", "--run", run, "--input", f"file://{kaggle_dir}/test.csv",
+                "--out", f"file://{out}", "--actors", "1", "--cpus-per-actor", "2", wait=False)
+    for job_id in jobs:
+        _wait_succeeded(env, job_id)
+    first = jobs[f"predict-{os.getpid()}-0"]
+    predictions = pd.read_parquet(first / "predictions")
     assert sorted(predictions["ImageId"]) == list(range(1, SLICE_TEST_ROWS + 1))
-    submission = (tmp_path / "scored" / "submission.csv").read_text().splitlines()
+    submission = (first / "submission.csv").read_text().splitlines()
     assert submission[0] == "ImageId,Label" and len(submission) == SLICE_TEST_ROWS + 1
-    assert json.loads((tmp_path / "scored" / "predict.json").read_text())["images"] == SLICE_TEST_ROWS
-    assert not (tmp_path / "scored" / "predict.underway").exists()
+    for out in jobs.values():
+        assert (out / "submission.csv").read_text().splitlines() == submission
+        assert json.loads((out / "predict.json").read_text())["images"] == SLICE_TEST_ROWS
+        assert not (out / "predict.underway").exists()

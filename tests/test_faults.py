@@ -159,3 +159,115 @@ def test_an_embedded_ray_never_joins_a_stale_default_cluster():
     assert joined.returncode == 0, joined.stderr[-2000:]
     address, started = joined.stdout.strip().splitlines()
     assert address != stale and started == "started its own head: True"
+
+
+# ---------------------------------------------------------------------------- issue: faults at any moment
+
+# (moment, epoch, rank) of each kill, and the epoch the next worker group resumes after: the
+# last whose checkpoint was whole in storage, however far Ray Train had got registering it.
+KILLS = [("mid_epoch", 2, 1, 1), ("validation", 3, 1, 2), ("checkpoint", 4, 0, 3),
+         ("after_epoch", 5, 1, 5)]
+
+
+@pytest.mark.timeout(600)
+def test_a_worker_killed_at_any_moment_costs_at_most_the_epoch_in_progress(tmp_path, kaggle_dir,
+                                                                            shared_ray_env):
+    """One 2-worker run, killed four times: halfway through an epoch's steps, as validation
+    begins, with rank 0's checkpoint saved but not yet uploaded, and right after an epoch's
+    report and line (before Ray Train can have registered its checkpoint)."""
+    run_dir = tmp_path / "run"
+    spec = ",".join(f"{moment}:{epoch}:{rank}" for moment, epoch, rank, _ in KILLS)
+    done = run_digits("train", "--model", "dense", "--data", str(kaggle_dir), "--workers", "2",
+                      "--epochs", "6", "--max-failures", "4", "--target-metric", "val_accuracy",
+                      "--target", "1.0", "--out", str(run_dir),
+                      env={**shared_ray_env, "DIGITS_FAULT": spec}, timeout=550)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = json.loads((run_dir / "run.json").read_text())
+    assert run["fault_injected"] == spec
+    assert [entry["epoch"] for entry in run["history"]] == [1, 2, 3, 4, 5, 6]  # each once
+    epoch_lines = [line.split()[1] for line in done.stdout.splitlines() if line.startswith("epoch ")]
+    assert epoch_lines == [f"{epoch}/6" for epoch in range(1, 7)]
+    assert [restart["resumed_after_epoch"] for restart in run["restarts"]] == [k[3] for k in KILLS]
+    for (_, _, rank, _), restart in zip(KILLS, run["restarts"]):
+        assert restart["why"].startswith(f"rank {rank}: WorkerHealthCheckFailedError"), restart  # it died
+    assert sorted(path.name.split("-", 1)[1] for path in (run_dir / "attempts").iterdir()) == \
+        ["failure.json"] * 4 + ["fault.json"] * 4 + ["start.json"] * 5
+
+
+def test_a_checkpoint_whose_upload_was_cut_short_is_passed_over(tmp_path):
+    """The newest checkpoint's model file truncated, as a killed upload leaves it: a new worker
+    group resumes from the one before."""
+    from digit_models.checkpoints import newest_complete, write_checkpoint
+    from digit_models.tf_setup import keras
+
+    model = keras.Sequential([keras.layers.Input((4,)), keras.layers.Dense(2)])
+    for epoch in (1, 2):
+        folder = tmp_path / "checkpoints" / f"checkpoint_{epoch}"
+        folder.mkdir(parents=True)
+        write_checkpoint(str(folder), model, {"epochs_done": epoch, "history": []})
+    assert newest_complete(str(tmp_path))[0]["epochs_done"] == 2
+    model_file = tmp_path / "checkpoints" / "checkpoint_2" / "model.keras"
+    model_file.write_bytes(model_file.read_bytes()[:-100])
+    state, model_bytes = newest_complete(str(tmp_path))
+    assert state == {"epochs_done": 1, "history": []}
+    assert model_bytes == (tmp_path / "checkpoints" / "checkpoint_1" / "model.keras").read_bytes()
+    (tmp_path / "checkpoints" / "checkpoint_1" / "state.json").unlink()
+    assert newest_complete(str(tmp_path)) is None
+
+
+@pytest.mark.timeout(400)
+def test_two_commands_at_once_each_with_its_own_embedded_ray(tmp_path, kaggle_dir, dense_run):
+    """A training and a scoring run started together, each starting its own Ray beside the
+    other (and beside the test session's): both finish, and neither prints a traceback."""
+    before = ray_processes()
+    run_dir, out = tmp_path / "run", tmp_path / "scored"
+    training = _start_digits("train", "--model", "dense", "--data", str(kaggle_dir), "--workers", "1",
+                             "--epochs", "4", "--out", str(run_dir))
+    scoring = _start_digits("predict", "--run", str(dense_run), "--input", str(kaggle_dir / "test.csv"),
+                            "--out", str(out))
+    for child in (training, scoring):
+        stdout, stderr = child.communicate(timeout=350)
+        assert child.returncode == 0, stderr[-3000:]
+        assert "Traceback" not in stdout + stderr and "multiple active Ray" not in stdout + stderr
+    assert json.loads((run_dir / "run.json").read_text())["epochs_run"] == 4
+    assert (out / "submission.csv").is_file()
+    assert ray_processes() <= before
+
+
+@pytest.fixture
+def mounted(tmp_path):
+    """A fresh tmpfs mount with the given options (needs root, as in CI); unmounted after."""
+    mounts = []
+
+    def mount(name: str, options: str) -> Path:
+        point = tmp_path / name
+        point.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(point)],
+                              capture_output=True, text=True)
+        if done.returncode:
+            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+        mounts.append(point)
+        return point
+
+    yield mount
+    for point in mounts:
+        subprocess.run(["umount", str(point)], capture_output=True)
+
+
+@pytest.mark.timeout(300)
+def test_an_unwritable_or_full_output_is_one_line_and_leaves_nothing(mounted, kaggle_dir, dense_run,
+                                                                     shared_ray_env):
+    read_only, full = mounted("ro", "size=1m,ro"), mounted("full", "size=48k")
+    score = ("predict", "--run", str(dense_run), "--input", str(kaggle_dir / "test.csv"))
+    for command in (["train", "--data", str(kaggle_dir), "--out", str(read_only / "run")],
+                    [*score, "--out", str(read_only / "scored")]):
+        done = run_digits(*command, timeout=60)
+        assert done.returncode == 2
+        assert done.stderr.splitlines() == [
+            f"digits: error: {command[-1]}: cannot write there: {read_only} is on a read-only file system"]
+    # Scoring that runs out of room partway through writing its output.
+    done = run_digits(*score, "--out", str(full / "scored"), env=shared_ray_env, timeout=200)
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert done.stderr.splitlines() == [
+        f"digits: error: {full / 'scored'}: No space left on device (nothing of the output is kept)"]
+    assert list(full.iterdir()) == []

@@ -72,7 +72,9 @@ def _scalars(folder: Path) -> list[tuple[str, int, float]]:
 
 def test_tensorboard_shows_each_epoch_once_with_the_committed_values(resumed_run):
     run = resumed_run["run"]
-    assert run["restarts"] == [{"resumed_after_epoch": EPOCHS - 1}] and run["tensorboard"] == "tensorboard"
+    [restart] = run["restarts"]
+    assert restart["resumed_after_epoch"] == EPOCHS - 1 and restart["why"] == "digits train --resume"
+    assert run["tensorboard"] == "tensorboard"
     records = _scalars(resumed_run["dir"] / "tensorboard")
     steps = Counter((tag, step) for tag, step, _ in records)
     assert steps == Counter({(tag, epoch): 1 for tag in EPOCH_METRICS for epoch in range(1, EPOCHS + 1)})
