@@ -34,7 +34,10 @@ NOISE = re.compile(
     r"|cuda_platform\.cc:\d+\] failed call to cuInit|cuda_diagnostics\.cc|cuda_dnn\.cc"
     r"|cuda_fft\.cc|cuda_blas\.cc|computation_placer\.cc|TF-TRT Warning"
     r"|has constructor arguments in the object store and max_restarts > 0"
-    r"|Failed to kill actor .* (Socket closed|failed to connect)")
+    r"|Failed to kill actor .* (Socket closed|failed to connect)"
+    # A worker's collective all-reduce aborting because a peer died, which Ray reports itself.
+    r"|ring_alg\.cc:\d+\] Aborting RingReduce|base_collective_executor\.cc:\d+\] BaseCollectiveExecutor::StartAbort"
+    r"|^Additional GRPC error information from remote target|^:UNKNOWN:Error received from peer")
 
 
 @contextmanager
@@ -92,10 +95,11 @@ RETOLD = [(re.compile(r"A worker died or was killed while executing a task by an
                       r"error\..*Worker PID: (\d+).*Worker exit type: (\w+)"),
            r"Ray: worker process \1 died unexpectedly (\2); Ray's logs have the details")]
 
-# Ray Train's worker prints the training function's error with its traceback; the error reaches
-# the driver too, which says it in one line (and shows the traceback with --debug).
-REPEATED_ERROR = "Error in training function:"
-TRACEBACK_LINE = re.compile(r"$|\s|Traceback \(|[\w.]+(Error|Exception|Exit|Interrupt)\b")
+# Ray Train's worker prints the training function's error, with its traceback and whatever
+# TensorFlow adds to it, and then ends; the error reaches the driver, which says it in one line
+# (with the traceback under --debug), or restarts the workers and records why (attempts.py).
+# Everything that worker prints from there on is left out.
+FAILED = "Error in training function:"
 
 SAY = "digits-say "  # a worker's line for the console
 PROGRESS = "digits-progress "  # a worker's progress message (JSON)
@@ -193,16 +197,15 @@ def filter_worker_output() -> None:
     if not printers:  # log_to_driver is off, or already filtered
         return
 
-    in_traceback: set = set()  # the worker processes whose repeated traceback is being dropped
+    failed: set = set()  # the worker processes whose training function has failed
 
     def print_filtered(batch: dict, print_logs=printers[0]) -> None:
         lines, pid = [], batch.get("pid")
         for line in batch.get("lines", []):
-            if pid in in_traceback and TRACEBACK_LINE.match(line):
+            if pid in failed:
                 continue
-            in_traceback.discard(pid)
-            if line.startswith(REPEATED_ERROR):
-                in_traceback.add(pid)
+            if line.startswith(FAILED):
+                failed.add(pid)
             elif line.startswith(SAY):
                 live.line(line[len(SAY):])
             elif line.startswith(PROGRESS):
@@ -214,3 +217,22 @@ def filter_worker_output() -> None:
 
     dispatcher.remove_handler("ray_print_logs")
     dispatcher.add_handler("ray_print_logs", print_filtered)
+    _filter_error_messages()
+
+
+def _filter_error_messages() -> None:
+    """The messages Ray's raylet sends the driver (a worker died, say) bypass the handler
+    above: Ray's error listener calls print_to_stdstream itself, by its module-level name."""
+    import ray._private.worker as ray_worker
+
+    print_to_stdstream = ray_worker.print_to_stdstream
+    if getattr(print_to_stdstream, "filters_noise", False):
+        return
+
+    def print_filtered(data: dict, ignore_prefix: bool) -> None:
+        lines = [_retold(line) for line in data.get("lines", []) if not NOISE.search(line)]
+        if lines:
+            print_to_stdstream({**data, "lines": lines}, ignore_prefix)
+
+    print_filtered.filters_noise = True
+    ray_worker.print_to_stdstream = print_filtered

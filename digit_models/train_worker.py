@@ -31,6 +31,7 @@ from digit_models import attempts
 from digit_models.augmentation import Augmentation, random_affine
 from digit_models.checkpoints import newest_complete
 from digit_models.config import TrainConfig
+from digit_models.console import say
 from digit_models.errors import DigitsError
 from digit_models.kaggle_csv import NUM_CLASSES
 from digit_models.mlflow_log import EpochMetrics
@@ -95,9 +96,7 @@ def run_worker(loop_config: dict) -> dict:
                               label_smoothing=config.label_smoothing),
                           metrics=["accuracy"], steps_per_execution=STEPS_PER_EXECUTION)
     if rank == 0:
-        attempts.record(loop_config["run_dir"], "start", {
-            "driver_session": loop_config["driver_session"], "workers": world,
-            "resumed_after_epoch": state["epochs_done"] if resumed else None})
+        record_start(loop_config, world, state["epochs_done"] if resumed else None)
 
     if strategy.num_replicas_in_sync > 1 or config.accumulate > 1:
         model.train_step = types.MethodType(data_parallel_step(
@@ -116,6 +115,20 @@ def run_worker(loop_config: dict) -> dict:
                   steps_per_epoch=steps, callbacks=callbacks, verbose=0, **validation)
     timeline["train_func_ended"] = time.time()
     return {**state, "shards": shards, "timeline": timeline}
+
+
+def record_start(loop_config: dict, world: int, resumed_after: int | None) -> None:
+    """Rank 0: this worker group's start on record, and on the console when it is a restart."""
+    session = loop_config["driver_session"]
+    restarts = sum(entry["driver_session"] == session
+                   for entry in attempts.recorded(loop_config["run_dir"], "start"))
+    attempts.record(loop_config["run_dir"], "start", {
+        "driver_session": session, "workers": world, "resumed_after_epoch": resumed_after})
+    where = f"after epoch {resumed_after}" if resumed_after is not None else "from scratch"
+    if restarts:
+        say(f"workers restarted after a failure (restart {restarts} of this run), resuming {where}")
+    elif session:
+        say(f"resuming {where}")
 
 
 def rank_zero_logs(config: TrainConfig, loop_config: dict, state: dict,

@@ -17,8 +17,11 @@ from tests.conftest import REPO, ray_processes, run_digits
 
 
 def _start_digits(*args: str) -> subprocess.Popen:
+    # SIGINT handled as in a terminal even when the tests themselves run in the background,
+    # where a shell starts them with SIGINT ignored, and a child would inherit that.
     return subprocess.Popen([sys.executable, "-m", "digit_models.cli", *args], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _wait_for(condition, timeout: float, what: str) -> None:
@@ -94,8 +97,7 @@ def test_a_run_survives_a_killed_worker_and_a_stopped_driver_and_runs_each_epoch
     try:
         _, stderr = child.communicate(timeout=10)
     except subprocess.TimeoutExpired:
-        # Seen twice in full-suite runs, never alone: the first SIGINT left no trace and the
-        # run went on. A user would press Ctrl-C again; so does the test.
+        # A user would press Ctrl-C again; so does the test.
         child.send_signal(signal.SIGINT)
         _, stderr = child.communicate(timeout=120)
     assert child.returncode == 130, stderr[-3000:]
@@ -187,6 +189,10 @@ def test_a_worker_killed_at_any_moment_costs_at_most_the_epoch_in_progress(tmp_p
     assert [entry["epoch"] for entry in run["history"]] == [1, 2, 3, 4, 5, 6]  # each once
     epoch_lines = [line.split()[1] for line in done.stdout.splitlines() if line.startswith("epoch ")]
     assert epoch_lines == [f"{epoch}/6" for epoch in range(1, 7)]
+    assert [line for line in done.stdout.splitlines() if line.startswith("workers restarted")] == [
+        f"workers restarted after a failure (restart {n} of this run), resuming after epoch {k[3]}"
+        for n, k in enumerate(KILLS, 1)]
+    assert "Traceback" not in done.stdout + done.stderr
     assert [restart["resumed_after_epoch"] for restart in run["restarts"]] == [k[3] for k in KILLS]
     for (_, _, rank, _), restart in zip(KILLS, run["restarts"]):
         assert restart["why"].startswith(f"rank {rank}: WorkerHealthCheckFailedError"), restart  # it died
