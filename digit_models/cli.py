@@ -85,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     option("--gpus-per-worker", type=float, help="default 0")
     option("--mixed-precision", action="store_true", default=None,
            help="mixed_float16 compute (for GPU workers)")
+    option("--time-budget", type=float, metavar="MINUTES",
+           help="finish within this many minutes: after the first epoch, the epochs (at most "
+                "--epochs) are sized to fit, and the learning-rate schedule with them")
     option("--max-failures", type=int,
            help=f"worker-group restarts allowed before the run fails (default {defaults.max_failures})")
     option("--mlflow", metavar="TRACKING_URI",

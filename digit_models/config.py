@@ -66,6 +66,7 @@ class TrainConfig:
     label_smoothing: float = 0.0
     preset: str | None = None  # the preset the settings started from, for the record
     mlflow: str | None = None  # MLflow tracking URI to log the run to (mlflow_log.py)
+    time_budget: float | None = None  # minutes for the whole run; epochs sized from the first (schedule.py)
 
     @property
     def step_learning_rate(self) -> float:
@@ -116,6 +117,8 @@ class TrainConfig:
                 f"--lr-schedule {self.lr_schedule}: choose one of {', '.join(LR_SCHEDULES)}")
         require(0 <= self.label_smoothing < 1,
                 f"--label-smoothing {self.label_smoothing}: must be in [0, 1)")
+        require(self.time_budget is None or self.time_budget > 0,
+                f"--time-budget {self.time_budget}: must be positive (minutes)")
         require(self.preset is None or self.preset in PRESETS,
                 f"--preset {self.preset}: choose one of {', '.join(PRESETS)}")
 

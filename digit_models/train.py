@@ -112,7 +112,8 @@ def _run(config: TrainConfig, run_dir: RunDir, address: str | None, started: dic
             train_func,
             train_loop_config={"config": asdict(config), "rows_total": len(digits), **shares,
                                "run_dir": run_dir.location, "mlflow_run_id": mlflow_run_id,
-                               "fault": fault, "driver_session": len(started["resumed_at"])},
+                               "fault": fault, "driver_session": len(started["resumed_at"]),
+                               "command_started_unix": called},
             scaling_config=scaling_config(config),
             # The same name and storage path on resume: Ray Train then restores its
             # checkpoint bookkeeping and hands the workers the latest checkpoint.
@@ -141,6 +142,7 @@ def _run(config: TrainConfig, run_dir: RunDir, address: str | None, started: dic
         "learning_rate_per_update": config.step_learning_rate,
         "epochs_planned": config.epochs,
         "epochs_run": outcome["epochs_done"],
+        **({"time_budget": outcome["time_budget"]} if "time_budget" in outcome else {}),
         "stop_reason": outcome["stop_reason"],
         "history": outcome["history"],
         "shards": outcome["shards"],

@@ -37,6 +37,7 @@ from digit_models.kaggle_csv import NUM_CLASSES
 from digit_models.mlflow_log import EpochMetrics
 from digit_models.models import build_model
 from digit_models.run_dir import RunDir
+from digit_models.schedule import TimeBudget, learning_rate
 from digit_models.tensorboard_log import TensorBoardEvents
 from digit_models.train_callbacks import (Checkpointing, EpochHistory, InjectedFault, ProgressLine,
                                           SynchronizedTargetStop, all_reduce_sum)
@@ -107,6 +108,8 @@ def run_worker(loop_config: dict) -> dict:
     callbacks = [target_stop,
                  EpochHistory(config, state, target_stop, images_per_epoch=steps * step_rows * world,
                               timeline=timeline),
+                 *([TimeBudget(strategy, config, state, steps, rank, world,
+                               loop_config["command_started_unix"])] if config.time_budget else []),
                  Checkpointing(rank, state, before_report=fault and fault.checkpoint_written),
                  *(rank_zero_logs(config, loop_config, state, steps) if rank == 0 else []),
                  *([fault] if fault else [])]
@@ -206,19 +209,6 @@ def _quiet_report_logging() -> None:
     from ray.train.v2._internal.execution import context as train_context
 
     logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
-
-
-def learning_rate(config: TrainConfig, steps_per_epoch: int):
-    """The constant rate, or a linear warm-up from a tenth of it (one epoch, or a tenth of the
-    run if shorter: a 2-epoch run cannot spend half its steps warming up) followed by cosine
-    decay to zero at the last planned step (the optimizer's step count survives restarts)."""
-    rate = config.step_learning_rate
-    if config.lr_schedule == "constant":
-        return rate
-    warmup = min(steps_per_epoch, config.epochs * steps_per_epoch // 10)
-    return keras.optimizers.schedules.CosineDecay(
-        rate / 10 if warmup else rate, decay_steps=config.epochs * steps_per_epoch - warmup,
-        warmup_target=rate if warmup else None, warmup_steps=warmup)
 
 
 def _batches(images, labels, batch_size: int, cpus: int, shuffle_seed: int | None = None,

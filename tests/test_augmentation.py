@@ -71,7 +71,7 @@ def test_training_batches_are_augmented_with_labels_kept_and_validation_untouche
 @pytest.mark.parametrize("name", ["constant", "cosine"])
 def test_learning_rate_schedules(name):
     from digit_models.config import TrainConfig
-    from digit_models.train_worker import learning_rate
+    from digit_models.schedule import learning_rate
 
     config = TrainConfig(learning_rate=1e-3, lr_schedule=name, epochs=12)
     rate = learning_rate(config, steps_per_epoch=100)

@@ -115,6 +115,33 @@ def test_workers_with_different_local_metrics_stop_at_the_same_epoch(tmp_path, r
     assert ranks == [{"epochs": 4, "reached_at": 4}, {"epochs": 4, "reached_at": 4}]
 
 
+@pytest.mark.timeout(300)
+def test_a_time_budget_sizes_the_epochs_from_the_first_and_the_schedule_ends_with_them(tmp_path, kaggle_dir,
+                                                                                        ray_local):
+    """Two workers, a budget that fits a few of the 20 allowed epochs: the plan follows from the
+    recorded first-epoch and elapsed times, every planned epoch runs, and the cosine schedule
+    saved with the model reaches zero at the plan's last step."""
+    from digit_models.config import TrainConfig
+    from digit_models.schedule import WarmupCosine
+    from digit_models.tf_setup import keras
+    from digit_models.train import train
+
+    run_dir = tmp_path / "run"
+    run = train(TrainConfig(data=str(kaggle_dir), out=str(run_dir), model="dense", workers=2, epochs=20,
+                            cpus_per_worker=1, lr_schedule="cosine", target=1.0, time_budget=0.6))
+    sizing = run["time_budget"]
+    left = 0.6 * 60 - sizing["elapsed_at_sizing_s"] - sizing["first_epoch_s"]
+    planned = int(min(20, max(1, 1 + left // sizing["first_epoch_s"])))
+    assert abs(sizing["epochs_planned"] - planned) <= 1  # the record's rounding
+    assert run["epochs_run"] == sizing["epochs_planned"] < 20
+    assert run["stop_reason"] == f"time budget: {sizing['epochs_planned']} epochs fit in 0.6 min"
+    schedule = keras.models.load_model(run_dir / "model.keras").optimizer._learning_rate
+    steps = min(run["shards"]["train_rows"]) // run["batch_size_per_worker"]
+    assert isinstance(schedule, WarmupCosine)
+    assert float(schedule.total_steps.numpy()) == sizing["epochs_planned"] * steps
+    assert float(schedule(sizing["epochs_planned"] * steps)) == pytest.approx(0, abs=1e-9)
+
+
 # ---------------------------------------------------------------------------- the CLI
 
 def test_cli_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, kaggle_dir):

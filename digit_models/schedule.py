@@ -1,0 +1,85 @@
+"""How long a run trains and at what rate: the learning-rate schedule, and `--time-budget`,
+which sizes the run's epochs (and stretches the schedule to end with them) from how long the
+first epoch took, so that one command fits its budget on a slow machine and a fast one."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+
+from digit_models.tf_setup import keras, tf
+from digit_models.config import TrainConfig
+from digit_models.train_callbacks import all_reduce_sum
+
+
+@keras.saving.register_keras_serializable(package="digits")
+class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
+    """A linear warm-up from a tenth of `rate` over `warmup_steps`, then cosine decay to zero
+    at `total_steps`. The length is a variable, so that a time budget can set it once the first
+    epoch is timed without tracing the training step again; it is saved with the model."""
+
+    def __init__(self, rate: float, warmup_steps: int, total_steps: float):
+        self.rate, self.warmup_steps = float(rate), int(warmup_steps)
+        self.total_steps = tf.Variable(float(total_steps), trainable=False, name="total_steps")
+
+    def __call__(self, step):
+        step = tf.cast(step, tf.float32)
+        warming = self.rate * (0.1 + 0.9 * step / max(self.warmup_steps, 1))
+        decayed = tf.clip_by_value((step - self.warmup_steps) / tf.maximum(self.total_steps - self.warmup_steps, 1.0),
+                                   0.0, 1.0)
+        cosine = 0.5 * self.rate * (1.0 + tf.cos(math.pi * decayed))
+        return tf.where(step < self.warmup_steps, warming, cosine)
+
+    def get_config(self) -> dict:
+        return {"rate": self.rate, "warmup_steps": self.warmup_steps,
+                "total_steps": float(self.total_steps.numpy())}
+
+
+def learning_rate(config: TrainConfig, steps_per_epoch: int):
+    """The constant rate, or a warm-up (one epoch, or a tenth of the run if shorter: a 2-epoch
+    run cannot spend half its steps warming up) and cosine decay to zero at the last planned
+    step (the optimizer's step count survives restarts)."""
+    rate = config.step_learning_rate
+    if config.lr_schedule == "constant":
+        return rate
+    return WarmupCosine(rate, warmup_steps=min(steps_per_epoch, config.epochs * steps_per_epoch // 10),
+                        total_steps=config.epochs * steps_per_epoch)
+
+
+class TimeBudget(keras.callbacks.Callback):
+    """--time-budget: after the first epoch, the epochs that fit in what is left of the budget
+    (counted from the command's start, keeping one epoch's time for what follows training),
+    at most --epochs; the schedule is stretched or shrunk to end with them. Every worker sizes
+    from the slowest worker's times, so all plan the same epochs and stop together."""
+
+    def __init__(self, strategy, config: TrainConfig, state: dict, steps: int, rank: int,
+                 world: int, command_started: float):
+        super().__init__()
+        self.strategy, self.config, self.state, self.steps = strategy, config, state, steps
+        self.rank, self.world, self.command_started = rank, world, command_started
+
+    def on_epoch_end(self, epoch, logs=None):
+        if "time_budget" not in self.state:
+            self.state["time_budget"] = self._sized()
+            schedule = getattr(self.model.optimizer, "_learning_rate", None)  # tf-keras keeps it there
+            if isinstance(schedule, WarmupCosine):
+                schedule.total_steps.assign(float(self.state["time_budget"]["epochs_planned"] * self.steps))
+        planned = self.state["time_budget"]["epochs_planned"]
+        if epoch + 1 >= planned and self.state.get("stop_reason") is None:
+            self.state["stop_reason"] = (f"time budget: {planned} epochs fit in "
+                                         f"{self.config.time_budget:g} min")
+            self.model.stop_training = True
+
+    def _sized(self) -> dict:
+        mine = np.zeros(2 * self.world)
+        mine[self.rank] = self.state["history"][-1]["epoch_s"]
+        mine[self.world + self.rank] = time.time() - self.command_started
+        replicas_here = self.strategy.num_replicas_in_sync // self.world
+        totals = all_reduce_sum(self.strategy, mine) / replicas_here
+        epoch_s, elapsed = float(totals[:self.world].max()), float(totals[self.world:].max())
+        left = self.config.time_budget * 60 - elapsed - epoch_s
+        planned = int(min(self.config.epochs, max(1, 1 + left // epoch_s)))
+        return {"minutes": self.config.time_budget, "first_epoch_s": round(epoch_s, 2),
+                "elapsed_at_sizing_s": round(elapsed, 2), "epochs_planned": planned}
