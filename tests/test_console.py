@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO, run_digits
+from tests.conftest import REPO, ray_processes
 from digit_models.console import PROGRESS, SAY, LiveLine
 
 # Runs the real entry point, then lists the modules it had imported when it exited.
@@ -65,22 +65,29 @@ def test_mistyped_input_is_one_line_before_any_heavy_import(tmp_path, kaggle_dir
     assert not out.exists()
 
 
-def test_a_real_run_prints_our_lines_and_no_start_up_chatter(tmp_path, kaggle_dir):
-    """Train with two workers and score, each on its own embedded Ray, as a user would."""
+@pytest.mark.timeout(400)
+def test_two_real_commands_at_once_print_our_lines_and_no_chatter(tmp_path, kaggle_dir, dense_run):
+    """A 2-worker training and a scoring run started together, as a user would, each starting
+    its own embedded Ray beside the other (and beside the test session's): both finish, each
+    printing only its own lines. (Ray Train's placement-group cleaner used to die with a
+    traceback, "Found multiple active Ray instances", beside a second Ray.)"""
+    before = ray_processes()
     run_dir, out = tmp_path / "run", tmp_path / "scored"
-    trained = run_digits("train", "--model", "dense", "--data", str(kaggle_dir), "--limit", "800",
-                         "--workers", "2", "--epochs", "2", "--out", str(run_dir))
-    assert trained.returncode == 0, trained.stderr[-3000:]
-    lines = (trained.stdout + trained.stderr).splitlines()
-    assert [line[:10] for line in lines] == ["epoch 1/2 ", "epoch 2/2 ", "epochs exh"], lines
-    scored = run_digits("predict", "--run", str(run_dir), "--input", str(kaggle_dir / "test.csv"),
-                        "--out", str(out))
-    assert scored.returncode == 0, scored.stderr[-3000:]
-    assert (scored.stdout + scored.stderr).splitlines() == [
-        f"scored 1,500 images ({json.loads((out / 'predict.json').read_text())['images_per_s']:,.0f} "
-        f"images/s); submission: {out}/submission.csv"]
-    for line in lines:
+    digits = [sys.executable, "-m", "digit_models.cli"]
+    training = subprocess.Popen([*digits, "train", "--model", "dense", "--data", str(kaggle_dir),
+                                 "--workers", "2", "--epochs", "3", "--out", str(run_dir)],
+                                cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    scoring = subprocess.Popen([*digits, "predict", "--run", str(dense_run), "--input",
+                                str(kaggle_dir / "test.csv"), "--out", str(out)],
+                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    trained, scored = (child.communicate(timeout=350)[0].splitlines() for child in (training, scoring))
+    assert training.returncode == 0 and scoring.returncode == 0, trained + scored
+    assert [line[:10] for line in trained] == ["epoch 1/3 ", "epoch 2/3 ", "epoch 3/3 ", "epochs exh"], trained
+    images_per_s = json.loads((out / "predict.json").read_text())["images_per_s"]
+    assert scored == [f"scored 1,500 images ({images_per_s:,.0f} images/s); submission: {out}/submission.csv"]
+    for line in trained + scored:
         assert not CHATTER.search(line), line
+    assert ray_processes() <= before
 
 
 # ---------------------------------------------------------------------------- the live line

@@ -221,25 +221,6 @@ def test_a_checkpoint_whose_upload_was_cut_short_is_passed_over(tmp_path):
     assert newest_complete(str(tmp_path)) is None
 
 
-@pytest.mark.timeout(400)
-def test_two_commands_at_once_each_with_its_own_embedded_ray(tmp_path, kaggle_dir, dense_run):
-    """A training and a scoring run started together, each starting its own Ray beside the
-    other (and beside the test session's): both finish, and neither prints a traceback."""
-    before = ray_processes()
-    run_dir, out = tmp_path / "run", tmp_path / "scored"
-    training = _start_digits("train", "--model", "dense", "--data", str(kaggle_dir), "--workers", "1",
-                             "--epochs", "4", "--out", str(run_dir))
-    scoring = _start_digits("predict", "--run", str(dense_run), "--input", str(kaggle_dir / "test.csv"),
-                            "--out", str(out))
-    for child in (training, scoring):
-        stdout, stderr = child.communicate(timeout=350)
-        assert child.returncode == 0, stderr[-3000:]
-        assert "Traceback" not in stdout + stderr and "multiple active Ray" not in stdout + stderr
-    assert json.loads((run_dir / "run.json").read_text())["epochs_run"] == 4
-    assert (out / "submission.csv").is_file()
-    assert ray_processes() <= before
-
-
 @pytest.fixture
 def mounted(tmp_path):
     """A fresh tmpfs mount with the given options (needs root, as in CI); unmounted after."""
