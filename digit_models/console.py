@@ -21,6 +21,7 @@ the driver draws as one live line on a terminal and at most once every 30 s into
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import sys
@@ -133,8 +134,8 @@ def _to_driver(line: str) -> None:
 
 class LiveLine:
     """The driver's console: our lines, and one progress line below them, redrawn in place on
-    a terminal; in a log, written out every `log_every_s` seconds once progress has lasted
-    that long."""
+    a terminal; in a log, written out once progress has gone on `log_every_s` seconds since
+    the log's latest line, unless it says it is about to end."""
 
     def __init__(self, stream=None, terminal: bool | None = None, log_every_s: float = 30.0,
                  clock=time.monotonic):
@@ -157,6 +158,8 @@ class LiveLine:
             self._erase()
             self.stream.write(text + "\n")
             self.stream.flush()
+            if self.logged_at is not None:  # the log's 30 s count from its latest line
+                self.logged_at = self.clock()
 
     def progress(self, message: dict) -> None:
         text = message.get("text") or (self.formatter and self.formatter(message))
@@ -168,7 +171,8 @@ class LiveLine:
                 self.shown = True
             elif self.logged_at is None:  # a log hears of progress only once it has lasted
                 self.logged_at = self.clock()
-            elif self.clock() - self.logged_at >= self.log_every_s:
+            elif (self.clock() - self.logged_at >= self.log_every_s
+                  and message.get("left_s", math.inf) >= self.log_every_s / 3):  # not "1s left"
                 self.stream.write(text + "\n")
                 self.logged_at = self.clock()
             self.stream.flush()

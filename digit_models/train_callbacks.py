@@ -171,9 +171,10 @@ class ProgressLine(keras.callbacks.Callback):
         if now - self.reported < self.every_s or elapsed / done * self.steps < self.longer_than_s:
             return
         self.reported = now
+        left = elapsed / done * (self.steps - done)
         report_progress(text=f"epoch {self.epoch + 1}/{self.epochs}: {done / self.steps:.0%} "
-                             f"({done:,}/{self.steps:,} steps), "
-                             f"{elapsed / done * (self.steps - done):.0f}s left in the epoch")
+                             f"({done:,}/{self.steps:,} steps), {left:.0f}s left in the epoch",
+                        left_s=round(left, 1))
 
     def on_epoch_end(self, epoch, logs=None):
         say(progress_line(self.state["history"][-1], self.epochs))

@@ -113,16 +113,21 @@ def test_on_a_terminal_progress_is_one_line_redrawn_in_place():
                                  "\repoch 2/3: 5%\x1b[K\r\x1b[K")
 
 
-def test_in_a_log_progress_appears_once_it_has_lasted_and_then_every_30_s():
+def test_in_a_log_progress_appears_once_it_has_lasted_and_then_every_30_s_unless_ending():
     stream, clock = io.StringIO(), Clock()
     live = LiveLine(stream, terminal=False, clock=clock)
     live.formatter = lambda message: f"scoring: {message['images']:,} images"
     for second in range(0, 100, 5):
         clock.now = second
         live.progress({"images": second * 100})
-    live.line("scored 9,500 images")
+    clock.now = 100
+    live.line("epoch 1/2  loss 0.1")  # the next progress line counts 30 s from here
+    for second, left_s in ((125, 40.0), (131, 5.0), (132, 40.0)):
+        clock.now = second
+        live.progress({"text": f"epoch 2/2: at {second}s", "left_s": left_s})
     assert stream.getvalue().splitlines() == ["scoring: 3,000 images", "scoring: 6,000 images",
-                                              "scoring: 9,000 images", "scored 9,500 images"]
+                                              "scoring: 9,000 images", "epoch 1/2  loss 0.1",
+                                              "epoch 2/2: at 132s"]  # not at 125 (too soon) or 131 (ending)
 
 
 def test_a_worker_says_and_reports_through_its_stdout(capfd):
