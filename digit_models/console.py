@@ -112,8 +112,9 @@ def say(line: str) -> None:
 
 
 def report_progress(**message) -> None:
-    """From a Ray worker: how far it is, for the driver's live line. `text` is shown as it is;
-    other messages go to the command's own formatter (see `LiveLine.formatter`)."""
+    """From a Ray worker: how far it is, for the driver's live line: a `text` (with `left_s`,
+    the seconds it expects to take still), or what the command's own formatter turns into one
+    (see `LiveLine.formatter`)."""
     _to_driver(PROGRESS + json.dumps(message))
 
 
@@ -141,7 +142,7 @@ class LiveLine:
                  clock=time.monotonic):
         self._stream, self._terminal = stream, terminal  # default: sys.stdout as it is when used
         self.log_every_s, self.clock = log_every_s, clock
-        self.formatter = None  # message -> text, for messages without a `text`
+        self.formatter = None  # message -> {"text", "left_s"}, for messages without a `text`
         self.shown, self.logged_at = False, None
         self.lock = threading.Lock()
 
@@ -162,7 +163,9 @@ class LiveLine:
                 self.logged_at = self.clock()
 
     def progress(self, message: dict) -> None:
-        text = message.get("text") or (self.formatter and self.formatter(message))
+        if "text" not in message and self.formatter:
+            message = self.formatter(message)
+        text = message.get("text")
         with self.lock:
             if not text:
                 return

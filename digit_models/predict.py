@@ -213,14 +213,15 @@ class ScoringProgress:
     def __init__(self, inspections: Inspections):
         self.inspections, self.done, self.started = inspections, 0, time.monotonic()
 
-    def __call__(self, message: dict) -> str:
+    def __call__(self, message: dict) -> dict:
         self.done += message["images"]
         rate = self.done / max(time.monotonic() - self.started, 1e-3)
         total = self.inspections.rows_if_counted()
         if total is None:
-            return f"scoring: {self.done:,} images, {rate:,.0f} images/s"
-        return (f"scoring: {self.done:,} of {total:,} images, {rate:,.0f} images/s, "
-                f"{max(total - self.done, 0) / rate:.0f}s left")
+            return {"text": f"scoring: {self.done:,} images, {rate:,.0f} images/s"}
+        left = max(total - self.done, 0) / rate
+        return {"text": f"scoring: {self.done:,} of {total:,} images, {rate:,.0f} images/s, {left:.0f}s left",
+                "left_s": round(left, 1)}
 
 
 # ---------------------------------------------------------------------------- submission.csv
