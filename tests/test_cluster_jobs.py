@@ -94,7 +94,7 @@ def test_train_then_score_through_ray_job_submit(local_cluster, tmp_path, kaggle
     refused = _ray_job({k: v for k, v in env.items() if k != "RAY_AUTH_MODE"}, "list", timeout=60)
     assert refused.returncode != 0  # the Jobs API does not answer without the token
 
-    run, scored = f"file://{tmp_path}/run", f"file://{tmp_path}/scored"
+    run = f"file://{tmp_path}/run"
     # Also: a preset's settings, overridden by the options given, recorded in run.json;
     # augmentation, label smoothing and the cosine schedule under the strategy; and 2 workers
     # stopping together at the validation target.
