@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 
 from bench.processes import REPO, Processes
+from digit_models import attempts
 
 KILLS = ("mid_epoch:2:1", "validation:3:1", "checkpoint:4:0", "after_epoch:5:1")
 
@@ -41,10 +42,9 @@ def table(run_dir: Path, clean_s: float, faulted_s: float) -> str:
     run = json.loads((run_dir / "run.json").read_text())
     ended = {entry["epoch"]: entry["ended_unix"] for entry in run["history"]}
     epoch_s = sorted(entry["epoch_s"] for entry in run["history"])[len(run["history"]) // 2]
-    records = sorted((int(path.name.split("-")[0]) / 1000, path.name.split("-", 1)[1].removesuffix(".json"))
-                     for path in (run_dir / "attempts").iterdir())
-    faults = [at for at, kind in records if kind == "fault"]
-    starts = [at for at, kind in records if kind == "start"][1:]
+    records = attempts.timeline(str(run_dir))
+    faults = [at for at, kind, _ in records if kind == "fault"]
+    starts = [at for at, kind, _ in records if kind == "start"][1:]
     lines = [f"Seed CNN, 2 workers, {run['data']['train_rows']:,} training rows; a median epoch "
              f"{epoch_s:.1f} s. Undisturbed run {clean_s:.0f} s, with the {len(KILLS)} kills "
              f"{faulted_s:.0f} s (+{faulted_s - clean_s:.0f} s).", "",

@@ -33,9 +33,21 @@ def record(run_location: str, kind: str, entry: dict) -> None:
     folder.write_text(f"{int(now * 1000):013d}-{kind}.json", json.dumps(entry) + "\n")
 
 
-def recorded(run_location: str, kind: str) -> list[dict]:
+def timeline(run_location: str) -> list[tuple[float, str, dict]]:
+    """Every record, oldest first: (Unix time, kind, entry). (A writer killed midway can leave
+    only a hidden temporary file, which is not a record.)"""
     folder = _folder(run_location)
-    return [folder.read_json(name) for name in folder.names() if name.endswith(f"-{kind}.json")]
+    found = []
+    for name in folder.names():
+        if not name.endswith(".json"):
+            continue
+        milliseconds, _, kind = name.removesuffix(".json").partition("-")
+        found.append((int(milliseconds) / 1000, kind, folder.read_json(name)))
+    return found
+
+
+def recorded(run_location: str, kind: str) -> list[dict]:
+    return [entry for _, found, entry in timeline(run_location) if found == kind]
 
 
 class FailureRecorder(ray.train.UserCallback):
@@ -68,11 +80,8 @@ def _described(exc: BaseException) -> str:
 def restarts(run_location: str) -> list[dict]:
     """Each worker-group start after the run's first: when, from which epoch, and why (the
     worker errors Ray Train reported before it, or the driver's --resume)."""
-    folder = _folder(run_location)
-    timeline = [(name.split("-", 1)[1].removesuffix(".json"), folder.read_json(name))
-                for name in folder.names() if name.endswith(".json")]
     found, failures, previous = [], [], None
-    for kind, entry in timeline:
+    for _, kind, entry in timeline(run_location):
         if kind == "failure":
             failures.append(entry)
         elif kind == "start":

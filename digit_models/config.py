@@ -15,8 +15,6 @@ ALL_REDUCE_DTYPES = ("float32", "bfloat16")
 LR_SCHEDULES = ("constant", "cosine")
 EXPORT_FORMATS = ("savedmodel", "tflite")  # digits export (export.py)
 MAX_TTA = 8  # extra test-time views: augmentation.TTA_VIEWS has this many after the identity
-# Moments of an epoch at which DIGITS_FAULT kills a worker (train_callbacks.InjectedFault).
-FAULT_MOMENTS = ("mid_epoch", "validation", "checkpoint", "after_epoch")
 
 # Settings a preset chooses; options given on the command line still win. Both presets stop
 # on validation accuracy, not the seed's training accuracy: augmented training images stay

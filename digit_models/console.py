@@ -118,6 +118,11 @@ def report_progress(**message) -> None:
     _to_driver(PROGRESS + json.dumps(message))
 
 
+def _shown(lines: list[str]) -> list[str]:
+    """What of Ray's lines reaches the console: not the noise, and some said more briefly."""
+    return [_retold(line) for line in lines if not NOISE.search(line)]
+
+
 def _retold(line: str) -> str:
     for pattern, shorter in RETOLD:
         found = pattern.search(line)
@@ -217,8 +222,9 @@ def filter_worker_output() -> None:
                 live.line(line[len(SAY):])
             elif line.startswith(PROGRESS):
                 live.progress(json.loads(line[len(PROGRESS):]))
-            elif not NOISE.search(line):
-                lines.append(_retold(line))
+            else:
+                lines.append(line)
+        lines = _shown(lines)
         if lines:
             print_logs({**batch, "lines": lines})
 
@@ -237,7 +243,7 @@ def _filter_error_messages() -> None:
         return
 
     def print_filtered(data: dict, ignore_prefix: bool) -> None:
-        lines = [_retold(line) for line in data.get("lines", []) if not NOISE.search(line)]
+        lines = _shown(data.get("lines", []))
         if lines:
             print_to_stdstream({**data, "lines": lines}, ignore_prefix)
 

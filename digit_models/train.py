@@ -21,7 +21,7 @@ import numpy as np
 
 import digit_models
 from digit_models import mlflow_log
-from digit_models.config import FAULT_MOMENTS, TrainConfig
+from digit_models.config import TrainConfig
 from digit_models.errors import DigitsError
 from digit_models.files import file_sha256
 from digit_models.kaggle_csv import read_train_csv, resolve_train_csv
@@ -76,7 +76,7 @@ def _run(config: TrainConfig, run_dir: RunDir, address: str | None, started: dic
     if started and started["data"]["sha256"] != data_sha256:
         raise DigitsError(f"{train_csv}: changed since the run started (sha256 {data_sha256}, "
                           f"was {started['data']['sha256']}); cannot resume on different data")
-    fault = injected_fault(config)
+    faults = injected_faults(config)
     train_rows, val_rows = validation_split(len(digits), config.val_fraction, config.seed)
     too_few_val = config.val_fraction > 0 and len(val_rows) < config.workers
     if len(train_rows) // config.workers < config.batch_size * config.accumulate or too_few_val:
@@ -112,7 +112,7 @@ def _run(config: TrainConfig, run_dir: RunDir, address: str | None, started: dic
             train_func,
             train_loop_config={"config": asdict(config), "rows_total": len(digits), **shares,
                                "run_dir": run_dir.location, "mlflow_run_id": mlflow_run_id,
-                               "fault": fault, "driver_session": len(started["resumed_at"]),
+                               "faults": faults, "driver_session": len(started["resumed_at"]),
                                "command_started_unix": called},
             scaling_config=scaling_config(config),
             # The same name and storage path on resume: Ray Train then restores its
@@ -147,7 +147,8 @@ def _run(config: TrainConfig, run_dir: RunDir, address: str | None, started: dic
         "history": outcome["history"],
         "shards": outcome["shards"],
         "restarts": restarts(run_dir.location),
-        **({"fault_injected": fault} if fault else {}),
+        **({"fault_injected": ",".join(f"{moment}:{epoch}:{rank}" for moment, epoch, rank in faults)}
+           if faults else {}),
         "data": started["data"],
         "config": asdict(config),
         "versions": library_versions(),
@@ -170,10 +171,16 @@ def _run(config: TrainConfig, run_dir: RunDir, address: str | None, started: dic
     return summary
 
 
-def injected_fault(config: TrainConfig) -> str | None:
-    """DIGITS_FAULT=MOMENT:EPOCH:RANK[,...], for fault tests: that worker kills itself then,
-    once (train_callbacks.InjectedFault); run.json and attempts/ record it."""
+# Moments of an epoch at which DIGITS_FAULT kills a worker (train_callbacks.InjectedFault).
+FAULT_MOMENTS = ("mid_epoch", "validation", "checkpoint", "after_epoch")
+
+
+def injected_faults(config: TrainConfig) -> list[tuple[str, int, int]]:
+    """DIGITS_FAULT=MOMENT:EPOCH:RANK[,...], for fault tests, as (moment, epoch, rank): that
+    worker kills itself then, once (train_callbacks.InjectedFault); run.json and attempts/
+    record it."""
     specs = os.environ.get("DIGITS_FAULT")
+    faults = []
     for spec in specs.split(",") if specs else []:
         moment, _, rest = spec.partition(":")
         epoch, _, rank = rest.partition(":")
@@ -181,7 +188,8 @@ def injected_fault(config: TrainConfig) -> str | None:
                 or not 1 <= int(epoch) <= config.epochs or int(rank) >= config.workers:
             raise DigitsError(f"DIGITS_FAULT={specs}: expected MOMENT:EPOCH:RANK[,...], MOMENT one "
                               f"of {', '.join(FAULT_MOMENTS)}, an epoch of the run and a worker's rank")
-    return specs or None
+        faults.append((moment, int(epoch), int(rank)))
+    return faults
 
 
 def validation_split(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

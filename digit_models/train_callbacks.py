@@ -16,7 +16,7 @@ import ray.train
 
 from digit_models import attempts
 from digit_models.checkpoints import write_checkpoint
-from digit_models.config import FAULT_MOMENTS, TrainConfig
+from digit_models.config import TrainConfig
 from digit_models.console import report_progress, say
 from digit_models.errors import DigitsError
 
@@ -110,21 +110,19 @@ class Checkpointing(keras.callbacks.Callback):
 
 
 class InjectedFault(keras.callbacks.Callback):
-    """For fault tests (DIGITS_FAULT=MOMENT:EPOCH:RANK[,...]): the worker of that rank kills
+    """For fault tests (DIGITS_FAULT=MOMENT:EPOCH:RANK[,...], parsed by the driver into
+    (moment, epoch, rank) triples, train.injected_faults): the worker of that rank kills
     itself with SIGKILL at that moment of that epoch, once per run, and says so in attempts/
     first. Moments: mid_epoch (half the epoch's steps done), validation (as it begins),
     checkpoint (saved locally, not yet reported: before the upload), after_epoch (reported,
     line printed)."""
 
-    def __init__(self, specs: str, rank: int, steps: int, run_location: str):
+    def __init__(self, faults: list, rank: int, steps: int, run_location: str):
         super().__init__()
-        done = {entry["fault"] for entry in attempts.recorded(run_location, "fault")}
-        self.armed = {}
-        for spec in specs.split(","):
-            moment, epoch, victim = spec.split(":")
-            assert moment in FAULT_MOMENTS, spec
-            if int(victim) == rank and spec not in done:
-                self.armed[(moment, int(epoch))] = spec
+        done = {(entry["moment"], entry["epoch"]) for entry in attempts.recorded(run_location, "fault")
+                if entry["rank"] == rank}
+        self.armed = {(moment, epoch) for moment, epoch, victim in faults
+                      if victim == rank and (moment, epoch) not in done}
         self.rank, self.steps, self.run_location = rank, steps, run_location
 
     def on_epoch_begin(self, epoch, logs=None):
@@ -144,9 +142,9 @@ class InjectedFault(keras.callbacks.Callback):
         self._at("after_epoch")
 
     def _at(self, moment: str) -> None:
-        spec = self.armed.get((moment, self.epoch))
-        if spec:
-            attempts.record(self.run_location, "fault", {"fault": spec, "rank": self.rank})
+        if (moment, self.epoch) in self.armed:
+            attempts.record(self.run_location, "fault", {"moment": moment, "epoch": self.epoch,
+                                                         "rank": self.rank})
             os.kill(os.getpid(), signal.SIGKILL)
 
 

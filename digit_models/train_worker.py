@@ -104,7 +104,7 @@ def run_worker(loop_config: dict) -> dict:
             getattr(tf, config.gradient_dtype), config.accumulate), model)
     timeline["model_ready"] = time.time()
     target_stop = SynchronizedTargetStop(strategy, config.target_metric, config.target)
-    fault = loop_config["fault"] and InjectedFault(loop_config["fault"], rank, steps, loop_config["run_dir"])
+    fault = loop_config["faults"] and InjectedFault(loop_config["faults"], rank, steps, loop_config["run_dir"])
     callbacks = [target_stop,
                  EpochHistory(config, state, target_stop, images_per_epoch=steps * step_rows * world,
                               timeline=timeline),
