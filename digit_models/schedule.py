@@ -1,6 +1,6 @@
 """How long a run trains and at what rate: the learning-rate schedule, and `--time-budget`,
 which sizes the run's epochs (and stretches the schedule to end with them) from how long the
-first epoch took, so that one command fits its budget on a slow machine and a fast one."""
+first epochs took, so that one command fits its budget on a slow machine and a fast one."""
 
 from __future__ import annotations
 
@@ -48,11 +48,29 @@ def learning_rate(config: TrainConfig, steps_per_epoch: int):
                         total_steps=config.epochs * steps_per_epoch)
 
 
+# The plan is made after the first epoch and remade after each of the next two: the first
+# epoch's time includes tracing the step, so the plan settles on the later epochs' times while
+# the learning rate is still near its peak, where stretching the schedule changes little.
+SIZING_EPOCHS = 3
+# Kept in hand at the end of a budget: what follows training (the final checkpoint, the
+# model file and run.json, and Ray Train's poll of the workers), and a margin for epochs that
+# run slower than the ones the plan was made from (a shared machine's speed drifts).
+AFTER_TRAINING_S = 15.0
+DRIFT_MARGIN = 0.05
+
+
+def epochs_that_fit(minutes: float, elapsed_s: float, epoch_s: float, done: int) -> int:
+    """The most epochs (counting the `done` ones) whose remaining ones, each `epoch_s` long
+    plus the drift margin, end by the budget with AFTER_TRAINING_S to spare; at least `done`."""
+    left = minutes * 60 - elapsed_s - AFTER_TRAINING_S
+    return done + max(0, int(left // (epoch_s * (1 + DRIFT_MARGIN))))
+
+
 class TimeBudget(keras.callbacks.Callback):
-    """--time-budget: after the first epoch, the epochs that fit in what is left of the budget
-    (counted from the command's start, keeping one epoch's time for what follows training),
-    at most --epochs; the schedule is stretched or shrunk to end with them. Every worker sizes
-    from the slowest worker's times, so all plan the same epochs and stop together."""
+    """--time-budget: after each of the first SIZING_EPOCHS epochs, the epochs that fit in what
+    is left of the budget (counted from the command's start), at most --epochs; the schedule
+    is stretched or shrunk to end with them. Every worker plans from the slowest worker's
+    times, so all plan the same epochs and stop together."""
 
     def __init__(self, strategy, config: TrainConfig, state: dict, steps: int, rank: int,
                  world: int, command_started: float):
@@ -61,25 +79,31 @@ class TimeBudget(keras.callbacks.Callback):
         self.rank, self.world, self.command_started = rank, world, command_started
 
     def on_epoch_end(self, epoch, logs=None):
-        if "time_budget" not in self.state:
-            self.state["time_budget"] = self._sized()
-            schedule = getattr(self.model.optimizer, "_learning_rate", None)  # tf-keras keeps it there
-            if isinstance(schedule, WarmupCosine):
-                schedule.total_steps.assign(float(self.state["time_budget"]["epochs_planned"] * self.steps))
-        planned = self.state["time_budget"]["epochs_planned"]
+        sizing = self.state.setdefault("time_budget", {"minutes": self.config.time_budget,
+                                                       "epoch_ends_s": [], "plans": []})
+        if len(sizing["plans"]) < SIZING_EPOCHS and epoch + 1 == len(sizing["plans"]) + 1:
+            self._plan(sizing, done=epoch + 1)
+        planned = sizing["epochs_planned"]
         if epoch + 1 >= planned and self.state.get("stop_reason") is None:
             self.state["stop_reason"] = (f"time budget: {planned} epochs fit in "
                                          f"{self.config.time_budget:g} min")
             self.model.stop_training = True
 
-    def _sized(self) -> dict:
+    def _plan(self, sizing: dict, done: int) -> None:
         mine = np.zeros(2 * self.world)
         mine[self.rank] = self.state["history"][-1]["epoch_s"]
         mine[self.world + self.rank] = time.time() - self.command_started
         replicas_here = self.strategy.num_replicas_in_sync // self.world
         totals = all_reduce_sum(self.strategy, mine) / replicas_here
-        epoch_s, elapsed = float(totals[:self.world].max()), float(totals[self.world:].max())
-        left = self.config.time_budget * 60 - elapsed - epoch_s
-        planned = int(min(self.config.epochs, max(1, 1 + left // epoch_s)))
-        return {"minutes": self.config.time_budget, "first_epoch_s": round(epoch_s, 2),
-                "elapsed_at_sizing_s": round(elapsed, 2), "epochs_planned": planned}
+        ends = sizing["epoch_ends_s"]
+        ends.append(round(float(totals[self.world:].max()), 2))
+        if len(ends) == 1:  # the first epoch's time includes tracing the step: an upper bound
+            epoch_s = sizing["first_epoch_s"] = round(float(totals[:self.world].max()), 2)
+        else:  # from one epoch's end to the next: validation and checkpoint included
+            epoch_s = (ends[-1] - ends[0]) / (len(ends) - 1)
+        planned = max(1, min(self.config.epochs, epochs_that_fit(self.config.time_budget, ends[-1], epoch_s, done)))
+        sizing["plans"].append(planned)
+        sizing.update(planned_from_epoch_s=round(epoch_s, 2), epochs_planned=planned)
+        schedule = getattr(self.model.optimizer, "_learning_rate", None)  # tf-keras keeps it there
+        if isinstance(schedule, WarmupCosine):
+            schedule.total_steps.assign(float(planned * self.steps))

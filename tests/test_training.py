@@ -116,13 +116,13 @@ def test_workers_with_different_local_metrics_stop_at_the_same_epoch(tmp_path, r
 
 
 @pytest.mark.timeout(300)
-def test_a_time_budget_sizes_the_epochs_from_the_first_and_the_schedule_ends_with_them(tmp_path, kaggle_dir,
-                                                                                        ray_local):
-    """Two workers, a budget that fits a few of the 20 allowed epochs: the plan follows from the
-    recorded first-epoch and elapsed times, every planned epoch runs, and the cosine schedule
-    saved with the model reaches zero at the plan's last step."""
+def test_a_time_budget_sizes_the_epochs_from_the_first_ones_and_the_schedule_ends_with_them(
+        tmp_path, kaggle_dir, ray_local):
+    """Two workers, a budget that fits a few of the 20 allowed epochs: the plan, made after
+    each of the first epochs, is the most epochs that fit by the recorded times, every planned
+    epoch runs, and the cosine schedule saved with the model reaches zero at its last step."""
     from digit_models.config import TrainConfig
-    from digit_models.schedule import WarmupCosine
+    from digit_models.schedule import AFTER_TRAINING_S, DRIFT_MARGIN, SIZING_EPOCHS, WarmupCosine
     from digit_models.tf_setup import keras
     from digit_models.train import train
 
@@ -130,16 +130,23 @@ def test_a_time_budget_sizes_the_epochs_from_the_first_and_the_schedule_ends_wit
     run = train(TrainConfig(data=str(kaggle_dir), out=str(run_dir), model="dense", workers=2, epochs=20,
                             cpus_per_worker=1, lr_schedule="cosine", target=1.0, time_budget=0.6))
     sizing = run["time_budget"]
-    left = 0.6 * 60 - sizing["elapsed_at_sizing_s"] - sizing["first_epoch_s"]
-    planned = int(min(20, max(1, 1 + left // sizing["first_epoch_s"])))
-    assert abs(sizing["epochs_planned"] - planned) <= 1  # the record's rounding
-    assert run["epochs_run"] == sizing["epochs_planned"] < 20
-    assert run["stop_reason"] == f"time budget: {sizing['epochs_planned']} epochs fit in 0.6 min"
+    planned, ends = sizing["epochs_planned"], sizing["epoch_ends_s"]
+    assert len(ends) == len(sizing["plans"]) == min(SIZING_EPOCHS, planned)
+    assert sizing["plans"][-1] == planned
+    epoch_s = (ends[-1] - ends[0]) / (len(ends) - 1) if len(ends) > 1 else sizing["first_epoch_s"]
+
+    def fits(epochs: int) -> bool:
+        return ends[-1] + (epochs - len(ends)) * epoch_s * (1 + DRIFT_MARGIN) + AFTER_TRAINING_S <= 0.6 * 60
+
+    assert fits(planned) or planned == len(ends)  # over budget already: stop at once
+    assert not fits(planned + 1)
+    assert run["epochs_run"] == planned < 20
+    assert run["stop_reason"] == f"time budget: {planned} epochs fit in 0.6 min"
     schedule = keras.models.load_model(run_dir / "model.keras").optimizer._learning_rate
     steps = min(run["shards"]["train_rows"]) // run["batch_size_per_worker"]
     assert isinstance(schedule, WarmupCosine)
-    assert float(schedule.total_steps.numpy()) == sizing["epochs_planned"] * steps
-    assert float(schedule(sizing["epochs_planned"] * steps)) == pytest.approx(0, abs=1e-9)
+    assert float(schedule.total_steps.numpy()) == planned * steps
+    assert float(schedule(planned * steps)) == pytest.approx(0, abs=1e-9)
 
 
 # ---------------------------------------------------------------------------- the CLI
