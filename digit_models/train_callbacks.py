@@ -150,7 +150,8 @@ class InjectedFault(keras.callbacks.Callback):
 
 class ProgressLine(keras.callbacks.Callback):
     """Rank 0's line per epoch on the console; within epochs longer than `longer_than_s`, how
-    far it is every `every_s` seconds (the driver's live line)."""
+    far it is every `every_s` seconds (the driver's live line). Epochs count up to the time
+    budget's plan once there is one."""
 
     def __init__(self, epochs: int, steps: int, state: dict, every_s: float = 2.0,
                  longer_than_s: float = 30.0):
@@ -170,12 +171,16 @@ class ProgressLine(keras.callbacks.Callback):
             return
         self.reported = now
         left = elapsed / done * (self.steps - done)
-        report_progress(text=f"epoch {self.epoch + 1}/{self.epochs}: {done / self.steps:.0%} "
+        report_progress(text=f"epoch {self.epoch + 1}/{self.planned}: {done / self.steps:.0%} "
                              f"({done:,}/{self.steps:,} steps), {left:.0f}s left in the epoch",
                         left_s=round(left, 1))
 
     def on_epoch_end(self, epoch, logs=None):
-        say(progress_line(self.state["history"][-1], self.epochs))
+        say(progress_line(self.state["history"][-1], self.planned))
+
+    @property
+    def planned(self) -> int:
+        return self.state.get("time_budget", {}).get("epochs_planned", self.epochs)
 
 
 def progress_line(entry: dict, epochs: int) -> str:
