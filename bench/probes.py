@@ -162,15 +162,17 @@ def _time_steps(settings: dict) -> dict:
 
     def whole_steps(variant: str) -> float:
         """Keras's own steps, in one long fit (its per-fit set-up is not a step's cost), with
-        a variant of the step: "keras" (as Keras has it), or "DTYPE[xK]": the gradients of K
-        micro-batches all-reduced in DTYPE (digits' data_parallel_step)."""
+        a variant of the step: "keras" (as Keras has it), "xla" (Keras's step compiled with
+        XLA, jit_compile), or "DTYPE[xK]": the gradients of K micro-batches all-reduced in
+        DTYPE (digits' data_parallel_step)."""
         import types
 
         from digit_models.train_worker import data_parallel_step
 
-        dtype, _, micro = variant.partition("x")
+        dtype, _, micro = variant.partition("x") if variant != "xla" else (variant, "", "")
         micro = int(micro or 1)
-        if dtype == "keras":
+        model.jit_compile = variant == "xla"
+        if dtype in ("keras", "xla"):
             model.train_step = types.MethodType(type(model).train_step, model)
         else:
             model.train_step = types.MethodType(data_parallel_step(getattr(tf, dtype), micro), model)
@@ -225,7 +227,7 @@ def main() -> None:
     step.add_argument("--bytes-per-pack", type=int, default=0)
     step.add_argument("--inter-threads", type=int, default=0)
     step.add_argument("--variants", nargs="+", default=["keras"],
-                      help="whole steps to time: keras, or DTYPE[xK] (e.g. bfloat16x2)")
+                      help="whole steps to time: keras, xla, or DTYPE[xK] (e.g. bfloat16x2)")
     step.add_argument("--rounds", type=int, default=3, help="interleaved timings of every variant")
     step.add_argument("--skip-parts", action="store_true", help="time whole steps only")
     args = parser.parse_args()
