@@ -169,12 +169,13 @@ def _time_steps(settings: dict) -> dict:
 
         from digit_models.train_worker import data_parallel_step
 
-        dtype, _, micro = variant.partition("x") if variant != "xla" else (variant, "", "")
-        micro = int(micro or 1)
         model.jit_compile = variant == "xla"
-        if dtype in ("keras", "xla"):
+        if variant in ("keras", "xla"):
+            micro = 1
             model.train_step = types.MethodType(type(model).train_step, model)
         else:
+            dtype, _, micro = variant.partition("x")
+            micro = int(micro or 1)
             model.train_step = types.MethodType(data_parallel_step(getattr(tf, dtype), micro), model)
         model.distribute_reduction_method = settings["reduction"]
         model.train_function = None
@@ -227,10 +228,12 @@ def main() -> None:
     step.add_argument("--bytes-per-pack", type=int, default=0)
     step.add_argument("--inter-threads", type=int, default=0)
     step.add_argument("--variants", nargs="+", default=["keras"],
-                      help="whole steps to time: keras, xla, or DTYPE[xK] (e.g. bfloat16x2)")
+                      help="whole steps to time: keras, xla (one worker), or DTYPE[xK] (e.g. bfloat16x2)")
     step.add_argument("--rounds", type=int, default=3, help="interleaved timings of every variant")
     step.add_argument("--skip-parts", action="store_true", help="time whole steps only")
     args = parser.parse_args()
+    if args.probe == "steps" and "xla" in args.variants and args.workers > 1:
+        parser.error("--variants xla: one worker only (XLA cannot compile the workers' all-reduce)")
     sys.stdout.write("BENCH " + json.dumps({"startup": startup, "steps": steps}[args.probe](args)) + "\n")
 
 

@@ -81,7 +81,7 @@ class TimeBudget(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         sizing = self.state.setdefault("time_budget", {"minutes": self.config.time_budget,
                                                        "epoch_ends_s": [], "plans": []})
-        if len(sizing["plans"]) < SIZING_EPOCHS and epoch + 1 == len(sizing["plans"]) + 1:
+        if epoch < SIZING_EPOCHS:  # a resumed run has the plans of its checkpointed epochs
             self._plan(sizing, done=epoch + 1)
         planned = sizing["epochs_planned"]
         if epoch + 1 >= planned and self.state.get("stop_reason") is None:
