@@ -14,7 +14,7 @@ import traceback
 
 import digit_models  # noqa: F401  (sets the environment TensorFlow and Ray workers need)
 from digit_models.errors import DigitsError, first_line
-from digit_models.interrupts import EXIT_STATUS, MESSAGE, Terminated, exit_now, sigterm_raises
+from digit_models.interrupts import EXIT_STATUS, MESSAGE, exit_now, interruption_kind, sigterm_raises
 
 
 def _add_ray_address(parser: argparse.ArgumentParser) -> None:
@@ -240,11 +240,12 @@ def main(argv: list[str] | None = None) -> int:
         with sigterm_raises():
             COMMANDS[args.command](args)
         return 0
-    except (KeyboardInterrupt, Terminated, Exception) as exc:  # every end becomes a line and a status
-        interruption = _find_in_chain(exc, tuple(EXIT_STATUS))  # perhaps re-wrapped by a library
+    except (KeyboardInterrupt, Exception) as exc:  # every end becomes a line and a status
+        interruption = _find_in_chain(exc, (KeyboardInterrupt,))  # perhaps re-wrapped by a library
         if interruption is not None:
-            print(f"digits: {MESSAGE[type(interruption)]}", file=sys.stderr)
-            return EXIT_STATUS[type(interruption)]
+            kind = interruption_kind(interruption)
+            print(f"digits: {MESSAGE[kind]}", file=sys.stderr)
+            return EXIT_STATUS[kind]
         if args.debug:
             traceback.print_exc()
         full = _find_in_chain(exc, (OSError,))

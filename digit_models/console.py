@@ -20,6 +20,7 @@ the driver draws as one live line on a terminal and at most once every 30 s into
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import math
 import os
@@ -56,17 +57,24 @@ def startup_noise_filtered():
 @contextmanager
 def stderr_filtered():
     """File descriptor 2 passed through a filter for as long as the block runs: the driver's
-    own Ray and TensorFlow libraries write there from C++ at any moment of a command."""
+    own Ray and TensorFlow libraries write there from C++ at any moment of a command.
+
+    A crash (SIGSEGV and the like) would end the filter's thread with the process, so Python's
+    report of it, every thread's stack, goes to the console directly."""
     read_end, write_end = os.pipe()
     forwarder = threading.Thread(
         target=_pass_on, args=(os.fdopen(read_end, "rb"), os.fdopen(os.dup(2), "wb", buffering=0)),
         name="digits-stderr", daemon=True)
     forwarder.start()
+    crash_report = os.fdopen(os.dup(2), "wb", buffering=0)
+    faulthandler.enable(crash_report, all_threads=True)
     try:
         with _stderr_to(write_end):
             os.close(write_end)  # fd 2 holds the pipe's only write end: restoring it ends the pipe
             yield
     finally:
+        faulthandler.disable()
+        crash_report.close()
         forwarder.join(timeout=5)
 
 

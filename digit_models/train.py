@@ -25,7 +25,6 @@ from digit_models.config import TrainConfig
 from digit_models.errors import DigitsError
 from digit_models.files import file_sha256
 from digit_models.kaggle_csv import read_train_csv, resolve_train_csv
-from digit_models.interrupts import call_interruptibly
 from digit_models.ray_runtime import cpus_per_process, ray_session
 from digit_models.run_dir import RunDir
 
@@ -125,7 +124,7 @@ def _run(config: TrainConfig, run_dir: RunDir, address: str | None, started: dic
                 logging_config=ray.train.LoggingConfig(log_level="WARNING")),
         )
         fit_called = time.time()
-        result = call_interruptibly(trainer.fit)  # its SIGINT handler would skip our cleanup
+        result = trainer.fit()
         fit_returned = time.time()
     outcome = result.return_value
     with tempfile.TemporaryDirectory(prefix="digits-model-") as staging:

@@ -32,8 +32,45 @@ class MultiWorkerTensorflowConfig(BackendConfig):
         return TrainingFramework.TENSORFLOW  # how Ray's state API labels the run
 
 
-def tensorflow_trainer(train_func, **options) -> DataParallelTrainer:
-    return DataParallelTrainer(train_func, backend_config=MultiWorkerTensorflowConfig(), **options)
+def tensorflow_trainer(train_func, **options) -> AbortableTrainer:
+    return AbortableTrainer(train_func, backend_config=MultiWorkerTensorflowConfig(), **options)
+
+
+class AbortableTrainer(DataParallelTrainer):
+    """Ray Train's trainer, with Ctrl-C and SIGTERM left to the caller.
+
+    Ray's fit() installs a SIGINT handler that ends the process with status 0 or 1, skipping
+    the caller's cleanup. This one keeps the run's controller instead, so that fit() is
+    interrupted like any call (by KeyboardInterrupt, which interrupts.py raises for SIGTERM too)
+    and then stops the run itself: the controller stops the workers and ends, and nothing is left
+    using this process's connection to Ray when the caller shuts Ray down. (Waiting on fit() in
+    a helper thread instead left that thread inside Ray while the caller shut Ray down, which
+    Ray does not support; one Ctrl-C in CI ended in SIGSEGV.)
+    """
+
+    _controller = None
+
+    def _register_sigint_handler(self, controller) -> None:
+        self._controller = controller
+
+    def fit(self):
+        try:
+            return super().fit()
+        except BaseException:
+            self._abort()
+            raise
+
+    def _abort(self) -> None:
+        if self._controller is None:
+            return
+        try:  # the controller ends itself once the workers are stopped
+            ray.get(self._controller.abort.remote(), timeout=ABORT_TIMEOUT_S)
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            pass
+        ray.kill(self._controller)  # already gone, or hung: stopped outright
+
+
+ABORT_TIMEOUT_S = 30
 
 
 class _MultiWorkerTensorflowBackend(Backend):

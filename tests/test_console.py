@@ -100,6 +100,18 @@ class Clock:
         return self.now
 
 
+def test_a_crash_inside_the_filtered_console_still_reports_every_threads_stack():
+    crash = subprocess.run(
+        [sys.executable, "-c", "import ctypes\n"
+         "from digit_models.console import stderr_filtered\n"
+         "with stderr_filtered():\n"
+         "    ctypes.string_at(0)\n"],  # a real SIGSEGV
+        cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert crash.returncode == -11
+    assert "Fatal Python error: Segmentation fault" in crash.stderr
+    assert 'File "<string>", line 4' in crash.stderr  # where it crashed
+
+
 def test_on_a_terminal_progress_is_one_line_redrawn_in_place():
     stream = io.StringIO()
     live = LiveLine(stream, terminal=True)

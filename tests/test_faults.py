@@ -124,6 +124,31 @@ def test_a_run_survives_a_killed_worker_and_a_stopped_driver_and_runs_each_epoch
 
 
 @pytest.mark.timeout(300)
+def test_sigterm_during_training_stops_the_workers_and_exits_143(tmp_path, kaggle_dir):
+    """SIGTERM, as a scheduler sends it, while the driver waits on Ray Train: the run's workers
+    are stopped, the status is 143 with one line, and the run stays resumable."""
+    before = ray_processes()
+    run_dir = tmp_path / "run"
+    child = _start_digits("train", "--model", "dense", "--data", str(kaggle_dir), "--workers", "2",
+                          "--epochs", "50", "--target-metric", "val_accuracy", "--target", "1.0",
+                          "--out", str(run_dir))
+    _wait_for(lambda: _checkpointed_epoch(run_dir) >= 1 or child.poll() is not None, 300,
+              "epoch 1's checkpoint")
+    assert child.poll() is None, "the run ended before it could be terminated"
+    workers = _train_workers(child.pid)
+    child.send_signal(signal.SIGTERM)
+    try:
+        _, stderr = child.communicate(timeout=120)
+    finally:
+        child.kill()  # still running only if the test has failed
+    assert child.returncode == 143, stderr[-3000:]
+    assert stderr.strip() == "digits: terminated"
+    assert not (run_dir / "run.json").exists() and (run_dir / "started.json").exists()
+    assert not [pid for pid in workers if Path(f"/proc/{pid}").exists()]
+    assert ray_processes() <= before
+
+
+@pytest.mark.timeout(300)
 def test_sigterm_during_scoring_exits_143_and_writes_nothing(tmp_path, kaggle_dir, dense_run):
     before = ray_processes()
     out = tmp_path / "scored"
