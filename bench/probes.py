@@ -74,7 +74,6 @@ def _time_steps(settings: dict) -> dict:
     """Milliseconds per step (medians of several timed runs of `calls` x STEPS_PER_EXECUTION
     steps, after a warm-up), as every worker sees them; rank 0's are returned."""
     import numpy as np
-    import ray.train
 
     from digit_models.config import TrainConfig
     from digit_models.models import build_model
