@@ -48,9 +48,10 @@ def learning_rate(config: TrainConfig, steps_per_epoch: int):
                         total_steps=config.epochs * steps_per_epoch)
 
 
-# The plan is made after the first epoch and remade after each of the next two: the first
-# epoch's time includes tracing the step, so the plan settles on the later epochs' times while
-# the learning rate is still near its peak, where stretching the schedule changes little.
+# The plan is made after the first epoch and remade after each epoch up to the middle of the
+# planned ones, the first three at least: the first epoch's time includes tracing the step,
+# and the next few run slower than later ones, so the plan settles on more epochs' times, while
+# the learning rate is still high, where stretching the schedule changes little.
 SIZING_EPOCHS = 3
 # Kept in hand at the end of a budget: what follows training (the final checkpoint, the
 # model file and run.json, and Ray Train's poll of the workers), and a margin for epochs that
@@ -67,21 +68,25 @@ def epochs_that_fit(minutes: float, elapsed_s: float, epoch_s: float, done: int)
 
 
 class TimeBudget(keras.callbacks.Callback):
-    """--time-budget: after each of the first SIZING_EPOCHS epochs, the epochs that fit in what
-    is left of the budget (counted from the command's start), at most --epochs; the schedule
-    is stretched or shrunk to end with them. Every worker plans from the slowest worker's
-    times, so all plan the same epochs and stop together."""
+    """--time-budget: after each epoch of the first half of the plan (and the first
+    SIZING_EPOCHS), the epochs that fit in what is left of the budget (counted from the
+    command's start), at most --epochs; the schedule is stretched or shrunk to end with them.
+    Every worker plans from the slowest worker's times, so all plan the same epochs and stop
+    together. A resumed run (`digits train --resume`, a later command) keeps its plan: the
+    budget was the first command's."""
 
     def __init__(self, strategy, config: TrainConfig, state: dict, steps: int, rank: int,
-                 world: int, command_started: float):
+                 world: int, command_started: float, resumed: bool):
         super().__init__()
         self.strategy, self.config, self.state, self.steps = strategy, config, state, steps
         self.rank, self.world, self.command_started = rank, world, command_started
+        self.resumed = resumed
 
     def on_epoch_end(self, epoch, logs=None):
         sizing = self.state.setdefault("time_budget", {"minutes": self.config.time_budget,
                                                        "epoch_ends_s": [], "plans": []})
-        if epoch < SIZING_EPOCHS:  # a resumed run has the plans of its checkpointed epochs
+        if "epochs_planned" not in sizing or (
+                not self.resumed and epoch < max(SIZING_EPOCHS, sizing["epochs_planned"] // 2)):
             self._plan(sizing, done=epoch + 1)
         planned = sizing["epochs_planned"]
         if epoch + 1 >= planned and self.state.get("stop_reason") is None:

@@ -139,7 +139,7 @@ def _run(config: TrainConfig, run_dir: RunDir, address: str | None, started: dic
         "collective": "NCCL" if config.gpus_per_worker else "RING",
         "all_reduce_dtype": config.gradient_dtype if config.workers > 1 else None,
         "learning_rate_per_update": config.step_learning_rate,
-        "epochs_planned": config.epochs,
+        "epochs_planned": outcome.get("time_budget", {}).get("epochs_planned", config.epochs),
         "epochs_run": outcome["epochs_done"],
         **({"time_budget": outcome["time_budget"]} if "time_budget" in outcome else {}),
         "stop_reason": outcome["stop_reason"],

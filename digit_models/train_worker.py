@@ -109,7 +109,8 @@ def run_worker(loop_config: dict) -> dict:
                  EpochHistory(config, state, target_stop, images_per_epoch=steps * step_rows * world,
                               timeline=timeline),
                  *([TimeBudget(strategy, config, state, steps, rank, world,
-                               loop_config["command_started_unix"])] if config.time_budget else []),
+                               loop_config["command_started_unix"],
+                               resumed=loop_config["driver_session"] > 0)] if config.time_budget else []),
                  Checkpointing(rank, state, before_report=fault and fault.checkpoint_written),
                  *(rank_zero_logs(config, loop_config, state, steps) if rank == 0 else []),
                  *([fault] if fault else [])]
