@@ -40,12 +40,13 @@ class AbortableTrainer(DataParallelTrainer):
     """Ray Train's trainer, with Ctrl-C and SIGTERM left to the caller.
 
     Ray's fit() installs a SIGINT handler that ends the process with status 0 or 1, skipping
-    the caller's cleanup. This one keeps the run's controller instead, so that fit() is
-    interrupted like any call (by KeyboardInterrupt, which interrupts.py raises for SIGTERM too)
-    and then stops the run itself: the controller stops the workers and ends, and nothing is left
-    using this process's connection to Ray when the caller shuts Ray down. (Waiting on fit() in
-    a helper thread instead left that thread inside Ray while the caller shut Ray down, which
-    Ray does not support; one Ctrl-C in CI ended in SIGSEGV.)
+    the caller's cleanup. This one keeps the run's controller instead (the hook is Ray 2.60's,
+    the version pyproject.toml pins), so that fit() is interrupted like any call (by
+    KeyboardInterrupt, which interrupts.py raises for SIGTERM too) and then stops the run
+    itself: the controller stops the workers and ends, and nothing is left using this
+    process's connection to Ray when the caller shuts Ray down. (Waiting on fit() in a helper
+    thread instead left that thread inside Ray while the caller shut Ray down; one Ctrl-C in
+    CI ended in SIGSEGV.)
     """
 
     _controller = None
