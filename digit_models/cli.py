@@ -241,9 +241,8 @@ def main(argv: list[str] | None = None) -> int:
             COMMANDS[args.command](args)
         return 0
     except (KeyboardInterrupt, Exception) as exc:  # every end becomes a line and a status
-        interruption = _find_in_chain(exc, (KeyboardInterrupt,))  # perhaps re-wrapped by a library
-        if interruption is not None:
-            kind = interruption_kind(interruption)
+        if _find_in_chain(exc, (KeyboardInterrupt,)) is not None:  # perhaps re-wrapped by a library
+            kind = interruption_kind()
             print(f"digits: {MESSAGE[kind]}", file=sys.stderr)
             return EXIT_STATUS[kind]
         if args.debug:

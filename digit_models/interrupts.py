@@ -56,11 +56,9 @@ def sigterm_raises():
         signal.signal(signal.SIGTERM, previous)
 
 
-def interruption_kind(interruption: KeyboardInterrupt) -> type[KeyboardInterrupt]:
+def interruption_kind() -> type[KeyboardInterrupt]:
     """Terminated once SIGTERM came, even if a library re-raised it as a plain KeyboardInterrupt."""
-    if _sigterm_received.is_set() or isinstance(interruption, Terminated):
-        return Terminated
-    return KeyboardInterrupt
+    return Terminated if _sigterm_received.is_set() else KeyboardInterrupt
 
 
 def keep_sigterm_handler(handler) -> None:
