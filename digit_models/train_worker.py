@@ -39,6 +39,7 @@ from digit_models.models import build_model
 from digit_models.run_dir import RunDir
 from digit_models.schedule import TimeBudget, learning_rate
 from digit_models.tensorboard_log import TensorBoardEvents
+from digit_models.weight_average import AveragingAdam, WeightAverage
 from digit_models.train_callbacks import (Checkpointing, EpochHistory, InjectedFault, ProgressLine,
                                           SynchronizedTargetStop, all_reduce_sum)
 
@@ -91,11 +92,7 @@ def run_worker(loop_config: dict) -> dict:
                 Path(directory, RunDir.MODEL).write_bytes(resumed[1])
                 model = keras.models.load_model(Path(directory, RunDir.MODEL))
         else:
-            model = build_model(config.model)
-            model.compile(optimizer=keras.optimizers.Adam(learning_rate(config, steps)),
-                          loss=keras.losses.CategoricalCrossentropy(
-                              label_smoothing=config.label_smoothing),
-                          metrics=["accuracy"], steps_per_execution=STEPS_PER_EXECUTION)
+            model = compiled_model(config, steps)
     if rank == 0:
         record_start(loop_config, world, state["epochs_done"] if resumed else None)
 
@@ -105,7 +102,8 @@ def run_worker(loop_config: dict) -> dict:
     timeline["model_ready"] = time.time()
     target_stop = SynchronizedTargetStop(strategy, config.target_metric, config.target)
     fault = loop_config["faults"] and InjectedFault(loop_config["faults"], rank, steps, loop_config["run_dir"])
-    callbacks = [target_stop,
+    callbacks = [*([WeightAverage()] if config.weight_average else []),  # before all that reads weights
+                 target_stop,
                  EpochHistory(config, state, target_stop, images_per_epoch=steps * step_rows * world,
                               timeline=timeline),
                  *([TimeBudget(strategy, config, state, steps, rank, world,
@@ -119,6 +117,22 @@ def run_worker(loop_config: dict) -> dict:
                   steps_per_epoch=steps, callbacks=callbacks, verbose=0, **validation)
     timeline["train_func_ended"] = time.time()
     return {**state, "shards": shards, "timeline": timeline}
+
+
+def compiled_model(config: TrainConfig, steps: int) -> keras.Model:
+    """A fresh model with its optimizer, loss and metrics (under a strategy: inside its scope).
+    With a weight average the optimizer is built at once, so that its average exists before
+    the first epoch (WeightAverage swaps it in and out from then on)."""
+    model = build_model(config.model)
+    rate = learning_rate(config, steps)
+    optimizer = (AveragingAdam(rate, ema_momentum=config.weight_average) if config.weight_average
+                 else keras.optimizers.Adam(rate))
+    model.compile(optimizer=optimizer,
+                  loss=keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing),
+                  metrics=["accuracy"], steps_per_execution=STEPS_PER_EXECUTION)
+    if config.weight_average:
+        model.optimizer.build(model.trainable_variables)
+    return model
 
 
 def record_start(loop_config: dict, world: int, resumed_after: int | None) -> None:

@@ -204,9 +204,10 @@ def test_a_worker_killed_at_any_moment_costs_at_most_the_epoch_in_progress(tmp_p
     report and line (before Ray Train can have registered its checkpoint)."""
     run_dir = tmp_path / "run"
     spec = ",".join(f"{moment}:{epoch}:{rank}" for moment, epoch, rank, _ in KILLS)
+    # With a weight average, so that every restart resumes both it and the weights (swapped).
     done = run_digits("train", "--model", "dense", "--data", str(kaggle_dir), "--workers", "2",
                       "--epochs", "6", "--max-failures", "4", "--target-metric", "val_accuracy",
-                      "--target", "1.0", "--out", str(run_dir),
+                      "--target", "1.0", "--weight-average", "0.9", "--out", str(run_dir),
                       env={**shared_ray_env, "DIGITS_FAULT": spec}, timeout=550)
     assert done.returncode == 0, done.stderr[-3000:]
     run = json.loads((run_dir / "run.json").read_text())

@@ -41,14 +41,17 @@ import json, sys
 import numpy as np
 from digit_models.tf_setup import configure_tensorflow
 configure_tensorflow(cpus=1, mixed_precision=True)
+from digit_models.config import TrainConfig
 from digit_models.kaggle_csv import read_train_csv
 from digit_models.models import build_model
+from digit_models.weight_average import WeightAverage
+from digit_models.train_worker import compiled_model
 import tf_keras as keras
 digits = read_train_csv(sys.argv[1], limit=256)
 cnn = build_model("cnn")
-model = build_model("dense")
-model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="sparse_categorical_crossentropy")
-history = model.fit(digits.images, digits.labels, batch_size=64, epochs=2, verbose=0)
+model = compiled_model(TrainConfig(model="dense", weight_average=0.5), steps=4)
+history = model.fit(digits.images, keras.utils.to_categorical(digits.labels, 10), batch_size=64,
+                    epochs=2, callbacks=[WeightAverage()], verbose=0)
 probabilities = model.predict(digits.images[:16], verbose=0)
 print(json.dumps({
     "policy": keras.mixed_precision.global_policy().name,
@@ -70,6 +73,7 @@ def test_mixed_precision_computes_in_float16_with_a_float32_softmax(kaggle_dir):
     assert probe["policy"] == "mixed_float16"
     assert probe["hidden_compute"] == ["float16"] * 3
     assert probe["output_dtype"] == "float32" and probe["probabilities_dtype"] == "float32"
-    assert probe["optimizer"].startswith("LossScaleOptimizer")  # loss scaling under float16
+    assert probe["optimizer"].startswith("LossScaleOptimizer")  # loss scaling under float16, around
+    # the optimizer that keeps the weight average
     assert probe["losses"][1] < probe["losses"][0]
     assert all(abs(total - 1.0) < 1e-2 for total in probe["sums"])

@@ -1,0 +1,73 @@
+"""Whether a finished run's weight average (`--weight-average`) beat the weights it averaged,
+on the same training trajectory: the run's model (the average) and the trained weights (kept
+in its last checkpoint's optimizer, see train_callbacks.WeightAverage), each scored on the
+run's own validation rows and on the official MNIST test images of test.csv, plain and with
+test-time augmentation: right answers and log loss. Prints one JSON line.
+
+    python -m bench.weight_average RUN_DIR [--data data] [--tta 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run")
+    parser.add_argument("--data", default="data")
+    parser.add_argument("--tta", type=int, default=8)
+    args = parser.parse_args()
+
+    from digit_models.augmentation import tta_view
+    from digit_models import schedule, weight_average  # noqa: F401  (register what a checkpoint's optimizer names)
+    from digit_models.checkpoints import newest_complete
+    from digit_models.kaggle_csv import read_test_csv, read_train_csv
+    from digit_models.run_dir import RunDir
+    from digit_models.submission_csv import read_small_csv
+    from digit_models.tf_setup import configure_tensorflow, keras
+    from digit_models.train import validation_split
+
+    configure_tensorflow(cpus=2)
+    config = json.loads(Path(args.run, RunDir.RUN).read_text())["config"]
+    train = read_train_csv(str(Path(args.data, "train.csv")), limit=config["limit"])
+    _, val_rows = validation_split(len(train), config["val_fraction"], config["seed"])
+    test = read_test_csv(str(Path(args.data, "test.csv")))
+    labels = read_small_csv(str(Path(args.data, "test_labels.csv")), ["ImageId", "Label"])
+    origin = read_small_csv(str(Path(args.data, "test_origin.csv")), ["ImageId", "MnistSplit", "MnistIndex"])
+    assert labels["ImageId"] == origin["ImageId"] == [str(n) for n in range(1, len(test) + 1)]  # test.csv's order
+    labels = np.array(labels["Label"], dtype=np.int64)
+    official = np.array(origin["MnistSplit"]) == "test"
+    sets = {"validation": (train.images[val_rows], train.labels[val_rows]),
+            "official_test": (test.images[official], labels[official])}
+
+    _, model_file = newest_complete(args.run)
+    with tempfile.TemporaryDirectory() as scratch:
+        Path(scratch, RunDir.MODEL).write_bytes(model_file)
+        average = keras.models.load_model(Path(scratch, RunDir.MODEL))
+        trained = keras.models.load_model(Path(scratch, RunDir.MODEL), compile=False)
+    slots, optimizer = average.optimizer._model_variables_moving_average, average.optimizer
+    for mine, theirs in zip(trained.trainable_variables, average.trainable_variables):
+        mine.assign(slots[optimizer._index_dict[optimizer._var_key(theirs)]])
+
+    def scored(model, images, truth, views: int) -> dict:
+        probabilities = sum(model.predict(tta_view(images.astype("float32"), view), batch_size=1024, verbose=0)
+                            for view in range(views + 1)) / (views + 1)
+        return {"correct": int((probabilities.argmax(axis=1) == truth).sum()), "images": len(truth),
+                "log_loss": float(-np.log(probabilities[np.arange(len(truth)), truth]).mean())}
+
+    result = {"run": args.run, "momentum": config["weight_average"]}
+    for set_name, (images, truth) in sets.items():
+        for weights, model in (("average", average), ("trained", trained)):
+            for views in (0, args.tta):
+                result[f"{set_name}/{weights}/tta{views}"] = scored(model, images, truth, views)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
