@@ -45,15 +45,16 @@ def main() -> None:
     official = np.array(origin["MnistSplit"]) == "test"
     sets = {"validation": (train.images[val_rows], train.labels[val_rows]),
             "official_test": (test.images[official], labels[official])}
+    if not len(val_rows):  # trained on every row
+        del sets["validation"]
 
     _, model_file = newest_complete(args.run)
     with tempfile.TemporaryDirectory() as scratch:
         Path(scratch, RunDir.MODEL).write_bytes(model_file)
         average = keras.models.load_model(Path(scratch, RunDir.MODEL))
         trained = keras.models.load_model(Path(scratch, RunDir.MODEL), compile=False)
-    slots, optimizer = average.optimizer._model_variables_moving_average, average.optimizer
     for mine, theirs in zip(trained.trainable_variables, average.trainable_variables):
-        mine.assign(slots[optimizer._index_dict[optimizer._var_key(theirs)]])
+        mine.assign(average.optimizer._average_of(theirs))
 
     def scored(model, images, truth, views: int) -> dict:
         probabilities = sum(model.predict(tta_view(images.astype("float32"), view), batch_size=1024, verbose=0)

@@ -30,7 +30,7 @@ PRESETS = {
     # The highest accuracy of one run within an hour on 2 CPU cores: the BatchNorm CNN,
     # augmented, with label smoothing, trained for every planned epoch (the schedule's
     # low-rate end is where the last errors go; a target of 1.0 only stops a perfect run),
-    # and its weights averaged (as accurate on validation, better calibrated).
+    # and its weights averaged (no worse on validation: the README's "The weight average").
     "best": dict(model="deep_cnn", batch_size=64, learning_rate=2e-3, lr_schedule="cosine",
                  augment=True, label_smoothing=0.1, weight_average=0.999, epochs=30,
                  target_metric="val_accuracy", target=1.0, scale_learning_rate=True),

@@ -20,7 +20,8 @@ class AveragingAdam(keras.optimizers.Adam):
     """Adam keeping a weight average whose momentum grows to `ema_momentum` as
     (1 + step) / (10 + step), as TensorFlow's ExponentialMovingAverage with num_updates does:
     a constant 0.999 from the first step would average the random start in for thousands of
-    steps, and the first epochs' validation would measure that rather than the training."""
+    steps, and the first epochs' validation would measure that rather than the training.
+    The update and the slot lookup are tf-keras 2.21's private methods (pyproject pins <2.22)."""
 
     def __init__(self, learning_rate, ema_momentum: float, **kwargs):
         super().__init__(learning_rate, use_ema=True, ema_momentum=ema_momentum, **kwargs)
