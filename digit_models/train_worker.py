@@ -39,9 +39,9 @@ from digit_models.models import build_model
 from digit_models.run_dir import RunDir
 from digit_models.schedule import TimeBudget, learning_rate
 from digit_models.tensorboard_log import TensorBoardEvents
-from digit_models.weight_average import AveragingAdam, WeightAverage
 from digit_models.train_callbacks import (Checkpointing, EpochHistory, InjectedFault, ProgressLine,
                                           SynchronizedTargetStop, all_reduce_sum)
+from digit_models.weight_average import AveragingAdam, WeightAverage
 
 # Training steps per call from Python into TensorFlow: for the seed's small dense net the
 # round trip of a call would be most of each step.
