@@ -1,6 +1,6 @@
 """Whether a finished run's weight average (`--weight-average`) beat the weights it averaged,
 on the same training trajectory: the run's model (the average) and the trained weights (kept
-in its last checkpoint's optimizer, see train_callbacks.WeightAverage), each scored on the
+in its last checkpoint's optimizer, see digit_models/weight_average.py), each scored on the
 run's own validation rows and on the official MNIST test images of test.csv, plain and with
 test-time augmentation: right answers and log loss. Prints one JSON line.
 
@@ -29,7 +29,8 @@ def main() -> None:
     from digit_models.checkpoints import newest_complete
     from digit_models.kaggle_csv import read_test_csv, read_train_csv
     from digit_models.run_dir import RunDir
-    from digit_models.submission_csv import read_small_csv
+    from digit_models.evaluation import read_origin
+    from digit_models.submission_csv import read_id_label_csv
     from digit_models.tf_setup import configure_tensorflow, keras
     from digit_models.train import validation_split
 
@@ -38,11 +39,11 @@ def main() -> None:
     train = read_train_csv(str(Path(args.data, "train.csv")), limit=config["limit"])
     _, val_rows = validation_split(len(train), config["val_fraction"], config["seed"])
     test = read_test_csv(str(Path(args.data, "test.csv")))
-    labels = read_small_csv(str(Path(args.data, "test_labels.csv")), ["ImageId", "Label"])
-    origin = read_small_csv(str(Path(args.data, "test_origin.csv")), ["ImageId", "MnistSplit", "MnistIndex"])
-    assert labels["ImageId"] == origin["ImageId"] == [str(n) for n in range(1, len(test) + 1)]  # test.csv's order
-    labels = np.array(labels["Label"], dtype=np.int64)
-    official = np.array(origin["MnistSplit"]) == "test"
+    label_ids, labels = read_id_label_csv(str(Path(args.data, "test_labels.csv")))
+    origin_ids, official = read_origin(str(Path(args.data, "test_origin.csv")))
+    labels = labels[np.argsort(label_ids)]
+    assert np.array_equal(origin_ids, np.arange(1, len(test) + 1))  # test.csv's rows, in order
+    assert np.array_equal(np.sort(label_ids), origin_ids)
     sets = {"validation": (train.images[val_rows], train.labels[val_rows]),
             "official_test": (test.images[official], labels[official])}
     if not len(val_rows):  # trained on every row

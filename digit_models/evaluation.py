@@ -35,14 +35,21 @@ def evaluate(predictions: str, labels: str, origin: str | None = None) -> dict:
 
     origin = origin or _origin_beside(labels)
     if origin:
-        columns = read_small_csv(origin, ["ImageId", "MnistSplit", "MnistIndex"])
-        origin_ids = np.array(columns["ImageId"], dtype=np.int64)
-        if not np.array_equal(np.sort(origin_ids), np.sort(true_ids)):
+        origin_ids, official = read_origin(origin)
+        if not np.array_equal(origin_ids, np.sort(true_ids)):
             raise DigitsError(f"{origin}: its ImageIds are not those of {labels}")
-        official = np.array(columns["MnistSplit"])[np.argsort(origin_ids)] == "test"
         result["origin"] = str(origin)
         result["official_mnist_test"] = scores(truth[official], predicted[official])
     return result
+
+
+def read_origin(origin: str) -> tuple[np.ndarray, np.ndarray]:
+    """test_origin.csv's ImageIds in ascending order, and which of them are official MNIST
+    test images."""
+    columns = read_small_csv(origin, ["ImageId", "MnistSplit", "MnistIndex"])
+    ids = np.array(columns["ImageId"], dtype=np.int64)
+    order = np.argsort(ids)
+    return ids[order], np.array(columns["MnistSplit"])[order] == "test"
 
 
 def scores(truth: np.ndarray, predicted: np.ndarray) -> dict:

@@ -44,8 +44,8 @@ configure_tensorflow(cpus=1, mixed_precision=True)
 from digit_models.config import TrainConfig
 from digit_models.kaggle_csv import read_train_csv
 from digit_models.models import build_model
-from digit_models.weight_average import WeightAverage
 from digit_models.train_worker import compiled_model
+from digit_models.weight_average import WeightAverage
 import tf_keras as keras
 digits = read_train_csv(sys.argv[1], limit=256)
 cnn = build_model("cnn")
