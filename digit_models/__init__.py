@@ -22,6 +22,12 @@ import os
 # of every run ("Starting execution", the plan, "execution finished") into the user's console.
 # PYTHONWARNINGS: nor would Ray's internal actors' deprecation warnings about Ray's own code,
 # which no user of this tool can act on.
+#
+# RAY_worker_niceness: Ray starts its worker processes at niceness 15, below its own always-on
+# processes (raylet, GCS, dashboard, the driver). Their frequent short wake-ups then preempt a
+# training or scoring worker's TensorFlow threads at will, and each of its parallel ops waits
+# for the thread that lost its core, so the worker kept its CPUs busy only ~70% of the time and
+# trained ~9% slower than at niceness 0 (BENCHMARKS.md). Ray's job supervisor runs at 0 too.
 RUNTIME_ENV_VARS = {
     "TF_USE_LEGACY_KERAS": "1",
     "TF_CPP_MIN_LOG_LEVEL": "2",
@@ -29,6 +35,7 @@ RUNTIME_ENV_VARS = {
     "PYTHONDONTWRITEBYTECODE": "",
     "RAY_DATA_LOG_LEVEL": "ERROR",
     "PYTHONWARNINGS": "ignore::DeprecationWarning",
+    "RAY_worker_niceness": "0",
 }
 for _name, _value in RUNTIME_ENV_VARS.items():
     os.environ.setdefault(_name, _value)

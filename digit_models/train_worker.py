@@ -16,6 +16,7 @@ alone would leave `fit()` while the others wait forever in the next step's all-r
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 import time
 import types
@@ -116,7 +117,8 @@ def run_worker(loop_config: dict) -> dict:
         model.fit(train_data, epochs=config.epochs, initial_epoch=state["epochs_done"],
                   steps_per_epoch=steps, callbacks=callbacks, verbose=0, **validation)
     timeline["train_func_ended"] = time.time()
-    return {**state, "shards": shards, "timeline": timeline}
+    return {**state, "shards": shards, "timeline": timeline,
+            "worker_process": {"cpus": cpus, "niceness": os.nice(0)}}
 
 
 def compiled_model(config: TrainConfig, steps: int) -> keras.Model:

@@ -37,6 +37,8 @@ def local_cluster():
            "DASHBOARD_PORT": str(_free_port()), "AGENT_PORT": str(_free_port()), "CLUSTER_STATE": state,
            "HEAD_CPUS": "2", "RAY_AUTH_MODE": "token"}
     env.pop("RAY_ADDRESS", None)
+    # A cluster started without our environment: its workers get ours only from the job.
+    env.pop("RAY_worker_niceness", None)
     before = ray_processes()
     started = subprocess.run([SCRIPT, "start", "0"], env=env, capture_output=True, text=True, timeout=180)
     try:
@@ -107,6 +109,7 @@ def test_train_then_score_through_ray_job_submit(local_cluster, tmp_path, kaggle
                                 "target_metric": "val_accuracy", "target": 0.5} == summary["config"]
     assert summary["stop_reason"] == "target reached at epoch 1 (val_accuracy >= 0.5)"
     assert summary["workers"] == 2 and summary["epochs_run"] == 1 and summary["shards"]["disjoint"]
+    assert summary["worker_process"] == {"cpus": 1, "niceness": 0}  # not Ray's default 15
     assert "epoch 1/3  loss" in output and "target reached at epoch 1" in output  # rank 0's progress
     assert (tmp_path / "run" / "model.keras").is_file()
 
