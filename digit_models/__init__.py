@@ -26,8 +26,8 @@ import os
 # RAY_worker_niceness: Ray starts its worker processes at niceness 15, below its own always-on
 # processes (raylet, GCS, dashboard, the driver). Their frequent short wake-ups then preempt a
 # training or scoring worker's TensorFlow threads at will, and each of its parallel ops waits
-# for the thread that lost its core, so the worker kept its CPUs busy only ~70% of the time and
-# trained ~9% slower than at niceness 0 (BENCHMARKS.md). Ray's job supervisor runs at 0 too.
+# for the thread that lost its core, and the worker's CPUs sit idle meanwhile (README, "How
+# training works", has the measurement). Ray's job supervisor runs at 0 for the same reason.
 RUNTIME_ENV_VARS = {
     "TF_USE_LEGACY_KERAS": "1",
     "TF_CPP_MIN_LOG_LEVEL": "2",
