@@ -15,14 +15,13 @@ import datetime
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 from bench import report, scoring, training
-from bench.processes import PYTHON, REPO, Processes
+from bench.processes import REPO, Processes
 
 SECTIONS = ("training", "scoring")
 
@@ -57,7 +56,7 @@ def main() -> None:
                    "sections": args.sections,
                    "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
                    "settings": {"epochs": args.epochs, "repeats": args.repeats},
-                   "arithmetic": _arithmetic()}
+                   "arithmetic": run.arithmetic()}
         trainer = training.Trainer(run, data, limit=1500 if args.quick else None)
         test_csv = _test_csv(data, run.scratch, args.quick)
         if "training" in args.sections:
@@ -97,12 +96,6 @@ def _keep_other_sections(results: dict, earlier_file: Path) -> None:
     results["kept"] = {"sections": kept, "date": earlier["date"], "wall_s": earlier["wall_s"],
                        "peak_gflops": earlier["arithmetic"]["peak_gflops"]}
     results["sections"] = [name for name in SECTIONS if name in results]
-
-
-def _arithmetic() -> dict:
-    done = subprocess.run([PYTHON, "-m", "bench.arithmetic"], cwd=REPO, capture_output=True,
-                          text=True, check=True)
-    return json.loads(done.stdout.split("BENCH ", 1)[1])
 
 
 def _test_csv(data: Path, scratch: Path, quick: bool) -> Path:

@@ -33,7 +33,7 @@ def main() -> None:
                   "--target-metric", "val_accuracy", "--target", "1.0")
         clean_s = run.digits(*common, "--out", f"{scratch}/clean")
         faulted_s = run.digits(*common, "--out", f"{scratch}/faulted", env={"DIGITS_FAULT": ",".join(KILLS)})
-        peak = run._json_line("bench.arithmetic", ["cnn"])["peak_gflops"]
+        peak = run.arithmetic("cnn")["peak_gflops"]
         print(f"Machine: float32 matmul peak {peak:.0f} GFLOP/s.")
         print(table(Path(scratch, "faulted"), clean_s, faulted_s))
 

@@ -48,7 +48,7 @@ def main() -> None:
                                          f"{summary['worker_process']['niceness']}")
                     samples[setup, nice]["images_per_s"] += [e["images_per_s"] for e in summary["history"][1:]]
                     samples[setup, nice]["wall_s"].append(wall)
-        peak = run._json_line("bench.arithmetic", ["cnn"])["peak_gflops"]
+        peak = run.arithmetic("cnn")["peak_gflops"]
     print(f"Machine: float32 matmul peak {peak:.0f} GFLOP/s; {args.repeats} repeats, {args.epochs} epochs "
           f"of {args.limit:,} rows each.\n")
     print("| setup | images/s at 15 | images/s at 0 | 0 / 15 | wall at 15 | wall at 0 |")

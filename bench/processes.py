@@ -37,6 +37,10 @@ class Processes:
         """A measurement of bench/probes.py."""
         return self._json_line("bench.probes", args)
 
+    def arithmetic(self, *models: str) -> dict:
+        """bench/arithmetic.py: the models' FLOPs per image and this machine's matmul peak."""
+        return self._json_line("bench.arithmetic", models)
+
     def _json_line(self, module: str, args, drop_env=()) -> dict:
         env = {k: v for k, v in os.environ.items() if k not in drop_env}
         began = time.perf_counter()
