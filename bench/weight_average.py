@@ -24,30 +24,15 @@ def main() -> None:
     parser.add_argument("--tta", type=int, default=8)
     args = parser.parse_args()
 
-    from digit_models.augmentation import tta_view
+    from bench.heldout import labelled_sets, probabilities
     from digit_models import schedule, weight_average  # noqa: F401  (register what a checkpoint's optimizer names)
     from digit_models.checkpoints import newest_complete
-    from digit_models.kaggle_csv import read_test_csv, read_train_csv
     from digit_models.run_dir import RunDir
-    from digit_models.evaluation import read_origin
-    from digit_models.submission_csv import read_id_label_csv
     from digit_models.tf_setup import configure_tensorflow, keras
-    from digit_models.train import validation_split
 
     configure_tensorflow(cpus=2)
     config = json.loads(Path(args.run, RunDir.RUN).read_text())["config"]
-    train = read_train_csv(str(Path(args.data, "train.csv")), limit=config["limit"])
-    _, val_rows = validation_split(len(train), config["val_fraction"], config["seed"])
-    test = read_test_csv(str(Path(args.data, "test.csv")))
-    label_ids, labels = read_id_label_csv(str(Path(args.data, "test_labels.csv")))
-    origin_ids, official = read_origin(str(Path(args.data, "test_origin.csv")))
-    labels = labels[np.argsort(label_ids)]
-    assert np.array_equal(origin_ids, np.arange(1, len(test) + 1))  # test.csv's rows, in order
-    assert np.array_equal(np.sort(label_ids), origin_ids)
-    sets = {"validation": (train.images[val_rows], train.labels[val_rows]),
-            "official_test": (test.images[official], labels[official])}
-    if not len(val_rows):  # trained on every row
-        del sets["validation"]
+    sets = labelled_sets(args.data, config)
 
     _, model_file = newest_complete(args.run)
     with tempfile.TemporaryDirectory() as scratch:
@@ -58,10 +43,9 @@ def main() -> None:
         mine.assign(average.optimizer._average_of(theirs))
 
     def scored(model, images, truth, views: int) -> dict:
-        probabilities = sum(model.predict(tta_view(images.astype("float32"), view), batch_size=1024, verbose=0)
-                            for view in range(views + 1)) / (views + 1)
-        return {"correct": int((probabilities.argmax(axis=1) == truth).sum()), "images": len(truth),
-                "log_loss": float(-np.log(probabilities[np.arange(len(truth)), truth]).mean())}
+        predicted = probabilities(model, images, views)
+        return {"correct": int((predicted.argmax(axis=1) == truth).sum()), "images": len(truth),
+                "log_loss": float(-np.log(predicted[np.arange(len(truth)), truth]).mean())}
 
     result = {"run": args.run, "momentum": config["weight_average"]}
     for set_name, (images, truth) in sets.items():

@@ -15,16 +15,16 @@ with startup_noise_filtered():
     GPUS = tf.config.list_physical_devices("GPU")  # CUDA's own lines come with the first look
 
 
-def configure_tensorflow(cpus: int, mixed_precision: bool = False) -> None:
+def configure_tensorflow(cpus: int, precision_policy: str = "float32") -> None:
     """Thread pools sized to the CPUs Ray granted (TensorFlow would size them to the machine,
     and two workers sharing two cores would each run a full set); GPU memory allocated as
-    needed rather than all at once, so a GPU can be shared; mixed_float16 compute on request
-    (models keep a float32 softmax). Must run before TensorFlow's first operation."""
+    needed rather than all at once, so a GPU can be shared; the Keras dtype policy for the
+    models built next (TrainConfig.precision_policy). Must run before TensorFlow's first op."""
     tf.config.threading.set_intra_op_parallelism_threads(cpus)
     tf.config.threading.set_inter_op_parallelism_threads(cpus)
     for gpu in GPUS:
         tf.config.experimental.set_memory_growth(gpu, True)
-    keras.mixed_precision.set_global_policy("mixed_float16" if mixed_precision else "float32")
+    keras.mixed_precision.set_global_policy(precision_policy)
     tf.get_logger().setLevel(logging.ERROR)
     if not keras.__version__.startswith("2."):
         raise RuntimeError(f"legacy Keras (tf-keras 2.x) expected, got Keras {keras.__version__}; "

@@ -145,7 +145,7 @@ def _run(config: TrainConfig, run_dir: RunDir, address: str | None, started: dic
         "stop_reason": outcome["stop_reason"],
         "history": outcome["history"],
         "shards": outcome["shards"],
-        "worker_process": outcome["worker_process"],  # rank 0's CPUs (threads) and niceness
+        "worker_process": outcome["worker_process"],  # rank 0's CPUs (threads), niceness, dtype policy
         "restarts": restarts(run_dir.location),
         **({"fault_injected": ",".join(f"{moment}:{epoch}:{rank}" for moment, epoch, rank in faults)}
            if faults else {}),

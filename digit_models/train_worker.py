@@ -56,7 +56,7 @@ def run_worker(loop_config: dict) -> dict:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     cpus = int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))
-    configure_tensorflow(cpus, config.mixed_precision)
+    configure_tensorflow(cpus, config.precision_policy)
     _quiet_report_logging()
 
     strategy = multi_worker_strategy(config)
@@ -118,7 +118,8 @@ def run_worker(loop_config: dict) -> dict:
                   steps_per_epoch=steps, callbacks=callbacks, verbose=0, **validation)
     timeline["train_func_ended"] = time.time()
     return {**state, "shards": shards, "timeline": timeline,
-            "worker_process": {"cpus": cpus, "niceness": os.nice(0)}}
+            "worker_process": {"cpus": cpus, "niceness": os.nice(0),
+                               "precision": keras.mixed_precision.global_policy().name}}
 
 
 def compiled_model(config: TrainConfig, steps: int) -> keras.Model:

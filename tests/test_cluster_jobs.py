@@ -109,7 +109,8 @@ def test_train_then_score_through_ray_job_submit(local_cluster, tmp_path, kaggle
                                 "target_metric": "val_accuracy", "target": 0.5} == summary["config"]
     assert summary["stop_reason"] == "target reached at epoch 1 (val_accuracy >= 0.5)"
     assert summary["workers"] == 2 and summary["epochs_run"] == 1 and summary["shards"]["disjoint"]
-    assert summary["worker_process"] == {"cpus": 1, "niceness": 0}  # not Ray's default 15
+    assert summary["worker_process"] == {"cpus": 1, "niceness": 0,  # not Ray's default 15
+                                         "precision": "float32"}
     assert "epoch 1/3  loss" in output and "target reached at epoch 1" in output  # rank 0's progress
     assert (tmp_path / "run" / "model.keras").is_file()
 

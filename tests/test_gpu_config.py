@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from digit_models.cli import _train_config, build_parser
 from digit_models.config import PredictConfig
 from digit_models.predict import actor_resources
@@ -17,7 +19,7 @@ def test_a_cpu_only_run_never_asks_ray_for_a_gpu():
     args = build_parser().parse_args(["train", "--data", "d", "--out", "o", "--workers", "2",
                                       "--cpus-per-worker", "1"])
     config = _train_config(args)
-    assert config.gpus_per_worker == 0 and config.mixed_precision is False
+    assert config.gpus_per_worker == 0 and config.precision_policy == "float32"
     scaling = scaling_config(config)
     assert scaling.use_gpu is False and scaling.resources_per_worker == {"CPU": 1}
     assert actor_resources(PredictConfig(runs=["r"], input="i", out="o"), cpus=2) == {"num_cpus": 2}
@@ -28,7 +30,7 @@ def test_gpu_workers_and_actors_get_their_gpus():
                                       "--cpus-per-worker", "3", "--gpus-per-worker", "1",
                                       "--mixed-precision"])
     config = _train_config(args)
-    assert config.mixed_precision is True
+    assert config.precision_policy == "mixed_float16"
     scaling = scaling_config(config)
     assert scaling.use_gpu is True and scaling.num_workers == 4
     assert scaling.resources_per_worker == {"CPU": 3, "GPU": 1}
@@ -36,11 +38,16 @@ def test_gpu_workers_and_actors_get_their_gpus():
         {"num_cpus": 2, "num_gpus": 0.5}
 
 
+def test_mixed_precision_on_cpu_workers_is_bfloat16():
+    args = build_parser().parse_args(["train", "--data", "d", "--out", "o", "--mixed-precision"])
+    assert _train_config(args).precision_policy == "mixed_bfloat16"  # float16 crawls on CPUs
+
+
 MIXED_PRECISION_PROBE = """
 import json, sys
 import numpy as np
 from digit_models.tf_setup import configure_tensorflow
-configure_tensorflow(cpus=1, mixed_precision=True)
+configure_tensorflow(cpus=1, precision_policy=sys.argv[2])
 from digit_models.config import TrainConfig
 from digit_models.kaggle_csv import read_train_csv
 from digit_models.models import build_model
@@ -65,15 +72,20 @@ print(json.dumps({
 """
 
 
-def test_mixed_precision_computes_in_float16_with_a_float32_softmax(kaggle_dir):
-    done = subprocess.run([sys.executable, "-c", MIXED_PRECISION_PROBE, str(kaggle_dir / "train.csv")],
+@pytest.mark.parametrize("policy, compute, optimizer", [
+    # float16 needs loss scaling, around the optimizer that keeps the weight average; bfloat16
+    # has float32's range and needs none
+    ("mixed_float16", "float16", "LossScaleOptimizer"),
+    ("mixed_bfloat16", "bfloat16", "AveragingAdam"),
+])
+def test_mixed_precision_computes_in_16_bits_with_a_float32_softmax(kaggle_dir, policy, compute, optimizer):
+    done = subprocess.run([sys.executable, "-c", MIXED_PRECISION_PROBE, str(kaggle_dir / "train.csv"), policy],
                           capture_output=True, text=True, cwd=REPO, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     probe = json.loads(done.stdout.strip().splitlines()[-1])
-    assert probe["policy"] == "mixed_float16"
-    assert probe["hidden_compute"] == ["float16"] * 3
+    assert probe["policy"] == policy
+    assert probe["hidden_compute"] == [compute] * 3
     assert probe["output_dtype"] == "float32" and probe["probabilities_dtype"] == "float32"
-    assert probe["optimizer"].startswith("LossScaleOptimizer")  # loss scaling under float16, around
-    # the optimizer that keeps the weight average
+    assert probe["optimizer"].startswith(optimizer)
     assert probe["losses"][1] < probe["losses"][0]
     assert all(abs(total - 1.0) < 1e-2 for total in probe["sums"])

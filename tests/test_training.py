@@ -46,7 +46,8 @@ def test_run_json_records_the_run(dense_run):
     assert {"tensorflow", "tf_keras", "ray", "numpy", "pandas", "pyarrow"} <= set(run["versions"])
     assert run["versions"]["tf_keras"].startswith("2.")
     assert run["config"]["model"] == "dense" and run["restarts"] == []
-    assert run["worker_process"] == {"cpus": 1, "niceness": 0}  # not Ray's default 15
+    assert run["worker_process"] == {"cpus": 1, "niceness": 0,  # not Ray's default 15
+                                     "precision": "float32"}
 
 
 def test_the_saved_model_is_portable_keras_and_predicts_real_digits(dense_run, kaggle_dir):

@@ -1,0 +1,28 @@
+"""`python -m bench.precision`: what `--mixed-precision` (bfloat16 compute on CPU workers,
+TrainConfig.precision_policy) does to training speed on this machine's CPUs, against float32:
+the `best` preset's CNN with 1 worker and every CPU, and the `fast` preset's (the seed's CNN at
+batch 128), side by side (bench/paired.py). CPUs with AVX512-BF16 or AMX run bfloat16 natively;
+others emulate it."""
+
+from __future__ import annotations
+
+from bench.paired import BEST_ONE_WORKER, Variant, main
+
+SETUPS = {
+    BEST_ONE_WORKER[0]: BEST_ONE_WORKER[1],
+    "cnn@128, 1 worker x 2 CPUs (`--preset fast`)": [
+        "--preset", "fast", "--workers", "1", "--val-fraction", "0", "--target-metric", "accuracy",
+        "--target", "1.0"],
+}
+
+
+def computing_in(policy: str, options: list[str]) -> Variant:
+    def check(run: dict) -> str | None:
+        ran = run["worker_process"]["precision"]
+        return None if ran == policy else f"asked for {policy}, the worker computed in {ran}"
+    return Variant(policy, options=options, check=check)
+
+
+if __name__ == "__main__":
+    main("python -m bench.precision", __doc__.splitlines()[0], SETUPS,
+         (computing_in("float32", []), computing_in("mixed_bfloat16", ["--mixed-precision"])))
