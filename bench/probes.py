@@ -9,6 +9,10 @@ stopping Ray.
 communication options as `digits train`: the forward and backward pass alone, the gradients'
 all-reduce alone (the same tensors, packed as the optimizer packs them), the input pipeline
 alone, and the whole step as Keras runs it.
+
+`policies`: a whole training step (Keras's fit, one process, every CPU) of a model built under
+each Keras dtype policy, timed in interleaved rounds: what `--mixed-precision` would cost or
+gain on this machine's CPUs in float16 and in bfloat16.
 """
 
 from __future__ import annotations
@@ -213,6 +217,34 @@ def _time_steps(settings: dict) -> dict:
     return result
 
 
+def policies(args) -> dict:
+    import numpy as np
+
+    from digit_models.models import build_model
+    from digit_models.tf_setup import configure_tensorflow, keras, tf
+
+    configure_tensorflow(args.cpus)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (args.batch * 8, 28, 28)).astype("float32")
+    labels = keras.utils.to_categorical(rng.integers(0, 10, len(images)), 10)
+    data = tf.data.Dataset.from_tensor_slices((images, labels)).batch(args.batch).repeat().prefetch(2)
+    models = {}
+    for policy in args.policies:
+        keras.mixed_precision.set_global_policy(policy)
+        models[policy] = build_model(args.model)
+        models[policy].compile(optimizer=keras.optimizers.Adam(1e-3), loss="categorical_crossentropy")
+        models[policy].fit(data, steps_per_epoch=4, epochs=1, verbose=0)  # tracing and warm-up
+    samples = {policy: [] for policy in args.policies}
+    for _ in range(args.rounds):
+        for policy, model in models.items():
+            began = time.perf_counter()
+            model.fit(data, steps_per_epoch=args.steps, epochs=1, verbose=0)
+            samples[policy].append((time.perf_counter() - began) * 1000 / args.steps)
+    return {"model": args.model, "batch": args.batch,
+            "ms_per_step": {policy: float(np.median(times)) for policy, times in samples.items()},
+            "samples": samples}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.probes")
     probes = parser.add_subparsers(dest="probe", required=True)
@@ -230,10 +262,17 @@ def main() -> None:
                       help="whole steps to time: keras, xla (one worker), or DTYPE[xK] (e.g. bfloat16x2)")
     step.add_argument("--rounds", type=int, default=3, help="interleaved timings of every variant")
     step.add_argument("--skip-parts", action="store_true", help="time whole steps only")
+    policy = probes.add_parser("policies")
+    policy.add_argument("--model", default="deep_cnn")
+    policy.add_argument("--batch", type=int, default=128)
+    policy.add_argument("--cpus", type=int, default=2)
+    policy.add_argument("--steps", type=int, default=10, help="steps per timed fit")
+    policy.add_argument("--rounds", type=int, default=3)
+    policy.add_argument("--policies", nargs="+", default=["float32", "mixed_bfloat16", "mixed_float16"])
     args = parser.parse_args()
     if args.probe == "steps" and "xla" in args.variants and args.workers > 1:
         parser.error("--variants xla: one worker only (XLA cannot compile the workers' all-reduce)")
-    sys.stdout.write("BENCH " + json.dumps({"startup": startup, "steps": steps}[args.probe](args)) + "\n")
+    sys.stdout.write("BENCH " + json.dumps({"startup": startup, "steps": steps, "policies": policies}[args.probe](args)) + "\n")
 
 
 if __name__ == "__main__":

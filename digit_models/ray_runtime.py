@@ -22,6 +22,11 @@ from digit_models.interrupts import keep_sigterm_handler
 EMBEDDED_RAY_CONFIG = {"num_workers_soft_limit": 8}
 
 
+def cluster_address(address: str | None = None) -> str | None:
+    """The cluster a command joins (see ray_session); None: it starts an embedded Ray here."""
+    return address or os.environ.get("RAY_ADDRESS")
+
+
 @contextmanager
 def ray_session(address: str | None = None, dashboard: bool = False):
     """Ray for the length of a command.
@@ -37,7 +42,7 @@ def ray_session(address: str | None = None, dashboard: bool = False):
         yield
         return
     caller_sigterm = signal.getsignal(signal.SIGTERM)
-    address = address or os.environ.get("RAY_ADDRESS")
+    address = cluster_address(address)
     try:  # a Ctrl-C halfway through ray.init must still stop what it started
         if address:
             ray.init(address=address, runtime_env={"env_vars": _env_vars_to_add()},

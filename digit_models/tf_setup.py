@@ -14,6 +14,8 @@ with startup_noise_filtered():
 
     GPUS = tf.config.list_physical_devices("GPU")  # CUDA's own lines come with the first look
 
+from digit_models.cpu_features import require_bfloat16_cpu
+
 
 def configure_tensorflow(cpus: int, precision_policy: str = "float32") -> None:
     """Thread pools sized to the CPUs Ray granted (TensorFlow would size them to the machine,
@@ -24,6 +26,8 @@ def configure_tensorflow(cpus: int, precision_policy: str = "float32") -> None:
     tf.config.threading.set_inter_op_parallelism_threads(cpus)
     for gpu in GPUS:
         tf.config.experimental.set_memory_growth(gpu, True)
+    if precision_policy == "mixed_bfloat16":
+        require_bfloat16_cpu()
     keras.mixed_precision.set_global_policy(precision_policy)
     tf.get_logger().setLevel(logging.ERROR)
     if not keras.__version__.startswith("2."):

@@ -22,10 +22,11 @@ import numpy as np
 import digit_models
 from digit_models import mlflow_log
 from digit_models.config import TrainConfig
+from digit_models.cpu_features import require_bfloat16_cpu
 from digit_models.errors import DigitsError
 from digit_models.files import file_sha256
 from digit_models.kaggle_csv import read_train_csv, resolve_train_csv
-from digit_models.ray_runtime import cpus_per_process, ray_session
+from digit_models.ray_runtime import cluster_address, cpus_per_process, ray_session
 from digit_models.run_dir import RunDir
 
 
@@ -76,6 +77,8 @@ def _run(config: TrainConfig, run_dir: RunDir, address: str | None, started: dic
         raise DigitsError(f"{train_csv}: changed since the run started (sha256 {data_sha256}, "
                           f"was {started['data']['sha256']}); cannot resume on different data")
     faults = injected_faults(config)
+    if config.precision_policy == "mixed_bfloat16" and not cluster_address(address):
+        require_bfloat16_cpu()  # an embedded Ray's workers run on this CPU (each checks its own)
     train_rows, val_rows = validation_split(len(digits), config.val_fraction, config.seed)
     too_few_val = config.val_fraction > 0 and len(val_rows) < config.workers
     if len(train_rows) // config.workers < config.batch_size * config.accumulate or too_few_val:

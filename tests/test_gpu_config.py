@@ -10,6 +10,7 @@ import pytest
 
 from digit_models.cli import _train_config, build_parser
 from digit_models.config import PredictConfig
+from digit_models.cpu_features import cpu_has_bfloat16
 from digit_models.predict import actor_resources
 from digit_models.train import scaling_config
 from tests.conftest import REPO
@@ -89,3 +90,36 @@ def test_mixed_precision_computes_in_16_bits_with_a_float32_softmax(kaggle_dir, 
     assert probe["optimizer"].startswith(optimizer)
     assert probe["losses"][1] < probe["losses"][0]
     assert all(abs(total - 1.0) < 1e-2 for total in probe["sums"])
+
+
+@pytest.mark.parametrize("cpuinfo, supported", [
+    ("processor\t: 0\nflags\t\t: fpu sse2 avx2 fma avx512f avx512_bf16 avx512_vnni\n", True),  # AMD Zen 4
+    ("processor\t: 0\nflags\t\t: fpu sse2 avx2 fma amx_bf16 amx_tile\n", True),  # Intel Sapphire Rapids
+    ("processor\t: 0\nflags\t\t: fpu sse2 avx2 fma avx512f\n", False),  # AVX-512 without bfloat16
+    ("processor\t: 0\nFeatures\t: fp asimd sve bf16 i8mm\n", True),  # Arm Neoverse V1
+    ("processor\t: 0\nFeatures\t: fp asimd crc32\n", False),
+    ("", None),  # cannot tell: let it run
+])
+def test_bfloat16_support_is_read_from_cpuinfo(cpuinfo, supported):
+    assert cpu_has_bfloat16(cpuinfo) is supported
+
+
+REFUSING_CPU = """
+import sys
+from digit_models import cli, cpu_features
+cpu_features.CPUINFO = sys.argv[1]
+sys.exit(cli.main(sys.argv[2:]))
+"""
+
+
+def test_mixed_precision_on_a_cpu_without_bfloat16_is_refused_before_ray_starts(tmp_path, kaggle_dir):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 fma\n")  # an AVX2-only machine's
+    out = tmp_path / "run"
+    done = subprocess.run([sys.executable, "-c", REFUSING_CPU, str(cpuinfo), "train", "--data", str(kaggle_dir),
+                           "--out", str(out), "--model", "dense", "--epochs", "1", "--limit", "500",
+                           "--mixed-precision"], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert done.returncode == 2
+    [line] = done.stderr.splitlines()
+    assert line.startswith("digits: error: --mixed-precision: the CPU of ") and "no bfloat16 instructions" in line
+    assert not out.exists()
