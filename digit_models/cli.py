@@ -87,8 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
            help="default: the cluster's CPUs split between the workers")
     option("--gpus-per-worker", type=float, help="default 0")
     option("--mixed-precision", action="store_true", default=None,
-           help="16-bit compute: float16 on GPU workers, bfloat16 on CPU workers (fast on "
-                "CPUs with AVX512-BF16 or AMX, slower elsewhere)")
+           help="16-bit compute: float16 on GPU workers, bfloat16 on CPU workers (which need "
+                "bfloat16 instructions: AVX512-BF16, AMX or Arm BF16)")
     option("--time-budget", type=float, metavar="MINUTES",
            help="finish within this many minutes: after the first epoch, the epochs (at most "
                 "--epochs) are sized to fit, and the learning-rate schedule with them")

@@ -91,8 +91,9 @@ def deep_cnn() -> keras.Model:
 
 
 def load_model_file(path: str, name: str | None = None) -> keras.Model:
-    """A saved model, loaded in Keras safe mode (a model file cannot run code on load), and
-    checked to map (28, 28) pixels to 10 probabilities. `name` is how errors refer to it."""
+    """A saved model, loaded in Keras safe mode (a model file cannot run code on load),
+    checked to map (28, 28) pixels to 10 probabilities, computing in float32 (below). `name`
+    is how errors refer to it."""
     name = name or path
     try:
         with warnings.catch_warnings():  # e.g. about a Lambda layer's code, refused just below
@@ -107,4 +108,19 @@ def load_model_file(path: str, name: str | None = None) -> keras.Model:
     if tuple(model.input_shape[1:]) != (28, 28) or tuple(model.output_shape[1:]) != (10,):
         raise DigitsError(f"{name}: model maps {model.input_shape} to {model.output_shape}, "
                           "expected (None, 28, 28) to (None, 10)")
-    return model
+    return computing_in_float32(model)
+
+
+def computing_in_float32(model: keras.Model) -> keras.Model:
+    """The same model and weights, computing in float32. A model trained with --mixed-precision
+    is saved computing in 16 bits, which is slow on CPUs (float16) or fails on CPUs without
+    bfloat16 instructions (bfloat16); scoring costs little beside training, so a loaded model
+    scores in float32 wherever it runs."""
+    if all(layer.compute_dtype == "float32" for layer in model.layers):
+        return model
+    config = model.get_config()
+    for layer in config["layers"]:
+        layer["config"]["dtype"] = "float32"
+    rebuilt = type(model).from_config(config)
+    rebuilt.set_weights(model.get_weights())
+    return rebuilt

@@ -61,7 +61,12 @@ model = compiled_model(TrainConfig(model="dense", weight_average=0.5), steps=4)
 history = model.fit(digits.images, keras.utils.to_categorical(digits.labels, 10), batch_size=64,
                     epochs=2, callbacks=[WeightAverage()], verbose=0)
 probabilities = model.predict(digits.images[:16], verbose=0)
+model.save(sys.argv[3])
+from digit_models.models import load_model_file
+scorer = load_model_file(sys.argv[3])
 print(json.dumps({
+    "scorer_compute": sorted({layer.compute_dtype for layer in scorer.layers}),
+    "scorer_difference": float(np.abs(scorer.predict(digits.images[:16], verbose=0) - probabilities).max()),
     "policy": keras.mixed_precision.global_policy().name,
     "hidden_compute": [layer.compute_dtype for layer in cnn.layers if layer.name.startswith(("conv2d", "dense"))],
     "output_dtype": cnn.layers[-1].compute_dtype,
@@ -79,8 +84,10 @@ print(json.dumps({
     ("mixed_float16", "float16", "LossScaleOptimizer"),
     ("mixed_bfloat16", "bfloat16", "AveragingAdam"),
 ])
-def test_mixed_precision_computes_in_16_bits_with_a_float32_softmax(kaggle_dir, policy, compute, optimizer):
-    done = subprocess.run([sys.executable, "-c", MIXED_PRECISION_PROBE, str(kaggle_dir / "train.csv"), policy],
+def test_mixed_precision_computes_in_16_bits_with_a_float32_softmax(kaggle_dir, tmp_path, policy, compute,
+                                                                     optimizer):
+    done = subprocess.run([sys.executable, "-c", MIXED_PRECISION_PROBE, str(kaggle_dir / "train.csv"), policy,
+                           str(tmp_path / "model.keras")],
                           capture_output=True, text=True, cwd=REPO, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     probe = json.loads(done.stdout.strip().splitlines()[-1])
@@ -88,6 +95,10 @@ def test_mixed_precision_computes_in_16_bits_with_a_float32_softmax(kaggle_dir, 
     assert probe["hidden_compute"] == [compute] * 3
     assert probe["output_dtype"] == "float32" and probe["probabilities_dtype"] == "float32"
     assert probe["optimizer"].startswith(optimizer)
+    # Loaded for scoring, the same weights compute in float32 (16 bits is slow, or fails, on
+    # some CPUs), giving the probabilities the 16-bit model gave, up to its rounding.
+    assert probe["scorer_compute"] == ["float32"]
+    assert probe["scorer_difference"] < 0.05
     assert probe["losses"][1] < probe["losses"][0]
     assert all(abs(total - 1.0) < 1e-2 for total in probe["sums"])
 
