@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from digit_models import attempts
 from tests.conftest import REPO, ray_processes, run_digits
 
 
@@ -87,8 +88,13 @@ def test_a_run_survives_a_killed_worker_and_a_stopped_driver_and_runs_each_epoch
     victims = _train_workers(child.pid)
     assert len(victims) == 2, victims
     os.kill(victims[-1], signal.SIGKILL)  # one real worker process, mid-run
-    killed_after = _checkpointed_epoch(run_dir)
-    _wait_for(lambda: _checkpointed_epoch(run_dir) > killed_after or child.poll() is not None, 300,
+    # The new group's start is on record before it trains; a checkpoint registered after that is
+    # its own. (The old group's last checkpoint can still register after the kill, so a new
+    # checkpoint alone does not show that a new group started.)
+    _wait_for(lambda: len(attempts.recorded(str(run_dir), "start")) >= 2 or child.poll() is not None, 300,
+              "the replaced worker group's start")
+    replaced_after = _checkpointed_epoch(run_dir)
+    _wait_for(lambda: _checkpointed_epoch(run_dir) > replaced_after or child.poll() is not None, 300,
               "a checkpoint from the replaced worker group")
     assert child.poll() is None, "the run ended before it could be interrupted"
     assert not set(_train_workers(child.pid)) & set(victims)  # a new group
