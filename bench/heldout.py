@@ -3,21 +3,20 @@ validation rows, and the official MNIST test images among test.csv's rows (test_
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from digit_models.augmentation import tta_view
+from digit_models.evaluation import read_origin
+from digit_models.kaggle_csv import read_test_csv, read_train_csv
+from digit_models.submission_csv import read_id_label_csv
+from digit_models.train import validation_split
 
 
 def labelled_sets(data: str, config: dict | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """{"official_test": (images, labels)}, and "validation" as the run with this run.json
     `config` held it out (when it held any out)."""
-    from pathlib import Path
-
-    from digit_models.evaluation import read_origin
-    from digit_models.kaggle_csv import read_test_csv, read_train_csv
-    from digit_models.submission_csv import read_id_label_csv
-    from digit_models.train import validation_split
-
     test = read_test_csv(str(Path(data, "test.csv")))
     label_ids, labels = read_id_label_csv(str(Path(data, "test_labels.csv")))
     origin_ids, official = read_origin(str(Path(data, "test_origin.csv")))

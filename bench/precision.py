@@ -1,8 +1,8 @@
 """`python -m bench.precision`: what `--mixed-precision` (bfloat16 compute on CPU workers,
 TrainConfig.precision_policy) does to training speed on this machine's CPUs, against float32:
 the `best` preset's CNN with 1 worker and every CPU, and the `fast` preset's (the seed's CNN at
-batch 128), side by side (bench/paired.py). CPUs with AVX512-BF16 or AMX run bfloat16 natively;
-others emulate it."""
+batch 128), side by side (bench/paired.py). Needs a CPU with bfloat16 instructions (AVX512-BF16,
+AMX or Arm BF16): `digits train` refuses `--mixed-precision` on others."""
 
 from __future__ import annotations
 
