@@ -171,7 +171,38 @@ def multi_worker_strategy(config: TrainConfig) -> tf.distribute.MultiWorkerMirro
     from tensorflow.python.distribute import collective_all_reduce_strategy
 
     collective_all_reduce_strategy.CollectiveAllReduceExtended._enable_check_health = False
+    _device_input_without_autotuning()
     return tf.distribute.MultiWorkerMirroredStrategy(communication_options=communication(config))
+
+
+def _device_input_without_autotuning() -> None:
+    """The strategy feeds each device through a tf.data pipeline of its own (a
+    MultiDeviceIterator's), built with TensorFlow's default options, which autotune; turned
+    off here for the reason in `_batches`. TensorFlow has no setting for it, so its builder of
+    those pipelines is wrapped (once per process)."""
+    from tensorflow.python.data.ops import multi_device_iterator_ops
+
+    build = multi_device_iterator_ops._create_device_dataset
+    if getattr(build, "autotuning_off", False):
+        return
+
+    def without_autotuning(*args, **kwargs):
+        return build(*args, **kwargs).with_options(_untuned_options())
+
+    without_autotuning.autotuning_off = True
+    multi_device_iterator_ops._create_device_dataset = without_autotuning
+
+
+def _untuned_options(cpus: int | None = None) -> tf.data.Options:
+    """tf.data options without autotuning. An autotuned pipeline's iterator, when destroyed,
+    waits for its tuning thread to wake from a sleep that grows to a minute, so fit() could
+    return long after its last epoch, as it dropped its iterators. The parallelism here is
+    fixed (the map's calls, the thread pool) or sizes itself (prefetch's buffer) untuned."""
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    if cpus:
+        options.threading.private_threadpool_size = cpus
+    return options
 
 
 def communication(config: TrainConfig) -> tf.distribute.experimental.CommunicationOptions:
@@ -245,9 +276,7 @@ def _batches(images, labels, batch_size: int, cpus: int, shuffle_seed: int | Non
                 seed = tf.stack([tf.constant(shuffle_seed, tf.int64), step])
                 return random_affine(batch[0], seed, augmentation), batch[1]
             data = data.enumerate().map(augment, num_parallel_calls=cpus)
-    options = tf.data.Options()
-    options.threading.private_threadpool_size = cpus
-    return data.prefetch(tf.data.AUTOTUNE).with_options(options)
+    return data.prefetch(tf.data.AUTOTUNE).with_options(_untuned_options(cpus))
 
 
 def _shard_report(strategy, rank: int, world: int, train_rows, val_rows, rows_total: int) -> dict:

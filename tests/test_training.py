@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 import zipfile
 from pathlib import Path
@@ -193,3 +194,32 @@ def test_a_preset_fills_only_the_options_not_given():
     assert TrainConfig.from_preset(None) == TrainConfig()
     with pytest.raises(DigitsError, match="--preset quick: choose one of fast, best"):
         TrainConfig.from_preset("quick")
+
+
+UNTUNED_INPUT_PROBE = """
+import json
+import numpy as np
+from digit_models.tf_setup import configure_tensorflow
+configure_tensorflow(1)
+from digit_models.config import TrainConfig
+from digit_models.train_worker import _batches, multi_worker_strategy
+images, labels = np.zeros((64, 28, 28), np.uint8), np.zeros(64, np.uint8)
+strategy = multi_worker_strategy(TrainConfig())
+ours = _batches(images, labels, 8, 1, shuffle_seed=0)
+batches = iter(strategy.distribute_datasets_from_function(lambda _: ours))
+next(batches)
+# The worker's input as the strategy iterates it: one tf.data pipeline per device, fed by ours.
+device_pipelines = [device._dataset for device in batches._iterators[0]._iterator._device_iterators]
+print(json.dumps([pipeline.options().autotune.enabled for pipeline in [ours, *device_pipelines]]))
+"""
+
+
+def test_no_training_input_pipeline_autotunes():
+    """Destroying an autotuned tf.data iterator waits out its tuning thread's sleep, which held
+    fit() tens of seconds after its last epoch: neither our pipeline nor the strategy's per-device
+    ones may autotune."""
+    done = subprocess.run([sys.executable, "-c", UNTUNED_INPUT_PROBE], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    autotune_enabled = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(autotune_enabled) >= 2 and all(enabled is False for enabled in autotune_enabled)  # unset: on
