@@ -16,9 +16,11 @@ from digit_models.train_callbacks import all_reduce_sum
 
 @keras.saving.register_keras_serializable(package="digits")
 class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
-    """A linear warm-up from a tenth of `rate` over `warmup_steps`, then cosine decay to zero
-    at `total_steps`. The length is a variable, so that a time budget can set it once the first
-    epoch is timed without tracing the training step again; it is saved with the model."""
+    """A linear warm-up from a tenth of `rate` over `warmup_steps`, or over a tenth of the run if
+    that is shorter, then cosine decay to zero at `total_steps`. The length is a variable, so
+    that a time budget can set it once the first epochs are timed without tracing the training
+    step again (and the warm-up follows it: a plan of one epoch still decays to zero); it is
+    saved with the model."""
 
     def __init__(self, rate: float, warmup_steps: int, total_steps: float):
         self.rate, self.warmup_steps = float(rate), int(warmup_steps)
@@ -26,11 +28,11 @@ class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
 
     def __call__(self, step):
         step = tf.cast(step, tf.float32)
-        warming = self.rate * (0.1 + 0.9 * step / max(self.warmup_steps, 1))
-        decayed = tf.clip_by_value((step - self.warmup_steps) / tf.maximum(self.total_steps - self.warmup_steps, 1.0),
-                                   0.0, 1.0)
+        warmup = tf.minimum(float(self.warmup_steps), tf.floor(self.total_steps / 10))
+        warming = self.rate * (0.1 + 0.9 * step / tf.maximum(warmup, 1.0))
+        decayed = tf.clip_by_value((step - warmup) / tf.maximum(self.total_steps - warmup, 1.0), 0.0, 1.0)
         cosine = 0.5 * self.rate * (1.0 + tf.cos(math.pi * decayed))
-        return tf.where(step < self.warmup_steps, warming, cosine)
+        return tf.where(step < warmup, warming, cosine)
 
     def get_config(self) -> dict:
         return {"rate": self.rate, "warmup_steps": self.warmup_steps,
@@ -44,8 +46,7 @@ def learning_rate(config: TrainConfig, steps_per_epoch: int):
     rate = config.step_learning_rate
     if config.lr_schedule == "constant":
         return rate
-    return WarmupCosine(rate, warmup_steps=min(steps_per_epoch, config.epochs * steps_per_epoch // 10),
-                        total_steps=config.epochs * steps_per_epoch)
+    return WarmupCosine(rate, warmup_steps=steps_per_epoch, total_steps=config.epochs * steps_per_epoch)
 
 
 # The plan is made after the first epoch and remade after each epoch up to the middle of the

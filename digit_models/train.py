@@ -21,7 +21,7 @@ import numpy as np
 
 import digit_models
 from digit_models import mlflow_log
-from digit_models.config import TrainConfig
+from digit_models.config import TrainConfig, epochs_planned
 from digit_models.cpu_features import require_bfloat16_cpu
 from digit_models.errors import DigitsError
 from digit_models.files import file_sha256
@@ -142,7 +142,7 @@ def _run(config: TrainConfig, run_dir: RunDir, address: str | None, started: dic
         "collective": "NCCL" if config.gpus_per_worker else "RING",
         "all_reduce_dtype": config.gradient_dtype if config.workers > 1 else None,
         "learning_rate_per_update": config.step_learning_rate,
-        "epochs_planned": outcome.get("time_budget", {}).get("epochs_planned", config.epochs),
+        "epochs_planned": epochs_planned(outcome, config.epochs),
         "epochs_run": outcome["epochs_done"],
         **({"time_budget": outcome["time_budget"]} if "time_budget" in outcome else {}),
         "stop_reason": outcome["stop_reason"],

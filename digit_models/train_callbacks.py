@@ -16,7 +16,7 @@ import ray.train
 
 from digit_models import attempts
 from digit_models.checkpoints import write_checkpoint
-from digit_models.config import TrainConfig
+from digit_models.config import TrainConfig, epochs_planned
 from digit_models.console import report_progress, say
 from digit_models.errors import DigitsError
 
@@ -180,7 +180,7 @@ class ProgressLine(keras.callbacks.Callback):
 
     @property
     def planned(self) -> int:
-        return self.state.get("time_budget", {}).get("epochs_planned", self.epochs)
+        return epochs_planned(self.state, self.epochs)
 
 
 def progress_line(entry: dict, epochs: int) -> str:

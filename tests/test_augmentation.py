@@ -83,6 +83,9 @@ def test_learning_rate_schedules(name):
     assert at[1] > at[2] > at[3] > 0 and at[4] == pytest.approx(0, abs=1e-9)  # cosine decay
     short = learning_rate(TrainConfig(learning_rate=1e-3, lr_schedule=name, epochs=2), 100)
     assert float(short(20)) == pytest.approx(1e-3) and float(short(19)) < 1e-3  # a tenth of the run
+    rate.total_steps.assign(100.0)  # a time budget's plan of one epoch
+    assert float(rate(10)) == pytest.approx(1e-3) and float(rate(9)) < 1e-3  # warms up a tenth of it
+    assert float(rate(100)) == pytest.approx(0, abs=1e-9)  # and ends at zero
 
 
 def test_tta_views_are_fixed_small_moves_one_per_extra_view(mnist_slice):
