@@ -177,9 +177,9 @@ def multi_worker_strategy(config: TrainConfig) -> tf.distribute.MultiWorkerMirro
 
 def _device_input_without_autotuning() -> None:
     """The strategy feeds each device through a tf.data pipeline of its own (a
-    MultiDeviceIterator's), built with TensorFlow's default options, which autotune; turned
-    off here for the reason in `_batches`. TensorFlow has no setting for it, so its builder of
-    those pipelines is wrapped (once per process)."""
+    MultiDeviceIterator's), built with TensorFlow's default options, which autotune; turned off
+    here for the reason in `_untuned_options`. TensorFlow has no setting for it, so its builder
+    of those pipelines is wrapped (once per process)."""
     from tensorflow.python.data.ops import multi_device_iterator_ops
 
     build = multi_device_iterator_ops._create_device_dataset
