@@ -47,6 +47,8 @@ def test_mixed_precision_on_cpu_workers_is_bfloat16():
 MIXED_PRECISION_PROBE = """
 import json, sys
 import numpy as np
+from digit_models import cpu_features
+cpu_features.CPUINFO = sys.argv[4]
 from digit_models.tf_setup import configure_tensorflow
 configure_tensorflow(cpus=1, precision_policy=sys.argv[2])
 from digit_models.config import TrainConfig
@@ -86,8 +88,13 @@ print(json.dumps({
 ])
 def test_mixed_precision_computes_in_16_bits_with_a_float32_softmax(kaggle_dir, tmp_path, policy, compute,
                                                                      optimizer):
+    # The policy's wiring is the subject, on any CPU: the probe reads a bfloat16 CPU's flags, and
+    # trains only dense layers, whose bfloat16 kernels run without those instructions too (the
+    # refusal itself is tested below).
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 fma avx512f avx512_bf16\n")
     done = subprocess.run([sys.executable, "-c", MIXED_PRECISION_PROBE, str(kaggle_dir / "train.csv"), policy,
-                           str(tmp_path / "model.keras")],
+                           str(tmp_path / "model.keras"), str(cpuinfo)],
                           capture_output=True, text=True, cwd=REPO, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     probe = json.loads(done.stdout.strip().splitlines()[-1])
