@@ -31,7 +31,7 @@ import os
 #
 # RAY_TRAIN_HEALTH_CHECK_INTERVAL_S: Ray Train's controller learns that the workers finished,
 # that every rank reported (so a checkpoint registers) or that a worker died only when it next
-# polls them, every 2 s by default, and it takes two polls to end a run; a poll is one cheap
+# polls them, every 2 s by default (ending a run took about two polls); a poll is one cheap
 # call per worker (a queue read), so every run ends, and every restart begins, seconds sooner
 # (README, "How training works"). The controller reads it from the driver's environment.
 RUNTIME_ENV_VARS = {
