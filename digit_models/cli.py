@@ -92,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     option("--time-budget", type=float, metavar="MINUTES",
            help="finish within this many minutes: after the first epoch, the epochs (at most "
                 "--epochs) are sized to fit, and the learning-rate schedule with them")
+    option("--scoring-reserve", type=int, metavar="IMAGES",
+           help="keep time in --time-budget for scoring this many images with the model "
+                "afterwards (test rows x (1 + --tta)), estimated from the measured training speed")
     option("--max-failures", type=int,
            help=f"worker-group restarts allowed before the run fails (default {defaults.max_failures})")
     option("--mlflow", metavar="TRACKING_URI",

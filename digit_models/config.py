@@ -67,6 +67,7 @@ class TrainConfig:
     preset: str | None = None  # the preset the settings started from, for the record
     mlflow: str | None = None  # MLflow tracking URI to log the run to (mlflow_log.py)
     time_budget: float | None = None  # minutes for the whole run; epochs sized from the first (schedule.py)
+    scoring_reserve: int = 0  # images (rows x views) this model will score within the budget (schedule.py)
 
     @property
     def step_learning_rate(self) -> float:
@@ -132,6 +133,9 @@ class TrainConfig:
                 f"--weight-average {self.weight_average}: must be in [0, 1)")
         require(self.time_budget is None or self.time_budget > 0,
                 f"--time-budget {self.time_budget}: must be positive (minutes)")
+        require(self.scoring_reserve >= 0, f"--scoring-reserve {self.scoring_reserve}: must be >= 0")
+        require(not self.scoring_reserve or self.time_budget is not None,
+                "--scoring-reserve keeps time free in a --time-budget: give one")
         require(self.preset is None or self.preset in PRESETS,
                 f"--preset {self.preset}: choose one of {', '.join(PRESETS)}")
 

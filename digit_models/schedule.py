@@ -59,19 +59,27 @@ SIZING_EPOCHS = 3
 # run slower than the ones the plan was made from (a shared machine's speed drifts).
 AFTER_TRAINING_S = 15.0
 DRIFT_MARGIN = 0.05
+# --scoring-reserve: scoring an image is a forward pass in large batches, where training one is
+# a forward and a backward pass and an update in small ones (and an epoch's time includes
+# validation and the checkpoint): an epoch's images cost about five times as long per image as
+# scoring them, on slow machines and fast ones alike (the README's "Within a time budget").
+# Planning with 4.5 keeps a margin.
+SCORING_SPEEDUP = 4.5
 
 
-def epochs_that_fit(minutes: float, elapsed_s: float, epoch_s: float, done: int) -> int:
+def epochs_that_fit(minutes: float, elapsed_s: float, epoch_s: float, done: int, reserved_s: float) -> int:
     """The most epochs (counting the `done` ones) whose remaining ones, each `epoch_s` long
-    plus the drift margin, end by the budget with AFTER_TRAINING_S to spare; at least `done`."""
-    left = minutes * 60 - elapsed_s - AFTER_TRAINING_S
+    plus the drift margin, end by the budget with AFTER_TRAINING_S and `reserved_s` to spare;
+    at least `done`."""
+    left = minutes * 60 - elapsed_s - AFTER_TRAINING_S - reserved_s
     return done + max(0, int(left // (epoch_s * (1 + DRIFT_MARGIN))))
 
 
 class TimeBudget(keras.callbacks.Callback):
     """--time-budget: after each epoch of the first half of the plan (and the first
     SIZING_EPOCHS), the epochs that fit in what is left of the budget (counted from the
-    command's start), at most --epochs; the schedule is stretched or shrunk to end with them.
+    command's start, less the time --scoring-reserve's images will take to score), at most
+    --epochs; the schedule is stretched or shrunk to end with them.
     Every worker plans from the slowest worker's times, so all plan the same epochs and stop
     together. A resumed run (`digits train --resume`, a later command) keeps its plan: the
     budget was the first command's."""
@@ -107,9 +115,13 @@ class TimeBudget(keras.callbacks.Callback):
             epoch_s = sizing["first_epoch_s"] = round(float(totals[:self.world].max()), 2)
         else:  # from one epoch's end to the next: validation and checkpoint included
             epoch_s = (ends[-1] - ends[0]) / (len(ends) - 1)
-        planned = max(1, min(self.config.epochs, epochs_that_fit(self.config.time_budget, ends[-1], epoch_s, done)))
+        images_per_epoch = self.steps * self.config.batch_size * self.config.accumulate * self.world
+        scoring_s = self.config.scoring_reserve * epoch_s / (images_per_epoch * SCORING_SPEEDUP)
+        planned = max(1, min(self.config.epochs, epochs_that_fit(
+            self.config.time_budget, ends[-1], epoch_s, done, reserved_s=scoring_s)))
         sizing["plans"].append(planned)
-        sizing.update(planned_from_epoch_s=round(epoch_s, 2), epochs_planned=planned)
+        sizing.update(planned_from_epoch_s=round(epoch_s, 2), epochs_planned=planned,
+                      **({"scoring_reserve_s": round(scoring_s, 1)} if self.config.scoring_reserve else {}))
         schedule = getattr(self.model.optimizer, "_learning_rate", None)  # tf-keras keeps it there
         if isinstance(schedule, WarmupCosine):
             schedule.total_steps.assign(float(planned * self.steps))

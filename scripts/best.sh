@@ -6,8 +6,9 @@
 # Rerunning it skips finished runs and resumes an interrupted one.
 #
 # TIME_BUDGET=MINUTES fits the whole script into that time: each run gets an equal share of
-# what is left after scoring (a minute, and 0.6 min per model with TTA 8), and sizes its
-# epochs to it from its first epochs (`digits train --time-budget`).
+# it, less a minute for starting the scoring and the rest of the script, and sizes its epochs
+# to its share from its first epochs, keeping time to score the test set with its model
+# (`digits train --time-budget --scoring-reserve`: estimated from the measured training speed).
 #
 # VAL_FRACTION=0 trains every model on all of train.csv (no validation split, so no
 # val_accuracy in the epoch lines); by default each run holds out its own seeded 10%.
@@ -23,14 +24,15 @@ split=(--val-fraction "$VAL_FRACTION")
 if awk -v f="$VAL_FRACTION" 'BEGIN { exit !(f == 0) }'; then
     split+=(--target-metric accuracy)  # the preset's target (1.0: run every epoch) needs a metric
 fi
+.venv/bin/digits data --out "$DATA"
 budget=()
 if [ -n "${TIME_BUDGET:-}" ]; then
-    share=$(awk -v total="$TIME_BUDGET" -v models="$MODELS" -v tta="$TTA" \
-        'BEGIN { s = (total - 1 - models * (tta > 0 ? 0.6 : 0.2)) / models; if (s <= 0) exit 1; printf "%.2f", s }') \
+    share=$(awk -v total="$TIME_BUDGET" -v models="$MODELS" \
+        'BEGIN { s = (total - 1) / models; if (s <= 0) exit 1; printf "%.2f", s }') \
         || { echo "best.sh: TIME_BUDGET=$TIME_BUDGET minutes leaves no time to train $MODELS models" >&2; exit 2; }
-    budget=(--time-budget "$share")
+    test_rows=$(($(wc -l < "$DATA/test.csv") - 1))
+    budget=(--time-budget "$share" --scoring-reserve $((test_rows * (TTA + 1))))
 fi
-.venv/bin/digits data --out "$DATA"
 runs=()
 for seed in $(seq 0 $((MODELS - 1))); do
     run="$OUT/seed-$seed"

@@ -18,7 +18,7 @@ from digit_models.kaggle_csv import read_test_csv
 from digit_models.errors import DigitsError
 from digit_models.config import TrainConfig
 from digit_models.train import train
-from tests.conftest import run_digits
+from tests.conftest import SLICE_TEST_ROWS, run_digits
 
 # The worker functions below live in this test module; ship them by value.
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -121,18 +121,20 @@ def test_workers_with_different_local_metrics_stop_at_the_same_epoch(tmp_path, r
 @pytest.mark.timeout(300)
 def test_a_time_budget_sizes_the_epochs_from_the_first_ones_and_the_schedule_ends_with_them(
         tmp_path, kaggle_dir, ray_local):
-    """Two workers, a budget that fits a few of the 20 allowed epochs: the plan, made after
-    each epoch of its first half, is the most epochs that fit by the recorded times, every
-    planned epoch runs, and the cosine schedule saved with the model reaches zero at its last
-    step."""
+    """Two workers, a budget that fits some of the 1,000 allowed epochs after keeping time to
+    score the test set with --tta 8 (nearly two epochs' time): the plan, made after each epoch
+    of its first half, is the most epochs that fit by the recorded times, every planned epoch
+    runs, and the cosine schedule saved with the model reaches zero at its last step."""
     from digit_models.config import TrainConfig
-    from digit_models.schedule import AFTER_TRAINING_S, DRIFT_MARGIN, SIZING_EPOCHS, WarmupCosine
+    from digit_models.schedule import (AFTER_TRAINING_S, DRIFT_MARGIN, SCORING_SPEEDUP, SIZING_EPOCHS,
+                                       WarmupCosine)
     from digit_models.tf_setup import keras
     from digit_models.train import train
 
-    run_dir = tmp_path / "run"
-    run = train(TrainConfig(data=str(kaggle_dir), out=str(run_dir), model="dense", workers=2, epochs=20,
-                            cpus_per_worker=1, lr_schedule="cosine", target=1.0, time_budget=0.6))
+    run_dir, minutes, scoring = tmp_path / "run", 1.1, 9 * SLICE_TEST_ROWS
+    run = train(TrainConfig(data=str(kaggle_dir), out=str(run_dir), model="dense", workers=2, epochs=1000,
+                            cpus_per_worker=1, lr_schedule="cosine", target=1.0, time_budget=minutes,
+                            scoring_reserve=scoring))
     sizing = run["time_budget"]
     planned, ends, plans = sizing["epochs_planned"], sizing["epoch_ends_s"], sizing["plans"]
     assert len(ends) == len(plans) and plans[-1] == planned == run["epochs_planned"]
@@ -140,16 +142,20 @@ def test_a_time_budget_sizes_the_epochs_from_the_first_ones_and_the_schedule_end
     assert all(done < max(SIZING_EPOCHS, previous // 2) for done, previous in enumerate(plans[:-1], 1))
     assert len(plans) == planned or len(plans) >= max(SIZING_EPOCHS, planned // 2)  # then no more
     epoch_s = (ends[-1] - ends[0]) / (len(ends) - 1) if len(ends) > 1 else sizing["first_epoch_s"]
+    steps = min(run["shards"]["train_rows"]) // run["batch_size_per_worker"]
+    # Scoring is estimated from the training speed of the epochs the last plan was made from:
+    scoring_s = scoring * epoch_s / (steps * run["global_batch_size"] * SCORING_SPEEDUP)
+    assert sizing["scoring_reserve_s"] == pytest.approx(scoring_s, abs=0.1) and scoring_s > epoch_s
 
     def fits(epochs: int) -> bool:
-        return ends[-1] + (epochs - len(ends)) * epoch_s * (1 + DRIFT_MARGIN) + AFTER_TRAINING_S <= 0.6 * 60
+        return (ends[-1] + (epochs - len(ends)) * epoch_s * (1 + DRIFT_MARGIN) + AFTER_TRAINING_S
+                + scoring_s <= minutes * 60)
 
     assert fits(planned) or planned == len(ends)  # over budget already: stop at once
     assert not fits(planned + 1)
-    assert run["epochs_run"] == planned < 20
-    assert run["stop_reason"] == f"time budget: {planned} epochs fit in 0.6 min"
+    assert run["epochs_run"] == planned >= 2 * SIZING_EPOCHS  # a plan, not a stop at once
+    assert run["stop_reason"] == f"time budget: {planned} epochs fit in {minutes:g} min"
     schedule = keras.models.load_model(run_dir / "model.keras").optimizer._learning_rate
-    steps = min(run["shards"]["train_rows"]) // run["batch_size_per_worker"]
     assert isinstance(schedule, WarmupCosine)
     assert float(schedule.total_steps.numpy()) == planned * steps
     assert float(schedule(planned * steps)) == pytest.approx(0, abs=1e-9)
@@ -176,6 +182,8 @@ def test_cli_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, kaggle_di
     (["--limit", "40", "--workers", "2"], "40 rows are too few"),
     (["--target", "1.5"], "--target 1.5: must be in (0, 1]"),
     (["--target-metric", "val_accuracy", "--val-fraction", "0"], "needs a validation split"),
+    (["--scoring-reserve", "252000"], "--scoring-reserve keeps time free in a --time-budget: give one"),
+    (["--scoring-reserve", "-1", "--time-budget", "15"], "--scoring-reserve -1: must be >= 0"),
 ])
 def test_bad_training_options(tmp_path, kaggle_dir, capsys, args, message):
     from digit_models.cli import main
