@@ -24,12 +24,14 @@ split=(--val-fraction "$VAL_FRACTION")
 if awk -v f="$VAL_FRACTION" 'BEGIN { exit !(f == 0) }'; then
     split+=(--target-metric accuracy)  # the preset's target (1.0: run every epoch) needs a metric
 fi
-.venv/bin/digits data --out "$DATA"
-budget=()
 if [ -n "${TIME_BUDGET:-}" ]; then
     share=$(awk -v total="$TIME_BUDGET" -v models="$MODELS" \
         'BEGIN { s = (total - 1) / models; if (s <= 0) exit 1; printf "%.2f", s }') \
         || { echo "best.sh: TIME_BUDGET=$TIME_BUDGET minutes leaves no time to train $MODELS models" >&2; exit 2; }
+fi
+.venv/bin/digits data --out "$DATA"
+budget=()
+if [ -n "${TIME_BUDGET:-}" ]; then
     test_rows=$(($(wc -l < "$DATA/test.csv") - 1))
     budget=(--time-budget "$share" --scoring-reserve $((test_rows * (TTA + 1))))
 fi
