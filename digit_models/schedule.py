@@ -84,10 +84,11 @@ class TimeBudget(keras.callbacks.Callback):
     together. A resumed run (`digits train --resume`, a later command) keeps its plan: the
     budget was the first command's."""
 
-    def __init__(self, strategy, config: TrainConfig, state: dict, steps: int, rank: int,
-                 world: int, command_started: float, resumed: bool):
+    def __init__(self, strategy, config: TrainConfig, state: dict, steps: int, images_per_epoch: int,
+                 rank: int, world: int, command_started: float, resumed: bool):
         super().__init__()
         self.strategy, self.config, self.state, self.steps = strategy, config, state, steps
+        self.images_per_epoch = images_per_epoch
         self.rank, self.world, self.command_started = rank, world, command_started
         self.resumed = resumed
 
@@ -115,8 +116,7 @@ class TimeBudget(keras.callbacks.Callback):
             epoch_s = sizing["first_epoch_s"] = round(float(totals[:self.world].max()), 2)
         else:  # from one epoch's end to the next: validation and checkpoint included
             epoch_s = (ends[-1] - ends[0]) / (len(ends) - 1)
-        images_per_epoch = self.steps * self.config.batch_size * self.config.accumulate * self.world
-        scoring_s = self.config.scoring_reserve * epoch_s / (images_per_epoch * SCORING_SPEEDUP)
+        scoring_s = self.config.scoring_reserve * epoch_s / (self.images_per_epoch * SCORING_SPEEDUP)
         planned = max(1, min(self.config.epochs, epochs_that_fit(
             self.config.time_budget, ends[-1], epoch_s, done, reserved_s=scoring_s)))
         sizing["plans"].append(planned)

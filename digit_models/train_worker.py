@@ -102,12 +102,12 @@ def run_worker(loop_config: dict) -> dict:
             getattr(tf, config.gradient_dtype), config.accumulate), model)
     timeline["model_ready"] = time.time()
     target_stop = SynchronizedTargetStop(strategy, config.target_metric, config.target)
+    images_per_epoch = steps * step_rows * world
     fault = loop_config["faults"] and InjectedFault(loop_config["faults"], rank, steps, loop_config["run_dir"])
     callbacks = [*([WeightAverage()] if config.weight_average else []),  # before all that reads weights
                  target_stop,
-                 EpochHistory(config, state, target_stop, images_per_epoch=steps * step_rows * world,
-                              timeline=timeline),
-                 *([TimeBudget(strategy, config, state, steps, rank, world,
+                 EpochHistory(config, state, target_stop, images_per_epoch, timeline=timeline),
+                 *([TimeBudget(strategy, config, state, steps, images_per_epoch, rank, world,
                                loop_config["command_started_unix"],
                                resumed=loop_config["driver_session"] > 0)] if config.time_budget else []),
                  Checkpointing(rank, state, before_report=fault and fault.checkpoint_written),
