@@ -1,5 +1,7 @@
 """Labelled images no run trained on, for the benchmarks that score finished runs: a run's own
-validation rows, and the official MNIST test images among test.csv's rows (test_origin.csv)."""
+validation rows, the official MNIST test images among test.csv's rows (test_origin.csv), and
+the rest of test.csv's rows: MNIST training images that train.csv left out, a held-out set
+larger than any validation split, on which choices can be measured without the official test."""
 
 from __future__ import annotations
 
@@ -15,15 +17,16 @@ from digit_models.train import validation_split
 
 
 def labelled_sets(data: str, config: dict | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """{"official_test": (images, labels)}, and "validation" as the run with this run.json
-    `config` held it out (when it held any out)."""
+    """{"official_test": (images, labels), "heldout_train": (images, labels)}, and "validation"
+    as the run with this run.json `config` held it out (when it held any out)."""
     test = read_test_csv(str(Path(data, "test.csv")))
     label_ids, labels = read_id_label_csv(str(Path(data, "test_labels.csv")))
     origin_ids, official = read_origin(str(Path(data, "test_origin.csv")))
     labels = labels[np.argsort(label_ids)]
     assert np.array_equal(origin_ids, np.arange(1, len(test) + 1))  # test.csv's rows, in order
     assert np.array_equal(np.sort(label_ids), origin_ids)
-    sets = {"official_test": (test.images[official], labels[official])}
+    sets = {"official_test": (test.images[official], labels[official]),
+            "heldout_train": (test.images[~official], labels[~official])}
     if config and config["val_fraction"]:
         train = read_train_csv(str(Path(data, "train.csv")), limit=config["limit"])
         _, val_rows = validation_split(len(train), config["val_fraction"], config["seed"])

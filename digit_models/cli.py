@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     option("--weight-average", type=float, metavar="MOMENTUM",
            help="validate, checkpoint and keep an exponential moving average of the weights, "
                 "updated every step with this momentum, e.g. 0.999 (default 0: the weights themselves)")
+    option("--recompute-batchnorm", action="store_true", default=None,
+           help="before each validation and checkpoint, recompute BatchNorm's statistics from "
+                "un-augmented training images with dropout off, as the model will predict")
     option("--target", type=float,
            help=f"stop once the target metric reaches this (default {defaults.target})")
     option("--target-metric", choices=TARGET_METRICS,

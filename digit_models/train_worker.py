@@ -30,6 +30,7 @@ import ray.train
 
 from digit_models import attempts
 from digit_models.augmentation import Augmentation, random_affine
+from digit_models.batchnorm import RecomputedBatchNorm, batchnorm_rows
 from digit_models.checkpoints import newest_complete
 from digit_models.config import TrainConfig
 from digit_models.console import say
@@ -105,6 +106,8 @@ def run_worker(loop_config: dict) -> dict:
     images_per_epoch = steps * step_rows * world
     fault = loop_config["faults"] and InjectedFault(loop_config["faults"], rank, steps, loop_config["run_dir"])
     callbacks = [*([WeightAverage()] if config.weight_average else []),  # before all that reads weights
+                 *([RecomputedBatchNorm(strategy, train_x[batchnorm_rows(train_size, world, config.seed)])]
+                   if config.recompute_batchnorm else []),
                  target_stop,
                  EpochHistory(config, state, target_stop, images_per_epoch, timeline=timeline),
                  *([TimeBudget(strategy, config, state, steps, images_per_epoch, rank, world,

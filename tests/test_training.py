@@ -198,7 +198,7 @@ def test_a_preset_fills_only_the_options_not_given():
 
     config = TrainConfig.from_preset("best", epochs=3, seed=7)
     assert (config.preset, config.epochs, config.seed) == ("best", 3, 7)
-    assert config.model == PRESETS["best"]["model"] and config.augment
+    assert config.model == PRESETS["best"]["model"] and config.augment and config.recompute_batchnorm
     assert TrainConfig.from_preset(None) == TrainConfig()
     with pytest.raises(DigitsError, match="--preset quick: choose one of fast, best"):
         TrainConfig.from_preset("quick")
