@@ -1,12 +1,17 @@
 """--recompute-batchnorm: each BatchNorm layer's statistics are those of its input when the
 model predicts (dropout off, the earlier layers normalising by their new statistics)."""
 
+import json
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
 from digit_models.batchnorm import BATCHNORM_IMAGES, batchnorm_rows, recompute_batchnorm
 from digit_models.models import build_model
 from digit_models.tf_setup import keras
+from tests.conftest import REPO
 
 
 def inference_moments(model, images, index: int) -> tuple[np.ndarray, np.ndarray]:
@@ -79,3 +84,36 @@ def test_two_workers_hold_the_statistics_of_their_rows_together(tmp_path, kaggle
         mean, variance = inference_moments(model, images, index)
         np.testing.assert_allclose(model.layers[index].moving_mean.numpy(), mean, rtol=1e-3, atol=1e-3)
         np.testing.assert_allclose(model.layers[index].moving_variance.numpy(), variance, rtol=1e-3, atol=1e-3)
+
+
+MIXED_FLOAT16_PROBE = """
+import json, sys
+import numpy as np
+from digit_models.tf_setup import configure_tensorflow
+configure_tensorflow(cpus=1, precision_policy="mixed_float16")
+from digit_models.batchnorm import recompute_batchnorm
+from digit_models.kaggle_csv import read_train_csv
+from digit_models.models import build_model, computing_in_float32
+images = read_train_csv(sys.argv[1], limit=256).images
+sixteen = build_model("deep_cnn")
+thirty_two = computing_in_float32(sixteen)
+for model in (sixteen, thirty_two):
+    recompute_batchnorm(model, images)
+norms = [(a, b) for a, b in zip(sixteen.layers, thirty_two.layers) if hasattr(a, "moving_variance")]
+print(json.dumps({
+    "compute": sixteen.layers[2].compute_dtype,
+    "statistics_dtypes": sorted({a.moving_variance.dtype.name for a, _ in norms}),
+    "largest_difference": max(float(np.abs(a.moving_variance.numpy() / b.moving_variance.numpy() - 1).max())
+                              for a, b in norms),
+}))
+"""
+
+
+def test_under_float16_the_statistics_stay_float32_and_match_a_float32_pass(kaggle_dir):
+    # GPU workers train with --mixed-precision in float16 (no GPU here: the same code on a CPU)
+    done = subprocess.run([sys.executable, "-c", MIXED_FLOAT16_PROBE, str(kaggle_dir / "train.csv")],
+                          capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    probe = json.loads(done.stdout.strip().splitlines()[-1])
+    assert probe["compute"] == "float16" and probe["statistics_dtypes"] == ["float32"]
+    assert probe["largest_difference"] < 0.02  # float16 activations, float32 statistics
