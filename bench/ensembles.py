@@ -3,7 +3,8 @@ models averaged. Each run's model scores the held-out images once (probabilities
 --tta test-time views, as `digits predict --tta`); then, for each ensemble size, random draws
 of that many of the runs are averaged and scored: mean, min and max right answers. Held out:
 the official MNIST test images of test.csv, its other rows (MNIST training images train.csv
-left out), and the validation rows when every run held out the same ones. A report, not a way to choose: choose on validation rows only.
+left out), and the validation rows when every run held out the same ones. A report, not a way
+to choose: choose on the validation or held-out training rows, never the official ones.
 
     python -m bench.ensembles runs/a runs/b runs/c ... [--data data] [--tta 8] [--draws 40]
 """
