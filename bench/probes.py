@@ -99,7 +99,7 @@ def _time_steps(settings: dict) -> dict:
     data = strategy.distribute_datasets_from_function(lambda _: tf.data.Dataset.from_tensor_slices(
         (images, labels)).shuffle(4096).batch(config.batch_size, drop_remainder=True).repeat().prefetch(2))
     with strategy.scope():
-        model = build_model(config.model)
+        model = build_model(config.model, config.dropout)
         model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="categorical_crossentropy",
                       steps_per_execution=STEPS_PER_EXECUTION)
     loss = keras.losses.CategoricalCrossentropy(reduction="sum")

@@ -72,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     option("--augment", action="store_true", default=None,
            help="random small rotations, shifts and zooms of the training images")
     option("--label-smoothing", type=float, help="default 0")
+    option("--dropout", type=float, metavar="RATE",
+           help="the rate of the model's dropout layers (deep_cnn's; default: the model's own, 0.4)")
     option("--weight-average", type=float, metavar="MOMENTUM",
            help="validate, checkpoint and keep an exponential moving average of the weights, "
                 "updated every step with this momentum, e.g. 0.999 (default 0: the weights themselves)")

@@ -27,11 +27,13 @@ def register(name: str):
     return add
 
 
-def build_model(name: str) -> keras.Model:
-    """A fresh, uncompiled model; under a distribution strategy call it inside strategy.scope()."""
+def build_model(name: str, dropout: float | None = None) -> keras.Model:
+    """A fresh, uncompiled model; under a distribution strategy call it inside strategy.scope().
+    `dropout`: the rate of its dropout layers, for the models that have them (None: the model's
+    own; config.MODELS_WITH_DROPOUT names them)."""
     if name not in MODELS:
         raise DigitsError(f"unknown model {name!r}; choose one of {', '.join(sorted(MODELS))}")
-    return MODELS[name]()
+    return MODELS[name]() if dropout is None else MODELS[name](dropout=dropout)
 
 
 def _pixels_in() -> list[layers.Layer]:
@@ -70,10 +72,11 @@ def cnn() -> keras.Model:
 
 
 @register("deep_cnn")
-def deep_cnn() -> keras.Model:
+def deep_cnn(dropout: float = 0.4) -> keras.Model:
     """Conv blocks of 32, 64 and 128 filters with BatchNorm and dropout, the design of the
     strongest Kaggle Digit Recognizer kernels: two 3x3 convolutions, then a strided 5x5 one
-    that learns its own downsampling in place of max pooling."""
+    that learns its own downsampling in place of max pooling. Dropout between the blocks: the
+    kernels' 0.4 by default; the `best` preset's short runs use less (config.PRESETS)."""
     def conv(filters: int, size: int, strides: int = 1, padding: str = "valid") -> list[layers.Layer]:
         return [layers.Conv2D(filters, size, strides=strides, padding=padding, use_bias=False),
                 layers.BatchNormalization(), layers.Activation("relu")]
@@ -81,11 +84,11 @@ def deep_cnn() -> keras.Model:
     return keras.Sequential([
         *_pixels_in(),
         layers.Reshape((28, 28, 1)),
-        *conv(32, 3), *conv(32, 3), *conv(32, 5, strides=2, padding="same"), layers.Dropout(0.4),
-        *conv(64, 3), *conv(64, 3), *conv(64, 5, strides=2, padding="same"), layers.Dropout(0.4),
+        *conv(32, 3), *conv(32, 3), *conv(32, 5, strides=2, padding="same"), layers.Dropout(dropout),
+        *conv(64, 3), *conv(64, 3), *conv(64, 5, strides=2, padding="same"), layers.Dropout(dropout),
         *conv(128, 4),
         layers.Flatten(),
-        layers.Dropout(0.4),
+        layers.Dropout(dropout),
         _softmax_out(),
     ], name="deep_cnn")
 

@@ -129,7 +129,7 @@ def compiled_model(config: TrainConfig, steps: int) -> keras.Model:
     """A fresh model with its optimizer, loss and metrics (under a strategy: inside its scope).
     With a weight average the optimizer is built at once, so that its average exists before
     the first epoch (WeightAverage swaps it in and out from then on)."""
-    model = build_model(config.model)
+    model = build_model(config.model, config.dropout)
     rate = learning_rate(config, steps)
     optimizer = (AveragingAdam(rate, ema_momentum=config.weight_average) if config.weight_average
                  else keras.optimizers.Adam(rate))

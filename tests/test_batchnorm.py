@@ -71,7 +71,7 @@ def test_two_workers_hold_the_statistics_of_their_rows_together(tmp_path, kaggle
 
     config = TrainConfig(data=str(kaggle_dir), out=str(tmp_path / "run"), model="deep_cnn", workers=2,
                          cpus_per_worker=1, epochs=1, limit=600, augment=True, weight_average=0.9,
-                         recompute_batchnorm=True, target=1.0)
+                         recompute_batchnorm=True, dropout=0.25, target=1.0)
     run = train(config)
     digits = read_train_csv(str(kaggle_dir / "train.csv"), limit=config.limit)
     train_rows, _ = validation_split(config.limit, config.val_fraction, config.seed)
@@ -79,6 +79,7 @@ def test_two_workers_hold_the_statistics_of_their_rows_together(tmp_path, kaggle
     images = np.concatenate([digits.images[train_rows[rank::2][:size]][batchnorm_rows(size, 2, config.seed)]
                              for rank in (0, 1)])
     model = keras.models.load_model(tmp_path / "run" / "model.keras", compile=False)
+    assert {layer.rate for layer in model.layers if isinstance(layer, keras.layers.Dropout)} == {0.25}
     norms = [i for i, layer in enumerate(model.layers) if isinstance(layer, keras.layers.BatchNormalization)]
     for index in norms:
         mean, variance = inference_moments(model, images, index)

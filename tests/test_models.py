@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from digit_models.config import MODEL_NAMES, MODELS_WITH_DROPOUT
 from digit_models.errors import DigitsError
 from digit_models.models import MODELS, build_model
 
@@ -41,6 +42,20 @@ def test_models_take_raw_pixels_and_return_probabilities(name, mnist_slice):
 def test_an_unknown_model_is_a_clear_error():
     with pytest.raises(DigitsError, match="unknown model 'resnet'; choose one of cnn, deep_cnn, dense"):
         build_model("resnet")
+
+
+def test_the_config_knows_the_registrys_models_and_which_take_a_dropout_rate():
+    assert sorted(MODEL_NAMES) == sorted(MODELS)  # the CLI checks --model before TensorFlow loads
+    for name in MODELS:
+        default = [layer.rate for layer in build_model(name).layers if "Dropout" in type(layer).__name__]
+        if name in MODELS_WITH_DROPOUT:
+            set_here = [layer.rate for layer in build_model(name, dropout=0.15).layers
+                        if "Dropout" in type(layer).__name__]
+            assert default and set_here == [0.15] * len(default), name
+        else:
+            assert not default, name
+            with pytest.raises(TypeError):
+                build_model(name, dropout=0.15)
 
 
 def test_deep_cnn_has_batchnorm_dropout_and_learned_downsampling():

@@ -179,6 +179,8 @@ def test_cli_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, kaggle_di
     (["--model", "resnet"], "--model resnet: choose one of cnn, deep_cnn, dense"),
     (["--label-smoothing", "1"], "--label-smoothing 1.0: must be in [0, 1)"),
     (["--weight-average", "1"], "--weight-average 1.0: must be in [0, 1)"),
+    (["--dropout", "0.2"], "--dropout: model cnn has no dropout layers (these do: deep_cnn)"),
+    (["--model", "deep_cnn", "--dropout", "1"], "--dropout 1.0: must be in [0, 1)"),
     (["--limit", "40", "--workers", "2"], "40 rows are too few"),
     (["--target", "1.5"], "--target 1.5: must be in (0, 1]"),
     (["--target-metric", "val_accuracy", "--val-fraction", "0"], "needs a validation split"),
