@@ -202,6 +202,9 @@ def test_a_preset_fills_only_the_options_not_given():
     assert (config.preset, config.epochs, config.seed) == ("best", 3, 7)
     assert config.model == PRESETS["best"]["model"] and config.augment and config.recompute_batchnorm
     assert TrainConfig.from_preset(None) == TrainConfig()
+    other_model = TrainConfig.from_preset("best", model="cnn")  # best's dropout is deep_cnn's
+    assert other_model.dropout is None
+    other_model.validate()
     with pytest.raises(DigitsError, match="--preset quick: choose one of fast, best"):
         TrainConfig.from_preset("quick")
 
