@@ -44,14 +44,16 @@ def test_an_unknown_model_is_a_clear_error():
         build_model("resnet")
 
 
+def _dropout_rates(model):
+    return [layer.rate for layer in model.layers if type(layer).__name__ == "Dropout"]
+
+
 def test_the_config_knows_the_registrys_models_and_which_take_a_dropout_rate():
     assert sorted(MODEL_NAMES) == sorted(MODELS)  # the CLI checks --model before TensorFlow loads
     for name in MODELS:
-        default = [layer.rate for layer in build_model(name).layers if "Dropout" in type(layer).__name__]
+        default = _dropout_rates(build_model(name))
         if name in MODELS_WITH_DROPOUT:
-            set_here = [layer.rate for layer in build_model(name, dropout=0.15).layers
-                        if "Dropout" in type(layer).__name__]
-            assert default and set_here == [0.15] * len(default), name
+            assert default and _dropout_rates(build_model(name, dropout=0.15)) == [0.15] * len(default), name
         else:
             assert not default, name
             with pytest.raises(TypeError):
