@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from digit_models.tf_setup import keras, tf
-from digit_models.train_callbacks import all_reduce_sum
+from digit_models.train_callbacks import BeforeEvaluation, all_reduce_sum
 
 # Across all workers: plenty for 416 channels' means and variances (the README's
 # "BatchNorm statistics" has the measurement), and a forward pass of this many images is a
@@ -47,30 +47,19 @@ def recompute_batchnorm(model: keras.Model, images: np.ndarray, average=lambda v
         x = tf.cast(layer(features, training=False), layer.compute_dtype)
 
 
-class RecomputedBatchNorm(keras.callbacks.Callback):
-    """Recomputes the statistics once an epoch, before validation or at the epoch's end
-    (after WeightAverage has swapped the average in: it comes first in fit()'s callbacks).
+class RecomputedBatchNorm(BeforeEvaluation):
+    """Recomputes the statistics once an epoch, after WeightAverage has swapped the average in
+    (it comes first in fit()'s callbacks).
     Every worker passes its own rows and all-reduces the result, so each must run it."""
 
     def __init__(self, strategy, images: np.ndarray):
         super().__init__()
         self.strategy, self.images = strategy, images
 
-    def on_epoch_begin(self, epoch, logs=None):
-        self.recomputed = False
-
-    def on_test_begin(self, logs=None):
-        self._recompute()
-
-    def on_epoch_end(self, epoch, logs=None):  # with no validation split, on_test_begin never came
-        self._recompute()
-
-    def _recompute(self):
-        if not self.recomputed:
-            replicas = self.strategy.num_replicas_in_sync
-            recompute_batchnorm(self.model, self.images,
-                                lambda values: all_reduce_sum(self.strategy, values) / replicas)
-            self.recomputed = True
+    def prepare(self):
+        replicas = self.strategy.num_replicas_in_sync
+        recompute_batchnorm(self.model, self.images,
+                            lambda values: all_reduce_sum(self.strategy, values) / replicas)
 
 
 def batchnorm_rows(rows: int, world: int, seed: int) -> np.ndarray:

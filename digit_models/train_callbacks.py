@@ -28,6 +28,28 @@ def all_reduce_sum(strategy, values) -> np.ndarray:
     return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None).numpy()
 
 
+class BeforeEvaluation(keras.callbacks.Callback):
+    """Calls `prepare()` once an epoch, when the epoch's model is final and before anything
+    reads it: before validation, or at the epoch's end when there is none (on_test_begin never
+    comes). Callbacks listed before others in fit() prepare first."""
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.prepared = False
+
+    def on_test_begin(self, logs=None):
+        self._prepare_once()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._prepare_once()
+
+    def _prepare_once(self):
+        if not self.prepared:
+            self.prepare()
+            self.prepared = True
+
+    def prepare(self):
+        raise NotImplementedError
+
 
 class SynchronizedTargetStop(keras.callbacks.Callback):
     """Stops all workers at the end of the same epoch, once every replica's metric reached the

@@ -13,6 +13,7 @@ weights' (they are averages already, over the last hundred or so steps).
 from __future__ import annotations
 
 from digit_models.tf_setup import keras, tf
+from digit_models.train_callbacks import BeforeEvaluation
 
 
 @keras.saving.register_keras_serializable(package="digits")
@@ -46,25 +47,17 @@ class AveragingAdam(keras.optimizers.Adam):
         return config
 
 
-class WeightAverage(keras.callbacks.Callback):
+class WeightAverage(BeforeEvaluation):
     """Swaps the weights with their average for validation and the checkpoint (see above).
     fit()'s own last act, copying the average slots into the model, leaves the in-memory model
     with the trained weights; the run's model is its last checkpoint's."""
 
     def on_epoch_begin(self, epoch, logs=None):
         self._swap()  # unconditionally: a fresh average equals the weights, a checkpoint is swapped
-        self.averaged = False
+        super().on_epoch_begin(epoch, logs)
 
-    def on_test_begin(self, logs=None):
-        self._average_in()
-
-    def on_epoch_end(self, epoch, logs=None):  # with no validation split, on_test_begin never came
-        self._average_in()
-
-    def _average_in(self):
-        if not self.averaged:
-            self._swap()
-            self.averaged = True
+    def prepare(self):
+        self._swap()
 
     def _swap(self):
         optimizer = getattr(self.model.optimizer, "inner_optimizer", self.model.optimizer)  # mixed precision wraps it
