@@ -70,12 +70,15 @@ def score(args) -> dict:
     started = time.perf_counter()
     import resource
 
-    import digit_models  # noqa: F401  (the model file is tf-keras's; selects it)
     import pandas as pd
-    import tf_keras as keras
+
+    from digit_models.model_file import load_model_bytes, read_model_file
+    import tf_keras  # noqa: F401  (TensorFlow loads here, timed as the import rather than the load)
     imported = time.perf_counter()
 
-    model = keras.models.load_model(args.model_file, compile=False)
+    # Keras's own loader, behind the check every model file of ours gets (model_file.py).
+    model = load_model_bytes(read_model_file(args.model_file, args.model_file), args.model_file,
+                             compile=False)
     loaded = time.perf_counter()
     if args.input.endswith(".csv"):
         frame = pd.read_csv(args.input)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -25,20 +24,19 @@ def main() -> None:
     args = parser.parse_args()
 
     from bench.heldout import labelled_sets, probabilities
-    from digit_models import schedule, weight_average  # noqa: F401  (register what a checkpoint's optimizer names)
     from digit_models.checkpoints import newest_complete
+    from digit_models.model_file import load_model_bytes
     from digit_models.run_dir import RunDir
-    from digit_models.tf_setup import configure_tensorflow, keras
+    from digit_models.tf_setup import configure_tensorflow
 
     configure_tensorflow(cpus=2)
     config = json.loads(Path(args.run, RunDir.RUN).read_text())["config"]
     sets = labelled_sets(args.data, config)
 
     _, model_file = newest_complete(args.run)
-    with tempfile.TemporaryDirectory() as scratch:
-        Path(scratch, RunDir.MODEL).write_bytes(model_file)
-        average = keras.models.load_model(Path(scratch, RunDir.MODEL))
-        trained = keras.models.load_model(Path(scratch, RunDir.MODEL), compile=False)
+    checkpoint = f"{args.run}'s newest checkpoint"
+    average = load_model_bytes(model_file, checkpoint)
+    trained = load_model_bytes(model_file, checkpoint, compile=False)
     for mine, theirs in zip(trained.trainable_variables, average.trainable_variables):
         mine.assign(average.optimizer._average_of(theirs))
 

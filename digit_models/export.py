@@ -19,6 +19,7 @@ from pathlib import Path
 from digit_models.config import EXPORT_FORMATS
 from digit_models.errors import DigitsError, first_line
 from digit_models.files import Folder, is_uri, require_output_folder, staged_dir
+from digit_models.model_file import check_keras_archive
 from digit_models.run_dir import RunDir
 
 VERSION = "1"  # TensorFlow Serving loads the highest numbered folder below the model base path
@@ -46,6 +47,7 @@ def export(run: str, out: str, format: str) -> str:
 
 def _load(run_dir: RunDir):
     content = run_dir.model_bytes()  # a finished run, and a Keras archive: before TensorFlow loads
+    check_keras_archive(content, run_dir.child(RunDir.MODEL))  # and one of our models, still before
     from digit_models.models import load_model_file
 
     with tempfile.TemporaryDirectory(prefix="digits-export-") as local:

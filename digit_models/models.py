@@ -8,7 +8,6 @@ Keras recommends for a numerically stable softmax.
 
 from __future__ import annotations
 
-import warnings
 from typing import Callable
 
 from digit_models.tf_setup import keras
@@ -16,6 +15,7 @@ from digit_models.tf_setup import keras
 layers = keras.layers
 
 from digit_models.errors import DigitsError
+from digit_models.model_file import load_model_bytes, read_model_file
 
 MODELS: dict[str, Callable[[], keras.Model]] = {}
 
@@ -94,20 +94,11 @@ def deep_cnn(dropout: float = 0.4) -> keras.Model:
 
 
 def load_model_file(path: str, name: str | None = None) -> keras.Model:
-    """A saved model, loaded in Keras safe mode (a model file cannot run code on load),
-    checked to map (28, 28) pixels to 10 probabilities, computing in float32 (below). `name`
-    is how errors refer to it."""
+    """A saved model, checked and loaded in Keras safe mode (model_file.py: a model file cannot
+    run code on load), checked to map (28, 28) pixels to 10 probabilities, computing in float32
+    (below). `name` is how errors refer to it."""
     name = name or path
-    try:
-        with warnings.catch_warnings():  # e.g. about a Lambda layer's code, refused just below
-            warnings.simplefilter("ignore")
-            model = keras.models.load_model(path, compile=False, safe_mode=True)
-    except Exception as exc:  # noqa: BLE001  (Keras raises many types for a bad file)
-        message = " ".join(str(exc).split()) or type(exc).__name__
-        if "arbitrary code execution" in message:
-            raise DigitsError(f"{name}: refused: the model contains Python code (e.g. a Lambda "
-                              "layer), which Keras safe mode does not load") from None
-        raise DigitsError(f"{name}: not a loadable Keras model: {message[:200]}") from None
+    model = load_model_bytes(read_model_file(path, name), name, compile=False)
     if tuple(model.input_shape[1:]) != (28, 28) or tuple(model.output_shape[1:]) != (10,):
         raise DigitsError(f"{name}: model maps {model.input_shape} to {model.output_shape}, "
                           "expected (None, 28, 28) to (None, 10)")

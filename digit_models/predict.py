@@ -9,7 +9,8 @@ No process holds the whole input or every prediction: blocks of a few thousand r
 through the object store. The driver plans the pipeline, then reads back two columns of what
 was written (ImageId and Label, a byte per image for Kaggle's numbering), checks that every
 ImageId appears exactly once, and writes submission.csv from them. The driver never imports
-TensorFlow: the actors load the models and turn a bad one into the usual one-line error.
+TensorFlow: it checks the model files (model_file.py), so that a bad one is refused before Ray
+starts; the actors check them again as they load them.
 
 Several runs form an ensemble: each actor averages the models' class probabilities, and with
 test-time augmentation also over fixed shifted, rotated and zoomed views of each image.
@@ -37,6 +38,7 @@ from digit_models.config import PredictConfig
 from digit_models.console import live, report_progress
 from digit_models.errors import DigitsError
 from digit_models.files import Folder, is_uri, require_output_folder, staged_dir
+from digit_models.model_file import check_keras_archive
 from digit_models.predict_input import BLOCK_ROWS, Inspections, images_datasource, open_input
 from digit_models.ray_runtime import cpus_per_process, on_this_node, put_for_session, ray_session
 from digit_models.run_dir import RunDir
@@ -60,6 +62,8 @@ def predict(config: PredictConfig, address: str | None = None) -> dict:
                           replaces=("digits predict", (RECORD_FILE, UNDERWAY_FILE)))
     runs = [RunDir(run) for run in config.runs]
     models = [run.model_bytes() for run in runs]
+    for run, model in zip(runs, models):
+        check_keras_archive(model, run.child(run.MODEL))
     source = open_input(config.input)
 
     with ray_session(address), _writing_into(out) as target:
