@@ -36,7 +36,7 @@ def main() -> None:
         sets = labelled_sets(args.data, config)
         train = read_train_csv(str(Path(args.data, "train.csv")), limit=config["limit"])
         train_rows, _ = validation_split(len(train), config["val_fraction"], config["seed"])
-        plain = train.images[train_rows[batchnorm_rows(len(train_rows), 1, config["seed"])]]
+        plain = train.images[train_rows[batchnorm_rows(len(train_rows), 0, 1, config["seed"])]]
         result = {"run": run, "trained_with_recompute": config.get("recompute_batchnorm", False)}
         for statistics in ("saved", "recomputed"):
             model = load_model_file(str(Path(run, RunDir.MODEL)))

@@ -1,9 +1,13 @@
 """Every start of a run's worker group, and every worker failure that Ray Train reports, on
 record in RUN_DIR/attempts/ (on the run's storage, which every node reaches):
 
-    <ms>-start.json     rank 0, as its group starts: what it resumed from
-    <ms>-failure.json   Ray Train's controller, when it finds workers failed: their errors
-    <ms>-fault.json     a fault injected on purpose (DIGITS_FAULT, for tests)
+    <ms>-start.json       rank 0, as its group starts: its size, and what it resumed from
+    <ms>-failure.json     Ray Train's controller, when it finds workers failed: their errors
+    <ms>-restart.json     the controller, as it ends a group to start another: why (a failure,
+                          a preemption, a resize to the nodes there are) and the group's size
+    <ms>-waiting.json     the controller, when too few workers can start: how many, since when
+    <ms>-preemption.json  rank 0, on a preemption notice: the checkpoint taken for it
+    <ms>-fault.json       a fault injected on purpose (DIGITS_FAULT, for tests)
 
 named by the Unix time in milliseconds, so that the names sort in time order. run.json's
 "restarts" is read from them: each start after the first, why it happened, and from where.
@@ -15,8 +19,14 @@ import json
 import time
 
 import ray.train
+from ray.train.v2._internal.execution.callback import ControllerCallback
+from ray.train.v2._internal.execution.controller.state import (ReschedulingState, ResizingState,
+                                                              RestartingState, RunningState,
+                                                              SchedulingState)
+from ray.train.v2._internal.execution.failure_handling.default import _is_preemption_failure
 
-from digit_models.errors import first_line
+from digit_models.console import say
+from digit_models.errors import WorkersUnavailable, first_line
 from digit_models.files import Folder
 from digit_models.run_dir import RunDir
 
@@ -67,6 +77,74 @@ class FailureRecorder(ray.train.UserCallback):
             pass
 
 
+class WorkerGroupWatch(ControllerCallback):
+    """Runs in Ray Train's controller and follows its states: every worker group ended and
+    every one started, on record with its size; a lost worker or node said on the console at
+    once; and a run that cannot start `min_workers` workers ended after `wait_s` seconds
+    (Ray Train would go on trying for ever), resumable with `digits train --resume`.
+
+    The hooks are Ray Train 2.60's controller callbacks (pyproject.toml pins the version)."""
+
+    def __init__(self, run_location: str, min_workers: int, max_workers: int, wait_s: float):
+        self.run_location, self.min_workers, self.max_workers = run_location, min_workers, max_workers
+        self.wait_s = wait_s
+        self.group_size, self.waiting_since, self.said_waiting = 0, None, False
+
+    def after_controller_state_update(self, previous_state, current_state) -> None:
+        if isinstance(current_state, SchedulingState):
+            self.group_size = current_state.scaling_decision.num_workers
+        elif isinstance(current_state, RunningState):
+            self.waiting_since, self.said_waiting = None, False
+        elif isinstance(current_state, ResizingState) and not isinstance(previous_state, ResizingState):
+            size = current_state.scaling_decision.num_workers
+            self._record("restart", {"why": "resize", "workers_from": self.group_size, "workers_to": size})
+            say(f"nodes changed: restarting the workers from the last checkpoint with {size} of "
+                f"{self.max_workers} (were {self.group_size})")
+        elif isinstance(current_state, RestartingState) and not isinstance(previous_state, RestartingState):
+            error = current_state.training_failed_error
+            why = "preemption" if _is_preemption_failure(error) else "failure"
+            self._record("restart", {"why": why, "workers_from": self.group_size, "error": _described(error)})
+            self.waiting_since = time.time()
+            lost = _lost_ranks(error)
+            if lost and self.min_workers == self.max_workers:
+                say(f"lost worker(s) {', '.join(map(str, lost))} of {self.group_size} ({why}); "
+                    f"waiting at most {self.wait_s:.0f} s for {self.min_workers} workers to restart")
+            elif lost:
+                say(f"lost worker(s) {', '.join(map(str, lost))} of {self.group_size} ({why}); "
+                    f"restarting with the workers the cluster has ({self.min_workers} to {self.max_workers})")
+        elif isinstance(current_state, (RestartingState, ReschedulingState)):
+            self._keep_waiting()
+
+    def _keep_waiting(self) -> None:
+        """Still fewer workers than the run needs (a start that timed out, or an elastic policy
+        that found too few): on record once, then the run ends when the wait is over."""
+        self.waiting_since = self.waiting_since or time.time()
+        waited = time.time() - self.waiting_since
+        if not self.said_waiting:
+            self._record("waiting", {"workers_needed": self.min_workers, "since": self.waiting_since})
+            self.said_waiting = True
+        if waited >= self.wait_s:
+            raise WorkersUnavailable(
+                f"fewer than {self.min_workers} worker(s) could start for {waited:.0f} s "
+                f"(--wait-for-workers {self.wait_s:g}); continue with `digits train --resume "
+                f"{self.run_location}` once the cluster has the nodes, or train with a smaller "
+                "--min-workers")
+
+    def _record(self, kind: str, entry: dict) -> None:
+        try:
+            record(self.run_location, kind, entry)
+        except OSError:  # storage full or gone: what happens next is what the user will see
+            pass
+
+
+def _lost_ranks(error) -> list[int]:
+    """The ranks whose worker process is gone, killed or with its node (a worker that failed
+    with an error of its own is not lost)."""
+    failures = getattr(error, "worker_failures", None) or {}
+    return sorted(rank for rank, failure in failures.items()
+                  if isinstance(getattr(failure, "health_check_failure", failure), ray.exceptions.ActorDiedError))
+
+
 def _described(exc: BaseException) -> str:
     """The error and what caused it, a line each joined: Ray Train's health-check error says
     only that a check failed, and keeps the reason (a dead actor, say) beside it."""
@@ -78,21 +156,31 @@ def _described(exc: BaseException) -> str:
 
 
 def restarts(run_location: str) -> list[dict]:
-    """Each worker-group start after the run's first: when, from which epoch, and why (the
-    worker errors Ray Train reported before it, or the driver's --resume)."""
-    found, failures, previous = [], [], None
+    """Each worker-group start after the run's first: when, with how many workers, from which
+    epoch (and image, after a preemption's checkpoint), what kind of restart (failure,
+    preemption, resize, resume) and why (the worker errors Ray Train reported before it)."""
+    found, failures, ended, previous = [], [], None, None
     for _, kind, entry in timeline(run_location):
         if kind == "failure":
             failures.append(entry)
+        elif kind == "restart":
+            ended = entry
         elif kind == "start":
             if previous is not None:
                 if entry["driver_session"] != previous["driver_session"]:
-                    why = "digits train --resume"
-                elif failures:
-                    why = "; ".join(f"rank {rank}: {error}" for rank, error in failures[-1]["errors"].items())
+                    what, why = "resume", "digits train --resume"
                 else:
-                    why = "unknown (no worker error was reported)"
-                found.append({"at": entry["at"], "resumed_after_epoch": entry["resumed_after_epoch"],
-                              "why": why})
-            previous, failures = entry, []
+                    what = ended["why"] if ended else "failure"
+                    why = ("; ".join(f"rank {rank}: {error}" for rank, error in failures[-1]["errors"].items())
+                           if failures else ended.get("error", "the nodes changed") if ended
+                           else "unknown (no worker error was reported)")
+                found.append({"at": entry["at"], "kind": what, "workers": entry.get("workers"),
+                              "resumed_after_epoch": entry["resumed_after_epoch"],
+                              "resumed_at_image": entry.get("resumed_at_image", 0), "why": why})
+            previous, failures, ended = entry, [], None
     return found
+
+
+def group_sizes(run_location: str) -> list[int]:
+    """The size of every worker group the run started, in order."""
+    return [entry["workers"] for entry in recorded(run_location, "start")]

@@ -62,7 +62,8 @@ class RecomputedBatchNorm(BeforeEvaluation):
                             lambda values: all_reduce_sum(self.strategy, values) / replicas)
 
 
-def batchnorm_rows(rows: int, world: int, seed: int) -> np.ndarray:
-    """Which of a worker's `rows` training rows it recomputes from: a seeded draw of its share
-    of BATCHNORM_IMAGES (every worker the same count, so the average weighs them alike)."""
-    return np.sort(np.random.default_rng(seed).permutation(rows)[:min(rows, BATCHNORM_IMAGES // world)])
+def batchnorm_rows(rows: int, rank: int, world: int, seed: int) -> np.ndarray:
+    """Which of the `rows` training rows worker `rank` recomputes from: its share of a seeded
+    draw of BATCHNORM_IMAGES (every worker the same count, so the average weighs them alike)."""
+    share = min(rows // world, BATCHNORM_IMAGES // world)
+    return np.sort(np.random.default_rng(seed).permutation(rows)[rank::world][:share])

@@ -13,7 +13,7 @@ import sys
 import traceback
 
 import digit_models  # noqa: F401  (sets the environment TensorFlow and Ray workers need)
-from digit_models.errors import DigitsError, first_line
+from digit_models.errors import DigitsError, WorkersUnavailable, first_line
 from digit_models.interrupts import EXIT_STATUS, MESSAGE, exit_now, interruption_kind, sigterm_raises
 
 
@@ -55,6 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
            help="continue this unfinished run from its last checkpoint, with its own settings "
                 "(instead of --data/--out and the options below)")
     option("--workers", type=int, help=f"Ray Train workers (default {defaults.workers})")
+    option("--min-workers", type=int, metavar="MIN",
+           help="elastic: go on with as few as MIN workers when nodes are lost, and grow back to "
+                "--workers when they return (default: --workers, a fixed size)")
+    option("--wait-for-workers", type=float, metavar="SECONDS",
+           help="how long a run with fewer than --min-workers workers waits for nodes before "
+                f"it ends, resumable (default {defaults.wait_for_workers:.0f})")
     option("--epochs", type=int, help=f"maximum epochs (default {defaults.epochs})")
     option("--batch-size", type=int, help=f"per-worker batch (default {defaults.batch_size})")
     option("--accumulate", type=int, metavar="K",
@@ -102,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
                 "afterwards (test rows x (1 + --tta)), estimated from the measured training speed")
     option("--max-failures", type=int,
            help=f"worker-group restarts allowed before the run fails (default {defaults.max_failures})")
+    option("--max-preemptions", type=int,
+           help="restarts allowed after nodes are preempted (counted apart from --max-failures; "
+                f"default {defaults.max_preemptions})")
     option("--mlflow", metavar="TRACKING_URI",
            help="also log the run to MLflow (e.g. file:///abs/path/mlruns or http://host:5000); "
                 "needs the mlflow extra")
@@ -266,6 +275,10 @@ def main(argv: list[str] | None = None) -> int:
                   if args.command != "train" else
                   f"digits: error: {where}: {os.strerror(full.errno)}; the run can go on with "
                   f"`digits train --resume {where}` once there is room", file=sys.stderr)
+            return 1
+        stopped = _find_in_chain(exc, (WorkersUnavailable,))
+        if stopped is not None:
+            print(f"digits: {first_line(stopped)}", file=sys.stderr)
             return 1
         user_error = _find_in_chain(exc, (DigitsError,))
         message = first_line(user_error) if user_error else (f"{type(exc).__name__}: {first_line(exc)}"

@@ -48,7 +48,8 @@ class TrainConfig:
     out: str = "runs/cnn"  # the run directory
     model: str = "cnn"
     epochs: int = 10
-    workers: int = 1
+    workers: int = 1  # the most workers; the run starts and grows to this many when it can
+    min_workers: int | None = None  # the fewest it goes on with after losing nodes; None: workers
     batch_size: int = 32  # per worker
     accumulate: int = 1  # micro-batches of batch_size whose gradients make one update
     all_reduce_dtype: str | None = None  # None: bfloat16 between CPU workers, float32 between GPUs
@@ -63,6 +64,8 @@ class TrainConfig:
     gpus_per_worker: float = 0.0
     mixed_precision: bool = False  # see precision_policy
     max_failures: int = 1
+    max_preemptions: int = 10  # restarts after a node's preemption, counted apart from failures
+    wait_for_workers: float = 600.0  # seconds a run below min_workers waits for nodes, then ends
     augment: bool = False  # random rotations, shifts and zooms of the training images
     lr_schedule: str = "constant"  # or "cosine": warm-up (an epoch or a tenth of the run), then decay to 0
     label_smoothing: float = 0.0
@@ -75,12 +78,20 @@ class TrainConfig:
     scoring_reserve: int = 0  # images (rows x views) this model will score within the budget (schedule.py)
 
     @property
-    def step_learning_rate(self) -> float:
-        """The rate per update: with scaling, grown with the square root of how many batches
-        make one update (workers x accumulate), as an update averages over that many more
-        images (the square root keeps Adam stable where the linear rule overshoots)."""
-        factor = (self.workers * self.accumulate) ** 0.5 if self.scale_learning_rate else 1.0
+    def fewest_workers(self) -> int:
+        return self.workers if self.min_workers is None else self.min_workers
+
+    def step_learning_rate(self, workers: int) -> float:
+        """The rate per update with `workers` workers (an elastic run's group can be smaller
+        than --workers): with scaling, grown with the square root of how many batches make
+        one update (workers x accumulate), as an update averages over that many more images
+        (the square root keeps Adam stable where the linear rule overshoots)."""
+        factor = (workers * self.accumulate) ** 0.5 if self.scale_learning_rate else 1.0
         return self.learning_rate * factor
+
+    def global_batch(self, workers: int) -> int:
+        """Images per update with `workers` workers."""
+        return self.batch_size * self.accumulate * workers
 
     @property
     def precision_policy(self) -> str:
@@ -117,6 +128,11 @@ class TrainConfig:
         require(self.model in MODEL_NAMES, f"--model {self.model}: choose one of {', '.join(sorted(MODEL_NAMES))}")
         require(self.epochs >= 1, f"--epochs {self.epochs}: must be at least 1")
         require(self.workers >= 1, f"--workers {self.workers}: must be at least 1")
+        require(1 <= self.fewest_workers <= self.workers,
+                f"--min-workers {self.min_workers}: must be 1 to --workers ({self.workers})")
+        require(self.max_preemptions >= 0, f"--max-preemptions {self.max_preemptions}: must be >= 0")
+        require(self.wait_for_workers > 0,
+                f"--wait-for-workers {self.wait_for_workers}: must be positive (seconds)")
         require(self.batch_size >= 1, f"--batch-size {self.batch_size}: must be at least 1")
         require(self.accumulate >= 1, f"--accumulate {self.accumulate}: must be at least 1")
         require(self.all_reduce_dtype is None or self.all_reduce_dtype in ALL_REDUCE_DTYPES,

@@ -110,6 +110,11 @@ RETOLD = [(re.compile(r"A worker died or was killed while executing a task by an
 # Everything that worker prints from there on is left out.
 FAILED = "Error in training function:"
 
+# Ray Train's controller logs every error it handles with its traceback (a failed group start,
+# each minute, while it waits for nodes); what it decides reaches the console through our own
+# controller callback's lines (attempts.WorkerGroupWatch) and the command's end.
+CONTROLLER = "TrainController"
+
 SAY = "digits-say "  # a worker's line for the console
 PROGRESS = "digits-progress "  # a worker's progress message (JSON)
 
@@ -221,8 +226,9 @@ def filter_worker_output() -> None:
 
     def print_filtered(batch: dict, print_logs=printers[0]) -> None:
         lines, pid = [], batch.get("pid")
+        from_controller = CONTROLLER in (batch.get("actor_name") or "")
         for line in batch.get("lines", []):
-            if pid in failed:
+            if pid in failed or from_controller and not line.startswith(SAY):
                 continue
             if line.startswith(FAILED):
                 failed.add(pid)

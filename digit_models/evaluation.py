@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from digit_models.errors import DigitsError
-from digit_models.files import Folder, is_uri
+from digit_models.files import Folder, is_uri, parent_and_name
 from digit_models.kaggle_csv import NUM_CLASSES
 from digit_models.predict import PREDICTIONS_DIR, RECORD_FILE
 from digit_models.submission_csv import read_id_label_csv, read_small_csv
@@ -118,5 +118,5 @@ def format_report(result: dict) -> str:
 
 def write_evaluation(result: dict, location: str) -> None:
     """Into a local path or a URI, whole or not at all."""
-    parent, _, name = str(location).rstrip("/").rpartition("/")
-    Folder(parent or ".").write_text(name, json.dumps(result, indent=2) + "\n")
+    parent, name = parent_and_name(location)
+    Folder(parent).write_text(name, json.dumps(result, indent=2) + "\n")

@@ -25,18 +25,96 @@ import pyarrow.fs as pafs
 from digit_models.errors import DigitsError, first_line
 
 
+# The standard variables that tell S3 clients (pyarrow's among them) where the store is and who
+# is asking. Processes that do not inherit the driver's environment need them handed over
+# (ray_runtime.py).
+AWS_ENVIRONMENT = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                   "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_DEFAULT_REGION")
+
+
 def is_uri(location: str) -> bool:
     return "://" in str(location)
 
 
+def split_query(location: str) -> tuple[str, str]:
+    """A location's path part and its query with the "?" (or ""): a URI may carry settings
+    after the path (`s3://bucket/run?endpoint_override=host:9000&scheme=http`), and names of
+    entries go before them. In a local path "?" is an ordinary character."""
+    base, mark, query = str(location).partition("?")
+    return (base, mark + query) if is_uri(location) else (str(location), "")
+
+
+def parent_and_name(location: str) -> tuple[str, str]:
+    """The folder a file location is in (with the URI's query) and the file's name."""
+    base, query = split_query(location)
+    parent, _, name = base.rstrip("/").rpartition("/")
+    return (parent or ("/" if base.startswith("/") else ".")) + query, name
+
+
 def filesystem(location: str) -> tuple[pafs.FileSystem, str]:
-    """The pyarrow filesystem and the path within it; local paths become absolute."""
+    """The pyarrow filesystem and the path within it; local paths become absolute. An S3
+    location is checked to be reachable with the settings given (once per bucket and
+    settings in a process), so that bad ones are one line before anything starts."""
     if is_uri(location):
         try:
-            return pafs.FileSystem.from_uri(str(location))
+            fs, path = pafs.FileSystem.from_uri(str(location))
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as exc:
             raise DigitsError(f"{location}: cannot open: {first_line(exc)}") from None
+        if isinstance(fs, pafs.S3FileSystem):
+            _require_s3_reachable(str(location), fs, path)
+        return fs, path
     return pafs.LocalFileSystem(), os.path.abspath(location)
+
+
+_S3_BUCKETS_REACHED: set[tuple] = set()
+
+# Enough for a network blip, and a refused connection fails in under a second: pyarrow's
+# default retries took 6 s to give up on an endpoint that refused every connection.
+S3_CHECK_ATTEMPTS = 2
+
+
+def _require_s3_reachable(location: str, fs: pafs.S3FileSystem, path: str) -> None:
+    """Asks the store about `path` with the filesystem's own settings but few retries, and
+    turns what a wrong setting gives (pyarrow's multi-line OSErrors, or for a missing bucket
+    nothing at all: every path in it reads as not found) into one line."""
+    bucket = path.split("/", 1)[0]
+    settings = fs.__reduce__()[1][0]  # the constructor's arguments, as pickling uses them
+    reached = (bucket, repr(sorted(settings.items())),
+               tuple(os.environ.get(name) for name in AWS_ENVIRONMENT))
+    if reached in _S3_BUCKETS_REACHED:
+        return
+    checking = pafs.S3FileSystem(**settings, retry_strategy=pafs.AwsStandardS3RetryStrategy(
+        max_attempts=S3_CHECK_ATTEMPTS))
+    try:
+        found = checking.get_file_info(path)
+    except OSError as exc:
+        raise DigitsError(f"{location}: {_s3_problem(exc, settings)}") from None
+    if found.type == pafs.FileType.NotFound and _s3_bucket_missing(checking, bucket):
+        raise DigitsError(f"{location}: no such bucket")
+    _S3_BUCKETS_REACHED.add(reached)
+
+
+def _s3_bucket_missing(fs: pafs.S3FileSystem, bucket: str) -> bool:
+    """Whether the store says there is no such bucket. Asked only once the path has not been
+    found (a missing bucket's paths all read as not found), and a refusal means "cannot tell":
+    keys limited to a prefix may read and write there but not ask about the bucket."""
+    try:
+        return fs.get_file_info(bucket).type == pafs.FileType.NotFound
+    except OSError:
+        return False
+
+
+def _s3_problem(exc: OSError, settings: dict) -> str:
+    """What went wrong, from the AWS error code pyarrow's message carries."""
+    text = str(exc)
+    if "NETWORK_CONNECTION" in text:
+        endpoint = settings["endpoint_override"]
+        if endpoint and "://" not in endpoint:
+            endpoint = f"{settings['scheme']}://{endpoint}"
+        return f"cannot reach the endpoint {endpoint or 'of AWS S3'}"
+    if "ACCESS_DENIED" in text:  # what a HEAD request gives for a wrong key or secret
+        return "access denied (check the keys and their permissions)"
+    return f"cannot open: {first_line(exc)}"
 
 
 def require_file(location: str) -> tuple[pafs.FileSystem, str]:
@@ -73,7 +151,8 @@ class Folder:
     """A folder that is local or behind a URI, with the few operations our outputs need."""
 
     def __init__(self, location: str):
-        self.location = str(location).rstrip("/") or "/"
+        base, query = split_query(location)
+        self.location = (base.rstrip("/") or "/") + query
         self.fs, self.path = filesystem(self.location)
         self.is_local = not is_uri(self.location)
 
@@ -81,8 +160,10 @@ class Folder:
         return self.location
 
     def child(self, name: str) -> str:
-        """The location (path or URI) of an entry, in the form the user gave."""
-        return f"{self.location}/{name}"
+        """The location (path or URI) of an entry, in the form the user gave (a URI's query,
+        if any, kept after the name)."""
+        base, query = split_query(self.location)
+        return f"{base}/{name}{query}"
 
     def _type(self, name: str = "") -> pafs.FileType:
         return self.fs.get_file_info(f"{self.path}/{name}" if name else self.path).type
@@ -175,6 +256,18 @@ def _require_writable(path: Path, named: str) -> None:
         raise DigitsError(f"{named}: cannot write there: {existing} is on a read-only file system")
     if not os.access(existing, os.W_OK):
         raise DigitsError(f"{named}: cannot write there: {existing} is not writable")
+
+
+@contextmanager
+def writing_into(folder: Folder):
+    """Where a new output folder's files are written: locally a staged folder that takes the
+    folder's place once complete (`staged_dir`); on an object store, which cannot rename, the
+    folder itself, into which the caller writes its completion record last."""
+    if folder.is_local:
+        with staged_dir(Path(folder.path)) as staging:
+            yield Folder(str(staging))
+    else:
+        yield folder
 
 
 @contextmanager

@@ -23,10 +23,9 @@ from typing import Iterator
 import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
-import pyarrow.fs as pafs
 
 from digit_models.errors import DigitsError, first_line
-from digit_models.files import filesystem, open_binary, require_file
+from digit_models.files import Folder, open_binary, require_file
 
 PIXEL_COLUMNS = [f"pixel{i}" for i in range(784)]
 TRAIN_COLUMNS = ["label", *PIXEL_COLUMNS]
@@ -53,12 +52,11 @@ class DigitImages:
 
 def resolve_train_csv(data: str) -> str:
     """`--data` is a folder holding train.csv (what `digits data` writes) or the file itself."""
-    fs, path = filesystem(data)
-    if fs.get_file_info(path).type == pafs.FileType.Directory:
+    folder = Folder(data)
+    if folder.is_folder():
         for name in ("train.csv", "train.csv.gz"):
-            candidate = data.rstrip("/") + "/" + name
-            if fs.get_file_info(filesystem(candidate)[1]).type == pafs.FileType.File:
-                return candidate
+            if folder.is_file(name):
+                return folder.child(name)
         raise DigitsError(f"{data}: folder has no train.csv")
     return data
 

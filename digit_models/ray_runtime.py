@@ -12,6 +12,7 @@ from contextlib import contextmanager
 
 from digit_models import RUNTIME_ENV_VARS
 from digit_models.console import filter_worker_output, live
+from digit_models.files import AWS_ENVIRONMENT
 from digit_models.interrupts import keep_sigterm_handler
 
 
@@ -140,10 +141,19 @@ def on_this_node() -> dict:
 def _env_vars_to_add() -> dict:
     """Our environment variables that Ray's processes do not get already. Inside a `ray job
     submit` job, Ray refuses a driver runtime_env that repeats a variable the job's runtime
-    env (cluster/runtime_env.yaml) sets, so those are left out."""
+    env (cluster/runtime_env.yaml) sets, so those are left out.
+
+    The driver's S3 settings go too (the standard AWS variables it has): the processes of a
+    cluster we join were started by its nodes, not by us, so they lack the endpoint and keys
+    with which the driver checked the run directory and input, and their checkpoint writes and
+    reads of the data would go to another store, or be refused. Whoever may read the job's
+    runtime env on that cluster (its dashboard, for one) sees them; a driver without them set
+    (credentials from an instance role or a service account) forwards none."""
     job_config = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
     from_job = (job_config.get("runtime_env") or {}).get("env_vars") or {}
-    return {name: value for name, value in RUNTIME_ENV_VARS.items() if name not in from_job}
+    s3_settings = {name: os.environ[name] for name in AWS_ENVIRONMENT if name in os.environ}
+    return {name: value for name, value in {**RUNTIME_ENV_VARS, **s3_settings}.items()
+            if name not in from_job}
 
 
 def cpus_per_process(processes: int) -> int:

@@ -3,6 +3,7 @@
 The page embeds its images as data URIs, so index.html alone can be mailed around; the PNGs are
 written beside it for slides and chats. Everything is computed before anything is written, and
 written into a staging folder renamed to `out` at the end: an output folder is complete or absent.
+On object storage, which cannot rename, the files are written into `out` itself, index.html last.
 
 The figures are bare matplotlib `Figure`s, never pyplot's: no GUI backend is chosen and no
 global figure state kept, so this runs headless and leaves a calling notebook's backend alone.
@@ -14,7 +15,6 @@ import base64
 import html
 import io
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 from digit_models.errors import DigitsError
 from digit_models.evaluation import evaluate
-from digit_models.files import Folder, require_output_folder, staged_dir
+from digit_models.files import Folder, parent_and_name, require_output_folder, writing_into
 from digit_models.kaggle_csv import NUM_CLASSES
 from digit_models.predict import PREDICTIONS_DIR, RECORD_FILE
 from digit_models.predict_input import inspect_file, open_input, read_images
@@ -47,7 +47,8 @@ def write_report(run_dir: str, out: str, predictions: str | None = None,
     if (predictions is None) != (labels is None):
         raise DigitsError("a report on predictions needs both the predictions and their labels")
     run = read_run(run_dir)
-    require_output_folder(Folder(out), "choose another output folder")
+    target = Folder(out)
+    require_output_folder(target, "choose another output folder")
     figures = {"training_curves.png": training_curves(run)}
     evaluation = None
     if predictions is not None:
@@ -56,10 +57,10 @@ def write_report(run_dir: str, out: str, predictions: str | None = None,
         figures["per_class_accuracy.png"] = per_class_accuracy(evaluation)
         figures["mistakes.png"] = mistakes_gallery(confident_mistakes(predictions, labels))
     pngs = {name: _png(figure) for name, figure in figures.items()}
-    with staged_dir(Path(out).resolve()) as staging:
+    with writing_into(target) as folder:
         for name, content in pngs.items():
-            (staging / name).write_bytes(content)
-        (staging / PAGE).write_text(_page(run, run_dir, evaluation, pngs), encoding="utf-8")
+            folder.write_bytes(name, content)
+        folder.write_text(PAGE, _page(run, run_dir, evaluation, pngs))  # last: the report is whole
     return [*pngs, PAGE]
 
 
@@ -261,7 +262,7 @@ def _page(run: dict, run_dir: str, evaluation: dict | None, pngs: dict[str, byte
     sections += [f'<figure><img alt="{name}" src="data:image/png;base64,'
                  f'{base64.b64encode(content).decode()}"><figcaption>{name}</figcaption></figure>'
                  for name, content in pngs.items()]
-    title = html.escape(f"Report: {run.get('model', 'model')} run {Path(run_dir).name}")
+    title = html.escape(f"Report: {run.get('model', 'model')} run {parent_and_name(run_dir)[1]}")
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
             "<style>body{font-family:sans-serif;max-width:1000px;margin:2em auto}"
             "td,th{padding:2px 12px;text-align:left}img{max-width:100%}</style></head>\n"

@@ -39,14 +39,15 @@ class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
                 "total_steps": float(self.total_steps.numpy())}
 
 
-def learning_rate(config: TrainConfig, steps_per_epoch: int):
-    """The constant rate, or a warm-up (one epoch, or a tenth of the run if shorter: a 2-epoch
-    run cannot spend half its steps warming up) and cosine decay to zero at the last planned
-    step (the optimizer's step count survives restarts)."""
-    rate = config.step_learning_rate
+def learning_rate(config: TrainConfig, steps_per_epoch: int, workers: int, epochs: int):
+    """The constant rate for a group of `workers`, or a warm-up (one epoch, or a tenth of the
+    run if shorter: a 2-epoch run cannot spend half its steps warming up) and cosine decay to
+    zero at the last of `epochs` planned epochs' steps (the optimizer's step count survives
+    restarts, rescaled when the group's size changes: train_worker.restore)."""
+    rate = config.step_learning_rate(workers)
     if config.lr_schedule == "constant":
         return rate
-    return WarmupCosine(rate, warmup_steps=steps_per_epoch, total_steps=config.epochs * steps_per_epoch)
+    return WarmupCosine(rate, warmup_steps=steps_per_epoch, total_steps=epochs * steps_per_epoch)
 
 
 # The plan is made after the first epoch and remade after each epoch up to the middle of the

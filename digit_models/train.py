@@ -94,7 +94,7 @@ def _run(config: TrainConfig, run_dir: RunDir, address: str | None, started: dic
         import ray
         import ray.train
 
-        from digit_models.attempts import FailureRecorder, restarts
+        from digit_models.attempts import FailureRecorder, WorkerGroupWatch, group_sizes, restarts
         from digit_models.train_backend import tensorflow_trainer
 
         now = _utc(clock)
@@ -107,11 +107,18 @@ def _run(config: TrainConfig, run_dir: RunDir, address: str | None, started: dic
                                 "validation_rows": len(val_rows)},
                        "mlflow_run_id": mlflow_run_id}
         run_dir.write_started(started)
-        shares = {name: {"images": ray.put(digits.images[rows]), "labels": ray.put(digits.labels[rows]),
-                         "rows": ray.put(rows.astype(np.int64))}
-                  for name, rows in (("train", train_rows), ("validation", val_rows))}
+        shares = {"train": {"images": ray.put(digits.images[train_rows]),
+                            "labels": ray.put(digits.labels[train_rows])},
+                  "validation": {"images": ray.put(digits.images[val_rows]),
+                                 "labels": ray.put(digits.labels[val_rows]),
+                                 "rows": ray.put(val_rows.astype(np.int64))}}
+        # Ray Train gives a worker group this long to start before it tries again; the wait
+        # for workers (WorkerGroupWatch) is checked at each such end.
+        os.environ[START_TIMEOUT_VARIABLE] = str(min(DEFAULT_START_TIMEOUT_S, config.wait_for_workers))
         trainer = tensorflow_trainer(
             train_func,
+            controller_callbacks=[WorkerGroupWatch(run_dir.location, config.fewest_workers,
+                                                   config.workers, config.wait_for_workers)],
             train_loop_config={"config": asdict(config), "rows_total": len(digits), **shares,
                                "run_dir": run_dir.location, "mlflow_run_id": mlflow_run_id,
                                "faults": faults, "driver_session": len(started["resumed_at"]),
@@ -121,7 +128,8 @@ def _run(config: TrainConfig, run_dir: RunDir, address: str | None, started: dic
             # checkpoint bookkeeping and hands the workers the latest checkpoint.
             run_config=ray.train.RunConfig(
                 name=RunDir.CHECKPOINTS, storage_path=run_dir.location,
-                failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
+                failure_config=ray.train.FailureConfig(max_failures=config.max_failures,
+                                                       max_preemption_failures=config.max_preemptions),
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
                 callbacks=[FailureRecorder(run_dir.location)],
                 logging_config=ray.train.LoggingConfig(log_level="WARNING")),
@@ -133,15 +141,17 @@ def _run(config: TrainConfig, run_dir: RunDir, address: str | None, started: dic
     with tempfile.TemporaryDirectory(prefix="digits-model-") as staging:
         result.checkpoint.to_directory(staging)
         run_dir.write_bytes(RunDir.MODEL, Path(staging, RunDir.MODEL).read_bytes())
+    workers = outcome["workers"]  # the last worker group's
     summary = {
         "model": config.model,
-        "workers": config.workers,
+        "workers": workers,
+        "worker_groups": group_sizes(run_dir.location),  # every group's size, in order
         "batch_size_per_worker": config.batch_size,
         "accumulate": config.accumulate,
-        "global_batch_size": config.batch_size * config.accumulate * config.workers,
+        "global_batch_size": config.global_batch(workers),
         "collective": "NCCL" if config.gpus_per_worker else "RING",
-        "all_reduce_dtype": config.gradient_dtype if config.workers > 1 else None,
-        "learning_rate_per_update": config.step_learning_rate,
+        "all_reduce_dtype": config.gradient_dtype if workers > 1 else None,
+        "learning_rate_per_update": config.step_learning_rate(workers),
         "epochs_planned": epochs_planned(outcome, config.epochs),
         "epochs_run": outcome["epochs_done"],
         **({"time_budget": outcome["time_budget"]} if "time_budget" in outcome else {}),
@@ -203,14 +213,28 @@ def validation_split(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np
 
 
 def scaling_config(config: TrainConfig):
+    """A fixed-size group, or with --min-workers an elastic one: Ray Train starts it with as
+    many workers as the cluster has room for (at least the minimum) and, while it runs, looks
+    every ELASTIC_RESIZE_CHECK_S for room for more and restarts it bigger from the last
+    checkpoint when there is."""
     import ray.train
 
     cpus = config.cpus_per_worker or cpus_per_process(config.workers)
     resources = {"CPU": cpus}
     if config.gpus_per_worker:
         resources["GPU"] = config.gpus_per_worker
-    return ray.train.ScalingConfig(num_workers=config.workers, use_gpu=config.gpus_per_worker > 0,
-                                   resources_per_worker=resources)
+    elastic = config.fewest_workers < config.workers
+    return ray.train.ScalingConfig(
+        num_workers=(config.fewest_workers, config.workers) if elastic else config.workers,
+        use_gpu=config.gpus_per_worker > 0, resources_per_worker=resources,
+        elastic_resize_monitor_interval_s=ELASTIC_RESIZE_CHECK_S)
+
+
+# Ray Train's default: each look for room costs a restart from the last checkpoint when it finds
+# some, so looking more often than about once a minute would cost more than it gains.
+ELASTIC_RESIZE_CHECK_S = 60.0
+START_TIMEOUT_VARIABLE = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+DEFAULT_START_TIMEOUT_S = 60.0  # Ray Train 2.60's
 
 
 def library_versions() -> dict:

@@ -32,8 +32,10 @@ class MultiWorkerTensorflowConfig(BackendConfig):
         return TrainingFramework.TENSORFLOW  # how Ray's state API labels the run
 
 
-def tensorflow_trainer(train_func, **options) -> AbortableTrainer:
-    return AbortableTrainer(train_func, backend_config=MultiWorkerTensorflowConfig(), **options)
+def tensorflow_trainer(train_func, controller_callbacks=(), **options) -> AbortableTrainer:
+    trainer = AbortableTrainer(train_func, backend_config=MultiWorkerTensorflowConfig(), **options)
+    trainer.controller_callbacks = list(controller_callbacks)
+    return trainer
 
 
 class AbortableTrainer(DataParallelTrainer):
@@ -50,6 +52,12 @@ class AbortableTrainer(DataParallelTrainer):
     """
 
     _controller = None
+    controller_callbacks: list = []
+
+    def _create_default_callbacks(self):
+        """Ray Train's own callbacks and ours: RunConfig takes only user callbacks, whose hooks
+        do not see the controller's states (attempts.WorkerGroupWatch needs them)."""
+        return [*super()._create_default_callbacks(), *self.controller_callbacks]
 
     def _register_sigint_handler(self, controller) -> None:
         self._controller = controller

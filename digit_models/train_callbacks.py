@@ -4,10 +4,12 @@ reported to Ray Train, and rank 0's progress on the console."""
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import tempfile
 import time
+from contextlib import nullcontext
 
 import numpy as np
 
@@ -114,21 +116,106 @@ class EpochHistory(keras.callbacks.Callback):
 
 class Checkpointing(keras.callbacks.Callback):
     """Per epoch: model, optimizer state and the run's state into a checkpoint, reported to
-    Ray Train with the epoch's metrics. Every worker saves (the strategy expects all to take
-    part); only rank 0's is kept."""
+    Ray Train with the epoch's metrics; and, asked by PreemptionNotice, one in the middle of an
+    epoch. Every worker saves (the strategy expects all to take part); only rank 0's is kept.
+    `epoch_layout` is a context in which the model's weights are as an epoch's end leaves
+    them (WeightAverage's average swapped in), so a mid-epoch checkpoint resumes like any."""
 
-    def __init__(self, rank: int, state: dict, before_report=None):
+    def __init__(self, rank: int, state: dict, before_report=None, epoch_layout=nullcontext):
         super().__init__()
         self.rank, self.state, self.before_report = rank, state, before_report
+        self.epoch_layout = epoch_layout
 
     def on_epoch_end(self, epoch, logs=None):
+        self._save(self.state, {**self.state["history"][-1], "stop_reason": self.state.get("stop_reason")},
+                   before_report=self.before_report)
+
+    def save_mid_epoch(self, epoch: int, images_done: int) -> None:
+        in_epoch = {"epoch": epoch + 1, "images_done": images_done}
+        with self.epoch_layout():
+            self._save({**self.state, "in_epoch": in_epoch},
+                       {"epoch": self.state["epochs_done"], "in_epoch": in_epoch})
+
+    def _save(self, state: dict, metrics: dict, before_report=None) -> None:
         with tempfile.TemporaryDirectory(prefix="digits-ckpt-") as directory:
-            write_checkpoint(directory, self.model, self.state)
-            if self.before_report:
-                self.before_report()
+            write_checkpoint(directory, self.model, state)
+            if before_report:
+                before_report()
             checkpoint = ray.train.Checkpoint.from_directory(directory) if self.rank == 0 else None
-            ray.train.report({**self.state["history"][-1], "stop_reason": self.state.get("stop_reason")},
-                             checkpoint=checkpoint)
+            ray.train.report(metrics, checkpoint=checkpoint)
+
+
+# Steps between two questions to Ray Train whether a node of the run is being preempted: each
+# is a barrier of all workers through a Ray actor (BENCHMARKS.md has its cost against a step's).
+PREEMPTION_CHECK_STEPS = 64
+
+
+class PreemptionNotice(keras.callbacks.Callback):
+    """Ray Train's advance notice that a node of the run is being preempted (a spot reclaim,
+    `ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION`), asked every PREEMPTION_CHECK_STEPS
+    steps by every worker alike (the question is a barrier). On a notice: a checkpoint at once,
+    in the middle of the epoch, then training goes on; once the deadline is nearer than a
+    checkpoint and a round of steps take (all workers decide together), a last checkpoint, and
+    the workers wait for Ray Train to restart the run without the node, which resumes at that
+    checkpoint's image. So the steps lost are none, and the time lost is the wait."""
+
+    def __init__(self, strategy, checkpointing: Checkpointing, global_batch: int, rank: int,
+                 run_location: str):
+        super().__init__()
+        self.strategy, self.checkpointing, self.rank = strategy, checkpointing, rank
+        self.global_batch, self.run_location = global_batch, run_location
+        self.epoch_start = 0  # the image of its epoch that fit()'s first epoch starts at
+        self.notice = None
+        self.saved_s = self.round_s = 0.0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+        self.round_started = time.monotonic()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.epoch_start = 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        if (batch + 1) % PREEMPTION_CHECK_STEPS:
+            return
+        now = time.monotonic()
+        self.round_s, self.round_started = now - self.round_started, now
+        if self.notice is None:
+            self.notice = ray.train.get_preemption_info()
+            if self.notice is not None:
+                self._checkpoint(batch, "notice")
+            return
+        left_s = self.notice.deadline_ms / 1000 - time.time() if self.notice.deadline_ms else math.inf
+        votes = all_reduce_sum(self.strategy, [float(left_s < 2 * (self.saved_s + self.round_s) + 2)])[0]
+        if votes:
+            self._checkpoint(batch, "deadline")
+            self._wait_for_restart(left_s)
+            self.notice = None  # still here: the node stayed, so ask again
+
+    def _checkpoint(self, batch: int, why: str) -> None:
+        started = time.monotonic()
+        images_done = self.epoch_start + (batch + 1) * self.global_batch
+        self.checkpointing.save_mid_epoch(self.epoch, images_done)
+        self.saved_s = time.monotonic() - started
+        if self.rank == 0:
+            attempts.record(self.run_location, "preemption", {
+                "why": why, "epoch": self.epoch + 1, "images_done": images_done,
+                "deadline_ms": self.notice.deadline_ms, "checkpoint_s": round(self.saved_s, 2),
+                "nodes": self.notice.preempted_node_ids, "ranks": self.notice.preempted_ranks})
+            if why == "notice":
+                say(f"preemption notice for worker(s) {', '.join(map(str, self.notice.preempted_ranks))}: "
+                    f"checkpoint at image {images_done:,} of epoch {self.epoch + 1}, training on")
+
+    @staticmethod
+    def _wait_for_restart(left_s: float) -> None:
+        """Ray Train ends this worker group at the deadline; a node that outlives it (a drain
+        that was not carried out) lets training go on a while later."""
+        time.sleep(max(0.0, left_s) + WAIT_PAST_DEADLINE_S)
+
+
+# How long workers that checkpointed for a preemption wait past its deadline for Ray Train to
+# end them before they train on.
+WAIT_PAST_DEADLINE_S = 120.0
 
 
 class InjectedFault(keras.callbacks.Callback):

@@ -20,6 +20,7 @@ import os
 import tempfile
 import time
 import types
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +33,7 @@ from digit_models import attempts
 from digit_models.augmentation import Augmentation, random_affine
 from digit_models.batchnorm import RecomputedBatchNorm, batchnorm_rows
 from digit_models.checkpoints import newest_complete
-from digit_models.config import TrainConfig
+from digit_models.config import TrainConfig, epochs_planned
 from digit_models.console import say
 from digit_models.errors import DigitsError
 from digit_models.kaggle_csv import NUM_CLASSES
@@ -41,7 +42,8 @@ from digit_models.models import build_model
 from digit_models.run_dir import RunDir
 from digit_models.schedule import TimeBudget, learning_rate
 from digit_models.tensorboard_log import TensorBoardEvents
-from digit_models.train_callbacks import (Checkpointing, EpochHistory, InjectedFault, ProgressLine,
+from digit_models.train_callbacks import (Checkpointing, EpochHistory, InjectedFault, PreemptionNotice,
+                                          ProgressLine,
                                           SynchronizedTargetStop, all_reduce_sum)
 from digit_models.weight_average import AveragingAdam, WeightAverage
 
@@ -62,21 +64,18 @@ def run_worker(loop_config: dict) -> dict:
 
     strategy = multi_worker_strategy(config)
     timeline["strategy_ready"] = time.time()
-    train_x, train_y, train_rows = own_rows(loop_config["train"], rank, world)
+    train_x, train_y = ray.get([loop_config["train"]["images"], loop_config["train"]["labels"]])
     val_x, val_y, val_rows = own_rows(loop_config["validation"], rank, world)
-    shards = _shard_report(strategy, rank, world, train_rows, val_rows, loop_config["rows_total"])
+    order = EpochOrder(len(train_x), config.batch_size * config.accumulate, rank, world, config.seed)
+    if order.steps == 0:
+        raise DigitsError(f"{len(train_x)} training rows are fewer than one step of {world} worker(s) "
+                          f"x --batch-size x --accumulate ({order.global_batch}); use more rows or "
+                          "smaller batches")
+    shards = _shard_report(strategy, rank, world, order, val_rows, loop_config["rows_total"])
     # Every worker must run the same number of steps, or one waits forever in an all-reduce.
-    train_size, val_size = min(shards["train_rows"]), min(shards["validation_rows"])
-    step_rows = config.batch_size * config.accumulate  # per worker and update
-    steps = train_size // step_rows
-    if steps == 0:
-        raise DigitsError(f"each worker has {train_size} training rows, fewer than one step of "
-                          f"{step_rows} (--batch-size x --accumulate); use more rows or smaller batches")
+    val_size = min(shards["validation_rows"])
     replicas_here = strategy.num_replicas_in_sync // world
     augmentation = Augmentation() if config.augment else None
-    train_data = strategy.distribute_datasets_from_function(lambda _: _batches(
-        train_x[:train_size], train_y[:train_size], step_rows // replicas_here, cpus,
-        shuffle_seed=config.seed * 1000 + rank, augmentation=augmentation))
     validation = {}
     if val_size:
         val_batch = max(config.batch_size, 256)
@@ -88,49 +87,137 @@ def run_worker(loop_config: dict) -> dict:
     timeline["data_ready"] = time.time()
     resumed = newest_complete(loop_config["run_dir"])
     state = resumed[0] if resumed else {"epochs_done": 0, "history": []}
+    in_epoch = state.pop("in_epoch", None)  # a checkpoint taken mid-epoch, on a preemption notice
     with strategy.scope():
+        model = compiled_model(config, order.steps, world, epochs_planned(state, config.epochs))
         if resumed:
-            with tempfile.TemporaryDirectory(prefix="digits-resume-") as directory:
-                Path(directory, RunDir.MODEL).write_bytes(resumed[1])
-                model = keras.models.load_model(Path(directory, RunDir.MODEL))
-        else:
-            model = compiled_model(config, steps)
+            restore(model, resumed[1], global_batch_then=state.get("global_batch", order.global_batch),
+                    global_batch_now=order.global_batch)
+    state["global_batch"] = order.global_batch
     if rank == 0:
-        record_start(loop_config, world, state["epochs_done"] if resumed else None)
+        record_start(loop_config, world, config.workers, state["epochs_done"] if resumed else None,
+                     in_epoch["images_done"] if in_epoch else 0)
 
     if strategy.num_replicas_in_sync > 1 or config.accumulate > 1:
         model.train_step = types.MethodType(data_parallel_step(
             getattr(tf, config.gradient_dtype), config.accumulate), model)
     timeline["model_ready"] = time.time()
     target_stop = SynchronizedTargetStop(strategy, config.target_metric, config.target)
-    images_per_epoch = steps * step_rows * world
-    fault = loop_config["faults"] and InjectedFault(loop_config["faults"], rank, steps, loop_config["run_dir"])
-    callbacks = [*([WeightAverage()] if config.weight_average else []),  # before all that reads weights
-                 *([RecomputedBatchNorm(strategy, train_x[batchnorm_rows(train_size, world, config.seed)])]
+    images_per_epoch = order.steps * order.global_batch
+    fault = loop_config["faults"] and InjectedFault(loop_config["faults"], rank, order.steps, loop_config["run_dir"])
+    weight_average = WeightAverage() if config.weight_average else None
+    checkpointing = Checkpointing(rank, state, before_report=fault and fault.checkpoint_written,
+                                  epoch_layout=weight_average.average_in if weight_average else nullcontext)
+    preemption = PreemptionNotice(strategy, checkpointing, order.global_batch, rank, loop_config["run_dir"])
+    callbacks = [*([weight_average] if weight_average else []),  # before all that reads weights
+                 *([RecomputedBatchNorm(strategy, train_x[batchnorm_rows(len(train_x), rank, world, config.seed)])]
                    if config.recompute_batchnorm else []),
                  target_stop,
                  EpochHistory(config, state, target_stop, images_per_epoch, timeline=timeline),
-                 *([TimeBudget(strategy, config, state, steps, images_per_epoch, rank, world,
+                 *([TimeBudget(strategy, config, state, order.steps, images_per_epoch, rank, world,
                                loop_config["command_started_unix"],
                                resumed=loop_config["driver_session"] > 0)] if config.time_budget else []),
-                 Checkpointing(rank, state, before_report=fault and fault.checkpoint_written),
-                 *(rank_zero_logs(config, loop_config, state, steps) if rank == 0 else []),
-                 *([fault] if fault else [])]
-    if state.get("stop_reason") is None and state["epochs_done"] < config.epochs:
-        model.fit(train_data, epochs=config.epochs, initial_epoch=state["epochs_done"],
-                  steps_per_epoch=steps, callbacks=callbacks, verbose=0, **validation)
+                 checkpointing,
+                 *(rank_zero_logs(config, loop_config, state, order.steps) if rank == 0 else []),
+                 *([fault] if fault else []),
+                 preemption]  # last: a just-in-time checkpoint holds the step's own records
+
+    def train(first_epoch: int, epochs: int, start: int = 0) -> None:
+        """fit() over epochs [first_epoch, epochs), the first from image `start` of its order."""
+        steps = order.steps_from(start)
+        preemption.epoch_start = start
+        data = strategy.distribute_datasets_from_function(lambda _: order.batches(
+            train_x, train_y, first_epoch, start, replicas_here, cpus, augmentation))
+        model.fit(data, epochs=epochs, initial_epoch=first_epoch, steps_per_epoch=steps,
+                  callbacks=callbacks, verbose=0, **validation)
+
+    def more_to_do() -> bool:
+        return state.get("stop_reason") is None and state["epochs_done"] < config.epochs
+
+    if in_epoch and more_to_do():  # the rest of the epoch the checkpoint was taken in
+        train(state["epochs_done"], state["epochs_done"] + 1, start=in_epoch["images_done"])
+    if more_to_do():
+        train(state["epochs_done"], config.epochs)
     timeline["train_func_ended"] = time.time()
-    return {**state, "shards": shards, "timeline": timeline,
+    return {**state, "workers": world, "shards": shards, "timeline": timeline,
             "worker_process": {"cpus": cpus, "niceness": os.nice(0),
                                "precision": keras.mixed_precision.global_policy().name}}
 
 
-def compiled_model(config: TrainConfig, steps: int) -> keras.Model:
-    """A fresh model with its optimizer, loss and metrics (under a strategy: inside its scope).
-    With a weight average the optimizer is built at once, so that its average exists before
-    the first epoch (WeightAverage swaps it in and out from then on)."""
+class EpochOrder:
+    """Which training rows each step of each epoch trains on, the same for any number of
+    workers: epoch e visits the rows in a seeded permutation of its own (computed per index,
+    never stored), global step s takes the permutation's next `global_batch` positions, and
+    worker `rank` its own `step_rows` of them. A run resumed at any image of an epoch, by any
+    number of workers, so trains on exactly the images that epoch had left."""
+
+    def __init__(self, rows: int, step_rows: int, rank: int, world: int, seed: int):
+        self.rows, self.step_rows, self.rank, self.seed = rows, step_rows, rank, seed
+        self.global_batch = step_rows * world
+        self.steps = rows // self.global_batch
+
+    def steps_from(self, start: int) -> int:
+        """The steps left in an epoch from image `start`: at least one, which wraps around to
+        the epoch's first images (a group grown mid-epoch may find less than a global batch)."""
+        return max(1, (self.rows - start) // self.global_batch)
+
+    def rows_of(self, epoch: int, step: int | tf.Tensor, start: int | tf.Tensor = 0) -> tf.Tensor:
+        first = tf.cast(start, tf.int64) + tf.cast(step, tf.int64) * self.global_batch \
+            + self.rank * self.step_rows
+        positions = (first + tf.range(self.step_rows, dtype=tf.int64)) % self.rows
+        seed = tf.stack([tf.constant(self.seed, tf.int64), tf.cast(epoch, tf.int64)])
+        return tf.random.experimental.index_shuffle(positions, seed, self.rows - 1)
+
+    def batches(self, images, labels, first_epoch: int, start: int, replicas: int, cpus: int,
+                augmentation: Augmentation | None = None):
+        """Endless (pixels, one-hot label) batches from epoch `first_epoch`'s image `start` on,
+        each worker step split between this worker's `replicas`; augmented, if asked, from
+        (seed, epoch, position): the same images get the same views on resume."""
+        images, labels = tf.constant(images), tf.one_hot(labels, NUM_CLASSES)
+        first_steps = self.steps_from(start)
+
+        def batch(index):
+            later = index >= first_steps  # past the first (perhaps partial) epoch
+            past = tf.maximum(index - first_steps, 0)
+            epoch = tf.where(later, first_epoch + 1 + past // self.steps, tf.constant(first_epoch, tf.int64))
+            step = tf.where(later, past % self.steps, index)
+            offset = tf.where(later, tf.constant(0, tf.int64), tf.constant(start, tf.int64))
+            rows = self.rows_of(epoch, step, offset)
+            x, y = tf.gather(images, rows), tf.gather(labels, rows)
+            if augmentation:
+                where = epoch * self.rows + offset + step * self.global_batch
+                x = random_affine(x, tf.stack([tf.constant(self.seed * 1000 + self.rank, tf.int64), where]),
+                                  augmentation)
+            return x, y
+
+        data = tf.data.Dataset.range(2 ** 62).map(batch, num_parallel_calls=cpus)
+        if replicas > 1:
+            data = data.unbatch().batch(self.step_rows // replicas)
+        return data.prefetch(tf.data.AUTOTUNE).with_options(_untuned_options(cpus))
+
+
+def restore(model: keras.Model, model_file: bytes, global_batch_then: int, global_batch_now: int) -> None:
+    """A checkpoint's weights and optimizer state into `model`, compiled for this worker group.
+    A group of another size takes more or fewer images per update, so the optimizer's step
+    count, which the learning-rate schedule reads, is rescaled to the images trained."""
+    with tempfile.TemporaryDirectory(prefix="digits-resume-") as directory:
+        Path(directory, RunDir.MODEL).write_bytes(model_file)
+        saved = keras.models.load_model(Path(directory, RunDir.MODEL))
+    model.set_weights(saved.get_weights())
+    model.optimizer.build(model.trainable_variables)
+    for variable, value in zip(model.optimizer.variables, saved.optimizer.variables, strict=True):
+        variable.assign(value)
+    model.optimizer.iterations.assign(
+        int(saved.optimizer.iterations.numpy()) * global_batch_then // global_batch_now)
+
+
+def compiled_model(config: TrainConfig, steps: int, workers: int, epochs: int) -> keras.Model:
+    """A fresh model with its optimizer, loss and metrics, for a group of `workers` taking
+    `steps` per epoch over `epochs` (under a strategy: inside its scope). With a weight
+    average the optimizer is built at once, so that its average exists before the first epoch
+    (WeightAverage swaps it in and out from then on)."""
     model = build_model(config.model, config.dropout)
-    rate = learning_rate(config, steps)
+    rate = learning_rate(config, steps, workers, epochs)
     optimizer = (AveragingAdam(rate, ema_momentum=config.weight_average) if config.weight_average
                  else keras.optimizers.Adam(rate))
     model.compile(optimizer=optimizer,
@@ -141,18 +228,27 @@ def compiled_model(config: TrainConfig, steps: int) -> keras.Model:
     return model
 
 
-def record_start(loop_config: dict, world: int, resumed_after: int | None) -> None:
-    """Rank 0: this worker group's start on record, and on the console when it is a restart."""
+def record_start(loop_config: dict, world: int, most: int, resumed_after: int | None,
+                 images_done: int) -> None:
+    """Rank 0: this worker group's start on record, and on the console when it is a restart
+    (with the group's size when it is not the run's full size)."""
     session = loop_config["driver_session"]
-    restarts = sum(entry["driver_session"] == session
-                   for entry in attempts.recorded(loop_config["run_dir"], "start"))
+    history = attempts.timeline(loop_config["run_dir"])
+    starts = [entry for _, kind, entry in history if kind == "start" and entry["driver_session"] == session]
+    ended = [entry for _, kind, entry in history if kind == "restart"]
     attempts.record(loop_config["run_dir"], "start", {
-        "driver_session": session, "workers": world, "resumed_after_epoch": resumed_after})
+        "driver_session": session, "workers": world, "resumed_after_epoch": resumed_after,
+        "resumed_at_image": images_done})
     where = f"after epoch {resumed_after}" if resumed_after is not None else "from scratch"
-    if restarts:
-        say(f"workers restarted after a failure (restart {restarts} of this run), resuming {where}")
+    if images_done:
+        where = f"in epoch {resumed_after + 1} at image {images_done:,}"
+    size = f" with {world} of {most} workers" if world != most else ""
+    if starts:
+        why = {"preemption": "a preemption", "resize": "a resize"}.get(ended[-1]["why"] if ended else "",
+                                                                     "a failure")
+        say(f"workers restarted after {why} (restart {len(starts)} of this run), resuming {where}{size}")
     elif session:
-        say(f"resuming {where}")
+        say(f"resuming {where}{size}")
 
 
 def rank_zero_logs(config: TrainConfig, loop_config: dict, state: dict,
@@ -263,33 +359,23 @@ def _quiet_report_logging() -> None:
     logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
 
 
-def _batches(images, labels, batch_size: int, cpus: int, shuffle_seed: int | None = None,
-             augmentation: Augmentation | None = None):
-    """Batches of (pixels, one-hot label); one-hot because only the categorical loss takes
-    label smoothing. With a shuffle seed: reshuffled, endless training batches, augmented
-    per batch from (seed, batch number) if asked."""
-    data = tf.data.Dataset.from_tensor_slices((images, tf.one_hot(labels, NUM_CLASSES)))
-    if shuffle_seed is None:
-        data = data.batch(batch_size)
-    else:
-        data = data.shuffle(len(images), seed=shuffle_seed, reshuffle_each_iteration=True)
-        data = data.batch(batch_size, drop_remainder=True).repeat()
-        if augmentation:
-            def augment(step, batch):
-                seed = tf.stack([tf.constant(shuffle_seed, tf.int64), step])
-                return random_affine(batch[0], seed, augmentation), batch[1]
-            data = data.enumerate().map(augment, num_parallel_calls=cpus)
+def _batches(images, labels, batch_size: int, cpus: int):
+    """Validation batches of (pixels, one-hot label); one-hot because only the categorical
+    loss takes label smoothing."""
+    data = tf.data.Dataset.from_tensor_slices((images, tf.one_hot(labels, NUM_CLASSES))).batch(batch_size)
     return data.prefetch(tf.data.AUTOTUNE).with_options(_untuned_options(cpus))
 
 
-def _shard_report(strategy, rank: int, world: int, train_rows, val_rows, rows_total: int) -> dict:
-    """Row counts of every worker's shards, and whether any training row reached two workers
-    (one collective over a per-row count vector; with k replicas per worker counts are k-fold)."""
+def _shard_report(strategy, rank: int, world: int, order: EpochOrder, val_rows, rows_total: int) -> dict:
+    """Row counts of every worker's share of an epoch (the first one's) and of the validation
+    set, and whether any training row reached two workers (one collective over a per-row
+    count vector; with k replicas per worker counts are k-fold)."""
     replicas_here = strategy.num_replicas_in_sync // world
+    epoch_rows = tf.concat([order.rows_of(0, step) for step in range(order.steps)], 0).numpy()
     counts = np.zeros(2 * world + rows_total, np.float32)
-    counts[rank] = len(train_rows)
+    counts[rank] = len(epoch_rows)
     counts[world + rank] = len(val_rows)
-    counts[2 * world + train_rows] = 1
+    np.add.at(counts, 2 * world + epoch_rows, 1)
     totals = all_reduce_sum(strategy, counts) / replicas_here
     per_row = totals[2 * world:]
     return {

@@ -12,6 +12,8 @@ weights' (they are averages already, over the last hundred or so steps).
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 from digit_models.tf_setup import keras, tf
 from digit_models.train_callbacks import BeforeEvaluation
 
@@ -58,6 +60,15 @@ class WeightAverage(BeforeEvaluation):
 
     def prepare(self):
         self._swap()
+
+    @contextmanager
+    def average_in(self):
+        """The weights as an epoch's end leaves them, for a checkpoint within an epoch."""
+        self._swap()
+        try:
+            yield
+        finally:
+            self._swap()
 
     def _swap(self):
         optimizer = getattr(self.model.optimizer, "inner_optimizer", self.model.optimizer)  # mixed precision wraps it

@@ -6,7 +6,7 @@ import pytest
 import tensorflow as tf
 
 from digit_models.augmentation import Augmentation, random_affine
-from digit_models.train_worker import _batches
+from digit_models.train_worker import EpochOrder, _batches
 
 SEED = tf.constant([3, 7], tf.int64)
 
@@ -52,18 +52,20 @@ def test_a_shift_moves_pixels_and_nothing_is_mirrored(mnist_slice):
 def test_training_batches_are_augmented_with_labels_kept_and_validation_untouched(mnist_slice):
     images, labels = mnist_slice.images[:256], mnist_slice.labels[:256]
 
-    def first_batches(**options):
-        data = _batches(images, labels, 64, cpus=1, **options)
+    order = EpochOrder(len(images), 64, rank=0, world=1, seed=5)
+
+    def first_batches(augmentation=None):
+        data = order.batches(images, labels, first_epoch=0, start=0, replicas=1, cpus=1,
+                             augmentation=augmentation)
         return [(x.numpy(), y.numpy()) for x, y in data.take(4)]
 
-    plain = first_batches(shuffle_seed=5)
-    augmented = first_batches(shuffle_seed=5, augmentation=Augmentation())
+    plain = first_batches()
+    augmented = first_batches(Augmentation())
     for (plain_x, plain_y), (moved_x, moved_y) in zip(plain, augmented):
-        assert np.array_equal(plain_y, moved_y)  # same shuffle, labels travel with their images
+        assert np.array_equal(plain_y, moved_y)  # same order, labels travel with their images
         assert moved_x.shape == plain_x.shape and not np.allclose(moved_x, plain_x)
-    assert all(np.array_equal(a[0], b[0]) for a, b in zip(
-        augmented, first_batches(shuffle_seed=5, augmentation=Augmentation())))
-    validation = first_batches()
+    assert all(np.array_equal(a[0], b[0]) for a, b in zip(augmented, first_batches(Augmentation())))
+    validation = [(x.numpy(), y.numpy()) for x, y in _batches(images, labels, 64, cpus=1)]
     assert np.array_equal(np.concatenate([x for x, _ in validation]), images)
     assert np.array_equal(np.concatenate([y for _, y in validation]).argmax(axis=1), labels)
 
@@ -74,14 +76,14 @@ def test_learning_rate_schedules(name):
     from digit_models.schedule import learning_rate
 
     config = TrainConfig(learning_rate=1e-3, lr_schedule=name, epochs=12)
-    rate = learning_rate(config, steps_per_epoch=100)
+    rate = learning_rate(config, steps_per_epoch=100, workers=1, epochs=config.epochs)
     if name == "constant":
         assert rate == 1e-3
         return
     at = [float(rate(step)) for step in (0, 100, 650, 1199, 1200)]
     assert at[0] == pytest.approx(1e-4) and at[1] == pytest.approx(1e-3)  # a one-epoch warm-up
     assert at[1] > at[2] > at[3] > 0 and at[4] == pytest.approx(0, abs=1e-9)  # cosine decay
-    short = learning_rate(TrainConfig(learning_rate=1e-3, lr_schedule=name, epochs=2), 100)
+    short = learning_rate(TrainConfig(learning_rate=1e-3, lr_schedule=name), 100, workers=1, epochs=2)
     assert float(short(20)) == pytest.approx(1e-3) and float(short(19)) < 1e-3  # a tenth of the run
     rate.total_steps.assign(100.0)  # a time budget's plan of one epoch
     assert float(rate(10)) == pytest.approx(1e-3) and float(rate(9)) < 1e-3  # warms up a tenth of it
@@ -100,3 +102,31 @@ def test_tta_views_are_fixed_small_moves_one_per_extra_view(mnist_slice):
     views = [tta_view(images, view).numpy() for view in range(1, len(TTA_VIEWS))]
     assert all(not np.allclose(view, images) for view in views)
     assert np.array_equal(tta_view(images[:2], 1).numpy(), right[:2])  # batching does not matter
+
+
+@pytest.mark.parametrize("world_before, world_after", [(2, 1), (1, 2), (2, 2)])
+def test_an_epoch_resumed_at_any_image_by_any_group_trains_on_the_images_it_had_left(world_before,
+                                                                                    world_after):
+    """The epoch's order is one seeded permutation whatever the number of workers: the steps
+    two workers take, then the rest of the epoch taken by one (or the other way round), are the
+    images of that epoch in the order one worker alone would have taken them."""
+    rows, step_rows, seed, epoch = 1_000, 16, 3, 2
+
+    def group_steps(world, start, steps):
+        orders = [EpochOrder(rows, step_rows, rank, world, seed) for rank in range(world)]
+        return [np.concatenate([order.rows_of(epoch, step, start).numpy() for order in orders])
+                for step in range(steps)]
+
+    alone = np.concatenate(group_steps(1, 0, EpochOrder(rows, step_rows, 0, 1, seed).steps))
+    assert len(set(alone)) == len(alone) == rows - rows % step_rows
+    before = np.concatenate(group_steps(world_before, 0, 5))
+    start = len(before)
+    after_order = EpochOrder(rows, step_rows, 0, world_after, seed)
+    after = np.concatenate(group_steps(world_after, start, after_order.steps_from(start)))
+    trained = np.concatenate([before, after])
+    assert len(set(trained)) == len(trained)  # no image twice in the epoch
+    np.testing.assert_array_equal(trained, alone[:len(trained)])
+    assert len(trained) > rows - 2 * step_rows * max(world_before, world_after)  # all but a remainder
+    other_epoch = np.concatenate([EpochOrder(rows, step_rows, 0, 1, seed).rows_of(epoch + 1, s).numpy()
+                                  for s in range(3)])
+    assert not np.array_equal(other_epoch, alone[:len(other_epoch)])  # each epoch its own order

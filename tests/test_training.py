@@ -215,10 +215,10 @@ import numpy as np
 from digit_models.tf_setup import configure_tensorflow
 configure_tensorflow(1)
 from digit_models.config import TrainConfig
-from digit_models.train_worker import _batches, multi_worker_strategy
+from digit_models.train_worker import EpochOrder, multi_worker_strategy
 images, labels = np.zeros((64, 28, 28), np.uint8), np.zeros(64, np.uint8)
 strategy = multi_worker_strategy(TrainConfig())
-ours = _batches(images, labels, 8, 1, shuffle_seed=0)
+ours = EpochOrder(64, 8, rank=0, world=1, seed=0).batches(images, labels, 0, 0, replicas=1, cpus=1)
 batches = iter(strategy.distribute_datasets_from_function(lambda _: ours))
 next(batches)
 # The worker's input as the strategy iterates it: one tf.data pipeline per device, fed by ours.
