@@ -4,10 +4,14 @@ from it by the real builder, and one local Ray for the library-level tests."""
 from __future__ import annotations
 
 import gc
+import json
 import os
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -124,3 +128,92 @@ def dense_scored(tmp_path_factory, kaggle_dir, dense_run) -> Path:
     predict(PredictConfig(runs=[str(dense_run)], input=str(kaggle_dir / "test.csv"), out=str(out),
                         batch_size=128, actors=2, cpus_per_actor=1))
     return out
+
+
+@dataclass(frozen=True)
+class S3Server:
+    """An S3-protocol server on loopback with one bucket, which refuses unsigned requests and
+    wrong keys as S3 does."""
+    endpoint: str  # http://127.0.0.1:PORT
+    bucket: str
+    region: str
+    env: dict  # the standard AWS variables that point a `digits` command at it
+
+    def filesystem(self):
+        """pyarrow's S3 client for it, for tests to put files there and read outputs back."""
+        import pyarrow.fs as pafs
+
+        return pafs.S3FileSystem(endpoint_override=self.endpoint, region=self.region,
+                                 access_key=self.env["AWS_ACCESS_KEY_ID"],
+                                 secret_key=self.env["AWS_SECRET_ACCESS_KEY"])
+
+    def listing(self) -> dict[str, int]:
+        """Every object in the bucket, with its size."""
+        import pyarrow.fs as pafs
+
+        found = self.filesystem().get_file_info(pafs.FileSelector(self.bucket, recursive=True))
+        return {info.path: info.size for info in found if info.type == pafs.FileType.File}
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory) -> S3Server:
+    """moto in server mode (a separate process: pyarrow's C++ S3 client talks HTTP, which
+    in-process mocks of Python's AWS client never see), stopped at the session's end. Its log
+    is kept in the session's temporary folder."""
+    import boto3
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    endpoint, region = f"http://127.0.0.1:{port}", "us-east-1"
+    with open(tmp_path_factory.mktemp("moto") / "server.log", "wb") as log:
+        server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1",
+                                   "-p", str(port)], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        _wait_until_answering(f"{endpoint}/moto-api/", server)
+        # moto takes any key until told to check them: first a user whose key may do anything
+        # in S3, then every request from here on must be signed with that key.
+        admin = {"endpoint_url": endpoint, "region_name": region,
+                 "aws_access_key_id": "setup", "aws_secret_access_key": "setup"}
+        iam = boto3.client("iam", **admin)
+        iam.create_user(UserName="digits")
+        iam.put_user_policy(UserName="digits", PolicyName="s3", PolicyDocument=json.dumps(
+            {"Version": "2012-10-17",
+             "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}))
+        key = iam.create_access_key(UserName="digits")["AccessKey"]
+        boto3.client("s3", **admin).create_bucket(Bucket="digits")
+        urllib.request.urlopen(urllib.request.Request(
+            f"{endpoint}/moto-api/reset-auth", data=b"0", method="POST",
+            headers={"Content-Type": "text/plain"}), timeout=10)
+        yield S3Server(endpoint=endpoint, bucket="digits", region=region, env={
+            "AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": key["AccessKeyId"],
+            "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"],
+            # pyarrow finds no region on its own for an endpoint that is not AWS's
+            "AWS_DEFAULT_REGION": region, "AWS_REGION": region})
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def _wait_until_answering(url: str, server: subprocess.Popen, seconds: float = 60) -> None:
+    deadline = time.time() + seconds
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except OSError:
+            if server.poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"the S3 server did not start (exit status {server.poll()})")
+            time.sleep(0.2)
+
+
+@pytest.fixture(scope="session")
+def s3_kaggle(s3_server, kaggle_dir) -> str:
+    """The session's Kaggle files (train.csv, test.csv, test_labels.csv, ...) on the S3
+    server: the URI of their folder."""
+    import pyarrow.fs as pafs
+
+    pafs.copy_files(str(kaggle_dir), f"{s3_server.bucket}/kaggle",
+                    source_filesystem=pafs.LocalFileSystem(),
+                    destination_filesystem=s3_server.filesystem())
+    return f"s3://{s3_server.bucket}/kaggle"
