@@ -65,8 +65,8 @@ OUR_CLASSES = {  # registered by digit_models/weight_average.py and schedule.py
 ALLOWED_CLASSES = {(module, name, None) for module, names in KERAS_CLASSES.items()
                    for name in names} | OUR_CLASSES
 NAMING_KEYS = ("module", "class_name", "registered_name")
-# What Keras deserializes into Python code: a Lambda layer, the function inside one, any function.
-CODE_CLASSES = {"Lambda", "__lambda__", "function"}
+# What holds Python bytecode in a config: a Lambda layer, and the function inside one.
+CODE_CLASSES = {"Lambda", "__lambda__"}
 
 
 def check_keras_archive(data: bytes | str | os.PathLike, name: str) -> None:
@@ -80,8 +80,7 @@ def check_keras_archive(data: bytes | str | os.PathLike, name: str) -> None:
             weights = _read_entry(archive, entries[WEIGHTS], name)
     except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError, RuntimeError,
             NotImplementedError, zlib.error) as exc:  # RuntimeError: an encrypted entry
-        raise DigitsError(f"{name}: not a loadable Keras model: not a Keras zip archive "
-                          f"({first_line(exc)})") from None
+        raise DigitsError(f"{name}: not a loadable Keras model: {first_line(exc)}") from None
     _check_config(config, name)
     _check_weights(weights, name)
 
@@ -178,7 +177,7 @@ def _check_named(node: dict, name: str) -> None:
         raise DigitsError(f"{name}: refused: the model contains Python code (e.g. a Lambda "
                           "layer), which Keras safe mode does not load")
     module, class_name, registered_name = (_shown(value) for value in named)
-    raise DigitsError(f"{name}: refused: {CONFIG} names class {class_name} of module {module} "
+    raise DigitsError(f"{name}: refused: {CONFIG} names {class_name} of module {module} "
                       f"(registered name {registered_name}), which no model of ours is built from")
 
 
