@@ -4,6 +4,10 @@
 #   cluster/local_cluster.sh start [WORKER_NODES]   # head + WORKER_NODES worker nodes (default 2)
 #   cluster/local_cluster.sh start 0                # a head alone (give it CPUs: HEAD_CPUS=2)
 #   cluster/local_cluster.sh address                # the Jobs API address for `ray job submit`
+#   cluster/local_cluster.sh add [WORKER_NODES]     # more worker nodes (default 1), numbered on
+#   cluster/local_cluster.sh kill worker-N          # every process of one node SIGKILLed at once,
+#                                                   # as a spot reclaim or a dead machine does
+#   cluster/local_cluster.sh node-id worker-N       # that node's Ray node ID (for `ray drain-node`)
 #   cluster/local_cluster.sh stop                   # stops exactly this cluster's processes
 #
 # By default the head takes no CPUs (it runs drivers and Ray's own actors) and each worker node
@@ -35,9 +39,19 @@ start_node() {  # name, then `ray start` arguments
     local name=$1
     shift
     mkdir -p "$STATE/$name"
-    setsid bash -c 'echo $$ >> "$0/sessions"; exec "$@"' "$STATE" "$RAY" start \
+    setsid bash -c 'echo $$ >> "$0/sessions"; echo $$ > "$0/$1.session"; shift; exec "$@"' \
+        "$STATE" "$name" "$RAY" start \
         --temp-dir "$STATE/$name" --disable-usage-stats "$@" > "$STATE/$name.log" 2>&1 \
         || { echo "$name failed to start; see $STATE/$name.log" >&2; return 1; }
+}
+
+start_workers() {  # count: worker nodes numbered after every one started so far (killed ones too)
+    local first=1 i
+    while [ -e "$STATE/worker-$first.log" ]; do first=$((first + 1)); done
+    for i in $(seq "$first" $((first + $1 - 1))); do
+        start_node "worker-$i" --address "127.0.0.1:$RAY_PORT" --num-cpus "$WORKER_CPUS" \
+            --dashboard-agent-listen-port $((AGENT_PORT + i)) --resources "{\"worker-$i\": 1}"
+    done
 }
 
 start() {
@@ -50,11 +64,31 @@ start() {
     start_node head --head --port "$RAY_PORT" --num-cpus "$HEAD_CPUS" \
         --dashboard-host 127.0.0.1 --dashboard-port "$DASHBOARD_PORT" \
         --dashboard-agent-listen-port "$AGENT_PORT"
-    for i in $(seq 1 "$workers"); do
-        start_node "worker-$i" --address "127.0.0.1:$RAY_PORT" --num-cpus "$WORKER_CPUS" \
-            --dashboard-agent-listen-port $((AGENT_PORT + i))
-    done
+    start_workers "$workers"
     echo "local Ray cluster: head + $workers worker node(s); submit jobs to $(address)"
+}
+
+add() {
+    [ -s "$STATE/sessions" ] || { echo "no local cluster running (state in $STATE)" >&2; exit 1; }
+    start_workers "${1:-1}"
+}
+
+kill_node() {  # a node's session, every process at once; the node is left for dead (no `ray stop`)
+    local file="$STATE/$1.session" pids
+    [ -s "$file" ] || { echo "no node $1 (state in $STATE)" >&2; exit 1; }
+    pids=$(pgrep -s "$(cat "$file")") || true
+    [ -z "$pids" ] || kill -KILL $pids 2>/dev/null || true
+    rm -f "$file"
+    echo "killed node $1"
+}
+
+node_id() {  # a worker node's ID, found by the custom resource named after it
+    "$(dirname "$RAY")/python" -c '
+import sys, ray
+ray.init(address=sys.argv[1], logging_level="ERROR", log_to_driver=False)
+found = [node["NodeID"] for node in ray.nodes() if node["Alive"] and sys.argv[2] in node["Resources"]]
+print(found[0]) if found else sys.exit(f"no live node {sys.argv[2]}")
+' "127.0.0.1:$RAY_PORT" "$1"
 }
 
 address() {
@@ -98,7 +132,7 @@ stop() {
     local left
     left=$(cluster_pids)
     [ -z "$left" ] || kill -KILL $left 2>/dev/null || true
-    rm -f "$STATE/sessions"
+    rm -f "$STATE/sessions" "$STATE"/*.session
     # `ray start --head` names this cluster as the machine's default for `ray.init()`; forget it.
     if grep -qs ":$RAY_PORT\$" /tmp/ray/ray_current_cluster; then rm -f /tmp/ray/ray_current_cluster; fi
     echo "local Ray cluster stopped"
@@ -108,5 +142,8 @@ case "${1:-}" in
     start) shift; start "$@" ;;
     stop) stop ;;
     address) address ;;
-    *) echo "usage: $0 start [WORKER_NODES] | address | stop" >&2; exit 2 ;;
+    add) shift; add "$@" ;;
+    kill) kill_node "$2" ;;
+    node-id) node_id "$2" ;;
+    *) echo "usage: $0 start [WORKER_NODES] | add [WORKER_NODES] | kill worker-N | node-id worker-N | address | stop" >&2; exit 2 ;;
 esac

@@ -105,13 +105,14 @@ class WorkerGroupWatch(ControllerCallback):
             why = "preemption" if _is_preemption_failure(error) else "failure"
             self._record("restart", {"why": why, "workers_from": self.group_size, "error": _described(error)})
             self.waiting_since = time.time()
+            _wait_until_gone(getattr(getattr(error, "preemption_info", None), "preempted_node_ids", []))
             lost = _lost_ranks(error)
-            if lost and self.min_workers == self.max_workers:
-                say(f"lost worker(s) {', '.join(map(str, lost))} of {self.group_size} ({why}); "
-                    f"waiting at most {self.wait_s:.0f} s for {self.min_workers} workers to restart")
-            elif lost:
-                say(f"lost worker(s) {', '.join(map(str, lost))} of {self.group_size} ({why}); "
+            what = (f"lost worker(s) {', '.join(map(str, lost))} of {self.group_size}" if lost
+                    else f"the {self.group_size}-worker group failed ({_first_error(error)})")
+            plan = (f"waiting at most {self.wait_s:.0f} s for {self.min_workers} workers"
+                    if self.min_workers == self.max_workers else
                     f"restarting with the workers the cluster has ({self.min_workers} to {self.max_workers})")
+            say(f"{what}; {why}: {plan}")
         elif isinstance(current_state, (RestartingState, ReschedulingState)):
             self._keep_waiting()
 
@@ -137,12 +138,32 @@ class WorkerGroupWatch(ControllerCallback):
             pass
 
 
+def _wait_until_gone(node_ids: list[str], timeout_s: float = 30.0) -> None:
+    """Until Ray counts the preempted nodes out (or `timeout_s`): a restart decided before
+    that would try to start workers on them, and wait out Ray Train's start timeout (a
+    minute) before it tries again without them. Blocks the controller's loop meanwhile; the
+    group is already ended."""
+    deadline = time.time() + timeout_s
+    while node_ids and time.time() < deadline:
+        alive = {node["NodeID"] for node in ray.nodes() if node["Alive"]}
+        if not alive & set(node_ids):
+            return
+        time.sleep(0.5)
+
+
 def _lost_ranks(error) -> list[int]:
     """The ranks whose worker process is gone, killed or with its node (a worker that failed
     with an error of its own is not lost)."""
     failures = getattr(error, "worker_failures", None) or {}
     return sorted(rank for rank, failure in failures.items()
                   if isinstance(getattr(failure, "health_check_failure", failure), ray.exceptions.ActorDiedError))
+
+
+def _first_error(error) -> str:
+    """The first worker's error, for a console line (attempts/ has them all)."""
+    failures = getattr(error, "worker_failures", None) or {}
+    first = failures[min(failures)] if failures else error
+    return f"rank {min(failures)}: {_described(first)}" if failures else _described(first)
 
 
 def _described(exc: BaseException) -> str:

@@ -39,7 +39,10 @@ NOISE = re.compile(
     r"|Failed to kill actor .* (Socket closed|failed to connect)"
     # A worker's collective all-reduce aborting because a peer died, which Ray reports itself.
     r"|ring_alg\.cc:\d+\] Aborting RingReduce|base_collective_executor\.cc:\d+\] BaseCollectiveExecutor::StartAbort"
-    r"|^Additional GRPC error information from remote target|^:UNKNOWN:Error received from peer")
+    r"|^Additional GRPC error information from remote target|^:UNKNOWN:Error received from peer"
+    # A lost node: what the GCS says as it gives up on it (retold below) and on its resources.
+    r"|^\s*\(\d\) raylet (crashes unexpectedly|has lagging heartbeats)"
+    r"|gcs_placement_group_scheduler\.cc:\d+\S* Failed to (remove|cancel|return)")
 
 
 @contextmanager
@@ -102,7 +105,10 @@ def _pass_on(lines, out) -> None:
 # Ray's own lines said in fewer words (its log files keep them whole).
 RETOLD = [(re.compile(r"A worker died or was killed while executing a task by an unexpected system "
                       r"error\..*Worker PID: (\d+).*Worker exit type: (\w+)"),
-           r"Ray: worker process \1 died unexpectedly (\2); Ray's logs have the details")]
+           r"Ray: worker process \1 died unexpectedly (\2); Ray's logs have the details"),
+           (re.compile(r"The node with node id: \w+ and address: (\S+) .*has been marked dead because the "
+                       r"detector has missed too many heartbeats"),
+           r"Ray: node \1 is gone (it stopped answering); Ray's logs have the details")]
 
 # Ray Train's worker prints the training function's error, with its traceback and whatever
 # TensorFlow adds to it, and then ends; the error reaches the driver, which says it in one line
@@ -112,8 +118,10 @@ FAILED = "Error in training function:"
 
 # Ray Train's controller logs every error it handles with its traceback (a failed group start,
 # each minute, while it waits for nodes); what it decides reaches the console through our own
-# controller callback's lines (attempts.WorkerGroupWatch) and the command's end.
-CONTROLLER = "TrainController"
+# controller callback's lines (attempts.WorkerGroupWatch) and the command's end. Its
+# placement-group cleaner prints a traceback when it cannot find the State API (a machine with
+# two Rays), and has nothing to say to a user otherwise.
+RAY_TRAIN_ACTORS = ("TrainController", "PlacementGroupCleaner")
 
 SAY = "digits-say "  # a worker's line for the console
 PROGRESS = "digits-progress "  # a worker's progress message (JSON)
@@ -226,7 +234,8 @@ def filter_worker_output() -> None:
 
     def print_filtered(batch: dict, print_logs=printers[0]) -> None:
         lines, pid = [], batch.get("pid")
-        from_controller = CONTROLLER in (batch.get("actor_name") or "")
+        actor = batch.get("actor_name") or ""
+        from_controller = any(name in actor for name in RAY_TRAIN_ACTORS)
         for line in batch.get("lines", []):
             if pid in failed or from_controller and not line.startswith(SAY):
                 continue

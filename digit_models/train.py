@@ -113,8 +113,12 @@ def _run(config: TrainConfig, run_dir: RunDir, address: str | None, started: dic
                                  "labels": ray.put(digits.labels[val_rows]),
                                  "rows": ray.put(val_rows.astype(np.int64))}}
         # Ray Train gives a worker group this long to start before it tries again; the wait
-        # for workers (WorkerGroupWatch) is checked at each such end.
-        os.environ[START_TIMEOUT_VARIABLE] = str(min(DEFAULT_START_TIMEOUT_S, config.wait_for_workers))
+        # for workers (WorkerGroupWatch) is checked at each such end. An elastic group tries
+        # again sooner: right after a node is lost, Ray may still count the node, and a group
+        # sized for it waits out the whole timeout before one without it is tried.
+        os.environ[START_TIMEOUT_VARIABLE] = str(min(
+            ELASTIC_START_TIMEOUT_S if config.fewest_workers < config.workers else DEFAULT_START_TIMEOUT_S,
+            config.wait_for_workers))
         trainer = tensorflow_trainer(
             train_func,
             controller_callbacks=[WorkerGroupWatch(run_dir.location, config.fewest_workers,
@@ -235,6 +239,7 @@ def scaling_config(config: TrainConfig):
 ELASTIC_RESIZE_CHECK_S = 60.0
 START_TIMEOUT_VARIABLE = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
 DEFAULT_START_TIMEOUT_S = 60.0  # Ray Train 2.60's
+ELASTIC_START_TIMEOUT_S = 30.0
 
 
 def library_versions() -> dict:
