@@ -164,6 +164,10 @@ def _run(config: TrainConfig, run_dir: RunDir, address: str | None, started: dic
         "shards": outcome["shards"],
         "worker_process": outcome["worker_process"],  # rank 0's CPUs (threads), niceness, dtype policy
         "restarts": restarts(run_dir.location),
+        # Rank 0's questions for a preemption notice in the last group: how many, their
+        # seconds in all, and the steps between two (BENCHMARKS.md weighs them against a step).
+        "preemption_checks": {**outcome["preemption_checks"],
+                              "check_s": round(outcome["preemption_checks"]["check_s"], 3)},
         **({"fault_injected": ",".join(f"{moment}:{epoch}:{rank}" for moment, epoch, rank in faults)}
            if faults else {}),
         "data": started["data"],

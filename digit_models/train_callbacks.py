@@ -147,7 +147,7 @@ class Checkpointing(keras.callbacks.Callback):
 
 # Steps between two questions to Ray Train whether a node of the run is being preempted: each
 # is a barrier of all workers through a Ray actor (BENCHMARKS.md has its cost against a step's).
-PREEMPTION_CHECK_STEPS = 64
+PREEMPTION_CHECK_STEPS = 32
 
 
 class PreemptionNotice(keras.callbacks.Callback):
@@ -159,6 +159,8 @@ class PreemptionNotice(keras.callbacks.Callback):
     the workers wait for Ray Train to restart the run without the node, which resumes at that
     checkpoint's image. So the steps lost are none, and the time lost is the wait."""
 
+    steps_done = 0
+
     def __init__(self, strategy, checkpointing: Checkpointing, global_batch: int, rank: int,
                  run_location: str):
         super().__init__()
@@ -167,21 +169,33 @@ class PreemptionNotice(keras.callbacks.Callback):
         self.epoch_start = 0  # the image of its epoch that fit()'s first epoch starts at
         self.notice = None
         self.saved_s = self.round_s = 0.0
+        self.steps_before_epoch = self.checked_at = 0
+        self.round_started = time.monotonic()
+        # What the questions cost, for run.json: their number and seconds, and the steps between.
+        self.cost = {"every_steps": PREEMPTION_CHECK_STEPS, "checks": 0, "check_s": 0.0}
 
     def on_epoch_begin(self, epoch, logs=None):
         self.epoch = epoch
-        self.round_started = time.monotonic()
 
     def on_epoch_end(self, epoch, logs=None):
         self.epoch_start = 0
+        self.steps_before_epoch = self.steps_done
 
     def on_train_batch_end(self, batch, logs=None):
-        if (batch + 1) % PREEMPTION_CHECK_STEPS:
+        # Counted across epochs (an epoch can be shorter than the cadence); fit() calls this
+        # after each execution of several steps, at the same steps on every worker.
+        self.steps_done = self.steps_before_epoch + batch + 1
+        if self.steps_done - self.checked_at < PREEMPTION_CHECK_STEPS:
             return
+        self.checked_at = self.steps_done
         now = time.monotonic()
         self.round_s, self.round_started = now - self.round_started, now
         if self.notice is None:
             self.notice = ray.train.get_preemption_info()
+            asked = time.monotonic() - now
+            self.cost["checks"] += 1
+            self.cost["check_s"] += asked
+            self.round_started += asked
             if self.notice is not None:
                 self._checkpoint(batch, "notice")
             return

@@ -140,6 +140,7 @@ def run_worker(loop_config: dict) -> dict:
         train(state["epochs_done"], config.epochs)
     timeline["train_func_ended"] = time.time()
     return {**state, "workers": world, "shards": shards, "timeline": timeline,
+            "preemption_checks": preemption.cost,
             "worker_process": {"cpus": cpus, "niceness": os.nice(0),
                                "precision": keras.mixed_precision.global_policy().name}}
 

@@ -1,0 +1,200 @@
+"""Nodes that come and go, on a real multi-node Ray cluster (cluster/local_cluster.sh: a head
+without CPUs and worker nodes of one CPU each, so a 2-worker run spans two nodes), with the
+run directory on a real S3-protocol server on loopback: a node killed outright under an
+elastic run and under a fixed-size one, and a preemption announced by `ray drain-node` and
+carried out at its deadline. One cluster for the module; each test leaves two worker nodes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, ray_processes
+
+RAY = str(Path(sys.executable).with_name("ray"))
+SCRIPT = str(REPO / "cluster" / "local_cluster.sh")
+# Epochs on 1-CPU nodes long enough that a kill after epoch 1's line lands in the middle of the
+# run (the seed's CNN on the 2,000-row slice: a few seconds each), and, for a preemption,
+# that the notice (Ray Train polls for drains every 5 s) comes well before a 20 s deadline
+# (deep_cnn: several seconds an epoch).
+TRAIN = ("--model", "cnn", "--epochs", "4", "--target", "1.0")
+TRAIN_LONGER = ("--model", "deep_cnn", "--epochs", "5", "--target", "1.0")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def cluster(s3_server):
+    state = tempfile.mkdtemp(prefix="dln-", dir="/tmp")  # short: Ray's socket paths live under it
+    env = {**os.environ, **s3_server.env, "RAY": RAY, "RAY_PORT": str(_free_port()),
+           "DASHBOARD_PORT": str(_free_port()), "AGENT_PORT": str(_free_port()),
+           "CLUSTER_STATE": state, "RAY_AUTH_MODE": "token"}
+    env.pop("RAY_ADDRESS", None)
+    before = ray_processes()
+    started = subprocess.run([SCRIPT, "start", "2"], env=env, capture_output=True, text=True, timeout=300)
+    try:
+        assert started.returncode == 0, started.stdout + started.stderr
+        yield env
+    finally:
+        subprocess.run([SCRIPT, "stop"], env=env, capture_output=True, timeout=120)
+        deadline = time.time() + 30
+        while not ray_processes() <= before and time.time() < deadline:
+            time.sleep(0.5)
+        assert ray_processes() <= before, "a raylet or GCS of the test cluster outlived `stop`"
+        subprocess.Popen(["rm", "-rf", state], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _script(env: dict, *args: str) -> str:
+    done = subprocess.run([SCRIPT, *args], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout.strip()
+
+
+def _live_workers(env: dict) -> list[str]:
+    return sorted(Path(env["CLUSTER_STATE"]).glob("worker-*.session"), key=lambda p: p.name)
+
+
+def _train(env: dict, *args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "digit_models.cli", "train", *args,
+                             "--address", f"127.0.0.1:{env['RAY_PORT']}"], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _lines_until(process: subprocess.Popen, prefix: str, timeout: float = 300) -> list[str]:
+    """stdout's lines up to the first that starts with `prefix` (the run's next lines stay
+    unread in the pipe)."""
+    seen, deadline = [], time.time() + timeout
+    while time.time() < deadline:
+        line = process.stdout.readline()
+        if not line:
+            break
+        seen.append(line.rstrip("\n"))
+        if line.startswith(prefix):
+            return seen
+    raise AssertionError(f"no line starting {prefix!r}; saw {seen}")
+
+
+def _run_json(s3_server, run: str) -> dict:
+    path = run.removeprefix("s3://")
+    with s3_server.filesystem().open_input_stream(f"{path}/run.json") as stream:
+        return json.loads(stream.read())
+
+
+def _attempts(s3_server, run: str) -> list[tuple[str, dict]]:
+    import pyarrow.fs as pafs
+
+    fs, path = s3_server.filesystem(), run.removeprefix("s3://") + "/attempts"
+    found = []
+    for info in sorted(fs.get_file_info(pafs.FileSelector(path)), key=lambda info: info.base_name):
+        with fs.open_input_stream(info.path) as stream:
+            found.append((info.base_name.removesuffix(".json").partition("-")[2], json.loads(stream.read())))
+    return found
+
+
+def _no_traceback(stderr: str) -> None:
+    assert "Traceback" not in stderr and "Error in control loop" not in stderr, stderr[-3000:]
+
+
+@pytest.mark.timeout(900)
+def test_an_elastic_run_goes_on_without_a_lost_node(cluster, s3_server, s3_kaggle):
+    """--workers 2 --min-workers 1, one worker node killed in epoch 2: the run finishes every
+    epoch once, those after the kill on one worker, with the group sizes on record."""
+    run = f"s3://{s3_server.bucket}/nodes/elastic"
+    training = _train(cluster, *TRAIN, "--workers", "2", "--min-workers", "1", "--data", s3_kaggle,
+                      "--out", run)
+    _lines_until(training, "epoch 1/")
+    _script(cluster, "kill", _live_workers(cluster)[-1].stem)
+    stdout, stderr = training.communicate(timeout=600)
+    _script(cluster, "add", "1")
+    assert training.returncode == 0, stdout + stderr
+    _no_traceback(stderr)
+    summary = _run_json(s3_server, run)
+    assert [entry["epoch"] for entry in summary["history"]] == [1, 2, 3, 4]
+    assert summary["worker_groups"] == [2, 1] and summary["workers"] == 1
+    assert summary["global_batch_size"] == 32 and summary["shards"]["train_rows"] == [1792]
+    [restart] = summary["restarts"]
+    assert restart["kind"] == "failure" and restart["workers"] == 1 and restart["resumed_after_epoch"] >= 1
+    assert "workers restarted after a failure (restart 1 of this run)" in stdout
+    assert "with 1 of 2 workers" in stdout
+
+
+@pytest.mark.timeout(900)
+def test_a_preempted_node_costs_no_steps(cluster, s3_server, s3_kaggle):
+    """`ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION` with a 20 s deadline in epoch 2,
+    the node killed at the deadline: the workers checkpoint in the middle of the epoch on the
+    notice, the restart counts as a preemption, and the new group resumes at the checkpoint's
+    image, so no step is trained twice."""
+    run = f"s3://{s3_server.bucket}/nodes/preempted"
+    training = _train(cluster, *TRAIN_LONGER, "--workers", "2", "--min-workers", "1", "--data", s3_kaggle,
+                      "--out", run, "--max-failures", "0")  # a restart counted as a failure fails the run
+    _lines_until(training, "epoch 1/")
+    victim = _live_workers(cluster)[-1].stem
+    node = _script(cluster, "node-id", victim)
+    drained = subprocess.run([RAY, "drain-node", "--address", f"127.0.0.1:{cluster['RAY_PORT']}",
+                              "--node-id", node, "--reason", "DRAIN_NODE_REASON_PREEMPTION",
+                              "--reason-message", "spot reclaim", "--deadline-remaining-seconds", "20"],
+                             env=cluster, capture_output=True, text=True, timeout=60)
+    assert drained.returncode == 0, drained.stdout + drained.stderr
+    time.sleep(20)
+    _script(cluster, "kill", victim)
+    stdout, stderr = training.communicate(timeout=600)
+    _script(cluster, "add", "1")
+    assert training.returncode == 0, stdout + stderr
+    _no_traceback(stderr)
+    summary = _run_json(s3_server, run)
+    assert [entry["epoch"] for entry in summary["history"]] == [1, 2, 3, 4, 5]
+    [restart] = summary["restarts"]
+    assert restart["kind"] == "preemption" and restart["workers"] == 1
+    records = _attempts(s3_server, run)
+    checkpoints = [entry for kind, entry in records if kind == "preemption"]
+    assert checkpoints and checkpoints[0]["why"] == "notice" and len(checkpoints[0]["ranks"]) == 1
+    assert restart["resumed_at_image"] == checkpoints[-1]["images_done"] > 0
+    assert restart["resumed_after_epoch"] == checkpoints[-1]["epoch"] - 1
+    assert any(line.startswith(f"preemption notice for worker(s) {checkpoints[0]['ranks'][0]}: checkpoint at image")
+               for line in stdout.splitlines())
+    assert summary["preemption_checks"]["checks"] > 0
+
+
+@pytest.mark.timeout(900)
+def test_a_fixed_size_run_that_loses_a_node_waits_then_ends_resumable(cluster, s3_server, s3_kaggle):
+    """--workers 2 without --min-workers, one node killed: a console line at once, the bounded
+    wait, exit 1 with one line that says how to go on, and a --resume that finishes once the
+    cluster has its nodes again."""
+    run = f"s3://{s3_server.bucket}/nodes/fixed"
+    training = _train(cluster, *TRAIN, "--workers", "2", "--data", s3_kaggle, "--out", run,
+                      "--wait-for-workers", "20")
+    _lines_until(training, "epoch 1/")
+    _script(cluster, "kill", _live_workers(cluster)[-1].stem)
+    killed = time.time()
+    said = _lines_until(training, "the 2-worker group failed", timeout=120)[-1]
+    assert "waiting at most 20 s for 2 workers" in said and time.time() - killed < 30
+    stdout, stderr = training.communicate(timeout=300)
+    assert training.returncode == 1, stdout + stderr
+    assert stderr.strip().splitlines() == [
+        f"digits: fewer than 2 worker(s) could start for {stderr.split('start for ')[1].split(' s')[0]} s "
+        f"(--wait-for-workers 20); continue with `digits train --resume {run}` once the cluster has "
+        "the nodes, or train with a smaller --min-workers"], stderr
+    _script(cluster, "add", "1")
+    resumed = subprocess.run([sys.executable, "-m", "digit_models.cli", "train", "--resume", run,
+                              "--address", f"127.0.0.1:{cluster['RAY_PORT']}"], cwd=REPO, env=cluster,
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    _no_traceback(resumed.stderr)
+    summary = _run_json(s3_server, run)
+    assert [entry["epoch"] for entry in summary["history"]] == [1, 2, 3, 4]
+    assert summary["worker_groups"][0] == summary["worker_groups"][-1] == 2
+    assert summary["restarts"][-1]["kind"] == "resume"
+    assert [kind for kind, _ in _attempts(s3_server, run)].count("waiting") >= 1
