@@ -63,7 +63,8 @@ def local_cluster(port: int):
     script = str(REPO / "cluster" / "local_cluster.sh")
     subprocess.run([script, "start", "2"], env=env, check=True, capture_output=True)
     try:
-        yield {"RAY_ADDRESS": f"127.0.0.1:{port}", "RAY_AUTH_MODE": "token"}
+        yield {"RAY_ADDRESS": f"127.0.0.1:{port}", "RAY_AUTH_MODE": "token",
+               "CLUSTER_STATE": state, "RAY_PORT": str(port), "RAY": env["RAY"]}
     finally:
         subprocess.run([script, "stop"], env=env, capture_output=True)
         shutil.rmtree(state, ignore_errors=True)

@@ -16,6 +16,7 @@ named by the Unix time in milliseconds, so that the names sort in time order. ru
 from __future__ import annotations
 
 import json
+import socket
 import time
 
 import ray.train
@@ -105,7 +106,8 @@ class WorkerGroupWatch(ControllerCallback):
             why = "preemption" if _is_preemption_failure(error) else "failure"
             self._record("restart", {"why": why, "workers_from": self.group_size, "error": _described(error)})
             self.waiting_since = time.time()
-            _wait_until_gone(getattr(getattr(error, "preemption_info", None), "preempted_node_ids", []))
+            preempted = getattr(getattr(error, "preemption_info", None), "preempted_node_ids", [])
+            _wait_until_gone(preempted or _nodes_not_answering())
             lost = _lost_ranks(error)
             what = (f"lost worker(s) {', '.join(map(str, lost))} of {self.group_size}" if lost
                     else f"the {self.group_size}-worker group failed ({_first_error(error)})")
@@ -138,11 +140,28 @@ class WorkerGroupWatch(ControllerCallback):
             pass
 
 
+def _nodes_not_answering() -> list[str]:
+    """The nodes Ray still counts whose raylet no longer takes connections: a node that has
+    just died (Ray's GCS agrees only once it has missed its heartbeats for a while)."""
+    gone = []
+    for node in ray.nodes():
+        if node["Alive"]:
+            try:
+                socket.create_connection((node["NodeManagerAddress"], node["NodeManagerPort"]),
+                                         timeout=RAYLET_ANSWER_S).close()
+            except OSError:
+                gone.append(node["NodeID"])
+    return gone
+
+
+RAYLET_ANSWER_S = 2.0
+
+
 def _wait_until_gone(node_ids: list[str], timeout_s: float = 30.0) -> None:
-    """Until Ray counts the preempted nodes out (or `timeout_s`): a restart decided before
-    that would try to start workers on them, and wait out Ray Train's start timeout (a
-    minute) before it tries again without them. Blocks the controller's loop meanwhile; the
-    group is already ended."""
+    """Until Ray counts these nodes out (or `timeout_s`): preempted ones, or ones that have
+    stopped answering. A restart decided before that would try to start workers on them, and
+    wait out Ray Train's start timeout before it tries again without them. Blocks the
+    controller's loop meanwhile; the group is already ended."""
     deadline = time.time() + timeout_s
     while node_ids and time.time() < deadline:
         alive = {node["NodeID"] for node in ray.nodes() if node["Alive"]}

@@ -112,10 +112,13 @@ def _run(config: TrainConfig, run_dir: RunDir, address: str | None, started: dic
                   "validation": {"images": ray.put(digits.images[val_rows]),
                                  "labels": ray.put(digits.labels[val_rows]),
                                  "rows": ray.put(val_rows.astype(np.int64))}}
-        # Ray Train gives a worker group this long to start before it tries again; the wait
-        # for workers (WorkerGroupWatch) is checked at each such end. An elastic group tries
-        # again sooner: right after a node is lost, Ray may still count the node, and a group
-        # sized for it waits out the whole timeout before one without it is tried.
+        # Ray Train gives a worker group's resources this long to be granted before it tries
+        # again; the wait for workers (WorkerGroupWatch) is checked at each such end. An
+        # elastic group tries again sooner: for a while after a node is lost, the count Ray
+        # Train sizes it by (Ray Data's autoscaling coordinator, refreshed every 20 s) still
+        # has the node, and a group sized for it waits out the whole timeout before a
+        # smaller one is tried. Only the grant is timed (granted at once when the resources
+        # are there), not the workers' start.
         os.environ[START_TIMEOUT_VARIABLE] = str(min(
             ELASTIC_START_TIMEOUT_S if config.fewest_workers < config.workers else DEFAULT_START_TIMEOUT_S,
             config.wait_for_workers))
@@ -243,7 +246,7 @@ def scaling_config(config: TrainConfig):
 ELASTIC_RESIZE_CHECK_S = 60.0
 START_TIMEOUT_VARIABLE = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
 DEFAULT_START_TIMEOUT_S = 60.0  # Ray Train 2.60's
-ELASTIC_START_TIMEOUT_S = 30.0
+ELASTIC_START_TIMEOUT_S = 10.0
 
 
 def library_versions() -> dict:

@@ -165,7 +165,6 @@ def test_a_preempted_node_costs_no_steps(cluster, s3_server, s3_kaggle):
     assert restart["resumed_after_epoch"] == checkpoints[-1]["epoch"] - 1
     assert any(line.startswith(f"preemption notice for worker(s) {checkpoints[0]['ranks'][0]}: checkpoint at image")
                for line in stdout.splitlines())
-    assert summary["preemption_checks"]["checks"] > 0
 
 
 @pytest.mark.timeout(900)
