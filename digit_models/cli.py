@@ -215,24 +215,25 @@ def run_predict(args) -> None:
     from dataclasses import fields
 
     from digit_models.config import PredictConfig
+    from digit_models.files import Folder
     from digit_models.predict import SUBMISSION_FILE, predict
 
     options = {field.name: getattr(args, field.name) for field in fields(PredictConfig)
                if field.name != "runs"}
     summary = predict(PredictConfig(runs=args.run, **options), address=args.address)
     print(f"scored {summary['images']:,} images ({summary['images_per_s']:,.0f} images/s); "
-          f"submission: {args.out.rstrip('/')}/{SUBMISSION_FILE}")
+          f"submission: {Folder(args.out).child(SUBMISSION_FILE)}")
 
 
 def run_evaluate(args) -> None:
     from digit_models.evaluation import EVALUATION_FILE, evaluate, format_report, write_evaluation
 
-    from digit_models.files import Folder
+    from digit_models.files import Folder, parent_and_name
 
     result = evaluate(args.predictions, args.labels, origin=args.origin)
     predictions = Folder(args.predictions)
     target = args.json or (predictions.child(EVALUATION_FILE) if predictions.is_folder()
-                           else f"{args.predictions.rpartition('/')[0] or '.'}/{EVALUATION_FILE}")
+                           else Folder(parent_and_name(args.predictions)[0]).child(EVALUATION_FILE))
     write_evaluation(result, target)
     print(format_report(result))
     print(f"written to {target}")

@@ -90,7 +90,10 @@ def predict(config: PredictConfig, address: str | None = None) -> dict:
             batch_size=BLOCK_ROWS, batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=actors), **actor_resources(config, cpus))
         # Writing is light: at zero CPUs it never waits for the actors to free theirs.
-        predictions.write_parquet(target.child(PREDICTIONS_DIR), min_rows_per_file=ROWS_PER_FILE,
+        # Through the resolved filesystem: given a URI, Ray Data would keep its query (the
+        # store's settings) in the object keys.
+        predictions.write_parquet(f"{target.path}/{PREDICTIONS_DIR}", filesystem=target.fs,
+                                  min_rows_per_file=ROWS_PER_FILE,
                                   ray_remote_args={"num_cpus": 0, **({} if is_uri(config.out) else on_this_node())})
         scored = time.time()
         files = [{"file": file if is_uri(file) else str(Path(file).resolve()), **found} for file, found in

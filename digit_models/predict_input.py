@@ -23,7 +23,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from digit_models.errors import DigitsError, first_line
-from digit_models.files import file_sha256, filesystem, require_file
+from digit_models.files import file_sha256, filesystem, require_file, split_query
 from digit_models.kaggle_csv import (PIXEL_COLUMNS, TEST_COLUMNS, check_header, count_csv_rows,
                                      pixels_of, read_csv_chunks, read_csv_header)
 
@@ -67,11 +67,14 @@ def open_input(location: str) -> PredictInput:
 
 
 def _list_files(location: str) -> tuple[list[str], list[int]]:
+    # A URI's query (the store's settings) is neither part of a glob nor of a file's name;
+    # every file listed carries it, so that each is opened with the same settings.
+    base, query = split_query(location)
     fs, path = filesystem(location)
-    if any(char in location for char in "*?["):
-        base_location = location[:min(location.index(c) for c in "*?[" if c in location)]
+    if any(char in base for char in "*?["):
+        base_location = base[:min(base.index(c) for c in "*?[" if c in base)]
         base_location = base_location[:base_location.rfind("/") + 1] or "./"
-        pattern = location
+        pattern = base
     else:
         info = fs.get_file_info(path)
         if info.type != pafs.FileType.Directory:
@@ -79,8 +82,8 @@ def _list_files(location: str) -> tuple[list[str], list[int]]:
             if _kind(location) is None:
                 raise DigitsError(f"{location}: expected a .csv, .csv.gz, .parquet or .pq file")
             return [location], [info.size]
-        base_location, pattern = location.rstrip("/") + "/", None
-    base_fs, base_path = filesystem(base_location)
+        base_location, pattern = base.rstrip("/") + "/", None
+    base_fs, base_path = filesystem(base_location + query)
     try:
         infos = base_fs.get_file_info(pafs.FileSelector(base_path.rstrip("/") or "/", recursive=True))
     except FileNotFoundError:
@@ -94,7 +97,7 @@ def _list_files(location: str) -> tuple[list[str], list[int]]:
         hidden = any(part.startswith((".", "_")) for part in relative.split("/"))
         if (info.type == pafs.FileType.File and not hidden and _kind(child)
                 and (pattern is None or fnmatch.fnmatchcase(child, pattern))):
-            found.append((child, info.size))
+            found.append((child + query, info.size))
     if not found:
         what = "folder holds" if pattern is None else "pattern matches"
         raise DigitsError(f"{location}: {what} no .csv, .csv.gz, .parquet or .pq files")
@@ -103,7 +106,7 @@ def _list_files(location: str) -> tuple[list[str], list[int]]:
 
 
 def _kind(location: str) -> str | None:
-    name = location.lower()
+    name = split_query(location)[0].lower()
     return "csv" if name.endswith(CSV_SUFFIXES) else "parquet" if name.endswith(PARQUET_SUFFIXES) else None
 
 

@@ -141,6 +141,34 @@ def test_a_uri_with_the_endpoint_in_its_query_works_end_to_end(s3_server, s3_kag
     assert by_query["images"] == SLICE_TEST_ROWS and by_query["accuracy"] > 0.5
 
 
+def test_scoring_and_evaluating_with_the_endpoint_in_the_querys_of_input_and_output(
+        s3_server, s3_kaggle, s3_run, shared_ray_env):
+    """No AWS_ENDPOINT_URL: the input's query leads its listing and reading to the server,
+    the output's query the Parquet written by Ray Data's tasks, and evaluating the
+    submission.csv writes evaluation.json beside it; no object is named after the query."""
+    query = _query(s3_server)
+    settings = {name: value for name, value in s3_server.env.items() if name != "AWS_ENDPOINT_URL"}
+    scored = f"s3://{s3_server.bucket}/scored-by-query"
+    done = run_digits("predict", "--run", f"{s3_run}?{query}", "--input", f"{s3_kaggle}/test.csv?{query}",
+                      "--out", f"{scored}?{query}", env={**shared_ray_env, **settings})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.splitlines()[-1].endswith(f"submission: {scored}/submission.csv?{query}")
+    done = run_digits("evaluate", "--predictions", f"{scored}/submission.csv?{query}",
+                      "--labels", f"{s3_kaggle}/test_labels.csv?{query}", env=settings)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == f"written to {scored}/evaluation.json?{query}"
+
+    written = [key for key in s3_server.listing() if key.startswith(f"{s3_server.bucket}/scored-by-query")]
+    assert not any("?" in key or "endpoint_override" in key for key in written), written
+    table = pq.read_table(f"{s3_server.bucket}/scored-by-query/predictions", filesystem=s3_server.filesystem())
+    assert sorted(table.column("ImageId").to_pylist()) == list(range(1, SLICE_TEST_ROWS + 1))
+    record = _read_json(s3_server, "scored-by-query/predict.json")
+    assert record["images"] == SLICE_TEST_ROWS
+    assert [entry["file"] for entry in record["input_files"]] == [f"{s3_kaggle}/test.csv?{query}"]
+    evaluation = _read_json(s3_server, "scored-by-query/evaluation.json")
+    assert evaluation["images"] == SLICE_TEST_ROWS and evaluation["accuracy"] > 0.5
+
+
 def test_a_report_on_a_run_and_predictions_on_the_server_is_written_there(s3_server, s3_kaggle, s3_run,
                                                                           s3_scored):
     report = f"s3://{s3_server.bucket}/report"
