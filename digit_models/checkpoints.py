@@ -40,10 +40,12 @@ def newest_complete(run_location: str) -> tuple[dict, bytes] | None:
     for name in checkpoints.names():
         try:
             state = json.loads(Folder(checkpoints.child(name)).read_text(RunDir.STATE))
-            found.append((state["epochs_done"], name, state))
+            # Newest first: a checkpoint taken within an epoch (for a preemption) is newer than
+            # the one that ended the epoch before, which has the same epochs done.
+            found.append((state["epochs_done"], state.get("in_epoch", {}).get("images_done", 0), name, state))
         except (OSError, ValueError, KeyError, TypeError):  # not a checkpoint, or cut short
             continue
-    for _, name, state in sorted(found, reverse=True):
+    for _, _, name, state in sorted(found, reverse=True):
         try:
             model = Folder(checkpoints.child(name)).read_bytes(RunDir.MODEL)
         except OSError:

@@ -260,7 +260,7 @@ def count_csv_rows(location: str) -> dict:
     fs, path = require_file(location)
     name = str(location)
     hashing = _HashingReader(fs.open_input_stream(path, compression=None))
-    stream = gzip.GzipFile(fileobj=hashing) if str(location).endswith(".gz") else hashing
+    stream = gzip.GzipFile(fileobj=hashing) if path.endswith(".gz") else hashing  # the path: no URI query
     lines = 0
     try:
         with hashing.raw:

@@ -157,7 +157,8 @@ class PreemptionNotice(keras.callbacks.Callback):
     in the middle of the epoch, then training goes on; once the deadline is nearer than a
     checkpoint and a round of steps take (all workers decide together), a last checkpoint, and
     the workers wait for Ray Train to restart the run without the node, which resumes at that
-    checkpoint's image. So the steps lost are none, and the time lost is the wait."""
+    checkpoint's image. So the steps lost are none, and the time lost is the wait. Either
+    checkpoint falling on an epoch's last step is the epoch's own, which comes right after."""
 
     steps_done = 0
 
@@ -171,6 +172,7 @@ class PreemptionNotice(keras.callbacks.Callback):
         self.saved_s = self.round_s = 0.0
         self.steps_before_epoch = self.checked_at = 0
         self.round_started = time.monotonic()
+        self.at_epoch_end = None  # a checkpoint's reason, left to the epoch's own checkpoint
         # What the questions cost, for run.json: their number and seconds, and the steps between.
         self.cost = {"every_steps": PREEMPTION_CHECK_STEPS, "checks": 0, "check_s": 0.0}
 
@@ -180,6 +182,11 @@ class PreemptionNotice(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         self.epoch_start = 0
         self.steps_before_epoch = self.steps_done
+        if self.at_epoch_end:  # Checkpointing, earlier in fit()'s callbacks, has saved the epoch
+            why, self.at_epoch_end = self.at_epoch_end, None
+            self._recorded(why, epoch + 2, 0)
+            if why == "deadline":
+                self._wait_then_ask_again()
 
     def on_train_batch_end(self, batch, logs=None):
         # Counted across epochs (an epoch can be shorter than the cadence); fit() calls this
@@ -199,32 +206,44 @@ class PreemptionNotice(keras.callbacks.Callback):
             if self.notice is not None:
                 self._checkpoint(batch, "notice")
             return
-        left_s = self.notice.deadline_ms / 1000 - time.time() if self.notice.deadline_ms else math.inf
-        votes = all_reduce_sum(self.strategy, [float(left_s < 2 * (self.saved_s + self.round_s) + 2)])[0]
+        votes = all_reduce_sum(self.strategy, [float(self._left_s() < 2 * (self.saved_s + self.round_s) + 2)])[0]
         if votes:
             self._checkpoint(batch, "deadline")
-            self._wait_for_restart(left_s)
-            self.notice = None  # still here: the node stayed, so ask again
 
     def _checkpoint(self, batch: int, why: str) -> None:
+        if batch + 1 >= self.params["steps"]:  # the epoch's last step: its own checkpoint is next
+            self.at_epoch_end = why
+            return
         started = time.monotonic()
         images_done = self.epoch_start + (batch + 1) * self.global_batch
         self.checkpointing.save_mid_epoch(self.epoch, images_done)
         self.saved_s = time.monotonic() - started
-        if self.rank == 0:
-            attempts.record(self.run_location, "preemption", {
-                "why": why, "epoch": self.epoch + 1, "images_done": images_done,
-                "deadline_ms": self.notice.deadline_ms, "checkpoint_s": round(self.saved_s, 2),
-                "nodes": self.notice.preempted_node_ids, "ranks": self.notice.preempted_ranks})
-            if why == "notice":
-                say(f"preemption notice for worker(s) {', '.join(map(str, self.notice.preempted_ranks))}: "
-                    f"checkpoint at image {images_done:,} of epoch {self.epoch + 1}, training on")
+        self._recorded(why, self.epoch + 1, images_done)
+        if why == "deadline":
+            self._wait_then_ask_again()
 
-    @staticmethod
-    def _wait_for_restart(left_s: float) -> None:
+    def _recorded(self, why: str, epoch: int, images_done: int) -> None:
+        """The checkpoint on record (epoch, 1-based, and image within it that a restart resumes
+        at), and a notice on the console."""
+        if self.rank != 0:
+            return
+        attempts.record(self.run_location, "preemption", {
+            "why": why, "epoch": epoch, "images_done": images_done,
+            "deadline_ms": self.notice.deadline_ms, "checkpoint_s": round(self.saved_s, 2),
+            "nodes": self.notice.preempted_node_ids, "ranks": self.notice.preempted_ranks})
+        if why == "notice":
+            where = f"image {images_done:,} of epoch {epoch}" if images_done else f"the end of epoch {epoch - 1}"
+            say(f"preemption notice for worker(s) {', '.join(map(str, self.notice.preempted_ranks))}: "
+                f"checkpoint at {where}, training on")
+
+    def _left_s(self) -> float:
+        return self.notice.deadline_ms / 1000 - time.time() if self.notice.deadline_ms else math.inf
+
+    def _wait_then_ask_again(self) -> None:
         """Ray Train ends this worker group at the deadline; a node that outlives it (a drain
-        that was not carried out) lets training go on a while later."""
-        time.sleep(max(0.0, left_s) + WAIT_PAST_DEADLINE_S)
+        that was not carried out) lets training go on a while later, asking again."""
+        time.sleep(max(0.0, self._left_s()) + WAIT_PAST_DEADLINE_S)
+        self.notice = None
 
 
 # How long workers that checkpointed for a preemption wait past its deadline for Ray Train to

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 import time
 import types
 from contextlib import nullcontext
@@ -38,6 +37,7 @@ from digit_models.console import say
 from digit_models.errors import DigitsError
 from digit_models.kaggle_csv import NUM_CLASSES
 from digit_models.mlflow_log import EpochMetrics
+from digit_models.model_file import load_model_bytes
 from digit_models.models import build_model
 from digit_models.run_dir import RunDir
 from digit_models.schedule import TimeBudget, learning_rate
@@ -91,7 +91,8 @@ def run_worker(loop_config: dict) -> dict:
     with strategy.scope():
         model = compiled_model(config, order.steps, world, epochs_planned(state, config.epochs))
         if resumed:
-            restore(model, resumed[1], global_batch_then=state.get("global_batch", order.global_batch),
+            restore(model, resumed[1], RunDir(loop_config["run_dir"]).child(RunDir.CHECKPOINTS),
+                    global_batch_then=state.get("global_batch", order.global_batch),
                     global_batch_now=order.global_batch)
     state["global_batch"] = order.global_batch
     if rank == 0:
@@ -197,13 +198,13 @@ class EpochOrder:
         return data.prefetch(tf.data.AUTOTUNE).with_options(_untuned_options(cpus))
 
 
-def restore(model: keras.Model, model_file: bytes, global_batch_then: int, global_batch_now: int) -> None:
-    """A checkpoint's weights and optimizer state into `model`, compiled for this worker group.
-    A group of another size takes more or fewer images per update, so the optimizer's step
-    count, which the learning-rate schedule reads, is rescaled to the images trained."""
-    with tempfile.TemporaryDirectory(prefix="digits-resume-") as directory:
-        Path(directory, RunDir.MODEL).write_bytes(model_file)
-        saved = keras.models.load_model(Path(directory, RunDir.MODEL))
+def restore(model: keras.Model, model_file: bytes, where: str, global_batch_then: int,
+            global_batch_now: int) -> None:
+    """A checkpoint's weights and optimizer state into `model`, compiled for this worker group
+    (the checkpoint's file checked first: model_file.py). A group of another size takes more
+    or fewer images per update, so the optimizer's step count, which the learning-rate
+    schedule reads, is rescaled to the images trained."""
+    saved = load_model_bytes(model_file, f"{where}: the newest complete checkpoint's {RunDir.MODEL}")
     model.set_weights(saved.get_weights())
     model.optimizer.build(model.trainable_variables)
     for variable, value in zip(model.optimizer.variables, saved.optimizer.variables, strict=True):
