@@ -1,6 +1,7 @@
 """What can be checked of the cluster configs without a cloud: they parse, carry the required
-fields, keep token authentication on, pin what pyproject.toml pins, and name entrypoints and
-options that exist."""
+fields, keep token authentication on, pin what pyproject.toml pins, name entrypoints and
+options that exist, and give their spot workers an on-demand floor that the elastic training
+commands fit."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import tomllib
 import yaml
 
 from digit_models import RUNTIME_ENV_VARS
-from digit_models.cli import build_parser
+from digit_models.cli import _train_config, build_parser
 from tests.conftest import REPO
 
 CLUSTER = REPO / "cluster"
@@ -28,6 +29,54 @@ def _load(name: str):
 
 def _as_gpu(dependencies: set[str]) -> set[str]:
     return {GPU_TENSORFLOW if d.startswith("tensorflow>") else d for d in dependencies}
+
+
+# A training command line: `digits train ...` or the job entrypoint's `python jobs/digits_job.py
+# train ...`, up to the end of the line, a `&&`, a closing backtick or a comment.
+TRAIN_COMMAND = re.compile(r"(?:^|[\s`])(?:digits|python jobs/digits_job\.py) train(?=\s|$)([^&`#\n]*)")
+
+
+def _strings(node):
+    """Every string in a parsed YAML document (a RayJob's entrypoint, a node's commands)."""
+    if isinstance(node, str):
+        yield node
+    elif isinstance(node, dict):
+        for value in node.values():
+            yield from _strings(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _strings(value)
+
+
+def _comments(text: str) -> str:
+    """A YAML file's comments (whole-line and trailing), shell continuation lines joined."""
+    lines = [line.split("#", 1)[1] for line in text.splitlines()
+             if line.lstrip().startswith("#") or "  # " in line]
+    return "\n".join(lines).replace("\\\n", " ")
+
+
+def _train_commands(name: str) -> list[list[str]]:
+    """The options of every training command line in a config, in its values and comments."""
+    text = (CLUSTER / name).read_text()
+    return [shlex.split(match.group(1))
+            for where in [*_strings(yaml.safe_load(text)), _comments(text)]
+            for match in TRAIN_COMMAND.finditer(where)]
+
+
+def _valid_train_config(options: list[str]):
+    """What `digits train OPTIONS` would run with, checked as train() checks it (exits on an
+    unknown option, raises DigitsError on a bad value)."""
+    config = _train_config(build_parser().parse_args(["train", *options]))
+    config.validate()
+    return config
+
+
+def _spot_node_type(node_type: dict) -> bool:
+    return node_type["node_config"].get("InstanceMarketOptions", {}).get("MarketType") == "spot"
+
+
+def _capacity_type(group: dict) -> str:
+    return group["template"]["spec"]["nodeSelector"]["karpenter.sh/capacity-type"]
 
 
 def test_every_config_parses():
@@ -62,6 +111,33 @@ def test_autoscaler_config_for_a_gpu_cluster():
     assert "~/.ray/auth_token" in config["file_mounts"]
 
 
+def test_autoscaler_config_has_an_on_demand_floor_and_spot_gpu_workers():
+    config = _load("aws-gpu.yaml")
+    types = {name: t for name, t in config["available_node_types"].items() if name != config["head_node_type"]}
+    spot = {name: t for name, t in types.items() if _spot_node_type(t)}
+    on_demand = {name: t for name, t in types.items() if name not in spot}
+    assert spot and on_demand
+    for node_type in types.values():
+        assert node_type["node_config"]["InstanceType"].startswith(("g4dn", "g5", "g6", "p3", "p4", "p5"))
+        assert 0 <= node_type["min_workers"] <= node_type["max_workers"]
+    # Spot nodes reach the bucket the run directory is in, as the on-demand ones do.
+    assert len({str(t["node_config"]["IamInstanceProfile"]) for t in types.values()}) == 1
+    floor = sum(t["max_workers"] for t in on_demand.values())
+    most = sum(t["max_workers"] for t in types.values())
+    assert floor >= 1 and sum(t["max_workers"] for t in spot.values()) >= 1
+    assert config["max_workers"] == most  # the cluster's cap neither cuts a type short nor exceeds them
+
+    commands = _train_commands("aws-gpu.yaml")
+    assert commands
+    for options in commands:
+        run = _valid_train_config(options)
+        assert run.out.startswith("s3://") and run.data.startswith("s3://")
+        assert run.min_workers is not None, "a run on spot nodes should be elastic"
+        assert run.fewest_workers < run.workers <= most
+        assert run.fewest_workers <= floor  # what --min-workers needs is never reclaimed
+        assert run.max_failures > 1  # a reclaim without notice counts as a failure here
+
+
 def test_kuberay_cluster_has_token_auth_and_a_gpu_group():
     cluster = _load("kuberay/raycluster.yaml")
     assert (cluster["apiVersion"], cluster["kind"]) == ("ray.io/v1", "RayCluster")
@@ -74,6 +150,28 @@ def test_kuberay_cluster_has_token_auth_and_a_gpu_group():
     images.append(container["image"])
     assert all(image.startswith(f"rayproject/ray:{RAY_PIN}.0-py311") for image in images)
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+
+
+def test_kuberay_cluster_has_an_on_demand_floor_and_a_spot_group():
+    groups = _load("kuberay/raycluster.yaml")["spec"]["workerGroupSpecs"]
+    assert len({group["groupName"] for group in groups}) == len(groups)
+    by_capacity = {}
+    for group in groups:
+        assert 0 <= group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+        container = group["template"]["spec"]["containers"][0]
+        assert container["image"] == f"rayproject/ray:{RAY_PIN}.0-py311-gpu"
+        assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+        by_capacity.setdefault(_capacity_type(group), []).append(group)
+    assert set(by_capacity) == {"on-demand", "spot"}
+    assert sum(group["minReplicas"] for group in by_capacity["on-demand"]) >= 1
+    for group in by_capacity["spot"]:
+        assert group["replicas"] >= 1
+        pod = group["template"]["spec"]
+        env = {e["name"]: e["value"] for e in pod["containers"][0]["env"]}
+        drain = float(env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"])
+        # Longer than Ray's default 30 s, within EC2's two minutes, and Kubernetes must not
+        # kill the pod before the deadline Ray announces on SIGTERM.
+        assert 30 < drain < pod["terminationGracePeriodSeconds"] <= 120
 
 
 def test_kuberay_job_runs_training_then_scoring_with_valid_options():
@@ -90,6 +188,30 @@ def test_kuberay_job_runs_training_then_scoring_with_valid_options():
     runtime_env = yaml.safe_load(job["spec"]["runtimeEnvYAML"])
     assert set(runtime_env["pip"]["packages"]) == _as_gpu(DEPENDENCIES)
     assert runtime_env["env_vars"] == RUNTIME_ENV_VARS
+
+
+def test_kuberay_job_trains_elastically_within_the_cluster():
+    groups = _load("kuberay/raycluster.yaml")["spec"]["workerGroupSpecs"]
+    floor = sum(g["minReplicas"] for g in groups if _capacity_type(g) == "on-demand")
+    most = sum(g["replicas"] for g in groups)
+    [options] = _train_commands("kuberay/rayjob.yaml")
+    run = _valid_train_config(options)
+    assert run.out.startswith("s3://")  # a new group on other nodes finds the checkpoints there
+    assert run.gpus_per_worker == 1
+    assert run.min_workers is not None and run.fewest_workers < run.workers <= most
+    assert run.fewest_workers <= floor
+
+
+def test_every_training_command_in_the_configs_is_valid():
+    """Each `digits train` line anywhere under cluster/ parses with the real parser and passes
+    TrainConfig's checks; the elastic ones (with --min-workers) have MIN < MAX."""
+    seen = 0
+    for path in sorted(CLUSTER.rglob("*.yaml")):
+        for options in _train_commands(str(path.relative_to(CLUSTER))):
+            run = _valid_train_config(options)
+            assert run.min_workers is None or run.min_workers < run.workers, (path.name, options)
+            seen += 1
+    assert seen >= 2  # aws-gpu.yaml's example and rayjob.yaml's entrypoint
 
 
 def test_readme_cluster_commands_use_the_runtime_env_and_token():
