@@ -203,7 +203,7 @@ def _zip_declaring(entries: list[tuple[str, bytes, int, int, int]]) -> bytes:
                 f"{ENTRY_LIMITS[CONFIG]:,} allowed"),
     # A header that lies: zipfile stops at the size declared, and the CRC of what it read is wrong.
     (1000, "not a loadable Keras model: Bad CRC-32 for file 'config.json'"),
-])
+], ids=["declared", "lying header"])
 def test_a_zip_bomb_is_refused_without_inflating_it(declared, message, dense_archive):
     entries = _entries(dense_archive)
     bomb = _zip_declaring([(CONFIG, _zero_bomb(), zipfile.ZIP_DEFLATED, BOMB_CRC, declared),
@@ -225,7 +225,7 @@ def test_a_zip_bomb_is_refused_without_inflating_it(declared, message, dense_arc
     ({METADATA, WEIGHTS}, "has no config.json"),
     ({CONFIG, WEIGHTS}, "has no metadata.json"),
     ({CONFIG, METADATA, WEIGHTS, "assets/extra.txt"}, "holds 'assets/extra.txt', which a Keras model archive does not"),
-])
+], ids=["no weights", "no config", "no metadata", "an extra entry"])
 def test_an_archive_without_exactly_the_entries_of_a_keras_save_is_refused(entries, problem, dense_archive):
     saved = _entries(dense_archive)
     crafted = _zipped({name: saved.get(name, b"extra") for name in sorted(entries)})
@@ -287,12 +287,14 @@ def test_the_check_runs_without_tensorflow(dense_archive, tmp_path):
     assert (done.returncode, done.stdout) == (0, "[]\n"), done.stderr[-2000:]
 
 
-# Every model a training run writes: each registered model, under each dtype policy, with the
-# plain optimizer and constant rate, and with --weight-average (AveragingAdam) and
-# --lr-schedule cosine (WarmupCosine); as a checkpoint (compiled, with the optimizer's state)
-# and as the run's model.keras (the last checkpoint's file, loaded to score).
-RUN_MODELS = [(model, policy, averaged) for model in sorted(MODELS)
-              for policy in ("float32", "mixed_float16", "mixed_bfloat16") for averaged in (False, True)]
+# Every model a training run writes, as a checkpoint (compiled, with the optimizer's state) and
+# as the run's model.keras (the last checkpoint's file, loaded to score): each registered model
+# under each dtype policy with --weight-average (AveragingAdam) and --lr-schedule cosine
+# (WarmupCosine); and the plain optimizer at a constant rate, whose classes do not depend on
+# the model, with the dense net alone: in float32, and wrapped for loss scaling (mixed_float16).
+RUN_MODELS = [*((model, policy, True) for model in sorted(MODELS)
+                for policy in ("float32", "mixed_float16", "mixed_bfloat16")),
+              *(("dense", policy, False) for policy in ("float32", "mixed_float16"))]
 
 
 @pytest.fixture
