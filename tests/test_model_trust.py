@@ -338,11 +338,6 @@ def test_every_model_a_run_writes_loads(model_name, policy, averaged, tmp_path, 
     assert probabilities.shape == (4, 10) and np.allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
 
 
-# NOT YET WIRED: train_worker.py still loads a checkpoint with keras.models.load_model, unchecked;
-# another engineer is switching it to model_file.load_model_bytes. Until then this test fails
-# (the marker appears), which strict xfail expects; once the worker checks, it passes, and
-# strict xfail turns that into a failure: remove the mark then.
-@pytest.mark.xfail(strict=True, reason="train_worker.py does not use the checked loader yet (issue 38)")
 @pytest.mark.timeout(400)
 def test_a_resume_refuses_a_checkpoint_replaced_by_code(hdf5_with_code, dense_run, tmp_path, shared_ray_env):
     """Someone who can write to the run folder replaces the newest checkpoint's model file, and
@@ -362,5 +357,6 @@ def test_a_resume_refuses_a_checkpoint_replaced_by_code(hdf5_with_code, dense_ru
 
     done = run_digits("train", "--resume", str(run), env=shared_ray_env, timeout=380)
     assert not marker.exists()
-    assert done.returncode == 2 and len(done.stderr.splitlines()) == 1, done.stderr[-3000:]
-    assert done.stderr.startswith(f"digits: error: {run}") and NOT_A_ZIP in done.stderr
+    assert (done.returncode, done.stderr.splitlines()) == (2, [
+        f"digits: error: {run}/checkpoints: the newest complete checkpoint's model.keras: {NOT_A_ZIP}"]), \
+        done.stderr[-3000:]
