@@ -36,7 +36,8 @@ WEIGHTS = "model.weights.h5"
 # What a tf-keras keras_v3 save writes for our models (no assets: none of their layers has any),
 # and the most each entry may hold uncompressed. Ours: config.json up to 21 KB (deep_cnn under a
 # mixed-precision policy, compiled with AveragingAdam and WarmupCosine), metadata.json 64 bytes,
-# weights up to 9.3 MB (the CNN with Adam's slots and the weight average).
+# weights up to 16.3 MB (the seed's CNN with Adam's slots and the weight average, under
+# mixed_float16).
 ENTRY_LIMITS = {CONFIG: 1 << 20, METADATA: 64 << 10, WEIGHTS: 256 << 20}
 # A whole model file read into memory (load_model_file): its entries, and room for the zip's headers.
 ARCHIVE_LIMIT = sum(ENTRY_LIMITS.values()) + (1 << 20)
@@ -90,8 +91,10 @@ def load_model_bytes(data: bytes, name: str, compile: bool = True):
     checked by `check_keras_archive` and then loaded in Keras safe mode, as saved (its dtype
     policy too). Under a distribution strategy call it inside strategy.scope()."""
     check_keras_archive(data, name)
-    from digit_models import schedule, weight_average  # noqa: F401  (register the classes a checkpoint names)
     from digit_models.tf_setup import keras
+
+    if compile:  # the optimizer's classes, registered (Keras finds a nested schedule only so)
+        from digit_models import schedule, weight_average  # noqa: F401
 
     # The bytes checked, in a file of our own: Keras loads from a path, and one named
     # .keras that is a zip goes to the archive loader, the one that applies safe mode.
