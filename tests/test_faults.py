@@ -229,7 +229,9 @@ def test_a_worker_killed_at_any_moment_costs_at_most_the_epoch_in_progress(tmp_p
     for (_, _, rank, _), restart in zip(KILLS, run["restarts"]):
         assert restart["why"].startswith(f"rank {rank}: WorkerHealthCheckFailedError"), restart  # it died
     assert sorted(path.name.split("-", 1)[1] for path in (run_dir / "attempts").iterdir()) == \
-        ["failure.json"] * 4 + ["fault.json"] * 4 + ["start.json"] * 5
+        ["failure.json"] * 4 + ["fault.json"] * 4 + ["restart.json"] * 4 + ["start.json"] * 5
+    assert [restart["kind"] for restart in run["restarts"]] == ["failure"] * 4
+    assert run["worker_groups"] == [2] * 5
 
 
 def test_a_checkpoint_whose_upload_was_cut_short_is_passed_over(tmp_path):

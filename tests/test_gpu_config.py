@@ -59,7 +59,7 @@ from digit_models.weight_average import WeightAverage
 import tf_keras as keras
 digits = read_train_csv(sys.argv[1], limit=256)
 cnn = build_model("cnn")
-model = compiled_model(TrainConfig(model="dense", weight_average=0.5), steps=4)
+model = compiled_model(TrainConfig(model="dense", weight_average=0.5), steps=4, workers=1, epochs=10)
 history = model.fit(digits.images, keras.utils.to_categorical(digits.labels, 10), batch_size=64,
                     epochs=2, callbacks=[WeightAverage()], verbose=0)
 probabilities = model.predict(digits.images[:16], verbose=0)

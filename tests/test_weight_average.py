@@ -47,7 +47,7 @@ def test_validation_and_checkpoints_see_the_average_and_training_goes_on_from_th
     images = mnist_slice.images[:512]
     labels = keras.utils.to_categorical(mnist_slice.labels[:512], 10)
     validation = (images[:256], labels[:256])
-    model = compiled_model(TrainConfig(model="dense", weight_average=0.9), steps=8)
+    model = compiled_model(TrainConfig(model="dense", weight_average=0.9), steps=8, workers=1, epochs=10)
     epochs = _Epochs(tmp_path)
     history = model.fit(images, labels, batch_size=64, epochs=3, validation_data=validation,
                         callbacks=[WeightAverage(), epochs], verbose=0).history
@@ -77,7 +77,7 @@ def test_validation_and_checkpoints_see_the_average_and_training_goes_on_from_th
 def test_the_average_starts_short_and_grows_to_its_momentum(mnist_slice):
     """Momentum (1 + step) / (10 + step) at first: after one step the average is nine parts in
     ten the new weights, not a thousandth (a constant 0.999)."""
-    model = compiled_model(TrainConfig(model="dense", weight_average=0.999), steps=8)
+    model = compiled_model(TrainConfig(model="dense", weight_average=0.999), steps=8, workers=1, epochs=10)
     before, seen = _weights(model), {}
     look = keras.callbacks.LambdaCallback(  # before fit's end copies the average into the model
         on_train_batch_end=lambda *_: seen.update(after=_weights(model), average=_averages(model)))
@@ -91,5 +91,5 @@ def test_the_average_starts_short_and_grows_to_its_momentum(mnist_slice):
 
 
 def test_without_a_weight_average_the_model_is_the_weights():
-    model = compiled_model(TrainConfig(model="dense"), steps=8)
+    model = compiled_model(TrainConfig(model="dense"), steps=8, workers=1, epochs=10)
     assert model.optimizer.use_ema is False
