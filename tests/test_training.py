@@ -29,7 +29,7 @@ def test_two_workers_train_on_disjoint_shards(dense_run, kaggle_dir):
     assert run["workers"] == 2 and run["global_batch_size"] == 64
     assert run["shards"]["disjoint"] is True
     assert run["shards"]["train_rows_seen_by_two_workers"] == 0
-    assert run["shards"]["train_rows"] == [900, 900]  # 1,800 training rows after the 10% split
+    assert run["shards"]["train_rows"] == [896, 896]  # 1,800 training rows after the 10% split: 28 global batches of 64
     assert run["shards"]["validation_rows"] == [100, 100]
     assert run["data"]["rows_read"] == 2000 and run["data"]["validation_rows"] == 200
     manifest = json.loads((kaggle_dir / "manifest.json").read_text())
