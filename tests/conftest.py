@@ -9,8 +9,10 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,6 +112,41 @@ def run_digits(*args: str, timeout: float = 600, env: dict | None = None) -> sub
     """The real `digits` command in a child process."""
     return subprocess.run([sys.executable, "-m", "digit_models.cli", *args], capture_output=True,
                           text=True, timeout=timeout, cwd=REPO, env={**os.environ, **(env or {})})
+
+
+@contextmanager
+def local_cluster(worker_nodes: int, without: tuple[str, ...] = (), **settings: str):
+    """cluster/local_cluster.sh with `worker_nodes` worker nodes on free ports of its own,
+    started with `settings` and without the variables named in `without`; yields the
+    environment its script and `digits` commands take. On the way out every raylet and GCS it
+    started must be gone."""
+
+    def free_port() -> str:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            return str(probe.getsockname()[1])
+
+    script = str(REPO / "cluster" / "local_cluster.sh")
+    state = tempfile.mkdtemp(prefix="dlc-", dir="/tmp")  # short: Ray's socket paths live under it
+    env = {**os.environ, "RAY": str(Path(sys.executable).with_name("ray")), "RAY_PORT": free_port(),
+           "DASHBOARD_PORT": free_port(), "AGENT_PORT": free_port(), "CLUSTER_STATE": state,
+           "RAY_AUTH_MODE": "token", **settings}
+    for name in ("RAY_ADDRESS", *without):
+        env.pop(name, None)
+    before = ray_processes()
+    started = subprocess.run([script, "start", str(worker_nodes)], env=env, capture_output=True,
+                             text=True, timeout=300)
+    try:
+        assert started.returncode == 0, started.stdout + started.stderr
+        yield env
+    finally:
+        subprocess.run([script, "stop"], env=env, capture_output=True, timeout=120)
+        deadline = time.time() + 30
+        while not ray_processes() <= before and time.time() < deadline:
+            time.sleep(0.5)
+        assert ray_processes() <= before, "a raylet or GCS of the test cluster outlived `stop`"
+        # In the background: a runtime env's copy of the virtualenv takes seconds to delete.
+        subprocess.Popen(["rm", "-rf", state], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def ray_processes() -> set[int]:

@@ -8,50 +8,26 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from tests.conftest import REPO, SLICE_TEST_ROWS, ray_processes
+from tests.conftest import REPO, SLICE_TEST_ROWS
+from tests.conftest import local_cluster as started_cluster
 
 RAY = str(Path(sys.executable).with_name("ray"))
-SCRIPT = str(REPO / "cluster" / "local_cluster.sh")
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture
 def local_cluster():
-    state = tempfile.mkdtemp(prefix="dlc-", dir="/tmp")  # short: Ray's socket paths live under it
-    env = {**os.environ, "RAY": RAY, "RAY_PORT": str(_free_port()),
-           "DASHBOARD_PORT": str(_free_port()), "AGENT_PORT": str(_free_port()), "CLUSTER_STATE": state,
-           "HEAD_CPUS": "2", "RAY_AUTH_MODE": "token"}
-    env.pop("RAY_ADDRESS", None)
-    # A cluster started without our environment: its workers get ours only from the job.
-    env.pop("RAY_worker_niceness", None)
-    before = ray_processes()
-    started = subprocess.run([SCRIPT, "start", "0"], env=env, capture_output=True, text=True, timeout=180)
-    try:
-        assert started.returncode == 0, started.stdout + started.stderr
+    # A head alone with the CPUs, started without our environment: its workers get ours only
+    # from the job.
+    with started_cluster(0, without=("RAY_worker_niceness",), HEAD_CPUS="2") as env:
         yield env
-    finally:
-        subprocess.run([SCRIPT, "stop"], env=env, capture_output=True, timeout=120)
-        deadline = time.time() + 30
-        while not ray_processes() <= before and time.time() < deadline:
-            time.sleep(0.5)
-        assert ray_processes() <= before, "a raylet or GCS of the test cluster outlived `stop`"
-        # In the background: the runtime env's copy of the virtualenv takes seconds to delete.
-        subprocess.Popen(["rm", "-rf", state], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def _ray_job(env: dict, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:

@@ -7,16 +7,14 @@ carried out at its deadline. One cluster for the module; each test leaves two wo
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, ray_processes
+from tests.conftest import REPO, local_cluster
 
 RAY = str(Path(sys.executable).with_name("ray"))
 SCRIPT = str(REPO / "cluster" / "local_cluster.sh")
@@ -28,33 +26,10 @@ TRAIN = ("--model", "cnn", "--epochs", "4", "--target", "1.0")
 TRAIN_LONGER = ("--model", "deep_cnn", "--epochs", "5", "--target", "1.0")
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def cluster(s3_server):
-    state = tempfile.mkdtemp(prefix="dln-", dir="/tmp")  # short: Ray's socket paths live under it
-    env = {**os.environ, **s3_server.env, "RAY": RAY, "RAY_PORT": str(_free_port()),
-           "DASHBOARD_PORT": str(_free_port()), "AGENT_PORT": str(_free_port()),
-           "CLUSTER_STATE": state, "RAY_AUTH_MODE": "token"}
-    env.pop("RAY_ADDRESS", None)
-    before = ray_processes()
-    started = subprocess.run([SCRIPT, "start", "2"], env=env, capture_output=True, text=True, timeout=300)
-    try:
-        assert started.returncode == 0, started.stdout + started.stderr
+    with local_cluster(2, **s3_server.env) as env:
         yield env
-    finally:
-        subprocess.run([SCRIPT, "stop"], env=env, capture_output=True, timeout=120)
-        deadline = time.time() + 30
-        while not ray_processes() <= before and time.time() < deadline:
-            time.sleep(0.5)
-        assert ray_processes() <= before, "a raylet or GCS of the test cluster outlived `stop`"
-        subprocess.Popen(["rm", "-rf", state], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def _script(env: dict, *args: str) -> str:
