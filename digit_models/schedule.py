@@ -86,12 +86,12 @@ class TimeBudget(keras.callbacks.Callback):
     budget was the first command's."""
 
     def __init__(self, strategy, config: TrainConfig, state: dict, steps: int, images_per_epoch: int,
-                 rank: int, world: int, command_started: float, resumed: bool):
+                 rank: int, world: int, command_started: float, resumed: bool, clock=time.time):
         super().__init__()
         self.strategy, self.config, self.state, self.steps = strategy, config, state, steps
         self.images_per_epoch = images_per_epoch
         self.rank, self.world, self.command_started = rank, world, command_started
-        self.resumed = resumed
+        self.resumed, self.clock = resumed, clock
 
     def on_epoch_end(self, epoch, logs=None):
         sizing = self.state.setdefault("time_budget", {"minutes": self.config.time_budget,
@@ -108,7 +108,7 @@ class TimeBudget(keras.callbacks.Callback):
     def _plan(self, sizing: dict, done: int) -> None:
         mine = np.zeros(2 * self.world)
         mine[self.rank] = self.state["history"][-1]["epoch_s"]
-        mine[self.world + self.rank] = time.time() - self.command_started
+        mine[self.world + self.rank] = self.clock() - self.command_started
         replicas_here = self.strategy.num_replicas_in_sync // self.world
         totals = all_reduce_sum(self.strategy, mine) / replicas_here
         ends = sizing["epoch_ends_s"]

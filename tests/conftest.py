@@ -6,6 +6,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -119,7 +120,7 @@ def local_cluster(worker_nodes: int, without: tuple[str, ...] = (), **settings: 
     """cluster/local_cluster.sh with `worker_nodes` worker nodes on free ports of its own,
     started with `settings` and without the variables named in `without`; yields the
     environment its script and `digits` commands take. On the way out every raylet and GCS it
-    started must be gone."""
+    started (those under its folder) must be gone."""
 
     def free_port() -> str:
         with socket.socket() as probe:
@@ -133,7 +134,6 @@ def local_cluster(worker_nodes: int, without: tuple[str, ...] = (), **settings: 
            "RAY_AUTH_MODE": "token", **settings}
     for name in ("RAY_ADDRESS", *without):
         env.pop(name, None)
-    before = ray_processes()
     started = subprocess.run([script, "start", str(worker_nodes)], env=env, capture_output=True,
                              text=True, timeout=300)
     try:
@@ -142,17 +142,37 @@ def local_cluster(worker_nodes: int, without: tuple[str, ...] = (), **settings: 
     finally:
         subprocess.run([script, "stop"], env=env, capture_output=True, timeout=120)
         deadline = time.time() + 30
-        while not ray_processes() <= before and time.time() < deadline:
+        while ray_processes(state) and time.time() < deadline:
             time.sleep(0.5)
-        assert ray_processes() <= before, "a raylet or GCS of the test cluster outlived `stop`"
+        assert not ray_processes(state), "a raylet or GCS of the test cluster outlived `stop`"
         # In the background: a runtime env's copy of the virtualenv takes seconds to delete.
         subprocess.Popen(["rm", "-rf", state], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def ray_processes() -> set[int]:
-    """PIDs of Ray's node processes (raylet, GCS) on this machine."""
+def ray_processes(under: str) -> set[int]:
+    """PIDs of Ray's node processes (raylet, GCS) whose files are under `under`: the ones a
+    test started there (through RAY_TMPDIR or a cluster's own folder), whatever other Ray runs
+    on this machine."""
     found = subprocess.run(["pgrep", "-f", "raylet|gcs_server"], capture_output=True, text=True)
-    return {int(pid) for pid in found.stdout.split()}
+    ours = set()
+    for pid in map(int, found.stdout.split()):
+        try:
+            command = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+        except OSError:  # ended meanwhile
+            continue
+        if under in command:
+            ours.add(pid)
+    return ours
+
+
+@pytest.fixture
+def ray_tmpdir():
+    """A folder of its own for the Ray a test's `digits` commands start (given to them as
+    RAY_TMPDIR): short, as Ray's socket paths live under it. What the test checks for leftover
+    Ray processes with `ray_processes`."""
+    folder = tempfile.mkdtemp(prefix="drt-", dir="/tmp")
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -66,20 +66,20 @@ def test_mistyped_input_is_one_line_before_any_heavy_import(tmp_path, kaggle_dir
 
 
 @pytest.mark.timeout(400)
-def test_two_real_commands_at_once_print_our_lines_and_no_chatter(tmp_path, kaggle_dir, dense_run):
+def test_two_real_commands_at_once_print_our_lines_and_no_chatter(tmp_path, kaggle_dir, dense_run,
+                                                                    ray_tmpdir):
     """A 2-worker training and a scoring run started together, as a user would, each starting
     its own embedded Ray beside the other (and beside the test session's): both finish, each
     printing only its own lines. (Ray Train's placement-group cleaner used to die with a
     traceback, "Found multiple active Ray instances", beside a second Ray.)"""
-    before = ray_processes()
     run_dir, out = tmp_path / "run", tmp_path / "scored"
-    digits = [sys.executable, "-m", "digit_models.cli"]
+    digits, env = [sys.executable, "-m", "digit_models.cli"], {**os.environ, "RAY_TMPDIR": ray_tmpdir}
     training = subprocess.Popen([*digits, "train", "--model", "dense", "--data", str(kaggle_dir),
                                  "--workers", "2", "--epochs", "3", "--out", str(run_dir)],
-                                cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                                cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     scoring = subprocess.Popen([*digits, "predict", "--run", str(dense_run), "--input",
                                 str(kaggle_dir / "test.csv"), "--out", str(out)],
-                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                               cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     trained, scored = (child.communicate(timeout=350)[0].splitlines() for child in (training, scoring))
     assert training.returncode == 0 and scoring.returncode == 0, trained + scored
     assert [line[:10] for line in trained] == ["epoch 1/3 ", "epoch 2/3 ", "epoch 3/3 ", "epochs exh"], trained
@@ -87,7 +87,7 @@ def test_two_real_commands_at_once_print_our_lines_and_no_chatter(tmp_path, kagg
     assert scored == [f"scored 1,500 images ({images_per_s:,.0f} images/s); submission: {out}/submission.csv"]
     for line in trained + scored:
         assert not CHATTER.search(line), line
-    assert ray_processes() <= before
+    assert not ray_processes(ray_tmpdir)
 
 
 # ---------------------------------------------------------------------------- the live line

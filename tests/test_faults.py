@@ -17,11 +17,11 @@ from digit_models import attempts
 from tests.conftest import REPO, ray_processes, run_digits
 
 
-def _start_digits(*args: str) -> subprocess.Popen:
+def _start_digits(*args: str, ray_tmpdir: str) -> subprocess.Popen:
     # SIGINT handled as in a terminal even when the tests themselves run in the background,
     # where a shell starts them with SIGINT ignored, and a child would inherit that.
     return subprocess.Popen([sys.executable, "-m", "digit_models.cli", *args], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "RAY_TMPDIR": ray_tmpdir}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
@@ -72,17 +72,16 @@ def _train_workers(driver: int) -> list[int]:
 
 
 @pytest.mark.timeout(600)
-def test_a_run_survives_a_killed_worker_and_a_stopped_driver_and_runs_each_epoch_once(tmp_path, kaggle_dir):
+def test_a_run_survives_a_killed_worker_and_a_stopped_driver_and_runs_each_epoch_once(tmp_path, kaggle_dir, ray_tmpdir):
     """One run through both faults. A Ray Train worker killed mid-run: the group is replaced and
     resumes from the last checkpoint. Then Ctrl-C: the driver stops cleanly (status 130, no
     model or run.json, no Ray left), and `--resume` finishes the planned epochs."""
-    before = ray_processes()
     run_dir = tmp_path / "run"
     # val_accuracy 1.0 on 200 held-out digits is out of reach: every planned epoch runs, enough
     # of them that the run is still going when it is interrupted.
     child = _start_digits("train", "--model", "cnn", "--data", str(kaggle_dir), "--workers", "2",
                           "--epochs", "10", "--max-failures", "1", "--target-metric", "val_accuracy",
-                          "--target", "1.0", "--out", str(run_dir))
+                          "--target", "1.0", "--out", str(run_dir), ray_tmpdir=ray_tmpdir)
     _wait_for(lambda: _checkpointed_epoch(run_dir) >= 1 or child.poll() is not None, 300,
               "epoch 1's checkpoint")
     victims = _train_workers(child.pid)
@@ -109,12 +108,12 @@ def test_a_run_survives_a_killed_worker_and_a_stopped_driver_and_runs_each_epoch
     assert child.returncode == 130, stderr[-3000:]
     assert stderr.strip().endswith("digits: interrupted")
     assert not (run_dir / "run.json").exists() and not (run_dir / "model.keras").exists()
-    assert ray_processes() <= before
+    assert not ray_processes(ray_tmpdir)
 
     refused = run_digits("train", "--model", "cnn", "--data", str(kaggle_dir), "--out", str(run_dir))
     assert refused.returncode == 2 and "holds an unfinished run; continue it with" in refused.stderr
 
-    resumed = run_digits("train", "--resume", str(run_dir), timeout=400)
+    resumed = run_digits("train", "--resume", str(run_dir), timeout=400, env={"RAY_TMPDIR": ray_tmpdir})
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     run = json.loads((run_dir / "run.json").read_text())
     assert run["epochs_run"] == 10 and run["stop_reason"] == "epochs exhausted"
@@ -123,21 +122,20 @@ def test_a_run_survives_a_killed_worker_and_a_stopped_driver_and_runs_each_epoch
     [after_kill, after_resume] = [entry["resumed_after_epoch"] for entry in run["restarts"]]
     assert 1 <= after_kill < after_resume < 10
     assert len(run["resumed_at"]) == 1 and run["shards"]["disjoint"] is True
-    assert ray_processes() <= before
+    assert not ray_processes(ray_tmpdir)
 
     again = run_digits("train", "--resume", str(run_dir))
     assert again.returncode == 2 and "already finished" in again.stderr
 
 
 @pytest.mark.timeout(300)
-def test_sigterm_during_training_stops_the_workers_and_exits_143(tmp_path, kaggle_dir):
+def test_sigterm_during_training_stops_the_workers_and_exits_143(tmp_path, kaggle_dir, ray_tmpdir):
     """SIGTERM, as a scheduler sends it, while the driver waits on Ray Train: the run's workers
     are stopped, the status is 143 with one line, and the run stays resumable."""
-    before = ray_processes()
     run_dir = tmp_path / "run"
     child = _start_digits("train", "--model", "dense", "--data", str(kaggle_dir), "--workers", "2",
                           "--epochs", "50", "--target-metric", "val_accuracy", "--target", "1.0",
-                          "--out", str(run_dir))
+                          "--out", str(run_dir), ray_tmpdir=ray_tmpdir)
     _wait_for(lambda: _checkpointed_epoch(run_dir) >= 1 or child.poll() is not None, 300,
               "epoch 1's checkpoint")
     assert child.poll() is None, "the run ended before it could be terminated"
@@ -151,22 +149,21 @@ def test_sigterm_during_training_stops_the_workers_and_exits_143(tmp_path, kaggl
     assert stderr.strip() == "digits: terminated"
     assert not (run_dir / "run.json").exists() and (run_dir / "started.json").exists()
     assert not [pid for pid in workers if Path(f"/proc/{pid}").exists()]
-    assert ray_processes() <= before
+    assert not ray_processes(ray_tmpdir)
 
 
 @pytest.mark.timeout(300)
-def test_sigterm_during_scoring_exits_143_and_writes_nothing(tmp_path, kaggle_dir, dense_run):
-    before = ray_processes()
+def test_sigterm_during_scoring_exits_143_and_writes_nothing(tmp_path, kaggle_dir, dense_run, ray_tmpdir):
     out = tmp_path / "scored"
     child = _start_digits("predict", "--run", str(dense_run), "--input", str(kaggle_dir / "test.csv"),
-                          "--out", str(out))
+                          "--out", str(out), ray_tmpdir=ray_tmpdir)
     _wait_for(lambda: list(tmp_path.glob(".scored.partial-*")) or child.poll() is not None, 120,
               "scoring to start")
     child.send_signal(signal.SIGTERM)
     _, stderr = child.communicate(timeout=120)
     assert child.returncode == 143, stderr[-3000:]
     assert not out.exists() and not list(tmp_path.glob(".scored.partial-*"))
-    assert ray_processes() <= before  # a re-run after a kill: tests/test_scoring.py
+    assert not ray_processes(ray_tmpdir)  # a re-run after a kill: tests/test_scoring.py
 
 
 @pytest.mark.timeout(180)

@@ -224,12 +224,11 @@ def test_evaluate_reports_the_official_mnist_test_subset(dense_scored, kaggle_di
 # ---------------------------------------------------------------------------- the CLI
 
 def test_a_killed_predict_leaves_nothing_and_the_cli_rerun_completes(tmp_path, kaggle_dir, dense_run,
-                                                                   shared_ray_env):
-    out = tmp_path / "out"
-    before = ray_processes()
+                                                                   shared_ray_env, ray_tmpdir):
+    out, env = tmp_path / "out", {**shared_ray_env, "RAY_TMPDIR": ray_tmpdir}
     child = subprocess.Popen([sys.executable, "-m", "digit_models.cli", "predict", "--run",
                               str(dense_run), "--input", str(kaggle_dir / "test.csv"), "--out", str(out)],
-                             cwd=REPO, env={**os.environ, **shared_ray_env},
+                             cwd=REPO, env={**os.environ, **env},
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while not list(tmp_path.glob(".out.partial-*")) and time.time() < deadline:
@@ -239,12 +238,12 @@ def test_a_killed_predict_leaves_nothing_and_the_cli_rerun_completes(tmp_path, k
     child.wait()
     assert not out.exists()
     again = run_digits("predict", "--run", str(dense_run), "--input", str(kaggle_dir / "test.csv"),
-                       "--out", str(out), env=shared_ray_env)
+                       "--out", str(out), env=env)
     assert again.returncode == 0, again.stderr[-2000:]
     assert f"scored {SLICE_TEST_ROWS:,} images" in again.stdout and str(out / "submission.csv") in again.stdout
     assert len((out / "submission.csv").read_text().splitlines()) == SLICE_TEST_ROWS + 1
     assert not list(tmp_path.glob(".out.partial-*"))  # the abandoned attempt was cleaned up
-    assert ray_processes() <= before  # both joined the session's Ray; neither started one
+    assert not ray_processes(ray_tmpdir)  # both joined the session's Ray; neither started one
 
     evaluated = run_digits("evaluate", "--predictions", str(out), "--labels",
                            str(kaggle_dir / "test_labels.csv"))
