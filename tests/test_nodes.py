@@ -7,6 +7,7 @@ carried out at its deadline. One cluster for the module; each test leaves two wo
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -19,11 +20,12 @@ from tests.conftest import REPO, local_cluster
 RAY = str(Path(sys.executable).with_name("ray"))
 SCRIPT = str(REPO / "cluster" / "local_cluster.sh")
 # Epochs on 1-CPU nodes long enough that a kill after epoch 1's line lands in the middle of the
-# run (the seed's CNN on the 2,000-row slice: a few seconds each), and, for a preemption,
-# that the notice (Ray Train polls for drains every 5 s) comes well before a 20 s deadline
-# (deep_cnn: several seconds an epoch).
+# run (the seed's CNN on the 2,000-row slice: a few seconds each). A preemption's run is
+# longer: its deadline is set from epoch 2's time (`_preemption_deadline_s`), and the run must
+# still be going then, whatever the machine's speed.
 TRAIN = ("--model", "cnn", "--epochs", "4", "--target", "1.0")
-TRAIN_LONGER = ("--model", "deep_cnn", "--epochs", "5", "--target", "1.0")
+PREEMPTED_EPOCHS = 14
+TRAIN_LONGER = ("--model", "deep_cnn", "--epochs", str(PREEMPTED_EPOCHS), "--target", "1.0")
 
 
 @pytest.fixture(scope="module")
@@ -90,35 +92,43 @@ def _attempts(s3_server, run: str) -> list[tuple[str, dict]]:
     return found
 
 
+def _preemption_deadline_s(epoch_line: str) -> int:
+    """A deadline the notice comes well before (Ray Train looks for drains every 5 s, the
+    workers ask every 32 steps: about an epoch of the slice) and that comes well before the
+    run's end (PREEMPTED_EPOCHS - 2 epochs after the drain)."""
+    epoch_s = float(re.search(r"  epoch ([0-9.]+)s  ", epoch_line).group(1))
+    return max(8, round(4 + 3 * epoch_s))
+
+
 def _no_traceback(stderr: str) -> None:
     assert "Traceback" not in stderr and "Error in control loop" not in stderr, stderr[-3000:]
 
 
 @pytest.mark.timeout(900)
 def test_a_preempted_node_costs_no_steps(cluster, s3_server, s3_kaggle):
-    """`ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION` with a 20 s deadline in epoch 2,
-    the node killed at the deadline: the workers checkpoint in the middle of the epoch on the
+    """`ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION` with a deadline a few epochs away
+    in epoch 3, the node killed at the deadline: the workers checkpoint in the middle of the epoch on the
     notice, the restart counts as a preemption, and the new group resumes at the checkpoint's
     image, so no step is trained twice."""
     run = f"s3://{s3_server.bucket}/nodes/preempted"
     training = _train(cluster, *TRAIN_LONGER, "--workers", "2", "--min-workers", "1", "--data", s3_kaggle,
                       "--out", run, "--max-failures", "0")  # a restart counted as a failure fails the run
-    _lines_until(training, "epoch 1/")
+    deadline_s = _preemption_deadline_s(_lines_until(training, "epoch 2/")[-1])
     victim = _live_workers(cluster)[-1].stem
     node = _script(cluster, "node-id", victim)
     drained = subprocess.run([RAY, "drain-node", "--address", f"127.0.0.1:{cluster['RAY_PORT']}",
                               "--node-id", node, "--reason", "DRAIN_NODE_REASON_PREEMPTION",
-                              "--reason-message", "spot reclaim", "--deadline-remaining-seconds", "20"],
-                             env=cluster, capture_output=True, text=True, timeout=60)
+                              "--reason-message", "spot reclaim", "--deadline-remaining-seconds",
+                              str(deadline_s)], env=cluster, capture_output=True, text=True, timeout=60)
     assert drained.returncode == 0, drained.stdout + drained.stderr
-    time.sleep(20)
+    time.sleep(deadline_s)
     _script(cluster, "kill", victim)
     stdout, stderr = training.communicate(timeout=600)
     _node_added(cluster)
     assert training.returncode == 0, stdout + stderr
     _no_traceback(stderr)
     summary = _run_json(s3_server, run)
-    assert [entry["epoch"] for entry in summary["history"]] == [1, 2, 3, 4, 5]
+    assert [entry["epoch"] for entry in summary["history"]] == list(range(1, PREEMPTED_EPOCHS + 1))
     assert summary["worker_groups"] == [2, 1], stdout
     [restart] = summary["restarts"]
     assert restart["kind"] == "preemption" and restart["workers"] == 1
