@@ -16,7 +16,8 @@ import hashlib
 import json
 from pathlib import Path
 
-from digit_models.files import Folder
+from digit_models.errors import DigitsError
+from digit_models.files import RECORD_BYTES, Folder
 from digit_models.run_dir import RunDir
 
 
@@ -39,11 +40,11 @@ def newest_complete(run_location: str) -> tuple[dict, bytes] | None:
     found = []
     for name in checkpoints.names():
         try:
-            state = json.loads(Folder(checkpoints.child(name)).read_text(RunDir.STATE))
+            state = json.loads(Folder(checkpoints.child(name)).read_text(RunDir.STATE, RECORD_BYTES))
             # Newest first: a checkpoint taken within an epoch (for a preemption) is newer than
             # the one that ended the epoch before, which has the same epochs done.
             found.append((state["epochs_done"], state.get("in_epoch", {}).get("images_done", 0), name, state))
-        except (OSError, ValueError, KeyError, TypeError):  # not a checkpoint, or cut short
+        except (OSError, ValueError, KeyError, TypeError, DigitsError):  # not a checkpoint, or cut short
             continue
     for _, _, name, state in sorted(found, reverse=True):
         try:

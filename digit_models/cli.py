@@ -34,7 +34,11 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     data = commands.add_parser("data", help="build Kaggle-format files from real MNIST")
-    data.add_argument("--out", required=True, metavar="DIR", help="folder to write the files into")
+    data.add_argument("--out", required=True, metavar="DIR",
+                      help="folder to write the files into: new, empty, or an earlier `digits data` output")
+    data.add_argument("--force", action="store_true",
+                      help="write into a folder that holds other files too, replacing only the "
+                           "files of the names `digits data` writes")
     data.add_argument("--seed", type=int, default=0, help="seed of the split (default 0)")
 
     defaults = TrainConfig()
@@ -172,11 +176,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_data(args) -> None:
-    from digit_models.data import build_kaggle_files, require_output_folder
+    from digit_models.data import build_kaggle_files, require_data_folder
     from digit_models.mnist_source import load_mnist
 
-    require_output_folder(args.out)  # before the download
-    manifest = build_kaggle_files(load_mnist(), args.out, seed=args.seed)
+    require_data_folder(args.out, force=args.force)  # before the download
+    manifest = build_kaggle_files(load_mnist(), args.out, seed=args.seed, force=args.force)
     print(f"wrote {manifest['train_rows']:,} training and {manifest['test_rows']:,} test rows "
           f"({manifest['official_test_rows_in_test_csv']:,} from the official MNIST test set) "
           f"to {args.out}")
@@ -226,9 +230,9 @@ def run_predict(args) -> None:
 
 
 def run_evaluate(args) -> None:
-    from digit_models.evaluation import EVALUATION_FILE, evaluate, format_report, write_evaluation
-
+    from digit_models.evaluation import evaluate, format_report, write_evaluation
     from digit_models.files import Folder, parent_and_name
+    from digit_models.predict import EVALUATION_FILE
 
     result = evaluate(args.predictions, args.labels, origin=args.origin)
     predictions = Folder(args.predictions)

@@ -11,15 +11,12 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from digit_models.errors import DigitsError
 from digit_models.files import Folder, is_uri, parent_and_name
 from digit_models.kaggle_csv import NUM_CLASSES
-from digit_models.predict import PREDICTIONS_DIR, RECORD_FILE
+from digit_models.predict import PREDICTIONS_DIR, read_back
 from digit_models.submission_csv import read_id_label_csv, read_small_csv
-
-EVALUATION_FILE = "evaluation.json"
 
 
 def evaluate(predictions: str, labels: str, origin: str | None = None) -> dict:
@@ -65,10 +62,7 @@ def scores(truth: np.ndarray, predicted: np.ndarray) -> dict:
 def read_predictions(location: str) -> tuple[np.ndarray, np.ndarray]:
     folder = Folder(location)
     if folder.is_folder():
-        if not folder.exists(RECORD_FILE):
-            raise DigitsError(f"{folder}: no {RECORD_FILE}, so not a complete `digits predict` output")
-        table = pq.read_table(f"{folder.path}/{PREDICTIONS_DIR}", filesystem=folder.fs,
-                              columns=["ImageId", "Label"])
+        table = read_back(folder, ["ImageId", "Label"])
         where = folder.child(PREDICTIONS_DIR)
         ids = table.column("ImageId").to_numpy().astype(np.int64)
         labels = table.column("Label").to_numpy().astype(np.int64)

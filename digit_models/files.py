@@ -7,16 +7,22 @@ reach go to a URI or a shared mount.
 Completeness: a local output folder is assembled beside its final place and renamed into it
 (`staged_dir`). Object stores have no rename, so a remote output folder is written in place
 with its completion record (run.json, predict.json) last; readers check for that record.
+
+Ownership: an output replaces only what the same command wrote before (`Output`), and a file
+is read whole only up to a size that such a file can have (`read_at_most`).
 """
 
 from __future__ import annotations
 
+import errno
+import glob
 import hashlib
 import json
 import os
 import shutil
 import uuid
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
@@ -138,6 +144,26 @@ def open_binary(location: str):
         raise DigitsError(f"{location}: cannot open: {first_line(exc)}") from None
 
 
+def read_at_most(stream, limit: int, location: str, what: str) -> bytes:
+    """The rest of a stream, refusing more than `limit` bytes as read (decompressed, for a .gz:
+    a small file can hold a great many). Read a megabyte at a time, so that nothing over the
+    limit is ever held."""
+    chunks, size = [], 0
+    while chunk := stream.read(min(1 << 20, limit + 1 - size)):
+        size += len(chunk)
+        if size > limit:
+            raise DigitsError(f"{location}: more than {limit >> 20} MiB"
+                              f"{' decompressed' if split_query(location)[0].endswith('.gz') else ''}"
+                              f"; too large for {what}")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+# predict.json lists every input file (about 250 bytes each), the largest of our records:
+# a quarter of a million files. A larger "record" is not ours.
+RECORD_BYTES = 64 << 20
+
+
 def file_sha256(location: str) -> str:
     fs, path = require_file(location)
     digest = hashlib.sha256()
@@ -177,9 +203,6 @@ class Folder:
     def is_folder(self) -> bool:
         return self._type() == pafs.FileType.Directory
 
-    def is_empty(self) -> bool:
-        return not self.fs.get_file_info(pafs.FileSelector(self.path, allow_not_found=True))
-
     def create(self) -> None:
         self.fs.create_dir(self.path, recursive=True)
 
@@ -188,16 +211,20 @@ class Folder:
         found = self.fs.get_file_info(pafs.FileSelector(self.path, allow_not_found=True))
         return sorted(info.base_name for info in found)
 
-    def read_bytes(self, name: str) -> bytes:
+    def read_bytes(self, name: str, limit: int | None = None) -> bytes:
+        """The whole file; with a limit, refused (DigitsError) when it is larger."""
         with self.fs.open_input_stream(f"{self.path}/{name}") as stream:
-            return stream.read()
+            if limit is None:
+                return stream.read()
+            return read_at_most(stream, limit, self.child(name), "one of our records")
 
-    def read_text(self, name: str) -> str:
-        return self.read_bytes(name).decode()
+    def read_text(self, name: str, limit: int | None = None) -> str:
+        return self.read_bytes(name, limit).decode()
 
     def read_json(self, name: str):
+        """One of our JSON records (run.json, predict.json, ...), at most RECORD_BYTES."""
         try:
-            return json.loads(self.read_text(name))
+            return json.loads(self.read_text(name, RECORD_BYTES))
         except (OSError, ValueError) as exc:
             raise DigitsError(f"{self.child(name)}: unreadable: {first_line(exc)}") from None
 
@@ -206,9 +233,18 @@ class Folder:
         object upload (atomic in object stores) otherwise."""
         if self.is_local:
             target = Path(self.path, name)
-            staging = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-            staging.write_bytes(data)
-            os.replace(staging, target)
+            # A name no one can guess, created only where nothing is (O_EXCL, which also
+            # refuses a symbolic link, dangling or not): a file or link planted at a name
+            # known in advance would otherwise be written through.
+            staging = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+            descriptor = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            try:
+                with os.fdopen(descriptor, "wb") as stream:
+                    stream.write(data)
+                os.replace(staging, target)
+            except BaseException:
+                staging.unlink(missing_ok=True)
+                raise
         else:
             with self.fs.open_output_stream(f"{self.path}/{name}") as stream:
                 stream.write(data)
@@ -229,21 +265,38 @@ class Folder:
             self.fs.delete_file(f"{self.path}/{name}")
 
 
-def require_output_folder(folder: Folder, advice: str,
-                          replaces: tuple[str, tuple[str, ...]] | None = None) -> None:
-    """An output folder must be new or empty, or be an earlier output of the same command
-    (`replaces`: the command, and the files that mark its output), which the caller replaces."""
+@dataclass(frozen=True)
+class Output:
+    """What a command writes into its output folder: how an earlier output of it is known, and
+    what replacing one may touch."""
+
+    command: str  # as messages name it: "digits predict"
+    entries: tuple[str, ...]  # every name it writes there (and nothing else is replaced)
+    record: str  # written last: the mark of a complete output
+    underway: str | None = None  # the mark of an output being written or replaced
+
+
+def require_output_folder(folder: Folder, advice: str, replaces: Output | None = None,
+                          force: bool = False) -> None:
+    """An output folder must be new or empty, or an earlier output of the same command
+    (`replaces`): one holding its record or underway mark and nothing the command does not
+    write, which the caller replaces. `force` accepts any folder; only the entries the command
+    writes are replaced in it (`staged_dir`), the rest is left alone."""
     if folder.exists() and not folder.is_folder():
         raise DigitsError(f"{folder}: exists and is not a folder")
     if folder.is_local:
         _require_writable(Path(folder.path), str(folder))
-    if folder.is_empty():
+    names = folder.names()
+    if force or not names:
         return
     if replaces is None:
         raise DigitsError(f"{folder}: not empty; {advice}")
-    command, markers = replaces
-    if not any(folder.exists(marker) for marker in markers):
-        raise DigitsError(f"{folder}: not empty and not an earlier `{command}` output; {advice}")
+    if not {replaces.record, replaces.underway} & set(names):
+        raise DigitsError(f"{folder}: not empty and not an earlier `{replaces.command}` output; {advice}")
+    foreign = [name for name in names if name not in replaces.entries]
+    if foreign:
+        raise DigitsError(f"{folder}: holds {foreign[0]!r}, which `{replaces.command}` does not "
+                          f"write; {advice}")
 
 
 def _require_writable(path: Path, named: str) -> None:
@@ -271,32 +324,66 @@ def writing_into(folder: Folder):
 
 
 @contextmanager
-def staged_dir(target: Path):
-    """Yields an empty hidden folder beside `target` to write into. When the block succeeds
-    the folder takes target's name (replacing a previous output there); when it fails it is
-    deleted. A process killed midway leaves only a hidden `.NAME.partial-PID-*` folder, which
-    the next run for the same target removes."""
+def staged_dir(target: Path, replaces: Output | None = None):
+    """Yields an empty hidden folder beside `target` to write into. When the block succeeds,
+    its entries take their place in target (`_put_in_place`); when it fails, it is deleted. A
+    process killed midway leaves only a hidden `.NAME.partial-PID-*` folder, which the next run
+    for the same target removes."""
     target.parent.mkdir(parents=True, exist_ok=True)
     _remove_abandoned(target)
     staging = target.parent / f".{target.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     staging.mkdir()
     try:
         yield staging
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    if target.exists():
-        previous = target.parent / f".{target.name}.replaced-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        os.rename(target, previous)
+        _put_in_place(staging, target, replaces)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # gone once renamed; else what it holds
+
+
+def _put_in_place(staging: Path, target: Path, replaces: Output | None) -> None:
+    """A new or empty target is replaced by the staging folder whole, in one rename. Otherwise
+    (an earlier output of `replaces`, or any folder with --force) each staged entry replaces
+    its namesake and the earlier output's other entries are removed, and nothing else in
+    target is touched. Meanwhile the folder carries no record (the old one becomes the
+    underway mark, if the output has one), so it never looks complete while it is mixed."""
+    try:
         os.rename(staging, target)
-        shutil.rmtree(previous, ignore_errors=True)
-    else:
-        os.rename(staging, target)
+        return
+    except OSError as exc:
+        if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+            raise
+    staged = sorted(os.listdir(staging))
+    for name in staged:  # all checked before anything changes
+        if os.path.lexists(target / name) and _is_folder(target / name) != _is_folder(staging / name):
+            raise DigitsError(f"{target / name}: {'a folder' if _is_folder(target / name) else 'a file'} "
+                              f"is in the way; nothing was replaced")
+    aside = staging / ".replaced"  # what is replaced goes here, to be deleted with staging
+    aside.mkdir()
+    if replaces:
+        record, underway = target / replaces.record, replaces.underway
+        if os.path.lexists(record):
+            os.rename(record, target / underway if underway else aside / replaces.record)
+        for name in replaces.entries:
+            if name not in staged and name != underway and os.path.lexists(target / name):
+                os.rename(target / name, aside / name)  # the earlier output's, not written now
+    last = replaces.record if replaces else None
+    for name in sorted(staged, key=lambda name: name == last):
+        if _is_folder(target / name):
+            os.rename(target / name, aside / name)
+        os.replace(staging / name, target / name)  # a file or a link is replaced, not followed
+    if replaces and replaces.underway and os.path.lexists(target / replaces.underway):
+        os.unlink(target / replaces.underway)
+
+
+def _is_folder(path: Path) -> bool:
+    return path.is_dir() and not path.is_symlink()
 
 
 def _remove_abandoned(target: Path) -> None:
-    for leftover in target.parent.glob(f".{target.name}.partial-*"):
-        pid = leftover.name.rsplit(".partial-", 1)[1].split("-")[0]
+    # The name escaped: a target named `a*` or `[x]` must match only its own leftovers.
+    prefix = f".{target.name}.partial-"
+    for leftover in target.parent.glob(glob.escape(prefix) + "*"):
+        pid = leftover.name[len(prefix):].split("-")[0]
         if pid.isdigit() and not _alive(int(pid)):
             shutil.rmtree(leftover, ignore_errors=True)
 

@@ -2,7 +2,8 @@
 
 train.csv is `label,pixel0,...,pixel783`, test.csv the same without `label`; one image per row,
 pixels are integers 0-255. Files may be local paths or URIs pyarrow can open (s3://, gs://),
-optionally gzip'd (.csv.gz). A UTF-8 BOM, CRLF line endings and blank lines are accepted.
+optionally gzip'd (.csv.gz). A UTF-8 BOM, CRLF line endings and blank lines (up to
+MAX_BLANK_LINES) are accepted.
 
 A file is read in chunks of whole lines, each parsed by pyarrow straight into uint8 columns, so
 memory stays flat however long the file is. A parse failure says little about where, so only
@@ -33,6 +34,10 @@ TEST_COLUMNS = PIXEL_COLUMNS
 NUM_CLASSES = 10
 CHUNK_BYTES = 8 << 20  # about 5,000 rows: a Ray Data block of a useful size
 MAX_LINE_BYTES = 1 << 20  # a row of 785 cells is under 4 KiB; far longer is not our CSV
+# Blank lines are skipped, but not without end: a .csv.gz of nothing but newlines (kilobytes
+# for gigabytes) would keep every reader busy for as long as it decompresses. A million is far
+# beyond any real file's few, and reading them costs a few megabytes.
+MAX_BLANK_LINES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -114,15 +119,26 @@ def read_csv_chunks(location: str, labelled: bool, limit: int | None = None,
 
 def line_chunks(stream, name: str) -> Iterator[bytes]:
     """The stream's bytes in chunks of whole lines, each ending in a newline; the first chunk is
-    the header line alone. A last line without its newline gets one."""
+    the header line alone. A last line without its newline gets one. More than MAX_BLANK_LINES
+    blank lines in all are an error."""
     pending = b""
     header_done = False
+    blank_lines = 0
+
+    def counted(chunk: bytes) -> bytes:
+        nonlocal blank_lines
+        blank_lines += int(_blank_lines(chunk).sum())
+        if blank_lines > MAX_BLANK_LINES:
+            raise DigitsError(f"{name}: more than {MAX_BLANK_LINES:,} blank lines; not a Kaggle "
+                              "digits CSV")
+        return chunk
+
     while True:
         block = stream.read(CHUNK_BYTES)
         data = pending + block
         if not block:
             if data:
-                yield data if data.endswith(b"\n") else data + b"\n"
+                yield counted(data if data.endswith(b"\n") else data + b"\n")
             return
         if not header_done:
             end = data.find(b"\n")
@@ -140,7 +156,7 @@ def line_chunks(stream, name: str) -> Iterator[bytes]:
             raise DigitsError(f"{name}: a line longer than {MAX_LINE_BYTES >> 20} MiB; not a "
                               "Kaggle digits CSV")
         if cut:
-            yield data[:cut]
+            yield counted(data[:cut])
         pending = data[cut:]
 
 
@@ -275,14 +291,20 @@ def count_csv_rows(location: str) -> dict:
 
 def count_lines(chunk: bytes) -> int:
     """Non-blank lines in a chunk of whole lines: those the CSV parser makes rows of."""
+    blank = _blank_lines(chunk)
+    return int(len(blank) - blank.sum())
+
+
+def _blank_lines(chunk: bytes) -> np.ndarray:
+    """For each line of a chunk of whole lines, whether it is blank (empty or a lone CR), as
+    the CSV parser, which skips those, sees it."""
     if not chunk:
-        return 0
+        return np.zeros(0, bool)
     data = np.frombuffer(chunk, np.uint8)
     ends = np.flatnonzero(data == ord("\n"))
     starts = np.concatenate([[0], ends[:-1] + 1])
     lengths = ends - starts
-    blank = (lengths == 0) | ((lengths == 1) & (data[np.minimum(starts, len(data) - 1)] == ord("\r")))
-    return int(len(ends) - blank.sum())
+    return (lengths == 0) | ((lengths == 1) & (data[np.minimum(starts, len(data) - 1)] == ord("\r")))
 
 
 class _HashingReader:

@@ -17,7 +17,8 @@ test-time augmentation also over fixed shifted, rotated and zoomed views of each
 
 The output folder appears complete or not at all: locally it is assembled beside its final
 place and renamed into it; on object stores, which cannot rename, predict.json is written last
-and marks a complete output.
+and marks a complete output. An earlier output is replaced only if the folder holds nothing
+else (OUTPUT), and only its own entries are touched.
 """
 
 from __future__ import annotations
@@ -36,17 +37,22 @@ import pyarrow.csv as pacsv
 
 from digit_models.config import PredictConfig
 from digit_models.console import live, report_progress
-from digit_models.errors import DigitsError
-from digit_models.files import Folder, is_uri, require_output_folder, staged_dir
+from digit_models.errors import DigitsError, first_line
+from digit_models.files import Folder, Output, is_uri, require_output_folder, staged_dir
 from digit_models.model_file import check_keras_archive
-from digit_models.predict_input import BLOCK_ROWS, Inspections, images_datasource, open_input
+from digit_models.predict_input import (BLOCK_ROWS, Inspections, images_datasource, open_input,
+                                        require_plausible_row_groups)
 from digit_models.ray_runtime import cpus_per_process, on_this_node, put_for_session, ray_session
 from digit_models.run_dir import RunDir
 
 PREDICTIONS_DIR = "predictions"  # Parquet
 SUBMISSION_FILE = "submission.csv"  # Kaggle's ImageId,Label
 RECORD_FILE = "predict.json"  # what was scored, with what, how fast; written last
-UNDERWAY_FILE = "predict.underway"  # remote outputs only: a run is (or was) writing here
+UNDERWAY_FILE = "predict.underway"  # a run is (or was) writing or replacing the output here
+EVALUATION_FILE = "evaluation.json"  # where `digits evaluate` writes by default: describes this output
+# What an output folder may hold, the completion record first (the order a replacement removes them in).
+OUTPUT = Output(command="digits predict", record=RECORD_FILE, underway=UNDERWAY_FILE,
+                entries=(RECORD_FILE, SUBMISSION_FILE, PREDICTIONS_DIR, EVALUATION_FILE, UNDERWAY_FILE))
 PROBABILITY_COLUMNS = [f"prob_{digit}" for digit in range(10)]
 ACTOR_IMAGE_BYTES = 384 << 20  # about 500,000 images: see default_actors
 ROWS_PER_FILE = 16_384  # Parquet files of about 0.9 MB, however small Ray's blocks are
@@ -58,8 +64,7 @@ def predict(config: PredictConfig, address: str | None = None) -> dict:
     config.validate()
     started = time.time()
     out = Folder(config.out if is_uri(config.out) else str(Path(config.out).resolve()))
-    require_output_folder(out, "refusing to replace it",
-                          replaces=("digits predict", (RECORD_FILE, UNDERWAY_FILE)))
+    require_output_folder(out, "refusing to replace it", replaces=OUTPUT)
     runs = [RunDir(run) for run in config.runs]
     models = [run.model_bytes() for run in runs]
     for run, model in zip(runs, models):
@@ -127,18 +132,20 @@ def predict(config: PredictConfig, address: str | None = None) -> dict:
 
 @contextmanager
 def _writing_into(out: Folder):
-    """The folder to write the output into. Locally: a hidden staging folder renamed to `out`
-    once complete. Remotely (object stores cannot rename): `out` itself, marked as underway
-    and cleared of the previous output (completion record first), so that only a finished
-    run has a completion record, and an interrupted one can be overwritten by the next."""
+    """The folder to write the output into. Locally: a hidden staging folder whose entries
+    take their place in `out` once complete. Remotely (object stores cannot rename): `out`
+    itself, marked as underway and cleared of the previous output (completion record first),
+    so that only a finished run has a completion record, and an interrupted one can be
+    overwritten by the next."""
     if out.is_local:
-        with staged_dir(Path(out.path)) as staging:
+        with staged_dir(Path(out.path), replaces=OUTPUT) as staging:
             yield Folder(str(staging))
         return
     out.create()
     out.write_text(UNDERWAY_FILE, "")
-    for name in (RECORD_FILE, SUBMISSION_FILE, PREDICTIONS_DIR):
-        out.delete(name)
+    for name in OUTPUT.entries:
+        if name != UNDERWAY_FILE:
+            out.delete(name)
     yield out
     out.delete(UNDERWAY_FILE)
 
@@ -287,3 +294,33 @@ def _sorted_own_ids(batches, images: int, source: str) -> tuple[np.ndarray, np.n
         raise DigitsError(f"{source}: the pipeline returned {len(ids)} predictions for {images} "
                           "images; not writing a submission")
     return ids, labels
+
+
+# ---------------------------------------------------------------------------- reading it back
+
+def read_back(folder: Folder, columns: list[str]) -> pa.Table:
+    """These columns of a complete output's predictions (for `digits evaluate` and `digits
+    report`, which may be given any folder). The Parquet files' footers are checked before any
+    data is read: as many rows as predict.json counts images, row groups no larger than their
+    rows can be, so that a damaged or crafted folder is refused in one line, not read."""
+    import pyarrow.dataset as pads  # here: its import (pandas) would delay every bad-input error
+
+    if not folder.exists(RECORD_FILE):
+        raise DigitsError(f"{folder}: no {RECORD_FILE}, so not a complete `digits predict` output")
+    record = folder.read_json(RECORD_FILE)
+    images = record.get("images") if isinstance(record, dict) else None
+    if not isinstance(images, int) or images < 0:
+        raise DigitsError(f"{folder.child(RECORD_FILE)}: no count of the images scored")
+    where = folder.child(PREDICTIONS_DIR)
+    try:
+        written = pads.dataset(f"{folder.path}/{PREDICTIONS_DIR}", filesystem=folder.fs, format="parquet")
+        rows = 0
+        for fragment in written.get_fragments():
+            name = fragment.path.rsplit("/", 1)[-1]
+            require_plausible_row_groups(fragment.metadata, columns, folder.child(f"{PREDICTIONS_DIR}/{name}"))
+            rows += fragment.metadata.num_rows
+        if rows != images:
+            raise DigitsError(f"{where}: {rows:,} rows, but {RECORD_FILE} counts {images:,} images")
+        return written.to_table(columns=columns)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise DigitsError(f"{where}: not readable as Parquet: {first_line(exc)}") from None

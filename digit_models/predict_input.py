@@ -32,6 +32,12 @@ PARQUET_SUFFIXES = (".parquet", ".pq")
 PARQUET_BATCH_ROWS = 4096
 BLOCK_ROWS = 8192  # rows per Ray Data block: a multiple of every usual batch size
 MAX_IMAGE_ID = 2**31 - 1
+# The most a value of a numeric column (8 bytes at most) can take in a row group, uncompressed:
+# a dictionary entry and its index, with room for levels and page statistics; and per column
+# chunk, for its page headers. A row group claiming more for its rows is damaged or crafted
+# (a small file that decompresses to gigabytes), and is refused before it is read.
+PARQUET_VALUE_BYTES = 24
+PARQUET_CHUNK_BYTES = 64 << 10
 
 
 @dataclass(frozen=True)
@@ -157,9 +163,11 @@ def read_file(kind: str, location: str, first_id: int | None) -> Iterator[tuple[
 def _read_parquet(location: str, first_id: int | None):
     fs, path = require_file(location)
     rows_before = 0
+    columns = PIXEL_COLUMNS + (["ImageId"] if first_id is None else [])
     try:
-        batches = pq.ParquetFile(path, filesystem=fs).iter_batches(
-            batch_size=PARQUET_BATCH_ROWS, columns=PIXEL_COLUMNS + (["ImageId"] if first_id is None else []))
+        parquet = pq.ParquetFile(path, filesystem=fs)
+        require_plausible_row_groups(parquet.metadata, columns, location)
+        batches = parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=columns)
         for batch in batches:
             pixels = np.stack([_checked(batch.column(column), column, 0, 255, location, rows_before)
                                for column in PIXEL_COLUMNS], axis=1).astype(np.uint8, copy=False)
@@ -171,6 +179,23 @@ def _read_parquet(location: str, first_id: int | None):
             rows_before += batch.num_rows
     except (pa.ArrowInvalid, OSError) as exc:
         raise DigitsError(f"{location}: not readable as Parquet: {first_line(exc)}") from None
+
+
+def require_plausible_row_groups(metadata: pq.FileMetaData, columns: list[str], location: str) -> None:
+    """A Parquet file's row groups, from its footer alone: they hold the rows the file counts,
+    and none of these columns takes more bytes than its rows can need."""
+    groups = [metadata.row_group(index) for index in range(metadata.num_row_groups)]
+    if sum(group.num_rows for group in groups) != metadata.num_rows:
+        raise DigitsError(f"{location}: its row groups hold {sum(group.num_rows for group in groups):,} "
+                          f"rows, its footer counts {metadata.num_rows:,}")
+    for number, group in enumerate(groups, start=1):
+        for chunk in (group.column(index) for index in range(group.num_columns)):
+            if (chunk.path_in_schema in columns and chunk.total_uncompressed_size
+                    > group.num_rows * PARQUET_VALUE_BYTES + PARQUET_CHUNK_BYTES):
+                raise DigitsError(f"{location}: row group {number}, column {chunk.path_in_schema}: "
+                                  f"{chunk.total_uncompressed_size:,} bytes for "
+                                  f"{group.num_rows:,} row{'' if group.num_rows == 1 else 's'}, "
+                                  "more than numbers take")
 
 
 def _checked(column: pa.Array, name: str, low: int, high: int, source: str, rows_before: int) -> np.ndarray:
@@ -208,7 +233,7 @@ class Inspections:
     def __init__(self, source: PredictInput, tasks: int, **task_options):
         import ray
 
-        inspect_group = ray.remote(lambda kind, files: [inspect_file(kind, f) for f in files])
+        inspect_group = ray.remote(_inspect_group)
         self.bounds = sorted(set(np.linspace(0, len(source.files), min(tasks, len(source.files)) + 1,
                                              dtype=int).tolist()))
         self.refs = [inspect_group.options(num_cpus=0, **task_options).remote(source.kind, source.files[a:b])
@@ -218,8 +243,11 @@ class Inspections:
         """The inspections of the first `count` files, waiting for them if need be."""
         import ray
 
-        groups = [ref for start, ref in zip(self.bounds, self.refs) if start < count]
-        return [found for group in ray.get(groups) for found in group][:count]
+        groups = ray.get([ref for start, ref in zip(self.bounds, self.refs) if start < count])
+        for group in groups:
+            if isinstance(group, DigitsError):
+                raise group
+        return [found for group in groups for found in group][:count]
 
     def rows_if_counted(self) -> int | None:
         """The rows of all files, or None while some are still being counted."""
@@ -228,7 +256,20 @@ class Inspections:
         ready, _ = ray.wait(self.refs, num_returns=len(self.refs), timeout=0)
         if len(ready) < len(self.refs):
             return None
-        return sum(found["rows"] for group in ray.get(self.refs) for found in group)
+        groups = ray.get(self.refs)
+        if any(isinstance(group, DigitsError) for group in groups):
+            return None  # the pipeline stops on it
+        return sum(found["rows"] for group in groups for found in group)
+
+
+def _inspect_group(kind: str, files: list[str]) -> list[dict] | DigitsError:
+    """The inspections of a group of files, or the error that stopped them, returned rather
+    than raised: the read task of the same file usually stops on it first, and a task's raised
+    error that nobody fetches is printed by Ray, traceback and all, beside our one line."""
+    try:
+        return [inspect_file(kind, file) for file in files]
+    except DigitsError as exc:
+        return exc
 
 
 def images_datasource(source: PredictInput, inspections: Inspections):

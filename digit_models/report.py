@@ -17,14 +17,13 @@ import io
 from dataclasses import dataclass
 
 import numpy as np
-import pyarrow.parquet as pq
 from typing import TYPE_CHECKING
 
 from digit_models.errors import DigitsError
 from digit_models.evaluation import evaluate
 from digit_models.files import Folder, parent_and_name, require_output_folder, writing_into
 from digit_models.kaggle_csv import NUM_CLASSES
-from digit_models.predict import PREDICTIONS_DIR, RECORD_FILE
+from digit_models.predict import RECORD_FILE, read_back
 from digit_models.predict_input import inspect_file, open_input, read_images
 from digit_models.run_dir import RunDir
 from digit_models.submission_csv import read_id_label_csv
@@ -181,8 +180,7 @@ def confident_mistakes(predictions: str, labels: str, limit: int = GALLERY_SIZE)
     if not folder.is_folder():
         raise DigitsError(f"{predictions}: not a `digits predict` output folder (a submission.csv "
                           "has neither confidences nor images)")
-    table = pq.read_table(f"{folder.path}/{PREDICTIONS_DIR}", filesystem=folder.fs,
-                          columns=["ImageId", "Label", "Confidence"]).sort_by("ImageId")
+    table = read_back(folder, ["ImageId", "Label", "Confidence"]).sort_by("ImageId")
     ids = table.column("ImageId").to_numpy().astype(np.int64)
     predicted = table.column("Label").to_numpy()
     confidence = table.column("Confidence").to_numpy()

@@ -230,6 +230,19 @@ def test_evaluate_refuses_an_incomplete_predictions_folder(tmp_path, capsys, kag
     assert code == 2 and "not a complete `digits predict` output" in _only_error_line(capsys)
 
 
+def test_evaluate_refuses_a_gzip_bomb_of_labels_unread(tmp_path, capsys):
+    from digit_models.submission_csv import SMALL_CSV_BYTES
+
+    submission = _id_label_file(tmp_path / "submission.csv", [(1, 3)])
+    bomb = tmp_path / "labels.csv.gz"  # about 64 KiB that decompress to more than 64 MiB
+    bomb.write_bytes(gzip.compress(b"ImageId,Label\n1,3\n" + b"\n" * SMALL_CSV_BYTES))
+    assert bomb.stat().st_size < 1 << 20
+    assert main(["evaluate", "--predictions", str(submission), "--labels", str(bomb)]) == 2
+    assert _only_error_line(capsys).endswith(
+        "labels.csv.gz: more than 64 MiB decompressed; too large for a labels or submission file")
+    assert not (tmp_path / "evaluation.json").exists()
+
+
 def test_data_refuses_an_output_path_that_is_a_file(tmp_path, capsys):
     target = tmp_path / "taken"
     target.write_text("mine")
@@ -242,3 +255,28 @@ def test_debug_shows_the_traceback(tmp_path, capsys):
     assert main(["--debug", "train", "--data", str(tmp_path / "absent.csv"), "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
     assert "Traceback" in err and err.strip().endswith("digits: error: " + str(tmp_path / "absent.csv") + ": no such file")
+
+
+DATA_FOLDER_CASES = [
+    ("a-kaggle-download", {"train.csv": "label,pixel0\n", "test.csv": "pixel0\n"},
+     "not empty and not an earlier `digits data` output"),
+    ("ours-and-a-users-file", {"manifest.json": "ours", "notes.txt": "mine"},
+     "holds 'notes.txt', which `digits data` does not write"),
+    ("a-manifest-of-another-tool", {"manifest.json": '{"files": {"train.csv": "x"}}', "train.csv": "mine"},
+     "manifest.json: not written by `digits data`"),
+]
+
+
+@pytest.mark.parametrize("case,files,message", DATA_FOLDER_CASES, ids=lambda v: v if isinstance(v, str) else "")
+def test_data_refuses_a_folder_that_is_not_its_own_output(tmp_path, capsys, kaggle_dir, case, files, message):
+    if files.get("manifest.json") == "ours":
+        files = {**files, "manifest.json": (kaggle_dir / "manifest.json").read_text()}
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for name, content in files.items():
+        (folder / name).write_text(content)
+    assert main(["data", "--out", str(folder)]) == 2
+    line = _only_error_line(capsys)
+    assert message in line and line.endswith("or give --force to overwrite the files `digits data` writes")
+    assert {path.name: path.read_text() for path in folder.iterdir()} == files
+    assert not list(tmp_path.glob(".data.partial-*"))

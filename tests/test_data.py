@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import json
 import pickle
 import zipfile
 from pathlib import Path
@@ -17,7 +18,7 @@ from digit_models.kaggle_csv import (PIXEL_COLUMNS, TRAIN_COLUMNS, read_test_csv
                                      resolve_train_csv, write_kaggle_csv)
 from digit_models.train import validation_split
 from digit_models.errors import DigitsError
-from digit_models.data import build_kaggle_files
+from digit_models.data import FILES, MANIFEST, build_kaggle_files
 from digit_models.mnist_source import read_wheel, restricted_loads
 from tests.conftest import SLICE_TEST_ROWS, SLICE_TRAIN_ROWS
 
@@ -59,6 +60,29 @@ def test_kaggle_files_are_byte_identical_for_the_same_seed(tmp_path, mnist_slice
     build_kaggle_files(mnist_slice, tmp_path / "other", seed=1, train_size=SLICE_TRAIN_ROWS,
                        test_size=SLICE_TEST_ROWS)
     assert (tmp_path / "other" / "train.csv").read_bytes() != (kaggle_dir / "train.csv").read_bytes()
+
+
+def test_an_earlier_output_is_replaced_and_force_replaces_only_our_files(tmp_path, mnist_slice, kaggle_dir):
+    sizes = {"train_size": SLICE_TRAIN_ROWS, "test_size": SLICE_TEST_ROWS}
+    folder = tmp_path / "data"
+    build_kaggle_files(mnist_slice, folder, seed=1, **sizes)
+    # An earlier output of ours (its manifest, nothing else): replaced in place, no --force needed.
+    inode = folder.stat().st_ino
+    build_kaggle_files(mnist_slice, folder, seed=0, **sizes)
+    assert folder.stat().st_ino == inode
+    assert sorted(path.name for path in folder.iterdir()) == sorted([*FILES, MANIFEST])
+    for name in (*FILES, MANIFEST):
+        assert (folder / name).read_bytes() == (kaggle_dir / name).read_bytes(), name
+
+    # A folder of someone else's: only with force, and only the files of our names are replaced.
+    (folder / "notes.txt").write_text("mine")
+    with pytest.raises(DigitsError, match="holds 'notes.txt', which `digits data` does not write"):
+        build_kaggle_files(mnist_slice, folder, seed=1, **sizes)
+    build_kaggle_files(mnist_slice, folder, seed=1, force=True, **sizes)
+    assert (folder / "notes.txt").read_text() == "mine"
+    assert (folder / "train.csv").read_bytes() != (kaggle_dir / "train.csv").read_bytes()
+    assert json.loads((folder / MANIFEST).read_text())["seed"] == 1
+    assert [path.name for path in tmp_path.iterdir()] == ["data"]  # no staging folder left
 
 
 def test_reader_round_trips_what_the_writer_wrote(tmp_path, mnist_slice):

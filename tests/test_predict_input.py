@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from digit_models import kaggle_csv
+from digit_models import kaggle_csv, predict_input
 from digit_models.errors import DigitsError
 from digit_models.kaggle_csv import PIXEL_COLUMNS, count_csv_rows, read_csv_chunks, read_test_csv
 from digit_models.predict_input import inspect_file, open_input, read_file, read_images
@@ -61,6 +61,16 @@ def test_the_row_count_matches_the_parser_with_blank_lines_crlf_bom_and_gzip(tmp
         parsed = sum(table.num_rows for _, table in read_csv_chunks(str(tmp_path / name), labelled=False))
         assert counted["rows"] == parsed == 300, name
         assert counted["bytes"] == len(content), name
+
+
+def test_a_gzip_of_blank_lines_is_refused_after_a_bounded_read(tmp_path, test_lines):
+    bomb = tmp_path / "test.csv.gz"  # kilobytes that decompress to 64 MiB of blank lines
+    bomb.write_bytes(gzip.compress(("\n".join(test_lines[:2]) + "\n").encode() + b"\n" * (64 << 20)))
+    message = r"test.csv.gz: more than 1,048,576 blank lines; not a Kaggle digits CSV"
+    with pytest.raises(DigitsError, match=message):
+        count_csv_rows(str(bomb))
+    with pytest.raises(DigitsError, match=message):
+        list(read_csv_chunks(str(bomb), labelled=False))
 
 
 def test_a_folder_or_glob_lists_its_files_in_name_order_and_skips_hidden_ones(tmp_path, test_lines):
@@ -113,3 +123,18 @@ def test_parquet_files_are_checked_row_by_row(tmp_path, kaggle_dir):
     assert source.own_ids
     with pytest.raises(DigitsError, match=r"ids.parquet: row 1, column ImageId: 0 is outside 1-"):
         list(read_file(source.kind, source.files[0], first_id=None))
+
+
+def test_parquet_row_groups_larger_than_their_rows_can_be_are_refused_unread(tmp_path, kaggle_dir,
+                                                                            monkeypatch):
+    frame = pd.DataFrame(read_test_csv(str(kaggle_dir / "test.csv"), limit=50).images.reshape(50, 784),
+                         columns=PIXEL_COLUMNS)
+    frame.to_parquet(tmp_path / "test.parquet")
+    source = open_input(str(tmp_path / "test.parquet"))
+    assert len(list(read_file(source.kind, source.files[0], first_id=1))) == 1
+    # What a row group may take per row, cut to below what this real one takes: the footer alone
+    # is enough to refuse it.
+    monkeypatch.setattr(predict_input, "PARQUET_VALUE_BYTES", 0)
+    monkeypatch.setattr(predict_input, "PARQUET_CHUNK_BYTES", 0)
+    with pytest.raises(DigitsError, match=r"test.parquet: row group 1, column pixel0: [\d,]+ bytes for 50 rows"):
+        next(read_file(source.kind, source.files[0], first_id=1))

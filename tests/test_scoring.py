@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -141,6 +142,18 @@ def test_a_bad_row_deep_in_a_large_input_is_named_and_nothing_is_written(tmp_pat
     assert sorted(path.name for path in tmp_path.iterdir()) == ["big.csv"]
 
 
+def test_a_gzip_of_blank_lines_is_refused_not_read_for_ever(tmp_path, kaggle_dir, dense_run, shared_ray_env):
+    lines = (kaggle_dir / "test.csv").read_text().splitlines()
+    bomb = tmp_path / "test.csv.gz"  # one image, then 64 MiB of blank lines in 64 KiB
+    bomb.write_bytes(gzip.compress(("\n".join(lines[:2]) + "\n").encode() + b"\n" * (64 << 20)))
+    done = run_digits("predict", "--run", str(dense_run), "--input", str(bomb), "--out", str(tmp_path / "out"),
+                      env=shared_ray_env)
+    assert done.returncode == 2
+    assert done.stderr.strip() == (f"digits: error: {bomb}: more than 1,048,576 blank lines; not a "
+                                   "Kaggle digits CSV"), done.stderr
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["test.csv.gz"]
+
+
 def test_duplicated_own_image_ids_are_refused(tmp_path, kaggle_dir, dense_run, ray_local):
     test = read_test_csv(str(kaggle_dir / "test.csv"), limit=100)
     frame = pd.DataFrame(test.images.reshape(100, 784), columns=PIXEL_COLUMNS)
@@ -206,11 +219,31 @@ def test_evaluate_refuses_mismatched_ids(tmp_path, predicted, message):
 def test_evaluate_refuses_a_predictions_folder_with_a_duplicated_id(tmp_path, dense_scored):
     broken = tmp_path / "broken"
     (broken / "predictions").mkdir(parents=True)
-    (broken / "predict.json").write_text("{}")
     table = pq.read_table(dense_scored / "predictions")
+    (broken / "predict.json").write_text(json.dumps({"images": len(table) + 1}))
     pq.write_table(pa.concat_tables([table, table.slice(0, 1)]), broken / "predictions" / "p.parquet")
     with pytest.raises(DigitsError, match="predictions: ImageId .* appears more than once"):
         evaluate(str(broken), str(tmp_path / "unused.csv"))
+
+
+def test_evaluate_checks_the_predictions_footers_before_reading_them(tmp_path, dense_scored, kaggle_dir):
+    labels = str(kaggle_dir / "test_labels.csv")
+    more = tmp_path / "more"
+    shutil.copytree(dense_scored, more)
+    pq.write_table(pq.read_table(dense_scored / "predictions").slice(0, 10), more / "predictions" / "extra.parquet")
+    with pytest.raises(DigitsError, match=r"more/predictions: 1,510 rows, but predict.json counts 1,500 images"):
+        evaluate(str(more), labels)
+
+    crafted = tmp_path / "crafted"
+    (crafted / "predictions").mkdir(parents=True)
+    (crafted / "predict.json").write_text(json.dumps({"images": 1}))
+    # One row whose Label is 64 MiB of text, kilobytes on disk: refused from the footer alone.
+    pq.write_table(pa.table({"ImageId": pa.array([1], pa.int32()), "Label": ["7" * (64 << 20)]}),
+                   crafted / "predictions" / "p.parquet", compression="zstd")
+    assert (crafted / "predictions" / "p.parquet").stat().st_size < 1 << 20
+    with pytest.raises(DigitsError, match=r"crafted/predictions/p.parquet: row group 1, column Label: "
+                                          r"67,1\d\d,\d\d\d bytes for 1 row, more than numbers take"):
+        evaluate(str(crafted), labels)
 
 
 def test_evaluate_reports_the_official_mnist_test_subset(dense_scored, kaggle_dir):
@@ -251,3 +284,40 @@ def test_a_killed_predict_leaves_nothing_and_the_cli_rerun_completes(tmp_path, k
     assert evaluated.stdout.startswith("accuracy 0.")
     assert "official MNIST test images: accuracy" in evaluated.stdout
     assert json.loads((out / "evaluation.json").read_text())["images"] == SLICE_TEST_ROWS
+
+
+@pytest.mark.parametrize("earlier", ["a-stray-record", "a-whole-output"])
+def test_predict_refuses_a_folder_with_a_users_file_and_leaves_it_alone(tmp_path, kaggle_dir, dense_run,
+                                                                       dense_scored, shared_ray_env, earlier):
+    out = tmp_path / "out"
+    if earlier == "a-whole-output":
+        shutil.copytree(dense_scored, out)
+    else:
+        out.mkdir()
+        (out / "predict.json").write_text("{}")
+    (out / "notes.txt").write_text("mine")
+    before = sorted(path.name for path in out.iterdir())
+    done = run_digits("predict", "--run", str(dense_run), "--input", str(kaggle_dir / "test.csv"),
+                      "--out", str(out), env=shared_ray_env)
+    assert done.returncode == 2
+    assert done.stderr.strip() == (f"digits: error: {out}: holds 'notes.txt', which `digits predict` "
+                                   "does not write; refusing to replace it"), done.stderr
+    assert (out / "notes.txt").read_text() == "mine" and sorted(path.name for path in out.iterdir()) == before
+
+
+def test_an_earlier_output_is_replaced_entry_by_entry(tmp_path, kaggle_dir, dense_run, dense_scored,
+                                                      shared_ray_env):
+    out = tmp_path / "out"
+    shutil.copytree(dense_scored, out)
+    (out / "evaluation.json").write_text("{}")  # `digits evaluate`'s, of the predictions replaced
+    folder = out.stat().st_ino
+    lines = (kaggle_dir / "test.csv").read_text().splitlines()
+    (tmp_path / "small.csv").write_text("\n".join(lines[:101]) + "\n")
+    done = run_digits("predict", "--run", str(dense_run), "--input", str(tmp_path / "small.csv"),
+                      "--out", str(out), env=shared_ray_env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert out.stat().st_ino == folder  # the folder stays where it is; only our entries are new
+    assert sorted(path.name for path in out.iterdir()) == ["predict.json", "predictions", "submission.csv"]
+    assert json.loads((out / "predict.json").read_text())["images"] == 100
+    assert len((out / "submission.csv").read_text().splitlines()) == 101
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["out", "small.csv"]  # nothing left beside it
