@@ -22,7 +22,6 @@ and marks a complete output.
 
 from __future__ import annotations
 
-import json
 import os
 import resource
 import tempfile
@@ -121,7 +120,7 @@ def predict(config: PredictConfig, address: str | None = None) -> dict:
             "predictions": PREDICTIONS_DIR,
             "submission": SUBMISSION_FILE,
         }
-        target.write_text(RECORD_FILE, json.dumps(record, indent=2) + "\n")  # last
+        target.write_json(RECORD_FILE, record)  # last
     return record
 
 
