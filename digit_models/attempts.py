@@ -15,7 +15,6 @@ named by the Unix time in milliseconds, so that the names sort in time order. ru
 
 from __future__ import annotations
 
-import json
 import socket
 import time
 
@@ -41,7 +40,7 @@ def record(run_location: str, kind: str, entry: dict) -> None:
     folder.create()
     now = time.time()
     entry = {"at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)), **entry}
-    folder.write_text(f"{int(now * 1000):013d}-{kind}.json", json.dumps(entry) + "\n")
+    folder.write_json(f"{int(now * 1000):013d}-{kind}.json", entry)
 
 
 def timeline(run_location: str) -> list[tuple[float, str, dict]]:

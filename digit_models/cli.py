@@ -175,15 +175,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _print(text: str) -> None:
+    """A command's result on stdout, without any URI's credentials (stderr's lines lose them on
+    their way: console.py)."""
+    from digit_models.files import without_credentials
+
+    print(without_credentials(text))
+
+
 def run_data(args) -> None:
     from digit_models.data import build_kaggle_files, require_data_folder
     from digit_models.mnist_source import load_mnist
 
     require_data_folder(args.out, force=args.force)  # before the download
     manifest = build_kaggle_files(load_mnist(), args.out, seed=args.seed, force=args.force)
-    print(f"wrote {manifest['train_rows']:,} training and {manifest['test_rows']:,} test rows "
-          f"({manifest['official_test_rows_in_test_csv']:,} from the official MNIST test set) "
-          f"to {args.out}")
+    _print(f"wrote {manifest['train_rows']:,} training and {manifest['test_rows']:,} test rows "
+           f"({manifest['official_test_rows_in_test_csv']:,} from the official MNIST test set) "
+           f"to {args.out}")
 
 
 def run_train(args) -> None:
@@ -200,9 +208,9 @@ def run_train(args) -> None:
     else:
         summary = train(_train_config(args), address=args.address)
     last = summary["history"][-1]
-    print(f"{summary['stop_reason']}: {summary['epochs_run']} epochs, "
-          + ", ".join(f"{k} {last[k]:.4f}" for k in ("accuracy", "val_accuracy") if k in last)
-          + f"; model in {args.out}")
+    _print(f"{summary['stop_reason']}: {summary['epochs_run']} epochs, "
+           + ", ".join(f"{k} {last[k]:.4f}" for k in ("accuracy", "val_accuracy") if k in last)
+           + f"; model in {args.out}")
 
 
 def _train_config(args):
@@ -225,8 +233,8 @@ def run_predict(args) -> None:
     options = {field.name: getattr(args, field.name) for field in fields(PredictConfig)
                if field.name != "runs"}
     summary = predict(PredictConfig(runs=args.run, **options), address=args.address)
-    print(f"scored {summary['images']:,} images ({summary['images_per_s']:,.0f} images/s); "
-          f"submission: {Folder(args.out).child(SUBMISSION_FILE)}")
+    _print(f"scored {summary['images']:,} images ({summary['images_per_s']:,.0f} images/s); "
+           f"submission: {Folder(args.out).child(SUBMISSION_FILE)}")
 
 
 def run_evaluate(args) -> None:
@@ -239,21 +247,21 @@ def run_evaluate(args) -> None:
     target = args.json or (predictions.child(EVALUATION_FILE) if predictions.is_folder()
                            else Folder(parent_and_name(args.predictions)[0]).child(EVALUATION_FILE))
     write_evaluation(result, target)
-    print(format_report(result))
-    print(f"written to {target}")
+    _print(format_report(result))
+    _print(f"written to {target}")
 
 
 def run_report(args) -> None:
     from digit_models.report import write_report
 
     written = write_report(args.run, args.out, predictions=args.predictions, labels=args.labels)
-    print(f"wrote {', '.join(written)} to {args.out}")
+    _print(f"wrote {', '.join(written)} to {args.out}")
 
 
 def run_export(args) -> None:
     from digit_models.export import export
 
-    print(f"wrote {export(args.run, args.out, args.format)}")
+    _print(f"wrote {export(args.run, args.out, args.format)}")
 
 
 COMMANDS = {"data": run_data, "train": run_train, "predict": run_predict, "evaluate": run_evaluate,

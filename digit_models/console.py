@@ -16,6 +16,9 @@ keep everything.
 Our own workers and actors talk to the user through the same forwarding: `say` a line (the
 driver prints it without Ray's "(RayTrainWorker pid=...)" prefix), or `report_progress`, which
 the driver draws as one live line on a terminal and at most once every 30 s into a log.
+
+No line shown carries a URI's credentials (files.without_credentials): not our own, whose
+errors name locations, nor a library's that quotes one.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ import tempfile
 import threading
 import time
 from contextlib import contextmanager
+
+from digit_models.files import without_credentials
 
 NOISE = re.compile(
     r"absl::InitializeLog\(\) is called|\] oneDNN custom operations are on|cudart_stub\.cc"
@@ -95,11 +100,14 @@ def _stderr_to(fd: int):
 
 
 def _pass_on(lines, out) -> None:
-    """Copies the lines that are not noise, byte for byte, and closes both ends."""
+    """Copies the lines that are not noise, with no URI's credentials (whoever wrote them: our
+    error lines, a library quoting a location) and otherwise byte for byte; closes both ends."""
     with lines, out:
         for line in lines:
-            if not NOISE.search(line.decode(errors="replace")):
-                out.write(line)
+            text = line.decode(errors="replace")
+            if not NOISE.search(text):
+                shown = without_credentials(text)
+                out.write(line if shown == text else shown.encode())
 
 
 # Ray's own lines said in fewer words (its log files keep them whole).
@@ -140,8 +148,9 @@ def report_progress(**message) -> None:
 
 
 def _shown(lines: list[str]) -> list[str]:
-    """What of Ray's lines reaches the console: not the noise, and some said more briefly."""
-    return [_retold(line) for line in lines if not NOISE.search(line)]
+    """What of Ray's lines reaches the console: not the noise, some said more briefly, none
+    with a URI's credentials."""
+    return [without_credentials(_retold(line)) for line in lines if not NOISE.search(line)]
 
 
 def _retold(line: str) -> str:
@@ -183,7 +192,7 @@ class LiveLine:
     def line(self, text: str) -> None:
         with self.lock:
             self._erase()
-            self.stream.write(text + "\n")
+            self.stream.write(without_credentials(text) + "\n")
             self.stream.flush()
             if self.logged_at is not None:  # the log's 30 s count from its latest line
                 self.logged_at = self.clock()

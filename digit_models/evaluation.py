@@ -7,7 +7,6 @@ error: a missing, duplicated or unknown ImageId would otherwise give a silently 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -113,4 +112,4 @@ def format_report(result: dict) -> str:
 def write_evaluation(result: dict, location: str) -> None:
     """Into a local path or a URI, whole or not at all."""
     parent, name = parent_and_name(location)
-    Folder(parent).write_text(name, json.dumps(result, indent=2) + "\n")
+    Folder(parent).write_json(name, result)

@@ -19,6 +19,7 @@ import glob
 import hashlib
 import json
 import os
+import re
 import shutil
 import uuid
 from contextlib import contextmanager
@@ -48,6 +49,34 @@ def split_query(location: str) -> tuple[str, str]:
     entries go before them. In a local path "?" is an ordinary character."""
     base, mark, query = str(location).partition("?")
     return (base, mark + query) if is_uri(location) else (str(location), "")
+
+
+def without_credentials(text: str) -> str:
+    """`text` (a location, or a message or record naming locations) with every URI in it
+    stripped of its credentials: a userinfo with a password (`KEY:SECRET@`, the key with it)
+    and query parameters that carry secrets. Whatever we record, print or send to MLflow goes
+    through this; the location itself, credentials and all, is what pyarrow gets."""
+    return _URI.sub(lambda found: _uri_without_credentials(found.group()), text)
+
+
+# A URI inside text: it ends at whitespace, a quote or a backslash (JSON's escapes), and not
+# on punctuation that follows it in a message ("s3://b/x: no such file"). Not matched from
+# inside a longer word, which keeps a scan through long base64 runs linear.
+_URI = re.compile(r"""(?<![\w+.-])[A-Za-z][\w+.-]*://[^\s"'<>\\]*[^\s"'<>\\:,.;)\]]""")
+# A userinfo with a password. The password runs to the first "@", over any "/": an AWS
+# secret may hold a raw "/", and pyarrow's refusal of such a URI quotes it whole. A userinfo
+# without a password names no secret and stays (abfs://CONTAINER@account..., hdfs://USER@host).
+_USERINFO = re.compile(r"^([^:/?#]+://)[^:/?#@]*:[^?#@]*@")
+# Query parameters that carry secrets: pyarrow reads Azure's `client_secret` and a SAS
+# token's signature `sig` from a URI (its S3 and GCS URIs take credentials only as userinfo,
+# and refuse `secret_key=`, `session_token=`, `access_token=` in a message that quotes ours).
+_SECRET_PARAMETER = re.compile(r"secret|token|key|password|signature|^sig$", re.IGNORECASE)
+
+
+def _uri_without_credentials(uri: str) -> str:
+    base, mark, query = _USERINFO.sub(r"\1", uri).partition("?")
+    kept = [pair for pair in query.split("&") if not _SECRET_PARAMETER.search(pair.partition("=")[0])]
+    return base + (mark + "&".join(kept) if kept else "")
 
 
 def parent_and_name(location: str) -> tuple[str, str]:
@@ -251,6 +280,10 @@ class Folder:
 
     def write_text(self, name: str, text: str) -> None:
         self.write_bytes(name, text.encode())
+
+    def write_json(self, name: str, record) -> None:
+        """A record as JSON, every location in it without credentials."""
+        self.write_text(name, without_credentials(json.dumps(record, indent=2)) + "\n")
 
     def open_output(self, name: str):
         """A stream writing a new file, for output too large to hold (the caller makes it

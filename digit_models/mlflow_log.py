@@ -18,6 +18,7 @@ import tempfile
 from pathlib import Path
 
 from digit_models.errors import DigitsError
+from digit_models.files import parent_and_name, without_credentials
 from digit_models.run_dir import EPOCH_METRICS, RunDir
 
 EXPERIMENT = "digits"
@@ -36,8 +37,9 @@ def client(tracking_uri: str):
     return MlflowClient(tracking_uri=tracking_uri)
 
 
-def start_run(tracking_uri: str, config: dict, name: str, run_id: str | None = None) -> str:
-    """A new MLflow run with the configuration as params, or `run_id` (a resumed run) again."""
+def start_run(tracking_uri: str, config: dict, run_location: str, run_id: str | None = None) -> str:
+    """A new MLflow run named after the run directory, with the configuration as params, or
+    `run_id` (a resumed run) again."""
     tracking = client(tracking_uri)
     from mlflow.entities import Param
 
@@ -46,8 +48,10 @@ def start_run(tracking_uri: str, config: dict, name: str, run_id: str | None = N
         return run_id
     experiment = tracking.get_experiment_by_name(EXPERIMENT)
     experiment_id = experiment.experiment_id if experiment else tracking.create_experiment(EXPERIMENT)
+    name = parent_and_name(without_credentials(run_location))[1]
     run_id = tracking.create_run(experiment_id, run_name=name).info.run_id
-    tracking.log_batch(run_id, params=[Param(key, str(value)) for key, value in config.items()])
+    tracking.log_batch(run_id, params=[Param(key, without_credentials(str(value)))
+                                       for key, value in config.items()])
     return run_id
 
 

@@ -23,7 +23,6 @@ else (OUTPUT), and only its own entries are touched.
 
 from __future__ import annotations
 
-import json
 import os
 import resource
 import tempfile
@@ -126,7 +125,7 @@ def predict(config: PredictConfig, address: str | None = None) -> dict:
             "predictions": PREDICTIONS_DIR,
             "submission": SUBMISSION_FILE,
         }
-        target.write_text(RECORD_FILE, json.dumps(record, indent=2) + "\n")  # last
+        target.write_json(RECORD_FILE, record)  # last
     return record
 
 

@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING
 
 from digit_models.errors import DigitsError
 from digit_models.evaluation import evaluate
-from digit_models.files import Folder, parent_and_name, require_output_folder, writing_into
+from digit_models.files import (Folder, parent_and_name, require_output_folder, without_credentials,
+                                 writing_into)
 from digit_models.kaggle_csv import NUM_CLASSES
 from digit_models.predict import RECORD_FILE, read_back
 from digit_models.predict_input import inspect_file, open_input, read_images
@@ -260,7 +261,8 @@ def _page(run: dict, run_dir: str, evaluation: dict | None, pngs: dict[str, byte
     sections += [f'<figure><img alt="{name}" src="data:image/png;base64,'
                  f'{base64.b64encode(content).decode()}"><figcaption>{name}</figcaption></figure>'
                  for name, content in pngs.items()]
-    title = html.escape(f"Report: {run.get('model', 'model')} run {parent_and_name(run_dir)[1]}")
+    name = parent_and_name(without_credentials(run_dir))[1]
+    title = html.escape(f"Report: {run.get('model', 'model')} run {name}")
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
             "<style>body{font-family:sans-serif;max-width:1000px;margin:2em auto}"
             "td,th{padding:2px 12px;text-align:left}img{max-width:100%}</style></head>\n"
@@ -273,5 +275,5 @@ def _accuracy(scores: dict) -> str:
 
 def _table(rows: list[tuple[str, object]]) -> str:
     return "<table>\n" + "\n".join(
-        f"<tr><th>{html.escape(name)}</th><td>{html.escape(str(value))}</td></tr>"
+        f"<tr><th>{html.escape(name)}</th><td>{html.escape(without_credentials(str(value)))}</td></tr>"
         for name, value in rows if value is not None) + "\n</table>"

@@ -64,10 +64,10 @@ class RunDir(Folder):
 
     def write_started(self, started: dict) -> None:
         self.create()
-        self.write_text(self.STARTED, json.dumps(started, indent=2) + "\n")
+        self.write_json(self.STARTED, started)
 
     def write_run(self, summary: dict) -> None:
-        self.write_text(self.RUN, json.dumps(summary, indent=2) + "\n")
+        self.write_json(self.RUN, summary)
 
     def read_run(self) -> dict:
         """run.json of a finished run."""

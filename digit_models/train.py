@@ -86,7 +86,7 @@ def _run(config: TrainConfig, run_dir: RunDir, address: str | None, started: dic
                           f"worker(s) with --batch-size {config.batch_size} and "
                           f"--val-fraction {config.val_fraction}")
     mlflow_run_id = mlflow_log.start_run(
-        config.mlflow, asdict(config), Path(run_dir.location).name,
+        config.mlflow, asdict(config), run_dir.location,
         run_id=(started or {}).get("mlflow_run_id")) if config.mlflow else None
     clock = time.time()
     with ray_session(address, dashboard=True):

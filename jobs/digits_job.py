@@ -5,7 +5,9 @@
         python jobs/digits_job.py train --model cnn --workers 4 --data s3://... --out s3://...
 
 Inside a job Ray is already running (the job sets RAY_ADDRESS), so the command joins that
-cluster instead of starting one.
+cluster instead of starting one. Ray keeps the entrypoint as typed (`ray job list`, the
+dashboard), where the command's own redaction cannot reach: credentials go to the nodes' role
+or environment, not into the entrypoint's URIs.
 """
 
 import sys
