@@ -8,9 +8,9 @@ import statistics
 import sys
 import time
 
-from digit_models.tf_setup import tf
+from digit_models.runtime.tf_setup import tf
 
-from digit_models.models import build_model
+from digit_models.nets.models import build_model
 
 
 def forward_flops(model) -> int:

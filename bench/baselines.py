@@ -72,11 +72,11 @@ def score(args) -> dict:
 
     import pandas as pd
 
-    from digit_models.model_file import load_model_bytes, read_model_file
+    from digit_models.nets.model_file import load_model_bytes, read_model_file
     import tf_keras  # noqa: F401  (TensorFlow loads here, timed as the import rather than the load)
     imported = time.perf_counter()
 
-    # Keras's own loader, behind the check every model file of ours gets (model_file.py).
+    # Keras's own loader, behind the check every model file of ours gets (nets/model_file.py).
     model = load_model_bytes(read_model_file(args.model_file, args.model_file), args.model_file,
                              compile=False)
     loaded = time.perf_counter()

@@ -1,6 +1,6 @@
 """Whether `--recompute-batchnorm` helps: finished runs' models scored with the BatchNorm
 statistics they were saved with and with the statistics recomputed from their own plain
-training rows (digit_models/batchnorm.py, as a run with the option ends: the trained weights
+training rows (digit_models/training/batchnorm.py, as a run with the option ends: the trained weights
 are the same either way). Held out: test.csv's rows that are MNIST training images train.csv
 left out (where to choose), the run's validation rows if any, and the official MNIST test
 images (where to report); plain and with test-time augmentation. Prints one JSON line per run.
@@ -23,12 +23,12 @@ def main() -> None:
     args = parser.parse_args()
 
     from bench.heldout import labelled_sets, probabilities
-    from digit_models.batchnorm import batchnorm_rows, recompute_batchnorm
-    from digit_models.kaggle_csv import read_train_csv
-    from digit_models.models import load_model_file
-    from digit_models.run_dir import RunDir
-    from digit_models.tf_setup import configure_tensorflow
-    from digit_models.train import validation_split
+    from digit_models.training.batchnorm import batchnorm_rows, recompute_batchnorm
+    from digit_models.storage.kaggle_csv import read_train_csv
+    from digit_models.nets.models import load_model_file
+    from digit_models.storage.run_dir import RunDir
+    from digit_models.runtime.tf_setup import configure_tensorflow
+    from digit_models.training.driver import validation_split
 
     configure_tensorflow(cpus=2)
     for run in args.runs:

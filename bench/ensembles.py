@@ -28,9 +28,9 @@ def main() -> None:
     args = parser.parse_args()
 
     from bench.heldout import labelled_sets, probabilities
-    from digit_models.models import load_model_file
-    from digit_models.run_dir import RunDir
-    from digit_models.tf_setup import configure_tensorflow
+    from digit_models.nets.models import load_model_file
+    from digit_models.storage.run_dir import RunDir
+    from digit_models.runtime.tf_setup import configure_tensorflow
 
     configure_tensorflow(cpus=2)
     configs = [json.loads(Path(run, RunDir.RUN).read_text())["config"] for run in args.runs]

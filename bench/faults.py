@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 from bench.processes import PYTHON, REPO, Processes, local_cluster
-from digit_models import attempts
+from digit_models.training import attempts
 
 KILLS = ("mid_epoch:2:1", "validation:3:1", "checkpoint:4:0", "after_epoch:5:1")
 

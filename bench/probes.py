@@ -28,7 +28,7 @@ def startup(args) -> dict:
     began = time.time()
     import ray
 
-    from digit_models.ray_runtime import ray_session
+    from digit_models.runtime.ray_runtime import ray_session
 
     imported = time.time()
     with ray_session():
@@ -38,8 +38,8 @@ def startup(args) -> dict:
         class Loader:
             def __init__(self):
                 self.process_started = time.time()
-                from digit_models.models import load_model_file
-                from digit_models.tf_setup import configure_tensorflow
+                from digit_models.nets.models import load_model_file
+                from digit_models.runtime.tf_setup import configure_tensorflow
 
                 self.tf_imported = time.time()
                 configure_tensorflow(1)
@@ -61,8 +61,8 @@ def startup(args) -> dict:
 def steps(args) -> dict:
     import ray.train
 
-    from digit_models.ray_runtime import ray_session
-    from digit_models.train_backend import tensorflow_trainer
+    from digit_models.runtime.ray_runtime import ray_session
+    from digit_models.training.backend import tensorflow_trainer
 
     with ray_session(dashboard=True):
         result = tensorflow_trainer(
@@ -80,9 +80,9 @@ def _time_steps(settings: dict) -> dict:
     import numpy as np
 
     from digit_models.config import TrainConfig
-    from digit_models.models import build_model
-    from digit_models.tf_setup import configure_tensorflow, keras, tf
-    from digit_models.train_worker import STEPS_PER_EXECUTION, communication
+    from digit_models.nets.models import build_model
+    from digit_models.runtime.tf_setup import configure_tensorflow, keras, tf
+    from digit_models.training.worker import STEPS_PER_EXECUTION, communication
 
     configure_tensorflow(settings["cpus"])
     if settings.get("inter_threads"):
@@ -170,7 +170,7 @@ def _time_steps(settings: dict) -> dict:
         DTYPE (digits' data_parallel_step)."""
         import types
 
-        from digit_models.train_worker import data_parallel_step
+        from digit_models.training.worker import data_parallel_step
 
         model.jit_compile = variant == "xla"
         if variant in ("keras", "xla"):
@@ -220,8 +220,8 @@ def _time_steps(settings: dict) -> dict:
 def policies(args) -> dict:
     import numpy as np
 
-    from digit_models.models import build_model
-    from digit_models.tf_setup import configure_tensorflow, keras, tf
+    from digit_models.nets.models import build_model
+    from digit_models.runtime.tf_setup import configure_tensorflow, keras, tf
 
     configure_tensorflow(args.cpus)
     rng = np.random.default_rng(0)

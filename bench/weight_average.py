@@ -1,6 +1,6 @@
 """Whether a finished run's weight average (`--weight-average`) beat the weights it averaged,
 on the same training trajectory: the run's model (the average) and the trained weights (kept
-in its last checkpoint's optimizer, see digit_models/weight_average.py), each scored on the
+in its last checkpoint's optimizer, see digit_models/training/weight_average.py), each scored on the
 run's own validation rows and on the official MNIST test images of test.csv, plain and with
 test-time augmentation: right answers and log loss. Prints one JSON line.
 
@@ -24,10 +24,10 @@ def main() -> None:
     args = parser.parse_args()
 
     from bench.heldout import labelled_sets, probabilities
-    from digit_models.checkpoints import newest_complete
-    from digit_models.model_file import load_model_bytes
-    from digit_models.run_dir import RunDir
-    from digit_models.tf_setup import configure_tensorflow
+    from digit_models.training.checkpoints import load_with_optimizer, newest_complete
+    from digit_models.nets.model_file import load_model_bytes
+    from digit_models.storage.run_dir import RunDir
+    from digit_models.runtime.tf_setup import configure_tensorflow
 
     configure_tensorflow(cpus=2)
     config = json.loads(Path(args.run, RunDir.RUN).read_text())["config"]
@@ -35,8 +35,8 @@ def main() -> None:
 
     _, model_file = newest_complete(args.run)
     checkpoint = f"{args.run}'s newest checkpoint"
-    average = load_model_bytes(model_file, checkpoint)
-    trained = load_model_bytes(model_file, checkpoint, compile=False)
+    average = load_with_optimizer(model_file, checkpoint)
+    trained = load_model_bytes(model_file, checkpoint)
     for mine, theirs in zip(trained.trainable_variables, average.trainable_variables):
         mine.assign(average.optimizer._average_of(theirs))
 

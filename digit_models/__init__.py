@@ -3,7 +3,7 @@
 import os
 
 # Environment every process of ours needs before TensorFlow loads. The processes of an embedded
-# Ray inherit it; those of a cluster we join get it through the runtime_env (ray_runtime.py),
+# Ray inherit it; those of a cluster we join get it through the runtime_env (runtime/ray_runtime.py),
 # because they may import TensorFlow before any of our code.
 #
 # TF_USE_LEGACY_KERAS: TF 2.21's bundled Keras 3 fails under MultiWorkerMirroredStrategy with

@@ -1,7 +1,7 @@
 """The `digits` command: a thin shell over the library.
 
 Exit status: 0 done, 2 bad input or usage (one line on stderr, a traceback only with --debug),
-1 an unexpected failure, 130 after Ctrl-C, 143 after SIGTERM (interrupts.py).
+1 an unexpected failure, 130 after Ctrl-C, 143 after SIGTERM (runtime/interrupts.py).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import traceback
 
 import digit_models  # noqa: F401  (sets the environment TensorFlow and Ray workers need)
 from digit_models.errors import DigitsError, WorkersUnavailable, first_line
-from digit_models.interrupts import EXIT_STATUS, MESSAGE, exit_now, interruption_kind, sigterm_raises
+from digit_models.runtime.interrupts import EXIT_STATUS, MESSAGE, exit_now, interruption_kind, sigterm_raises
 
 
 def _add_ray_address(parser: argparse.ArgumentParser) -> None:
@@ -177,15 +177,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _print(text: str) -> None:
     """A command's result on stdout, without any URI's credentials (stderr's lines lose them on
-    their way: console.py)."""
-    from digit_models.files import without_credentials
+    their way: runtime/console.py)."""
+    from digit_models.storage.files import without_credentials
 
     print(without_credentials(text))
 
 
 def run_data(args) -> None:
-    from digit_models.data import build_kaggle_files, require_data_folder
-    from digit_models.mnist_source import load_mnist
+    from digit_models.storage.data import build_kaggle_files, require_data_folder
+    from digit_models.storage.mnist_source import load_mnist
 
     require_data_folder(args.out, force=args.force)  # before the download
     manifest = build_kaggle_files(load_mnist(), args.out, seed=args.seed, force=args.force)
@@ -195,7 +195,7 @@ def run_data(args) -> None:
 
 
 def run_train(args) -> None:
-    from digit_models.train import resume, train
+    from digit_models.training.driver import resume, train
 
     if args.resume:
         if args.data or args.out or args.preset:
@@ -227,8 +227,8 @@ def run_predict(args) -> None:
     from dataclasses import fields
 
     from digit_models.config import PredictConfig
-    from digit_models.files import Folder
-    from digit_models.predict import SUBMISSION_FILE, predict
+    from digit_models.storage.files import Folder
+    from digit_models.scoring.predict import SUBMISSION_FILE, predict
 
     options = {field.name: getattr(args, field.name) for field in fields(PredictConfig)
                if field.name != "runs"}
@@ -238,9 +238,9 @@ def run_predict(args) -> None:
 
 
 def run_evaluate(args) -> None:
-    from digit_models.evaluation import evaluate, format_report, write_evaluation
-    from digit_models.files import Folder, parent_and_name
-    from digit_models.predict import EVALUATION_FILE
+    from digit_models.scoring.evaluation import evaluate, format_report, write_evaluation
+    from digit_models.storage.files import Folder, parent_and_name
+    from digit_models.scoring.predict import EVALUATION_FILE
 
     result = evaluate(args.predictions, args.labels, origin=args.origin)
     predictions = Folder(args.predictions)
@@ -252,14 +252,14 @@ def run_evaluate(args) -> None:
 
 
 def run_report(args) -> None:
-    from digit_models.report import write_report
+    from digit_models.scoring.report import write_report
 
     written = write_report(args.run, args.out, predictions=args.predictions, labels=args.labels)
     _print(f"wrote {', '.join(written)} to {args.out}")
 
 
 def run_export(args) -> None:
-    from digit_models.export import export
+    from digit_models.nets.export import export
 
     _print(f"wrote {export(args.run, args.out, args.format)}")
 
@@ -322,8 +322,8 @@ def _find_in_chain(exc: BaseException, types: tuple) -> BaseException | None:
 
 def entry_point() -> None:
     """The `digits` command. Its console carries our lines and real warnings, not library
-    chatter (console.py); interrupts end it as interrupts.py says."""
-    from digit_models.console import stderr_filtered
+    chatter (runtime/console.py); interrupts end it as runtime/interrupts.py says."""
+    from digit_models.runtime.console import stderr_filtered
 
     with stderr_filtered():
         status = main()

@@ -9,12 +9,12 @@ from dataclasses import dataclass
 
 from digit_models.errors import DigitsError
 
-MODEL_NAMES = ("dense", "cnn", "deep_cnn")  # models.py's registry (a test checks they agree)
+MODEL_NAMES = ("dense", "cnn", "deep_cnn")  # nets/models.py's registry (a test checks they agree)
 MODELS_WITH_DROPOUT = ("deep_cnn",)  # the registry's builders that take a dropout rate (tested too)
 TARGET_METRICS = ("accuracy", "val_accuracy")
 ALL_REDUCE_DTYPES = ("float32", "bfloat16")
 LR_SCHEDULES = ("constant", "cosine")
-EXPORT_FORMATS = ("savedmodel", "tflite")  # digits export (export.py)
+EXPORT_FORMATS = ("savedmodel", "tflite")  # digits export (nets/export.py)
 MAX_TTA = 8  # extra test-time views: augmentation.TTA_VIEWS has this many after the identity
 
 # Settings a preset chooses; options given on the command line still win. Both presets stop
@@ -71,11 +71,11 @@ class TrainConfig:
     label_smoothing: float = 0.0
     dropout: float | None = None  # the rate of the model's dropout layers; None: the model's own
     weight_average: float = 0.0  # per-step momentum of the weights' moving average; 0: none (WeightAverage)
-    recompute_batchnorm: bool = False  # BatchNorm statistics from plain images, dropout off (batchnorm.py)
+    recompute_batchnorm: bool = False  # BatchNorm statistics from plain images, dropout off (training/batchnorm.py)
     preset: str | None = None  # the preset the settings started from, for the record
-    mlflow: str | None = None  # MLflow tracking URI to log the run to (mlflow_log.py)
-    time_budget: float | None = None  # minutes for the whole run; epochs sized from the first (schedule.py)
-    scoring_reserve: int = 0  # images (rows x views) this model will score within the budget (schedule.py)
+    mlflow: str | None = None  # MLflow tracking URI to log the run to (training/mlflow_log.py)
+    time_budget: float | None = None  # minutes for the whole run; epochs sized from the first (training/schedule.py)
+    scoring_reserve: int = 0  # images (rows x views) this model will score within the budget (training/schedule.py)
 
     @property
     def fewest_workers(self) -> int:
@@ -169,7 +169,7 @@ class TrainConfig:
 
 
 def epochs_planned(state: dict, epochs: int) -> int:
-    """A run's epochs: its time budget's latest plan (kept in the training state, schedule.py)
+    """A run's epochs: its time budget's latest plan (kept in the training state, training/schedule.py)
     once it has one, else `epochs` (--epochs)."""
     return state.get("time_budget", {}).get("epochs_planned", epochs)
 

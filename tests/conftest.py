@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 import digit_models  # noqa: F401  (environment before TensorFlow loads)
-from digit_models.mnist_source import Mnist
+from digit_models.storage.mnist_source import Mnist
 
 FIXTURES = Path(__file__).parent / "fixtures"
 REPO = Path(__file__).parent.parent
@@ -42,7 +42,7 @@ def mnist_slice() -> Mnist:
 @pytest.fixture(scope="session")
 def kaggle_dir(tmp_path_factory, mnist_slice) -> Path:
     """train.csv (2,000 rows), test.csv (1,500 rows), labels: Kaggle's layout, real digits."""
-    from digit_models.data import build_kaggle_files
+    from digit_models.storage.data import build_kaggle_files
 
     out = tmp_path_factory.mktemp("kaggle")
     build_kaggle_files(mnist_slice, out, seed=0, train_size=SLICE_TRAIN_ROWS,
@@ -54,7 +54,7 @@ def kaggle_dir(tmp_path_factory, mnist_slice) -> Path:
 def ray_local():
     """One embedded Ray for the tests that call the library directly (with the dashboard, as
     Ray Train needs it)."""
-    from digit_models.ray_runtime import ray_session
+    from digit_models.runtime.ray_runtime import ray_session
 
     with ray_session(dashboard=True):
         yield
@@ -90,7 +90,7 @@ def shared_ray_env(ray_local) -> dict:
 def dense_run(tmp_path_factory, kaggle_dir, ray_local) -> Path:
     """The seed's dense net trained by 2 workers for 3 epochs on the 2,000-row slice."""
     from digit_models.config import TrainConfig
-    from digit_models.train import train
+    from digit_models.training.driver import train
 
     run_dir = tmp_path_factory.mktemp("runs") / "dense-2w"
     train(TrainConfig(data=str(kaggle_dir), out=str(run_dir), model="dense", workers=2, epochs=3,
@@ -102,7 +102,7 @@ def dense_run(tmp_path_factory, kaggle_dir, ray_local) -> Path:
 def cnn_run(tmp_path_factory, kaggle_dir, ray_local) -> Path:
     """The seed's CNN, 1 worker, 2 epochs on the slice."""
     from digit_models.config import TrainConfig
-    from digit_models.train import train
+    from digit_models.training.driver import train
 
     run_dir = tmp_path_factory.mktemp("runs") / "cnn-1w"
     train(TrainConfig(data=str(kaggle_dir), out=str(run_dir), model="cnn", workers=1, epochs=2))
@@ -179,7 +179,7 @@ def ray_tmpdir():
 def dense_scored(tmp_path_factory, kaggle_dir, dense_run) -> Path:
     """The test slice scored by `dense_run` through Ray Data with 2 actors (read-only)."""
     from digit_models.config import PredictConfig
-    from digit_models.predict import predict
+    from digit_models.scoring.predict import predict
 
     out = tmp_path_factory.mktemp("scored") / "out"
     predict(PredictConfig(runs=[str(dense_run)], input=str(kaggle_dir / "test.csv"), out=str(out),

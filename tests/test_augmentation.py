@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from digit_models.augmentation import Augmentation, random_affine
-from digit_models.train_worker import EpochOrder, _batches
+from digit_models.nets.augmentation import Augmentation, random_affine
+from digit_models.training.worker import EpochOrder, _batches
 
 SEED = tf.constant([3, 7], tf.int64)
 
@@ -73,7 +73,7 @@ def test_training_batches_are_augmented_with_labels_kept_and_validation_untouche
 @pytest.mark.parametrize("name", ["constant", "cosine"])
 def test_learning_rate_schedules(name):
     from digit_models.config import TrainConfig
-    from digit_models.schedule import learning_rate
+    from digit_models.training.schedule import learning_rate
 
     config = TrainConfig(learning_rate=1e-3, lr_schedule=name, epochs=12)
     rate = learning_rate(config, steps_per_epoch=100, workers=1, epochs=config.epochs)
@@ -91,7 +91,7 @@ def test_learning_rate_schedules(name):
 
 
 def test_tta_views_are_fixed_small_moves_one_per_extra_view(mnist_slice):
-    from digit_models.augmentation import TTA_VIEWS, tta_view
+    from digit_models.nets.augmentation import TTA_VIEWS, tta_view
     from digit_models.config import MAX_TTA
 
     assert len(TTA_VIEWS) == 1 + MAX_TTA

@@ -106,7 +106,7 @@ def test_accepted_variants_bom_crlf_and_gzip(tmp_path, capsys, kaggle_dir):
     variants = {"bom.csv": b"\xef\xbb\xbf" + "\n".join(lines).encode() + b"\n",
                 "crlf.csv": "\r\n".join(lines).encode() + b"\r\n",
                 "packed.csv.gz": gzip.compress("\n".join(lines).encode() + b"\n")}
-    from digit_models.kaggle_csv import read_train_csv
+    from digit_models.storage.kaggle_csv import read_train_csv
 
     reference = read_train_csv(str(kaggle_dir / "train.csv"), limit=200)
     for name, content in variants.items():
@@ -231,7 +231,7 @@ def test_evaluate_refuses_an_incomplete_predictions_folder(tmp_path, capsys, kag
 
 
 def test_evaluate_refuses_a_gzip_bomb_of_labels_unread(tmp_path, capsys):
-    from digit_models.submission_csv import SMALL_CSV_BYTES
+    from digit_models.storage.submission_csv import SMALL_CSV_BYTES
 
     submission = _id_label_file(tmp_path / "submission.csv", [(1, 3)])
     bomb = tmp_path / "labels.csv.gz"  # about 64 KiB that decompress to more than 64 MiB

@@ -8,9 +8,9 @@ import sys
 import numpy as np
 import pytest
 
-from digit_models.batchnorm import BATCHNORM_IMAGES, batchnorm_rows, recompute_batchnorm
-from digit_models.models import build_model
-from digit_models.tf_setup import keras
+from digit_models.training.batchnorm import BATCHNORM_IMAGES, batchnorm_rows, recompute_batchnorm
+from digit_models.nets.models import build_model
+from digit_models.runtime.tf_setup import keras
 from tests.conftest import REPO
 
 
@@ -68,8 +68,8 @@ def test_two_workers_hold_the_statistics_of_their_rows_together(tmp_path, kaggle
     statistics over both workers' rows, as the model predicts (after augmented training with
     a weight average, which is what the statistics are recomputed for)."""
     from digit_models.config import TrainConfig
-    from digit_models.kaggle_csv import read_train_csv
-    from digit_models.train import train, validation_split
+    from digit_models.storage.kaggle_csv import read_train_csv
+    from digit_models.training.driver import train, validation_split
 
     config = TrainConfig(data=str(kaggle_dir), out=str(tmp_path / "run"), model="deep_cnn", workers=2,
                          cpus_per_worker=1, epochs=1, limit=600, augment=True, weight_average=0.9,
@@ -91,11 +91,11 @@ def test_two_workers_hold_the_statistics_of_their_rows_together(tmp_path, kaggle
 MIXED_FLOAT16_PROBE = """
 import json, sys
 import numpy as np
-from digit_models.tf_setup import configure_tensorflow
+from digit_models.runtime.tf_setup import configure_tensorflow
 configure_tensorflow(cpus=1, precision_policy="mixed_float16")
-from digit_models.batchnorm import recompute_batchnorm
-from digit_models.kaggle_csv import read_train_csv
-from digit_models.models import build_model, computing_in_float32
+from digit_models.training.batchnorm import recompute_batchnorm
+from digit_models.storage.kaggle_csv import read_train_csv
+from digit_models.nets.models import build_model, computing_in_float32
 images = read_train_csv(sys.argv[1], limit=256).images
 sixteen = build_model("deep_cnn")
 thirty_two = computing_in_float32(sixteen)

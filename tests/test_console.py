@@ -14,7 +14,7 @@ import sys
 import pytest
 
 from tests.conftest import REPO, ray_processes
-from digit_models.console import PROGRESS, SAY, LiveLine
+from digit_models.runtime.console import PROGRESS, SAY, LiveLine
 
 # Runs the real entry point, then lists the modules it had imported when it exited.
 PROBE = ("import atexit, json, os, sys\n"
@@ -103,7 +103,7 @@ class Clock:
 def test_a_crash_inside_the_filtered_console_still_reports_every_threads_stack():
     crash = subprocess.run(
         [sys.executable, "-c", "import ctypes\n"
-         "from digit_models.console import stderr_filtered\n"
+         "from digit_models.runtime.console import stderr_filtered\n"
          "with stderr_filtered():\n"
          "    ctypes.string_at(0)\n"],  # a real SIGSEGV
         cwd=REPO, capture_output=True, text=True, timeout=60)
@@ -144,7 +144,7 @@ def test_in_a_log_progress_appears_once_it_has_lasted_and_then_every_30_s_unless
 
 def test_a_worker_says_and_reports_through_its_stdout(capfd):
     """The driver tells our lines from other output by these marks (filter_worker_output)."""
-    from digit_models.console import report_progress, say
+    from digit_models.runtime.console import report_progress, say
 
     say("epoch 1/1  loss 0.5")
     report_progress(images=4096)
@@ -157,8 +157,8 @@ def test_training_reports_progress_within_long_epochs_only(capfd):
     epoch is predicted to last longer than the threshold."""
     import numpy as np
 
-    from digit_models.tf_setup import keras
-    from digit_models.train_callbacks import ProgressLine
+    from digit_models.runtime.tf_setup import keras
+    from digit_models.training.callbacks import ProgressLine
 
     model = keras.Sequential([keras.layers.Input((4,)), keras.layers.Dense(2)])
     model.compile(optimizer="sgd", loss="mse")
@@ -179,8 +179,8 @@ def test_training_reports_progress_within_long_epochs_only(capfd):
 def test_scoring_progress_counts_images_of_the_whole_input(kaggle_dir, ray_local):
     import ray
 
-    from digit_models.predict import ScoringProgress
-    from digit_models.predict_input import Inspections, open_input
+    from digit_models.scoring.predict import ScoringProgress
+    from digit_models.scoring.predict_input import Inspections, open_input
 
     inspections = Inspections(open_input(str(kaggle_dir / "test.csv")), tasks=1)
     ray.get(inspections.refs)

@@ -14,12 +14,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from digit_models.kaggle_csv import (PIXEL_COLUMNS, TRAIN_COLUMNS, read_test_csv, read_train_csv,
+from digit_models.storage.kaggle_csv import (PIXEL_COLUMNS, TRAIN_COLUMNS, read_test_csv, read_train_csv,
                                      resolve_train_csv, write_kaggle_csv)
-from digit_models.train import validation_split
+from digit_models.training.driver import validation_split
 from digit_models.errors import DigitsError
-from digit_models.data import FILES, MANIFEST, build_kaggle_files
-from digit_models.mnist_source import read_wheel, restricted_loads
+from digit_models.storage.data import FILES, MANIFEST, build_kaggle_files
+from digit_models.storage.mnist_source import read_wheel, restricted_loads
 from tests.conftest import SLICE_TEST_ROWS, SLICE_TRAIN_ROWS
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from digit_models.kaggle_csv import read_test_csv
+from digit_models.storage.kaggle_csv import read_test_csv
 from tests.conftest import run_digits
 
 IMAGES = 200

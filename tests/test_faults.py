@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from digit_models import attempts
+from digit_models.training import attempts
 from tests.conftest import REPO, ray_processes, run_digits
 
 
@@ -179,7 +179,7 @@ def test_an_embedded_ray_never_joins_a_stale_default_cluster():
     try:
         joined = subprocess.run(
             [sys.executable, "-c", "import ray\n"
-             "from digit_models.ray_runtime import ray_session\n"
+             "from digit_models.runtime.ray_runtime import ray_session\n"
              "with ray_session():\n"
              "    print(ray.get_runtime_context().gcs_address)\n"
              "    print('started its own head:', ray._private.worker._global_node.head)"],
@@ -234,8 +234,8 @@ def test_a_worker_killed_at_any_moment_costs_at_most_the_epoch_in_progress(tmp_p
 def test_a_checkpoint_whose_upload_was_cut_short_is_passed_over(tmp_path):
     """The newest checkpoint's model file truncated, as a killed upload leaves it: a new worker
     group resumes from the one before."""
-    from digit_models.checkpoints import newest_complete, write_checkpoint
-    from digit_models.tf_setup import keras
+    from digit_models.training.checkpoints import newest_complete, write_checkpoint
+    from digit_models.runtime.tf_setup import keras
 
     model = keras.Sequential([keras.layers.Input((4,)), keras.layers.Dense(2)])
     for epoch in (1, 2):

@@ -10,7 +10,7 @@ import uuid
 import pytest
 
 from digit_models.errors import DigitsError
-from digit_models.files import RECORD_BYTES, Folder, staged_dir
+from digit_models.storage.files import RECORD_BYTES, Folder, staged_dir
 
 
 def test_a_link_planted_at_a_temporary_name_is_not_written_through(tmp_path, monkeypatch):

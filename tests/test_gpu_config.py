@@ -10,9 +10,9 @@ import pytest
 
 from digit_models.cli import _train_config, build_parser
 from digit_models.config import PredictConfig
-from digit_models.cpu_features import cpu_has_bfloat16
-from digit_models.predict import actor_resources
-from digit_models.train import scaling_config
+from digit_models.runtime.cpu_features import cpu_has_bfloat16
+from digit_models.scoring.predict import actor_resources
+from digit_models.training.driver import scaling_config
 from tests.conftest import REPO
 
 
@@ -47,15 +47,15 @@ def test_mixed_precision_on_cpu_workers_is_bfloat16():
 MIXED_PRECISION_PROBE = """
 import json, sys
 import numpy as np
-from digit_models import cpu_features
+from digit_models.runtime import cpu_features
 cpu_features.CPUINFO = sys.argv[4]
-from digit_models.tf_setup import configure_tensorflow
+from digit_models.runtime.tf_setup import configure_tensorflow
 configure_tensorflow(cpus=1, precision_policy=sys.argv[2])
 from digit_models.config import TrainConfig
-from digit_models.kaggle_csv import read_train_csv
-from digit_models.models import build_model
-from digit_models.train_worker import compiled_model
-from digit_models.weight_average import WeightAverage
+from digit_models.storage.kaggle_csv import read_train_csv
+from digit_models.nets.models import build_model
+from digit_models.training.worker import compiled_model
+from digit_models.training.weight_average import WeightAverage
 import tf_keras as keras
 digits = read_train_csv(sys.argv[1], limit=256)
 cnn = build_model("cnn")
@@ -64,7 +64,7 @@ history = model.fit(digits.images, keras.utils.to_categorical(digits.labels, 10)
                     epochs=2, callbacks=[WeightAverage()], verbose=0)
 probabilities = model.predict(digits.images[:16], verbose=0)
 model.save(sys.argv[3])
-from digit_models.models import load_model_file
+from digit_models.nets.models import load_model_file
 scorer = load_model_file(sys.argv[3])
 print(json.dumps({
     "scorer_compute": sorted({layer.compute_dtype for layer in scorer.layers}),
@@ -124,7 +124,8 @@ def test_bfloat16_support_is_read_from_cpuinfo(cpuinfo, supported):
 
 REFUSING_CPU = """
 import sys
-from digit_models import cli, cpu_features
+from digit_models import cli
+from digit_models.runtime import cpu_features
 cpu_features.CPUINFO = sys.argv[1]
 sys.exit(cli.main(sys.argv[2:]))
 """

@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 
 from digit_models.errors import DigitsError
-from digit_models.model_file import CONFIG, ENTRY_LIMITS, METADATA, WEIGHTS, check_keras_archive, load_model_bytes
-from digit_models.models import MODELS, build_model, load_model_file
+from digit_models.nets.model_file import CONFIG, ENTRY_LIMITS, METADATA, WEIGHTS, check_keras_archive, load_model_bytes
+from digit_models.nets.models import MODELS, build_model, load_model_file
 from tests.conftest import REPO, run_digits
 
 PYTHON_CODE = "refused: the model contains Python code (e.g. a Lambda layer), which Keras safe mode does not load"
@@ -89,7 +89,7 @@ def hdf5_with_code(tmp_path) -> tuple[Path, Path]:
     """An HDF5 model whose Lambda layer creates a marker file, saved under the name
     model.keras; and the marker. Shown to run its code under Keras's own loader first, safe
     mode or not, so that its refusal below means something."""
-    from digit_models.tf_setup import keras
+    from digit_models.runtime.tf_setup import keras
 
     marker = tmp_path / "code-ran"
     source = f"def touch(x):\n    import pathlib\n    pathlib.Path({str(marker)!r}).touch()\n    return x\n"
@@ -157,7 +157,7 @@ def test_a_config_naming_anything_our_models_are_not_built_from_is_refused(case,
 def test_a_foreign_module_is_never_imported(dense_archive, tmp_path, kaggle_dir, capfd):
     """The module `this` prints the Zen of Python when first imported: refused, nothing is
     printed, in this process or through the commands; Keras alone would have imported it."""
-    from digit_models.tf_setup import keras
+    from digit_models.runtime.tf_setup import keras
 
     edit, message = FOREIGN_NAMES["module"]
     crafted = _with_config(dense_archive, edit)
@@ -254,7 +254,7 @@ def _with_output_bias(archive: bytes, tmp_path: Path, shape: tuple[int, ...] = (
 def test_weights_read_from_another_file_are_refused(dense_archive, tmp_path):
     """HDF5's external storage reads a dataset's bytes from any file on the machine: into the
     weights, and from there into the next checkpoint written to the run folder."""
-    from digit_models.tf_setup import keras
+    from digit_models.runtime.tf_setup import keras
 
     secret = tmp_path / "secret"
     secret.write_bytes(b"credentials of this node, forty bytes...")
@@ -280,7 +280,7 @@ def test_the_check_runs_without_tensorflow(dense_archive, tmp_path):
     """Callers check before TensorFlow loads (predict's and export's drivers): the check
     imports none of it."""
     (tmp_path / "model.keras").write_bytes(dense_archive)
-    script = ("import sys\nfrom digit_models.model_file import check_keras_archive\n"
+    script = ("import sys\nfrom digit_models.nets.model_file import check_keras_archive\n"
               f"check_keras_archive({str(tmp_path / 'model.keras')!r}, 'model.keras')\n"
               "print(sorted(name for name in ('tensorflow', 'tf_keras', 'keras') if name in sys.modules))\n")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=60)
@@ -300,7 +300,7 @@ RUN_MODELS = [*((model, policy, True) for model in sorted(MODELS)
 @pytest.fixture
 def dtype_policy():
     """Sets the global dtype policy as a worker's configure_tensorflow does; float32 after."""
-    from digit_models.tf_setup import keras
+    from digit_models.runtime.tf_setup import keras
 
     yield keras.mixed_precision.set_global_policy
     keras.mixed_precision.set_global_policy("float32")
@@ -308,9 +308,9 @@ def dtype_policy():
 
 @pytest.mark.parametrize("model_name, policy, averaged", RUN_MODELS)
 def test_every_model_a_run_writes_loads(model_name, policy, averaged, tmp_path, dtype_policy, mnist_slice):
-    from digit_models.checkpoints import newest_complete, write_checkpoint
+    from digit_models.training.checkpoints import load_with_optimizer, newest_complete, write_checkpoint
     from digit_models.config import TrainConfig
-    from digit_models.train_worker import compiled_model
+    from digit_models.training.worker import compiled_model
 
     dtype_policy(policy)
     config = TrainConfig(model=model_name, weight_average=0.999 if averaged else 0.0,
@@ -325,7 +325,7 @@ def test_every_model_a_run_writes_loads(model_name, policy, averaged, tmp_path, 
     write_checkpoint(str(checkpoint), model, {"epochs_done": 1, "history": []})
 
     _, model_file = newest_complete(str(tmp_path))
-    resumed = load_model_bytes(model_file, "checkpoint")
+    resumed = load_with_optimizer(model_file, "checkpoint")
     assert type(resumed.optimizer) is type(model.optimizer)
     for mine, saved in ((resumed.get_weights(), model.get_weights()),
                         ([v.numpy() for v in resumed.optimizer.variables], [v.numpy() for v in model.optimizer.variables])):

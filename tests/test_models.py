@@ -5,8 +5,8 @@ import pytest
 
 from digit_models.config import MODEL_NAMES, MODELS_WITH_DROPOUT
 from digit_models.errors import DigitsError
-from digit_models.models import MODELS, build_model
-from digit_models.tf_setup import keras
+from digit_models.nets.models import MODELS, build_model
+from digit_models.runtime.tf_setup import keras
 
 
 def _layer_summary(model):

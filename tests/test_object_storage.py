@@ -12,8 +12,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from digit_models.files import Folder, open_binary, parent_and_name
-from digit_models.ray_runtime import _env_vars_to_add
+from digit_models.storage.files import Folder, open_binary, parent_and_name
+from digit_models.runtime.ray_runtime import _env_vars_to_add
 from tests.conftest import SLICE_TEST_ROWS, run_digits
 
 
@@ -188,8 +188,8 @@ def test_export_reads_the_run_from_the_server(tmp_path, s3_server, s3_run, s3_sc
     """The exported model predicts what scoring the run on the server predicted."""
     done = run_digits("export", "--run", s3_run, "--out", str(tmp_path / "served"), env=s3_server.env)
     assert done.returncode == 0, done.stderr
-    from digit_models.kaggle_csv import read_test_csv
-    from digit_models.tf_setup import tf
+    from digit_models.storage.kaggle_csv import read_test_csv
+    from digit_models.runtime.tf_setup import tf
 
     images = read_test_csv(str(kaggle_dir / "test.csv"), limit=64).images.astype(np.float32)
     served = tf.saved_model.load(str(tmp_path / "served" / "1")).signatures["serving_default"]

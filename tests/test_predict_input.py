@@ -11,10 +11,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from digit_models import kaggle_csv, predict_input
+from digit_models.storage import kaggle_csv
+
+from digit_models.scoring import predict_input
 from digit_models.errors import DigitsError
-from digit_models.kaggle_csv import PIXEL_COLUMNS, count_csv_rows, read_csv_chunks, read_test_csv
-from digit_models.predict_input import inspect_file, open_input, read_file, read_images
+from digit_models.storage.kaggle_csv import PIXEL_COLUMNS, count_csv_rows, read_csv_chunks, read_test_csv
+from digit_models.scoring.predict_input import inspect_file, open_input, read_file, read_images
 
 
 @pytest.fixture(scope="module")

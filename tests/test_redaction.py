@@ -10,7 +10,7 @@ from urllib.parse import quote
 
 import pytest
 
-from digit_models.files import without_credentials
+from digit_models.storage.files import without_credentials
 from tests.conftest import SLICE_TEST_ROWS, run_digits
 
 

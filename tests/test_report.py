@@ -14,10 +14,10 @@ import pandas as pd
 import pytest
 from matplotlib.image import imread
 
-from digit_models.kaggle_csv import read_test_csv
+from digit_models.storage.kaggle_csv import read_test_csv
 from digit_models.errors import DigitsError
-from digit_models.evaluation import evaluate
-from digit_models.report import confident_mistakes, write_report
+from digit_models.scoring.evaluation import evaluate
+from digit_models.scoring.report import confident_mistakes, write_report
 
 FIGURES = ["training_curves.png", "confusion_matrix.png", "per_class_accuracy.png", "mistakes.png"]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

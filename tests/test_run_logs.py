@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from digit_models.config import TrainConfig
-from digit_models.run_dir import EPOCH_METRICS
-from digit_models.train import train
+from digit_models.storage.run_dir import EPOCH_METRICS
+from digit_models.training.driver import train
 from tests.conftest import REPO, run_digits
 
 EPOCHS = 3

@@ -19,11 +19,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from digit_models.config import PredictConfig
-from digit_models.kaggle_csv import PIXEL_COLUMNS, read_test_csv
+from digit_models.storage.kaggle_csv import PIXEL_COLUMNS, read_test_csv
 from digit_models.errors import DigitsError
-from digit_models.evaluation import evaluate
-from digit_models.models import load_model_file
-from digit_models.predict import PROBABILITY_COLUMNS, predict
+from digit_models.scoring.evaluation import evaluate
+from digit_models.nets.models import load_model_file
+from digit_models.scoring.predict import PROBABILITY_COLUMNS, predict
 from tests.conftest import REPO, SLICE_TEST_ROWS, ray_processes, run_digits
 
 

@@ -14,10 +14,10 @@ import pytest
 import ray
 import ray.cloudpickle
 
-from digit_models.kaggle_csv import read_test_csv
+from digit_models.storage.kaggle_csv import read_test_csv
 from digit_models.errors import DigitsError
 from digit_models.config import TrainConfig
-from digit_models.train import train
+from digit_models.training.driver import train
 from tests.conftest import SLICE_TEST_ROWS, run_digits
 
 # The worker functions below live in this test module; ship them by value.
@@ -80,7 +80,7 @@ def _skewed_metric_train_func(config: dict) -> None:
     import tensorflow as tf
     import tf_keras as keras
 
-    from digit_models.train_callbacks import SynchronizedTargetStop
+    from digit_models.training.callbacks import SynchronizedTargetStop
 
     rank = ray.train.get_context().get_world_rank()
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
@@ -105,7 +105,7 @@ def _skewed_metric_train_func(config: dict) -> None:
 
 @pytest.mark.timeout(300)  # a worker deciding alone would hang the other in an all-reduce
 def test_workers_with_different_local_metrics_stop_at_the_same_epoch(tmp_path, ray_local):
-    from digit_models.train_backend import tensorflow_trainer
+    from digit_models.training.backend import tensorflow_trainer
 
     tensorflow_trainer(
         _skewed_metric_train_func,
@@ -133,8 +133,8 @@ def test_workers_with_different_local_metrics_stop_at_the_same_epoch(tmp_path, r
 ])
 def test_the_budget_plans_the_epochs_that_fit_from_the_epochs_timed_so_far(first_epoch_end_s, scoring, plans):
     """The planner alone, on an injected clock: real Keras callback and schedule, one replica."""
-    from digit_models.schedule import TimeBudget, WarmupCosine
-    from digit_models.tf_setup import keras, tf
+    from digit_models.training.schedule import TimeBudget, WarmupCosine
+    from digit_models.runtime.tf_setup import keras, tf
 
     steps = 10
     config = TrainConfig(data="train.csv", out="run", model="dense", epochs=1000, lr_schedule="cosine",
@@ -167,10 +167,10 @@ def test_a_time_budget_sizes_the_epochs_from_the_first_ones_and_the_schedule_end
     step. (How many epochs fit depends on the machine's speed; the planner's arithmetic is
     checked on an injected clock above.)"""
     from digit_models.config import TrainConfig
-    from digit_models.schedule import (AFTER_TRAINING_S, DRIFT_MARGIN, SCORING_SPEEDUP, SIZING_EPOCHS,
+    from digit_models.training.schedule import (AFTER_TRAINING_S, DRIFT_MARGIN, SCORING_SPEEDUP, SIZING_EPOCHS,
                                        WarmupCosine)
-    from digit_models.tf_setup import keras
-    from digit_models.train import train
+    from digit_models.runtime.tf_setup import keras
+    from digit_models.training.driver import train
 
     run_dir, minutes, scoring = tmp_path / "run", 0.75, 9 * SLICE_TEST_ROWS
     run = train(TrainConfig(data=str(kaggle_dir), out=str(run_dir), model="dense", workers=2, epochs=1000,
@@ -256,10 +256,10 @@ def test_a_preset_fills_only_the_options_not_given():
 UNTUNED_INPUT_PROBE = """
 import json
 import numpy as np
-from digit_models.tf_setup import configure_tensorflow
+from digit_models.runtime.tf_setup import configure_tensorflow
 configure_tensorflow(1)
 from digit_models.config import TrainConfig
-from digit_models.train_worker import EpochOrder, multi_worker_strategy
+from digit_models.training.worker import EpochOrder, multi_worker_strategy
 images, labels = np.zeros((64, 28, 28), np.uint8), np.zeros(64, np.uint8)
 strategy = multi_worker_strategy(TrainConfig())
 ours = EpochOrder(64, 8, rank=0, world=1, seed=0).batches(images, labels, 0, 0, replicas=1, cpus=1)

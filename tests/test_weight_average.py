@@ -3,12 +3,12 @@
 import numpy as np
 import pytest
 
-from digit_models.checkpoints import write_checkpoint
+from digit_models.training.checkpoints import write_checkpoint
 from digit_models.config import TrainConfig
-from digit_models.run_dir import RunDir
-from digit_models.tf_setup import keras
-from digit_models.train_worker import compiled_model
-from digit_models.weight_average import WeightAverage
+from digit_models.storage.run_dir import RunDir
+from digit_models.runtime.tf_setup import keras
+from digit_models.training.worker import compiled_model
+from digit_models.training.weight_average import WeightAverage
 
 
 def _weights(model) -> list[np.ndarray]:

@@ -1,0 +1,181 @@
+"""Connecting to Ray: an existing cluster, the one a `ray job submit` job runs in, or an
+embedded local one started for this command and shut down when it ends."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+from contextlib import contextmanager
+
+from digit_models import RUNTIME_ENV_VARS
+from digit_models.runtime.console import filter_worker_output, live
+from digit_models.storage.files import AWS_ENVIRONMENT
+from digit_models.runtime.interrupts import keep_sigterm_handler
+
+
+# An embedded Ray keeps up to this many idle worker processes instead of one per CPU: Ray Data
+# and Ray Train start a few actors of their own, and past one per CPU the worker that has just
+# read the input would be killed within a second, so writing the output had to start a new
+# Python process first.
+EMBEDDED_RAY_CONFIG = {"num_workers_soft_limit": 8}
+
+
+def cluster_address(address: str | None = None) -> str | None:
+    """The cluster a command joins (see ray_session); None: it starts an embedded Ray here."""
+    return address or os.environ.get("RAY_ADDRESS")
+
+
+@contextmanager
+def ray_session(address: str | None = None, dashboard: bool = False):
+    """Ray for the length of a command.
+
+    With an address (or RAY_ADDRESS, which `ray job submit` sets for its entrypoint) this
+    joins that cluster; otherwise it starts a private local Ray on 127.0.0.1, and stops it
+    on the way out, whatever happens. `dashboard`: the embedded Ray also runs the dashboard
+    process, which serves the State API that Ray Train's controller polls.
+    """
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    caller_sigterm = signal.getsignal(signal.SIGTERM)
+    address = cluster_address(address)
+    try:  # a Ctrl-C halfway through ray.init must still stop what it started
+        if address:
+            ray.init(address=address, runtime_env={"env_vars": _env_vars_to_add()},
+                     log_to_driver=True, logging_level=logging.ERROR)
+        else:
+            # "local": never attach to whatever cluster /tmp/ray/ray_current_cluster last named.
+            # No runtime_env: the processes of a Ray started here inherit this environment,
+            # and one would keep Ray from handing work to the workers it starts in advance.
+            with _state_api_address_known(dashboard) as dashboard_port:
+                ray.init(address="local", include_dashboard=dashboard, dashboard_host="127.0.0.1",
+                         dashboard_port=dashboard_port, log_to_driver=True,
+                         logging_level=logging.ERROR, _node_ip_address="127.0.0.1",
+                         _system_config=EMBEDDED_RAY_CONFIG)
+        keep_sigterm_handler(caller_sigterm)  # ray.init put in its own
+        configure_ray_data()
+        filter_worker_output()
+        yield
+    finally:
+        live.clear()
+        if not address:
+            _stop_autoscaler_monitor()
+        ray.shutdown()
+        _SESSION_OBJECTS.clear()
+
+
+@contextmanager
+def _state_api_address_known(dashboard: bool):
+    """The dashboard's port, chosen here, and its address in the environment that the Ray
+    about to start hands down to its processes. Ray Train's placement-group cleaner and state
+    actor look for the State API by looking for a Ray on this machine, and die with a traceback
+    when there are two (another command's, say); told the address, they look no further."""
+    if not dashboard:
+        yield None
+        return
+    port = _free_loopback_port()
+    saved = os.environ.get(API_SERVER_ADDRESS)
+    os.environ[API_SERVER_ADDRESS] = f"http://127.0.0.1:{port}"
+    try:
+        yield port
+    finally:  # this process's own later commands must not find it
+        if saved is None:
+            del os.environ[API_SERVER_ADDRESS]
+        else:
+            os.environ[API_SERVER_ADDRESS] = saved
+
+
+API_SERVER_ADDRESS = "RAY_API_SERVER_ADDRESS"
+# Ports Ray takes by default whenever they are free, which a port chosen free could be.
+RAY_DEFAULT_PORTS = {6379, 8265, 10001, 52365}
+
+
+def _free_loopback_port() -> int:
+    while True:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        if port not in RAY_DEFAULT_PORTS:
+            return port
+
+
+def _stop_autoscaler_monitor() -> None:
+    """An embedded Ray's autoscaler monitor has nothing to scale, and takes a second to answer
+    the SIGTERM that ray.shutdown() sends it before waiting: stopped outright, a second sooner."""
+    import ray
+
+    node = ray._private.worker._global_node
+    for process in (node.all_processes.get("monitor", []) if node else []):
+        if process.process.poll() is None:
+            process.process.kill()
+            process.process.wait()
+
+
+_SESSION_OBJECTS: list = []
+
+
+def put_for_session(value):
+    """ray.put, with the object kept until Ray shuts down rather than until the caller lets go
+    of it: an actor still starting when its pipeline has failed would otherwise find its
+    constructor's argument gone, and print Ray's object-store report on the console."""
+    import ray
+
+    reference = ray.put(value)
+    _SESSION_OBJECTS.append(reference)
+    return reference
+
+
+def on_this_node() -> dict:
+    """Ray task options that keep a task on this (the driver's) node: for reading and writing
+    local paths, which other nodes of a cluster cannot see."""
+    import ray
+
+    return {"label_selector": {"ray.io/node-id": ray.get_runtime_context().get_node_id()}}
+
+
+def _env_vars_to_add() -> dict:
+    """Our environment variables that Ray's processes do not get already. Inside a `ray job
+    submit` job, Ray refuses a driver runtime_env that repeats a variable the job's runtime
+    env (cluster/runtime_env.yaml) sets, so those are left out.
+
+    The driver's S3 settings go too (the standard AWS variables it has): the processes of a
+    cluster we join were started by its nodes, not by us, so they lack the endpoint and keys
+    with which the driver checked the run directory and input, and their checkpoint writes and
+    reads of the data would go to another store, or be refused. Whoever may read the job's
+    runtime env on that cluster (its dashboard, for one) sees them; a driver without them set
+    (credentials from an instance role or a service account) forwards none."""
+    job_config = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
+    from_job = (job_config.get("runtime_env") or {}).get("env_vars") or {}
+    s3_settings = {name: os.environ[name] for name in AWS_ENVIRONMENT if name in os.environ}
+    return {name: value for name, value in {**RUNTIME_ENV_VARS, **s3_settings}.items()
+            if name not in from_job}
+
+
+def cpus_per_process(processes: int) -> int:
+    """The default CPUs for each of `processes` training workers or scoring actors: the
+    cluster's CPUs shared out, but never more than one node has (a request no single node can
+    grant would wait forever)."""
+    import ray
+
+    node_cpus = [int(node["Resources"].get("CPU", 0)) for node in ray.nodes() if node["Alive"]]
+    share = int(ray.cluster_resources().get("CPU", 1)) // processes
+    return max(1, min(share, max(node_cpus, default=1)))
+
+
+def configure_ray_data() -> None:
+    """Ray Data logs progress every few seconds, warns that a job 'will hang' whenever actors
+    hold every CPU, and logs a failed task's traceback twice before raising it; our commands
+    print their own summary, check their own output, and say what failed in one line. It
+    would also wrap our own errors raised in a batch (bad input, a model that will not load)
+    in an exception that reaches the driver without them."""
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    context.raise_original_map_exception = True
+    logging.getLogger("ray.data").setLevel(logging.CRITICAL)

@@ -1,0 +1,104 @@
+"""Ray Train's TensorFlow worker set-up, in a module that does not import TensorFlow.
+
+Ray's TensorflowTrainer lives in a package whose `__init__` imports TensorFlow, so the driver
+and Ray Train's controller, which only start the workers, would each spend seconds importing
+it before the first step (BENCHMARKS.md, start-up). This does the same job as Ray's TensorFlow
+backend: before train_func runs, every worker gets TF_CONFIG, the list of all workers'
+addresses that MultiWorkerMirroredStrategy connects by, and its own index in it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from dataclasses import dataclass
+
+import ray
+from ray.train.backend import Backend, BackendConfig
+from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
+
+
+@dataclass
+class MultiWorkerTensorflowConfig(BackendConfig):
+    @property
+    def backend_cls(self):
+        return _MultiWorkerTensorflowBackend
+
+    @property
+    def framework(self):
+        from ray.train.v2._internal.util import TrainingFramework
+
+        return TrainingFramework.TENSORFLOW  # how Ray's state API labels the run
+
+
+def tensorflow_trainer(train_func, controller_callbacks=(), **options) -> AbortableTrainer:
+    trainer = AbortableTrainer(train_func, backend_config=MultiWorkerTensorflowConfig(), **options)
+    trainer.controller_callbacks = list(controller_callbacks)
+    return trainer
+
+
+class AbortableTrainer(DataParallelTrainer):
+    """Ray Train's trainer, with Ctrl-C and SIGTERM left to the caller.
+
+    Ray's fit() installs a SIGINT handler that ends the process with status 0 or 1, skipping
+    the caller's cleanup. This one keeps the run's controller instead (the hook is Ray 2.60's,
+    the version pyproject.toml pins), so that fit() is interrupted like any call (by
+    KeyboardInterrupt, which runtime/interrupts.py raises for SIGTERM too) and then stops the run
+    itself: the controller stops the workers and ends, and nothing is left using this
+    process's connection to Ray when the caller shuts Ray down. (Waiting on fit() in a helper
+    thread instead left that thread inside Ray while the caller shut Ray down; one Ctrl-C in
+    CI ended in SIGSEGV.)
+    """
+
+    _controller = None
+    controller_callbacks: list = []
+
+    def _create_default_callbacks(self):
+        """Ray Train's own callbacks and ours: RunConfig takes only user callbacks, whose hooks
+        do not see the controller's states (attempts.WorkerGroupWatch needs them)."""
+        return [*super()._create_default_callbacks(), *self.controller_callbacks]
+
+    def _register_sigint_handler(self, controller) -> None:
+        self._controller = controller
+
+    def fit(self):
+        try:
+            return super().fit()
+        except BaseException:
+            self._abort()
+            raise
+
+    def _abort(self) -> None:
+        if self._controller is None:
+            return
+        try:  # the controller ends itself once the workers are stopped
+            ray.get(self._controller.abort.remote(), timeout=ABORT_TIMEOUT_S)
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            pass
+        ray.kill(self._controller)  # already gone, or hung: stopped outright
+
+
+ABORT_TIMEOUT_S = 30
+
+
+class _MultiWorkerTensorflowBackend(Backend):
+    def on_start(self, worker_group, backend_config: MultiWorkerTensorflowConfig) -> None:
+        addresses = worker_group.execute(_free_address)
+        ray.get([worker_group.execute_single_async(index, _set_tf_config, addresses, index)
+                 for index in range(len(addresses))])
+
+
+def _free_address() -> str:
+    """This worker's node address and a port free on it, for TensorFlow's collective server."""
+    host = ray.util.get_node_ip_address()
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.bind(("", 0))
+        port = probe.getsockname()[1]
+    return f"[{host}]:{port}" if family == socket.AF_INET6 else f"{host}:{port}"
+
+
+def _set_tf_config(addresses: list[str], index: int) -> None:
+    os.environ["TF_CONFIG"] = json.dumps({"cluster": {"worker": addresses},
+                                          "task": {"type": "worker", "index": index}})

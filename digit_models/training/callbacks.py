@@ -1,0 +1,336 @@
+"""What a training worker does at each epoch's end (training/worker.py puts them in fit()): the
+collective stop at the accuracy target, the run's history and stop reason, the checkpoint
+reported to Ray Train, and rank 0's progress on the console."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import tempfile
+import time
+from contextlib import nullcontext
+
+import numpy as np
+
+from digit_models.runtime.tf_setup import keras, tf  # before Ray Train's TensorFlow
+import ray.train
+
+from digit_models.training import attempts
+from digit_models.training.checkpoints import write_checkpoint
+from digit_models.config import TrainConfig, epochs_planned
+from digit_models.runtime.console import report_progress, say
+from digit_models.errors import DigitsError
+
+
+def all_reduce_sum(strategy, values) -> np.ndarray:
+    """Sums a float vector over every replica of every worker; all workers get the total."""
+    local = tf.constant(np.asarray(values, dtype=np.float32))
+    per_replica = strategy.run(lambda: tf.identity(local))
+    return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None).numpy()
+
+
+class BeforeEvaluation(keras.callbacks.Callback):
+    """Calls `prepare()` once an epoch, when the epoch's model is final and before anything
+    reads it: before validation, or at the epoch's end when there is none (on_test_begin never
+    comes). Callbacks listed before others in fit() prepare first."""
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.prepared = False
+
+    def on_test_begin(self, logs=None):
+        self._prepare_once()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._prepare_once()
+
+    def _prepare_once(self):
+        if not self.prepared:
+            self.prepare()
+            self.prepared = True
+
+    def prepare(self):
+        raise NotImplementedError
+
+
+class SynchronizedTargetStop(keras.callbacks.Callback):
+    """Stops all workers at the end of the same epoch, once every replica's metric reached the
+    target. The decision is an all-reduce of the replicas' votes, so workers whose local
+    metric values differ still agree."""
+
+    def __init__(self, strategy, metric: str, target: float):
+        super().__init__()
+        self.strategy, self.metric, self.target = strategy, metric, target
+        self.reached_at_epoch: int | None = None
+
+    def on_epoch_end(self, epoch, logs=None):
+        value = (logs or {}).get(self.metric)
+        if value is None:
+            raise DigitsError(f"metric {self.metric!r} was not computed; have {sorted(logs or {})}")
+        votes = all_reduce_sum(self.strategy, [float(value >= self.target)])[0]
+        if votes >= self.strategy.num_replicas_in_sync:
+            self.reached_at_epoch = epoch + 1
+            self.model.stop_training = True
+
+
+class EpochHistory(keras.callbacks.Callback):
+    """Per epoch: metrics, throughput and times into the run's history, and whether and why
+    training stops (decided here, once, for the checkpoint and the record)."""
+
+    def __init__(self, config: TrainConfig, state: dict, target_stop: SynchronizedTargetStop,
+                 images_per_epoch: int, timeline: dict):
+        super().__init__()
+        self.config, self.state, self.target_stop = config, state, target_stop
+        self.images_per_epoch, self.timeline = images_per_epoch, timeline
+        self.started = time.perf_counter() - sum(e["epoch_s"] for e in state["history"])
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self.timeline.setdefault("first_step", time.time())
+
+    def on_train_end(self, logs=None):
+        self.timeline["training_ended"] = time.time()
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch_started = time.perf_counter()
+        self.train_ended = None
+
+    def on_test_begin(self, logs=None):
+        self.train_ended = self.train_ended or time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        now = time.perf_counter()
+        train_s = (self.train_ended or now) - self.epoch_started
+        self.state["history"].append({
+            "epoch": epoch + 1, **{k: float(v) for k, v in (logs or {}).items()},
+            "images_per_s": self.images_per_epoch / train_s,
+            "learning_rate": float(keras.backend.get_value(self.model.optimizer.learning_rate)),
+            "epoch_s": now - self.epoch_started, "elapsed_s": now - self.started,
+            "ended_unix": time.time()})
+        self.state["epochs_done"] = epoch + 1
+        if self.target_stop.reached_at_epoch is not None:
+            self.state["stop_reason"] = (f"target reached at epoch {epoch + 1} "
+                                         f"({self.config.target_metric} >= {self.config.target})")
+        elif epoch + 1 >= self.config.epochs:
+            self.state["stop_reason"] = "epochs exhausted"
+
+
+class Checkpointing(keras.callbacks.Callback):
+    """Per epoch: model, optimizer state and the run's state into a checkpoint, reported to
+    Ray Train with the epoch's metrics; and, asked by PreemptionNotice, one in the middle of an
+    epoch. Every worker saves (the strategy expects all to take part); only rank 0's is kept.
+    `epoch_layout` is a context in which the model's weights are as an epoch's end leaves
+    them (WeightAverage's average swapped in), so a mid-epoch checkpoint resumes like any."""
+
+    def __init__(self, rank: int, state: dict, before_report=None, epoch_layout=nullcontext):
+        super().__init__()
+        self.rank, self.state, self.before_report = rank, state, before_report
+        self.epoch_layout = epoch_layout
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._save(self.state, {**self.state["history"][-1], "stop_reason": self.state.get("stop_reason")},
+                   before_report=self.before_report)
+
+    def save_mid_epoch(self, epoch: int, images_done: int) -> None:
+        in_epoch = {"epoch": epoch + 1, "images_done": images_done}
+        with self.epoch_layout():
+            self._save({**self.state, "in_epoch": in_epoch},
+                       {"epoch": self.state["epochs_done"], "in_epoch": in_epoch})
+
+    def _save(self, state: dict, metrics: dict, before_report=None) -> None:
+        with tempfile.TemporaryDirectory(prefix="digits-ckpt-") as directory:
+            write_checkpoint(directory, self.model, state)
+            if before_report:
+                before_report()
+            checkpoint = ray.train.Checkpoint.from_directory(directory) if self.rank == 0 else None
+            ray.train.report(metrics, checkpoint=checkpoint)
+
+
+# Steps between two questions to Ray Train whether a node of the run is being preempted: each
+# is a barrier of all workers through a Ray actor (BENCHMARKS.md has its cost against a step's).
+PREEMPTION_CHECK_STEPS = 32
+
+
+class PreemptionNotice(keras.callbacks.Callback):
+    """Ray Train's advance notice that a node of the run is being preempted (a spot reclaim,
+    `ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION`), asked every PREEMPTION_CHECK_STEPS
+    steps by every worker alike (the question is a barrier). On a notice: a checkpoint at once,
+    in the middle of the epoch, then training goes on; once the deadline is nearer than a
+    checkpoint and a round of steps take (all workers decide together), a last checkpoint, and
+    the workers wait for Ray Train to restart the run without the node, which resumes at that
+    checkpoint's image. So the steps lost are none, and the time lost is the wait. Either
+    checkpoint falling on an epoch's last step is the epoch's own, which comes right after."""
+
+    steps_done = 0
+
+    def __init__(self, strategy, checkpointing: Checkpointing, global_batch: int, rank: int,
+                 run_location: str):
+        super().__init__()
+        self.strategy, self.checkpointing, self.rank = strategy, checkpointing, rank
+        self.global_batch, self.run_location = global_batch, run_location
+        self.epoch_start = 0  # the image of its epoch that fit()'s first epoch starts at
+        self.notice = None
+        self.saved_s = self.round_s = 0.0
+        self.steps_before_epoch = self.checked_at = 0
+        self.round_started = time.monotonic()
+        self.at_epoch_end = None  # a checkpoint's reason, left to the epoch's own checkpoint
+        # What the questions cost, for run.json: their number and seconds, and the steps between.
+        self.cost = {"every_steps": PREEMPTION_CHECK_STEPS, "checks": 0, "check_s": 0.0}
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.epoch_start = 0
+        self.steps_before_epoch = self.steps_done
+        if self.at_epoch_end:  # Checkpointing, earlier in fit()'s callbacks, has saved the epoch
+            why, self.at_epoch_end = self.at_epoch_end, None
+            self._recorded(why, epoch + 2, 0)
+            if why == "deadline":
+                self._wait_then_ask_again()
+
+    def on_train_batch_end(self, batch, logs=None):
+        # Counted across epochs (an epoch can be shorter than the cadence); fit() calls this
+        # after each execution of several steps, at the same steps on every worker.
+        self.steps_done = self.steps_before_epoch + batch + 1
+        if self.steps_done - self.checked_at < PREEMPTION_CHECK_STEPS:
+            return
+        self.checked_at = self.steps_done
+        now = time.monotonic()
+        self.round_s, self.round_started = now - self.round_started, now
+        if self.notice is None:
+            self.notice = ray.train.get_preemption_info()
+            asked = time.monotonic() - now
+            self.cost["checks"] += 1
+            self.cost["check_s"] += asked
+            self.round_started += asked
+            if self.notice is not None:
+                self._checkpoint(batch, "notice")
+            return
+        votes = all_reduce_sum(self.strategy, [float(self._left_s() < 2 * (self.saved_s + self.round_s) + 2)])[0]
+        if votes:
+            self._checkpoint(batch, "deadline")
+
+    def _checkpoint(self, batch: int, why: str) -> None:
+        if batch + 1 >= self.params["steps"]:  # the epoch's last step: its own checkpoint is next
+            self.at_epoch_end = why
+            return
+        started = time.monotonic()
+        images_done = self.epoch_start + (batch + 1) * self.global_batch
+        self.checkpointing.save_mid_epoch(self.epoch, images_done)
+        self.saved_s = time.monotonic() - started
+        self._recorded(why, self.epoch + 1, images_done)
+        if why == "deadline":
+            self._wait_then_ask_again()
+
+    def _recorded(self, why: str, epoch: int, images_done: int) -> None:
+        """The checkpoint on record (epoch, 1-based, and image within it that a restart resumes
+        at), and a notice on the console."""
+        if self.rank != 0:
+            return
+        attempts.record(self.run_location, "preemption", {
+            "why": why, "epoch": epoch, "images_done": images_done,
+            "deadline_ms": self.notice.deadline_ms, "checkpoint_s": round(self.saved_s, 2),
+            "nodes": self.notice.preempted_node_ids, "ranks": self.notice.preempted_ranks})
+        if why == "notice":
+            where = f"image {images_done:,} of epoch {epoch}" if images_done else f"the end of epoch {epoch - 1}"
+            say(f"preemption notice for worker(s) {', '.join(map(str, self.notice.preempted_ranks))}: "
+                f"checkpoint at {where}, training on")
+
+    def _left_s(self) -> float:
+        return self.notice.deadline_ms / 1000 - time.time() if self.notice.deadline_ms else math.inf
+
+    def _wait_then_ask_again(self) -> None:
+        """Ray Train ends this worker group at the deadline; a node that outlives it (a drain
+        that was not carried out) lets training go on a while later, asking again."""
+        time.sleep(max(0.0, self._left_s()) + WAIT_PAST_DEADLINE_S)
+        self.notice = None
+
+
+# How long workers that checkpointed for a preemption wait past its deadline for Ray Train to
+# end them before they train on.
+WAIT_PAST_DEADLINE_S = 120.0
+
+
+class InjectedFault(keras.callbacks.Callback):
+    """For fault tests (DIGITS_FAULT=MOMENT:EPOCH:RANK[,...], parsed by the driver into
+    (moment, epoch, rank) triples, train.injected_faults): the worker of that rank kills
+    itself with SIGKILL at that moment of that epoch, once per run, and says so in attempts/
+    first. Moments: mid_epoch (half the epoch's steps done), validation (as it begins),
+    checkpoint (saved locally, not yet reported: before the upload), after_epoch (reported,
+    line printed)."""
+
+    def __init__(self, faults: list, rank: int, steps: int, run_location: str):
+        super().__init__()
+        done = {(entry["moment"], entry["epoch"]) for entry in attempts.recorded(run_location, "fault")
+                if entry["rank"] == rank}
+        self.armed = {(moment, epoch) for moment, epoch, victim in faults
+                      if victim == rank and (moment, epoch) not in done}
+        self.rank, self.steps, self.run_location = rank, steps, run_location
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch + 1
+
+    def on_train_batch_end(self, batch, logs=None):
+        if batch + 1 >= self.steps // 2:
+            self._at("mid_epoch")
+
+    def on_test_begin(self, logs=None):
+        self._at("validation")
+
+    def checkpoint_written(self) -> None:
+        self._at("checkpoint")
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._at("after_epoch")
+
+    def _at(self, moment: str) -> None:
+        if (moment, self.epoch) in self.armed:
+            attempts.record(self.run_location, "fault", {"moment": moment, "epoch": self.epoch,
+                                                         "rank": self.rank})
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+class ProgressLine(keras.callbacks.Callback):
+    """Rank 0's line per epoch on the console; within epochs longer than `longer_than_s`, how
+    far it is every `every_s` seconds (the driver's live line). Epochs count up to the time
+    budget's plan once there is one."""
+
+    def __init__(self, epochs: int, steps: int, state: dict, every_s: float = 2.0,
+                 longer_than_s: float = 30.0):
+        super().__init__()
+        self.epochs, self.steps, self.state = epochs, steps, state
+        self.every_s, self.longer_than_s = every_s, longer_than_s
+        self._supports_tf_logs = True  # the batch hook reads no logs: Keras need not convert them
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch, self.started = epoch, time.monotonic()
+        self.reported = self.started
+
+    def on_train_batch_end(self, batch, logs=None):
+        now, done = time.monotonic(), batch + 1
+        elapsed = now - self.started
+        if now - self.reported < self.every_s or elapsed / done * self.steps < self.longer_than_s:
+            return
+        self.reported = now
+        left = elapsed / done * (self.steps - done)
+        report_progress(text=f"epoch {self.epoch + 1}/{self.planned}: {done / self.steps:.0%} "
+                             f"({done:,}/{self.steps:,} steps), {left:.0f}s left in the epoch",
+                        left_s=round(left, 1))
+
+    def on_epoch_end(self, epoch, logs=None):
+        say(progress_line(self.state["history"][-1], self.planned))
+
+    @property
+    def planned(self) -> int:
+        return epochs_planned(self.state, self.epochs)
+
+
+def progress_line(entry: dict, epochs: int) -> str:
+    parts = [f"epoch {entry['epoch']}/{epochs}"]
+    for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
+        if key in entry:
+            parts.append(f"{key} {entry[key]:.4f}")
+    parts.append(f"{entry['images_per_s']:,.0f} img/s")
+    parts.append(f"epoch {entry['epoch_s']:.1f}s")
+    parts.append(f"elapsed {entry['elapsed_s']:.1f}s")
+    return "  ".join(parts)

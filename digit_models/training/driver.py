@@ -1,0 +1,259 @@
+"""`digits train`: data-parallel training on Ray Train, the driver side (training/worker.py is what
+each worker runs): read and check train.csv, split off the validation rows, hand both to Ray
+Train (training/backend.py), and write the run directory.
+
+The driver puts the rows into Ray's object store once; each worker takes its own share from
+there, so workers on other machines never read the driver's disk. Neither the driver nor Ray
+Train's controller imports TensorFlow (training/backend.py).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+import digit_models
+from digit_models.training import mlflow_log
+from digit_models.config import TrainConfig, epochs_planned
+from digit_models.runtime.cpu_features import require_bfloat16_cpu
+from digit_models.errors import DigitsError
+from digit_models.storage.files import file_sha256
+from digit_models.storage.kaggle_csv import read_train_csv, resolve_train_csv
+from digit_models.runtime.ray_runtime import cluster_address, cpus_per_process, ray_session
+from digit_models.storage.run_dir import RunDir
+
+
+def train(config: TrainConfig, address: str | None = None) -> dict:
+    """Trains on Ray and writes RUN_DIR/model.keras and run.json; returns run.json's content.
+
+    Input is read and validated before Ray starts or anything is written. Ray is the one
+    already connected, else the cluster at `address`, else an embedded local one. While the
+    run trains, RUN_DIR holds started.json (what `resume` needs) and Ray's checkpoints;
+    model.keras and then run.json appear only at the end, each atomically, so a run dir
+    without run.json is an unfinished run.
+    """
+    called = time.time()
+    config.validate()
+    run_dir = RunDir(config.out)
+    run_dir.require_new()
+    return _run(config, run_dir, address, started=None, called=called)
+
+
+def resume(run_dir: str, address: str | None = None) -> dict:
+    """Continues an unfinished run (driver stopped by Ctrl-C, SIGTERM or a lost machine) from
+    its last checkpoint, with its original configuration and the same training data."""
+    called = time.time()
+    folder = RunDir(run_dir)
+    started = folder.read_started()
+    try:
+        config = TrainConfig(**started["config"])
+    except (TypeError, KeyError) as exc:
+        raise DigitsError(f"{folder.child(folder.STARTED)}: unreadable ({exc})") from None
+    config.validate()
+    return _run(config, folder, address, started=started, called=called)
+
+
+def train_func(loop_config: dict) -> dict:
+    """What every Ray Train worker runs (training/worker.py, imported there: TensorFlow is loaded
+    by the workers, not by whoever unpickles this function)."""
+    from digit_models.training.worker import run_worker
+
+    return run_worker(loop_config)
+
+
+def _run(config: TrainConfig, run_dir: RunDir, address: str | None, started: dict | None,
+         called: float) -> dict:
+    train_csv = resolve_train_csv(config.data)
+    digits = read_train_csv(train_csv, limit=config.limit)
+    data_sha256 = file_sha256(train_csv)
+    if started and started["data"]["sha256"] != data_sha256:
+        raise DigitsError(f"{train_csv}: changed since the run started (sha256 {data_sha256}, "
+                          f"was {started['data']['sha256']}); cannot resume on different data")
+    faults = injected_faults(config)
+    if config.precision_policy == "mixed_bfloat16" and not cluster_address(address):
+        require_bfloat16_cpu()  # an embedded Ray's workers run on this CPU (each checks its own)
+    train_rows, val_rows = validation_split(len(digits), config.val_fraction, config.seed)
+    too_few_val = config.val_fraction > 0 and len(val_rows) < config.workers
+    if len(train_rows) // config.workers < config.batch_size * config.accumulate or too_few_val:
+        raise DigitsError(f"{train_csv}: {len(digits)} rows are too few for {config.workers} "
+                          f"worker(s) with --batch-size {config.batch_size} and "
+                          f"--val-fraction {config.val_fraction}")
+    mlflow_run_id = mlflow_log.start_run(
+        config.mlflow, asdict(config), run_dir.location,
+        run_id=(started or {}).get("mlflow_run_id")) if config.mlflow else None
+    clock = time.time()
+    with ray_session(address, dashboard=True):
+        ray_started = time.time()
+        import ray
+        import ray.train
+
+        from digit_models.training.attempts import FailureRecorder, WorkerGroupWatch, group_sizes, restarts
+        from digit_models.training.backend import tensorflow_trainer
+
+        now = _utc(clock)
+        if started:
+            started["resumed_at"].append(now)
+        else:
+            started = {"config": asdict(config), "started_at": now, "resumed_at": [],
+                       "data": {"train_csv": train_csv, "sha256": data_sha256,
+                                "rows_read": len(digits), "train_rows": len(train_rows),
+                                "validation_rows": len(val_rows)},
+                       "mlflow_run_id": mlflow_run_id}
+        run_dir.write_started(started)
+        shares = {"train": {"images": ray.put(digits.images[train_rows]),
+                            "labels": ray.put(digits.labels[train_rows])},
+                  "validation": {"images": ray.put(digits.images[val_rows]),
+                                 "labels": ray.put(digits.labels[val_rows]),
+                                 "rows": ray.put(val_rows.astype(np.int64))}}
+        # Ray Train gives a worker group's resources this long to be granted before it tries
+        # again; the wait for workers (WorkerGroupWatch) is checked at each such end. An
+        # elastic group tries again sooner: for a while after a node is lost, the count Ray
+        # Train sizes it by (Ray Data's autoscaling coordinator, refreshed every 20 s) still
+        # has the node, and a group sized for it waits out the whole timeout before a
+        # smaller one is tried. Only the grant is timed (granted at once when the resources
+        # are there), not the workers' start.
+        os.environ[START_TIMEOUT_VARIABLE] = str(min(
+            ELASTIC_START_TIMEOUT_S if config.fewest_workers < config.workers else DEFAULT_START_TIMEOUT_S,
+            config.wait_for_workers))
+        trainer = tensorflow_trainer(
+            train_func,
+            controller_callbacks=[WorkerGroupWatch(run_dir.location, config.fewest_workers,
+                                                   config.workers, config.wait_for_workers)],
+            train_loop_config={"config": asdict(config), "rows_total": len(digits), **shares,
+                               "run_dir": run_dir.location, "mlflow_run_id": mlflow_run_id,
+                               "faults": faults, "driver_session": len(started["resumed_at"]),
+                               "command_started_unix": called},
+            scaling_config=scaling_config(config),
+            # The same name and storage path on resume: Ray Train then restores its
+            # checkpoint bookkeeping and hands the workers the latest checkpoint.
+            run_config=ray.train.RunConfig(
+                name=RunDir.CHECKPOINTS, storage_path=run_dir.location,
+                failure_config=ray.train.FailureConfig(max_failures=config.max_failures,
+                                                       max_preemption_failures=config.max_preemptions),
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+                callbacks=[FailureRecorder(run_dir.location)],
+                logging_config=ray.train.LoggingConfig(log_level="WARNING")),
+        )
+        fit_called = time.time()
+        result = trainer.fit()
+        fit_returned = time.time()
+    outcome = result.return_value
+    with tempfile.TemporaryDirectory(prefix="digits-model-") as staging:
+        result.checkpoint.to_directory(staging)
+        run_dir.write_bytes(RunDir.MODEL, Path(staging, RunDir.MODEL).read_bytes())
+    workers = outcome["workers"]  # the last worker group's
+    summary = {
+        "model": config.model,
+        "workers": workers,
+        "worker_groups": group_sizes(run_dir.location),  # every group's size, in order
+        "batch_size_per_worker": config.batch_size,
+        "accumulate": config.accumulate,
+        "global_batch_size": config.global_batch(workers),
+        "collective": "NCCL" if config.gpus_per_worker else "RING",
+        "all_reduce_dtype": config.gradient_dtype if workers > 1 else None,
+        "learning_rate_per_update": config.step_learning_rate(workers),
+        "epochs_planned": epochs_planned(outcome, config.epochs),
+        "epochs_run": outcome["epochs_done"],
+        **({"time_budget": outcome["time_budget"]} if "time_budget" in outcome else {}),
+        "stop_reason": outcome["stop_reason"],
+        "history": outcome["history"],
+        "shards": outcome["shards"],
+        "worker_process": outcome["worker_process"],  # rank 0's CPUs (threads), niceness, dtype policy
+        "restarts": restarts(run_dir.location),
+        # Rank 0's questions for a preemption notice in the last group: how many, their
+        # seconds in all, and the steps between two (BENCHMARKS.md weighs them against a step).
+        "preemption_checks": {**outcome["preemption_checks"],
+                              "check_s": round(outcome["preemption_checks"]["check_s"], 3)},
+        **({"fault_injected": ",".join(f"{moment}:{epoch}:{rank}" for moment, epoch, rank in faults)}
+           if faults else {}),
+        "data": started["data"],
+        "config": asdict(config),
+        "versions": library_versions(),
+        "model_file": RunDir.MODEL,
+        "tensorboard": RunDir.TENSORBOARD,
+        "mlflow_run_id": mlflow_run_id,
+        "started_at": started["started_at"],
+        "resumed_at": started["resumed_at"],
+        "wall_s": round(time.time() - called, 2),
+        # Seconds since train() was called (at timeline_origin_unix), when each stage began
+        # (worker stages: rank 0's, of the last attempt); the start-up is all before "first_step".
+        "timeline_origin_unix": round(called, 3),
+        "timeline": {name: round(at - called, 2) for name, at in {
+            "data_read": clock, "ray_started": ray_started, "trainer_started": fit_called,
+            **outcome["timeline"], "trainer_returned": fit_returned, "finished": time.time()}.items()},
+    }
+    run_dir.write_run(summary)
+    if mlflow_run_id:
+        mlflow_log.finish_run(config.mlflow, mlflow_run_id, run_dir)
+    return summary
+
+
+# Moments of an epoch at which DIGITS_FAULT kills a worker (callbacks.InjectedFault).
+FAULT_MOMENTS = ("mid_epoch", "validation", "checkpoint", "after_epoch")
+
+
+def injected_faults(config: TrainConfig) -> list[tuple[str, int, int]]:
+    """DIGITS_FAULT=MOMENT:EPOCH:RANK[,...], for fault tests, as (moment, epoch, rank): that
+    worker kills itself then, once (callbacks.InjectedFault); run.json and attempts/
+    record it."""
+    specs = os.environ.get("DIGITS_FAULT")
+    faults = []
+    for spec in specs.split(",") if specs else []:
+        moment, _, rest = spec.partition(":")
+        epoch, _, rank = rest.partition(":")
+        if moment not in FAULT_MOMENTS or not (epoch.isdigit() and rank.isdigit()) \
+                or not 1 <= int(epoch) <= config.epochs or int(rank) >= config.workers:
+            raise DigitsError(f"DIGITS_FAULT={specs}: expected MOMENT:EPOCH:RANK[,...], MOMENT one "
+                              f"of {', '.join(FAULT_MOMENTS)}, an epoch of the run and a worker's rank")
+        faults.append((moment, int(epoch), int(rank)))
+    return faults
+
+
+def validation_split(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded row indices (train, validation); the validation part is round(n * fraction)."""
+    order = np.random.default_rng(seed).permutation(n)
+    n_val = int(round(n * fraction))
+    return np.sort(order[n_val:]), np.sort(order[:n_val])
+
+
+def scaling_config(config: TrainConfig):
+    """A fixed-size group, or with --min-workers an elastic one: Ray Train starts it with as
+    many workers as the cluster has room for (at least the minimum) and, while it runs, looks
+    every ELASTIC_RESIZE_CHECK_S for room for more and restarts it bigger from the last
+    checkpoint when there is."""
+    import ray.train
+
+    cpus = config.cpus_per_worker or cpus_per_process(config.workers)
+    resources = {"CPU": cpus}
+    if config.gpus_per_worker:
+        resources["GPU"] = config.gpus_per_worker
+    elastic = config.fewest_workers < config.workers
+    return ray.train.ScalingConfig(
+        num_workers=(config.fewest_workers, config.workers) if elastic else config.workers,
+        use_gpu=config.gpus_per_worker > 0, resources_per_worker=resources,
+        elastic_resize_monitor_interval_s=ELASTIC_RESIZE_CHECK_S)
+
+
+# Ray Train's default: each look for room costs a restart from the last checkpoint when it finds
+# some, so looking more often than about once a minute would cost more than it gains.
+ELASTIC_RESIZE_CHECK_S = 60.0
+START_TIMEOUT_VARIABLE = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+DEFAULT_START_TIMEOUT_S = 60.0  # Ray Train 2.60's
+ELASTIC_START_TIMEOUT_S = 10.0
+
+
+def library_versions() -> dict:
+    return {"digit_models": digit_models.__version__, "python": platform.python_version(),
+            **{name: importlib.metadata.version(name)
+               for name in ("tensorflow", "tf_keras", "ray", "numpy", "pandas", "pyarrow")}}
+
+
+def _utc(timestamp: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp))

@@ -1,0 +1,387 @@
+"""The worker side of `digits train`: what every Ray Train worker runs (training/driver.py is the driver).
+
+Each worker takes its own rows of the training set from the object store (every `world`-th row
+from its rank on, so no two workers share a row), keeps them in memory, and trains the
+registered model under MultiWorkerMirroredStrategy: gradients are all-reduced every step, and
+the global batch is the per-worker batch times the number of workers.
+After every epoch each worker reports its metrics and rank 0 a checkpoint (model, optimizer
+state, history) through `ray.train.report`; a restarted worker group resumes from the newest
+complete one (training/checkpoints.py), and its rank 0 records the start (training/attempts.py).
+
+The accuracy target is decided collectively: every worker votes whether its metric reached the
+target, the votes are all-reduced, and all workers stop at the same epoch. A worker deciding
+alone would leave `fit()` while the others wait forever in the next step's all-reduce.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import types
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+
+from digit_models.runtime.tf_setup import configure_tensorflow, keras, tf  # before Ray Train's TensorFlow
+import ray
+import ray.train
+
+from digit_models.training import attempts
+from digit_models.nets.augmentation import Augmentation, random_affine
+from digit_models.training.batchnorm import RecomputedBatchNorm, batchnorm_rows
+from digit_models.training.checkpoints import load_with_optimizer, newest_complete
+from digit_models.config import TrainConfig, epochs_planned
+from digit_models.runtime.console import say
+from digit_models.errors import DigitsError
+from digit_models.storage.kaggle_csv import NUM_CLASSES
+from digit_models.training.mlflow_log import EpochMetrics
+from digit_models.nets.models import build_model
+from digit_models.storage.run_dir import RunDir
+from digit_models.training.schedule import TimeBudget, learning_rate
+from digit_models.training.tensorboard_log import TensorBoardEvents
+from digit_models.training.callbacks import (Checkpointing, EpochHistory, InjectedFault, PreemptionNotice,
+                                          ProgressLine,
+                                          SynchronizedTargetStop, all_reduce_sum)
+from digit_models.training.weight_average import AveragingAdam, WeightAverage
+
+# Training steps per call from Python into TensorFlow: for the seed's small dense net the
+# round trip of a call would be most of each step.
+STEPS_PER_EXECUTION = 16
+
+
+def run_worker(loop_config: dict) -> dict:
+    """Trains this worker's share; returns (all ranks alike) the history and the stop reason."""
+    timeline = {"train_func_started": time.time()}
+    config = TrainConfig(**loop_config["config"])
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    cpus = int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))
+    configure_tensorflow(cpus, config.precision_policy)
+    _quiet_report_logging()
+
+    strategy = multi_worker_strategy(config)
+    timeline["strategy_ready"] = time.time()
+    train_x, train_y = ray.get([loop_config["train"]["images"], loop_config["train"]["labels"]])
+    val_x, val_y, val_rows = own_rows(loop_config["validation"], rank, world)
+    order = EpochOrder(len(train_x), config.batch_size * config.accumulate, rank, world, config.seed)
+    if order.steps == 0:
+        raise DigitsError(f"{len(train_x)} training rows are fewer than one step of {world} worker(s) "
+                          f"x --batch-size x --accumulate ({order.global_batch}); use more rows or "
+                          "smaller batches")
+    shards = _shard_report(strategy, rank, world, order, val_rows, loop_config["rows_total"])
+    # Every worker must run the same number of steps, or one waits forever in an all-reduce.
+    val_size = min(shards["validation_rows"])
+    replicas_here = strategy.num_replicas_in_sync // world
+    augmentation = Augmentation() if config.augment else None
+    validation = {}
+    if val_size:
+        val_batch = max(config.batch_size, 256)
+        validation = dict(
+            validation_data=strategy.distribute_datasets_from_function(lambda _: _batches(
+                val_x[:val_size], val_y[:val_size], val_batch // replicas_here, cpus)),
+            validation_steps=-(-val_size // val_batch))
+
+    timeline["data_ready"] = time.time()
+    resumed = newest_complete(loop_config["run_dir"])
+    state = resumed[0] if resumed else {"epochs_done": 0, "history": []}
+    in_epoch = state.pop("in_epoch", None)  # a checkpoint taken mid-epoch, on a preemption notice
+    with strategy.scope():
+        model = compiled_model(config, order.steps, world, epochs_planned(state, config.epochs))
+        if resumed:
+            restore(model, resumed[1], RunDir(loop_config["run_dir"]).child(RunDir.CHECKPOINTS),
+                    global_batch_then=state.get("global_batch", order.global_batch),
+                    global_batch_now=order.global_batch)
+    state["global_batch"] = order.global_batch
+    if rank == 0:
+        record_start(loop_config, world, config.workers, state["epochs_done"] if resumed else None,
+                     in_epoch["images_done"] if in_epoch else 0)
+
+    if strategy.num_replicas_in_sync > 1 or config.accumulate > 1:
+        model.train_step = types.MethodType(data_parallel_step(
+            getattr(tf, config.gradient_dtype), config.accumulate), model)
+    timeline["model_ready"] = time.time()
+    target_stop = SynchronizedTargetStop(strategy, config.target_metric, config.target)
+    images_per_epoch = order.steps * order.global_batch
+    fault = loop_config["faults"] and InjectedFault(loop_config["faults"], rank, order.steps, loop_config["run_dir"])
+    weight_average = WeightAverage() if config.weight_average else None
+    checkpointing = Checkpointing(rank, state, before_report=fault and fault.checkpoint_written,
+                                  epoch_layout=weight_average.average_in if weight_average else nullcontext)
+    preemption = PreemptionNotice(strategy, checkpointing, order.global_batch, rank, loop_config["run_dir"])
+    callbacks = [*([weight_average] if weight_average else []),  # before all that reads weights
+                 *([RecomputedBatchNorm(strategy, train_x[batchnorm_rows(len(train_x), rank, world, config.seed)])]
+                   if config.recompute_batchnorm else []),
+                 target_stop,
+                 EpochHistory(config, state, target_stop, images_per_epoch, timeline=timeline),
+                 *([TimeBudget(strategy, config, state, order.steps, images_per_epoch, rank, world,
+                               loop_config["command_started_unix"],
+                               resumed=loop_config["driver_session"] > 0)] if config.time_budget else []),
+                 checkpointing,
+                 *(rank_zero_logs(config, loop_config, state, order.steps) if rank == 0 else []),
+                 *([fault] if fault else []),
+                 preemption]  # last: a just-in-time checkpoint holds the step's own records
+
+    def train(first_epoch: int, epochs: int, start: int = 0) -> None:
+        """fit() over epochs [first_epoch, epochs), the first from image `start` of its order."""
+        steps = order.steps_from(start)
+        preemption.epoch_start = start
+        data = strategy.distribute_datasets_from_function(lambda _: order.batches(
+            train_x, train_y, first_epoch, start, replicas_here, cpus, augmentation))
+        model.fit(data, epochs=epochs, initial_epoch=first_epoch, steps_per_epoch=steps,
+                  callbacks=callbacks, verbose=0, **validation)
+
+    def more_to_do() -> bool:
+        return state.get("stop_reason") is None and state["epochs_done"] < config.epochs
+
+    if in_epoch and more_to_do():  # the rest of the epoch the checkpoint was taken in
+        train(state["epochs_done"], state["epochs_done"] + 1, start=in_epoch["images_done"])
+    if more_to_do():
+        train(state["epochs_done"], config.epochs)
+    timeline["train_func_ended"] = time.time()
+    return {**state, "workers": world, "shards": shards, "timeline": timeline,
+            "preemption_checks": preemption.cost,
+            "worker_process": {"cpus": cpus, "niceness": os.nice(0),
+                               "precision": keras.mixed_precision.global_policy().name}}
+
+
+class EpochOrder:
+    """Which training rows each step of each epoch trains on, the same for any number of
+    workers: epoch e visits the rows in a seeded permutation of its own (computed per index,
+    never stored), global step s takes the permutation's next `global_batch` positions, and
+    worker `rank` its own `step_rows` of them. A run resumed at any image of an epoch, by any
+    number of workers, so trains on exactly the images that epoch had left."""
+
+    def __init__(self, rows: int, step_rows: int, rank: int, world: int, seed: int):
+        self.rows, self.step_rows, self.rank, self.seed = rows, step_rows, rank, seed
+        self.global_batch = step_rows * world
+        self.steps = rows // self.global_batch
+
+    def steps_from(self, start: int) -> int:
+        """The steps left in an epoch from image `start`: at least one, which wraps around to
+        the epoch's first images (a group grown mid-epoch may find less than a global batch)."""
+        return max(1, (self.rows - start) // self.global_batch)
+
+    def rows_of(self, epoch: int, step: int | tf.Tensor, start: int | tf.Tensor = 0) -> tf.Tensor:
+        first = tf.cast(start, tf.int64) + tf.cast(step, tf.int64) * self.global_batch \
+            + self.rank * self.step_rows
+        positions = (first + tf.range(self.step_rows, dtype=tf.int64)) % self.rows
+        seed = tf.stack([tf.constant(self.seed, tf.int64), tf.cast(epoch, tf.int64)])
+        return tf.random.experimental.index_shuffle(positions, seed, self.rows - 1)
+
+    def batches(self, images, labels, first_epoch: int, start: int, replicas: int, cpus: int,
+                augmentation: Augmentation | None = None):
+        """Endless (pixels, one-hot label) batches from epoch `first_epoch`'s image `start` on,
+        each worker step split between this worker's `replicas`; augmented, if asked, from
+        (seed, epoch, position): the same images get the same views on resume."""
+        images, labels = tf.constant(images), tf.one_hot(labels, NUM_CLASSES)
+        first_steps = self.steps_from(start)
+
+        def batch(index):
+            later = index >= first_steps  # past the first (perhaps partial) epoch
+            past = tf.maximum(index - first_steps, 0)
+            epoch = tf.where(later, first_epoch + 1 + past // self.steps, tf.constant(first_epoch, tf.int64))
+            step = tf.where(later, past % self.steps, index)
+            offset = tf.where(later, tf.constant(0, tf.int64), tf.constant(start, tf.int64))
+            rows = self.rows_of(epoch, step, offset)
+            x, y = tf.gather(images, rows), tf.gather(labels, rows)
+            if augmentation:
+                where = epoch * self.rows + offset + step * self.global_batch
+                x = random_affine(x, tf.stack([tf.constant(self.seed * 1000 + self.rank, tf.int64), where]),
+                                  augmentation)
+            return x, y
+
+        data = tf.data.Dataset.range(2 ** 62).map(batch, num_parallel_calls=cpus)
+        if replicas > 1:
+            data = data.unbatch().batch(self.step_rows // replicas)
+        return data.prefetch(tf.data.AUTOTUNE).with_options(_untuned_options(cpus))
+
+
+def restore(model: keras.Model, model_file: bytes, where: str, global_batch_then: int,
+            global_batch_now: int) -> None:
+    """A checkpoint's weights and optimizer state into `model`, compiled for this worker group
+    (the checkpoint's file checked first: nets/model_file.py). A group of another size takes more
+    or fewer images per update, so the optimizer's step count, which the learning-rate
+    schedule reads, is rescaled to the images trained."""
+    saved = load_with_optimizer(model_file, f"{where}: the newest complete checkpoint's {RunDir.MODEL}")
+    model.set_weights(saved.get_weights())
+    model.optimizer.build(model.trainable_variables)
+    for variable, value in zip(model.optimizer.variables, saved.optimizer.variables, strict=True):
+        variable.assign(value)
+    model.optimizer.iterations.assign(
+        int(saved.optimizer.iterations.numpy()) * global_batch_then // global_batch_now)
+
+
+def compiled_model(config: TrainConfig, steps: int, workers: int, epochs: int) -> keras.Model:
+    """A fresh model with its optimizer, loss and metrics, for a group of `workers` taking
+    `steps` per epoch over `epochs` (under a strategy: inside its scope). With a weight
+    average the optimizer is built at once, so that its average exists before the first epoch
+    (WeightAverage swaps it in and out from then on)."""
+    model = build_model(config.model, config.dropout)
+    rate = learning_rate(config, steps, workers, epochs)
+    optimizer = (AveragingAdam(rate, ema_momentum=config.weight_average) if config.weight_average
+                 else keras.optimizers.Adam(rate))
+    model.compile(optimizer=optimizer,
+                  loss=keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing),
+                  metrics=["accuracy"], steps_per_execution=STEPS_PER_EXECUTION)
+    if config.weight_average:
+        model.optimizer.build(model.trainable_variables)
+    return model
+
+
+def record_start(loop_config: dict, world: int, most: int, resumed_after: int | None,
+                 images_done: int) -> None:
+    """Rank 0: this worker group's start on record, and on the console when it is a restart
+    (with the group's size when it is not the run's full size)."""
+    session = loop_config["driver_session"]
+    history = attempts.timeline(loop_config["run_dir"])
+    starts = [entry for _, kind, entry in history if kind == "start" and entry["driver_session"] == session]
+    ended = [entry for _, kind, entry in history if kind == "restart"]
+    attempts.record(loop_config["run_dir"], "start", {
+        "driver_session": session, "workers": world, "resumed_after_epoch": resumed_after,
+        "resumed_at_image": images_done})
+    where = f"after epoch {resumed_after}" if resumed_after is not None else "from scratch"
+    if images_done:
+        where = f"in epoch {resumed_after + 1} at image {images_done:,}"
+    size = f" with {world} of {most} workers" if world != most else ""
+    if starts:
+        why = {"preemption": "a preemption", "resize": "a resize"}.get(ended[-1]["why"] if ended else "",
+                                                                     "a failure")
+        say(f"workers restarted after {why} (restart {len(starts)} of this run), resuming {where}{size}")
+    elif session:
+        say(f"resuming {where}{size}")
+
+
+def rank_zero_logs(config: TrainConfig, loop_config: dict, state: dict,
+                   steps: int) -> list[keras.callbacks.Callback]:
+    """The console line, TensorBoard's event file and MLflow's metrics: once per run, from
+    rank 0, after the epoch's checkpoint (so they show what a restart continues from)."""
+    logs = [ProgressLine(config.epochs, steps, state), TensorBoardEvents(loop_config["run_dir"], state)]
+    if config.mlflow:
+        metrics = EpochMetrics(config.mlflow, loop_config["mlflow_run_id"])
+        logs.append(keras.callbacks.LambdaCallback(on_epoch_end=lambda *_: metrics.log(state["history"])))
+    return logs
+
+
+def multi_worker_strategy(config: TrainConfig) -> tf.distribute.MultiWorkerMirroredStrategy:
+    """MultiWorkerMirroredStrategy without TensorFlow's own peer health check. Ray Train
+    watches the workers (and restarts the group when one dies); TensorFlow's check pings the
+    peers from a thread that sleeps 30 s between rounds and that the strategy's destructor
+    joins, so every multi-worker run's end waited out the rest of that sleep."""
+    from tensorflow.python.distribute import collective_all_reduce_strategy
+
+    collective_all_reduce_strategy.CollectiveAllReduceExtended._enable_check_health = False
+    _device_input_without_autotuning()
+    return tf.distribute.MultiWorkerMirroredStrategy(communication_options=communication(config))
+
+
+def _device_input_without_autotuning() -> None:
+    """The strategy feeds each device through a tf.data pipeline of its own (a
+    MultiDeviceIterator's), built with TensorFlow's default options, which autotune; turned off
+    here for the reason in `_untuned_options`. TensorFlow has no setting for it, so its builder
+    of those pipelines is wrapped (once per process)."""
+    from tensorflow.python.data.ops import multi_device_iterator_ops
+
+    build = multi_device_iterator_ops._create_device_dataset
+    if getattr(build, "autotuning_off", False):
+        return
+
+    def without_autotuning(*args, **kwargs):
+        return build(*args, **kwargs).with_options(_untuned_options())
+
+    without_autotuning.autotuning_off = True
+    multi_device_iterator_ops._create_device_dataset = without_autotuning
+
+
+def _untuned_options(cpus: int | None = None) -> tf.data.Options:
+    """tf.data options without autotuning. An autotuned pipeline's iterator, when destroyed,
+    waits for its tuning thread to wake from a sleep that grows to a minute, so fit() could
+    return long after its last epoch, as it dropped its iterators. The parallelism here is
+    fixed (the map's calls, the thread pool) or sizes itself (prefetch's buffer) untuned."""
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    if cpus:
+        options.threading.private_threadpool_size = cpus
+    return options
+
+
+def communication(config: TrainConfig) -> tf.distribute.experimental.CommunicationOptions:
+    """The collective implementation, chosen rather than left to TensorFlow: NCCL between GPUs,
+    ring all-reduce over gRPC between CPUs."""
+    implementation = (tf.distribute.experimental.CommunicationImplementation.NCCL
+                      if config.gpus_per_worker else tf.distribute.experimental.CommunicationImplementation.RING)
+    return tf.distribute.experimental.CommunicationOptions(implementation=implementation)
+
+
+def data_parallel_step(all_reduce_dtype, micro_batches: int = 1):
+    """Keras's train step for a worker of several, with fewer bytes and fewer collectives per
+    image: the gradients of `micro_batches` slices of the batch are summed locally, then once
+    across workers in `all_reduce_dtype` (the weights and their update stay float32). Set on
+    the model instance, so the model file stays Keras's own."""
+
+    def gradients(model, x, y):
+        with tf.GradientTape() as tape:
+            y_pred = model(x, training=True)
+            loss = model.compute_loss(x, y, y_pred) / micro_batches
+        model.compiled_metrics.update_state(y, y_pred)
+        return [g for g, _ in model.optimizer.compute_gradients(loss, model.trainable_variables, tape)]
+
+    def train_step(model, data):
+        x, y = data
+        if micro_batches == 1:
+            total = gradients(model, x, y)
+        else:
+            parts = zip(tf.split(x, micro_batches), tf.split(y, micro_batches))
+            total = gradients(model, *next(parts))
+            for part_x, part_y in parts:
+                total = [t + g for t, g in zip(total, gradients(model, part_x, part_y))]
+        summed = tf.distribute.get_replica_context().all_reduce(
+            tf.distribute.ReduceOp.SUM, [tf.cast(g, all_reduce_dtype) for g in total])
+        model.optimizer.apply_gradients(
+            [(tf.cast(g, v.dtype), v) for g, v in zip(summed, model.trainable_variables)],
+            skip_gradients_aggregation=True)
+        return model.get_metrics_result()
+
+    return train_step
+
+
+def own_rows(arrays: dict, rank: int, world: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """This worker's rows (every world-th, from its rank on) of the images, labels and row
+    numbers the driver put into the object store."""
+    images, labels, rows = ray.get([arrays["images"], arrays["labels"], arrays["rows"]])
+    return images[rank::world], labels[rank::world], rows[rank::world]
+
+
+def _quiet_report_logging() -> None:
+    """Ray Train 2.60 logs every report() at INFO on each worker through a logger named by its
+    source file, outside the `ray.train` hierarchy that RunConfig's LoggingConfig filters."""
+    from ray.train.v2._internal.execution import context as train_context
+
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+
+
+def _batches(images, labels, batch_size: int, cpus: int):
+    """Validation batches of (pixels, one-hot label); one-hot because only the categorical
+    loss takes label smoothing."""
+    data = tf.data.Dataset.from_tensor_slices((images, tf.one_hot(labels, NUM_CLASSES))).batch(batch_size)
+    return data.prefetch(tf.data.AUTOTUNE).with_options(_untuned_options(cpus))
+
+
+def _shard_report(strategy, rank: int, world: int, order: EpochOrder, val_rows, rows_total: int) -> dict:
+    """Row counts of every worker's share of an epoch (the first one's) and of the validation
+    set, and whether any training row reached two workers (one collective over a per-row
+    count vector; with k replicas per worker counts are k-fold)."""
+    replicas_here = strategy.num_replicas_in_sync // world
+    epoch_rows = tf.concat([order.rows_of(0, step) for step in range(order.steps)], 0).numpy()
+    counts = np.zeros(2 * world + rows_total, np.float32)
+    counts[rank] = len(epoch_rows)
+    counts[world + rank] = len(val_rows)
+    np.add.at(counts, 2 * world + epoch_rows, 1)
+    totals = all_reduce_sum(strategy, counts) / replicas_here
+    per_row = totals[2 * world:]
+    return {
+        "train_rows": [int(n) for n in totals[:world]],
+        "validation_rows": [int(n) for n in totals[world:2 * world]],
+        "train_rows_seen_by_two_workers": int((per_row > 1).sum()),
+        "disjoint": bool(per_row.max(initial=0) <= 1),
+    }

@@ -1,0 +1,37 @@
+"""The package's layers (pyproject.toml's import contract): held by the code as it is, and
+broken by an import that goes up a layer."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import REPO
+
+LINT_IMPORTS = str(Path(sys.executable).with_name("lint-imports"))
+
+
+def _lint_imports(package_parent: Path) -> subprocess.CompletedProcess:
+    """import-linter on the `digit_models` found first on the path under `package_parent`."""
+    return subprocess.run([LINT_IMPORTS, "--config", str(REPO / "pyproject.toml"), "--no-cache"],
+                          cwd=package_parent, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(package_parent)})
+
+
+def test_every_module_imports_only_from_the_layers_below_its_own():
+    done = _lint_imports(REPO)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "1 kept, 0 broken" in done.stdout
+
+
+def test_an_import_up_a_layer_breaks_the_contract(tmp_path):
+    copy = tmp_path / "digit_models"
+    shutil.copytree(REPO / "digit_models", copy, ignore=shutil.ignore_patterns("__pycache__"))
+    files = copy / "storage" / "files.py"
+    files.write_text(files.read_text() + "\nfrom digit_models.training import driver  # noqa\n")
+    done = _lint_imports(tmp_path)
+    assert done.returncode == 1
+    assert "digit_models.storage.files -> digit_models.training.driver" in done.stdout, done.stdout[-3000:]
