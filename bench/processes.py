@@ -63,8 +63,11 @@ def local_cluster(port: int):
     script = str(REPO / "cluster" / "local_cluster.sh")
     subprocess.run([script, "start", "2"], env=env, check=True, capture_output=True)
     try:
+        # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0: `ray drain-node` then reaches the cluster at
+        # 127.0.0.1, where it listens.
         yield {"RAY_ADDRESS": f"127.0.0.1:{port}", "RAY_AUTH_MODE": "token",
-               "CLUSTER_STATE": state, "RAY_PORT": str(port), "RAY": env["RAY"]}
+               "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "CLUSTER_STATE": state,
+               "RAY_PORT": str(port), "RAY": env["RAY"]}
     finally:
         subprocess.run([script, "stop"], env=env, capture_output=True)
         shutil.rmtree(state, ignore_errors=True)

@@ -12,8 +12,12 @@
 #
 # By default the head takes no CPUs (it runs drivers and Ray's own actors) and each worker node
 # offers WORKER_CPUS (default 1), so a 2-worker training run spans two nodes. Token authentication
-# stays on (`ray start --head` writes the token to ~/.ray/auth_token); clients need
-# RAY_AUTH_MODE=token. The dashboard and Jobs API listen on 127.0.0.1 only.
+# stays on, with the user's token (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token) or else
+# a new one in ~/.ray/auth_token; the file is made readable by its owner only. Clients need
+# RAY_AUTH_MODE=token. Every node listens on 127.0.0.1 only, the dashboard and Jobs
+# API too. Ray's commands that take the GCS address (`ray status --address 127.0.0.1:6380`,
+# `ray drain-node`) reach it with RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0: without it Ray 2.60
+# swaps 127.0.0.1 for the machine's LAN address, where nothing listens.
 #
 # Settings (environment): RAY_PORT (6380), DASHBOARD_PORT (8266), HEAD_CPUS (0), WORKER_CPUS (1),
 # AGENT_PORT (52400: the head's dashboard agent, worker node i's at AGENT_PORT + i), CLUSTER_STATE (/tmp/digits-local-cluster: logs and the process sessions to stop), RAY (the
@@ -21,6 +25,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RAY=${RAY:-$PWD/.venv/bin/ray}
+PYTHON=$(dirname "$RAY")/python
 STATE=${CLUSTER_STATE:-/tmp/digits-local-cluster}
 RAY_PORT=${RAY_PORT:-6380}
 DASHBOARD_PORT=${DASHBOARD_PORT:-8266}
@@ -30,26 +35,44 @@ WORKER_CPUS=${WORKER_CPUS:-1}
 # other Ray on the machine, and a node without its agent cannot run submitted jobs.
 AGENT_PORT=${AGENT_PORT:-52400}
 export RAY_AUTH_MODE=token RAY_USAGE_STATS_ENABLED=0
+# The token file and the cluster's state: for this user's eyes only.
+umask 077
+TOKEN_FILE=${RAY_AUTH_TOKEN_PATH:-$HOME/.ray/auth_token}
 
 # Each node starts in a session of its own; stopping kills those sessions' processes and
 # nothing else (`ray stop` would stop every Ray on the machine).
 # Each node gets a temp dir of its own too: nodes sharing one would race to build the same
 # runtime environments (pip virtualenvs) in the same place.
-start_node() {  # name, then `ray start` arguments
+start_node() {  # name, then the `ray start` command and its arguments
     local name=$1
     shift
     mkdir -p "$STATE/$name"
     setsid bash -c 'echo $$ >> "$0/sessions"; echo $$ > "$0/$1.session"; shift; exec "$@"' \
-        "$STATE" "$name" "$RAY" start \
-        --temp-dir "$STATE/$name" --disable-usage-stats "$@" > "$STATE/$name.log" 2>&1 \
+        "$STATE" "$name" "$@" --temp-dir "$STATE/$name" --disable-usage-stats \
+        > "$STATE/$name.log" 2>&1 \
         || { echo "$name failed to start; see $STATE/$name.log" >&2; return 1; }
 }
+
+# Ray 2.60 swaps an address of 127.0.0.1 (a node's own, or the head's that a node joins) for the
+# machine's LAN address unless multi-node clusters are switched off: a node's processes then
+# listen on every interface, and nothing answers a worker node at the head's LAN address. The
+# head is started with them switched off. `ray start --address` refuses to start a worker node
+# so, hence this `ray start`, which keeps the head's 127.0.0.1 as it is; the worker node then
+# takes 127.0.0.1, the address from which it reaches the head, as its own.
+RAY_START_ON_LOOPBACK='import sys
+from ray._private import services
+from ray.scripts.scripts import main
+services.resolve_ip_for_localhost = lambda host: host
+sys.argv[0] = "ray"
+main()'
 
 start_workers() {  # count: worker nodes numbered after every one started so far (killed ones too)
     local first=1 i
     while [ -e "$STATE/worker-$first.log" ]; do first=$((first + 1)); done
     for i in $(seq "$first" $((first + $1 - 1))); do
-        start_node "worker-$i" --address "127.0.0.1:$RAY_PORT" --num-cpus "$WORKER_CPUS" \
+        RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1 start_node "worker-$i" \
+            "$PYTHON" -c "$RAY_START_ON_LOOPBACK" start \
+            --address "127.0.0.1:$RAY_PORT" --num-cpus "$WORKER_CPUS" \
             --dashboard-agent-listen-port $((AGENT_PORT + i)) --resources "{\"worker-$i\": 1}"
     done
 }
@@ -61,7 +84,15 @@ start() {
         exit 1
     fi
     mkdir -p "$STATE"
-    start_node head --head --port "$RAY_PORT" --num-cpus "$HEAD_CPUS" \
+    # `ray start` refuses to start without a token; an earlier Ray may have left one readable by
+    # everyone.
+    "$RAY" get-auth-token --generate > /dev/null 2>&1 \
+        || { echo "no Ray token, and \`$RAY get-auth-token --generate\` failed" >&2; exit 1; }
+    if [ -e "$TOKEN_FILE" ]; then chmod 600 "$TOKEN_FILE"; fi
+    # Its processes keep the switch, and so do the job drivers they start: a driver's
+    # `ray.init()` then joins at 127.0.0.1 too.
+    RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 start_node head "$RAY" start --head \
+        --node-ip-address 127.0.0.1 --port "$RAY_PORT" --num-cpus "$HEAD_CPUS" \
         --dashboard-host 127.0.0.1 --dashboard-port "$DASHBOARD_PORT" \
         --dashboard-agent-listen-port "$AGENT_PORT"
     start_workers "$workers"
@@ -83,7 +114,7 @@ kill_node() {  # a node's session, every process at once; the node is left for d
 }
 
 node_id() {  # a worker node's ID, found by the custom resource named after it
-    "$(dirname "$RAY")/python" -c '
+    RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 "$PYTHON" -c '
 import sys, ray
 ray.init(address=sys.argv[1], logging_level="ERROR", log_to_driver=False)
 found = [node["NodeID"] for node in ray.nodes() if node["Alive"] and sys.argv[2] in node["Resources"]]

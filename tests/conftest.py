@@ -81,9 +81,9 @@ def shared_ray_env(ray_local) -> dict:
     """Environment that points a `digits` child process at the session's Ray instead of an
     embedded one of its own: 7 s less per command, for tests whose subject is not the embedded
     Ray's start and stop (tests/test_faults.py covers those)."""
-    import ray
+    from digit_models.runtime.ray_runtime import joining_environment
 
-    return {"RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    return joining_environment()
 
 
 @pytest.fixture(scope="session")
@@ -129,9 +129,11 @@ def local_cluster(worker_nodes: int, without: tuple[str, ...] = (), **settings: 
 
     script = str(REPO / "cluster" / "local_cluster.sh")
     state = tempfile.mkdtemp(prefix="dlc-", dir="/tmp")  # short: Ray's socket paths live under it
+    # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0: Ray's own commands (`ray drain-node`) then reach the
+    # cluster at 127.0.0.1, where it listens (cluster/local_cluster.sh).
     env = {**os.environ, "RAY": str(Path(sys.executable).with_name("ray")), "RAY_PORT": free_port(),
            "DASHBOARD_PORT": free_port(), "AGENT_PORT": free_port(), "CLUSTER_STATE": state,
-           "RAY_AUTH_MODE": "token", **settings}
+           "RAY_AUTH_MODE": "token", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", **settings}
     for name in ("RAY_ADDRESS", *without):
         env.pop(name, None)
     started = subprocess.run([script, "start", str(worker_nodes)], env=env, capture_output=True,

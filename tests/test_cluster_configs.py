@@ -1,7 +1,7 @@
 """What can be checked of the cluster configs without a cloud: they parse, carry the required
-fields, keep token authentication on, pin what pyproject.toml pins, name entrypoints and
-options that exist, and give their spot workers an on-demand floor that the elastic training
-commands fit."""
+fields, keep token authentication on, run Ray unprivileged and admit no one from outside the
+cluster but its job clients, pin what pyproject.toml pins, name entrypoints and options that
+exist, and give their spot workers an on-demand floor that the elastic training commands fit."""
 
 from __future__ import annotations
 
@@ -111,6 +111,18 @@ def test_autoscaler_config_for_a_gpu_cluster():
     assert "~/.ray/auth_token" in config["file_mounts"]
 
 
+def test_autoscaler_nodes_are_in_a_security_group_closed_to_the_internet():
+    """Each node type names the same security group (one the user made: the autoscaler's own
+    opens SSH to 0.0.0.0/0), and nothing in the file opens anything to every address."""
+    config = _load("aws-gpu.yaml")
+    groups = [node_type["node_config"]["SecurityGroupIds"]
+              for node_type in config["available_node_types"].values()]
+    assert groups[0] and all(group == groups[0] for group in groups)
+    assert "security_group" not in config["provider"]  # no rules for the autoscaler to add
+    text = (CLUSTER / "aws-gpu.yaml").read_text()
+    assert "0.0.0.0/0" not in text and "::/0" not in text
+
+
 def test_autoscaler_config_has_an_on_demand_floor_and_spot_gpu_workers():
     config = _load("aws-gpu.yaml")
     types = {name: t for name, t in config["available_node_types"].items() if name != config["head_node_type"]}
@@ -172,6 +184,45 @@ def test_kuberay_cluster_has_an_on_demand_floor_and_a_spot_group():
         # Longer than Ray's default 30 s, within EC2's two minutes, and Kubernetes must not
         # kill the pod before the deadline Ray announces on SIGTERM.
         assert 30 < drain < pod["terminationGracePeriodSeconds"] <= 120
+
+
+def _pod_specs(cluster: dict) -> list[dict]:
+    spec = cluster["spec"]
+    return [spec["headGroupSpec"]["template"]["spec"],
+            *(group["template"]["spec"] for group in spec["workerGroupSpecs"])]
+
+
+def test_kuberay_pods_run_unprivileged():
+    """The image's user has passwordless sudo: every container runs as a non-root uid, without
+    privilege escalation (sudo) or capabilities."""
+    for pod in _pod_specs(_load("kuberay/raycluster.yaml")):
+        context = pod["securityContext"]
+        # The kubelet can check runAsNonRoot only against a numeric user; the image names `ray`.
+        assert context["runAsNonRoot"] is True and context["runAsUser"] > 0
+        for container in pod["containers"]:
+            assert container["securityContext"]["allowPrivilegeEscalation"] is False
+            assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
+
+
+def test_kuberay_network_policy_admits_only_the_cluster_and_its_job_clients():
+    cluster = _load("kuberay/raycluster.yaml")
+    job = _load("kuberay/rayjob.yaml")
+    policy = _load("kuberay/networkpolicy.yaml")
+    assert (policy["apiVersion"], policy["kind"]) == ("networking.k8s.io/v1", "NetworkPolicy")
+    own_pods = {"matchLabels": {"ray.io/cluster": cluster["metadata"]["name"]}}
+    assert policy["spec"]["podSelector"] == own_pods and policy["spec"]["policyTypes"] == ["Ingress"]
+    head_ports = {port["name"]: port["containerPort"]
+                  for port in cluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["ports"]}
+    clients = []
+    for rule in policy["spec"]["ingress"]:
+        for peer in rule["from"]:
+            assert "ipBlock" not in peer and peer["podSelector"]["matchLabels"]  # named pods only
+            if peer == {"podSelector": own_pods}:
+                assert "ports" not in rule  # Ray's nodes talk to each other on many ports
+            else:
+                assert rule["ports"] == [{"port": head_ports["dashboard"], "protocol": "TCP"}]
+                clients.append(peer["podSelector"]["matchLabels"])
+    assert {"batch.kubernetes.io/job-name": job["metadata"]["name"]} in clients  # its submitter
 
 
 def test_kuberay_job_runs_training_then_scoring_with_valid_options():

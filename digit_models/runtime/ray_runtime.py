@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 import signal
 import socket
 from contextlib import contextmanager
@@ -33,9 +34,10 @@ def ray_session(address: str | None = None, dashboard: bool = False):
     """Ray for the length of a command.
 
     With an address (or RAY_ADDRESS, which `ray job submit` sets for its entrypoint) this
-    joins that cluster; otherwise it starts a private local Ray on 127.0.0.1, and stops it
-    on the way out, whatever happens. `dashboard`: the embedded Ray also runs the dashboard
-    process, which serves the State API that Ray Train's controller polls.
+    joins that cluster; otherwise it starts a private local Ray, and stops it on the way out,
+    whatever happens. The private Ray listens on 127.0.0.1 only, and demands a token of its
+    own whatever RAY_AUTH_MODE says. `dashboard`: it also runs the dashboard process, which
+    serves the State API that Ray Train's controller polls.
     """
     import ray
 
@@ -46,17 +48,21 @@ def ray_session(address: str | None = None, dashboard: bool = False):
     address = cluster_address(address)
     try:  # a Ctrl-C halfway through ray.init must still stop what it started
         if address:
-            ray.init(address=address, runtime_env={"env_vars": _env_vars_to_add()},
-                     log_to_driver=True, logging_level=logging.ERROR)
+            _load_auth_settings()
+            with _loopback_kept():
+                ray.init(address=address, runtime_env={"env_vars": _env_vars_to_add()},
+                         log_to_driver=True, logging_level=logging.ERROR)
         else:
             # "local": never attach to whatever cluster /tmp/ray/ray_current_cluster last named.
             # No runtime_env: the processes of a Ray started here inherit this environment,
             # and one would keep Ray from handing work to the workers it starts in advance.
-            with _state_api_address_known(dashboard) as dashboard_port:
+            with _state_api_address_known(dashboard) as dashboard_port, _own_token() as auth, \
+                    _loopback_kept():
                 ray.init(address="local", include_dashboard=dashboard, dashboard_host="127.0.0.1",
                          dashboard_port=dashboard_port, log_to_driver=True,
                          logging_level=logging.ERROR, _node_ip_address="127.0.0.1",
                          _system_config=EMBEDDED_RAY_CONFIG)
+            _JOINING.update(auth)
         keep_sigterm_handler(caller_sigterm)  # ray.init put in its own
         configure_ray_data()
         filter_worker_output()
@@ -67,6 +73,70 @@ def ray_session(address: str | None = None, dashboard: bool = False):
             _stop_autoscaler_monitor()
         ray.shutdown()
         _SESSION_OBJECTS.clear()
+        _JOINING.clear()
+
+
+# While this process runs an embedded Ray: the token that another process needs to join it.
+_JOINING: dict[str, str] = {}
+
+
+def joining_environment() -> dict[str, str]:
+    """The environment in which another process on this machine joins the Ray this one is
+    connected to (the tests run `digits` commands in the session's embedded Ray so)."""
+    import ray
+
+    return {"RAY_ADDRESS": ray.get_runtime_context().gcs_address, **_JOINING}
+
+
+@contextmanager
+def _own_token():
+    """Token authentication for the Ray about to start here, whatever the user's RAY_AUTH_MODE,
+    with a new random token that no file holds (Ray would otherwise write one to
+    ~/.ray/auth_token, readable by every user). The Ray's processes inherit it from this
+    environment while it starts, ahead of RAY_AUTH_TOKEN_PATH and ~/.ray/auth_token; this
+    process keeps it loaded. Yields the variables that set it."""
+    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    saved = {name: os.environ.get(name) for name in auth}
+    os.environ.update(auth)
+    _load_auth_settings()
+    try:
+        yield auth
+    finally:  # this process's own later commands must not find it
+        _restore_environment(saved)
+
+
+def _load_auth_settings() -> None:
+    """Make Ray in this process read the authentication mode and token from the environment
+    again: it reads both once and keeps them (an earlier session's token too)."""
+    from ray._raylet import AuthenticationTokenLoader, Config
+
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
+
+
+@contextmanager
+def _loopback_kept():
+    """Ray 2.60's ray.init replaces a loopback address, of the node it starts or of the cluster
+    it joins, with the machine's LAN address, unless multi-node clusters are switched off (as
+    on macOS and Windows). The GCS, raylet, object manager, agents and workers of a Ray whose
+    node address is the LAN's listen on every interface; with 127.0.0.1 they listen on
+    loopback only, and a process joining such a Ray at 127.0.0.1 must connect there."""
+    from ray._private import ray_constants
+
+    saved = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved
+
+
+def _restore_environment(saved: dict) -> None:
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 @contextmanager
@@ -84,10 +154,7 @@ def _state_api_address_known(dashboard: bool):
     try:
         yield port
     finally:  # this process's own later commands must not find it
-        if saved is None:
-            del os.environ[API_SERVER_ADDRESS]
-        else:
-            os.environ[API_SERVER_ADDRESS] = saved
+        _restore_environment({API_SERVER_ADDRESS: saved})
 
 
 API_SERVER_ADDRESS = "RAY_API_SERVER_ADDRESS"
