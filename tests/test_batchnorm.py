@@ -74,7 +74,7 @@ def test_two_workers_hold_the_statistics_of_their_rows_together(tmp_path, kaggle
     config = TrainConfig(data=str(kaggle_dir), out=str(tmp_path / "run"), model="deep_cnn", workers=2,
                          cpus_per_worker=1, epochs=1, limit=600, augment=True, weight_average=0.9,
                          recompute_batchnorm=True, dropout=0.25, target=1.0)
-    run = train(config)
+    train(config)
     digits = read_train_csv(str(kaggle_dir / "train.csv"), limit=config.limit)
     train_rows, _ = validation_split(config.limit, config.val_fraction, config.seed)
     images = np.concatenate([digits.images[train_rows][batchnorm_rows(len(train_rows), rank, 2, config.seed)]

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from digit_models.errors import DigitsError
-from digit_models.nets.model_file import CONFIG, ENTRY_LIMITS, METADATA, WEIGHTS, check_keras_archive, load_model_bytes
+from digit_models.nets.model_file import CONFIG, ENTRY_LIMITS, METADATA, WEIGHTS, load_model_bytes
 from digit_models.nets.models import MODELS, build_model, load_model_file
 from tests.conftest import REPO, run_digits
 

@@ -34,6 +34,7 @@ import threading
 import time
 from contextlib import contextmanager
 
+from digit_models.runtime import seams
 from digit_models.storage.files import without_credentials
 
 NOISE = re.compile(
@@ -233,8 +234,7 @@ live = LiveLine()
 def filter_worker_output() -> None:
     """Worker output on this driver's console: our workers' lines without Ray's prefix, their
     progress as the live line, the rest as Ray prints it, without the noise."""
-    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
-
+    dispatcher = seams.borrow(seams.STDSTREAM_DISPATCHER)
     printers = [handler for name, handler in dispatcher.handlers if name == "ray_print_logs"]
     if not printers:  # log_to_driver is off, or already filtered
         return
@@ -268,9 +268,7 @@ def filter_worker_output() -> None:
 def _filter_error_messages() -> None:
     """The messages Ray's raylet sends the driver (a worker died, say) bypass the handler
     above: Ray's error listener calls print_to_stdstream itself, by its module-level name."""
-    import ray._private.worker as ray_worker
-
-    print_to_stdstream = ray_worker.print_to_stdstream
+    print_to_stdstream = seams.borrow(seams.PRINT_TO_STDSTREAM)
     if getattr(print_to_stdstream, "filters_noise", False):
         return
 
@@ -280,4 +278,4 @@ def _filter_error_messages() -> None:
             print_to_stdstream({**data, "lines": lines}, ignore_prefix)
 
     print_filtered.filters_noise = True
-    ray_worker.print_to_stdstream = print_filtered
+    seams.replace(seams.PRINT_TO_STDSTREAM, print_filtered)

@@ -12,6 +12,7 @@ import socket
 from contextlib import contextmanager
 
 from digit_models import RUNTIME_ENV_VARS
+from digit_models.runtime import seams
 from digit_models.runtime.console import filter_worker_output, live
 from digit_models.storage.files import AWS_ENVIRONMENT
 from digit_models.runtime.interrupts import keep_sigterm_handler
@@ -108,8 +109,7 @@ def _own_token():
 def _load_auth_settings() -> None:
     """Make Ray in this process read the authentication mode and token from the environment
     again: it reads both once and keeps them (an earlier session's token too)."""
-    from ray._raylet import AuthenticationTokenLoader, Config
-
+    Config, AuthenticationTokenLoader = seams.borrow(seams.AUTH_SETTINGS)
     Config.initialize("")
     AuthenticationTokenLoader.instance().reset_cache()
 
@@ -121,14 +121,12 @@ def _loopback_kept():
     on macOS and Windows). The GCS, raylet, object manager, agents and workers of a Ray whose
     node address is the LAN's listen on every interface; with 127.0.0.1 they listen on
     loopback only, and a process joining such a Ray at 127.0.0.1 must connect there."""
-    from ray._private import ray_constants
-
-    saved = ray_constants.ENABLE_RAY_CLUSTER
-    ray_constants.ENABLE_RAY_CLUSTER = False
+    saved = seams.borrow(seams.RAY_CLUSTER_SWITCH)
+    seams.replace(seams.RAY_CLUSTER_SWITCH, False)
     try:
         yield
     finally:
-        ray_constants.ENABLE_RAY_CLUSTER = saved
+        seams.replace(seams.RAY_CLUSTER_SWITCH, saved)
 
 
 def _restore_environment(saved: dict) -> None:
@@ -174,9 +172,7 @@ def _free_loopback_port() -> int:
 def _stop_autoscaler_monitor() -> None:
     """An embedded Ray's autoscaler monitor has nothing to scale, and takes a second to answer
     the SIGTERM that ray.shutdown() sends it before waiting: stopped outright, a second sooner."""
-    import ray
-
-    node = ray._private.worker._global_node
+    node = seams.borrow(seams.GLOBAL_NODE)
     for process in (node.all_processes.get("monitor", []) if node else []):
         if process.process.poll() is None:
             process.process.kill()

@@ -19,16 +19,17 @@ import socket
 import time
 
 import ray.train
-from ray.train.v2._internal.execution.callback import ControllerCallback
-from ray.train.v2._internal.execution.controller.state import (ReschedulingState, ResizingState,
-                                                              RestartingState, RunningState,
-                                                              SchedulingState)
-from ray.train.v2._internal.execution.failure_handling.default import _is_preemption_failure
 
+from digit_models.runtime import seams
 from digit_models.runtime.console import say
 from digit_models.errors import WorkersUnavailable, first_line
 from digit_models.storage.files import Folder
 from digit_models.storage.run_dir import RunDir
+
+ControllerCallback = seams.borrow(seams.CONTROLLER_CALLBACK)
+(SchedulingState, RunningState, ResizingState, RestartingState,
+ ReschedulingState) = seams.borrow(seams.CONTROLLER_STATES)
+is_preemption_failure = seams.borrow(seams.PREEMPTION_FAILURE)
 
 
 def _folder(run_location: str) -> Folder:
@@ -102,7 +103,7 @@ class WorkerGroupWatch(ControllerCallback):
                 f"{self.max_workers} (were {self.group_size})")
         elif isinstance(current_state, RestartingState) and not isinstance(previous_state, RestartingState):
             error = current_state.training_failed_error
-            why = "preemption" if _is_preemption_failure(error) else "failure"
+            why = "preemption" if is_preemption_failure(error) else "failure"
             self._record("restart", {"why": why, "workers_from": self.group_size, "error": _described(error)})
             self.waiting_since = time.time()
             preempted = getattr(getattr(error, "preemption_info", None), "preempted_node_ids", [])

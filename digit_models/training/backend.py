@@ -18,6 +18,12 @@ import ray
 from ray.train.backend import Backend, BackendConfig
 from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
+from digit_models.runtime import seams
+
+# AbortableTrainer overrides these; an override of a method that has gone would do nothing.
+seams.borrow(seams.TRAINER_CALLBACKS)
+seams.borrow(seams.TRAINER_SIGINT)
+
 
 @dataclass
 class MultiWorkerTensorflowConfig(BackendConfig):
@@ -27,9 +33,7 @@ class MultiWorkerTensorflowConfig(BackendConfig):
 
     @property
     def framework(self):
-        from ray.train.v2._internal.util import TrainingFramework
-
-        return TrainingFramework.TENSORFLOW  # how Ray's state API labels the run
+        return seams.borrow(seams.TRAINING_FRAMEWORK).TENSORFLOW  # how Ray's state API labels the run
 
 
 def tensorflow_trainer(train_func, controller_callbacks=(), **options) -> AbortableTrainer:

@@ -300,7 +300,7 @@ class ProgressLine(keras.callbacks.Callback):
         super().__init__()
         self.epochs, self.steps, self.state = epochs, steps, state
         self.every_s, self.longer_than_s = every_s, longer_than_s
-        self._supports_tf_logs = True  # the batch hook reads no logs: Keras need not convert them
+        self._supports_tf_logs = True  # seams.SUPPORTS_TF_LOGS: the batch hook reads no logs
 
     def on_epoch_begin(self, epoch, logs=None):
         self.epoch, self.started = epoch, time.monotonic()

@@ -123,6 +123,6 @@ class TimeBudget(keras.callbacks.Callback):
         sizing["plans"].append(planned)
         sizing.update(planned_from_epoch_s=round(epoch_s, 2), epochs_planned=planned,
                       **({"scoring_reserve_s": round(scoring_s, 1)} if self.config.scoring_reserve else {}))
-        schedule = getattr(self.model.optimizer, "_learning_rate", None)  # tf-keras keeps it there
+        schedule = getattr(self.model.optimizer, "_learning_rate", None)  # seams.LEARNING_RATE
         if isinstance(schedule, WarmupCosine):
             schedule.total_steps.assign(float(planned * self.steps))

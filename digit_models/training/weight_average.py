@@ -15,7 +15,11 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 from digit_models.runtime.tf_setup import keras, tf
+from digit_models.runtime import seams
 from digit_models.training.callbacks import BeforeEvaluation
+
+# AveragingAdam overrides and calls these; its slots are MOVING_AVERAGE_SLOTS (on instances).
+seams.borrow(seams.MOVING_AVERAGE)
 
 
 @keras.saving.register_keras_serializable(package="digits")

@@ -20,7 +20,6 @@ import os
 import time
 import types
 from contextlib import nullcontext
-from pathlib import Path
 
 import numpy as np
 
@@ -28,6 +27,7 @@ from digit_models.runtime.tf_setup import configure_tensorflow, keras, tf  # bef
 import ray
 import ray.train
 
+from digit_models.runtime import seams
 from digit_models.training import attempts
 from digit_models.nets.augmentation import Augmentation, random_affine
 from digit_models.training.batchnorm import RecomputedBatchNorm, batchnorm_rows
@@ -268,9 +268,7 @@ def multi_worker_strategy(config: TrainConfig) -> tf.distribute.MultiWorkerMirro
     watches the workers (and restarts the group when one dies); TensorFlow's check pings the
     peers from a thread that sleeps 30 s between rounds and that the strategy's destructor
     joins, so every multi-worker run's end waited out the rest of that sleep."""
-    from tensorflow.python.distribute import collective_all_reduce_strategy
-
-    collective_all_reduce_strategy.CollectiveAllReduceExtended._enable_check_health = False
+    seams.replace(seams.CHECK_HEALTH, False)
     _device_input_without_autotuning()
     return tf.distribute.MultiWorkerMirroredStrategy(communication_options=communication(config))
 
@@ -280,9 +278,7 @@ def _device_input_without_autotuning() -> None:
     MultiDeviceIterator's), built with TensorFlow's default options, which autotune; turned off
     here for the reason in `_untuned_options`. TensorFlow has no setting for it, so its builder
     of those pipelines is wrapped (once per process)."""
-    from tensorflow.python.data.ops import multi_device_iterator_ops
-
-    build = multi_device_iterator_ops._create_device_dataset
+    build = seams.borrow(seams.DEVICE_DATASET)
     if getattr(build, "autotuning_off", False):
         return
 
@@ -290,7 +286,7 @@ def _device_input_without_autotuning() -> None:
         return build(*args, **kwargs).with_options(_untuned_options())
 
     without_autotuning.autotuning_off = True
-    multi_device_iterator_ops._create_device_dataset = without_autotuning
+    seams.replace(seams.DEVICE_DATASET, without_autotuning)
 
 
 def _untuned_options(cpus: int | None = None) -> tf.data.Options:
@@ -355,9 +351,7 @@ def own_rows(arrays: dict, rank: int, world: int) -> tuple[np.ndarray, np.ndarra
 def _quiet_report_logging() -> None:
     """Ray Train 2.60 logs every report() at INFO on each worker through a logger named by its
     source file, outside the `ray.train` hierarchy that RunConfig's LoggingConfig filters."""
-    from ray.train.v2._internal.execution import context as train_context
-
-    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+    logging.getLogger(seams.borrow(seams.TRAIN_CONTEXT).__file__).setLevel(logging.WARNING)
 
 
 def _batches(images, labels, batch_size: int, cpus: int):
