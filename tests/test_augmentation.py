@@ -113,7 +113,7 @@ def test_an_epoch_resumed_at_any_image_by_any_group_trains_on_the_images_it_had_
     rows, step_rows, seed, epoch = 1_000, 16, 3, 2
 
     def group_steps(world, start, steps):
-        orders = [EpochOrder(rows, step_rows, rank, world, seed) for rank in range(world)]
+        orders = [EpochOrder(rows, step_rows * world, rank, world, seed) for rank in range(world)]
         return [np.concatenate([order.rows_of(epoch, step, start).numpy() for order in orders])
                 for step in range(steps)]
 
@@ -121,7 +121,7 @@ def test_an_epoch_resumed_at_any_image_by_any_group_trains_on_the_images_it_had_
     assert len(set(alone)) == len(alone) == rows - rows % step_rows
     before = np.concatenate(group_steps(world_before, 0, 5))
     start = len(before)
-    after_order = EpochOrder(rows, step_rows, 0, world_after, seed)
+    after_order = EpochOrder(rows, step_rows * world_after, 0, world_after, seed)
     after = np.concatenate(group_steps(world_after, start, after_order.steps_from(start)))
     trained = np.concatenate([before, after])
     assert len(set(trained)) == len(trained)  # no image twice in the epoch

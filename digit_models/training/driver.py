@@ -28,6 +28,7 @@ from digit_models.storage.files import file_sha256
 from digit_models.storage.kaggle_csv import read_train_csv, resolve_train_csv
 from digit_models.runtime.ray_runtime import cluster_address, cpus_per_process, ray_session
 from digit_models.storage.run_dir import RunDir
+from digit_models.training.handoff import Shares, WorkerInputs
 
 
 def train(config: TrainConfig, address: str | None = None) -> dict:
@@ -65,7 +66,7 @@ def train_func(loop_config: dict) -> dict:
     by the workers, not by whoever unpickles this function)."""
     from digit_models.training.worker import run_worker
 
-    return run_worker(loop_config)
+    return run_worker(loop_config["inputs"])
 
 
 def _run(config: TrainConfig, run_dir: RunDir, address: str | None, started: dict | None,
@@ -107,11 +108,12 @@ def _run(config: TrainConfig, run_dir: RunDir, address: str | None, started: dic
                                 "validation_rows": len(val_rows)},
                        "mlflow_run_id": mlflow_run_id}
         run_dir.write_started(started)
-        shares = {"train": {"images": ray.put(digits.images[train_rows]),
-                            "labels": ray.put(digits.labels[train_rows])},
-                  "validation": {"images": ray.put(digits.images[val_rows]),
-                                 "labels": ray.put(digits.labels[val_rows]),
-                                 "rows": ray.put(val_rows.astype(np.int64))}}
+        inputs = WorkerInputs(
+            config=config, rows_total=len(digits), run_dir=run_dir.location, mlflow_run_id=mlflow_run_id,
+            train=Shares(ray.put(digits.images[train_rows]), ray.put(digits.labels[train_rows])),
+            validation=Shares(ray.put(digits.images[val_rows]), ray.put(digits.labels[val_rows]),
+                              ray.put(val_rows.astype(np.int64))),
+            faults=faults, driver_session=len(started["resumed_at"]), command_started_unix=called)
         # Ray Train gives a worker group's resources this long to be granted before it tries
         # again; the wait for workers (WorkerGroupWatch) is checked at each such end. An
         # elastic group tries again sooner: for a while after a node is lost, the count Ray
@@ -126,10 +128,7 @@ def _run(config: TrainConfig, run_dir: RunDir, address: str | None, started: dic
             train_func,
             controller_callbacks=[WorkerGroupWatch(run_dir.location, config.fewest_workers,
                                                    config.workers, config.wait_for_workers)],
-            train_loop_config={"config": asdict(config), "rows_total": len(digits), **shares,
-                               "run_dir": run_dir.location, "mlflow_run_id": mlflow_run_id,
-                               "faults": faults, "driver_session": len(started["resumed_at"]),
-                               "command_started_unix": called},
+            train_loop_config={"inputs": inputs},
             scaling_config=scaling_config(config),
             # The same name and storage path on resume: Ray Train then restores its
             # checkpoint bookkeeping and hands the workers the latest checkpoint.

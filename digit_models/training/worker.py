@@ -36,6 +36,7 @@ from digit_models.config import TrainConfig, epochs_planned
 from digit_models.runtime.console import say
 from digit_models.errors import DigitsError
 from digit_models.storage.kaggle_csv import NUM_CLASSES
+from digit_models.training.handoff import Shares, WorkerInputs
 from digit_models.training.mlflow_log import EpochMetrics
 from digit_models.nets.models import build_model
 from digit_models.storage.run_dir import RunDir
@@ -51,10 +52,10 @@ from digit_models.training.weight_average import AveragingAdam, WeightAverage
 STEPS_PER_EXECUTION = 16
 
 
-def run_worker(loop_config: dict) -> dict:
+def run_worker(inputs: WorkerInputs) -> dict:
     """Trains this worker's share; returns (all ranks alike) the history and the stop reason."""
     timeline = {"train_func_started": time.time()}
-    config = TrainConfig(**loop_config["config"])
+    config = inputs.config
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     cpus = int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))
@@ -63,14 +64,14 @@ def run_worker(loop_config: dict) -> dict:
 
     strategy = multi_worker_strategy(config)
     timeline["strategy_ready"] = time.time()
-    train_x, train_y = ray.get([loop_config["train"]["images"], loop_config["train"]["labels"]])
-    val_x, val_y, val_rows = own_rows(loop_config["validation"], rank, world)
-    order = EpochOrder(len(train_x), config.batch_size * config.accumulate, rank, world, config.seed)
+    train_x, train_y = ray.get([inputs.train.images, inputs.train.labels])
+    val_x, val_y, val_rows = own_rows(inputs.validation, rank, world)
+    order = EpochOrder(len(train_x), config.global_batch(world), rank, world, config.seed)
     if order.steps == 0:
         raise DigitsError(f"{len(train_x)} training rows are fewer than one step of {world} worker(s) "
                           f"x --batch-size x --accumulate ({order.global_batch}); use more rows or "
                           "smaller batches")
-    shards = _shard_report(strategy, rank, world, order, val_rows, loop_config["rows_total"])
+    shards = _shard_report(strategy, rank, world, order, val_rows, inputs.rows_total)
     # Every worker must run the same number of steps, or one waits forever in an all-reduce.
     val_size = min(shards["validation_rows"])
     replicas_here = strategy.num_replicas_in_sync // world
@@ -84,18 +85,18 @@ def run_worker(loop_config: dict) -> dict:
             validation_steps=-(-val_size // val_batch))
 
     timeline["data_ready"] = time.time()
-    resumed = newest_complete(loop_config["run_dir"])
+    resumed = newest_complete(inputs.run_dir)
     state = resumed[0] if resumed else {"epochs_done": 0, "history": []}
     in_epoch = state.pop("in_epoch", None)  # a checkpoint taken mid-epoch, on a preemption notice
     with strategy.scope():
         model = compiled_model(config, order.steps, world, epochs_planned(state, config.epochs))
         if resumed:
-            restore(model, resumed[1], RunDir(loop_config["run_dir"]).child(RunDir.CHECKPOINTS),
+            restore(model, resumed[1], RunDir(inputs.run_dir).child(RunDir.CHECKPOINTS),
                     global_batch_then=state.get("global_batch", order.global_batch),
                     global_batch_now=order.global_batch)
     state["global_batch"] = order.global_batch
     if rank == 0:
-        record_start(loop_config, world, config.workers, state["epochs_done"] if resumed else None,
+        record_start(inputs, world, config.workers, state["epochs_done"] if resumed else None,
                      in_epoch["images_done"] if in_epoch else 0)
 
     if strategy.num_replicas_in_sync > 1 or config.accumulate > 1:
@@ -104,21 +105,20 @@ def run_worker(loop_config: dict) -> dict:
     timeline["model_ready"] = time.time()
     target_stop = SynchronizedTargetStop(strategy, config.target_metric, config.target)
     images_per_epoch = order.steps * order.global_batch
-    fault = loop_config["faults"] and InjectedFault(loop_config["faults"], rank, order.steps, loop_config["run_dir"])
+    fault = inputs.faults and InjectedFault(inputs.faults, rank, order.steps, inputs.run_dir)
     weight_average = WeightAverage() if config.weight_average else None
     checkpointing = Checkpointing(rank, state, before_report=fault and fault.checkpoint_written,
                                   epoch_layout=weight_average.average_in if weight_average else nullcontext)
-    preemption = PreemptionNotice(strategy, checkpointing, order.global_batch, rank, loop_config["run_dir"])
+    preemption = PreemptionNotice(strategy, checkpointing, order.global_batch, rank, inputs.run_dir)
     callbacks = [*([weight_average] if weight_average else []),  # before all that reads weights
                  *([RecomputedBatchNorm(strategy, train_x[batchnorm_rows(len(train_x), rank, world, config.seed)])]
                    if config.recompute_batchnorm else []),
                  target_stop,
                  EpochHistory(config, state, target_stop, images_per_epoch, timeline=timeline),
                  *([TimeBudget(strategy, config, state, order.steps, images_per_epoch, rank, world,
-                               loop_config["command_started_unix"],
-                               resumed=loop_config["driver_session"] > 0)] if config.time_budget else []),
+                               inputs.command_started_unix, resumed=inputs.driver_session > 0)] if config.time_budget else []),
                  checkpointing,
-                 *(rank_zero_logs(config, loop_config, state, order.steps) if rank == 0 else []),
+                 *(rank_zero_logs(inputs, state, order.steps) if rank == 0 else []),
                  *([fault] if fault else []),
                  preemption]  # last: a just-in-time checkpoint holds the step's own records
 
@@ -152,10 +152,10 @@ class EpochOrder:
     worker `rank` its own `step_rows` of them. A run resumed at any image of an epoch, by any
     number of workers, so trains on exactly the images that epoch had left."""
 
-    def __init__(self, rows: int, step_rows: int, rank: int, world: int, seed: int):
-        self.rows, self.step_rows, self.rank, self.seed = rows, step_rows, rank, seed
-        self.global_batch = step_rows * world
-        self.steps = rows // self.global_batch
+    def __init__(self, rows: int, global_batch: int, rank: int, world: int, seed: int):
+        self.rows, self.global_batch, self.rank, self.seed = rows, global_batch, rank, seed
+        self.step_rows = global_batch // world
+        self.steps = rows // global_batch
 
     def steps_from(self, start: int) -> int:
         """The steps left in an epoch from image `start`: at least one, which wraps around to
@@ -229,15 +229,15 @@ def compiled_model(config: TrainConfig, steps: int, workers: int, epochs: int) -
     return model
 
 
-def record_start(loop_config: dict, world: int, most: int, resumed_after: int | None,
+def record_start(inputs: WorkerInputs, world: int, most: int, resumed_after: int | None,
                  images_done: int) -> None:
     """Rank 0: this worker group's start on record, and on the console when it is a restart
     (with the group's size when it is not the run's full size)."""
-    session = loop_config["driver_session"]
-    history = attempts.timeline(loop_config["run_dir"])
+    session = inputs.driver_session
+    history = attempts.timeline(inputs.run_dir)
     starts = [entry for _, kind, entry in history if kind == "start" and entry["driver_session"] == session]
     ended = [entry for _, kind, entry in history if kind == "restart"]
-    attempts.record(loop_config["run_dir"], "start", {
+    attempts.record(inputs.run_dir, "start", {
         "driver_session": session, "workers": world, "resumed_after_epoch": resumed_after,
         "resumed_at_image": images_done})
     where = f"after epoch {resumed_after}" if resumed_after is not None else "from scratch"
@@ -252,13 +252,13 @@ def record_start(loop_config: dict, world: int, most: int, resumed_after: int | 
         say(f"resuming {where}{size}")
 
 
-def rank_zero_logs(config: TrainConfig, loop_config: dict, state: dict,
-                   steps: int) -> list[keras.callbacks.Callback]:
+def rank_zero_logs(inputs: WorkerInputs, state: dict, steps: int) -> list[keras.callbacks.Callback]:
     """The console line, TensorBoard's event file and MLflow's metrics: once per run, from
     rank 0, after the epoch's checkpoint (so they show what a restart continues from)."""
-    logs = [ProgressLine(config.epochs, steps, state), TensorBoardEvents(loop_config["run_dir"], state)]
+    config = inputs.config
+    logs = [ProgressLine(config.epochs, steps, state), TensorBoardEvents(inputs.run_dir, state)]
     if config.mlflow:
-        metrics = EpochMetrics(config.mlflow, loop_config["mlflow_run_id"])
+        metrics = EpochMetrics(config.mlflow, inputs.mlflow_run_id)
         logs.append(keras.callbacks.LambdaCallback(on_epoch_end=lambda *_: metrics.log(state["history"])))
     return logs
 
@@ -341,10 +341,10 @@ def data_parallel_step(all_reduce_dtype, micro_batches: int = 1):
     return train_step
 
 
-def own_rows(arrays: dict, rank: int, world: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def own_rows(shares: Shares, rank: int, world: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """This worker's rows (every world-th, from its rank on) of the images, labels and row
     numbers the driver put into the object store."""
-    images, labels, rows = ray.get([arrays["images"], arrays["labels"], arrays["rows"]])
+    images, labels, rows = ray.get([shares.images, shares.labels, shares.rows])
     return images[rank::world], labels[rank::world], rows[rank::world]
 
 
