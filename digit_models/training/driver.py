@@ -2,8 +2,9 @@
 each worker runs): read and check train.csv, split off the validation rows, hand both to Ray
 Train (training/backend.py), and write the run directory.
 
-The driver puts the rows into Ray's object store once; each worker takes its own share from
-there, so workers on other machines never read the driver's disk. Neither the driver nor Ray
+The driver puts the training and validation rows into Ray's object store once; every worker
+fetches all of them from there (so workers on other machines never read the driver's disk) and
+trains each step on its own slice of them (training/worker.py). Neither the driver nor Ray
 Train's controller imports TensorFlow (training/backend.py).
 """
 

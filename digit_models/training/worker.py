@@ -1,9 +1,12 @@
 """The worker side of `digits train`: what every Ray Train worker runs (training/driver.py is the driver).
 
-Each worker takes its own rows of the training set from the object store (every `world`-th row
-from its rank on, so no two workers share a row), keeps them in memory, and trains the
-registered model under MultiWorkerMirroredStrategy: gradients are all-reduced every step, and
-the global batch is the per-worker batch times the number of workers.
+Each worker fetches the whole training set from the object store and keeps it in memory; each
+epoch visits the rows in a seeded order of its own (EpochOrder), and each step every worker
+trains on its own slice of that step's rows, so no two workers share a row in an epoch.
+Validation rows are fetched whole too, and each worker keeps every `world`-th from its rank on.
+The registered model trains under MultiWorkerMirroredStrategy: gradients are all-reduced every
+step, and the global batch is the per-worker batch times the number of workers (times
+--accumulate).
 After every epoch each worker reports its metrics and rank 0 a checkpoint (model, optimizer
 state, history) through `ray.train.report`; a restarted worker group resumes from the newest
 complete one (training/checkpoints.py), and its rank 0 records the start (training/attempts.py).
@@ -53,7 +56,8 @@ STEPS_PER_EXECUTION = 16
 
 
 def run_worker(inputs: WorkerInputs) -> dict:
-    """Trains this worker's share; returns (all ranks alike) the history and the stop reason."""
+    """Trains this worker's slice of every step; returns (all ranks alike) the history and the
+    stop reason."""
     timeline = {"train_func_started": time.time()}
     config = inputs.config
     context = ray.train.get_context()
