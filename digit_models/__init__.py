@@ -26,14 +26,14 @@ import os
 # RAY_worker_niceness: Ray starts its worker processes at niceness 15, below its own always-on
 # processes (raylet, GCS, dashboard, the driver). Their frequent short wake-ups then preempt a
 # training or scoring worker's TensorFlow threads at will, and each of its parallel ops waits
-# for the thread that lost its core, and the worker's CPUs sit idle meanwhile (README, "How
+# for the thread that lost its core, and the worker's CPUs sit idle meanwhile (docs/design.md, "How
 # training works", has the measurement). Ray's job supervisor runs at 0 for the same reason.
 #
 # RAY_TRAIN_HEALTH_CHECK_INTERVAL_S: Ray Train's controller learns that the workers finished,
 # that every rank reported (so a checkpoint registers) or that a worker died only when it next
 # polls them, every 2 s by default (ending a run took about two polls); a poll is one cheap
 # call per worker (a queue read), so every run ends, and every restart begins, seconds sooner
-# (README, "How training works"). The controller reads it from the driver's environment.
+# (docs/design.md, "How training works"). The controller reads it from the driver's environment.
 RUNTIME_ENV_VARS = {
     "TF_USE_LEGACY_KERAS": "1",
     "TF_CPP_MIN_LOG_LEVEL": "2",

@@ -21,7 +21,7 @@ MAX_TTA = 8  # extra test-time views: augmentation.TTA_VIEWS has this many after
 # on validation accuracy, not the seed's training accuracy: augmented training images stay
 # harder than the real ones, so training accuracy would lag and never say when to stop. Both
 # scale the learning rate with the global batch, so that more workers keep the accuracy of one
-# (the README's "Presets and accuracy" has the measurements behind these choices).
+# (docs/accuracy.md has the measurements behind these choices).
 PRESETS = {
     # 99% on held-out data soonest: the seed's CNN with larger batches (fewer, cheaper steps
     # per image, and fewer all-reduces per image between workers) and a short warm-up + cosine
@@ -31,9 +31,9 @@ PRESETS = {
     # The highest accuracy of one run within an hour on 2 CPU cores: the BatchNorm CNN,
     # augmented, with label smoothing, trained for every planned epoch (the schedule's
     # low-rate end is where the last errors go; a target of 1.0 only stops a perfect run),
-    # its weights averaged (no worse on validation: the README's "The weight average"),
+    # its weights averaged (no worse on validation: docs/accuracy.md's "The weight average"),
     # BatchNorm's statistics taken from plain images, and half the model's dropout (each
-    # fewer errors on held-out images: the README's "BatchNorm statistics" and "Dropout").
+    # fewer errors on held-out images: docs/accuracy.md's "BatchNorm statistics" and "Dropout").
     "best": dict(model="deep_cnn", dropout=0.2, batch_size=64, learning_rate=2e-3, lr_schedule="cosine",
                  augment=True, label_smoothing=0.1, weight_average=0.999, recompute_batchnorm=True,
                  epochs=30, target_metric="val_accuracy", target=1.0, scale_learning_rate=True),

@@ -19,7 +19,7 @@ import numpy as np
 from digit_models.runtime.tf_setup import keras, tf
 from digit_models.training.callbacks import BeforeEvaluation, all_reduce_sum
 
-# Across all workers: plenty for 416 channels' means and variances (the README's
+# Across all workers: plenty for 416 channels' means and variances (docs/accuracy.md's
 # "BatchNorm statistics" has the measurement), and a forward pass of this many images is a
 # second or two per epoch on 2 CPU cores.
 BATCHNORM_IMAGES = 2048

@@ -63,7 +63,7 @@ DRIFT_MARGIN = 0.05
 # --scoring-reserve: scoring an image is a forward pass in large batches, where training one is
 # a forward and a backward pass and an update in small ones (and an epoch's time includes
 # validation and the checkpoint): an epoch's images cost four to five times as long per image
-# as scoring them, on slow machines and fast ones alike (the README's "Within a time budget").
+# as scoring them, on slow machines and fast ones alike (docs/accuracy.md, "Within a time budget").
 # Planning with the low end keeps a margin.
 SCORING_SPEEDUP = 4.0
 
