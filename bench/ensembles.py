@@ -45,7 +45,7 @@ def main() -> None:
     draw = random.Random(0)
     result = {"runs": args.runs, "tta": args.tta}
     for name, (_, truth) in sets.items():
-        def right(members) -> int:
+        def right(members, name=name, truth=truth) -> int:
             return int((sum(predicted[name][m] for m in members).argmax(axis=1) == truth).sum())
 
         wrong = [set(np.flatnonzero(p.argmax(axis=1) != truth)) for p in predicted[name]]

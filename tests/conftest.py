@@ -262,7 +262,7 @@ def _wait_until_answering(url: str, server: subprocess.Popen, seconds: float = 6
             return
         except OSError:
             if server.poll() is not None or time.time() > deadline:
-                raise RuntimeError(f"the S3 server did not start (exit status {server.poll()})")
+                raise RuntimeError(f"the S3 server did not start (exit status {server.poll()})") from None
             time.sleep(0.2)
 
 

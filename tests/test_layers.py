@@ -1,5 +1,5 @@
-"""The package's layers (pyproject.toml's import contract): held by the code as it is, and
-broken by an import that goes up a layer."""
+"""The habits that keep the code as it is, from pyproject.toml: the package's layers (an
+import contract, broken by an import that goes up a layer) and the linter."""
 
 from __future__ import annotations
 
@@ -35,3 +35,9 @@ def test_an_import_up_a_layer_breaks_the_contract(tmp_path):
     done = _lint_imports(tmp_path)
     assert done.returncode == 1
     assert "digit_models.storage.files -> digit_models.training.driver" in done.stdout, done.stdout[-3000:]
+
+
+def test_the_code_passes_the_linter():
+    done = subprocess.run([str(Path(sys.executable).with_name("ruff")), "check", "--no-cache", "digit_models",
+                           "bench", "tests", "jobs"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
