@@ -115,7 +115,7 @@ class TrainConfig:
         """A preset's settings, overridden by `settings` (the options a user gave)."""
         if preset is not None and preset not in PRESETS:
             raise DigitsError(f"--preset {preset}: choose one of {', '.join(PRESETS)}")
-        chosen = {**PRESETS.get(preset, {}), **settings, "preset": preset}
+        chosen = {**(PRESETS[preset] if preset else {}), **settings, "preset": preset}
         if "dropout" not in settings and chosen.get("model") not in MODELS_WITH_DROPOUT:
             chosen.pop("dropout", None)  # the preset's rate is its own model's: `--model cnn` drops it
         return cls(**chosen)

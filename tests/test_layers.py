@@ -1,5 +1,5 @@
 """The habits that keep the code as it is, from pyproject.toml: the package's layers (an
-import contract, broken by an import that goes up a layer) and the linter."""
+import contract, broken by an import that goes up a layer), the linter and the type checker."""
 
 from __future__ import annotations
 
@@ -40,4 +40,10 @@ def test_an_import_up_a_layer_breaks_the_contract(tmp_path):
 def test_the_code_passes_the_linter():
     done = subprocess.run([str(Path(sys.executable).with_name("ruff")), "check", "--no-cache", "digit_models",
                            "bench", "tests", "jobs"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+def test_the_typed_hand_offs_type_check(tmp_path):
+    done = subprocess.run([str(Path(sys.executable).with_name("mypy")), "--cache-dir", str(tmp_path)],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
