@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from digit_models.runtime.tf_setup import keras, tf
-from digit_models.training.callbacks import BeforeEvaluation, all_reduce_sum
+from digit_models.training.callbacks import BeforeEvaluation, sum_over_workers
 
 # Across all workers: plenty for 416 channels' means and variances (docs/accuracy.md's
 # "BatchNorm statistics" has the measurement), and a forward pass of this many images is a
@@ -52,14 +52,13 @@ class RecomputedBatchNorm(BeforeEvaluation):
     (it comes first in fit()'s callbacks).
     Every worker passes its own rows and all-reduces the result, so each must run it."""
 
-    def __init__(self, strategy, images: np.ndarray):
+    def __init__(self, strategy, world: int, images: np.ndarray):
         super().__init__()
-        self.strategy, self.images = strategy, images
+        self.strategy, self.world, self.images = strategy, world, images
 
     def prepare(self):
-        replicas = self.strategy.num_replicas_in_sync
         recompute_batchnorm(self.model, self.images,
-                            lambda values: all_reduce_sum(self.strategy, values) / replicas)
+                            lambda values: sum_over_workers(self.strategy, values, self.world) / self.world)
 
 
 def batchnorm_rows(rows: int, rank: int, world: int, seed: int) -> np.ndarray:

@@ -30,6 +30,12 @@ def all_reduce_sum(strategy, values) -> np.ndarray:
     return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None).numpy()
 
 
+def sum_over_workers(strategy, values, world: int) -> np.ndarray:
+    """Sums a float vector that each of `world` workers gives; all workers get the total. (Each
+    of a worker's replicas adds it to all_reduce_sum's total: counted once per worker here.)"""
+    return all_reduce_sum(strategy, values) / (strategy.num_replicas_in_sync // world)
+
+
 class BeforeEvaluation(keras.callbacks.Callback):
     """Calls `prepare()` once an epoch, when the epoch's model is final and before anything
     reads it: before validation, or at the epoch's end when there is none (on_test_begin never

@@ -11,7 +11,7 @@ import numpy as np
 
 from digit_models.runtime.tf_setup import keras, tf
 from digit_models.config import TrainConfig
-from digit_models.training.callbacks import all_reduce_sum
+from digit_models.training.callbacks import sum_over_workers
 
 
 @keras.saving.register_keras_serializable(package="digits")
@@ -109,8 +109,7 @@ class TimeBudget(keras.callbacks.Callback):
         mine = np.zeros(2 * self.world)
         mine[self.rank] = self.state["history"][-1]["epoch_s"]
         mine[self.world + self.rank] = self.clock() - self.command_started
-        replicas_here = self.strategy.num_replicas_in_sync // self.world
-        totals = all_reduce_sum(self.strategy, mine) / replicas_here
+        totals = sum_over_workers(self.strategy, mine, self.world)
         ends = sizing["epoch_ends_s"]
         ends.append(round(float(totals[self.world:].max()), 2))
         if len(ends) == 1:  # the first epoch's time includes tracing the step: an upper bound

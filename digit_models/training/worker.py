@@ -47,7 +47,7 @@ from digit_models.training.schedule import TimeBudget, learning_rate
 from digit_models.training.tensorboard_log import TensorBoardEvents
 from digit_models.training.callbacks import (Checkpointing, EpochHistory, InjectedFault, PreemptionNotice,
                                           ProgressLine,
-                                          SynchronizedTargetStop, all_reduce_sum)
+                                          SynchronizedTargetStop, sum_over_workers)
 from digit_models.training.weight_average import AveragingAdam, WeightAverage
 
 # Training steps per call from Python into TensorFlow: for the seed's small dense net the
@@ -115,7 +115,7 @@ def run_worker(inputs: WorkerInputs) -> dict:
                                   epoch_layout=weight_average.average_in if weight_average else nullcontext)
     preemption = PreemptionNotice(strategy, checkpointing, order.global_batch, rank, inputs.run_dir)
     callbacks = [*([weight_average] if weight_average else []),  # before all that reads weights
-                 *([RecomputedBatchNorm(strategy, train_x[batchnorm_rows(len(train_x), rank, world, config.seed)])]
+                 *([RecomputedBatchNorm(strategy, world, train_x[batchnorm_rows(len(train_x), rank, world, config.seed)])]
                    if config.recompute_batchnorm else []),
                  target_stop,
                  EpochHistory(config, state, target_stop, images_per_epoch, timeline=timeline),
@@ -368,14 +368,13 @@ def _batches(images, labels, batch_size: int, cpus: int):
 def _shard_report(strategy, rank: int, world: int, order: EpochOrder, val_rows, rows_total: int) -> dict:
     """Row counts of every worker's share of an epoch (the first one's) and of the validation
     set, and whether any training row reached two workers (one collective over a per-row
-    count vector; with k replicas per worker counts are k-fold)."""
-    replicas_here = strategy.num_replicas_in_sync // world
+    count vector)."""
     epoch_rows = tf.concat([order.rows_of(0, step) for step in range(order.steps)], 0).numpy()
     counts = np.zeros(2 * world + rows_total, np.float32)
     counts[rank] = len(epoch_rows)
     counts[world + rank] = len(val_rows)
     np.add.at(counts, 2 * world + epoch_rows, 1)
-    totals = all_reduce_sum(strategy, counts) / replicas_here
+    totals = sum_over_workers(strategy, counts, world)
     per_row = totals[2 * world:]
     return {
         "train_rows": [int(n) for n in totals[:world]],
