@@ -1,7 +1,9 @@
 """The `digits` command: a thin shell over the library.
 
 Exit status: 0 done, 2 bad input or usage (one line on stderr, a traceback only with --debug),
-1 an unexpected failure, 130 after Ctrl-C, 143 after SIGTERM (runtime/interrupts.py).
+1 an unexpected failure, 130 after Ctrl-C, 143 after SIGTERM (runtime/interrupts.py). A reader
+that stops reading stdout (`digits evaluate ... | head -2`) ends the output quietly and leaves
+the status the command's own, as the work it reports on is done by then.
 """
 
 from __future__ import annotations
@@ -23,17 +25,34 @@ def _add_ray_address(parser: argparse.ArgumentParser) -> None:
                              "default: start an embedded local Ray for this command")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, with usage errors as our other errors: one line, `digits: error: ...`
+    (raised as DigitsError, which main() prints), where argparse prints its usage block first."""
+
+    def error(self, message: str):
+        command = self.prog.removeprefix("digits").strip()
+        raise DigitsError(message + (f" (see `digits {command} --help`)" if command else ""))
+
+
 def build_parser() -> argparse.ArgumentParser:
     from digit_models.config import (ALL_REDUCE_DTYPES, EXPORT_FORMATS, LR_SCHEDULES, PRESETS,
                                      TARGET_METRICS, PredictConfig, TrainConfig)
 
-    parser = argparse.ArgumentParser(
+    # --debug before the command or after it: the command's own copy leaves the value alone
+    # unless given (SUPPRESS), so that `digits --debug evaluate ...` keeps it too.
+    debug = _Parser(add_help=False)
+    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="show tracebacks on errors")
+    parser = _Parser(
         prog="digits", description="Kaggle Digit Recognizer: data, distributed training, scoring.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     parser.add_argument("--version", action="version", version=f"digits {digit_models.__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    data = commands.add_parser("data", help="build Kaggle-format files from real MNIST")
+    def command(name: str, **options) -> argparse.ArgumentParser:
+        return commands.add_parser(name, parents=[debug], **options)
+
+    data = command("data", help="build Kaggle-format files from real MNIST")
     data.add_argument("--out", required=True, metavar="DIR",
                       help="folder to write the files into: new, empty, or an earlier `digits data` output")
     data.add_argument("--force", action="store_true",
@@ -42,14 +61,15 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--seed", type=int, default=0, help="seed of the split (default 0)")
 
     defaults = TrainConfig()
-    train = commands.add_parser(
+    train = command(
         "train", help="train a model on Ray Train",
         description="Options left out take the --preset's value, else the default shown.")
     # Defaults of None mark the options a user left out, which a preset then fills.
     option = train.add_argument
     option("--preset", choices=sorted(PRESETS), default=None,
-           help="fast: 99%% held-out accuracy soonest; best: the highest accuracy of one run, "
-                "15-60 min on 2 CPU cores (see the README's results table)")
+           help="fast: 99%% held-out accuracy soonest (the seed's cnn, 3 epochs); best: the "
+                "highest accuracy of one run (deep_cnn, 30 epochs); their times and accuracy by "
+                "machine: the README's \"Presets and accuracy\"")
     option("--model", help=f"registered model: the seed's dense and cnn, or deep_cnn "
                            f"(default {defaults.model})")
     option("--data", metavar="DIR_OR_CSV",
@@ -105,8 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
            help="16-bit compute: float16 on GPU workers, bfloat16 on CPU workers (which need "
                 "bfloat16 instructions: AVX512-BF16, AMX or Arm BF16)")
     option("--time-budget", type=float, metavar="MINUTES",
-           help="finish within this many minutes: after the first epoch, the epochs (at most "
-                "--epochs) are sized to fit, and the learning-rate schedule with them")
+           help="finish within this many minutes: after each epoch of the plan's first half "
+                "(the first three at least), the epochs (at most --epochs) are sized to fit, and "
+                "the learning-rate schedule with them")
     option("--scoring-reserve", type=int, metavar="IMAGES",
            help="keep time in --time-budget for scoring this many images with the model "
                 "afterwards (test rows x (1 + --tta)), estimated from the measured training speed")
@@ -121,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_ray_address(train)
 
     scoring = PredictConfig(runs=[], input="", out="")  # the defaults
-    predict = commands.add_parser("predict", help="score a test set on Ray Data")
+    predict = command("predict", help="score a test set on Ray Data")
     predict.add_argument("--run", action="append", required=True, metavar="RUN_DIR",
                          help="trained run directory; repeat to average several models")
     predict.add_argument("--input", required=True, metavar="TEST",
@@ -141,10 +162,11 @@ def build_parser() -> argparse.ArgumentParser:
                          help=f"default {scoring.gpus_per_actor:g}")
     predict.add_argument("--tta", type=int, default=scoring.tta, metavar="VIEWS",
                          help="test-time augmentation: also average over this many fixed "
-                              f"shifted, rotated and zoomed views of each image (0-8; default {scoring.tta})")
+                              "shifted, rotated and zoomed views of each image, besides the image "
+                              f"itself (0-8; default {scoring.tta})")
     _add_ray_address(predict)
 
-    evaluate = commands.add_parser("evaluate", help="accuracy of predictions against true labels")
+    evaluate = command("evaluate", help="accuracy of predictions against true labels")
     evaluate.add_argument("--predictions", required=True, metavar="OUT_DIR_OR_CSV",
                           help="a `digits predict` output folder, or a submission.csv")
     evaluate.add_argument("--labels", required=True, metavar="CSV",
@@ -156,22 +178,31 @@ def build_parser() -> argparse.ArgumentParser:
                           help="where to write the numbers (default: evaluation.json in the "
                                "predictions folder, or beside the submission.csv)")
 
-    report = commands.add_parser("report", help="training curves, confusion matrix and the "
-                                                 "most confident mistakes as PNGs and one HTML page")
-    report.add_argument("run", metavar="RUN_DIR", help="a finished training run")
+    report = command("report", help="training curves, confusion matrix and the most confident "
+                                     "mistakes as PNGs and one HTML page")
+    report.add_argument("--run", metavar="RUN_DIR", help="a finished training run (required)")
+    # `digits report RUN_DIR`, as before --run: still taken, for the scripts written so.
+    report.add_argument("run_given_first", nargs="?", metavar="RUN_DIR", help=argparse.SUPPRESS)
     report.add_argument("--predictions", default=None, metavar="OUT_DIR",
                         help="a `digits predict` output folder (needs --labels)")
     report.add_argument("--labels", default=None, metavar="CSV",
                         help="true labels of the scored images (test_labels.csv)")
     report.add_argument("--out", required=True, metavar="REPORT_DIR", help="new folder to write")
 
-    export = commands.add_parser("export", help="a trained model for serving: a TensorFlow "
-                                                 "SavedModel (TensorFlow Serving) or TFLite")
+    export = command("export", help="a trained model for serving: a TensorFlow SavedModel "
+                                     "(TensorFlow Serving) or TFLite")
     export.add_argument("--run", required=True, metavar="RUN_DIR", help="a finished training run")
     export.add_argument("--format", default="savedmodel",
                         help=f"{' or '.join(EXPORT_FORMATS)}: OUT/1/ (the layout TensorFlow "
                              "Serving loads) or OUT/model.tflite (default savedmodel)")
     export.add_argument("--out", required=True, metavar="OUT_DIR", help="new folder to write")
+
+    runs = command("runs", help="list the training runs in a folder: model, epochs, best "
+                                "val_accuracy, state")
+    runs.add_argument("dir", nargs="?", default=".", metavar="DIR",
+                      help="the folder holding the run directories, a path or URI (default: the "
+                           "current directory)")
+    runs.add_argument("--json", action="store_true", help="one JSON list instead of the table")
     return parser
 
 
@@ -254,7 +285,13 @@ def run_evaluate(args) -> None:
 def run_report(args) -> None:
     from digit_models.scoring.report import write_report
 
-    written = write_report(args.run, args.out, predictions=args.predictions, labels=args.labels)
+    if args.run and args.run_given_first:
+        raise DigitsError(f"report: two runs given ({args.run_given_first} and --run {args.run}); "
+                          "a report is on one")
+    run = args.run or args.run_given_first
+    if not run:
+        raise DigitsError("the following arguments are required: --run (see `digits report --help`)")
+    written = write_report(run, args.out, predictions=args.predictions, labels=args.labels)
     _print(f"wrote {', '.join(written)} to {args.out}")
 
 
@@ -264,12 +301,25 @@ def run_export(args) -> None:
     _print(f"wrote {export(args.run, args.out, args.format)}")
 
 
+def run_runs(args) -> None:
+    import json
+
+    from digit_models.training.runs import format_runs, list_runs
+
+    found = list_runs(args.dir)
+    _print(json.dumps(found, indent=2) if args.json else format_runs(found))
+
+
 COMMANDS = {"data": run_data, "train": run_train, "predict": run_predict, "evaluate": run_evaluate,
-            "report": run_report, "export": run_export}
+            "report": run_report, "export": run_export, "runs": run_runs}
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except DigitsError as exc:  # a usage error (_Parser)
+        print(f"digits: error: {exc}", file=sys.stderr)
+        return 2
     try:
         with sigterm_raises():
             COMMANDS[args.command](args)
@@ -320,11 +370,44 @@ def _find_in_chain(exc: BaseException, types: tuple) -> BaseException | None:
     return None
 
 
+class _QuietWhenClosed:
+    """The process's stdout, for every writer of it (our results, argparse's help, the live
+    console): once its reader has gone (`| head -2`), what is left to write goes to /dev/null,
+    as a Unix tool's output ends at a closed pipe, instead of a BrokenPipeError at whichever
+    write happens to come after the close."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._to_null()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._to_null()
+
+    def _to_null(self) -> None:
+        # On the descriptor, so that the buffered rest and the interpreter's last flush go there too.
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, self._stream.fileno())
+        os.close(null)
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
 def entry_point() -> None:
     """The `digits` command. Its console carries our lines and real warnings, not library
     chatter (runtime/console.py); interrupts end it as runtime/interrupts.py says."""
     from digit_models.runtime.console import stderr_filtered
 
+    sys.stdout = _QuietWhenClosed(sys.stdout)
     with stderr_filtered():
         status = main()
         sys.stdout.flush()

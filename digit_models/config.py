@@ -74,7 +74,7 @@ class TrainConfig:
     recompute_batchnorm: bool = False  # BatchNorm statistics from plain images, dropout off (training/batchnorm.py)
     preset: str | None = None  # the preset the settings started from, for the record
     mlflow: str | None = None  # MLflow tracking URI to log the run to (training/mlflow_log.py)
-    time_budget: float | None = None  # minutes for the whole run; epochs sized from the first (training/schedule.py)
+    time_budget: float | None = None  # minutes for the whole run; epochs sized as the first half goes (training/schedule.py)
     scoring_reserve: int = 0  # images (rows x views) this model will score within the budget (training/schedule.py)
 
     @property

@@ -43,7 +43,7 @@ def _mistyped(kaggle_dir, dense_run, out):
                                   "--out", out], "--model nosuch: choose one of"),
         "evaluate, no such predictions": (["evaluate", "--predictions", "/nonexistent/out",
                                            "--labels", labels], "no such file"),
-        "report, no such run": (["report", "/nonexistent/run", "--out", out], "no such run directory"),
+        "report, no such run": (["report", "--run", "/nonexistent/run", "--out", out], "no such run directory"),
     }
 
 

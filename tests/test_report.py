@@ -17,7 +17,8 @@ from matplotlib.image import imread
 from digit_models.storage.kaggle_csv import read_test_csv
 from digit_models.errors import DigitsError
 from digit_models.scoring.evaluation import evaluate
-from digit_models.scoring.report import confident_mistakes, write_report
+from digit_models.scoring.report import (Mistakes, confident_mistakes, mistakes_gallery, training_curves,
+                                         write_report)
 
 FIGURES = ["training_curves.png", "confusion_matrix.png", "per_class_accuracy.png", "mistakes.png"]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -86,6 +87,51 @@ def test_a_report_on_a_run_alone_has_the_curves_and_the_page(tmp_path, dense_run
     page = (out / "index.html").read_text()
     assert _embedded_pngs(page) == [(out / "training_curves.png").read_bytes()]
     assert "<td>dense</td>" in page and "<td>3 of 3</td>" in page and "Evaluation" not in page
+
+
+def test_the_error_rate_axis_labels_every_tick_as_a_percentage():
+    # Errors from 4% to 1%: within one decade, where matplotlib labels the minor ticks itself.
+    history = [{"epoch": epoch, "loss": 0.1, "accuracy": accuracy, "val_accuracy": accuracy + 0.002}
+               for epoch, accuracy in enumerate([0.96, 0.975, 0.985, 0.99], start=1)]
+    figure = training_curves({"model": "cnn", "history": history})
+    figure.draw_without_rendering()
+    error_axes = figure.axes[1]
+    labels = [label.get_text() for label in error_axes.yaxis.get_ticklabels(which="both") if label.get_text()]
+    assert len(labels) >= 3, labels
+    assert all(re.fullmatch(r"\d+(\.\d+)?%", label) for label in labels), labels
+
+
+def test_each_mistake_shows_a_confidence_that_tells_it_from_the_others():
+    confidence = np.array([0.999991, 0.99987, 0.9987, 0.62], np.float32)
+    mistakes = Mistakes(total=4, image_ids=np.arange(1, 5), truth=np.array([4, 7, 1, 3]),
+                        predicted=np.array([9, 1, 7, 5]), confidence=confidence,
+                        images=np.zeros((4, 28, 28), np.uint8))
+    captions = [axes.get_title() for axes in mistakes_gallery(mistakes).axes if axes.get_title()]
+    shown = [re.search(r"\((\d\.\d+)\)", caption).group(1) for caption in captions]
+    assert shown == ["0.999991", "0.99987", "0.9987", "0.62"], captions
+
+
+def test_the_page_shows_the_training_settings_and_what_the_predictions_average(tmp_path, dense_run,
+                                                                              dense_scored, kaggle_dir):
+    run = json.loads((dense_run / "run.json").read_text())
+    config = run["config"]
+    write_report(str(dense_run), str(tmp_path / "report"), str(dense_scored), str(kaggle_dir / "test_labels.csv"))
+    page = (tmp_path / "report" / "index.html").read_text()
+    assert f"<th>batch</th><td>{config['batch_size']} per worker, {run['global_batch_size']} per update</td>" in page
+    assert f"<th>learning rate</th><td>{config['learning_rate']:g}" in page
+    assert f"<th>seed</th><td>{config['seed']}</td>" in page
+    assert f"<th>model</th><td>{dense_run}</td>" in page  # the run that scored, not the one reported on
+    assert "<th>test-time augmentation</th><td>none</td>" in page
+    # An ensemble of two with --tta 8, as predict.json records it.
+    shutil.copytree(dense_scored, tmp_path / "scored")
+    record = json.loads((tmp_path / "scored" / "predict.json").read_text())
+    record.update(runs=[str(dense_run), "/runs/other"], tta_extra_views=8, views_per_image=9)
+    (tmp_path / "scored" / "predict.json").write_text(json.dumps(record))
+    write_report(str(dense_run), str(tmp_path / "ensemble"), str(tmp_path / "scored"),
+                 str(kaggle_dir / "test_labels.csv"))
+    page = (tmp_path / "ensemble" / "index.html").read_text()
+    assert f"<th>ensemble of 2</th><td>{dense_run}, /runs/other</td>" in page
+    assert "<th>test-time augmentation</th><td>8 extra views per image (9 averaged)</td>" in page
 
 
 def test_strings_from_run_json_are_escaped(tmp_path, dense_run):

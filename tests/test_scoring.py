@@ -185,6 +185,31 @@ def test_scoring_refuses_unfinished_or_broken_runs(tmp_path, kaggle_dir, dense_r
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("spelled", ["with a trailing slash", "relative", "through a link"])
+def test_the_same_run_twice_in_an_ensemble_is_refused(tmp_path, kaggle_dir, dense_run, spelled):
+    (tmp_path / "link").symlink_to(dense_run)
+    again = {"with a trailing slash": f"{dense_run}/", "relative": os.path.relpath(dense_run, REPO),
+             "through a link": str(tmp_path / "link")}[spelled]
+    done = run_digits("predict", "--run", str(dense_run), "--run", again, "--input",
+                      str(kaggle_dir / "test.csv"), "--out", str(tmp_path / "scored"))
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.splitlines() == [f"digits: error: --run {again}: the same run as --run {dense_run}; "
+                                        "give each member of an ensemble once"]
+    assert not (tmp_path / "scored").exists()
+
+
+def test_predict_json_records_the_extra_views_asked_for_and_the_views_in_all(tmp_path, kaggle_dir, dense_run,
+                                                                              shared_ray_env):
+    rows = (kaggle_dir / "test.csv").read_text().splitlines(keepends=True)[:65]  # 64 images: cheap
+    (tmp_path / "test.csv").write_text("".join(rows))
+    done = run_digits("predict", "--run", str(dense_run), "--input", str(tmp_path / "test.csv"),
+                      "--out", str(tmp_path / "scored"), "--tta", "2", env=shared_ray_env)
+    assert done.returncode == 0, done.stderr
+    record = json.loads((tmp_path / "scored" / "predict.json").read_text())
+    assert (record["tta_extra_views"], record["views_per_image"]) == (2, 3)
+    assert "tta_views" not in record
+
+
 # ---------------------------------------------------------------------------- evaluate
 
 def _write_csv(path: Path, rows: list[tuple]) -> str:

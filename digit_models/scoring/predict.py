@@ -65,6 +65,7 @@ def predict(config: PredictConfig, address: str | None = None) -> dict:
     out = Folder(config.out if is_uri(config.out) else str(Path(config.out).resolve()))
     require_output_folder(out, "refusing to replace it", replaces=OUTPUT)
     runs = [RunDir(run) for run in config.runs]
+    require_distinct(runs)
     models = [run.model_bytes() for run in runs]
     for run, model in zip(runs, models):
         check_keras_archive(model, run.child(run.MODEL))
@@ -115,7 +116,8 @@ def predict(config: PredictConfig, address: str | None = None) -> dict:
             "cpus_per_actor": cpus,
             "gpus_per_actor": config.gpus_per_actor,
             "batch_size": config.batch_size,
-            "tta_views": 1 + config.tta,
+            "tta_extra_views": config.tta,  # --tta: views of each image besides the image itself
+            "views_per_image": 1 + config.tta,  # what each model's prediction of an image averages
             "seconds": {"ray_start": round(ray_started - started, 3),
                         "pipeline": round(scored - ray_started, 3),
                         "submission": round(time.time() - scored, 3)},
@@ -127,6 +129,18 @@ def predict(config: PredictConfig, address: str | None = None) -> dict:
         }
         target.write_json(RECORD_FILE, record)  # last
     return record
+
+
+def require_distinct(runs: list[RunDir]) -> None:
+    """An ensemble's members are different run directories: the same one twice (however
+    spelled: RunDir resolves a local path) would be scored twice and weigh double, most likely
+    by a slip of the hand."""
+    first = {}
+    for run in runs:
+        if run.location in first:
+            raise DigitsError(f"--run {run.given}: the same run as --run {first[run.location].given}; "
+                              "give each member of an ensemble once")
+        first[run.location] = run
 
 
 @contextmanager

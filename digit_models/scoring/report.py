@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -50,17 +51,18 @@ def write_report(run_dir: str, out: str, predictions: str | None = None,
     target = Folder(out)
     require_output_folder(target, "choose another output folder")
     figures = {"training_curves.png": training_curves(run)}
-    evaluation = None
+    evaluation = scoring = None
     if predictions is not None:
         evaluation = evaluate(predictions, labels)  # also checks both name the same images
         figures["confusion_matrix.png"] = confusion_matrix(evaluation)
         figures["per_class_accuracy.png"] = per_class_accuracy(evaluation)
         figures["mistakes.png"] = mistakes_gallery(confident_mistakes(predictions, labels))
+        scoring = Folder(predictions).read_json(RECORD_FILE)  # a predict folder: confident_mistakes checked
     pngs = {name: _png(figure) for name, figure in figures.items()}
     with writing_into(target) as folder:
         for name, content in pngs.items():
             folder.write_bytes(name, content)
-        folder.write_text(PAGE, _page(run, run_dir, evaluation, pngs))  # last: the report is whole
+        folder.write_text(PAGE, _page(run, run_dir, evaluation, scoring, pngs))  # last: the report is whole
     return [*pngs, PAGE]
 
 
@@ -87,7 +89,7 @@ def _figure(**options) -> Figure:
 def training_curves(run: dict) -> Figure:
     """Loss, and the error rate (1 - accuracy) on a log scale: past 99% accuracy, the epochs
     that still halve the errors would look flat on an accuracy axis."""
-    from matplotlib.ticker import MaxNLocator, PercentFormatter
+    from matplotlib.ticker import MaxNLocator
 
     history = run["history"]
     epochs = [entry["epoch"] for entry in history]
@@ -106,9 +108,24 @@ def training_curves(run: dict) -> Figure:
         axes.legend()
     loss_axes.set_title("loss")
     error_axes.set(title="error rate (1 - accuracy), log scale", yscale="log")
-    error_axes.yaxis.set_major_formatter(PercentFormatter(1.0, decimals=None))
+    # Both: a range within one decade has no major tick, and its minor ticks carry the labels.
+    error_axes.yaxis.set_major_formatter(_log_percent_formatter())
+    error_axes.yaxis.set_minor_formatter(_log_percent_formatter(labelOnlyBase=False))
     figure.suptitle(_run_title(run))
     return figure
+
+
+def _log_percent_formatter(**options):
+    """A log axis's labels as percentages ("4%", "0.5%"): which ticks get one is matplotlib's
+    choice for a log axis (its LogFormatter), the text ours, where its own would mix 4x10^-2
+    on the minor ticks with percentages on the major ones."""
+    from matplotlib.ticker import LogFormatter
+
+    class LogPercentFormatter(LogFormatter):
+        def _num_to_string(self, x, vmin, vmax):
+            return f"{100 * x:.3g}%"
+
+    return LogPercentFormatter(**options)
 
 
 def _run_title(run: dict) -> str:
@@ -225,12 +242,20 @@ def mistakes_gallery(mistakes: Mistakes) -> Figure:
             panels, mistakes.image_ids, mistakes.truth, mistakes.predicted,
             mistakes.confidence, mistakes.images):
         axes.imshow(image, cmap="gray", vmin=0, vmax=255)
-        axes.set_title(f"true {truth} / pred {predicted} ({confidence:.2f})\nImageId {image_id}",
+        axes.set_title(f"true {truth} / pred {predicted} ({_probability(confidence)})\nImageId {image_id}",
                        fontsize=8)
     shown = len(mistakes.images)
     figure.suptitle(f"{mistakes.total:,} mistake{'s' * (mistakes.total != 1)}"
                     + (f", the {shown} most confident shown" if shown < mistakes.total else ""))
     return figure
+
+
+def _probability(p: float) -> str:
+    """A probability with the decimals that show two digits of its distance from 1 (up to 6):
+    0.62, 0.9987, 0.999990; the surest mistakes are all near 1, where two decimals make every
+    one of them "1.00"."""
+    decimals = min(6, max(2, 1 - math.floor(math.log10(max(1 - p, 1e-6)))))
+    return f"{p:.{decimals}f}"
 
 
 def _png(figure: Figure) -> bytes:
@@ -241,10 +266,12 @@ def _png(figure: Figure) -> bytes:
 
 # ---------------------------------------------------------------------------- the page
 
-def _page(run: dict, run_dir: str, evaluation: dict | None, pngs: dict[str, bytes]) -> str:
+def _page(run: dict, run_dir: str, evaluation: dict | None, scoring: dict | None,
+          pngs: dict[str, bytes]) -> str:
     last = run["history"][-1]
+    config = run.get("config") or {}
     summary = [("run", run_dir), ("model", run.get("model")), ("workers", run.get("workers")),
-               ("preset", (run.get("config") or {}).get("preset")),
+               ("preset", config.get("preset")), *_settings(run, config),
                ("epochs run", f"{run.get('epochs_run', len(run['history']))} of "
                               f"{run.get('epochs_planned', '?')}"),
                ("stop reason", run.get("stop_reason")),
@@ -253,8 +280,8 @@ def _page(run: dict, run_dir: str, evaluation: dict | None, pngs: dict[str, byte
                  for key in ("loss", "accuracy", "val_loss", "val_accuracy") if key in last)]
     sections = [f"<h2>Training</h2>\n{_table(summary)}"]
     if evaluation:
-        scored = [("predictions", evaluation["predictions"]), ("labels", evaluation["labels"]),
-                  ("accuracy", _accuracy(evaluation))]
+        scored = [("predictions", evaluation["predictions"]), *_scored_with(scoring or {}),
+                  ("labels", evaluation["labels"]), ("accuracy", _accuracy(evaluation))]
         if "official_mnist_test" in evaluation:
             scored.append(("official MNIST test images", _accuracy(evaluation["official_mnist_test"])))
         sections.append(f"<h2>Evaluation</h2>\n{_table(scored)}")
@@ -267,6 +294,31 @@ def _page(run: dict, run_dir: str, evaluation: dict | None, pngs: dict[str, byte
             "<style>body{font-family:sans-serif;max-width:1000px;margin:2em auto}"
             "td,th{padding:2px 12px;text-align:left}img{max-width:100%}</style></head>\n"
             f"<body><h1>{title}</h1>\n" + "\n".join(sections) + "\n</body></html>\n")
+
+
+def _settings(run: dict, config: dict) -> list[tuple[str, object]]:
+    """What the run was trained with (run.json's config), beside the preset it started from."""
+    if not config:
+        return []
+    per_update = run.get("global_batch_size")
+    rate = run.get("learning_rate_per_update")
+    return [("batch", f"{config.get('batch_size')} per worker"
+                      + (f", {per_update} per update" if per_update else "")),
+            ("learning rate", f"{config.get('learning_rate'):g}"
+                              + (f" ({rate:.3g} per update)" if rate and rate != config.get("learning_rate") else "")
+                              + f", {config.get('lr_schedule', 'constant')} schedule"),
+            ("seed", config.get("seed"))]
+
+
+def _scored_with(record: dict) -> list[tuple[str, object]]:
+    """The models the predictions average (an ensemble's members) and their test-time views,
+    from predict.json."""
+    runs = record.get("runs") or []
+    # predict.json before tta_extra_views recorded only the views in all, as tta_views.
+    extra = record.get("tta_extra_views", record.get("tta_views", 1) - 1)
+    return [(f"ensemble of {len(runs)}" if len(runs) > 1 else "model", ", ".join(runs) or None),
+            ("test-time augmentation", f"{extra} extra view{'s' * (extra != 1)} per image "
+                                       f"({extra + 1} averaged)" if extra else "none")]
 
 
 def _accuracy(scores: dict) -> str:
