@@ -189,3 +189,20 @@ def test_scoring_progress_counts_images_of_the_whole_input(kaggle_dir, ray_local
     shown = progress({"images": 500})
     assert re.fullmatch(r"scoring: 1,000 of 1,500 images, [\d,]+ images/s, \d+s left", shown["text"])
     assert shown["left_s"] >= 0
+
+
+def test_what_a_survivor_says_when_its_peer_dies_is_left_to_rays_logs():
+    """A worker whose peer's node is gone: TensorFlow's collective and coordination-service
+    errors (as a CI run's survivor printed them) stay off the console; Ray says what happened."""
+    from digit_models.runtime.console import _shown
+
+    survivor = [
+        "2026-12-03 07:58:01.1: E tensorflow/core/common_runtime/ring_alg.cc:291] Aborting RingReduce with x",
+        "/job:worker/replica:0/task:1",
+        "The tasks have crashed. Check the task logs for an earlier error, or scheduler events (e.g. "
+        "preemption, eviction) to debug further. [type.googleapis.com/tensorflow.CoordinationServiceError='']",
+        "The error could be from a previous operation. Restart your program to reset. "
+        "[type.googleapis.com/tensorflow.DerivedStatus='']",
+    ]
+    ours = ["epoch 2/4  loss 0.1", "a line of a user's own that mentions /job:worker/replica:0/task:1 midway"]
+    assert _shown(survivor + ours) == ours

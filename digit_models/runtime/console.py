@@ -46,6 +46,9 @@ NOISE = re.compile(
     # A worker's collective all-reduce aborting because a peer died, which Ray reports itself.
     r"|ring_alg\.cc:\d+\] Aborting RingReduce|base_collective_executor\.cc:\d+\] BaseCollectiveExecutor::StartAbort"
     r"|^Additional GRPC error information from remote target|^:UNKNOWN:Error received from peer"
+    # ... and TensorFlow's coordination service saying the same, in several lines.
+    r"|^/job:worker/replica:\d+/task:\d+$|^The tasks have crashed\. Check the task logs"
+    r"|^The error could be from a previous operation\. Restart your program to reset"
     # A lost node: what the GCS says as it gives up on it (retold below) and on its resources.
     r"|^\s*\(\d\) raylet (crashes unexpectedly|has lagging heartbeats)"
     r"|gcs_placement_group_scheduler\.cc:\d+\S* Failed to (remove|cancel|return)")
