@@ -202,7 +202,7 @@ def _time_steps(settings: dict) -> dict:
     for name, call in ({} if settings["skip_parts"] else timed).items():
         call()  # tracing and warm-up
         runs = []
-        for _ in range(5):
+        for _ in range(settings["timings"]):
             began = time.perf_counter()
             for _ in range(settings["calls"]):
                 call()
@@ -260,6 +260,7 @@ def main() -> None:
     step.add_argument("--inter-threads", type=int, default=0)
     step.add_argument("--variants", nargs="+", default=["keras"],
                       help="whole steps to time: keras, xla (one worker), or DTYPE[xK] (e.g. bfloat16x2)")
+    step.add_argument("--timings", type=int, default=5, help="timed runs of each part (their median is kept)")
     step.add_argument("--rounds", type=int, default=3, help="interleaved timings of every variant")
     step.add_argument("--skip-parts", action="store_true", help="time whole steps only")
     policy = probes.add_parser("policies")

@@ -1,42 +1,145 @@
 """A smoke run of the benchmark harness on a small slice: every step runs for real and the
-JSON, the Markdown table and the chart come out. The numbers themselves mean nothing here."""
+JSON, the Markdown table and the chart come out. The numbers themselves mean nothing here, but
+how they are put together does: every ratio is the quotient of the numbers it is made of, the
+table shows the JSON's values, every scoring run scored as many images as it was given, and the
+chart has a bar per ratio.
+
+Marked `bench`: the default run (`scripts/test.sh`) leaves it out, CI runs it as a step of its
+own (`scripts/test.sh -m bench`, .ci/run). One run of the harness, shared by the tests below.
+"""
 
 import json
 import os
+import re
+import struct
 import subprocess
 import sys
 
 import pytest
 
+from bench.__main__ import QUICK_SCALE, QUICK_TEST_ROWS
 from tests.conftest import REPO
 
+pytestmark = [pytest.mark.bench, pytest.mark.timeout(900)]
 
-@pytest.mark.timeout(900)
-def test_the_harness_runs_every_benchmark_and_writes_its_reports(tmp_path, kaggle_dir, shared_ray_env):
-    results, markdown = tmp_path / "results", tmp_path / "BENCHMARKS.md"
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory, kaggle_dir, shared_ray_env):
+    """`python -m bench --quick`: the results JSON, BENCHMARKS.md's text and the chart's bytes."""
+    out = tmp_path_factory.mktemp("bench")
+    results, markdown = out / "results", out / "BENCHMARKS.md"
     done = subprocess.run(
         [sys.executable, "-m", "bench", "--quick", "--data", str(kaggle_dir), "--epochs", "2",
          "--repeats", "1", "--results-dir", str(results), "--markdown", str(markdown)],
         cwd=REPO, env={**os.environ, **shared_ray_env}, capture_output=True, text=True, timeout=880)
     assert done.returncode == 0, done.stderr[-3000:]
     [json_file] = results.glob("*.json")
-    measured = json.loads(json_file.read_text())
-    # A quick run: one epoch of the fast preset (short of 99% on a slice: no time-to-99 ratio),
-    # one input size (no marginal rate, no growth of the driver's memory).
-    assert set(measured["ratios"]) == {"weak-scaling efficiency, dense@32x1", "b/a dense",
-                                       "first step after the command starts (s, 1 worker)",
-                                       "predict wall / plain wall"}
-    assert all(value > 0 for value in measured["ratios"].values())
-    training = measured["training"]
-    assert training["weak_scaling"]["dense@32x1"]["two_workers"] > 0
-    assert set(training["time_to_99"]) == {"1 worker", "2 workers"}
-    assert training["step_parts"]["2x1@32"]["ms_per_micro_batch"]["bfloat16x2"] > 0
+    return (json.loads(json_file.read_text()), markdown.read_text(),
+            json_file.with_suffix(".png").read_bytes())
+
+
+def test_every_ratio_is_the_quotient_of_the_numbers_it_is_made_of(smoke):
+    measured, _, _ = smoke
+    assert (measured["quick"], measured["settings"]) == (True, {"epochs": 2, "repeats": 1})
+    training, fixed = measured["training"], measured["scoring"]["fixed_cost"]
+    scaling, overhead, to_target = (training["weak_scaling"]["dense@32x1"], training["overhead"]["dense"],
+                                    training["time_to_99"])
+    # The medians are of the epochs after the first: one epoch of each run (2 epochs, 1 repeat).
+    samples = scaling["samples"]
+    assert (len(samples["one"]), len(samples["two"]), len(samples["timelines"])) == (1, 1, 2)
+    assert (scaling["one_worker"], scaling["two_workers"]) == (samples["one"][0], samples["two"][0])
+    # A quick run's --preset fast runs stop at a target they reach in their one epoch.
+    assert {name: (entry["reached"], entry["repeats"], entry["epochs"]) for name, entry in to_target.items()} \
+        == {"1 worker": (1, 1, 1), "2 workers": (1, 1, 1)}
+    one, two = to_target["1 worker"], to_target["2 workers"]
+    assert measured["ratios"] == pytest.approx({
+        "weak-scaling efficiency, dense@32x1": scaling["two_workers"] / (2 * scaling["one_worker"]),
+        "b/a dense": overhead["b"] / overhead["a"],
+        "time to 99%, 2 workers / 1 worker (whole command)": two["wall_s"] / one["wall_s"],
+        "time to 99%, 2 workers / 1 worker (training clock)": two["training_s"] / one["training_s"],
+        "first step after the command starts (s, 1 worker)": one["first_step_s"],
+        "predict wall / plain wall": fixed["digits_wall_s"] / fixed["plain_wall_s"],
+    }, rel=1e-9)
+    # Each quotient's parts are real measurements: a positive rate, a first step inside the command.
+    assert min(scaling["one_worker"], scaling["two_workers"], overhead["a"], overhead["b"]) > 0
+    assert 0 < one["first_step_s"] < one["wall_s"] and 0 < one["training_s"] < one["wall_s"]
+    parts = training["step_parts"]["2x1@32"]
+    assert set(parts["ms_per_micro_batch"]) == {"keras", "bfloat16", "bfloat16x2"}
+    assert min(parts["ms_per_micro_batch"].values()) > 0 and min(
+        parts[f"{name}_ms"] for name in ("compute", "all_reduce", "all_reduce_bfloat16", "input")) > 0
+
+
+def test_every_scoring_run_scored_the_images_it_was_given(smoke):
+    """images_per_s is the command's count over its wall time: predict.json's `images` for
+    `digits predict`, the plain script's own count for it."""
+    measured, _, _ = smoke
     scoring = measured["scoring"]
-    assert scoring["fixed_cost"]["identical_submissions"]
-    assert {(row["format"], row["path"]) for row in scoring["scale"]["rows"]} == {
-        ("parquet", "digits, 1 actor(s)"), ("parquet", "plain"), ("csv", "digits, 1 actor(s)"), ("csv", "plain")}
-    assert measured["arithmetic"]["peak_gflops"] > 0
-    table = markdown.read_text()
-    assert "QUICK SMOKE RUN" in table and "| weak-scaling efficiency, dense@32x1 |" in table
-    assert "## Scoring at scale" in table and "Where a step's time goes" in table
-    assert json_file.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert scoring["fixed_cost"]["identical_submissions"] is True
+    for path, runs in scoring["fixed_cost"]["samples"].items():
+        assert [run["images_per_s"] * run["wall_s"] for run in runs] == pytest.approx([QUICK_TEST_ROWS]), path
+    rows = scoring["scale"]["rows"]
+    assert [(row["format"], row["path"]) for row in rows] == [
+        ("parquet", "digits, 1 actor(s)"), ("parquet", "plain"), ("csv", "digits, 1 actor(s)"), ("csv", "plain")]
+    assert [row["images_per_s"] * row["wall_s"] for row in rows] == pytest.approx([QUICK_SCALE] * 4)
+    assert [row["images"] for row in rows] == [QUICK_SCALE] * 4
+
+
+def test_the_markdown_table_holds_the_json_values(smoke):
+    """Every table's numbers as the JSON has them, at the precision the table shows."""
+    measured, markdown, _ = smoke
+    assert markdown.startswith(f"# Benchmarks ({measured['date']}, QUICK SMOKE RUN")
+    assert {name: value for name, value, *_ in _table(markdown, "| ratio |")} == \
+        {name: f"{value:.2f}" for name, value in measured["ratios"].items()}
+    training, scoring = measured["training"], measured["scoring"]
+    flops = measured["arithmetic"]["models"]["dense"]["train_flops"]
+    assert _table(markdown, "| model@batch x accumulate |", columns=6) == [
+        [key, _shown(entry["one_worker"], 0), _shown(entry["two_workers"], 0), _shown(entry["efficiency"], 2),
+         _shown(flops / 1e6, 1), _shown(flops * entry["two_workers"] / 1e9, 1)]
+        for key, entry in training["weak_scaling"].items()]
+    assert _table(markdown, "| workers x CPUs @ batch |") == [
+        [key, *(_shown(parts[f"{name}_ms"], 1) for name in ("compute", "all_reduce", "all_reduce_bfloat16", "input")),
+         *(_shown(parts["ms_per_micro_batch"][variant], 1) for variant in ("keras", "bfloat16", "bfloat16x2"))]
+        for key, parts in training["step_parts"].items()]
+    assert _table(markdown, "| workers | whole command |", columns=6) == [
+        [name, _shown(entry["wall_s"], 0), _shown(entry["training_s"], 0), _shown(entry["first_step_s"], 1),
+         f"{entry['epochs']:g}", f"{entry['reached']} of {entry['repeats']}"]
+        for name, entry in training["time_to_99"].items()]
+    assert _table(markdown, "| model | a: seed Keras") == [
+        [model, _shown(entry["a"], 0), _shown(entry["b"], 0), _shown(entry["b"] / entry["a"], 2),
+         _shown(entry["a_wall"], 0), _shown(entry["b_wall"], 0)] for model, entry in training["overhead"].items()]
+    fixed = scoring["fixed_cost"]
+    assert _table(markdown, "| | wall |", columns=2) == [["plain script", _shown(fixed["plain_wall_s"], 1)],
+                                                       ["`digits predict`, 1 actor", _shown(fixed["digits_wall_s"], 1)]]
+    assert _table(markdown, "| images | format |", columns=6) == [
+        [f"{row['images']:,}", row["format"], row["path"], _shown(row["wall_s"], 1), _shown(row["images_per_s"], 0),
+         _shown(row.get("driver_peak_rss_mb", row.get("peak_rss_mb")), 0)] for row in scoring["scale"]["rows"]]
+
+
+def test_the_chart_has_a_bar_per_ratio(smoke):
+    """bench/report.py `chart`: 9 inches wide, 0.45 inch per bar and 1.2 more, at 110 dpi; the
+    ratios in seconds are left out."""
+    measured, _, png = smoke
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and png[12:16] == b"IHDR"
+    width, height = struct.unpack(">II", png[16:24])
+    bars = sum("(s," not in name for name in measured["ratios"])
+    assert bars == 5
+    assert width == 990 and abs(height - (0.45 * bars + 1.2) * 110) <= 1
+
+
+def _table(markdown: str, header: str, columns: int | None = None) -> list[list[str]]:
+    """The first `columns` cells of each row of the table whose header row starts with
+    `header`, a number's unit (" s", " MB") dropped."""
+    lines = markdown.splitlines()
+    start = next(index for index, line in enumerate(lines) if line.startswith(header))
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        cells = [re.sub(r"^([\d,.]+) (s|MB)$", r"\1", cell.strip()) for cell in line.strip("|").split("|")]
+        rows.append(cells[:columns])
+    return rows
+
+
+def _shown(value: float, decimals: int) -> str:
+    """A number as the tables show it."""
+    return f"{value:,.{decimals}f}"
