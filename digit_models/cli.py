@@ -206,21 +206,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _print(text: str) -> None:
-    """A command's result on stdout, without any URI's credentials (stderr's lines lose them on
-    their way: runtime/console.py)."""
-    from digit_models.storage.files import without_credentials
-
-    print(without_credentials(text))
-
-
 def run_data(args) -> None:
     from digit_models.storage.data import build_kaggle_files, require_data_folder
     from digit_models.storage.mnist_source import load_mnist
 
     require_data_folder(args.out, force=args.force)  # before the download
     manifest = build_kaggle_files(load_mnist(), args.out, seed=args.seed, force=args.force)
-    _print(f"wrote {manifest['train_rows']:,} training and {manifest['test_rows']:,} test rows "
+    print(f"wrote {manifest['train_rows']:,} training and {manifest['test_rows']:,} test rows "
            f"({manifest['official_test_rows_in_test_csv']:,} from the official MNIST test set) "
            f"to {args.out}")
 
@@ -239,7 +231,7 @@ def run_train(args) -> None:
     else:
         summary = train(_train_config(args), address=args.address)
     last = summary["history"][-1]
-    _print(f"{summary['stop_reason']}: {summary['epochs_run']} epochs, "
+    print(f"{summary['stop_reason']}: {summary['epochs_run']} epochs, "
            + ", ".join(f"{k} {last[k]:.4f}" for k in ("accuracy", "val_accuracy") if k in last)
            + f"; model in {args.out}")
 
@@ -264,7 +256,7 @@ def run_predict(args) -> None:
     options = {field.name: getattr(args, field.name) for field in fields(PredictConfig)
                if field.name != "runs"}
     summary = predict(PredictConfig(runs=args.run, **options), address=args.address)
-    _print(f"scored {summary['images']:,} images ({summary['images_per_s']:,.0f} images/s); "
+    print(f"scored {summary['images']:,} images ({summary['images_per_s']:,.0f} images/s); "
            f"submission: {Folder(args.out).child(SUBMISSION_FILE)}")
 
 
@@ -278,8 +270,8 @@ def run_evaluate(args) -> None:
     target = args.json or (predictions.child(EVALUATION_FILE) if predictions.is_folder()
                            else Folder(parent_and_name(args.predictions)[0]).child(EVALUATION_FILE))
     write_evaluation(result, target)
-    _print(format_report(result))
-    _print(f"written to {target}")
+    print(format_report(result))
+    print(f"written to {target}")
 
 
 def run_report(args) -> None:
@@ -292,13 +284,13 @@ def run_report(args) -> None:
     if not run:
         raise DigitsError("the following arguments are required: --run (see `digits report --help`)")
     written = write_report(run, args.out, predictions=args.predictions, labels=args.labels)
-    _print(f"wrote {', '.join(written)} to {args.out}")
+    print(f"wrote {', '.join(written)} to {args.out}")
 
 
 def run_export(args) -> None:
     from digit_models.nets.export import export
 
-    _print(f"wrote {export(args.run, args.out, args.format)}")
+    print(f"wrote {export(args.run, args.out, args.format)}")
 
 
 def run_runs(args) -> None:
@@ -307,7 +299,7 @@ def run_runs(args) -> None:
     from digit_models.training.runs import format_runs, list_runs
 
     found = list_runs(args.dir)
-    _print(json.dumps(found, indent=2) if args.json else format_runs(found))
+    print(json.dumps(found, indent=2) if args.json else format_runs(found))
 
 
 COMMANDS = {"data": run_data, "train": run_train, "predict": run_predict, "evaluate": run_evaluate,
@@ -370,18 +362,22 @@ def _find_in_chain(exc: BaseException, types: tuple) -> BaseException | None:
     return None
 
 
-class _QuietWhenClosed:
+class _UsersStdout:
     """The process's stdout, for every writer of it (our results, argparse's help, the live
-    console): once its reader has gone (`| head -2`), what is left to write goes to /dev/null,
-    as a Unix tool's output ends at a closed pipe, instead of a BrokenPipeError at whichever
-    write happens to come after the close."""
+    console): no URI's credentials in what it carries (stderr's lines lose them on their way:
+    runtime/console.py); and once its reader has gone (`| head -2`), what is left to write goes
+    to /dev/null, as a Unix tool's output ends at a closed pipe, instead of a BrokenPipeError at
+    whichever write happens to come after the close."""
 
     def __init__(self, stream):
         self._stream = stream
 
     def write(self, text: str) -> int:
+        from digit_models.storage.files import without_credentials
+
         try:
-            return self._stream.write(text)
+            self._stream.write(without_credentials(text))
+            return len(text)
         except BrokenPipeError:
             self._to_null()
             return len(text)
@@ -407,7 +403,7 @@ def entry_point() -> None:
     chatter (runtime/console.py); interrupts end it as runtime/interrupts.py says."""
     from digit_models.runtime.console import stderr_filtered
 
-    sys.stdout = _QuietWhenClosed(sys.stdout)
+    sys.stdout = _UsersStdout(sys.stdout)
     with stderr_filtered():
         status = main()
         sys.stdout.flush()
