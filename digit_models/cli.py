@@ -35,7 +35,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from digit_models.config import (ALL_REDUCE_DTYPES, EXPORT_FORMATS, LR_SCHEDULES, PRESETS,
+    from digit_models.config import (ALL_REDUCE_DTYPES, EXPORT_FORMATS, KEEP_CHOICES, LR_SCHEDULES, PRESETS,
                                      TARGET_METRICS, PredictConfig, TrainConfig)
 
     # --debug before the command or after it: the command's own copy leaves the value alone
@@ -116,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
            help=f"default {defaults.target_metric}")
     option("--val-fraction", type=float,
            help=f"seeded validation split (default {defaults.val_fraction})")
+    option("--keep", choices=KEEP_CHOICES,
+           help="model.keras: the epoch with the best val_accuracy, or the last epoch (default "
+                f"{defaults.keep}; without a validation split, the last)")
     option("--seed", type=int, help=f"default {defaults.seed}")
     option("--limit", type=int, metavar="ROWS", help="use only the first ROWS rows of train.csv")
     option("--cpus-per-worker", type=int,
@@ -230,10 +233,11 @@ def run_train(args) -> None:
         raise DigitsError("train needs --data and --out (or --resume RUN_DIR)")
     else:
         summary = train(_train_config(args), address=args.address)
-    last = summary["history"][-1]
+    last, kept = summary["history"][-1], summary["model_epoch"]
+    model = f"model of epoch {kept} (best val_accuracy)" if kept != last["epoch"] else "model"
     print(f"{summary['stop_reason']}: {summary['epochs_run']} epochs, "
-           + ", ".join(f"{k} {last[k]:.4f}" for k in ("accuracy", "val_accuracy") if k in last)
-           + f"; model in {args.out}")
+          + ", ".join(f"{k} {last[k]:.4f}" for k in ("accuracy", "val_accuracy") if k in last)
+          + f"; {model} in {args.out}")
 
 
 def _train_config(args):

@@ -13,6 +13,8 @@ MODEL_NAMES = ("dense", "cnn", "deep_cnn")  # nets/models.py's registry (a test 
 MODELS_WITH_DROPOUT = ("deep_cnn",)  # the registry's builders that take a dropout rate (tested too)
 TARGET_METRICS = ("accuracy", "val_accuracy")
 ALL_REDUCE_DTYPES = ("float32", "bfloat16")
+# Which epoch's model a run's model.keras is: the best by val_accuracy, or the last.
+KEEP_CHOICES = ("best", "last")
 LR_SCHEDULES = ("constant", "cosine")
 EXPORT_FORMATS = ("savedmodel", "tflite")  # digits export (nets/export.py)
 MAX_TTA = 8  # extra test-time views: augmentation.TTA_VIEWS has this many after the identity
@@ -76,6 +78,7 @@ class TrainConfig:
     mlflow: str | None = None  # MLflow tracking URI to log the run to (training/mlflow_log.py)
     time_budget: float | None = None  # minutes for the whole run; epochs sized as the first half goes (training/schedule.py)
     scoring_reserve: int = 0  # images (rows x views) this model will score within the budget (training/schedule.py)
+    keep: str = "best"  # model.keras: the epoch of the best val_accuracy ("best") or the last epoch ("last")
 
     @property
     def fewest_workers(self) -> int:
@@ -127,6 +130,7 @@ class TrainConfig:
 
         require(self.model in MODEL_NAMES, f"--model {self.model}: choose one of {', '.join(sorted(MODEL_NAMES))}")
         require(self.epochs >= 1, f"--epochs {self.epochs}: must be at least 1")
+        require(self.keep in KEEP_CHOICES, f"--keep {self.keep}: choose one of {', '.join(KEEP_CHOICES)}")
         require(self.workers >= 1, f"--workers {self.workers}: must be at least 1")
         require(1 <= self.fewest_workers <= self.workers,
                 f"--min-workers {self.min_workers}: must be 1 to --workers ({self.workers})")

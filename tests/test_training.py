@@ -65,6 +65,36 @@ def test_the_saved_model_is_portable_keras_and_predicts_real_digits(dense_run, k
     assert accuracy > 0.80, accuracy  # the dense net after 3 epochs on 1,800 real digits
 
 
+def test_model_keras_is_the_checkpoint_of_the_best_epoch(dense_run):
+    """--keep best, the default: model.keras is, byte for byte, the checkpoint of the epoch with
+    the best val_accuracy (the later of equals), and run.json says which epoch."""
+    run = json.loads((dense_run / "run.json").read_text())
+    assert run["model_epoch"] == max((entry["val_accuracy"], entry["epoch"]) for entry in run["history"])[1]
+    states = {json.loads(state.read_text())["epochs_done"]: state.parent
+              for state in (dense_run / "checkpoints").glob("*/state.json")}
+    assert (states[run["model_epoch"]] / "model.keras").read_bytes() == (dense_run / "model.keras").read_bytes()
+
+
+@pytest.mark.parametrize("keep, chosen", [("best", "epoch 2"), ("last", "epoch 4")])
+def test_the_kept_checkpoint_is_the_best_validated_epoch_or_the_last(keep, chosen):
+    """Among what Ray Train kept: a checkpoint taken within an epoch (on a preemption notice)
+    is never the model, whatever it scores; of equal scores the later epoch; --keep last, the
+    last epoch."""
+    from types import SimpleNamespace
+
+    from digit_models.training.driver import kept_checkpoint
+    from digit_models.training.handoff import MODEL_SCORE, UNVALIDATED
+
+    kept = [("epoch 1", {"epoch": 1, MODEL_SCORE: 0.97}), ("epoch 2", {"epoch": 2, MODEL_SCORE: 0.98}),
+            ("epoch 3", {"epoch": 3, "in_epoch": {"images_done": 64}, MODEL_SCORE: 0.99}),
+            ("epoch 4", {"epoch": 4, MODEL_SCORE: 0.96}), ("epoch 0", {"epoch": 0, MODEL_SCORE: 0.98})]
+    result = SimpleNamespace(best_checkpoints=kept, checkpoint="epoch 4", metrics=kept[3][1])
+    assert kept_checkpoint(result, TrainConfig(keep=keep))[0] == chosen
+    unvalidated = SimpleNamespace(best_checkpoints=[(f"epoch {n}", {"epoch": n, MODEL_SCORE: UNVALIDATED})
+                                                    for n in (2, 3, 1)], checkpoint="epoch 3", metrics={})
+    assert kept_checkpoint(unvalidated, TrainConfig(keep=keep))[0] == "epoch 3"
+
+
 def test_a_run_dir_is_never_reused(dense_run, kaggle_dir):
     from digit_models.errors import DigitsError
 

@@ -18,6 +18,7 @@ import ray.train
 
 from digit_models.training import attempts
 from digit_models.training.checkpoints import write_checkpoint
+from digit_models.training.handoff import MODEL_SCORE, UNVALIDATED
 from digit_models.config import TrainConfig, epochs_planned
 from digit_models.runtime.console import report_progress, say
 from digit_models.errors import DigitsError
@@ -133,14 +134,16 @@ class Checkpointing(keras.callbacks.Callback):
         self.epoch_layout = epoch_layout
 
     def on_epoch_end(self, epoch, logs=None):
-        self._save(self.state, {**self.state["history"][-1], "stop_reason": self.state.get("stop_reason")},
+        metrics = self.state["history"][-1]
+        self._save(self.state, {**metrics, "stop_reason": self.state.get("stop_reason"),
+                                MODEL_SCORE: metrics.get("val_accuracy", UNVALIDATED)},
                    before_report=self.before_report)
 
     def save_mid_epoch(self, epoch: int, images_done: int) -> None:
         in_epoch = {"epoch": epoch + 1, "images_done": images_done}
         with self.epoch_layout():
             self._save({**self.state, "in_epoch": in_epoch},
-                       {"epoch": self.state["epochs_done"], "in_epoch": in_epoch})
+                       {"epoch": self.state["epochs_done"], "in_epoch": in_epoch, MODEL_SCORE: UNVALIDATED})
 
     def _save(self, state: dict, metrics: dict, before_report=None) -> None:
         with tempfile.TemporaryDirectory(prefix="digits-ckpt-") as directory:

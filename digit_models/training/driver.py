@@ -29,7 +29,7 @@ from digit_models.storage.files import file_sha256
 from digit_models.storage.kaggle_csv import read_train_csv, resolve_train_csv
 from digit_models.runtime.ray_runtime import cluster_address, cpus_per_process, ray_session
 from digit_models.storage.run_dir import RunDir
-from digit_models.training.handoff import Shares, WorkerInputs
+from digit_models.training.handoff import MODEL_SCORE, UNVALIDATED, Shares, WorkerInputs
 
 
 def train(config: TrainConfig, address: str | None = None) -> dict:
@@ -137,7 +137,7 @@ def _run(config: TrainConfig, run_dir: RunDir, address: str | None, started: dic
                 name=RunDir.CHECKPOINTS, storage_path=run_dir.location,
                 failure_config=ray.train.FailureConfig(max_failures=config.max_failures,
                                                        max_preemption_failures=config.max_preemptions),
-                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+                checkpoint_config=checkpoint_config(config),
                 callbacks=[FailureRecorder(run_dir.location)],
                 logging_config=ray.train.LoggingConfig(log_level="WARNING")),
         )
@@ -145,8 +145,9 @@ def _run(config: TrainConfig, run_dir: RunDir, address: str | None, started: dic
         result = trainer.fit()
         fit_returned = time.time()
     outcome = result.return_value
+    kept, kept_metrics = kept_checkpoint(result, config)
     with tempfile.TemporaryDirectory(prefix="digits-model-") as staging:
-        result.checkpoint.to_directory(staging)
+        kept.to_directory(staging)
         run_dir.write_bytes(RunDir.MODEL, Path(staging, RunDir.MODEL).read_bytes())
     workers = outcome["workers"]  # the last worker group's
     summary = {
@@ -177,6 +178,7 @@ def _run(config: TrainConfig, run_dir: RunDir, address: str | None, started: dic
         "config": asdict(config),
         "versions": library_versions(),
         "model_file": RunDir.MODEL,
+        "model_epoch": kept_metrics["epoch"],  # the epoch model.keras is the end of (--keep)
         "tensorboard": RunDir.TENSORBOARD,
         "mlflow_run_id": mlflow_run_id,
         "started_at": started["started_at"],
@@ -193,6 +195,32 @@ def _run(config: TrainConfig, run_dir: RunDir, address: str | None, started: dic
     if mlflow_run_id:
         mlflow_log.finish_run(config.mlflow, mlflow_run_id, run_dir)
     return summary
+
+
+def checkpoint_config(config: TrainConfig):
+    """Ray Train keeps the newest checkpoint (what a restart resumes from) and, with --keep
+    best, the best by validation accuracy besides (what model.keras is taken from); with
+    --keep last, the newest two."""
+    import ray.train
+
+    if config.keep == "best":
+        return ray.train.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=MODEL_SCORE,
+                                          checkpoint_score_order="max")
+    return ray.train.CheckpointConfig(num_to_keep=2)
+
+
+def kept_checkpoint(result, config: TrainConfig):
+    """The checkpoint model.keras comes from, and its metrics: the last epoch's, or with --keep
+    best the epoch's of the best val_accuracy (the later epoch of equals; the last where
+    nothing was validated). Checkpoints taken within an epoch are never chosen: the run goes on
+    from them to the epoch's own."""
+    epochs = [(checkpoint, metrics) for checkpoint, metrics in result.best_checkpoints or []
+              if "in_epoch" not in metrics]
+    if not epochs:
+        return result.checkpoint, result.metrics
+    if config.keep == "last":
+        return max(epochs, key=lambda kept: kept[1]["epoch"])
+    return max(epochs, key=lambda kept: (kept[1].get(MODEL_SCORE, UNVALIDATED), kept[1]["epoch"]))
 
 
 # Moments of an epoch at which DIGITS_FAULT kills a worker (callbacks.InjectedFault).

@@ -1,5 +1,6 @@
 """What the driver hands every training worker, typed: driver.py fills it in and Ray Train
-carries it (in train_loop_config) to worker.py, which reads nothing else."""
+carries it (in train_loop_config) to worker.py, which reads nothing else. And what comes back
+with each checkpoint that the driver chooses by."""
 
 from __future__ import annotations
 
@@ -27,3 +28,10 @@ class WorkerInputs:
     faults: list[tuple[str, int, int]]  # DIGITS_FAULT's (moment, epoch, rank), for fault tests
     driver_session: int  # 0 for the command that started the run, N for its Nth --resume
     command_started_unix: float  # when the command started (the time budget counts from it)
+
+
+# The metric of a reported checkpoint that Ray Train keeps the best by (with --keep best) and
+# the driver takes model.keras from: an epoch's val_accuracy; below any accuracy for a
+# checkpoint taken within an epoch (its weights were never validated) or without validation.
+MODEL_SCORE = "model_score"
+UNVALIDATED = -1.0
