@@ -95,6 +95,34 @@ def test_the_kept_checkpoint_is_the_best_validated_epoch_or_the_last(keep, chose
     assert kept_checkpoint(unvalidated, TrainConfig(keep=keep))[0] == "epoch 3"
 
 
+def test_a_resume_refuses_train_csv_changed_since_the_start_and_touches_nothing(tmp_path, dense_run, kaggle_dir):
+    """An unfinished run whose train.csv has had one pixel changed since it started: --resume
+    is one line naming the file, exit 2, before Ray starts, and the run folder is as it was."""
+    import shutil
+
+    run, data = tmp_path / "run", tmp_path / "data"
+    shutil.copytree(dense_run, run)
+    for finished in ("run.json", "model.keras"):
+        (run / finished).unlink()
+    data.mkdir()
+    rows = (kaggle_dir / "train.csv").read_text().splitlines(keepends=True)
+    label, first_pixel, rest = rows[1].split(",", 2)
+    rows[1] = ",".join([label, str(255 - int(first_pixel)), rest])
+    (data / "train.csv").write_text("".join(rows))
+    started = json.loads((run / "started.json").read_text())
+    started["config"]["data"] = str(data)
+    (run / "started.json").write_text(json.dumps(started))
+    before = {path: path.read_bytes() for path in run.rglob("*") if path.is_file()}
+
+    done = subprocess.run([sys.executable, "-m", "digit_models.cli", "train", "--resume", str(run)],
+                          capture_output=True, text=True, timeout=120, cwd=Path(__file__).parent.parent)
+    assert done.returncode == 2 and done.stdout == "", done.stderr
+    [line] = done.stderr.splitlines()
+    assert line.startswith(f"digits: error: {data / 'train.csv'}: changed since the run started (sha256 ")
+    assert line.endswith(f"was {started['data']['sha256']}); cannot resume on different data")
+    assert {path: path.read_bytes() for path in run.rglob("*") if path.is_file()} == before
+
+
 def test_a_run_dir_is_never_reused(dense_run, kaggle_dir):
     from digit_models.errors import DigitsError
 
