@@ -340,10 +340,24 @@ def main(argv: list[str] | None = None) -> int:
             print(f"digits: {first_line(stopped)}", file=sys.stderr)
             return 1
         user_error = _find_in_chain(exc, (DigitsError,))
-        message = first_line(user_error) if user_error else (f"{type(exc).__name__}: {first_line(exc)}"
-                                 + ("" if args.debug else " (--debug shows the traceback)"))
+        gave_up = None if user_error else _restarts_spent(exc, args)
+        message = first_line(user_error) if user_error else gave_up or (
+            f"{type(exc).__name__}: {first_line(exc)}" + ("" if args.debug else " (--debug shows the traceback)"))
         print(f"digits: error: {message}", file=sys.stderr)
         return 2 if user_error else 1
+
+
+def _restarts_spent(exc: BaseException, args) -> str | None:
+    """For a training whose workers failed once more than its restarts allow: what failed
+    (the first worker's error), and how to go on."""
+    ray_train = sys.modules.get("ray.train")  # loaded if the error came from it
+    failed = _find_in_chain(exc, (ray_train.WorkerGroupError,)) if ray_train and args.command == "train" else None
+    if failed is None:
+        return None
+    first = next(iter((getattr(failed, "worker_failures", None) or {}).values()), failed)
+    return (f"the workers failed once more than --max-failures and --max-preemptions allow "
+            f"({type(first).__name__}: {first_line(first)}); `digits train --resume "
+            f"{args.resume or args.out}` goes on from the last checkpoint")
 
 
 def _find_in_chain(exc: BaseException, types: tuple) -> BaseException | None:
