@@ -99,13 +99,11 @@ def test_a_run_survives_a_killed_worker_and_a_stopped_driver_and_runs_each_epoch
     assert child.poll() is None, "the run ended before it could be interrupted"
     assert not set(_train_workers(child.pid)) & set(victims)  # a new group
 
-    child.send_signal(signal.SIGINT)
+    child.send_signal(signal.SIGINT)  # once: one Ctrl-C must be enough
     try:
-        _, stderr = child.communicate(timeout=10)
-    except subprocess.TimeoutExpired:
-        # A user would press Ctrl-C again; so does the test.
-        child.send_signal(signal.SIGINT)
         _, stderr = child.communicate(timeout=120)
+    finally:
+        child.kill()  # still running only if the test has failed
     assert child.returncode == 130, stderr[-3000:]
     assert stderr.strip().endswith("digits: interrupted")
     assert not (run_dir / "run.json").exists() and not (run_dir / "model.keras").exists()
