@@ -172,12 +172,6 @@ class TrainConfig:
                 f"--preset {self.preset}: choose one of {', '.join(PRESETS)}")
 
 
-def epochs_planned(state: dict, epochs: int) -> int:
-    """A run's epochs: its time budget's latest plan (kept in the training state, training/schedule.py)
-    once it has one, else `epochs` (--epochs)."""
-    return state.get("time_budget", {}).get("epochs_planned", epochs)
-
-
 @dataclass
 class PredictConfig:
     """A batch-scoring run: which trained runs (averaged when several), what input, where to."""

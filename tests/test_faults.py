@@ -289,19 +289,20 @@ def test_a_checkpoint_whose_upload_was_cut_short_is_passed_over(tmp_path):
     """The newest checkpoint's model file truncated, as a killed upload leaves it: a new worker
     group resumes from the one before."""
     from digit_models.training.checkpoints import newest_complete, write_checkpoint
+    from digit_models.training.handoff import TrainingState
     from digit_models.runtime.tf_setup import keras
 
     model = keras.Sequential([keras.layers.Input((4,)), keras.layers.Dense(2)])
     for epoch in (1, 2):
         folder = tmp_path / "checkpoints" / f"checkpoint_{epoch}"
         folder.mkdir(parents=True)
-        write_checkpoint(str(folder), model, {"epochs_done": epoch, "history": []})
-    assert newest_complete(str(tmp_path))[0]["epochs_done"] == 2
+        write_checkpoint(str(folder), model, TrainingState(epochs_done=epoch))
+    assert newest_complete(str(tmp_path)).state.epochs_done == 2
     model_file = tmp_path / "checkpoints" / "checkpoint_2" / "model.keras"
     model_file.write_bytes(model_file.read_bytes()[:-100])
-    state, model_bytes = newest_complete(str(tmp_path))
-    assert state == {"epochs_done": 1, "history": []}
-    assert model_bytes == (tmp_path / "checkpoints" / "checkpoint_1" / "model.keras").read_bytes()
+    resumed = newest_complete(str(tmp_path))
+    assert resumed.state == TrainingState(epochs_done=1) and resumed.in_epoch is None
+    assert resumed.model_file == (tmp_path / "checkpoints" / "checkpoint_1" / "model.keras").read_bytes()
     (tmp_path / "checkpoints" / "checkpoint_1" / "state.json").unlink()
     assert newest_complete(str(tmp_path)) is None
 

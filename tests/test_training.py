@@ -191,6 +191,7 @@ def test_workers_with_different_local_metrics_stop_at_the_same_epoch(tmp_path, r
 ])
 def test_the_budget_plans_the_epochs_that_fit_from_the_epochs_timed_so_far(first_epoch_end_s, scoring, plans):
     """The planner alone, on an injected clock: real Keras callback and schedule, one replica."""
+    from digit_models.training.handoff import TrainingState
     from digit_models.training.schedule import TimeBudget, WarmupCosine
     from digit_models.runtime.tf_setup import keras, tf
 
@@ -199,7 +200,7 @@ def test_the_budget_plans_the_epochs_that_fit_from_the_epochs_timed_so_far(first
                          time_budget=1.0, scoring_reserve=scoring)
     model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
     model.compile(optimizer=keras.optimizers.Adam(WarmupCosine(0.1, warmup_steps=steps, total_steps=steps)))
-    state, now = {"history": []}, [0.0]
+    state, now = TrainingState(), [0.0]
     budget = TimeBudget(tf.distribute.get_strategy(), config, state, steps, images_per_epoch=1_000, rank=0,
                         world=1, command_started=0.0, resumed=False, clock=lambda: now[0])
     budget.set_model(model)
@@ -207,12 +208,12 @@ def test_the_budget_plans_the_epochs_that_fit_from_the_epochs_timed_so_far(first
     while not model.stop_training:
         epoch_s = first_epoch_end_s - 5.0 if epoch == 0 else 4.0
         now[0] = first_epoch_end_s + 4.0 * epoch
-        state["history"].append({"epoch": epoch + 1, "epoch_s": epoch_s})
+        state.history.append({"epoch": epoch + 1, "epoch_s": epoch_s})
         budget.on_epoch_end(epoch)
         epoch += 1
-    sizing = state["time_budget"]
+    sizing = state.time_budget
     assert sizing["plans"] == plans and sizing["epochs_planned"] == plans[-1] == epoch
-    assert state["stop_reason"] == f"time budget: {epoch} epochs fit in 1 min"
+    assert state.stop_reason == f"time budget: {epoch} epochs fit in 1 min"
     assert float(model.optimizer._learning_rate.total_steps.numpy()) == epoch * steps
 
 

@@ -18,8 +18,8 @@ import ray.train
 
 from digit_models.training import attempts
 from digit_models.training.checkpoints import write_checkpoint
-from digit_models.training.handoff import MODEL_SCORE, UNVALIDATED
-from digit_models.config import TrainConfig, epochs_planned
+from digit_models.training.handoff import MODEL_SCORE, UNVALIDATED, TrainingState
+from digit_models.config import TrainConfig
 from digit_models.runtime.console import report_progress, say
 from digit_models.errors import DigitsError
 
@@ -84,12 +84,12 @@ class EpochHistory(keras.callbacks.Callback):
     """Per epoch: metrics, throughput and times into the run's history, and whether and why
     training stops (decided here, once, for the checkpoint and the record)."""
 
-    def __init__(self, config: TrainConfig, state: dict, target_stop: SynchronizedTargetStop,
+    def __init__(self, config: TrainConfig, state: TrainingState, target_stop: SynchronizedTargetStop,
                  images_per_epoch: int, timeline: dict):
         super().__init__()
         self.config, self.state, self.target_stop = config, state, target_stop
         self.images_per_epoch, self.timeline = images_per_epoch, timeline
-        self.started = time.perf_counter() - sum(e["epoch_s"] for e in state["history"])
+        self.started = time.perf_counter() - sum(e["epoch_s"] for e in state.history)
 
     def on_train_batch_begin(self, batch, logs=None):
         self.timeline.setdefault("first_step", time.time())
@@ -107,18 +107,18 @@ class EpochHistory(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         now = time.perf_counter()
         train_s = (self.train_ended or now) - self.epoch_started
-        self.state["history"].append({
+        self.state.history.append({
             "epoch": epoch + 1, **{k: float(v) for k, v in (logs or {}).items()},
             "images_per_s": self.images_per_epoch / train_s,
             "learning_rate": float(keras.backend.get_value(self.model.optimizer.learning_rate)),
             "epoch_s": now - self.epoch_started, "elapsed_s": now - self.started,
             "ended_unix": time.time()})
-        self.state["epochs_done"] = epoch + 1
+        self.state.epochs_done = epoch + 1
         if self.target_stop.reached_at_epoch is not None:
-            self.state["stop_reason"] = (f"target reached at epoch {epoch + 1} "
+            self.state.stop_reason = (f"target reached at epoch {epoch + 1} "
                                          f"({self.config.target_metric} >= {self.config.target})")
         elif epoch + 1 >= self.config.epochs:
-            self.state["stop_reason"] = "epochs exhausted"
+            self.state.stop_reason = "epochs exhausted"
 
 
 class Checkpointing(keras.callbacks.Callback):
@@ -128,26 +128,25 @@ class Checkpointing(keras.callbacks.Callback):
     `epoch_layout` is a context in which the model's weights are as an epoch's end leaves
     them (WeightAverage's average swapped in), so a mid-epoch checkpoint resumes like any."""
 
-    def __init__(self, rank: int, state: dict, before_report=None, epoch_layout=nullcontext):
+    def __init__(self, rank: int, state: TrainingState, before_report=None, epoch_layout=nullcontext):
         super().__init__()
         self.rank, self.state, self.before_report = rank, state, before_report
         self.epoch_layout = epoch_layout
 
     def on_epoch_end(self, epoch, logs=None):
-        metrics = self.state["history"][-1]
-        self._save(self.state, {**metrics, "stop_reason": self.state.get("stop_reason"),
-                                MODEL_SCORE: metrics.get("val_accuracy", UNVALIDATED)},
-                   before_report=self.before_report)
+        metrics = self.state.history[-1]
+        self._save({**metrics, "stop_reason": self.state.stop_reason,
+                    MODEL_SCORE: metrics.get("val_accuracy", UNVALIDATED)}, before_report=self.before_report)
 
     def save_mid_epoch(self, epoch: int, images_done: int) -> None:
         in_epoch = {"epoch": epoch + 1, "images_done": images_done}
         with self.epoch_layout():
-            self._save({**self.state, "in_epoch": in_epoch},
-                       {"epoch": self.state["epochs_done"], "in_epoch": in_epoch, MODEL_SCORE: UNVALIDATED})
+            self._save({"epoch": self.state.epochs_done, "in_epoch": in_epoch, MODEL_SCORE: UNVALIDATED},
+                       in_epoch=in_epoch)
 
-    def _save(self, state: dict, metrics: dict, before_report=None) -> None:
+    def _save(self, metrics: dict, before_report=None, in_epoch: dict | None = None) -> None:
         with tempfile.TemporaryDirectory(prefix="digits-ckpt-") as directory:
-            write_checkpoint(directory, self.model, state)
+            write_checkpoint(directory, self.model, self.state, in_epoch)
             if before_report:
                 before_report()
             checkpoint = ray.train.Checkpoint.from_directory(directory) if self.rank == 0 else None
@@ -333,7 +332,7 @@ class ProgressLine(keras.callbacks.Callback):
     far it is every `every_s` seconds (the driver's live line). Epochs count up to the time
     budget's plan once there is one."""
 
-    def __init__(self, epochs: int, steps: int, state: dict, every_s: float = 2.0,
+    def __init__(self, epochs: int, steps: int, state: TrainingState, every_s: float = 2.0,
                  longer_than_s: float = 30.0):
         super().__init__()
         self.epochs, self.steps, self.state = epochs, steps, state
@@ -356,11 +355,11 @@ class ProgressLine(keras.callbacks.Callback):
                         left_s=round(left, 1))
 
     def on_epoch_end(self, epoch, logs=None):
-        say(progress_line(self.state["history"][-1], self.planned))
+        say(progress_line(self.state.history[-1], self.planned))
 
     @property
     def planned(self) -> int:
-        return epochs_planned(self.state, self.epochs)
+        return self.state.epochs_planned(self.epochs)
 
 
 def progress_line(entry: dict, epochs: int) -> str:

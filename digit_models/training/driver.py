@@ -22,14 +22,14 @@ import numpy as np
 
 import digit_models
 from digit_models.training import mlflow_log
-from digit_models.config import TrainConfig, epochs_planned
+from digit_models.config import TrainConfig
 from digit_models.runtime.cpu_features import require_bfloat16_cpu
 from digit_models.errors import DigitsError
 from digit_models.storage.files import file_sha256
 from digit_models.storage.kaggle_csv import read_train_csv, resolve_train_csv
 from digit_models.runtime.ray_runtime import cluster_address, cpus_per_process, ray_session
 from digit_models.storage.run_dir import RunDir
-from digit_models.training.handoff import MODEL_SCORE, UNVALIDATED, Shares, WorkerInputs
+from digit_models.training.handoff import MODEL_SCORE, UNVALIDATED, Shares, WorkerInputs, WorkerOutcome
 
 
 def train(config: TrainConfig, address: str | None = None) -> dict:
@@ -62,7 +62,7 @@ def resume(run_dir: str, address: str | None = None) -> dict:
     return _run(config, folder, address, started=started, called=called)
 
 
-def train_func(loop_config: dict) -> dict:
+def train_func(loop_config: dict) -> WorkerOutcome:
     """What every Ray Train worker runs (training/worker.py, imported there: TensorFlow is loaded
     by the workers, not by whoever unpickles this function)."""
     from digit_models.training.worker import run_worker
@@ -144,12 +144,13 @@ def _run(config: TrainConfig, run_dir: RunDir, address: str | None, started: dic
         fit_called = time.time()
         result = trainer.fit()
         fit_returned = time.time()
-    outcome = result.return_value
+    outcome: WorkerOutcome = result.return_value
+    state = outcome.state
     kept, kept_metrics = kept_checkpoint(result, config)
     with tempfile.TemporaryDirectory(prefix="digits-model-") as staging:
         kept.to_directory(staging)
         run_dir.write_bytes(RunDir.MODEL, Path(staging, RunDir.MODEL).read_bytes())
-    workers = outcome["workers"]  # the last worker group's
+    workers = outcome.workers  # the last worker group's
     summary = {
         "model": config.model,
         "workers": workers,
@@ -160,18 +161,18 @@ def _run(config: TrainConfig, run_dir: RunDir, address: str | None, started: dic
         "collective": "NCCL" if config.gpus_per_worker else "RING",
         "all_reduce_dtype": config.gradient_dtype if workers > 1 else None,
         "learning_rate_per_update": config.step_learning_rate(workers),
-        "epochs_planned": epochs_planned(outcome, config.epochs),
-        "epochs_run": outcome["epochs_done"],
-        **({"time_budget": outcome["time_budget"]} if "time_budget" in outcome else {}),
-        "stop_reason": outcome["stop_reason"],
-        "history": outcome["history"],
-        "shards": outcome["shards"],
-        "worker_process": outcome["worker_process"],  # rank 0's CPUs (threads), niceness, dtype policy
+        "epochs_planned": state.epochs_planned(config.epochs),
+        "epochs_run": state.epochs_done,
+        **({"time_budget": state.time_budget} if state.time_budget is not None else {}),
+        "stop_reason": state.stop_reason,
+        "history": state.history,
+        "shards": outcome.shards,
+        "worker_process": outcome.worker_process,  # rank 0's CPUs (threads), niceness, dtype policy
         "restarts": restarts(run_dir.location),
         # Rank 0's questions for a preemption notice in the last group: how many, their
         # seconds in all, and the steps between two (BENCHMARKS.md weighs them against a step).
-        "preemption_checks": {**outcome["preemption_checks"],
-                              "check_s": round(outcome["preemption_checks"]["check_s"], 3)},
+        "preemption_checks": {**outcome.preemption_checks,
+                              "check_s": round(outcome.preemption_checks["check_s"], 3)},
         **({"fault_injected": ",".join(f"{moment}:{epoch}:{rank}" for moment, epoch, rank in faults)}
            if faults else {}),
         "data": started["data"],
@@ -189,7 +190,7 @@ def _run(config: TrainConfig, run_dir: RunDir, address: str | None, started: dic
         "timeline_origin_unix": round(called, 3),
         "timeline": {name: round(at - called, 2) for name, at in {
             "data_read": clock, "ray_started": ray_started, "trainer_started": fit_called,
-            **outcome["timeline"], "trainer_returned": fit_returned, "finished": time.time()}.items()},
+            **outcome.timeline, "trainer_returned": fit_returned, "finished": time.time()}.items()},
     }
     run_dir.write_run(summary)
     if mlflow_run_id:

@@ -13,11 +13,11 @@ An unfinished run's epochs are its newest complete checkpoint's (training/checkp
 
 from __future__ import annotations
 
-from digit_models.config import epochs_planned
 from digit_models.errors import DigitsError
 from digit_models.storage.files import Folder
 from digit_models.storage.run_dir import RunDir
 from digit_models.training.checkpoints import newest_complete
+from digit_models.training.handoff import TrainingState
 
 COLUMNS = ("run", "model", "epochs", "best val_accuracy", "state")
 
@@ -47,10 +47,10 @@ def _described(run: RunDir) -> dict:
                 raise DigitsError(f"{run.child(RunDir.STARTED)}: unreadable: not a JSON object")
             config = started.get("config") or {}
             checkpoint = newest_complete(run.location)
-            progress = checkpoint[0] if checkpoint else {}
-            history, state = progress.get("history") or [], "failed" if _gave_up(run) else "unfinished"
-            model, epochs = config.get("model"), progress.get("epochs_done", 0)
-            planned = epochs_planned(progress, config.get("epochs"))
+            progress = checkpoint.state if checkpoint else TrainingState()
+            history, state = progress.history, "failed" if _gave_up(run) else "unfinished"
+            model, epochs = config.get("model"), progress.epochs_done
+            planned = progress.epochs_planned(config.get("epochs"))
     except DigitsError as exc:  # one damaged run does not hide the others
         return {"model": None, "epochs_run": None, "epochs_planned": None, "best_val_accuracy": None,
                 "best_epoch": None, "state": "unreadable", "problem": str(exc)}
