@@ -248,7 +248,6 @@ def test_a_bfloat16_all_reduce_differs_only_by_bfloat16_rounding_of_the_gradient
     from digit_models.runtime.tf_setup import keras, tf
 
     steps, u = two_worker_steps, BFLOAT16_UNIT_ROUNDOFF
-    assert TrainConfig(**CASES["cpu_default"]["config"]).gradient_dtype == "bfloat16"
     model = build_model("cnn")
     model.set_weights(steps.initial)
     loss = keras.losses.CategoricalCrossentropy()
