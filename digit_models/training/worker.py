@@ -271,7 +271,10 @@ def multi_worker_strategy(config: TrainConfig) -> tf.distribute.MultiWorkerMirro
     """MultiWorkerMirroredStrategy without TensorFlow's own peer health check. Ray Train
     watches the workers (and restarts the group when one dies); TensorFlow's check pings the
     peers from a thread that sleeps 30 s between rounds and that the strategy's destructor
-    joins, so every multi-worker run's end waited out the rest of that sleep."""
+    joins, so every multi-worker run's end waited out the rest of that sleep.
+    Across the workers of TF_CONFIG (training/backend.py), through a gRPC server on every
+    interface; in a group of one, which gets no TF_CONFIG, on this worker's own devices, with
+    no server."""
     seams.replace(seams.CHECK_HEALTH, False)
     _device_input_without_autotuning()
     return tf.distribute.MultiWorkerMirroredStrategy(communication_options=communication(config))
