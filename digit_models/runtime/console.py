@@ -51,7 +51,10 @@ NOISE = re.compile(
     r"|^The error could be from a previous operation\. Restart your program to reset"
     # A lost node: what the GCS says as it gives up on it (retold below) and on its resources.
     r"|^\s*\(\d\) raylet (crashes unexpectedly|has lagging heartbeats)"
-    r"|gcs_placement_group_scheduler\.cc:\d+\S* Failed to (remove|cancel|return)")
+    r"|gcs_placement_group_scheduler\.cc:\d+\S* Failed to (remove|cancel|return)"
+    # The raylet's advice when a node runs more Python processes than CPUs: a search's trials
+    # each have a driver, a Ray Train controller and a queue besides their workers, by design.
+    r"|PYTHON worker processes have been started on node")
 
 
 @contextmanager
@@ -182,6 +185,10 @@ class LiveLine:
         self._stream, self._terminal = stream, terminal  # default: sys.stdout as it is when used
         self.log_every_s, self.clock = log_every_s, clock
         self.formatter = None  # message -> {"text", "left_s"}, for messages without a `text`
+        # Whether our workers' lines and progress reach the console: a search (`digits tune`)
+        # says what its trials do itself, as its trials' workers' lines would not say which
+        # trial they are of.
+        self.from_workers = True
         self.shown, self.logged_at = False, None
         self.lock = threading.Lock()
 
@@ -254,9 +261,11 @@ def filter_worker_output() -> None:
             if line.startswith(FAILED):
                 failed.add(pid)
             elif line.startswith(SAY):
-                live.line(line[len(SAY):])
+                if live.from_workers:
+                    live.line(line[len(SAY):])
             elif line.startswith(PROGRESS):
-                live.progress(json.loads(line[len(PROGRESS):]))
+                if live.from_workers:
+                    live.progress(json.loads(line[len(PROGRESS):]))
             else:
                 lines.append(line)
         lines = _shown(lines)
