@@ -137,6 +137,15 @@ FAILED = "Error in training function:"
 # placement-group cleaner prints a traceback when it cannot find the State API (a machine with
 # two Rays), and has nothing to say to a user otherwise.
 RAY_TRAIN_ACTORS = ("TrainController", "PlacementGroupCleaner")
+# More actors whose output stays in Ray's logs, named by the commands that start them (`digits
+# tune`'s trial actors, whose errors the search reports itself, and which print Ray's traceback
+# of their own stop whenever a trial is stopped early).
+_quiet_actors: set[str] = set()
+
+
+def quiet_actors(*names: str) -> None:
+    """Keeps the output of the actors of these (class) names off the console from now on."""
+    _quiet_actors.update(names)
 
 SAY = "digits-say "  # a worker's line for the console
 PROGRESS = "digits-progress "  # a worker's progress message (JSON)
@@ -254,7 +263,7 @@ def filter_worker_output() -> None:
     def print_filtered(batch: dict, print_logs=printers[0]) -> None:
         lines, pid = [], batch.get("pid")
         actor = batch.get("actor_name") or ""
-        from_controller = any(name in actor for name in RAY_TRAIN_ACTORS)
+        from_controller = any(name in actor for name in (*RAY_TRAIN_ACTORS, *_quiet_actors))
         for line in batch.get("lines", []):
             if pid in failed or from_controller and not line.startswith(SAY):
                 continue

@@ -7,8 +7,9 @@ from __future__ import annotations
 import signal
 import threading
 import time
+from pathlib import Path
 
-from ray import tune
+from ray import cloudpickle, tune
 
 from digit_models.errors import first_line
 from digit_models.runtime.console import live
@@ -25,6 +26,7 @@ SEARCH_INTERRUPTED = threading.Event()
 
 STATES = {"PENDING": "pending", "RUNNING": "running", "PAUSED": "running", "ERROR": "failed",
           "TERMINATED": "stopped early"}
+ENDED = ("TERMINATED", "ERROR")
 
 
 class TrialEvents(tune.Callback):
@@ -44,6 +46,9 @@ class TrialEvents(tune.Callback):
         self.started = time.monotonic()
         SEARCH_INTERRUPTED.clear()
         self.best: float | None = None
+        # The trials seen to end: Ray Tune marks the trials it stops on a Ctrl-C as ended too
+        # (in memory; its saved state has them running), and those are unfinished.
+        self.ended: set[str] | None = None
         tune_handler = signal.getsignal(signal.SIGINT)
 
         def interrupted(signum, frame):
@@ -52,6 +57,10 @@ class TrialEvents(tune.Callback):
                 tune_handler(signum, frame)
 
         signal.signal(signal.SIGINT, interrupted)
+
+    def on_step_begin(self, iteration, trials, **info):
+        if self.ended is None:  # the first step: the trials a resumed search found ended
+            self.ended = {trial.trial_id for trial in trials if trial.status in ENDED}
 
     def on_trial_start(self, iteration, trials, trial, **info):
         settings = ", ".join(f"{option(field)} {_shown(value)}" for field, value in trial.config.items())
@@ -67,11 +76,15 @@ class TrialEvents(tune.Callback):
             self._live(trials)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
+        self.ended.add(trial.trial_id)
         name = trial_name(trial.trial_id)
         last = trial.last_result
-        if trial_run_dir(self.tune_dir, name).is_finished:
-            self._say(trials, f"trial {name} finished: {last.get('epoch')} epochs, val_accuracy "
-                              f"{last.get('val_accuracy', float('nan')):.4f} ({last.get('stop_reason')})")
+        run = trial_run_dir(self.tune_dir, name)
+        if run.is_finished:
+            summary = run.read_run()
+            self._say(trials, f"trial {name} finished: {summary['epochs_run']} epochs, val_accuracy "
+                              f"{summary['history'][-1].get('val_accuracy', float('nan')):.4f} "
+                              f"({summary['stop_reason']})")
         else:
             why = ("the search's time budget ran out" if self._budget_spent()
                    else "below the scheduler's cutoff")
@@ -80,6 +93,7 @@ class TrialEvents(tune.Callback):
         self.write(trials)
 
     def on_trial_error(self, iteration, trials, trial, **info):
+        self.ended.add(trial.trial_id)
         self._say(trials, f"trial {trial_name(trial.trial_id)} failed: {trial_error(trial)}")
         self.write(trials)
 
@@ -87,12 +101,11 @@ class TrialEvents(tune.Callback):
         self.write(trials, ended=True)
 
     def write(self, trials, ended: bool = False) -> dict | None:
-        """The tables, as they stand; at the end, a trial still running or pending is
-        unfinished."""
+        """The tables, as they stand; at the end, a trial that did not end is unfinished."""
         rows = []
-        for trial in trials:
+        for trial in sorted(trials, key=lambda trial: trial.trial_id):
             state = STATES.get(trial.status, trial.status.lower())
-            if ended and state in ("running", "pending"):
+            if ended and (state in ("running", "pending") or trial.trial_id not in (self.ended or ())):
                 state = "unfinished"
             name = trial_name(trial.trial_id)
             rows.append(trial_row(name, state, trial.config, trial_run_dir(self.tune_dir, name),
@@ -116,8 +129,13 @@ class TrialEvents(tune.Callback):
 
 def trial_error(trial) -> str:
     """A failed trial's error in one line: our own error's message where there is one (a Ray
-    error's text carries the remote traceback after it)."""
-    error = trial.get_pickled_error()
+    error's text carries the remote traceback after it). Ray Tune has just written it beside
+    the search's state when it tells the callbacks, and copies it to storage later."""
+    local = trial.pickled_error_file
+    if local and Path(local).is_file():
+        error = cloudpickle.loads(Path(local).read_bytes())
+    else:
+        error = trial.get_pickled_error()
     while getattr(error, "cause", None) is not None:  # Ray's task errors keep the original here
         error = error.cause
     return first_line(error) if error is not None else "failed (Ray Tune's log has why)"

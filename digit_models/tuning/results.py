@@ -32,10 +32,11 @@ LAST = ("epochs", "val_accuracy", "best_val_accuracy", "best_epoch", "stop_reaso
 def trial_row(name: str, state: str, sampled: dict, run: RunDir, wall_s: float | None,
               error: str | None) -> dict:
     """A trial's row: `state` as the search knows it (finished, stopped early, failed,
-    running, pending, unfinished), `sampled` its options (TrainConfig fields)."""
+    running, pending, unfinished), `sampled` its options (TrainConfig fields), `wall_s` Ray
+    Tune's time from the trial's start to its last epoch (a finished run's own is run.json's)."""
     numbers = describe(run) if run.exists(RunDir.STARTED) or run.is_finished else {}
     if numbers.get("state") == "finished":
-        state = "finished"
+        state, wall_s = "finished", run.read_run()["wall_s"]
     return {"trial": name, "state": state, **{option(field): value for field, value in sampled.items()},
             "epochs": numbers.get("epochs_run"), "val_accuracy": numbers.get("val_accuracy"),
             "best_val_accuracy": numbers.get("best_val_accuracy"), "best_epoch": numbers.get("best_epoch"),

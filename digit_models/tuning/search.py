@@ -25,7 +25,7 @@ from pathlib import Path
 
 from digit_models.config import SearchConfig, TrainConfig
 from digit_models.errors import DigitsError
-from digit_models.runtime.console import live
+from digit_models.runtime.console import live, quiet_actors
 from digit_models.runtime.ray_runtime import cpus_per_process, ray_session
 from digit_models.storage.files import Folder, is_uri, require_output_folder
 from digit_models.storage.kaggle_csv import read_train_csv, resolve_train_csv
@@ -125,6 +125,7 @@ def _fit(tuner, tune_dir: Folder) -> dict:
     """Runs the search to its end, or until Ctrl-C (then KeyboardInterrupt, once Ray Tune has
     saved the search's state and the tables are written); returns the summary."""
     from digit_models.tuning import events
+    from digit_models.tuning.trial import run_trial
 
     # Ray Tune's per-trial logs (CSV, JSON, TensorBoard) would repeat what every trial's run
     # directory holds; its tables (its newer output engine prints some even when told to be
@@ -136,6 +137,7 @@ def _fit(tuner, tune_dir: Folder) -> dict:
     saved = tune_logger.level, signal.getsignal(signal.SIGINT), live.from_workers
     tune_logger.setLevel(logging.CRITICAL)
     live.from_workers = False  # each trial's epoch lines, unnamed, would interleave
+    quiet_actors(run_trial.__name__)  # the trial actors' class is named after the trial function
     try:
         tuner.fit()
     finally:
