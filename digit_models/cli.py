@@ -304,9 +304,11 @@ def run_tune(args) -> None:
     from digit_models.tuning.search import resume, tune
 
     if args.resume:
-        if args.data or args.out or args.preset or args.trials or args.space:
-            raise DigitsError("--resume continues a search with its own settings; "
-                              "give it without --data, --out, --trials, --preset and --space")
+        if args.data or args.out or args.preset or args.trials or args.space or args.time_budget \
+                or _run_options_given(args):
+            raise DigitsError("--resume continues a search with its own settings; give it without "
+                              "--data, --out, --trials, --preset, --space, --time-budget and the "
+                              "`digits train` options")
         summary = resume(args.resume, address=args.address)
         args.out = args.resume
     elif not (args.data and args.out and args.trials):
@@ -320,7 +322,8 @@ def run_tune(args) -> None:
             search_seed=args.search_seed), address=args.address)
     states = ", ".join(f"{count} {state}" for state, count in sorted(summary["states"].items()))
     best = summary["best"]
-    _print(f"{summary['trials']} trials: {states}"
+    ran, asked = summary["ran"], summary["trials"]
+    _print(f"{ran} trials" + (f" of {asked} (the time budget ran out)" if ran < asked else "") + f": {states}"
            + (f"; best: trial {best['trial']}, val_accuracy {best['val_accuracy']:.4f}, model in "
               f"{best['run_dir']}" if best else "; no trial finished"))
     if best:

@@ -94,7 +94,7 @@ def tune(config: SearchConfig, address: str | None = None) -> dict:
                 # A failed trial is recorded and the search goes on; its Ray Train run has
                 # already spent its own restarts (--max-failures).
                 failure_config=ray_tune.FailureConfig(max_failures=0)))
-        return _fit(tuner, tune_dir)
+        return _fit(tuner, tune_dir, config.trials)
 
 
 def resume(location: str, address: str | None = None) -> dict:
@@ -118,12 +118,13 @@ def resume(location: str, address: str | None = None) -> dict:
         # Tune's saved state is pickled: it is read only from a TUNE_DIR this command wrote.
         tuner = ray_tune.Tuner.restore(tune_dir.child(TUNE_STATE), trainable=_trainable(config, cpus_per_worker),
                                        resume_unfinished=True, resume_errored=False, restart_errored=False)
-        return _fit(tuner, tune_dir)
+        return _fit(tuner, tune_dir, config.trials)
 
 
-def _fit(tuner, tune_dir: Folder) -> dict:
+def _fit(tuner, tune_dir: Folder, trials: int) -> dict:
     """Runs the search to its end, or until Ctrl-C (then KeyboardInterrupt, once Ray Tune has
-    saved the search's state and the tables are written); returns the summary."""
+    saved the search's state and the tables are written); returns the summary: the trials
+    asked for, those that ran (fewer when the time budget ran out), their states, best.json."""
     from digit_models.tuning import events
     from digit_models.tuning.trial import run_trial
 
@@ -153,7 +154,7 @@ def _fit(tuner, tune_dir: Folder) -> dict:
     states: dict[str, int] = {}
     for row in rows:
         states[row["state"]] = states.get(row["state"], 0) + 1
-    return {"trials": len(rows), "states": states,
+    return {"trials": trials, "ran": len(rows), "states": states,
             "best": tune_dir.read_json(BEST) if tune_dir.is_file(BEST) else None}
 
 
