@@ -107,6 +107,9 @@ def resume(location: str, address: str | None = None) -> dict:
     record = tune_dir.read_json(SEARCH)
     if record.get("finished_at"):
         raise DigitsError(f"{location}: the search finished at {record['finished_at']}; nothing to resume")
+    if not tune_dir.exists(TUNE_STATE):
+        raise DigitsError(f"{location}: stopped before Ray Tune saved the search; start it again "
+                          "with another --out")
     try:
         config = SearchConfig(**record["config"])
         cpus_per_worker = int(record["cpus_per_worker"])
