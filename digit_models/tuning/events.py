@@ -18,12 +18,12 @@ from digit_models.tuning.results import trial_row, write_results
 from digit_models.tuning.space import option
 from digit_models.tuning.trial import trial_name, trial_run_dir
 
-# Tune's trial states as the table says them; a trial left running or pending when the search
-# stops is unfinished (a resumed search continues it).
 # Set by Ctrl-C during a search (the search's driver then ends with KeyboardInterrupt, once Ray
 # Tune has saved the search's state).
 SEARCH_INTERRUPTED = threading.Event()
 
+# Tune's trial states as the table says them; a trial left running or pending when the search
+# stops is unfinished (a resumed search continues it).
 STATES = {"PENDING": "pending", "RUNNING": "running", "PAUSED": "running", "ERROR": "failed",
           "TERMINATED": "stopped early"}
 ENDED = ("TERMINATED", "ERROR")
@@ -142,4 +142,7 @@ def trial_error(trial) -> str:
 
 
 def _shown(value) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value).lower() if isinstance(value, bool) else str(value)
+    """A sampled value as a space file would give it."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
