@@ -21,7 +21,7 @@ from digit_models.cli import _train_config, build_parser
 from digit_models.config import SearchConfig, TrainConfig
 from digit_models.errors import DigitsError
 from digit_models.tuning.results import train_command
-from digit_models.tuning.space import checked_space, default_space
+from digit_models.tuning.space import DEFAULT_SPACES, checked_space, default_space, option
 from tests.conftest import REPO, run_digits
 
 # Seeded (--search-seed 0), this space's 4 trials are two good learning rates first and two
@@ -58,6 +58,13 @@ def test_a_bad_space_is_refused_in_one_line_before_ray_starts(tmp_path, kaggle_d
     line = _one_error_line(done)
     assert line.startswith(f"digits: error: {space_file}: ") and message in line, line
     assert not out.exists()
+
+
+@pytest.mark.parametrize("preset", [None, "fast", "best"])
+def test_every_preset_has_a_default_space_that_digits_train_accepts(preset):
+    base = SearchConfig(data="data", out="t", trials=2, preset=preset).base()
+    space = default_space(preset, base, {})
+    assert {option(field) for field in space} == set(DEFAULT_SPACES[preset])
 
 
 def test_the_default_space_leaves_out_what_the_command_line_fixes():
