@@ -88,7 +88,8 @@ class TrialEvents(tune.Callback):
         else:
             why = ("the search's time budget ran out" if self._budget_spent()
                    else "below the scheduler's cutoff")
-            self._say(trials, f"trial {name} stopped early after epoch {last.get('epoch')} (val_accuracy "
+            after = f"after epoch {last['epoch']}" if "epoch" in last else "before its first epoch ended"
+            self._say(trials, f"trial {name} stopped early {after} (val_accuracy "
                               f"{last.get('val_accuracy', float('nan')):.4f}, {why})")
         self.write(trials)
 
@@ -98,6 +99,11 @@ class TrialEvents(tune.Callback):
         self.write(trials)
 
     def on_experiment_end(self, trials, **info):
+        if not SEARCH_INTERRUPTED.is_set():  # the trials the search's end stopped: its time budget
+            for trial in trials:
+                if trial.trial_id not in (self.ended or ()):
+                    live.line(f"trial {trial_name(trial.trial_id)} left unfinished: the search's time "
+                              "budget ran out")
         self.write(trials, ended=True)
 
     def write(self, trials, ended: bool = False) -> dict | None:
