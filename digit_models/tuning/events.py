@@ -49,6 +49,7 @@ class TrialEvents(tune.Callback):
         # The trials seen to end: Ray Tune marks the trials it stops on a Ctrl-C as ended too
         # (in memory; its saved state has them running), and those are unfinished.
         self.ended: set[str] | None = None
+        self.running: set[str] = set()  # Tune tells of a start, and of an end, before its state says so
         tune_handler = signal.getsignal(signal.SIGINT)
 
         def interrupted(signum, frame):
@@ -63,39 +64,42 @@ class TrialEvents(tune.Callback):
             self.ended = {trial.trial_id for trial in trials if trial.status in ENDED}
 
     def on_trial_start(self, iteration, trials, trial, **info):
+        self.running.add(trial.trial_id)
         settings = ", ".join(f"{option(field)} {_shown(value)}" for field, value in trial.config.items())
-        self._say(trials, f"trial {trial_name(trial.trial_id)} started: {settings or 'the fixed settings'}")
+        self._say(f"trial {trial_name(trial.trial_id)} started: {settings or 'the fixed settings'}")
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         epoch, accuracy = result.get("epoch"), result.get("val_accuracy")
         if accuracy is not None:
             self.best = accuracy if self.best is None else max(self.best, accuracy)
         if epoch is not None and accuracy is not None and epoch % self.every == 0:
-            self._say(trials, f"trial {trial_name(trial.trial_id)}: epoch {epoch}, val_accuracy {accuracy:.4f}")
+            self._say(f"trial {trial_name(trial.trial_id)}: epoch {epoch}, val_accuracy {accuracy:.4f}")
         else:
-            self._live(trials)
+            self._live()
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self.ended.add(trial.trial_id)
+        self.running.discard(trial.trial_id)
         name = trial_name(trial.trial_id)
         last = trial.last_result
         run = trial_run_dir(self.tune_dir, name)
         if run.is_finished:
             summary = run.read_run()
-            self._say(trials, f"trial {name} finished: {summary['epochs_run']} epochs, val_accuracy "
+            self._say(f"trial {name} finished: {summary['epochs_run']} epochs, val_accuracy "
                               f"{summary['history'][-1].get('val_accuracy', float('nan')):.4f} "
                               f"({summary['stop_reason']})")
         else:
             why = ("the search's time budget ran out" if self._budget_spent()
                    else "below the scheduler's cutoff")
             after = f"after epoch {last['epoch']}" if "epoch" in last else "before its first epoch ended"
-            self._say(trials, f"trial {name} stopped early {after} (val_accuracy "
+            self._say(f"trial {name} stopped early {after} (val_accuracy "
                               f"{last.get('val_accuracy', float('nan')):.4f}, {why})")
         self.write(trials)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self.ended.add(trial.trial_id)
-        self._say(trials, f"trial {trial_name(trial.trial_id)} failed: {trial_error(trial)}")
+        self.running.discard(trial.trial_id)
+        self._say(f"trial {trial_name(trial.trial_id)} failed: {trial_error(trial)}")
         self.write(trials)
 
     def on_experiment_end(self, trials, **info):
@@ -122,15 +126,14 @@ class TrialEvents(tune.Callback):
     def _budget_spent(self) -> bool:
         return self.time_budget_s is not None and time.monotonic() - self.started >= self.time_budget_s
 
-    def _say(self, trials, text: str) -> None:
+    def _say(self, text: str) -> None:
         live.line(text)
-        self._live(trials)
+        self._live()
 
-    def _live(self, trials) -> None:
-        done = sum(trial.status in ("TERMINATED", "ERROR") for trial in trials)
-        running = sum(trial.status == "RUNNING" for trial in trials)
+    def _live(self) -> None:
         best = f", best val_accuracy {self.best:.4f}" if self.best is not None else ""
-        live.progress({"text": f"trials {done}/{self.trials} done, {running} running{best}"})
+        live.progress({"text": f"trials {len(self.ended or ())}/{self.trials} done, "
+                               f"{len(self.running)} running{best}"})
 
 
 def trial_error(trial) -> str:

@@ -1,6 +1,6 @@
 """`digits tune`: the search's driver. A Ray Tune Tuner whose trials each start a Ray Train run
 (tuning/trial.py), ranked by val_accuracy after every epoch by an asynchronous successive
-halving scheduler (ASHA), which stops the weak ones early; trials sampled by Tune's random
+halving scheduler (ASHA, tuning/scheduler.py), which stops the weak ones early; trials sampled by Tune's random
 searcher, seeded; as many trials at once as the cluster's CPUs hold at --workers-per-trial.
 
 TUNE_DIR holds:
@@ -42,11 +42,6 @@ TUNE_STATE = "ray_tune"
 # short on every node.
 TRIAL_DRIVER_MEMORY = 256 << 20
 
-# ASHA: a trial's first rung is after its first epoch, and at each rung (epochs 1, 2, 4, ...)
-# the trials below the median of those that reached it before them stop.
-GRACE_EPOCHS = 1
-REDUCTION_FACTOR = 2
-
 
 def tune(config: SearchConfig, address: str | None = None) -> dict:
     """Runs the search; returns its summary (the trials' states, best.json). Everything the
@@ -65,9 +60,9 @@ def tune(config: SearchConfig, address: str | None = None) -> dict:
     config = dataclasses.replace(config, out=tune_dir.location, data=_absolute(config.data))
     with ray_session(address, dashboard=True):
         from ray import tune as ray_tune
-        from ray.tune.schedulers import AsyncHyperBandScheduler
         from ray.tune.search import BasicVariantGenerator
 
+        from digit_models.tuning.scheduler import EpochHalving
         from digit_models.tuning.space import to_tune
 
         cpus_per_worker, at_once = _trial_resources(config, base)
@@ -84,10 +79,7 @@ def tune(config: SearchConfig, address: str | None = None) -> dict:
                 # The searcher limits the trials at once itself (Tune ignores max_concurrent_trials
                 # beside a searcher of this kind).
                 search_alg=BasicVariantGenerator(random_state=config.search_seed, max_concurrent=at_once),
-                # ASHA stops a trial that reaches max_t at once, which would cut off its last
-                # epoch's model and run.json: one more than the trials train, so that each ends itself.
-                scheduler=AsyncHyperBandScheduler(time_attr="epoch", max_t=epochs + 1, grace_period=GRACE_EPOCHS,
-                                                  reduction_factor=REDUCTION_FACTOR),
+                scheduler=EpochHalving(epochs, base.epochs),
                 time_budget_s=config.time_budget * 60 if config.time_budget else None),
             run_config=ray_tune.RunConfig(
                 name=TUNE_STATE, storage_path=tune_dir.location, verbose=0, callbacks=[events],
