@@ -263,9 +263,9 @@ def filter_worker_output() -> None:
     def print_filtered(batch: dict, print_logs=printers[0]) -> None:
         lines, pid = [], batch.get("pid")
         actor = batch.get("actor_name") or ""
-        from_controller = any(name in actor for name in (*RAY_TRAIN_ACTORS, *_quiet_actors))
+        kept_in_logs = any(name in actor for name in (*RAY_TRAIN_ACTORS, *_quiet_actors))
         for line in batch.get("lines", []):
-            if pid in failed or from_controller and not line.startswith(SAY):
+            if pid in failed or kept_in_logs and not line.startswith(SAY):
                 continue
             if line.startswith(FAILED):
                 failed.add(pid)
