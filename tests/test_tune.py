@@ -21,7 +21,7 @@ from digit_models.cli import _train_config, build_parser
 from digit_models.config import SearchConfig, TrainConfig
 from digit_models.errors import DigitsError
 from digit_models.tuning.results import train_command
-from digit_models.tuning.space import DEFAULT_SPACES, checked_space, default_space, option
+from digit_models.tuning.space import DEFAULT_SPACES, checked_space, default_space, option, trial_settings
 from tests.conftest import REPO, run_digits
 
 # Seeded (--search-seed 0), this space's 4 trials are two good learning rates first and two
@@ -78,6 +78,12 @@ def test_the_default_space_leaves_out_what_the_command_line_fixes():
     mixed = checked_space({"model": ["cnn", "deep_cnn"], "dropout": {"min": 0.1, "max": 0.3, "log": True}},
                           TrainConfig(), {}, "space.yaml")
     assert mixed == {"model": {"values": ["cnn", "deep_cnn"]}, "dropout": {"min": 0.1, "max": 0.3, "log": True}}
+
+
+def test_a_trial_of_a_model_without_dropout_layers_leaves_the_sampled_rate_out():
+    assert trial_settings({"model": "cnn", "dropout": 0.2}, "deep_cnn") == {"model": "cnn"}
+    assert trial_settings({"dropout": 0.2}, "deep_cnn") == {"dropout": 0.2}
+    assert trial_settings({"dropout": 0.2, "batch_size": 64}, "cnn") == {"batch_size": 64}
 
 
 def test_best_json_command_trains_the_trial_settings_again():

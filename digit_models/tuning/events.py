@@ -15,7 +15,7 @@ from digit_models.errors import first_line
 from digit_models.runtime.console import live
 from digit_models.storage.files import Folder
 from digit_models.tuning.results import trial_row, write_results
-from digit_models.tuning.space import option
+from digit_models.tuning.space import option, trial_settings
 from digit_models.tuning.trial import trial_name, trial_run_dir
 
 # Set by Ctrl-C during a search (the search's driver then ends with KeyboardInterrupt, once Ray
@@ -33,9 +33,10 @@ class TrialEvents(tune.Callback):
     """Runs in the `digits tune` process. Picklable as it is made (Ray Tune keeps it in the
     search's saved state, and a resumed search gets it back from there)."""
 
-    def __init__(self, tune_dir: str, trials: int, epochs: int, fixed: dict,
+    def __init__(self, tune_dir: str, trials: int, epochs: int, fixed: dict, model: str,
                  time_budget_s: float | None):
         self.tune_dir, self.trials, self.epochs, self.fixed = tune_dir, trials, epochs, fixed
+        self.model = model  # the trials' model, unless sampled
         self.time_budget_s = time_budget_s
         self.every = max(1, epochs // 5)  # epoch lines: about five per trial
 
@@ -65,7 +66,8 @@ class TrialEvents(tune.Callback):
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self.running.add(trial.trial_id)
-        settings = ", ".join(f"{option(field)} {_shown(value)}" for field, value in trial.config.items())
+        settings = ", ".join(f"{option(field)} {_shown(value)}"
+                             for field, value in trial_settings(trial.config, self.model).items())
         self._say(f"trial {trial_name(trial.trial_id)} started: {settings or 'the fixed settings'}")
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
@@ -118,7 +120,8 @@ class TrialEvents(tune.Callback):
             if ended and (state in ("running", "pending") or trial.trial_id not in (self.ended or ())):
                 state = "unfinished"
             name = trial_name(trial.trial_id)
-            rows.append(trial_row(name, state, trial.config, trial_run_dir(self.tune_dir, name),
+            rows.append(trial_row(name, state, trial_settings(trial.config, self.model),
+                                  trial_run_dir(self.tune_dir, name),
                                   trial.last_result.get("time_total_s"),
                                   trial_error(trial) if trial.status == "ERROR" else None))
         return write_results(Folder(self.tune_dir), rows, self.fixed)

@@ -71,7 +71,7 @@ def tune(config: SearchConfig, address: str | None = None) -> dict:
                                      "cpus_per_worker": cpus_per_worker, "trials_at_once": at_once,
                                      "started_at": utc(time.time())})
         epochs = max(_ends(space["epochs"])) if "epochs" in space else base.epochs
-        events = _events(config, epochs)
+        events = _events(config, epochs, base.model)
         tuner = ray_tune.Tuner(
             _trainable(config, cpus_per_worker), param_space=to_tune(space),
             tune_config=ray_tune.TuneConfig(
@@ -163,10 +163,10 @@ def _trainable(config: SearchConfig, cpus_per_worker: int):
         {"cpu": 0, "memory": TRIAL_DRIVER_MEMORY})
 
 
-def _events(config: SearchConfig, epochs: int):
+def _events(config: SearchConfig, epochs: int, model: str):
     from digit_models.tuning.events import TrialEvents
 
-    return TrialEvents(config.out, config.trials, epochs, config.fixed,
+    return TrialEvents(config.out, config.trials, epochs, config.fixed, model,
                        config.time_budget * 60 if config.time_budget else None)
 
 

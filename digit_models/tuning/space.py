@@ -107,10 +107,11 @@ def default_space(preset: str | None, base: TrainConfig, fixed: dict) -> dict[st
     return checked_space(space, base, fixed, "the default search space")
 
 
-def trial_settings(sampled: dict, base: TrainConfig) -> dict:
+def trial_settings(sampled: dict, model: str) -> dict:
     """A trial's sampled settings as TrainConfig fields: a dropout rate only for a model with
-    dropout layers (a space may vary both the model and the rate)."""
-    if sampled.get("model", base.model) not in MODELS_WITH_DROPOUT:
+    dropout layers (a space may vary both the model and the rate; `model` is the trials' own
+    unless sampled)."""
+    if sampled.get("model", model) not in MODELS_WITH_DROPOUT:
         return {field: value for field, value in sampled.items() if field != "dropout"}
     return dict(sampled)
 
