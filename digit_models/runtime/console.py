@@ -138,8 +138,7 @@ FAILED = "Error in training function:"
 # two Rays), and has nothing to say to a user otherwise.
 RAY_TRAIN_ACTORS = ("TrainController", "PlacementGroupCleaner")
 # More actors whose output stays in Ray's logs, named by the commands that start them (`digits
-# tune`'s trial actors, whose errors the search reports itself, and which print Ray's traceback
-# of their own stop whenever a trial is stopped early).
+# tune`'s trial actors and report queues, whose stops are the search's own doing).
 _quiet_actors: set[str] = set()
 
 

@@ -133,7 +133,10 @@ def _fit(tuner, tune_dir: Folder, trials: int) -> dict:
     saved = tune_logger.level, signal.getsignal(signal.SIGINT), live.from_workers
     tune_logger.setLevel(logging.CRITICAL)
     live.from_workers = False  # each trial's epoch lines, unnamed, would interleave
-    quiet_actors(run_trial.__name__)  # the trial actors' class is named after the trial function
+    # The trial actors (their class is named after the trial function) and the queues that carry
+    # each trial's reports from its Ray Train controller (Ray's _QueueActor) print Ray's
+    # traceback of their own stop whenever a trial is stopped early or the search interrupted.
+    quiet_actors(run_trial.__name__, "_QueueActor")
     try:
         tuner.fit()
     finally:
