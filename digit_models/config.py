@@ -5,7 +5,7 @@ Kept free of TensorFlow and Ray imports so the CLI can parse and check arguments
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from digit_models.errors import DigitsError
 
@@ -170,6 +170,43 @@ class TrainConfig:
                 "--scoring-reserve keeps time free in a --time-budget: give one")
         require(self.preset is None or self.preset in PRESETS,
                 f"--preset {self.preset}: choose one of {', '.join(PRESETS)}")
+
+
+@dataclass
+class SearchConfig:
+    """A `digits tune` search: what every trial shares, and how many trials of what size.
+
+    Each trial is a TrainConfig: the preset's settings, then `fixed` (the `digits train`
+    options given on the command line), then the trial's sample of the space
+    (tuning/space.py)."""
+
+    data: str
+    out: str
+    trials: int
+    preset: str | None = None
+    space_file: str | None = None  # None: the preset's default space
+    fixed: dict = field(default_factory=dict)  # TrainConfig fields, the same in every trial
+    workers_per_trial: int = 1
+    time_budget: float | None = None  # minutes for the whole search
+    search_seed: int = 0  # the searcher's, apart from --seed (the trials' split and order)
+
+    def base(self) -> TrainConfig:
+        """A trial's configuration before its sample (its --out is its own, under TUNE_DIR)."""
+        return TrainConfig.from_preset(self.preset, **{**self.fixed, "data": self.data,
+                                                       "workers": self.workers_per_trial})
+
+    def validate(self) -> None:
+        if self.trials < 1:
+            raise DigitsError(f"--trials {self.trials}: must be at least 1")
+        if self.workers_per_trial < 1:
+            raise DigitsError(f"--workers-per-trial {self.workers_per_trial}: must be at least 1")
+        if self.time_budget is not None and self.time_budget <= 0:
+            raise DigitsError(f"--time-budget {self.time_budget}: must be positive (minutes)")
+        base = self.base()
+        base.validate()
+        if base.val_fraction <= 0:
+            raise DigitsError("--val-fraction 0: `digits tune` ranks the trials by their validation "
+                              "accuracy, so it needs a validation split")
 
 
 @dataclass

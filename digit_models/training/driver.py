@@ -32,23 +32,24 @@ from digit_models.storage.run_dir import RunDir
 from digit_models.training.handoff import MODEL_SCORE, UNVALIDATED, Shares, WorkerInputs, WorkerOutcome
 
 
-def train(config: TrainConfig, address: str | None = None) -> dict:
+def train(config: TrainConfig, address: str | None = None, callbacks: tuple = ()) -> dict:
     """Trains on Ray and writes RUN_DIR/model.keras and run.json; returns run.json's content.
 
     Input is read and validated before Ray starts or anything is written. Ray is the one
     already connected, else the cluster at `address`, else an embedded local one. While the
     run trains, RUN_DIR holds started.json (what `resume` needs) and Ray's checkpoints;
     model.keras and then run.json appear only at the end, each atomically, so a run dir
-    without run.json is an unfinished run.
+    without run.json is an unfinished run. `callbacks`: more Ray Train callbacks for the run
+    (`digits tune` passes the one that hands each epoch's metrics to Ray Tune).
     """
     called = time.time()
     config.validate()
     run_dir = RunDir(config.out)
     run_dir.require_new()
-    return _run(config, run_dir, address, started=None, called=called)
+    return _run(config, run_dir, address, started=None, called=called, callbacks=callbacks)
 
 
-def resume(run_dir: str, address: str | None = None) -> dict:
+def resume(run_dir: str, address: str | None = None, callbacks: tuple = ()) -> dict:
     """Continues an unfinished run (driver stopped by Ctrl-C, SIGTERM or a lost machine) from
     its last checkpoint, with its original configuration and the same training data."""
     called = time.time()
@@ -59,7 +60,7 @@ def resume(run_dir: str, address: str | None = None) -> dict:
     except (TypeError, KeyError) as exc:
         raise DigitsError(f"{folder.child(folder.STARTED)}: unreadable ({exc})") from None
     config.validate()
-    return _run(config, folder, address, started=started, called=called)
+    return _run(config, folder, address, started=started, called=called, callbacks=callbacks)
 
 
 def train_func(loop_config: dict) -> WorkerOutcome:
@@ -71,7 +72,7 @@ def train_func(loop_config: dict) -> WorkerOutcome:
 
 
 def _run(config: TrainConfig, run_dir: RunDir, address: str | None, started: dict | None,
-         called: float) -> dict:
+         called: float, callbacks: tuple) -> dict:
     train_csv = resolve_train_csv(config.data)
     digits = read_train_csv(train_csv, limit=config.limit)
     data_sha256 = file_sha256(train_csv)
@@ -99,7 +100,7 @@ def _run(config: TrainConfig, run_dir: RunDir, address: str | None, started: dic
         from digit_models.training.attempts import FailureRecorder, WorkerGroupWatch, group_sizes, restarts
         from digit_models.training.backend import tensorflow_trainer
 
-        now = _utc(clock)
+        now = utc(clock)
         if started:
             started["resumed_at"].append(now)
         else:
@@ -138,7 +139,7 @@ def _run(config: TrainConfig, run_dir: RunDir, address: str | None, started: dic
                 failure_config=ray.train.FailureConfig(max_failures=config.max_failures,
                                                        max_preemption_failures=config.max_preemptions),
                 checkpoint_config=checkpoint_config(config),
-                callbacks=[FailureRecorder(run_dir.location)],
+                callbacks=[FailureRecorder(run_dir.location), *callbacks],
                 logging_config=ray.train.LoggingConfig(log_level="WARNING")),
         )
         fit_called = time.time()
@@ -284,5 +285,5 @@ def library_versions() -> dict:
                for name in ("tensorflow", "tf_keras", "ray", "numpy", "pandas", "pyarrow")}}
 
 
-def _utc(timestamp: float) -> str:
+def utc(timestamp: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp))
