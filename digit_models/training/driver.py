@@ -159,7 +159,7 @@ def _run(config: TrainConfig, run_dir: RunDir, address: str | None, started: dic
         "batch_size_per_worker": config.batch_size,
         "accumulate": config.accumulate,
         "global_batch_size": config.global_batch(workers),
-        "collective": "NCCL" if config.gpus_per_worker else "RING",
+        "collective": ("NCCL" if config.gpus_per_worker else "RING") if workers > 1 else None,  # a group of one has none
         "all_reduce_dtype": config.gradient_dtype if workers > 1 else None,
         "learning_rate_per_update": config.step_learning_rate(workers),
         "epochs_planned": state.epochs_planned(config.epochs),
