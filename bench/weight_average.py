@@ -33,7 +33,7 @@ def main() -> None:
     config = json.loads(Path(args.run, RunDir.RUN).read_text())["config"]
     sets = labelled_sets(args.data, config)
 
-    _, model_file = newest_complete(args.run)
+    model_file = newest_complete(args.run).model_file
     checkpoint = f"{args.run}'s newest checkpoint"
     average = load_with_optimizer(model_file, checkpoint)
     trained = load_model_bytes(model_file, checkpoint)

@@ -34,51 +34,26 @@ class _Parser(argparse.ArgumentParser):
         raise DigitsError(message + (f" (see `digits {command} --help`)" if command else ""))
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from digit_models.config import (ALL_REDUCE_DTYPES, EXPORT_FORMATS, LR_SCHEDULES, PRESETS,
-                                     TARGET_METRICS, PredictConfig, TrainConfig)
+def _add_preset(parser: argparse.ArgumentParser, meaning: str) -> None:
+    from digit_models.config import PRESETS
 
-    # --debug before the command or after it: the command's own copy leaves the value alone
-    # unless given (SUPPRESS), so that `digits --debug evaluate ...` keeps it too.
-    debug = _Parser(add_help=False)
-    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
-                       help="show tracebacks on errors")
-    parser = _Parser(
-        prog="digits", description="Kaggle Digit Recognizer: data, distributed training, scoring.")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
-    parser.add_argument("--version", action="version", version=f"digits {digit_models.__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=None, help=meaning)
 
-    def command(name: str, **options) -> argparse.ArgumentParser:
-        return commands.add_parser(name, parents=[debug], **options)
 
-    data = command("data", help="build Kaggle-format files from real MNIST")
-    data.add_argument("--out", required=True, metavar="DIR",
-                      help="folder to write the files into: new, empty, or an earlier `digits data` output")
-    data.add_argument("--force", action="store_true",
-                      help="write into a folder that holds other files too, replacing only the "
-                           "files of the names `digits data` writes")
-    data.add_argument("--seed", type=int, default=0, help="seed of the split (default 0)")
+def _add_data(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", metavar="DIR_OR_CSV",
+                        help="folder with train.csv (from `digits data`), or a train.csv path or URI")
+
+
+def _add_run_options(parser: argparse.ArgumentParser) -> None:
+    """The options of a training run that `digits train` and `digits tune` share. Defaults of
+    None mark the options a user left out, which a preset then fills."""
+    from digit_models.config import ALL_REDUCE_DTYPES, KEEP_CHOICES, LR_SCHEDULES, TARGET_METRICS, TrainConfig
 
     defaults = TrainConfig()
-    train = command(
-        "train", help="train a model on Ray Train",
-        description="Options left out take the --preset's value, else the default shown.")
-    # Defaults of None mark the options a user left out, which a preset then fills.
-    option = train.add_argument
-    option("--preset", choices=sorted(PRESETS), default=None,
-           help="fast: 99%% held-out accuracy soonest (the seed's cnn, 3 epochs); best: the "
-                "highest accuracy of one run (deep_cnn, 30 epochs); their times and accuracy by "
-                "machine: the README's \"Presets and accuracy\"")
+    option = parser.add_argument
     option("--model", help=f"registered model: the seed's dense and cnn, or deep_cnn "
                            f"(default {defaults.model})")
-    option("--data", metavar="DIR_OR_CSV",
-           help="folder with train.csv (from `digits data`), or a train.csv path or URI")
-    option("--out", metavar="RUN_DIR", help="new run directory")
-    option("--resume", metavar="RUN_DIR",
-           help="continue this unfinished run from its last checkpoint, with its own settings "
-                "(instead of --data/--out and the options below)")
-    option("--workers", type=int, help=f"Ray Train workers (default {defaults.workers})")
     option("--min-workers", type=int, metavar="MIN",
            help="elastic: go on with as few as MIN workers when nodes are lost, and grow back to "
                 "--workers when they return (default: --workers, a fixed size)")
@@ -116,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
            help=f"default {defaults.target_metric}")
     option("--val-fraction", type=float,
            help=f"seeded validation split (default {defaults.val_fraction})")
+    option("--keep", choices=KEEP_CHOICES,
+           help="model.keras: the epoch with the best val_accuracy, or the last epoch (default "
+                f"{defaults.keep}; without a validation split, the last)")
     option("--seed", type=int, help=f"default {defaults.seed}")
     option("--limit", type=int, metavar="ROWS", help="use only the first ROWS rows of train.csv")
     option("--cpus-per-worker", type=int,
@@ -124,13 +102,6 @@ def build_parser() -> argparse.ArgumentParser:
     option("--mixed-precision", action="store_true", default=None,
            help="16-bit compute: float16 on GPU workers, bfloat16 on CPU workers (which need "
                 "bfloat16 instructions: AVX512-BF16, AMX or Arm BF16)")
-    option("--time-budget", type=float, metavar="MINUTES",
-           help="finish within this many minutes: after each epoch of the plan's first half "
-                "(the first three at least), the epochs (at most --epochs) are sized to fit, and "
-                "the learning-rate schedule with them")
-    option("--scoring-reserve", type=int, metavar="IMAGES",
-           help="keep time in --time-budget for scoring this many images with the model "
-                "afterwards (test rows x (1 + --tta)), estimated from the measured training speed")
     option("--max-failures", type=int,
            help=f"worker-group restarts allowed before the run fails (default {defaults.max_failures})")
     option("--max-preemptions", type=int,
@@ -139,7 +110,78 @@ def build_parser() -> argparse.ArgumentParser:
     option("--mlflow", metavar="TRACKING_URI",
            help="also log the run to MLflow (e.g. file:///abs/path/mlruns or http://host:5000); "
                 "needs the mlflow extra")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from digit_models.config import EXPORT_FORMATS, PredictConfig, TrainConfig
+
+    # --debug before the command or after it: the command's own copy leaves the value alone
+    # unless given (SUPPRESS), so that `digits --debug evaluate ...` keeps it too.
+    debug = _Parser(add_help=False)
+    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="show tracebacks on errors")
+    parser = _Parser(
+        prog="digits", description="Kaggle Digit Recognizer: data, distributed training, scoring.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    parser.add_argument("--version", action="version", version=f"digits {digit_models.__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, **options) -> argparse.ArgumentParser:
+        return commands.add_parser(name, parents=[debug], **options)
+
+    data = command("data", help="build Kaggle-format files from real MNIST")
+    data.add_argument("--out", required=True, metavar="DIR",
+                      help="folder to write the files into: new, empty, or an earlier `digits data` output")
+    data.add_argument("--force", action="store_true",
+                      help="write into a folder that holds other files too, replacing only the "
+                           "files of the names `digits data` writes")
+    data.add_argument("--seed", type=int, default=0, help="seed of the split (default 0)")
+
+    train = command(
+        "train", help="train a model on Ray Train",
+        description="Options left out take the --preset's value, else the default shown.")
+    _add_preset(train, "fast: 99%% held-out accuracy soonest (the seed's cnn, 3 epochs); best: the "
+                       "highest accuracy of one run (deep_cnn, 30 epochs); their times and accuracy by "
+                       "machine: the README's \"Presets and accuracy\"")
+    _add_data(train)
+    train.add_argument("--out", metavar="RUN_DIR", help="new run directory")
+    train.add_argument("--resume", metavar="RUN_DIR",
+                       help="continue this unfinished run from its last checkpoint, with its own "
+                            "settings (instead of --data/--out and the options below)")
+    train.add_argument("--workers", type=int, help=f"Ray Train workers (default {TrainConfig().workers})")
+    _add_run_options(train)
+    train.add_argument("--time-budget", type=float, metavar="MINUTES",
+                       help="finish within this many minutes: after each epoch of the plan's first half "
+                            "(the first three at least), the epochs (at most --epochs) are sized to fit, "
+                            "and the learning-rate schedule with them")
+    train.add_argument("--scoring-reserve", type=int, metavar="IMAGES",
+                       help="keep time in --time-budget for scoring this many images with the model "
+                            "afterwards (test rows x (1 + --tta)), estimated from the measured training speed")
     _add_ray_address(train)
+
+    search = command(
+        "tune", help="search training options on Ray Tune, stopping weak trials early",
+        description="Every trial is a `digits train` run in TUNE_DIR/trials/; `digits train` options "
+                    "given here are the same for every trial (left out of the search space).")
+    _add_preset(search, "the trials' settings start from this preset's, and its default search "
+                        "space is searched unless --space is given")
+    _add_data(search)
+    search.add_argument("--out", metavar="TUNE_DIR", help="new folder for the search")
+    search.add_argument("--resume", metavar="TUNE_DIR",
+                        help="continue this interrupted search with its own settings")
+    search.add_argument("--trials", type=int, help="trials to run (required for a new search)")
+    search.add_argument("--space", metavar="FILE",
+                        help="YAML or JSON: `digits train` option names, each a list of values or "
+                             "{min: A, max: B} (log: true for a log scale); default: the preset's space")
+    search.add_argument("--workers-per-trial", type=int, default=1, metavar="W",
+                        help="Ray Train workers of each trial (default 1); as many trials run at once "
+                             "as the cluster's CPUs hold")
+    search.add_argument("--time-budget", type=float, metavar="MINUTES",
+                        help="end the whole search after this many minutes (running trials stop)")
+    search.add_argument("--search-seed", type=int, default=0,
+                        help="seed of the searcher's samples (default 0; --seed is the trials' own)")
+    _add_run_options(search)
+    _add_ray_address(search)
 
     scoring = PredictConfig(runs=[], input="", out="")  # the defaults
     predict = command("predict", help="score a test set on Ray Data")
@@ -206,21 +248,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _print(text: str) -> None:
-    """A command's result on stdout, without any URI's credentials (stderr's lines lose them on
-    their way: runtime/console.py)."""
-    from digit_models.storage.files import without_credentials
-
-    print(without_credentials(text))
-
-
 def run_data(args) -> None:
     from digit_models.storage.data import build_kaggle_files, require_data_folder
     from digit_models.storage.mnist_source import load_mnist
 
     require_data_folder(args.out, force=args.force)  # before the download
     manifest = build_kaggle_files(load_mnist(), args.out, seed=args.seed, force=args.force)
-    _print(f"wrote {manifest['train_rows']:,} training and {manifest['test_rows']:,} test rows "
+    print(f"wrote {manifest['train_rows']:,} training and {manifest['test_rows']:,} test rows "
            f"({manifest['official_test_rows_in_test_csv']:,} from the official MNIST test set) "
            f"to {args.out}")
 
@@ -238,20 +272,58 @@ def run_train(args) -> None:
         raise DigitsError("train needs --data and --out (or --resume RUN_DIR)")
     else:
         summary = train(_train_config(args), address=args.address)
-    last = summary["history"][-1]
-    _print(f"{summary['stop_reason']}: {summary['epochs_run']} epochs, "
-           + ", ".join(f"{k} {last[k]:.4f}" for k in ("accuracy", "val_accuracy") if k in last)
-           + f"; model in {args.out}")
+    last, kept = summary["history"][-1], summary["model_epoch"]
+    model = f"model of epoch {kept} (best val_accuracy)" if kept != last["epoch"] else "model"
+    print(f"{summary['stop_reason']}: {summary['epochs_run']} epochs, "
+          + ", ".join(f"{k} {last[k]:.4f}" for k in ("accuracy", "val_accuracy") if k in last)
+          + f"; {model} in {args.out}")
 
 
 def _train_config(args):
+    from digit_models.config import TrainConfig
+
+    return TrainConfig.from_preset(args.preset, **_run_options_given(args))
+
+
+def _run_options_given(args) -> dict:
+    """The TrainConfig fields given on the command line."""
     from dataclasses import fields
 
     from digit_models.config import TrainConfig
 
-    given = {field.name: getattr(args, field.name) for field in fields(TrainConfig)
-             if field.name != "preset" and getattr(args, field.name, None) is not None}
-    return TrainConfig.from_preset(args.preset, **given)
+    return {field.name: getattr(args, field.name) for field in fields(TrainConfig)
+            if field.name != "preset" and getattr(args, field.name, None) is not None}
+
+
+def run_tune(args) -> None:
+    from digit_models.config import SearchConfig
+    from digit_models.tuning.search import resume, tune
+
+    if args.resume:
+        if args.data or args.out or args.preset or args.trials or args.space or args.time_budget \
+                or _run_options_given(args):
+            raise DigitsError("--resume continues a search with its own settings; give it without "
+                              "--data, --out, --trials, --preset, --space, --time-budget and the "
+                              "`digits train` options")
+        summary = resume(args.resume, address=args.address)
+        args.out = args.resume
+    elif not (args.data and args.out and args.trials):
+        raise DigitsError("tune needs --data, --out and --trials (or --resume TUNE_DIR)")
+    else:
+        fixed = {name: value for name, value in _run_options_given(args).items()
+                 if name not in ("time_budget", "data", "out")}  # the search's own, not a trial's
+        summary = tune(SearchConfig(
+            data=args.data, out=args.out, trials=args.trials, preset=args.preset, space_file=args.space,
+            fixed=fixed, workers_per_trial=args.workers_per_trial, time_budget=args.time_budget,
+            search_seed=args.search_seed), address=args.address)
+    states = ", ".join(f"{count} {state}" for state, count in sorted(summary["states"].items()))
+    best = summary["best"]
+    ran, asked = summary["ran"], summary["trials"]
+    print(f"{ran} trials" + (f" of {asked} (the time budget ran out)" if ran < asked else "") + f": {states}"
+           + (f"; best: trial {best['trial']}, val_accuracy {best['val_accuracy']:.4f}, model in "
+              f"{best['run_dir']}" if best else "; no trial finished"))
+    if best:
+        print(f"train it again: {best['command']}")
 
 
 def run_predict(args) -> None:
@@ -264,7 +336,7 @@ def run_predict(args) -> None:
     options = {field.name: getattr(args, field.name) for field in fields(PredictConfig)
                if field.name != "runs"}
     summary = predict(PredictConfig(runs=args.run, **options), address=args.address)
-    _print(f"scored {summary['images']:,} images ({summary['images_per_s']:,.0f} images/s); "
+    print(f"scored {summary['images']:,} images ({summary['images_per_s']:,.0f} images/s); "
            f"submission: {Folder(args.out).child(SUBMISSION_FILE)}")
 
 
@@ -278,8 +350,8 @@ def run_evaluate(args) -> None:
     target = args.json or (predictions.child(EVALUATION_FILE) if predictions.is_folder()
                            else Folder(parent_and_name(args.predictions)[0]).child(EVALUATION_FILE))
     write_evaluation(result, target)
-    _print(format_report(result))
-    _print(f"written to {target}")
+    print(format_report(result))
+    print(f"written to {target}")
 
 
 def run_report(args) -> None:
@@ -292,13 +364,13 @@ def run_report(args) -> None:
     if not run:
         raise DigitsError("the following arguments are required: --run (see `digits report --help`)")
     written = write_report(run, args.out, predictions=args.predictions, labels=args.labels)
-    _print(f"wrote {', '.join(written)} to {args.out}")
+    print(f"wrote {', '.join(written)} to {args.out}")
 
 
 def run_export(args) -> None:
     from digit_models.nets.export import export
 
-    _print(f"wrote {export(args.run, args.out, args.format)}")
+    print(f"wrote {export(args.run, args.out, args.format)}")
 
 
 def run_runs(args) -> None:
@@ -307,11 +379,11 @@ def run_runs(args) -> None:
     from digit_models.training.runs import format_runs, list_runs
 
     found = list_runs(args.dir)
-    _print(json.dumps(found, indent=2) if args.json else format_runs(found))
+    print(json.dumps(found, indent=2) if args.json else format_runs(found))
 
 
-COMMANDS = {"data": run_data, "train": run_train, "predict": run_predict, "evaluate": run_evaluate,
-            "report": run_report, "export": run_export, "runs": run_runs}
+COMMANDS = {"data": run_data, "train": run_train, "tune": run_tune, "predict": run_predict,
+            "evaluate": run_evaluate, "report": run_report, "export": run_export, "runs": run_runs}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -344,10 +416,24 @@ def main(argv: list[str] | None = None) -> int:
             print(f"digits: {first_line(stopped)}", file=sys.stderr)
             return 1
         user_error = _find_in_chain(exc, (DigitsError,))
-        message = first_line(user_error) if user_error else (f"{type(exc).__name__}: {first_line(exc)}"
-                                 + ("" if args.debug else " (--debug shows the traceback)"))
+        gave_up = None if user_error else _restarts_spent(exc, args)
+        message = first_line(user_error) if user_error else gave_up or (
+            f"{type(exc).__name__}: {first_line(exc)}" + ("" if args.debug else " (--debug shows the traceback)"))
         print(f"digits: error: {message}", file=sys.stderr)
         return 2 if user_error else 1
+
+
+def _restarts_spent(exc: BaseException, args) -> str | None:
+    """For a training whose workers failed once more than its restarts allow: what failed
+    (the first worker's error), and how to go on."""
+    ray_train = sys.modules.get("ray.train")  # loaded if the error came from it
+    failed = _find_in_chain(exc, (ray_train.WorkerGroupError,)) if ray_train and args.command == "train" else None
+    if failed is None:
+        return None
+    first = next(iter((getattr(failed, "worker_failures", None) or {}).values()), failed)
+    return (f"the workers failed once more than --max-failures and --max-preemptions allow "
+            f"({type(first).__name__}: {first_line(first)}); `digits train --resume "
+            f"{args.resume or args.out}` goes on from the last checkpoint")
 
 
 def _find_in_chain(exc: BaseException, types: tuple) -> BaseException | None:
@@ -370,18 +456,22 @@ def _find_in_chain(exc: BaseException, types: tuple) -> BaseException | None:
     return None
 
 
-class _QuietWhenClosed:
+class _UsersStdout:
     """The process's stdout, for every writer of it (our results, argparse's help, the live
-    console): once its reader has gone (`| head -2`), what is left to write goes to /dev/null,
-    as a Unix tool's output ends at a closed pipe, instead of a BrokenPipeError at whichever
-    write happens to come after the close."""
+    console): no URI's credentials in what it carries (stderr's lines lose them on their way:
+    runtime/console.py); and once its reader has gone (`| head -2`), what is left to write goes
+    to /dev/null, as a Unix tool's output ends at a closed pipe, instead of a BrokenPipeError at
+    whichever write happens to come after the close."""
 
     def __init__(self, stream):
         self._stream = stream
 
     def write(self, text: str) -> int:
+        from digit_models.storage.files import without_credentials
+
         try:
-            return self._stream.write(text)
+            self._stream.write(without_credentials(text))
+            return len(text)
         except BrokenPipeError:
             self._to_null()
             return len(text)
@@ -407,7 +497,7 @@ def entry_point() -> None:
     chatter (runtime/console.py); interrupts end it as runtime/interrupts.py says."""
     from digit_models.runtime.console import stderr_filtered
 
-    sys.stdout = _QuietWhenClosed(sys.stdout)
+    sys.stdout = _UsersStdout(sys.stdout)
     with stderr_filtered():
         status = main()
         sys.stdout.flush()

@@ -5,7 +5,7 @@ Kept free of TensorFlow and Ray imports so the CLI can parse and check arguments
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from digit_models.errors import DigitsError
 
@@ -13,6 +13,8 @@ MODEL_NAMES = ("dense", "cnn", "deep_cnn")  # nets/models.py's registry (a test 
 MODELS_WITH_DROPOUT = ("deep_cnn",)  # the registry's builders that take a dropout rate (tested too)
 TARGET_METRICS = ("accuracy", "val_accuracy")
 ALL_REDUCE_DTYPES = ("float32", "bfloat16")
+# Which epoch's model a run's model.keras is: the best by val_accuracy, or the last.
+KEEP_CHOICES = ("best", "last")
 LR_SCHEDULES = ("constant", "cosine")
 EXPORT_FORMATS = ("savedmodel", "tflite")  # digits export (nets/export.py)
 MAX_TTA = 8  # extra test-time views: augmentation.TTA_VIEWS has this many after the identity
@@ -76,6 +78,7 @@ class TrainConfig:
     mlflow: str | None = None  # MLflow tracking URI to log the run to (training/mlflow_log.py)
     time_budget: float | None = None  # minutes for the whole run; epochs sized as the first half goes (training/schedule.py)
     scoring_reserve: int = 0  # images (rows x views) this model will score within the budget (training/schedule.py)
+    keep: str = "best"  # model.keras: the epoch of the best val_accuracy ("best") or the last epoch ("last")
 
     @property
     def fewest_workers(self) -> int:
@@ -127,6 +130,7 @@ class TrainConfig:
 
         require(self.model in MODEL_NAMES, f"--model {self.model}: choose one of {', '.join(sorted(MODEL_NAMES))}")
         require(self.epochs >= 1, f"--epochs {self.epochs}: must be at least 1")
+        require(self.keep in KEEP_CHOICES, f"--keep {self.keep}: choose one of {', '.join(KEEP_CHOICES)}")
         require(self.workers >= 1, f"--workers {self.workers}: must be at least 1")
         require(1 <= self.fewest_workers <= self.workers,
                 f"--min-workers {self.min_workers}: must be 1 to --workers ({self.workers})")
@@ -168,10 +172,41 @@ class TrainConfig:
                 f"--preset {self.preset}: choose one of {', '.join(PRESETS)}")
 
 
-def epochs_planned(state: dict, epochs: int) -> int:
-    """A run's epochs: its time budget's latest plan (kept in the training state, training/schedule.py)
-    once it has one, else `epochs` (--epochs)."""
-    return state.get("time_budget", {}).get("epochs_planned", epochs)
+@dataclass
+class SearchConfig:
+    """A `digits tune` search: what every trial shares, and how many trials of what size.
+
+    Each trial is a TrainConfig: the preset's settings, then `fixed` (the `digits train`
+    options given on the command line), then the trial's sample of the space
+    (tuning/space.py)."""
+
+    data: str
+    out: str
+    trials: int
+    preset: str | None = None
+    space_file: str | None = None  # None: the preset's default space
+    fixed: dict = field(default_factory=dict)  # TrainConfig fields, the same in every trial
+    workers_per_trial: int = 1
+    time_budget: float | None = None  # minutes for the whole search
+    search_seed: int = 0  # the searcher's, apart from --seed (the trials' split and order)
+
+    def base(self) -> TrainConfig:
+        """A trial's configuration before its sample (its --out is its own, under TUNE_DIR)."""
+        return TrainConfig.from_preset(self.preset, **{**self.fixed, "data": self.data,
+                                                       "workers": self.workers_per_trial})
+
+    def validate(self) -> None:
+        if self.trials < 1:
+            raise DigitsError(f"--trials {self.trials}: must be at least 1")
+        if self.workers_per_trial < 1:
+            raise DigitsError(f"--workers-per-trial {self.workers_per_trial}: must be at least 1")
+        if self.time_budget is not None and self.time_budget <= 0:
+            raise DigitsError(f"--time-budget {self.time_budget}: must be positive (minutes)")
+        base = self.base()
+        base.validate()
+        if base.val_fraction <= 0:
+            raise DigitsError("--val-fraction 0: `digits tune` ranks the trials by their validation "
+                              "accuracy, so it needs a validation split")
 
 
 @dataclass

@@ -193,9 +193,10 @@ def _pod_specs(cluster: dict) -> list[dict]:
 
 
 def test_kuberay_pods_run_unprivileged():
-    """The image's user has passwordless sudo: every container runs as a non-root uid, without
-    privilege escalation (sudo) or capabilities."""
-    for pod in _pod_specs(_load("kuberay/raycluster.yaml")):
+    """The image's user has passwordless sudo: every container, the job's submitter's too, runs
+    as a non-root uid, without privilege escalation (sudo) or capabilities."""
+    submitter = _load("kuberay/rayjob.yaml")["spec"]["submitterPodTemplate"]["spec"]
+    for pod in [*_pod_specs(_load("kuberay/raycluster.yaml")), submitter]:
         context = pod["securityContext"]
         # The kubelet can check runAsNonRoot only against a numeric user; the image names `ray`.
         assert context["runAsNonRoot"] is True and context["runAsUser"] > 0
@@ -217,6 +218,7 @@ def test_kuberay_network_policy_admits_only_the_cluster_and_its_job_clients():
     for rule in policy["spec"]["ingress"]:
         for peer in rule["from"]:
             assert "ipBlock" not in peer and peer["podSelector"]["matchLabels"]  # named pods only
+            assert peer.get("namespaceSelector", {"matchLabels": "its own"})["matchLabels"]  # named namespaces
             if peer == {"podSelector": own_pods}:
                 assert "ports" not in rule  # Ray's nodes talk to each other on many ports
             else:

@@ -70,16 +70,20 @@ def test_two_real_commands_at_once_print_our_lines_and_no_chatter(tmp_path, kagg
                                                                     ray_tmpdir):
     """A 2-worker training and a scoring run started together, as a user would, each starting
     its own embedded Ray beside the other (and beside the test session's): both finish, each
-    printing only its own lines. (Ray Train's placement-group cleaner used to die with a
-    traceback, "Found multiple active Ray instances", beside a second Ray.)"""
+    printing only its own lines, and neither driver loads TensorFlow (the workers and scoring
+    actors do). (Ray Train's placement-group cleaner used to die with a traceback, "Found
+    multiple active Ray instances", beside a second Ray.)"""
     run_dir, out = tmp_path / "run", tmp_path / "scored"
-    digits, env = [sys.executable, "-m", "digit_models.cli"], {**os.environ, "RAY_TMPDIR": ray_tmpdir}
+    digits, env = [sys.executable, "-c", PROBE], {**os.environ, "RAY_TMPDIR": ray_tmpdir}
+    imported = {"train": tmp_path / "train-imported.json", "predict": tmp_path / "predict-imported.json"}
     training = subprocess.Popen([*digits, "train", "--model", "dense", "--data", str(kaggle_dir),
                                  "--workers", "2", "--epochs", "3", "--out", str(run_dir)],
-                                cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                                cwd=REPO, env={**env, "IMPORTED": str(imported["train"])},
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     scoring = subprocess.Popen([*digits, "predict", "--run", str(dense_run), "--input",
                                 str(kaggle_dir / "test.csv"), "--out", str(out)],
-                               cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                               cwd=REPO, env={**env, "IMPORTED": str(imported["predict"])},
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     trained, scored = (child.communicate(timeout=350)[0].splitlines() for child in (training, scoring))
     assert training.returncode == 0 and scoring.returncode == 0, trained + scored
     assert [line[:10] for line in trained] == ["epoch 1/3 ", "epoch 2/3 ", "epoch 3/3 ", "epochs exh"], trained
@@ -87,6 +91,10 @@ def test_two_real_commands_at_once_print_our_lines_and_no_chatter(tmp_path, kagg
     assert scored == [f"scored 1,500 images ({images_per_s:,.0f} images/s); submission: {out}/submission.csv"]
     for line in trained + scored:
         assert not CHATTER.search(line), line
+    for command, modules in imported.items():
+        modules = set(json.loads(modules.read_text()))
+        assert "ray.train" in modules or "ray.data" in modules, command  # the probe saw the command run
+        assert modules.isdisjoint({"tensorflow", "tf_keras", "keras"}), command
     assert not ray_processes(ray_tmpdir)
 
 

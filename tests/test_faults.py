@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -98,13 +99,11 @@ def test_a_run_survives_a_killed_worker_and_a_stopped_driver_and_runs_each_epoch
     assert child.poll() is None, "the run ended before it could be interrupted"
     assert not set(_train_workers(child.pid)) & set(victims)  # a new group
 
-    child.send_signal(signal.SIGINT)
+    child.send_signal(signal.SIGINT)  # once: one Ctrl-C must be enough
     try:
-        _, stderr = child.communicate(timeout=10)
-    except subprocess.TimeoutExpired:
-        # A user would press Ctrl-C again; so does the test.
-        child.send_signal(signal.SIGINT)
         _, stderr = child.communicate(timeout=120)
+    finally:
+        child.kill()  # still running only if the test has failed
     assert child.returncode == 130, stderr[-3000:]
     assert stderr.strip().endswith("digits: interrupted")
     assert not (run_dir / "run.json").exists() and not (run_dir / "model.keras").exists()
@@ -126,6 +125,61 @@ def test_a_run_survives_a_killed_worker_and_a_stopped_driver_and_runs_each_epoch
 
     again = run_digits("train", "--resume", str(run_dir))
     assert again.returncode == 2 and "already finished" in again.stderr
+
+
+@pytest.mark.timeout(600)
+def test_a_driver_lost_with_its_machine_leaves_a_run_that_resumes(tmp_path, kaggle_dir, ray_tmpdir):
+    """The driver and its embedded Ray killed outright after epoch 1's checkpoint (SIGKILL to
+    every process, as when the machine they run on is lost): no run.json, and `--resume`
+    goes on from the last checkpoint and runs every epoch once."""
+    run_dir = tmp_path / "run"
+    child = _start_digits("train", "--model", "dense", "--data", str(kaggle_dir), "--epochs", "8",
+                          "--target-metric", "val_accuracy", "--target", "1.0", "--out", str(run_dir),
+                          ray_tmpdir=ray_tmpdir)
+    _wait_for(lambda: _checkpointed_epoch(run_dir) >= 1 or child.poll() is not None, 300,
+              "epoch 1's checkpoint")
+    assert child.poll() is None, "the run ended before it could be killed"
+    for pid in [child.pid, *(pid for pid, _ in _descendants(child.pid)), *ray_processes(ray_tmpdir)]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    child.communicate(timeout=60)
+    checkpointed = _checkpointed_epoch(run_dir)
+    assert not (run_dir / "run.json").exists() and not ray_processes(ray_tmpdir)
+
+    resumed = run_digits("train", "--resume", str(run_dir), timeout=400, env={"RAY_TMPDIR": ray_tmpdir})
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    run = json.loads((run_dir / "run.json").read_text())
+    assert [entry["epoch"] for entry in run["history"]] == list(range(1, 9))  # none twice
+    [restart] = run["restarts"]
+    assert restart["kind"] == "resume" and 1 <= checkpointed <= restart["resumed_after_epoch"] < 8
+    assert f"resuming after epoch {restart['resumed_after_epoch']}" in resumed.stdout
+    assert not ray_processes(ray_tmpdir)
+
+
+@pytest.mark.timeout(600)
+def test_restarts_spent_end_the_run_in_one_line_that_says_how_to_go_on(tmp_path, kaggle_dir, ray_tmpdir):
+    """A worker killed in epoch 2 of a run that allows no restart: exit 1, our one line last
+    (after Ray's one line on the dead worker process), and the --resume it names finishes."""
+    run_dir = tmp_path / "run"
+    failed = run_digits("train", "--model", "dense", "--data", str(kaggle_dir), "--epochs", "3",
+                        "--max-failures", "0", "--out", str(run_dir), timeout=400,
+                        env={"RAY_TMPDIR": ray_tmpdir, "DIGITS_FAULT": "mid_epoch:2:0"})
+    assert failed.returncode == 1, failed.stderr[-3000:]
+    ours = [line for line in failed.stderr.splitlines() if line.startswith("digits:")]
+    assert ours == failed.stderr.splitlines()[-1:], failed.stderr
+    assert re.fullmatch(r"digits: error: the workers failed once more than --max-failures and "
+                        r"--max-preemptions allow \(\w+: [^\n]+\); "
+                        rf"`digits train --resume {re.escape(str(run_dir))}` goes on from the last checkpoint",
+                        ours[0]), ours
+    assert not (run_dir / "run.json").exists() and not ray_processes(ray_tmpdir)
+
+    resumed = run_digits("train", "--resume", str(run_dir), timeout=400, env={"RAY_TMPDIR": ray_tmpdir})
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    run = json.loads((run_dir / "run.json").read_text())
+    assert [entry["epoch"] for entry in run["history"]] == [1, 2, 3]
+    assert run["restarts"][-1]["kind"] == "resume" and run["restarts"][-1]["resumed_after_epoch"] == 1
 
 
 @pytest.mark.timeout(300)
@@ -235,19 +289,20 @@ def test_a_checkpoint_whose_upload_was_cut_short_is_passed_over(tmp_path):
     """The newest checkpoint's model file truncated, as a killed upload leaves it: a new worker
     group resumes from the one before."""
     from digit_models.training.checkpoints import newest_complete, write_checkpoint
+    from digit_models.training.handoff import TrainingState
     from digit_models.runtime.tf_setup import keras
 
     model = keras.Sequential([keras.layers.Input((4,)), keras.layers.Dense(2)])
     for epoch in (1, 2):
         folder = tmp_path / "checkpoints" / f"checkpoint_{epoch}"
         folder.mkdir(parents=True)
-        write_checkpoint(str(folder), model, {"epochs_done": epoch, "history": []})
-    assert newest_complete(str(tmp_path))[0]["epochs_done"] == 2
+        write_checkpoint(str(folder), model, TrainingState(epochs_done=epoch))
+    assert newest_complete(str(tmp_path)).state.epochs_done == 2
     model_file = tmp_path / "checkpoints" / "checkpoint_2" / "model.keras"
     model_file.write_bytes(model_file.read_bytes()[:-100])
-    state, model_bytes = newest_complete(str(tmp_path))
-    assert state == {"epochs_done": 1, "history": []}
-    assert model_bytes == (tmp_path / "checkpoints" / "checkpoint_1" / "model.keras").read_bytes()
+    resumed = newest_complete(str(tmp_path))
+    assert resumed.state == TrainingState(epochs_done=1) and resumed.in_epoch is None
+    assert resumed.model_file == (tmp_path / "checkpoints" / "checkpoint_1" / "model.keras").read_bytes()
     (tmp_path / "checkpoints" / "checkpoint_1" / "state.json").unlink()
     assert newest_complete(str(tmp_path)) is None
 

@@ -1,9 +1,11 @@
 """Where Ray listens: an embedded Ray and cluster/local_cluster.sh's nodes on 127.0.0.1 only (as
 `ss -ltn` shows them while they run), with token authentication whatever the user's
-environment says, and no token file anyone else can read."""
+environment says, and no token file anyone else can read; and a one-worker run's training
+worker with no TensorFlow server on any interface."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -62,40 +64,53 @@ def _not_loopback(sockets: set[tuple[str, str]]) -> list[tuple[str, str]]:
 
 
 def test_an_embedded_run_listens_on_loopback_only_with_a_token_of_its_own(tmp_path, kaggle_dir):
-    """`digits train` on its embedded Ray, for a user who switched token authentication off and
-    has no ~/.ray: every socket of Ray's, in every process the command starts (GCS, raylet,
-    object manager, dashboard, agents, Ray Train's controller and worker, the driver), listens
-    on 127.0.0.1; Ray's processes demand a token that no file holds."""
+    """`digits train` with one worker on its embedded Ray, for a user who switched token
+    authentication off and has no ~/.ray: every listening socket, in every process the command
+    starts (GCS, raylet, object manager, dashboard, agents, Ray Train's controller and worker,
+    the driver), is on 127.0.0.1, looked at while the worker trains too; Ray's processes demand
+    a token that no file holds. A group of one worker runs TensorFlow's strategy without its
+    gRPC server, which would listen on every interface (README, "Safety")."""
     home = tmp_path / "home"
     home.mkdir()
     env = {**os.environ, "HOME": str(home), "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
+    run_dir = tmp_path / "run"
+    # The seed's CNN for a few epochs out of the target's reach: seconds of training on the
+    # slice, so that several looks fall within it.
     command = subprocess.Popen(
-        [sys.executable, "-m", "digit_models.cli", "train", "--model", "dense", "--data", str(kaggle_dir),
-         "--epochs", "1", "--workers", "1", "--out", str(tmp_path / "run")],
+        [sys.executable, "-m", "digit_models.cli", "train", "--model", "cnn", "--data", str(kaggle_dir),
+         "--epochs", "3", "--target", "1.0", "--workers", "1", "--out", str(run_dir)],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     sockets: set[tuple[str, str]] = set()
+    looks_at_the_worker = []  # (from, to): when a look that found the training worker began and ended
     ray_environments = {}
     deadline = time.time() + 300
     while command.poll() is None and time.time() < deadline:
+        began = time.time()
         tree = _process_tree(command.pid)
         sockets |= _listening(tree)
+        names = set()
         for pid in tree:
             try:
-                if Path(f"/proc/{pid}/comm").read_text().strip() in ("gcs_server", "raylet"):
+                names.add(name := Path(f"/proc/{pid}/comm").read_text().strip())
+                if name in ("gcs_server", "raylet"):
                     ray_environments[pid] = _environment(pid)
             except OSError:
                 continue  # gone meanwhile
-        time.sleep(0.5)
+        if "ray::RayTrainWo" in names:
+            looks_at_the_worker.append((began, time.time()))
+        time.sleep(0.2)
     stdout, stderr = command.communicate(timeout=60)
     assert command.returncode == 0, stderr[-2000:]
     assert {"gcs_server", "raylet"} <= {name for _, name in sockets}, sockets
     assert len(sockets) >= 6, sockets  # the dashboard, the agents and the workers were there too
-    # The one exception is not Ray's: TensorFlow's gRPC server for MultiWorkerMirroredStrategy's
-    # collectives, in the Ray Train worker, which TF 2.21 binds to every interface whatever
-    # address it is given (README, "Safety").
-    elsewhere = _not_loopback(sockets)
-    assert len(elsewhere) <= 1 and all(name == "ray::RayTrainWo" for _, name in elsewhere), elsewhere
+    assert _not_loopback(sockets) == []
+    run = json.loads((run_dir / "run.json").read_text())
+    origin, timeline = run["timeline_origin_unix"], run["timeline"]
+    training = (origin + timeline["first_step"], origin + timeline["training_ended"])
+    assert run["worker_groups"] == [1]
+    assert any(training[0] <= began and ended <= training[1] for began, ended in looks_at_the_worker), \
+        (training, looks_at_the_worker)
     assert len(ray_environments) == 2
     for environment in ray_environments.values():
         assert environment["RAY_AUTH_MODE"] == "token"

@@ -309,6 +309,7 @@ def dtype_policy():
 @pytest.mark.parametrize("model_name, policy, averaged", RUN_MODELS)
 def test_every_model_a_run_writes_loads(model_name, policy, averaged, tmp_path, dtype_policy, mnist_slice):
     from digit_models.training.checkpoints import load_with_optimizer, newest_complete, write_checkpoint
+    from digit_models.training.handoff import TrainingState
     from digit_models.config import TrainConfig
     from digit_models.training.worker import compiled_model
 
@@ -322,9 +323,9 @@ def test_every_model_a_run_writes_loads(model_name, policy, averaged, tmp_path, 
         variable.assign(rng.integers(1, 100, variable.shape).astype(variable.dtype.as_numpy_dtype))
     checkpoint = tmp_path / "checkpoints" / "checkpoint_000001"
     checkpoint.mkdir(parents=True)
-    write_checkpoint(str(checkpoint), model, {"epochs_done": 1, "history": []})
+    write_checkpoint(str(checkpoint), model, TrainingState(epochs_done=1))
 
-    _, model_file = newest_complete(str(tmp_path))
+    model_file = newest_complete(str(tmp_path)).model_file
     resumed = load_with_optimizer(model_file, "checkpoint")
     assert type(resumed.optimizer) is type(model.optimizer)
     for mine, saved in ((resumed.get_weights(), model.get_weights()),

@@ -108,7 +108,8 @@ def _no_traceback(stderr: str) -> None:
 def test_a_preempted_node_costs_no_steps(cluster, s3_server, s3_kaggle):
     """`ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION` with a deadline a few epochs away
     in epoch 3, the node killed at the deadline: the workers checkpoint in the middle of the epoch on the
-    notice, the restart counts as a preemption, and the new group resumes at the checkpoint's
+    notice, and again before the deadline unless the first is already the last; they wait from
+    the last, the restart counts as a preemption, and the new group resumes at that checkpoint's
     image, so no step is trained twice."""
     run = f"s3://{s3_server.bucket}/nodes/preempted"
     training = _train(cluster, *TRAIN_LONGER, "--workers", "2", "--min-workers", "1", "--data", s3_kaggle,
@@ -135,10 +136,12 @@ def test_a_preempted_node_costs_no_steps(cluster, s3_server, s3_kaggle):
     records = _attempts(s3_server, run)
     checkpoints = [entry for kind, entry in records if kind == "preemption"]
     assert checkpoints and checkpoints[0]["why"] == "notice" and len(checkpoints[0]["ranks"]) == 1
+    assert checkpoints[-1]["last"] and not any(entry["last"] for entry in checkpoints[:-1])
     assert restart["resumed_at_image"] == checkpoints[-1]["images_done"]
     assert restart["resumed_after_epoch"] == checkpoints[-1]["epoch"] - 1
+    then = "waiting for the node to go" if checkpoints[0]["last"] else "training on"
     assert any(line.startswith(f"preemption notice for worker(s) {checkpoints[0]['ranks'][0]}: checkpoint at ")
-               and line.endswith(", training on") for line in stdout.splitlines())
+               and line.endswith(f", {then}") for line in stdout.splitlines()), stdout
 
 
 @pytest.mark.timeout(900)

@@ -281,6 +281,29 @@ def test_evaluate_reports_the_official_mnist_test_subset(dense_scored, kaggle_di
 
 # ---------------------------------------------------------------------------- the CLI
 
+def test_evaluate_from_the_command_line_with_origin_and_json_where_asked(tmp_path, dense_scored, kaggle_dir):
+    """`digits evaluate` on a submission.csv, labels without test_origin.csv beside them: the
+    official subset only with --origin, the numbers in the --json file asked for, and the
+    accuracies those of the submission counted here."""
+    labels = tmp_path / "labels" / "test_labels.csv"
+    labels.parent.mkdir()
+    shutil.copy(kaggle_dir / "test_labels.csv", labels)
+    submission = dense_scored / "submission.csv"
+    truth = pd.read_csv(labels).merge(pd.read_csv(submission), on="ImageId", suffixes=("", "_predicted"))
+    right = truth["Label"] == truth["Label_predicted"]
+    official = pd.read_csv(kaggle_dir / "test_origin.csv").set_index("ImageId").loc[truth["ImageId"], "MnistSplit"] == "test"
+
+    plain = run_digits("evaluate", "--predictions", str(submission), "--labels", str(labels),
+                       "--json", str(tmp_path / "plain.json"))
+    with_origin = run_digits("evaluate", "--predictions", str(submission), "--labels", str(labels),
+                             "--origin", str(kaggle_dir / "test_origin.csv"), "--json", str(tmp_path / "origin.json"))
+    assert plain.returncode == with_origin.returncode == 0, plain.stderr + with_origin.stderr
+    assert plain.stdout.splitlines()[-1] == f"written to {tmp_path / 'plain.json'}"
+    plain, with_origin = (json.loads((tmp_path / name).read_text()) for name in ("plain.json", "origin.json"))
+    assert "official_mnist_test" not in plain and plain["accuracy"] == pytest.approx(right.mean())
+    assert with_origin["official_mnist_test"]["images"] == official.sum() == 1000
+    assert with_origin["official_mnist_test"]["accuracy"] == pytest.approx(right[official.to_numpy()].mean())
+
 def test_a_killed_predict_leaves_nothing_and_the_cli_rerun_completes(tmp_path, kaggle_dir, dense_run,
                                                                    shared_ray_env, ray_tmpdir):
     out, env = tmp_path / "out", {**shared_ray_env, "RAY_TMPDIR": ray_tmpdir}

@@ -65,6 +65,64 @@ def test_the_saved_model_is_portable_keras_and_predicts_real_digits(dense_run, k
     assert accuracy > 0.80, accuracy  # the dense net after 3 epochs on 1,800 real digits
 
 
+def test_model_keras_is_the_checkpoint_of_the_best_epoch(dense_run):
+    """--keep best, the default: model.keras is, byte for byte, the checkpoint of the epoch with
+    the best val_accuracy (the later of equals), and run.json says which epoch."""
+    run = json.loads((dense_run / "run.json").read_text())
+    assert run["model_epoch"] == max((entry["val_accuracy"], entry["epoch"]) for entry in run["history"])[1]
+    states = {json.loads(state.read_text())["epochs_done"]: state.parent
+              for state in (dense_run / "checkpoints").glob("*/state.json")}
+    assert (states[run["model_epoch"]] / "model.keras").read_bytes() == (dense_run / "model.keras").read_bytes()
+
+
+@pytest.mark.parametrize("keep, chosen", [("best", "epoch 2"), ("last", "epoch 4")])
+def test_the_kept_checkpoint_is_the_best_validated_epoch_or_the_last(keep, chosen):
+    """Among what Ray Train kept: a checkpoint taken within an epoch (on a preemption notice)
+    is never the model, whatever it scores; of equal scores the later epoch; --keep last, the
+    last epoch."""
+    from types import SimpleNamespace
+
+    from digit_models.training.driver import kept_checkpoint
+    from digit_models.training.handoff import MODEL_SCORE, UNVALIDATED
+
+    kept = [("epoch 1", {"epoch": 1, MODEL_SCORE: 0.97}), ("epoch 2", {"epoch": 2, MODEL_SCORE: 0.98}),
+            ("epoch 3", {"epoch": 3, "in_epoch": {"images_done": 64}, MODEL_SCORE: 0.99}),
+            ("epoch 4", {"epoch": 4, MODEL_SCORE: 0.96}), ("epoch 0", {"epoch": 0, MODEL_SCORE: 0.98})]
+    result = SimpleNamespace(best_checkpoints=kept, checkpoint="epoch 4", metrics=kept[3][1])
+    assert kept_checkpoint(result, TrainConfig(keep=keep))[0] == chosen
+    unvalidated = SimpleNamespace(best_checkpoints=[(f"epoch {n}", {"epoch": n, MODEL_SCORE: UNVALIDATED})
+                                                    for n in (2, 3, 1)], checkpoint="epoch 3", metrics={})
+    assert kept_checkpoint(unvalidated, TrainConfig(keep=keep))[0] == "epoch 3"
+
+
+def test_a_resume_refuses_train_csv_changed_since_the_start_and_touches_nothing(tmp_path, dense_run, kaggle_dir):
+    """An unfinished run whose train.csv has had one pixel changed since it started: --resume
+    is one line naming the file, exit 2, before Ray starts, and the run folder is as it was."""
+    import shutil
+
+    run, data = tmp_path / "run", tmp_path / "data"
+    shutil.copytree(dense_run, run)
+    for finished in ("run.json", "model.keras"):
+        (run / finished).unlink()
+    data.mkdir()
+    rows = (kaggle_dir / "train.csv").read_text().splitlines(keepends=True)
+    label, first_pixel, rest = rows[1].split(",", 2)
+    rows[1] = ",".join([label, str(255 - int(first_pixel)), rest])
+    (data / "train.csv").write_text("".join(rows))
+    started = json.loads((run / "started.json").read_text())
+    started["config"]["data"] = str(data)
+    (run / "started.json").write_text(json.dumps(started))
+    before = {path: path.read_bytes() for path in run.rglob("*") if path.is_file()}
+
+    done = subprocess.run([sys.executable, "-m", "digit_models.cli", "train", "--resume", str(run)],
+                          capture_output=True, text=True, timeout=120, cwd=Path(__file__).parent.parent)
+    assert done.returncode == 2 and done.stdout == "", done.stderr
+    [line] = done.stderr.splitlines()
+    assert line.startswith(f"digits: error: {data / 'train.csv'}: changed since the run started (sha256 ")
+    assert line.endswith(f"was {started['data']['sha256']}); cannot resume on different data")
+    assert {path: path.read_bytes() for path in run.rglob("*") if path.is_file()} == before
+
+
 def test_a_run_dir_is_never_reused(dense_run, kaggle_dir):
     from digit_models.errors import DigitsError
 
@@ -133,6 +191,7 @@ def test_workers_with_different_local_metrics_stop_at_the_same_epoch(tmp_path, r
 ])
 def test_the_budget_plans_the_epochs_that_fit_from_the_epochs_timed_so_far(first_epoch_end_s, scoring, plans):
     """The planner alone, on an injected clock: real Keras callback and schedule, one replica."""
+    from digit_models.training.handoff import TrainingState
     from digit_models.training.schedule import TimeBudget, WarmupCosine
     from digit_models.runtime.tf_setup import keras, tf
 
@@ -141,7 +200,7 @@ def test_the_budget_plans_the_epochs_that_fit_from_the_epochs_timed_so_far(first
                          time_budget=1.0, scoring_reserve=scoring)
     model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
     model.compile(optimizer=keras.optimizers.Adam(WarmupCosine(0.1, warmup_steps=steps, total_steps=steps)))
-    state, now = {"history": []}, [0.0]
+    state, now = TrainingState(), [0.0]
     budget = TimeBudget(tf.distribute.get_strategy(), config, state, steps, images_per_epoch=1_000, rank=0,
                         world=1, command_started=0.0, resumed=False, clock=lambda: now[0])
     budget.set_model(model)
@@ -149,12 +208,12 @@ def test_the_budget_plans_the_epochs_that_fit_from_the_epochs_timed_so_far(first
     while not model.stop_training:
         epoch_s = first_epoch_end_s - 5.0 if epoch == 0 else 4.0
         now[0] = first_epoch_end_s + 4.0 * epoch
-        state["history"].append({"epoch": epoch + 1, "epoch_s": epoch_s})
+        state.history.append({"epoch": epoch + 1, "epoch_s": epoch_s})
         budget.on_epoch_end(epoch)
         epoch += 1
-    sizing = state["time_budget"]
+    sizing = state.time_budget
     assert sizing["plans"] == plans and sizing["epochs_planned"] == plans[-1] == epoch
-    assert state["stop_reason"] == f"time budget: {epoch} epochs fit in 1 min"
+    assert state.stop_reason == f"time budget: {epoch} epochs fit in 1 min"
     assert float(model.optimizer._learning_rate.total_steps.numpy()) == epoch * steps
 
 

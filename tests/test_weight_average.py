@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from digit_models.training.checkpoints import write_checkpoint
+from digit_models.training.handoff import TrainingState
 from digit_models.config import TrainConfig
 from digit_models.storage.run_dir import RunDir
 from digit_models.runtime.tf_setup import keras
@@ -33,7 +34,7 @@ class _Epochs(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         self.end.append((_weights(self.model), _averages(self.model)))
         (self.checkpoints / str(epoch)).mkdir()
-        write_checkpoint(str(self.checkpoints / str(epoch)), self.model, {"epochs_done": epoch + 1})
+        write_checkpoint(str(self.checkpoints / str(epoch)), self.model, TrainingState(epochs_done=epoch + 1))
 
 
 def _assert_same(left, right):

@@ -51,7 +51,10 @@ NOISE = re.compile(
     r"|^The error could be from a previous operation\. Restart your program to reset"
     # A lost node: what the GCS says as it gives up on it (retold below) and on its resources.
     r"|^\s*\(\d\) raylet (crashes unexpectedly|has lagging heartbeats)"
-    r"|gcs_placement_group_scheduler\.cc:\d+\S* Failed to (remove|cancel|return)")
+    r"|gcs_placement_group_scheduler\.cc:\d+\S* Failed to (remove|cancel|return)"
+    # The raylet's advice when a node runs more Python processes than CPUs: a search's trials
+    # each have a driver, a Ray Train controller and a queue besides their workers, by design.
+    r"|PYTHON worker processes have been started on node")
 
 
 @contextmanager
@@ -134,6 +137,14 @@ FAILED = "Error in training function:"
 # placement-group cleaner prints a traceback when it cannot find the State API (a machine with
 # two Rays), and has nothing to say to a user otherwise.
 RAY_TRAIN_ACTORS = ("TrainController", "PlacementGroupCleaner")
+# More actors whose output stays in Ray's logs, named by the commands that start them (`digits
+# tune`'s trial actors and report queues, whose stops are the search's own doing).
+_quiet_actors: set[str] = set()
+
+
+def quiet_actors(*names: str) -> None:
+    """Keeps the output of the actors of these (class) names off the console from now on."""
+    _quiet_actors.update(names)
 
 SAY = "digits-say "  # a worker's line for the console
 PROGRESS = "digits-progress "  # a worker's progress message (JSON)
@@ -182,6 +193,10 @@ class LiveLine:
         self._stream, self._terminal = stream, terminal  # default: sys.stdout as it is when used
         self.log_every_s, self.clock = log_every_s, clock
         self.formatter = None  # message -> {"text", "left_s"}, for messages without a `text`
+        # Whether our workers' lines and progress reach the console: a search (`digits tune`)
+        # says what its trials do itself, as its trials' workers' lines would not say which
+        # trial they are of.
+        self.from_workers = True
         self.shown, self.logged_at = False, None
         self.lock = threading.Lock()
 
@@ -247,16 +262,18 @@ def filter_worker_output() -> None:
     def print_filtered(batch: dict, print_logs=printers[0]) -> None:
         lines, pid = [], batch.get("pid")
         actor = batch.get("actor_name") or ""
-        from_controller = any(name in actor for name in RAY_TRAIN_ACTORS)
+        kept_in_logs = any(name in actor for name in (*RAY_TRAIN_ACTORS, *_quiet_actors))
         for line in batch.get("lines", []):
-            if pid in failed or from_controller and not line.startswith(SAY):
+            if pid in failed or kept_in_logs and not line.startswith(SAY):
                 continue
             if line.startswith(FAILED):
                 failed.add(pid)
             elif line.startswith(SAY):
-                live.line(line[len(SAY):])
+                if live.from_workers:
+                    live.line(line[len(SAY):])
             elif line.startswith(PROGRESS):
-                live.progress(json.loads(line[len(PROGRESS):]))
+                if live.from_workers:
+                    live.progress(json.loads(line[len(PROGRESS):]))
             else:
                 lines.append(line)
         lines = _shown(lines)

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 from digit_models.errors import DigitsError
 from digit_models.scoring.evaluation import evaluate
-from digit_models.storage.files import (Folder, parent_and_name, require_output_folder, without_credentials,
+from digit_models.storage.files import (Folder, require_output_folder, shown_name, without_credentials,
                                  writing_into)
 from digit_models.storage.kaggle_csv import NUM_CLASSES
 from digit_models.scoring.predict import RECORD_FILE, read_back
@@ -288,7 +288,7 @@ def _page(run: dict, run_dir: str, evaluation: dict | None, scoring: dict | None
     sections += [f'<figure><img alt="{name}" src="data:image/png;base64,'
                  f'{base64.b64encode(content).decode()}"><figcaption>{name}</figcaption></figure>'
                  for name, content in pngs.items()]
-    name = parent_and_name(without_credentials(run_dir))[1]
+    name = shown_name(run_dir)
     title = html.escape(f"Report: {run.get('model', 'model')} run {name}")
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
             "<style>body{font-family:sans-serif;max-width:1000px;margin:2em auto}"

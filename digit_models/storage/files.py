@@ -86,6 +86,11 @@ def parent_and_name(location: str) -> tuple[str, str]:
     return (parent or ("/" if base.startswith("/") else ".")) + query, name
 
 
+def shown_name(location: str) -> str:
+    """The last part of a location, as titles and names show it: without credentials."""
+    return parent_and_name(without_credentials(location))[1]
+
+
 def filesystem(location: str) -> tuple[pafs.FileSystem, str]:
     """The pyarrow filesystem and the path within it; local paths become absolute. An S3
     location is checked to be reachable with the settings given (once per bucket and

@@ -3,8 +3,14 @@
 Ray's TensorflowTrainer lives in a package whose `__init__` imports TensorFlow, so the driver
 and Ray Train's controller, which only start the workers, would each spend seconds importing
 it before the first step (BENCHMARKS.md, start-up). This does the same job as Ray's TensorFlow
-backend: before train_func runs, every worker gets TF_CONFIG, the list of all workers'
-addresses that MultiWorkerMirroredStrategy connects by, and its own index in it.
+backend: before train_func runs, every worker of a group of several gets TF_CONFIG, the list
+of all workers' addresses that MultiWorkerMirroredStrategy connects by, and its own index in it.
+
+A group of one worker (a 1-worker run, or an elastic group that shrank to one) gets no
+TF_CONFIG, and loses any it inherited: MultiWorkerMirroredStrategy then runs on the worker's
+own devices, with the same collectives between them, and starts no gRPC server. TensorFlow binds
+that server to every interface whatever address TF_CONFIG gives (README, "Safety"), so a group
+of one, which has no peer to reach, opens no port at all.
 """
 
 from __future__ import annotations
@@ -88,6 +94,10 @@ ABORT_TIMEOUT_S = 30
 
 class _MultiWorkerTensorflowBackend(Backend):
     def on_start(self, worker_group, backend_config: MultiWorkerTensorflowConfig) -> None:
+        """Called by Ray Train at every worker group's start, restarts and resizes too."""
+        if len(worker_group) == 1:
+            worker_group.execute(_clear_tf_config)
+            return
         addresses = worker_group.execute(_free_address)
         ray.get([worker_group.execute_single_async(index, _set_tf_config, addresses, index)
                  for index in range(len(addresses))])
@@ -106,3 +116,7 @@ def _free_address() -> str:
 def _set_tf_config(addresses: list[str], index: int) -> None:
     os.environ["TF_CONFIG"] = json.dumps({"cluster": {"worker": addresses},
                                           "task": {"type": "worker", "index": index}})
+
+
+def _clear_tf_config() -> None:
+    os.environ.pop("TF_CONFIG", None)

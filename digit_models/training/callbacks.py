@@ -18,7 +18,8 @@ import ray.train
 
 from digit_models.training import attempts
 from digit_models.training.checkpoints import write_checkpoint
-from digit_models.config import TrainConfig, epochs_planned
+from digit_models.training.handoff import MODEL_SCORE, UNVALIDATED, TrainingState
+from digit_models.config import TrainConfig
 from digit_models.runtime.console import report_progress, say
 from digit_models.errors import DigitsError
 
@@ -83,12 +84,12 @@ class EpochHistory(keras.callbacks.Callback):
     """Per epoch: metrics, throughput and times into the run's history, and whether and why
     training stops (decided here, once, for the checkpoint and the record)."""
 
-    def __init__(self, config: TrainConfig, state: dict, target_stop: SynchronizedTargetStop,
+    def __init__(self, config: TrainConfig, state: TrainingState, target_stop: SynchronizedTargetStop,
                  images_per_epoch: int, timeline: dict):
         super().__init__()
         self.config, self.state, self.target_stop = config, state, target_stop
         self.images_per_epoch, self.timeline = images_per_epoch, timeline
-        self.started = time.perf_counter() - sum(e["epoch_s"] for e in state["history"])
+        self.started = time.perf_counter() - sum(e["epoch_s"] for e in state.history)
 
     def on_train_batch_begin(self, batch, logs=None):
         self.timeline.setdefault("first_step", time.time())
@@ -106,18 +107,18 @@ class EpochHistory(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         now = time.perf_counter()
         train_s = (self.train_ended or now) - self.epoch_started
-        self.state["history"].append({
+        self.state.history.append({
             "epoch": epoch + 1, **{k: float(v) for k, v in (logs or {}).items()},
             "images_per_s": self.images_per_epoch / train_s,
             "learning_rate": float(keras.backend.get_value(self.model.optimizer.learning_rate)),
             "epoch_s": now - self.epoch_started, "elapsed_s": now - self.started,
             "ended_unix": time.time()})
-        self.state["epochs_done"] = epoch + 1
+        self.state.epochs_done = epoch + 1
         if self.target_stop.reached_at_epoch is not None:
-            self.state["stop_reason"] = (f"target reached at epoch {epoch + 1} "
+            self.state.stop_reason = (f"target reached at epoch {epoch + 1} "
                                          f"({self.config.target_metric} >= {self.config.target})")
         elif epoch + 1 >= self.config.epochs:
-            self.state["stop_reason"] = "epochs exhausted"
+            self.state.stop_reason = "epochs exhausted"
 
 
 class Checkpointing(keras.callbacks.Callback):
@@ -127,24 +128,25 @@ class Checkpointing(keras.callbacks.Callback):
     `epoch_layout` is a context in which the model's weights are as an epoch's end leaves
     them (WeightAverage's average swapped in), so a mid-epoch checkpoint resumes like any."""
 
-    def __init__(self, rank: int, state: dict, before_report=None, epoch_layout=nullcontext):
+    def __init__(self, rank: int, state: TrainingState, before_report=None, epoch_layout=nullcontext):
         super().__init__()
         self.rank, self.state, self.before_report = rank, state, before_report
         self.epoch_layout = epoch_layout
 
     def on_epoch_end(self, epoch, logs=None):
-        self._save(self.state, {**self.state["history"][-1], "stop_reason": self.state.get("stop_reason")},
-                   before_report=self.before_report)
+        metrics = self.state.history[-1]
+        self._save({**metrics, "stop_reason": self.state.stop_reason,
+                    MODEL_SCORE: metrics.get("val_accuracy", UNVALIDATED)}, before_report=self.before_report)
 
     def save_mid_epoch(self, epoch: int, images_done: int) -> None:
         in_epoch = {"epoch": epoch + 1, "images_done": images_done}
         with self.epoch_layout():
-            self._save({**self.state, "in_epoch": in_epoch},
-                       {"epoch": self.state["epochs_done"], "in_epoch": in_epoch})
+            self._save({"epoch": self.state.epochs_done, "in_epoch": in_epoch, MODEL_SCORE: UNVALIDATED},
+                       in_epoch=in_epoch)
 
-    def _save(self, state: dict, metrics: dict, before_report=None) -> None:
+    def _save(self, metrics: dict, before_report=None, in_epoch: dict | None = None) -> None:
         with tempfile.TemporaryDirectory(prefix="digits-ckpt-") as directory:
-            write_checkpoint(directory, self.model, state)
+            write_checkpoint(directory, self.model, self.state, in_epoch)
             if before_report:
                 before_report()
             checkpoint = ray.train.Checkpoint.from_directory(directory) if self.rank == 0 else None
@@ -160,10 +162,11 @@ class PreemptionNotice(keras.callbacks.Callback):
     """Ray Train's advance notice that a node of the run is being preempted (a spot reclaim,
     `ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION`), asked every PREEMPTION_CHECK_STEPS
     steps by every worker alike (the question is a barrier). On a notice: a checkpoint at once,
-    in the middle of the epoch, then training goes on; once the deadline is nearer than a
-    checkpoint and a round of steps take (all workers decide together), a last checkpoint, and
-    the workers wait for Ray Train to restart the run without the node, which resumes at that
-    checkpoint's image. So the steps lost are none, and the time lost is the wait. Either
+    in the middle of the epoch. Then, right after it and at every later check, all workers
+    decide together whether the deadline could come before the next check's checkpoint is
+    saved; once it could, the checkpoint just taken (or one taken now) is the last, and the
+    workers wait for Ray Train to restart the run without the node, which resumes at that
+    checkpoint's image. So the steps lost are none, and the time lost is the wait. A
     checkpoint falling on an epoch's last step is the epoch's own, which comes right after."""
 
     steps_done = 0
@@ -175,10 +178,15 @@ class PreemptionNotice(keras.callbacks.Callback):
         self.global_batch, self.run_location = global_batch, run_location
         self.epoch_start = 0  # the image of its epoch that fit()'s first epoch starts at
         self.notice = None
-        self.saved_s = self.round_s = 0.0
+        self.saved_s = 0.0
+        # How far the next check can be: the longest time between two checks (the first
+        # round, which holds tf.function's tracing, counts only until another is measured), and
+        # past an epoch's end, the longest time from its last step to the end of its validation
+        # and checkpoint.
+        self.first_round_s = self.longest_round_s = self.epoch_end_s = 0.0
         self.steps_before_epoch = self.checked_at = 0
-        self.round_started = time.monotonic()
-        self.at_epoch_end = None  # a checkpoint's reason, left to the epoch's own checkpoint
+        self.round_started = self.last_step_ended = time.monotonic()
+        self.at_epoch_end = None  # (why, last): a checkpoint left to the epoch's own
         # What the questions cost, for run.json: their number and seconds, and the steps between.
         self.cost = {"every_steps": PREEMPTION_CHECK_STEPS, "checks": 0, "check_s": 0.0}
 
@@ -186,61 +194,84 @@ class PreemptionNotice(keras.callbacks.Callback):
         self.epoch = epoch
 
     def on_epoch_end(self, epoch, logs=None):
+        # Checkpointing, earlier in fit()'s callbacks, has saved the epoch by now.
+        self.epoch_end_s = max(self.epoch_end_s, time.monotonic() - self.last_step_ended)
         self.epoch_start = 0
         self.steps_before_epoch = self.steps_done
-        if self.at_epoch_end:  # Checkpointing, earlier in fit()'s callbacks, has saved the epoch
-            why, self.at_epoch_end = self.at_epoch_end, None
-            self._recorded(why, epoch + 2, 0)
-            if why == "deadline":
+        if self.at_epoch_end:
+            (why, last), self.at_epoch_end = self.at_epoch_end, None
+            self._recorded(why, epoch + 2, 0, last)
+            if last:
                 self._wait_then_ask_again()
 
     def on_train_batch_end(self, batch, logs=None):
         # Counted across epochs (an epoch can be shorter than the cadence); fit() calls this
         # after each execution of several steps, at the same steps on every worker.
+        self.last_step_ended = time.monotonic()
         self.steps_done = self.steps_before_epoch + batch + 1
         if self.steps_done - self.checked_at < PREEMPTION_CHECK_STEPS:
             return
         self.checked_at = self.steps_done
-        now = time.monotonic()
-        self.round_s, self.round_started = now - self.round_started, now
+        self._round_ended()
         if self.notice is None:
+            started = time.monotonic()
             self.notice = ray.train.get_preemption_info()
-            asked = time.monotonic() - now
+            asked = time.monotonic() - started
             self.cost["checks"] += 1
             self.cost["check_s"] += asked
             self.round_started += asked
             if self.notice is not None:
                 self._checkpoint(batch, "notice")
-            return
-        votes = all_reduce_sum(self.strategy, [float(self._left_s() < 2 * (self.saved_s + self.round_s) + 2)])[0]
-        if votes:
+        elif self._deadline_near(batch):
             self._checkpoint(batch, "deadline")
 
+    def _round_ended(self) -> None:
+        now = time.monotonic()
+        if self.first_round_s:
+            self.longest_round_s = max(self.longest_round_s, now - self.round_started)
+        else:
+            self.first_round_s = now - self.round_started
+        self.round_started = now
+
     def _checkpoint(self, batch: int, why: str) -> None:
+        """A checkpoint at this step, the last if the deadline is near; after it, on a
+        notice, training goes on; after the last, the workers wait."""
         if batch + 1 >= self.params["steps"]:  # the epoch's last step: its own checkpoint is next
-            self.at_epoch_end = why
+            self.at_epoch_end = (why, why == "deadline" or self._deadline_near(batch))
             return
         started = time.monotonic()
         images_done = self.epoch_start + (batch + 1) * self.global_batch
         self.checkpointing.save_mid_epoch(self.epoch, images_done)
         self.saved_s = time.monotonic() - started
-        self._recorded(why, self.epoch + 1, images_done)
-        if why == "deadline":
+        last = why == "deadline" or self._deadline_near(batch)
+        self._recorded(why, self.epoch + 1, images_done, last)
+        if last:
             self._wait_then_ask_again()
 
-    def _recorded(self, why: str, epoch: int, images_done: int) -> None:
+    def _deadline_near(self, batch: int) -> bool:
+        """Whether, on any worker's reckoning, the deadline could come before the next check
+        and its checkpoint are done, with a margin of twice that time and 2 s (all workers
+        take part)."""
+        next_check_s = self.longest_round_s or self.first_round_s
+        if self.params["steps"] - (batch + 1) < PREEMPTION_CHECK_STEPS:  # the epoch ends first
+            next_check_s += self.epoch_end_s
+        near = self._left_s() < 2 * (self.saved_s + next_check_s) + 2
+        return bool(all_reduce_sum(self.strategy, [float(near)])[0])
+
+    def _recorded(self, why: str, epoch: int, images_done: int, last: bool) -> None:
         """The checkpoint on record (epoch, 1-based, and image within it that a restart resumes
         at), and a notice on the console."""
         if self.rank != 0:
             return
         attempts.record(self.run_location, "preemption", {
-            "why": why, "epoch": epoch, "images_done": images_done,
+            "why": why, "epoch": epoch, "images_done": images_done, "last": last,
             "deadline_ms": self.notice.deadline_ms, "checkpoint_s": round(self.saved_s, 2),
             "nodes": self.notice.preempted_node_ids, "ranks": self.notice.preempted_ranks})
         if why == "notice":
             where = f"image {images_done:,} of epoch {epoch}" if images_done else f"the end of epoch {epoch - 1}"
+            then = "waiting for the node to go" if last else "training on"
             say(f"preemption notice for worker(s) {', '.join(map(str, self.notice.preempted_ranks))}: "
-                f"checkpoint at {where}, training on")
+                f"checkpoint at {where}, {then}")
 
     def _left_s(self) -> float:
         return self.notice.deadline_ms / 1000 - time.time() if self.notice.deadline_ms else math.inf
@@ -301,7 +332,7 @@ class ProgressLine(keras.callbacks.Callback):
     far it is every `every_s` seconds (the driver's live line). Epochs count up to the time
     budget's plan once there is one."""
 
-    def __init__(self, epochs: int, steps: int, state: dict, every_s: float = 2.0,
+    def __init__(self, epochs: int, steps: int, state: TrainingState, every_s: float = 2.0,
                  longer_than_s: float = 30.0):
         super().__init__()
         self.epochs, self.steps, self.state = epochs, steps, state
@@ -324,11 +355,11 @@ class ProgressLine(keras.callbacks.Callback):
                         left_s=round(left, 1))
 
     def on_epoch_end(self, epoch, logs=None):
-        say(progress_line(self.state["history"][-1], self.planned))
+        say(progress_line(self.state.history[-1], self.planned))
 
     @property
     def planned(self) -> int:
-        return epochs_planned(self.state, self.epochs)
+        return self.state.epochs_planned(self.epochs)
 
 
 def progress_line(entry: dict, epochs: int) -> str:

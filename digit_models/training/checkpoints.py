@@ -14,16 +14,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 from digit_models.errors import DigitsError
 from digit_models.nets.model_file import load_model_bytes
 from digit_models.storage.files import RECORD_BYTES, Folder
 from digit_models.storage.run_dir import RunDir
+from digit_models.training.handoff import TrainingState
 
 
-def write_checkpoint(directory: str, model, state: dict) -> None:
-    """The model (with its optimizer state) and the run's state, into a local folder."""
+def write_checkpoint(directory: str, model, state: TrainingState, in_epoch: dict | None = None) -> None:
+    """The model (with its optimizer state) and the run's state, into a local folder; for a
+    checkpoint taken within an epoch, which epoch and how many of its images are done."""
     model_file = Path(directory, RunDir.MODEL)
     # The format named explicitly: tf-keras keeps "use the .keras format" in a thread-local
     # that its first save resets to False in a non-main thread (Ray Train's), after which a
@@ -31,7 +34,8 @@ def write_checkpoint(directory: str, model, state: dict) -> None:
     model.save(model_file, save_format="keras_v3")
     written = model_file.read_bytes()
     Path(directory, RunDir.STATE).write_text(json.dumps(
-        {**state, "model_bytes": len(written), "model_sha256": hashlib.sha256(written).hexdigest()}))
+        {**state.to_record(), **({"in_epoch": in_epoch} if in_epoch else {}),
+         "model_bytes": len(written), "model_sha256": hashlib.sha256(written).hexdigest()}))
 
 
 def load_with_optimizer(model_file: bytes, name: str):
@@ -43,8 +47,15 @@ def load_with_optimizer(model_file: bytes, name: str):
     return load_model_bytes(model_file, name, compile=True)
 
 
-def newest_complete(run_location: str) -> tuple[dict, bytes] | None:
-    """The state and model file of the run's checkpoint with the most epochs done whose model
+@dataclass(frozen=True)
+class SavedCheckpoint:
+    state: TrainingState
+    in_epoch: dict | None  # a checkpoint taken within an epoch: {"epoch", "images_done"}
+    model_file: bytes
+
+
+def newest_complete(run_location: str) -> SavedCheckpoint | None:
+    """The run's checkpoint with the most epochs (and images of the next) done whose model
     file is whole; None when there is none (a run from scratch)."""
     checkpoints = Folder(RunDir(run_location).child(RunDir.CHECKPOINTS))
     found = []
@@ -61,7 +72,6 @@ def newest_complete(run_location: str) -> tuple[dict, bytes] | None:
             model = Folder(checkpoints.child(name)).read_bytes(RunDir.MODEL)
         except OSError:
             continue
-        if (len(model) == state.pop("model_bytes", None)
-                and hashlib.sha256(model).hexdigest() == state.pop("model_sha256", None)):
-            return state, model
+        if len(model) == state.get("model_bytes") and hashlib.sha256(model).hexdigest() == state.get("model_sha256"):
+            return SavedCheckpoint(TrainingState.from_record(state), state.get("in_epoch"), model)
     return None

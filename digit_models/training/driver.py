@@ -22,33 +22,34 @@ import numpy as np
 
 import digit_models
 from digit_models.training import mlflow_log
-from digit_models.config import TrainConfig, epochs_planned
+from digit_models.config import TrainConfig
 from digit_models.runtime.cpu_features import require_bfloat16_cpu
 from digit_models.errors import DigitsError
 from digit_models.storage.files import file_sha256
 from digit_models.storage.kaggle_csv import read_train_csv, resolve_train_csv
 from digit_models.runtime.ray_runtime import cluster_address, cpus_per_process, ray_session
 from digit_models.storage.run_dir import RunDir
-from digit_models.training.handoff import Shares, WorkerInputs
+from digit_models.training.handoff import MODEL_SCORE, UNVALIDATED, Shares, WorkerInputs, WorkerOutcome
 
 
-def train(config: TrainConfig, address: str | None = None) -> dict:
+def train(config: TrainConfig, address: str | None = None, callbacks: tuple = ()) -> dict:
     """Trains on Ray and writes RUN_DIR/model.keras and run.json; returns run.json's content.
 
     Input is read and validated before Ray starts or anything is written. Ray is the one
     already connected, else the cluster at `address`, else an embedded local one. While the
     run trains, RUN_DIR holds started.json (what `resume` needs) and Ray's checkpoints;
     model.keras and then run.json appear only at the end, each atomically, so a run dir
-    without run.json is an unfinished run.
+    without run.json is an unfinished run. `callbacks`: more Ray Train callbacks for the run
+    (`digits tune` passes the one that hands each epoch's metrics to Ray Tune).
     """
     called = time.time()
     config.validate()
     run_dir = RunDir(config.out)
     run_dir.require_new()
-    return _run(config, run_dir, address, started=None, called=called)
+    return _run(config, run_dir, address, started=None, called=called, callbacks=callbacks)
 
 
-def resume(run_dir: str, address: str | None = None) -> dict:
+def resume(run_dir: str, address: str | None = None, callbacks: tuple = ()) -> dict:
     """Continues an unfinished run (driver stopped by Ctrl-C, SIGTERM or a lost machine) from
     its last checkpoint, with its original configuration and the same training data."""
     called = time.time()
@@ -59,10 +60,10 @@ def resume(run_dir: str, address: str | None = None) -> dict:
     except (TypeError, KeyError) as exc:
         raise DigitsError(f"{folder.child(folder.STARTED)}: unreadable ({exc})") from None
     config.validate()
-    return _run(config, folder, address, started=started, called=called)
+    return _run(config, folder, address, started=started, called=called, callbacks=callbacks)
 
 
-def train_func(loop_config: dict) -> dict:
+def train_func(loop_config: dict) -> WorkerOutcome:
     """What every Ray Train worker runs (training/worker.py, imported there: TensorFlow is loaded
     by the workers, not by whoever unpickles this function)."""
     from digit_models.training.worker import run_worker
@@ -71,7 +72,7 @@ def train_func(loop_config: dict) -> dict:
 
 
 def _run(config: TrainConfig, run_dir: RunDir, address: str | None, started: dict | None,
-         called: float) -> dict:
+         called: float, callbacks: tuple) -> dict:
     train_csv = resolve_train_csv(config.data)
     digits = read_train_csv(train_csv, limit=config.limit)
     data_sha256 = file_sha256(train_csv)
@@ -99,7 +100,7 @@ def _run(config: TrainConfig, run_dir: RunDir, address: str | None, started: dic
         from digit_models.training.attempts import FailureRecorder, WorkerGroupWatch, group_sizes, restarts
         from digit_models.training.backend import tensorflow_trainer
 
-        now = _utc(clock)
+        now = utc(clock)
         if started:
             started["resumed_at"].append(now)
         else:
@@ -137,18 +138,20 @@ def _run(config: TrainConfig, run_dir: RunDir, address: str | None, started: dic
                 name=RunDir.CHECKPOINTS, storage_path=run_dir.location,
                 failure_config=ray.train.FailureConfig(max_failures=config.max_failures,
                                                        max_preemption_failures=config.max_preemptions),
-                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-                callbacks=[FailureRecorder(run_dir.location)],
+                checkpoint_config=checkpoint_config(config),
+                callbacks=[FailureRecorder(run_dir.location), *callbacks],
                 logging_config=ray.train.LoggingConfig(log_level="WARNING")),
         )
         fit_called = time.time()
         result = trainer.fit()
         fit_returned = time.time()
-    outcome = result.return_value
+    outcome: WorkerOutcome = result.return_value
+    state = outcome.state
+    kept, kept_metrics = kept_checkpoint(result, config)
     with tempfile.TemporaryDirectory(prefix="digits-model-") as staging:
-        result.checkpoint.to_directory(staging)
+        kept.to_directory(staging)
         run_dir.write_bytes(RunDir.MODEL, Path(staging, RunDir.MODEL).read_bytes())
-    workers = outcome["workers"]  # the last worker group's
+    workers = outcome.workers  # the last worker group's
     summary = {
         "model": config.model,
         "workers": workers,
@@ -159,24 +162,25 @@ def _run(config: TrainConfig, run_dir: RunDir, address: str | None, started: dic
         "collective": "NCCL" if config.gpus_per_worker else "RING",
         "all_reduce_dtype": config.gradient_dtype if workers > 1 else None,
         "learning_rate_per_update": config.step_learning_rate(workers),
-        "epochs_planned": epochs_planned(outcome, config.epochs),
-        "epochs_run": outcome["epochs_done"],
-        **({"time_budget": outcome["time_budget"]} if "time_budget" in outcome else {}),
-        "stop_reason": outcome["stop_reason"],
-        "history": outcome["history"],
-        "shards": outcome["shards"],
-        "worker_process": outcome["worker_process"],  # rank 0's CPUs (threads), niceness, dtype policy
+        "epochs_planned": state.epochs_planned(config.epochs),
+        "epochs_run": state.epochs_done,
+        **({"time_budget": state.time_budget} if state.time_budget is not None else {}),
+        "stop_reason": state.stop_reason,
+        "history": state.history,
+        "shards": outcome.shards,
+        "worker_process": outcome.worker_process,  # rank 0's CPUs (threads), niceness, dtype policy
         "restarts": restarts(run_dir.location),
         # Rank 0's questions for a preemption notice in the last group: how many, their
         # seconds in all, and the steps between two (BENCHMARKS.md weighs them against a step).
-        "preemption_checks": {**outcome["preemption_checks"],
-                              "check_s": round(outcome["preemption_checks"]["check_s"], 3)},
+        "preemption_checks": {**outcome.preemption_checks,
+                              "check_s": round(outcome.preemption_checks["check_s"], 3)},
         **({"fault_injected": ",".join(f"{moment}:{epoch}:{rank}" for moment, epoch, rank in faults)}
            if faults else {}),
         "data": started["data"],
         "config": asdict(config),
         "versions": library_versions(),
         "model_file": RunDir.MODEL,
+        "model_epoch": kept_metrics["epoch"],  # the epoch model.keras is the end of (--keep)
         "tensorboard": RunDir.TENSORBOARD,
         "mlflow_run_id": mlflow_run_id,
         "started_at": started["started_at"],
@@ -187,12 +191,38 @@ def _run(config: TrainConfig, run_dir: RunDir, address: str | None, started: dic
         "timeline_origin_unix": round(called, 3),
         "timeline": {name: round(at - called, 2) for name, at in {
             "data_read": clock, "ray_started": ray_started, "trainer_started": fit_called,
-            **outcome["timeline"], "trainer_returned": fit_returned, "finished": time.time()}.items()},
+            **outcome.timeline, "trainer_returned": fit_returned, "finished": time.time()}.items()},
     }
     run_dir.write_run(summary)
     if mlflow_run_id:
         mlflow_log.finish_run(config.mlflow, mlflow_run_id, run_dir)
     return summary
+
+
+def checkpoint_config(config: TrainConfig):
+    """Ray Train keeps the newest checkpoint (what a restart resumes from) and, with --keep
+    best, the best by validation accuracy besides (what model.keras is taken from); with
+    --keep last, the newest two."""
+    import ray.train
+
+    if config.keep == "best":
+        return ray.train.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=MODEL_SCORE,
+                                          checkpoint_score_order="max")
+    return ray.train.CheckpointConfig(num_to_keep=2)
+
+
+def kept_checkpoint(result, config: TrainConfig):
+    """The checkpoint model.keras comes from, and its metrics: the last epoch's, or with --keep
+    best the epoch's of the best val_accuracy (the later epoch of equals; the last where
+    nothing was validated). Checkpoints taken within an epoch are never chosen: the run goes on
+    from them to the epoch's own."""
+    epochs = [(checkpoint, metrics) for checkpoint, metrics in result.best_checkpoints or []
+              if "in_epoch" not in metrics]
+    if not epochs:
+        return result.checkpoint, result.metrics
+    if config.keep == "last":
+        return max(epochs, key=lambda kept: kept[1]["epoch"])
+    return max(epochs, key=lambda kept: (kept[1].get(MODEL_SCORE, UNVALIDATED), kept[1]["epoch"]))
 
 
 # Moments of an epoch at which DIGITS_FAULT kills a worker (callbacks.InjectedFault).
@@ -255,5 +285,5 @@ def library_versions() -> dict:
                for name in ("tensorflow", "tf_keras", "ray", "numpy", "pandas", "pyarrow")}}
 
 
-def _utc(timestamp: float) -> str:
+def utc(timestamp: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp))

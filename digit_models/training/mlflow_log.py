@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 from digit_models.errors import DigitsError
-from digit_models.storage.files import parent_and_name, without_credentials
+from digit_models.storage.files import shown_name, without_credentials
 from digit_models.storage.run_dir import EPOCH_METRICS, RunDir
 
 EXPERIMENT = "digits"
@@ -48,7 +48,7 @@ def start_run(tracking_uri: str, config: dict, run_location: str, run_id: str | 
         return run_id
     experiment = tracking.get_experiment_by_name(EXPERIMENT)
     experiment_id = experiment.experiment_id if experiment else tracking.create_experiment(EXPERIMENT)
-    name = parent_and_name(without_credentials(run_location))[1]
+    name = shown_name(run_location)
     run_id = tracking.create_run(experiment_id, run_name=name).info.run_id
     tracking.log_batch(run_id, params=[Param(key, without_credentials(str(value)))
                                        for key, value in config.items()])

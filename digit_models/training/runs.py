@@ -13,11 +13,11 @@ An unfinished run's epochs are its newest complete checkpoint's (training/checkp
 
 from __future__ import annotations
 
-from digit_models.config import epochs_planned
 from digit_models.errors import DigitsError
 from digit_models.storage.files import Folder
 from digit_models.storage.run_dir import RunDir
 from digit_models.training.checkpoints import newest_complete
+from digit_models.training.handoff import TrainingState
 
 COLUMNS = ("run", "model", "epochs", "best val_accuracy", "state")
 
@@ -31,15 +31,20 @@ def list_runs(location: str) -> list[dict]:
     for name in folder.names():
         run = RunDir(folder.child(name))
         if run.is_file(RunDir.RUN) or run.is_file(RunDir.STARTED):
-            found.append({"run": name, "location": run.given, **_described(run)})
+            found.append({"run": name, "location": run.given, **describe(run)})
     return found
 
 
-def _described(run: RunDir) -> dict:
+def describe(run: RunDir) -> dict:
+    """A run directory's model, epochs run and planned, best val_accuracy and its epoch, the
+    val_accuracy of model.keras's epoch (the last of an unfinished run), the stop reason (a
+    finished run's) and state."""
+    stop_reason, model_epoch = None, None
     try:
         if run.is_finished:
             summary = run.read_run()
             history, state = summary.get("history") or [], "finished"
+            stop_reason, model_epoch = summary.get("stop_reason"), summary.get("model_epoch")
             model, epochs, planned = summary.get("model"), summary.get("epochs_run"), summary.get("epochs_planned")
         else:
             started = run.read_started()
@@ -47,18 +52,22 @@ def _described(run: RunDir) -> dict:
                 raise DigitsError(f"{run.child(RunDir.STARTED)}: unreadable: not a JSON object")
             config = started.get("config") or {}
             checkpoint = newest_complete(run.location)
-            progress = checkpoint[0] if checkpoint else {}
-            history, state = progress.get("history") or [], "failed" if _gave_up(run) else "unfinished"
-            model, epochs = config.get("model"), progress.get("epochs_done", 0)
-            planned = epochs_planned(progress, config.get("epochs"))
+            progress = checkpoint.state if checkpoint else TrainingState()
+            history, state = progress.history, "failed" if _gave_up(run) else "unfinished"
+            model, epochs = config.get("model"), progress.epochs_done
+            planned = progress.epochs_planned(config.get("epochs"))
     except DigitsError as exc:  # one damaged run does not hide the others
         return {"model": None, "epochs_run": None, "epochs_planned": None, "best_val_accuracy": None,
-                "best_epoch": None, "state": "unreadable", "problem": str(exc)}
+                "best_epoch": None, "val_accuracy": None, "stop_reason": None, "state": "unreadable",
+                "problem": str(exc)}
     validated = [entry for entry in history if "val_accuracy" in entry]
     best = max(validated, key=lambda entry: entry["val_accuracy"], default=None)
     return {"model": model, "epochs_run": epochs, "epochs_planned": planned,
             "best_val_accuracy": best["val_accuracy"] if best else None,
-            "best_epoch": best["epoch"] if best else None, "state": state}
+            "best_epoch": best["epoch"] if best else None,
+            "val_accuracy": next((entry.get("val_accuracy") for entry in reversed(history)
+                                  if model_epoch in (None, entry.get("epoch"))), None),
+            "stop_reason": stop_reason, "state": state}
 
 
 def _gave_up(run: RunDir) -> bool:

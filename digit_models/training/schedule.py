@@ -12,6 +12,7 @@ import numpy as np
 from digit_models.runtime.tf_setup import keras, tf
 from digit_models.config import TrainConfig
 from digit_models.training.callbacks import sum_over_workers
+from digit_models.training.handoff import TrainingState
 
 
 @keras.saving.register_keras_serializable(package="digits")
@@ -85,7 +86,7 @@ class TimeBudget(keras.callbacks.Callback):
     together. A resumed run (`digits train --resume`, a later command) keeps its plan: the
     budget was the first command's."""
 
-    def __init__(self, strategy, config: TrainConfig, state: dict, steps: int, images_per_epoch: int,
+    def __init__(self, strategy, config: TrainConfig, state: TrainingState, steps: int, images_per_epoch: int,
                  rank: int, world: int, command_started: float, resumed: bool, clock=time.time):
         super().__init__()
         self.strategy, self.config, self.state, self.steps = strategy, config, state, steps
@@ -94,20 +95,21 @@ class TimeBudget(keras.callbacks.Callback):
         self.resumed, self.clock = resumed, clock
 
     def on_epoch_end(self, epoch, logs=None):
-        sizing = self.state.setdefault("time_budget", {"minutes": self.config.time_budget,
-                                                       "epoch_ends_s": [], "plans": []})
+        if self.state.time_budget is None:
+            self.state.time_budget = {"minutes": self.config.time_budget, "epoch_ends_s": [], "plans": []}
+        sizing = self.state.time_budget
         if "epochs_planned" not in sizing or (
                 not self.resumed and epoch < max(SIZING_EPOCHS, sizing["epochs_planned"] // 2)):
             self._plan(sizing, done=epoch + 1)
         planned = sizing["epochs_planned"]
-        if epoch + 1 >= planned and self.state.get("stop_reason") is None:
-            self.state["stop_reason"] = (f"time budget: {planned} epochs fit in "
+        if epoch + 1 >= planned and self.state.stop_reason is None:
+            self.state.stop_reason = (f"time budget: {planned} epochs fit in "
                                          f"{self.config.time_budget:g} min")
             self.model.stop_training = True
 
     def _plan(self, sizing: dict, done: int) -> None:
         mine = np.zeros(2 * self.world)
-        mine[self.rank] = self.state["history"][-1]["epoch_s"]
+        mine[self.rank] = self.state.history[-1]["epoch_s"]
         mine[self.world + self.rank] = self.clock() - self.command_started
         totals = sum_over_workers(self.strategy, mine, self.world)
         ends = sizing["epoch_ends_s"]

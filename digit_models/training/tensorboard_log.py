@@ -19,12 +19,13 @@ from pathlib import Path
 from digit_models.runtime.tf_setup import keras, tf
 from digit_models.storage.files import Folder
 from digit_models.storage.run_dir import EPOCH_METRICS, RunDir
+from digit_models.training.handoff import TrainingState
 
 
 class TensorBoardEvents(keras.callbacks.Callback):
     """Rank 0's event file: the model graph and, per epoch, the EPOCH_METRICS of its history."""
 
-    def __init__(self, run_dir: str, state: dict):
+    def __init__(self, run_dir: str, state: TrainingState):
         super().__init__()
         self.folder = Folder(RunDir(run_dir).child(RunDir.TENSORBOARD))
         self.state = state
@@ -37,7 +38,7 @@ class TensorBoardEvents(keras.callbacks.Callback):
         self.write()
 
     def write(self) -> None:
-        events = [*self.graph, *scalar_events(self.state["history"])]
+        events = [*self.graph, *scalar_events(self.state.history)]
         name = f"events.out.tfevents.{time.time_ns()}.digits"
         with tempfile.TemporaryDirectory(prefix="digits-tb-") as local:
             with tf.io.TFRecordWriter(str(Path(local, name))) as records:

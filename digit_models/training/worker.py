@@ -35,11 +35,11 @@ from digit_models.training import attempts
 from digit_models.nets.augmentation import Augmentation, random_affine
 from digit_models.training.batchnorm import RecomputedBatchNorm, batchnorm_rows
 from digit_models.training.checkpoints import load_with_optimizer, newest_complete
-from digit_models.config import TrainConfig, epochs_planned
+from digit_models.config import TrainConfig
 from digit_models.runtime.console import say
 from digit_models.errors import DigitsError
 from digit_models.storage.kaggle_csv import NUM_CLASSES
-from digit_models.training.handoff import Shares, WorkerInputs
+from digit_models.training.handoff import Shares, TrainingState, WorkerInputs, WorkerOutcome
 from digit_models.training.mlflow_log import EpochMetrics
 from digit_models.nets.models import build_model
 from digit_models.storage.run_dir import RunDir
@@ -55,9 +55,9 @@ from digit_models.training.weight_average import AveragingAdam, WeightAverage
 STEPS_PER_EXECUTION = 16
 
 
-def run_worker(inputs: WorkerInputs) -> dict:
-    """Trains this worker's slice of every step; returns (all ranks alike) the history and the
-    stop reason."""
+def run_worker(inputs: WorkerInputs) -> WorkerOutcome:
+    """Trains this worker's slice of every step; returns (all ranks alike) the training state
+    and the worker group's own record."""
     timeline = {"train_func_started": time.time()}
     config = inputs.config
     context = ray.train.get_context()
@@ -90,17 +90,17 @@ def run_worker(inputs: WorkerInputs) -> dict:
 
     timeline["data_ready"] = time.time()
     resumed = newest_complete(inputs.run_dir)
-    state = resumed[0] if resumed else {"epochs_done": 0, "history": []}
-    in_epoch = state.pop("in_epoch", None)  # a checkpoint taken mid-epoch, on a preemption notice
+    state = resumed.state if resumed else TrainingState()
+    in_epoch = resumed and resumed.in_epoch  # a checkpoint taken mid-epoch, on a preemption notice
     with strategy.scope():
-        model = compiled_model(config, order.steps, world, epochs_planned(state, config.epochs))
+        model = compiled_model(config, order.steps, world, state.epochs_planned(config.epochs))
         if resumed:
-            restore(model, resumed[1], RunDir(inputs.run_dir).child(RunDir.CHECKPOINTS),
-                    global_batch_then=state.get("global_batch", order.global_batch),
+            restore(model, resumed.model_file, RunDir(inputs.run_dir).child(RunDir.CHECKPOINTS),
+                    global_batch_then=state.global_batch or order.global_batch,
                     global_batch_now=order.global_batch)
-    state["global_batch"] = order.global_batch
+    state.global_batch = order.global_batch
     if rank == 0:
-        record_start(inputs, world, config.workers, state["epochs_done"] if resumed else None,
+        record_start(inputs, world, config.workers, state.epochs_done if resumed else None,
                      in_epoch["images_done"] if in_epoch else 0)
 
     if strategy.num_replicas_in_sync > 1 or config.accumulate > 1:
@@ -136,17 +136,17 @@ def run_worker(inputs: WorkerInputs) -> dict:
                   callbacks=callbacks, verbose=0, **validation)
 
     def more_to_do() -> bool:
-        return state.get("stop_reason") is None and state["epochs_done"] < config.epochs
+        return state.stop_reason is None and state.epochs_done < config.epochs
 
     if in_epoch and more_to_do():  # the rest of the epoch the checkpoint was taken in
-        train(state["epochs_done"], state["epochs_done"] + 1, start=in_epoch["images_done"])
+        train(state.epochs_done, state.epochs_done + 1, start=in_epoch["images_done"])
     if more_to_do():
-        train(state["epochs_done"], config.epochs)
+        train(state.epochs_done, config.epochs)
     timeline["train_func_ended"] = time.time()
-    return {**state, "workers": world, "shards": shards, "timeline": timeline,
-            "preemption_checks": preemption.cost,
-            "worker_process": {"cpus": cpus, "niceness": os.nice(0),
-                               "precision": keras.mixed_precision.global_policy().name}}
+    return WorkerOutcome(state=state, workers=world, shards=shards, timeline=timeline,
+                         preemption_checks=preemption.cost,
+                         worker_process={"cpus": cpus, "niceness": os.nice(0),
+                                         "precision": keras.mixed_precision.global_policy().name})
 
 
 class EpochOrder:
@@ -256,14 +256,14 @@ def record_start(inputs: WorkerInputs, world: int, most: int, resumed_after: int
         say(f"resuming {where}{size}")
 
 
-def rank_zero_logs(inputs: WorkerInputs, state: dict, steps: int) -> list[keras.callbacks.Callback]:
+def rank_zero_logs(inputs: WorkerInputs, state: TrainingState, steps: int) -> list[keras.callbacks.Callback]:
     """The console line, TensorBoard's event file and MLflow's metrics: once per run, from
     rank 0, after the epoch's checkpoint (so they show what a restart continues from)."""
     config = inputs.config
     logs = [ProgressLine(config.epochs, steps, state), TensorBoardEvents(inputs.run_dir, state)]
     if config.mlflow:
         metrics = EpochMetrics(config.mlflow, inputs.mlflow_run_id)
-        logs.append(keras.callbacks.LambdaCallback(on_epoch_end=lambda *_: metrics.log(state["history"])))
+        logs.append(keras.callbacks.LambdaCallback(on_epoch_end=lambda *_: metrics.log(state.history)))
     return logs
 
 
@@ -271,7 +271,10 @@ def multi_worker_strategy(config: TrainConfig) -> tf.distribute.MultiWorkerMirro
     """MultiWorkerMirroredStrategy without TensorFlow's own peer health check. Ray Train
     watches the workers (and restarts the group when one dies); TensorFlow's check pings the
     peers from a thread that sleeps 30 s between rounds and that the strategy's destructor
-    joins, so every multi-worker run's end waited out the rest of that sleep."""
+    joins, so every multi-worker run's end waited out the rest of that sleep.
+    Across the workers of TF_CONFIG (training/backend.py), through a gRPC server on every
+    interface; in a group of one, which gets no TF_CONFIG, on this worker's own devices, with
+    no server."""
     seams.replace(seams.CHECK_HEALTH, False)
     _device_input_without_autotuning()
     return tf.distribute.MultiWorkerMirroredStrategy(communication_options=communication(config))

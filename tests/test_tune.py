@@ -1,0 +1,173 @@
+"""`digits tune`: real Ray Tune over real `digits train` runs on the MNIST slice. One search,
+interrupted with Ctrl-C and resumed, carries the checks of a whole search (the scheduler's early
+stops, the run directories, the tables and best.json against the runs' own records, the best
+trial scoring); the space's checks run without Ray."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+
+import pytest
+
+from digit_models.cli import _train_config, build_parser
+from digit_models.config import SearchConfig, TrainConfig
+from digit_models.errors import DigitsError
+from digit_models.tuning.results import train_command
+from digit_models.tuning.space import DEFAULT_SPACES, checked_space, default_space, option, trial_settings
+from tests.conftest import REPO, run_digits
+
+# Seeded (--search-seed 0), this space's 4 trials are two good learning rates first and two
+# hopeless ones after (1e-5 reaches about 20% in an epoch): each hopeless trial reaches its
+# first rung after a good one has, so the scheduler stops it there, whatever the timing.
+SPACE = "learning-rate: [0.00001, 0.003]\nbatch-size: [32, 64]\n"
+OUR_LINE = re.compile(r"^(trial \d{3} (started: |finished: |stopped early after epoch |failed: )"
+                      r"|trial \d{3}: epoch \d+, val_accuracy \d\.\d{4}$|\d+ trials: |train it again: digits train "
+                      r"|trials \d+/4 done, \d+ running)")  # the live line, in a log every 30 s
+
+
+def _one_error_line(done: subprocess.CompletedProcess) -> str:
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1, done.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("space, message", [
+    ("lerning-rate: [0.001]\n", "lerning-rate: not a `digits train` option that can vary; did you mean learning-rate?"),
+    ("val-fraction: [0.1, 0.2]\n", "val-fraction: cannot vary between trials"),
+    ("batch-size: {min: 0, max: 64}\n", "batch-size: --batch-size 0: must be at least 1"),
+    ("learning-rate: {min: 0.01, max: 0.001}\n", "learning-rate: min 0.01 is not below max 0.001"),
+    ("batch-size: [32, 6.5]\n", "batch-size: 6.5 is not an integer"),
+    ("epochs: [2]\n", "epochs: given on the command line as well (--epochs)"),
+    ("learning-rate: [0.001\n", "not YAML or JSON"),
+])
+def test_a_bad_space_is_refused_in_one_line_before_ray_starts(tmp_path, kaggle_dir, space, message):
+    space_file = tmp_path / "space.yaml"
+    space_file.write_text(space)
+    out = tmp_path / "search"
+    # A cluster address nothing answers at: a command that got as far as Ray would fail there.
+    done = run_digits("tune", "--data", str(kaggle_dir), "--out", str(out), "--trials", "2", "--epochs", "2",
+                      "--space", str(space_file), env={"RAY_ADDRESS": "127.0.0.1:1"}, timeout=120)
+    line = _one_error_line(done)
+    assert line.startswith(f"digits: error: {space_file}: ") and message in line, line
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("preset", [None, "fast", "best"])
+def test_every_preset_has_a_default_space_that_digits_train_accepts(preset):
+    base = SearchConfig(data="data", out="t", trials=2, preset=preset).base()
+    space = default_space(preset, base, {})
+    assert {option(field) for field in space} == set(DEFAULT_SPACES[preset])
+
+
+def test_the_default_space_leaves_out_what_the_command_line_fixes():
+    search = SearchConfig(data="data", out="t", trials=2, preset="best", fixed={"learning_rate": 0.002, "model": "cnn"})
+    space = default_space("best", search.base(), search.fixed)
+    assert "learning_rate" not in space and "dropout" not in space  # fixed; cnn has no dropout
+    assert space["batch_size"] == {"values": [32, 64, 128]}
+    assert space["weight_average"] == {"values": [0.0, 0.99, 0.999]}
+    with pytest.raises(DigitsError, match="space.yaml: dropout: no model of the search has dropout layers"):
+        checked_space({"dropout": [0.2]}, search.base(), search.fixed, "space.yaml")
+    mixed = checked_space({"model": ["cnn", "deep_cnn"], "dropout": {"min": 0.1, "max": 0.3, "log": True}},
+                          TrainConfig(), {}, "space.yaml")
+    assert mixed == {"model": {"values": ["cnn", "deep_cnn"]}, "dropout": {"min": 0.1, "max": 0.3, "log": True}}
+
+
+def test_a_trial_of_a_model_without_dropout_layers_leaves_the_sampled_rate_out():
+    assert trial_settings({"model": "cnn", "dropout": 0.2}, "deep_cnn") == {"model": "cnn"}
+    assert trial_settings({"dropout": 0.2}, "deep_cnn") == {"dropout": 0.2}
+    assert trial_settings({"dropout": 0.2, "batch_size": 64}, "cnn") == {"batch_size": 64}
+
+
+def test_best_json_command_trains_the_trial_settings_again():
+    """Every setting of the trial, without the preset: a switch the preset turns on and the
+    trial turned off has no option of its own."""
+    trial = TrainConfig.from_preset("best", data="/data", out="/t/trials/003", workers=2, augment=False,
+                                    learning_rate=0.00123, cpus_per_worker=1)
+    command = shlex.split(train_command(asdict(trial), fixed={}))
+    assert command[:2] == ["digits", "train"] and "--cpus-per-worker" not in command
+    again = _train_config(build_parser().parse_args(command[1:]))
+    assert {**asdict(again), "out": trial.out, "preset": "best", "cpus_per_worker": 1} == asdict(trial)
+
+
+def _digits_process(*args: str, env: dict) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "digit_models.cli", *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_an_interrupted_search_resumes_finishes_and_its_best_trial_scores(tmp_path, kaggle_dir, shared_ray_env):
+    space_file = tmp_path / "space.yaml"
+    space_file.write_text(SPACE)
+    tune_dir = tmp_path / "search"
+    env = {**os.environ, **shared_ray_env}
+    search = _digits_process("tune", "--data", str(kaggle_dir), "--out", str(tune_dir), "--trials", "4",
+                             "--epochs", "3", "--space", str(space_file), env=env)
+    seen = []
+    deadline = time.time() + 400
+    for line in search.stdout:  # Ctrl-C once the first trial has ended, finished or stopped
+        seen.append(line.rstrip("\n"))
+        if " finished: " in line or " stopped early " in line or time.time() > deadline:
+            break
+    search.send_signal(signal.SIGINT)
+    rest, errors = search.communicate(timeout=180)
+    assert search.returncode == 130, errors
+    assert errors.strip().splitlines()[-1] == "digits: interrupted", errors
+    first = json.loads((tune_dir / "search.json").read_text())
+    assert "finished_at" not in first and (tune_dir / "results.json").is_file()
+    before = {row["trial"]: row["state"] for row in json.loads((tune_dir / "results.json").read_text())}
+    assert "unfinished" in before.values(), before  # the trials running at the Ctrl-C
+
+    resumed = run_digits("tune", "--resume", str(tune_dir), env=shared_ray_env, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    console = seen + rest.splitlines() + resumed.stdout.splitlines()
+    assert all(OUR_LINE.match(line) for line in console), console  # no Ray Tune tables or chatter
+    assert "Traceback" not in errors + resumed.stderr and "│" not in errors + resumed.stderr
+
+    rows = json.loads((tune_dir / "results.json").read_text())
+    assert sorted(row["trial"] for row in rows) == ["000", "001", "002", "003"]
+    states = {row["trial"]: row["state"] for row in rows}
+    assert set(states.values()) <= {"finished", "stopped early"} and "stopped early" in states.values(), states
+    listed = {entry["run"]: entry for entry in json.loads(
+        run_digits("runs", "--json", str(tune_dir / "trials")).stdout)}
+    best_value = -1.0
+    for row in rows:  # the table against each run directory's own records
+        run_dir = tune_dir / row["run_dir"]
+        expected = {"finished": "finished", "stopped early": "unfinished"}[row["state"]]
+        assert listed[row["trial"]]["state"] == expected
+        assert listed[row["trial"]]["best_val_accuracy"] == row["best_val_accuracy"]
+        if row["state"] == "finished":
+            run = json.loads((run_dir / "run.json").read_text())
+            assert (run_dir / "model.keras").is_file()
+            assert row["epochs"] == run["epochs_run"] == 3
+            assert row["val_accuracy"] == run["history"][-1]["val_accuracy"]
+            assert run["config"]["learning_rate"] == row["learning-rate"] == 0.003
+            assert run["config"]["batch_size"] == row["batch-size"]
+            best_value = max(best_value, row["val_accuracy"])
+        else:
+            assert not (run_dir / "run.json").exists() and (run_dir / "started.json").is_file()
+            assert row["epochs"] < 3
+    csv_rows = (tune_dir / "results.csv").read_text().splitlines()
+    assert len(csv_rows) == 5 and csv_rows[0].startswith("trial,state,")
+
+    best = json.loads((tune_dir / "best.json").read_text())
+    assert best["val_accuracy"] == best_value and states[best["trial"]] == "finished"
+    best_run = json.loads((tune_dir / "trials" / best["trial"] / "run.json").read_text())
+    assert best["config"] == best_run["config"]
+    command = shlex.split(best["command"])
+    assert command[command.index("--learning-rate") + 1] == "0.003"
+    assert json.loads((tune_dir / "search.json").read_text())["finished_at"]
+
+    scored = tmp_path / "scored"
+    done = run_digits("predict", "--run", str(tune_dir / "trials" / best["trial"]), "--input",
+                      str(kaggle_dir / "test.csv"), "--out", str(scored), env=shared_ray_env)
+    assert done.returncode == 0, done.stderr
+    assert len((scored / "submission.csv").read_text().splitlines()) == 1 + 1_500
+    again = run_digits("tune", "--resume", str(tune_dir), env={"RAY_ADDRESS": "127.0.0.1:1"})
+    assert _one_error_line(again).endswith("nothing to resume")
