@@ -1,4 +1,4 @@
-"""The distributed training step proven equal to the plain one (issue 39): the same seeded
+"""The distributed training step checked against the plain one (issue 39): the same seeded
 weights and the same global batch give the same update from two data-parallel workers as from
 one plain tf-keras step, with `--all-reduce-dtype float32` and, within bfloat16's rounding,
 bfloat16; `--accumulate K` micro-batches of B update as one batch of K x B;
@@ -15,7 +15,9 @@ Most cases update with SGD, not the runs' Adam: Adam's update does not change wh
 gradient is scaled alike (up to its epsilon), so a gradient summed where it should be
 averaged (the division by the replicas or by --accumulate lost) would not show in the weights
 after an Adam step; after an SGD step each weight has moved by the rate times its gradient.
-Adam, built by compiled_model as the runs build it, is the case of the learning rate.
+Adam, built by compiled_model as the runs build it, is the case of the learning rate. The
+model is the seed's CNN: no BatchNorm or dropout, whose batch statistics or random masks would
+differ between a micro-batch and the whole batch.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ WORLD = 2  # workers
 ROWS = 480  # of the MNIST slice: the epoch the global batch is drawn from
 SGD_RATE = 0.1  # large enough that a step's weight changes stand well above float32's rounding of the weights
 ADAM_RATE, ACCUMULATE = 1e-3, 3
+SCALED_RATE = ADAM_RATE * math.sqrt(WORLD * ACCUMULATE)  # the README's: the rate x sqrt(workers x accumulate)
 # What each worker process runs, each case from the same initial weights: the TrainConfig and,
 # for an SGD case, its rate (else the optimizer compiled_model builds).
 CASES = {
@@ -55,8 +58,8 @@ CASES = {
 # The largest difference float32 arithmetic leaves between the two-worker step's weights and
 # the plain step's, as a fraction of the plain step's largest weight change: the gradient is
 # summed in another order (two halves, then the all-reduce) and the weights are rounded after
-# the update. Seen: 1.2e-6 (float32), 0.9e-6 (accumulate). A lost or doubled gradient, micro-batch or worker
-# moves weights by about the change itself.
+# the update. Seen: 1.2e-6 (float32), 0.9e-6 (accumulate). A lost or doubled gradient,
+# micro-batch or worker moves weights by about the change itself.
 FLOAT32_TOLERANCE = 1e-5
 BFLOAT16_UNIT_ROUNDOFF = 2.0 ** -8  # 8 significant bits, rounded to nearest
 WORKERS_TIMEOUT_S = 300
@@ -124,6 +127,7 @@ def batch_rows(config: TrainConfig) -> tuple[np.ndarray, list[np.ndarray]]:
 
 @dataclass
 class Steps:
+    """The steps' inputs, the two workers' results and the plain steps' weights."""
     images: np.ndarray
     labels: np.ndarray
     initial: list[np.ndarray]
@@ -169,7 +173,7 @@ def two_worker_steps(tmp_path_factory, mnist_slice) -> Steps:
             config = TrainConfig(**case["config"])
             rows, _ = batch_rows(config)
             optimizer = (keras.optimizers.SGD(case["sgd_rate"]) if case["sgd_rate"]
-                         else keras.optimizers.Adam(ADAM_RATE * math.sqrt(WORLD * ACCUMULATE)))  # the README's rate
+                         else keras.optimizers.Adam(SCALED_RATE))
             model = plain_model(config, optimizer, steps_per_execution=1)
             model.set_weights(initial)
             model.train_on_batch(images[rows], tf.one_hot(labels[rows], 10))
@@ -216,8 +220,9 @@ def test_each_worker_takes_its_own_half_of_the_global_batch():
     """The split the step cases rely on: the global batch one worker would take, halved in
     rank order (so the two workers' sum is the plain step's whole batch, each row once)."""
     for case in CASES.values():
-        whole, parts = batch_rows(TrainConfig(**case["config"]))
-        assert len(set(whole)) == len(whole) == TrainConfig(**case["config"]).global_batch(WORLD)
+        config = TrainConfig(**case["config"])
+        whole, parts = batch_rows(config)
+        assert len(set(whole)) == len(whole) == config.global_batch(WORLD)
         assert np.array_equal(np.concatenate(parts), whole)
 
 
@@ -280,13 +285,13 @@ def test_the_scaled_learning_rate_is_the_documented_one_in_the_optimizer_used(tw
     (epsilon over sqrt(1 - beta_2)): the rate itself wherever the gradient is not tiny, so a
     rate off by more than the tolerance, a thousandth of it, fails; float32's rounding of a
     near-zero gradient (1e-9) moves a weight by up to 3e-4 of the rate (seen: 1.3e-4)."""
-    steps, rate = two_worker_steps, ADAM_RATE * math.sqrt(WORLD * ACCUMULATE)
+    steps = two_worker_steps
     for results in steps.workers:
-        assert float(results["scaled_adam/learning_rate"]) == pytest.approx(rate, rel=1e-6)
+        assert float(results["scaled_adam/learning_rate"]) == pytest.approx(SCALED_RATE, rel=1e-6)
     moved = max(float(np.abs(after - before).max())
                 for after, before in zip(steps.weights("scaled_adam"), steps.initial))
-    assert moved == pytest.approx(rate, rel=1e-3)
-    assert steps.largest_difference("scaled_adam") <= 1e-3 * rate
+    assert moved == pytest.approx(SCALED_RATE, rel=1e-3)
+    assert steps.largest_difference("scaled_adam") <= 1e-3 * SCALED_RATE
 
 
 def test_run_json_and_the_saved_optimizer_give_the_documented_scaled_rate(tmp_path, kaggle_dir, ray_local):
@@ -296,14 +301,13 @@ def test_run_json_and_the_saved_optimizer_give_the_documented_scaled_rate(tmp_pa
     from digit_models.runtime.tf_setup import keras
     from digit_models.training.driver import train
 
-    rate = ADAM_RATE * math.sqrt(WORLD * ACCUMULATE)
     run = train(TrainConfig(data=str(kaggle_dir), out=str(tmp_path / "run"), model="dense", workers=WORLD,
                             batch_size=16, accumulate=ACCUMULATE, learning_rate=ADAM_RATE,
                             scale_learning_rate=True, epochs=1, limit=400, cpus_per_worker=1))
-    assert run["learning_rate_per_update"] == pytest.approx(rate, rel=1e-12)
+    assert run["learning_rate_per_update"] == pytest.approx(SCALED_RATE, rel=1e-12)
     assert run["global_batch_size"] == 96 and run["accumulate"] == ACCUMULATE
     optimizer = keras.models.load_model(tmp_path / "run" / "model.keras").optimizer
-    assert float(optimizer.learning_rate.numpy()) == pytest.approx(rate, rel=1e-6)
+    assert float(optimizer.learning_rate.numpy()) == pytest.approx(SCALED_RATE, rel=1e-6)
     assert int(optimizer.iterations.numpy()) == 360 // 96  # 400 rows less 10% for validation, in updates of 96
 
 
