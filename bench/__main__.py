@@ -31,20 +31,29 @@ QUICK_TEST_ROWS, QUICK_SCALE = 200, 500
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default=str(REPO / "data"),
-                        help="folder from `digits data` (made there if missing)")
+    parser.add_argument("--data", default=str(REPO / "data"), help="folder from `digits data` (made there if missing)")
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
     parser.add_argument("--epochs", type=int, default=3, help="epochs per throughput run (>= 2)")
     parser.add_argument("--repeats", type=int, default=2, help="interleaved repeats of each run")
-    parser.add_argument("--scale", type=int, nargs="+", default=[28_000, 280_000, 2_800_000],
-                        metavar="IMAGES", help="input sizes of the scoring scale runs")
+    parser.add_argument(
+        "--scale",
+        type=int,
+        nargs="+",
+        default=[28_000, 280_000, 2_800_000],
+        metavar="IMAGES",
+        help="input sizes of the scoring scale runs",
+    )
     parser.add_argument("--results-dir", default=str(REPO / "bench" / "results"))
     parser.add_argument("--markdown", default=str(REPO / "BENCHMARKS.md"))
-    parser.add_argument("--update", metavar="RESULTS_JSON",
-                        help="measure only --sections again; keep the other sections' numbers "
-                             "from this earlier results file (the report says which and when)")
-    parser.add_argument("--quick", action="store_true",
-                        help="a smoke run on a small slice: every step, meaningless numbers")
+    parser.add_argument(
+        "--update",
+        metavar="RESULTS_JSON",
+        help="measure only --sections again; keep the other sections' numbers "
+        "from this earlier results file (the report says which and when)",
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="a smoke run on a small slice: every step, meaningless numbers"
+    )
     args = parser.parse_args()
     if args.epochs < 2:
         parser.error("--epochs must be at least 2: the first epoch is warm-up")
@@ -55,22 +64,26 @@ def main() -> None:
         run = Processes(Path(scratch))
         if not (data / "train.csv").exists():
             run.digits("data", "--out", str(data))
-        results = {"date": datetime.date.today().isoformat(), "quick": args.quick,
-                   "sections": args.sections,
-                   "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-                   "settings": {"epochs": args.epochs, "repeats": args.repeats},
-                   "arithmetic": run.arithmetic()}
+        results = {
+            "date": datetime.date.today().isoformat(),
+            "quick": args.quick,
+            "sections": args.sections,
+            "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+            "settings": {"epochs": args.epochs, "repeats": args.repeats},
+            "arithmetic": run.arithmetic(),
+        }
         trainer = training.Trainer(run, data, limit=1500 if args.quick else None)
         test_csv = _test_csv(data, run.scratch, args.quick)
         if "training" in args.sections:
-            setups = ([("dense", 32, 1)] if args.quick else
-                      [("cnn", 32, 1), ("cnn", 32, 2), ("cnn", 128, 1)])
+            setups = [("dense", 32, 1)] if args.quick else [("cnn", 32, 1), ("cnn", 32, 2), ("cnn", 128, 1)]
             results["training"] = {
                 "weak_scaling": training.weak_scaling(trainer, setups, args.epochs, args.repeats),
-                "overhead": training.overhead(trainer, ["dense"] if args.quick else ["dense", "cnn"],
-                                              args.epochs, args.repeats),
+                "overhead": training.overhead(
+                    trainer, ["dense"] if args.quick else ["dense", "cnn"], args.epochs, args.repeats
+                ),
                 "time_to_99": training.time_to_accuracy(trainer, args.quick, args.repeats),
-                "step_parts": training.step_parts(run, args.quick)}
+                "step_parts": training.step_parts(run, args.quick),
+            }
             if not args.quick:  # a cluster of its own: not beside the test suite's Ray
                 results["training"]["two_node_cluster"] = training.two_node_cluster(trainer)
         if "scoring" in args.sections:
@@ -83,8 +96,10 @@ def main() -> None:
             results["scoring"] = {
                 "model": model,
                 "fixed_cost": scoring.fixed_cost(run, run_dir / "model.keras", test_csv, args.repeats),
-                "scale": scoring.scale(run, run_dir / "model.keras", test_csv, sizes,
-                                       actors=[1] if args.quick else [1, 2])}
+                "scale": scoring.scale(
+                    run, run_dir / "model.keras", test_csv, sizes, actors=[1] if args.quick else [1, 2]
+                ),
+            }
             if not args.quick:  # a cluster of its own: not beside the test suite's Ray
                 results["scoring"]["two_node_cluster"] = scoring.two_node_cluster(run, run_dir, test_csv)
     if args.update:
@@ -99,8 +114,12 @@ def _keep_other_sections(results: dict, earlier_file: Path) -> None:
     kept = [name for name in SECTIONS if name not in results["sections"] and name in earlier]
     for name in kept:
         results[name] = earlier[name]
-    results["kept"] = {"sections": kept, "date": earlier["date"], "wall_s": earlier["wall_s"],
-                       "peak_gflops": earlier["arithmetic"]["peak_gflops"]}
+    results["kept"] = {
+        "sections": kept,
+        "date": earlier["date"],
+        "wall_s": earlier["wall_s"],
+        "peak_gflops": earlier["arithmetic"]["peak_gflops"],
+    }
     results["sections"] = [name for name in SECTIONS if name in results]
 
 

@@ -37,7 +37,7 @@ def matmul_peak_gflops(size: int = 2048, repeats: int = 10) -> float:
         began = time.perf_counter()
         tf.matmul(a, b).numpy()
         seconds.append(time.perf_counter() - began)
-    return 2 * size ** 3 / statistics.median(seconds) / 1e9
+    return 2 * size**3 / statistics.median(seconds) / 1e9
 
 
 def main() -> None:
@@ -46,8 +46,7 @@ def main() -> None:
         forward = forward_flops(build_model(name))
         # Backpropagation costs about twice the forward pass: gradients for inputs and weights.
         models[name] = {"inference_flops": forward, "train_flops": 3 * forward}
-    sys.stdout.write("BENCH " + json.dumps({"models": models,
-                                            "peak_gflops": matmul_peak_gflops()}) + "\n")
+    sys.stdout.write("BENCH " + json.dumps({"models": models, "peak_gflops": matmul_peak_gflops()}) + "\n")
 
 
 if __name__ == "__main__":

@@ -20,18 +20,24 @@ import numpy as np
 def seed_model(tf, name: str):
     keras = tf.keras
     if name == "dense":
-        return keras.models.Sequential([
-            keras.layers.Flatten(input_shape=(28, 28)),
-            keras.layers.Dense(128, activation="relu"),
-            keras.layers.Dense(10, activation="softmax")])
-    return keras.models.Sequential([
-        keras.layers.Conv2D(32, (5, 5), activation="relu", input_shape=(28, 28, 1)),
-        keras.layers.MaxPooling2D(2, 2),
-        keras.layers.Conv2D(64, (5, 5), activation="relu"),
-        keras.layers.MaxPooling2D(2, 2),
-        keras.layers.Flatten(),
-        keras.layers.Dense(512, activation="relu"),
-        keras.layers.Dense(10, activation="softmax")])
+        return keras.models.Sequential(
+            [
+                keras.layers.Flatten(input_shape=(28, 28)),
+                keras.layers.Dense(128, activation="relu"),
+                keras.layers.Dense(10, activation="softmax"),
+            ]
+        )
+    return keras.models.Sequential(
+        [
+            keras.layers.Conv2D(32, (5, 5), activation="relu", input_shape=(28, 28, 1)),
+            keras.layers.MaxPooling2D(2, 2),
+            keras.layers.Conv2D(64, (5, 5), activation="relu"),
+            keras.layers.MaxPooling2D(2, 2),
+            keras.layers.Flatten(),
+            keras.layers.Dense(512, activation="relu"),
+            keras.layers.Dense(10, activation="softmax"),
+        ]
+    )
 
 
 def train(args) -> dict:
@@ -58,10 +64,14 @@ def train(args) -> dict:
 
     fit_started = time.perf_counter()
     model.fit(images, labels, epochs=args.epochs, batch_size=32, callbacks=[Timing()], verbose=0)
-    return {"images": len(labels), "epoch_s": epoch_seconds,
-            "images_per_s": [len(labels) // 32 * 32 / s for s in epoch_seconds],
-            "fit_s": time.perf_counter() - fit_started, "wall_s": time.perf_counter() - started,
-            "keras": tf.keras.__version__ if hasattr(tf.keras, "__version__") else "?"}
+    return {
+        "images": len(labels),
+        "epoch_s": epoch_seconds,
+        "images_per_s": [len(labels) // 32 * 32 / s for s in epoch_seconds],
+        "fit_s": time.perf_counter() - fit_started,
+        "wall_s": time.perf_counter() - started,
+        "keras": tf.keras.__version__ if hasattr(tf.keras, "__version__") else "?",
+    }
 
 
 def score(args) -> dict:
@@ -74,11 +84,11 @@ def score(args) -> dict:
 
     from digit_models.nets.model_file import load_model_bytes, read_model_file
     import tf_keras  # noqa: F401  (TensorFlow loads here, timed as the import rather than the load)
+
     imported = time.perf_counter()
 
     # Keras's own loader, behind the check every model file of ours gets (nets/model_file.py).
-    model = load_model_bytes(read_model_file(args.model_file, args.model_file), args.model_file,
-                             compile=False)
+    model = load_model_bytes(read_model_file(args.model_file, args.model_file), args.model_file, compile=False)
     loaded = time.perf_counter()
     if args.input.endswith(".csv"):
         frame = pd.read_csv(args.input)
@@ -92,17 +102,31 @@ def score(args) -> dict:
     probabilities = model.predict(images, batch_size=1024, verbose=0)
     predicted = time.perf_counter()
     labels = probabilities.argmax(axis=1).astype("int32")
-    pd.DataFrame({"ImageId": ids, "Label": labels, "Confidence": probabilities.max(axis=1),
-                  **{f"prob_{d}": probabilities[:, d] for d in range(10)}}).to_parquet(
-        f"{args.out}/predictions.parquet", index=False)
+    pd.DataFrame(
+        {
+            "ImageId": ids,
+            "Label": labels,
+            "Confidence": probabilities.max(axis=1),
+            **{f"prob_{d}": probabilities[:, d] for d in range(10)},
+        }
+    ).to_parquet(f"{args.out}/predictions.parquet", index=False)
     pd.DataFrame({"ImageId": ids, "Label": labels}).sort_values("ImageId").to_csv(
-        f"{args.out}/submission.csv", index=False)
+        f"{args.out}/submission.csv", index=False
+    )
     done = time.perf_counter()
-    return {"images": len(ids), "seconds": {"import": imported - started, "load": loaded - imported,
-                                            "read": read - loaded, "predict": predicted - read,
-                                            "write": done - predicted},
-            "predict_images_per_s": len(ids) / (predicted - read), "wall_s": done - started,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    return {
+        "images": len(ids),
+        "seconds": {
+            "import": imported - started,
+            "load": loaded - imported,
+            "read": read - loaded,
+            "predict": predicted - read,
+            "write": done - predicted,
+        },
+        "predict_images_per_s": len(ids) / (predicted - read),
+        "wall_s": done - started,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
 
 
 def main() -> None:

@@ -45,6 +45,7 @@ def main() -> None:
     draw = random.Random(0)
     result = {"runs": args.runs, "tta": args.tta}
     for name, (_, truth) in sets.items():
+
         def right(members, name=name, truth=truth) -> int:
             return int((sum(predicted[name][m] for m in members).argmax(axis=1) == truth).sum())
 
@@ -53,9 +54,13 @@ def main() -> None:
         for size in range(1, len(args.runs) + 1):
             counts = [right(draw.sample(range(len(args.runs)), size)) for _ in range(args.draws)]
             sizes[size] = {"mean": round(float(np.mean(counts)), 2), "min": min(counts), "max": max(counts)}
-        result[name] = {"images": len(truth), "models": [right([m]) for m in range(len(args.runs))],
-                        "ensemble_sizes": sizes, "wrong_in_every_model": len(set.intersection(*wrong)),
-                        "wrong_in_some_model": len(set.union(*wrong))}
+        result[name] = {
+            "images": len(truth),
+            "models": [right([m]) for m in range(len(args.runs))],
+            "ensemble_sizes": sizes,
+            "wrong_in_every_model": len(set.intersection(*wrong)),
+            "wrong_in_some_model": len(set.union(*wrong)),
+        }
         print(f"{name} ({len(truth):,} images), right answers by ensemble size (of {args.draws} random draws):")
         for size, row in sizes.items():
             print(f"  {size:>2}: mean {row['mean']:,.2f}  min {row['min']:,}  max {row['max']:,}")

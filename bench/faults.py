@@ -41,9 +41,25 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="digits-bench-faults-") as scratch:
         run = Processes(Path(scratch))
-        common = ("train", "--model", "cnn", "--data", args.data, "--limit", str(args.limit),
-                  "--workers", "2", "--epochs", "6", "--max-failures", "4",
-                  "--target-metric", "val_accuracy", "--target", "1.0")
+        common = (
+            "train",
+            "--model",
+            "cnn",
+            "--data",
+            args.data,
+            "--limit",
+            str(args.limit),
+            "--workers",
+            "2",
+            "--epochs",
+            "6",
+            "--max-failures",
+            "4",
+            "--target-metric",
+            "val_accuracy",
+            "--target",
+            "1.0",
+        )
         clean_s = run.digits(*common, "--out", f"{scratch}/clean")
         faulted_s = run.digits(*common, "--out", f"{scratch}/faulted", env={"DIGITS_FAULT": ",".join(KILLS)})
         peak = run.arithmetic("cnn")["peak_gflops"]
@@ -55,31 +71,57 @@ def main() -> None:
 
 def node_table(scratch: Path, data: str, limit: int) -> str:
     with local_cluster(6393) as cluster:
-        common = ("--model", "cnn", "--data", data, "--limit", str(limit), "--workers", "2",
-                  "--min-workers", "1", "--epochs", "4", "--target", "1.0")
-        runs = {name: _node_run(cluster, scratch / name, common, event)
-                for name, event in (("undisturbed", None), ("node killed", _kill), ("preempted", _preempt))}
+        common = (
+            "--model",
+            "cnn",
+            "--data",
+            data,
+            "--limit",
+            str(limit),
+            "--workers",
+            "2",
+            "--min-workers",
+            "1",
+            "--epochs",
+            "4",
+            "--target",
+            "1.0",
+        )
+        runs = {
+            name: _node_run(cluster, scratch / name, common, event)
+            for name, event in (("undisturbed", None), ("node killed", _kill), ("preempted", _preempt))
+        }
     clean = json.loads((scratch / "undisturbed" / "run.json").read_text())
     checks = clean["preemption_checks"]
     images_per_s = sorted(entry["images_per_s"] for entry in clean["history"][1:])[len(clean["history"]) // 2 - 1]
     step_s = clean["global_batch_size"] / images_per_s  # a median epoch's, after the first's tracing
     per_check_s = checks["check_s"] / max(checks["checks"], 1)
-    lines = [f"Seed CNN, `--workers 2 --min-workers 1` on two 1-CPU worker nodes, "
-             f"{clean['data']['train_rows']:,} training rows, 4 epochs. A question for a preemption "
-             f"notice costs {per_check_s * 1000:.1f} ms every {checks['every_steps']} steps of "
-             f"{step_s * 1000:.0f} ms: {per_check_s / (checks['every_steps'] * step_s):.2%} of a step.", "",
-             "| run | wall | groups | event to new group | resumed at | steps thrown away |", "|---|---|---|---|---|---|"]
+    lines = [
+        f"Seed CNN, `--workers 2 --min-workers 1` on two 1-CPU worker nodes, "
+        f"{clean['data']['train_rows']:,} training rows, 4 epochs. A question for a preemption "
+        f"notice costs {per_check_s * 1000:.1f} ms every {checks['every_steps']} steps of "
+        f"{step_s * 1000:.0f} ms: {per_check_s / (checks['every_steps'] * step_s):.2%} of a step.",
+        "",
+        "| run | wall | groups | event to new group | resumed at | steps thrown away |",
+        "|---|---|---|---|---|---|",
+    ]
     for name, (wall_s, event_at) in runs.items():
         summary = json.loads((scratch / name / "run.json").read_text())
         records = attempts.timeline(str(scratch / name))
         starts = [at for at, kind, _ in records if kind == "start"]
         restart = summary["restarts"][0] if summary["restarts"] else None
         to_group = f"{starts[1] - event_at:.1f} s" if event_at and len(starts) > 1 else "-"
-        where = (f"epoch {restart['resumed_after_epoch'] + 1}, image {restart['resumed_at_image']:,}"
-                 if restart and restart["resumed_at_image"] else
-                 f"after epoch {restart['resumed_after_epoch']}" if restart else "-")
-        lines.append(f"| {name} | {wall_s:.0f} s | {' -> '.join(map(str, summary['worker_groups']))} "
-                     f"| {to_group} | {where} | {_thrown_away(records, summary)} |")
+        where = (
+            f"epoch {restart['resumed_after_epoch'] + 1}, image {restart['resumed_at_image']:,}"
+            if restart and restart["resumed_at_image"]
+            else f"after epoch {restart['resumed_after_epoch']}"
+            if restart
+            else "-"
+        )
+        lines.append(
+            f"| {name} | {wall_s:.0f} s | {' -> '.join(map(str, summary['worker_groups']))} "
+            f"| {to_group} | {where} | {_thrown_away(records, summary)} |"
+        )
     return "\n".join(lines)
 
 
@@ -104,8 +146,14 @@ def _node_run(cluster: dict, out: Path, common: tuple, event) -> tuple[float, fl
     it struck. Returns the wall time and that moment, and leaves the cluster two worker nodes."""
     env = {**os.environ, **cluster}
     began = time.time()
-    training = subprocess.Popen([PYTHON, "-m", "digit_models.cli", "train", *common, "--out", str(out)],
-                                cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    training = subprocess.Popen(
+        [PYTHON, "-m", "digit_models.cli", "train", *common, "--out", str(out)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     event_at = None
     if event:
         for line in training.stdout:
@@ -121,8 +169,9 @@ def _node_run(cluster: dict, out: Path, common: tuple, event) -> tuple[float, fl
 
 
 def _cluster_script(env: dict, *args: str) -> str:
-    return subprocess.run([str(REPO / "cluster" / "local_cluster.sh"), *args], env=env, check=True,
-                          capture_output=True, text=True).stdout.strip()
+    return subprocess.run(
+        [str(REPO / "cluster" / "local_cluster.sh"), *args], env=env, check=True, capture_output=True, text=True
+    ).stdout.strip()
 
 
 def _last_worker(env: dict) -> str:
@@ -137,9 +186,25 @@ def _kill(env: dict) -> float:
 def _preempt(env: dict) -> float:
     victim = _last_worker(env)
     node = _cluster_script(env, "node-id", victim)
-    subprocess.run([str(Path(env["RAY"])), "drain-node", "--address", env["RAY_ADDRESS"], "--node-id", node,
-                    "--reason", "DRAIN_NODE_REASON_PREEMPTION", "--reason-message", "spot reclaim",
-                    "--deadline-remaining-seconds", "20"], env=env, check=True, capture_output=True)
+    subprocess.run(
+        [
+            str(Path(env["RAY"])),
+            "drain-node",
+            "--address",
+            env["RAY_ADDRESS"],
+            "--node-id",
+            node,
+            "--reason",
+            "DRAIN_NODE_REASON_PREEMPTION",
+            "--reason-message",
+            "spot reclaim",
+            "--deadline-remaining-seconds",
+            "20",
+        ],
+        env=env,
+        check=True,
+        capture_output=True,
+    )
     time.sleep(20)
     _cluster_script(env, "kill", victim)
     return time.time()
@@ -152,17 +217,22 @@ def table(run_dir: Path, clean_s: float, faulted_s: float) -> str:
     records = attempts.timeline(str(run_dir))
     faults = [at for at, kind, _ in records if kind == "fault"]
     starts = [at for at, kind, _ in records if kind == "start"][1:]
-    lines = [f"Seed CNN, 2 workers, {run['data']['train_rows']:,} training rows; a median epoch "
-             f"{epoch_s:.1f} s. Undisturbed run {clean_s:.0f} s, with the {len(KILLS)} kills "
-             f"{faulted_s:.0f} s (+{faulted_s - clean_s:.0f} s).", "",
-             "| worker killed | resumed after epoch | work lost | kill to new group ready |",
-             "|---|---|---|---|"]
+    lines = [
+        f"Seed CNN, 2 workers, {run['data']['train_rows']:,} training rows; a median epoch "
+        f"{epoch_s:.1f} s. Undisturbed run {clean_s:.0f} s, with the {len(KILLS)} kills "
+        f"{faulted_s:.0f} s (+{faulted_s - clean_s:.0f} s).",
+        "",
+        "| worker killed | resumed after epoch | work lost | kill to new group ready |",
+        "|---|---|---|---|",
+    ]
     for spec, fault_at, start_at, restart in zip(KILLS, faults, starts, run["restarts"]):
         resumed = restart["resumed_after_epoch"]
         lost = max(0.0, fault_at - ended[resumed]) if resumed else None
         lost_text = "-" if lost is None else f"{lost:.1f} s ({lost / epoch_s:.2f} epoch)"
-        lines.append(f"| {spec.split(':')[0].replace('_', ' ')} of epoch {spec.split(':')[1]} "
-                     f"| {resumed} | {lost_text} | {start_at - fault_at:.1f} s |")
+        lines.append(
+            f"| {spec.split(':')[0].replace('_', ' ')} of epoch {spec.split(':')[1]} "
+            f"| {resumed} | {lost_text} | {start_at - fault_at:.1f} s |"
+        )
     return "\n".join(lines)
 
 

@@ -25,8 +25,10 @@ def labelled_sets(data: str, config: dict | None = None) -> dict[str, tuple[np.n
     labels = labels[np.argsort(label_ids)]
     assert np.array_equal(origin_ids, np.arange(1, len(test) + 1))  # test.csv's rows, in order
     assert np.array_equal(np.sort(label_ids), origin_ids)
-    sets = {"official_test": (test.images[official], labels[official]),
-            "heldout_train": (test.images[~official], labels[~official])}
+    sets = {
+        "official_test": (test.images[official], labels[official]),
+        "heldout_train": (test.images[~official], labels[~official]),
+    }
     if config and config["val_fraction"]:
         train = read_train_csv(str(Path(data, "train.csv")), limit=config["limit"])
         _, val_rows = validation_split(len(train), config["val_fraction"], config["seed"])
@@ -36,5 +38,6 @@ def labelled_sets(data: str, config: dict | None = None) -> dict[str, tuple[np.n
 
 def probabilities(model, images: np.ndarray, views: int) -> np.ndarray:
     """The model's probabilities averaged over the image and `views` test-time views."""
-    return sum(model.predict(tta_view(images.astype("float32"), view), batch_size=1024, verbose=0)
-               for view in range(views + 1)) / (views + 1)
+    return sum(
+        model.predict(tta_view(images.astype("float32"), view), batch_size=1024, verbose=0) for view in range(views + 1)
+    ) / (views + 1)

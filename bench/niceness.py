@@ -10,8 +10,19 @@ from bench.paired import BEST_ONE_WORKER, Variant, main
 SETUPS = {
     BEST_ONE_WORKER[0]: BEST_ONE_WORKER[1],
     "cnn@32, 2 workers x 1 CPU": [
-        "--model", "cnn", "--workers", "2", "--cpus-per-worker", "1", "--batch-size", "32",
-        "--val-fraction", "0", "--target", "1.0"],
+        "--model",
+        "cnn",
+        "--workers",
+        "2",
+        "--cpus-per-worker",
+        "1",
+        "--batch-size",
+        "32",
+        "--val-fraction",
+        "0",
+        "--target",
+        "1.0",
+    ],
 }
 
 
@@ -19,6 +30,7 @@ def at_niceness(nice: int) -> Variant:
     def check(run: dict) -> str | None:
         ran_at = run["worker_process"]["niceness"]
         return None if ran_at == nice else f"asked for niceness {nice}, the worker ran at {ran_at}"
+
     return Variant(f"niceness {nice}", env={"RAY_worker_niceness": str(nice)}, check=check)
 
 

@@ -18,8 +18,10 @@ from bench.training import Trainer
 
 
 # The `best` preset's CNN on 1 worker with every CPU, as scripts/best.sh trains it.
-BEST_ONE_WORKER = ("deep_cnn@64, 1 worker x 2 CPUs (`--preset best`)", [
-    "--preset", "best", "--workers", "1", "--val-fraction", "0", "--target-metric", "accuracy"])
+BEST_ONE_WORKER = (
+    "deep_cnn@64, 1 worker x 2 CPUs (`--preset best`)",
+    ["--preset", "best", "--workers", "1", "--val-fraction", "0", "--target-metric", "accuracy"],
+)
 
 
 @dataclass
@@ -44,21 +46,27 @@ def main(prog: str, description: str, setups: dict[str, list[str]], variants: tu
         for _ in range(args.repeats):
             for setup, options in setups.items():
                 for variant in variants:
-                    summary, wall, _ = trainer.train(*options, *variant.options, "--epochs", str(args.epochs),
-                                                     env=variant.env)
+                    summary, wall, _ = trainer.train(
+                        *options, *variant.options, "--epochs", str(args.epochs), env=variant.env
+                    )
                     if problem := variant.check(summary):
                         raise SystemExit(f"bench: {variant.name}: {problem}")
                     samples[setup, variant.name]["images_per_s"] += [
-                        epoch["images_per_s"] for epoch in summary["history"][1:]]
+                        epoch["images_per_s"] for epoch in summary["history"][1:]
+                    ]
                     samples[setup, variant.name]["wall_s"].append(wall)
         peak = run.arithmetic("cnn")["peak_gflops"]
     a, b = (v.name for v in variants)
-    print(f"Machine: float32 matmul peak {peak:.0f} GFLOP/s; {args.repeats} repeats, {args.epochs} epochs "
-          f"of {args.limit:,} rows each.\n")
+    print(
+        f"Machine: float32 matmul peak {peak:.0f} GFLOP/s; {args.repeats} repeats, {args.epochs} epochs "
+        f"of {args.limit:,} rows each.\n"
+    )
     print(f"| setup | images/s, {a} | images/s, {b} | {b} / {a} | wall, {a} | wall, {b} |")
     print("|---|---|---|---|---|---|")
     for setup in setups:
         first, second = ({k: statistics.median(v) for k, v in samples[setup, name].items()} for name in (a, b))
-        print(f"| {setup} | {first['images_per_s']:,.0f} | {second['images_per_s']:,.0f} | "
-              f"{second['images_per_s'] / first['images_per_s']:.2f} | {first['wall_s']:.1f} s | "
-              f"{second['wall_s']:.1f} s |")
+        print(
+            f"| {setup} | {first['images_per_s']:,.0f} | {second['images_per_s']:,.0f} | "
+            f"{second['images_per_s'] / first['images_per_s']:.2f} | {first['wall_s']:.1f} s | "
+            f"{second['wall_s']:.1f} s |"
+        )

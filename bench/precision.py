@@ -11,8 +11,17 @@ from bench.paired import BEST_ONE_WORKER, Variant, main
 SETUPS = {
     BEST_ONE_WORKER[0]: BEST_ONE_WORKER[1],
     "cnn@128, 1 worker x 2 CPUs (`--preset fast`)": [
-        "--preset", "fast", "--workers", "1", "--val-fraction", "0", "--target-metric", "accuracy",
-        "--target", "1.0"],
+        "--preset",
+        "fast",
+        "--workers",
+        "1",
+        "--val-fraction",
+        "0",
+        "--target-metric",
+        "accuracy",
+        "--target",
+        "1.0",
+    ],
 }
 
 
@@ -20,9 +29,14 @@ def computing_in(policy: str, options: list[str]) -> Variant:
     def check(run: dict) -> str | None:
         ran = run["worker_process"]["precision"]
         return None if ran == policy else f"asked for {policy}, the worker computed in {ran}"
+
     return Variant(policy, options=options, check=check)
 
 
 if __name__ == "__main__":
-    main("python -m bench.precision", __doc__.splitlines()[0], SETUPS,
-         (computing_in("float32", []), computing_in("mixed_bfloat16", ["--mixed-precision"])))
+    main(
+        "python -m bench.precision",
+        __doc__.splitlines()[0],
+        SETUPS,
+        (computing_in("float32", []), computing_in("mixed_bfloat16", ["--mixed-precision"])),
+    )

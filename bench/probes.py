@@ -52,10 +52,14 @@ def startup(args) -> dict:
         process_started, tf_imported, loaded = ray.get(Loader.remote().times.remote())
         stopping = time.time()
     stopped = time.time()
-    return {"imports": imported - began, "ray_start": started - imported,
-            "actor_process_start": process_started - started,
-            "actor_tensorflow_import": tf_imported - process_started,
-            "actor_model_load": loaded - tf_imported, "ray_stop": stopped - stopping}
+    return {
+        "imports": imported - began,
+        "ray_start": started - imported,
+        "actor_process_start": process_started - started,
+        "actor_tensorflow_import": tf_imported - process_started,
+        "actor_model_load": loaded - tf_imported,
+        "ray_stop": stopped - stopping,
+    }
 
 
 def steps(args) -> dict:
@@ -66,9 +70,9 @@ def steps(args) -> dict:
 
     with ray_session(dashboard=True):
         result = tensorflow_trainer(
-            _time_steps, train_loop_config=vars(args),
-            scaling_config=ray.train.ScalingConfig(num_workers=args.workers,
-                                                   resources_per_worker={"CPU": args.cpus}),
+            _time_steps,
+            train_loop_config=vars(args),
+            scaling_config=ray.train.ScalingConfig(num_workers=args.workers, resources_per_worker={"CPU": args.cpus}),
             run_config=ray.train.RunConfig(storage_path=tempfile.mkdtemp(prefix="digits-probe-")),
         ).fit()
     return result.return_value
@@ -91,17 +95,28 @@ def _time_steps(settings: dict) -> dict:
     options = communication(config)
     if settings.get("bytes_per_pack"):
         options = tf.distribute.experimental.CommunicationOptions(
-            bytes_per_pack=settings["bytes_per_pack"], implementation=options.implementation)
+            bytes_per_pack=settings["bytes_per_pack"], implementation=options.implementation
+        )
     strategy = tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (4096, 28, 28), dtype=np.uint8)
     labels = tf.one_hot(rng.integers(0, 10, 4096), 10)
-    data = strategy.distribute_datasets_from_function(lambda _: tf.data.Dataset.from_tensor_slices(
-        (images, labels)).shuffle(4096).batch(config.batch_size, drop_remainder=True).repeat().prefetch(2))
+    data = strategy.distribute_datasets_from_function(
+        lambda _: (
+            tf.data.Dataset.from_tensor_slices((images, labels))
+            .shuffle(4096)
+            .batch(config.batch_size, drop_remainder=True)
+            .repeat()
+            .prefetch(2)
+        )
+    )
     with strategy.scope():
         model = build_model(config.model, config.dropout)
-        model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="categorical_crossentropy",
-                      steps_per_execution=STEPS_PER_EXECUTION)
+        model.compile(
+            optimizer=keras.optimizers.Adam(1e-3),
+            loss="categorical_crossentropy",
+            steps_per_execution=STEPS_PER_EXECUTION,
+        )
     loss = keras.losses.CategoricalCrossentropy(reduction="sum")
     batches = iter(data)
 
@@ -123,6 +138,7 @@ def _time_steps(settings: dict) -> dict:
         def step(x, y):
             grads = gradients(x, y)
             return tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, grads)
+
         for _ in tf.range(STEPS_PER_EXECUTION):
             strategy.run(step, args=next(iterator))
 
@@ -134,8 +150,10 @@ def _time_steps(settings: dict) -> dict:
                 model.optimizer.apply_gradients(zip(grads, model.trainable_variables))
                 if count_steps:  # as Keras's own step does
                     model._train_counter.assign_add(1)
+
             for _ in tf.range(STEPS_PER_EXECUTION):
                 strategy.run(step, args=next(iterator))
+
         return run
 
     def all_reduce_as(dtype):
@@ -143,10 +161,13 @@ def _time_steps(settings: dict) -> dict:
         def reduce_all():
             def reduce():
                 context = tf.distribute.get_replica_context()
-                return context.all_reduce(tf.distribute.ReduceOp.SUM,
-                                          [tf.ones_like(v, dtype=dtype) for v in model.trainable_variables])
+                return context.all_reduce(
+                    tf.distribute.ReduceOp.SUM, [tf.ones_like(v, dtype=dtype) for v in model.trainable_variables]
+                )
+
             for _ in tf.range(STEPS_PER_EXECUTION):
                 strategy.run(reduce)
+
         return reduce_all
 
     @tf.function
@@ -183,21 +204,33 @@ def _time_steps(settings: dict) -> dict:
         model.distribute_reduction_method = settings["reduction"]
         model.train_function = None
         rows = config.batch_size * micro
-        steps = strategy.distribute_datasets_from_function(lambda _: tf.data.Dataset.from_tensor_slices(
-            (images, labels)).shuffle(4096).batch(rows, drop_remainder=True).repeat().prefetch(2))
+        steps = strategy.distribute_datasets_from_function(
+            lambda _: (
+                tf.data.Dataset.from_tensor_slices((images, labels))
+                .shuffle(4096)
+                .batch(rows, drop_remainder=True)
+                .repeat()
+                .prefetch(2)
+            )
+        )
         times = StepTimes()
-        model.fit(steps, epochs=1, steps_per_epoch=STEPS_PER_EXECUTION * (settings["calls"] + 2),
-                  callbacks=[times], verbose=0)
+        model.fit(
+            steps, epochs=1, steps_per_epoch=STEPS_PER_EXECUTION * (settings["calls"] + 2), callbacks=[times], verbose=0
+        )
         calls = np.diff(times.ends)[2:]  # after a warm-up
         return float(np.median(calls)) * 1000 / STEPS_PER_EXECUTION / micro
 
     apply_only, apply_counted = compute_apply(False), compute_apply(True)
-    timed = {"compute": lambda: compute(batches).numpy(), "all_reduce": all_reduce_as(tf.float32),
-             "input": lambda: input_only(batches),
-             "compute_all_reduce": lambda: compute_all_reduce(batches),
-             "compute_apply": lambda: apply_only(batches),
-             "compute_apply_counter": lambda: apply_counted(batches),
-             "all_reduce_float16": all_reduce_as(tf.float16), "all_reduce_bfloat16": all_reduce_as(tf.bfloat16)}
+    timed = {
+        "compute": lambda: compute(batches).numpy(),
+        "all_reduce": all_reduce_as(tf.float32),
+        "input": lambda: input_only(batches),
+        "compute_all_reduce": lambda: compute_all_reduce(batches),
+        "compute_apply": lambda: apply_only(batches),
+        "compute_apply_counter": lambda: apply_counted(batches),
+        "all_reduce_float16": all_reduce_as(tf.float16),
+        "all_reduce_bfloat16": all_reduce_as(tf.bfloat16),
+    }
     result = {}
     for name, call in ({} if settings["skip_parts"] else timed).items():
         call()  # tracing and warm-up
@@ -240,9 +273,12 @@ def policies(args) -> dict:
             began = time.perf_counter()
             model.fit(data, steps_per_epoch=args.steps, epochs=1, verbose=0)
             samples[policy].append((time.perf_counter() - began) * 1000 / args.steps)
-    return {"model": args.model, "batch": args.batch,
-            "ms_per_step": {policy: float(np.median(times)) for policy, times in samples.items()},
-            "samples": samples}
+    return {
+        "model": args.model,
+        "batch": args.batch,
+        "ms_per_step": {policy: float(np.median(times)) for policy, times in samples.items()},
+        "samples": samples,
+    }
 
 
 def main() -> None:
@@ -258,8 +294,12 @@ def main() -> None:
     step.add_argument("--reduction", default="auto", help="Keras's distribute_reduction_method")
     step.add_argument("--bytes-per-pack", type=int, default=0)
     step.add_argument("--inter-threads", type=int, default=0)
-    step.add_argument("--variants", nargs="+", default=["keras"],
-                      help="whole steps to time: keras, xla (one worker), or DTYPE[xK] (e.g. bfloat16x2)")
+    step.add_argument(
+        "--variants",
+        nargs="+",
+        default=["keras"],
+        help="whole steps to time: keras, xla (one worker), or DTYPE[xK] (e.g. bfloat16x2)",
+    )
     step.add_argument("--timings", type=int, default=5, help="timed runs of each part (their median is kept)")
     step.add_argument("--rounds", type=int, default=3, help="interleaved timings of every variant")
     step.add_argument("--skip-parts", action="store_true", help="time whole steps only")
@@ -273,7 +313,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.probe == "steps" and "xla" in args.variants and args.workers > 1:
         parser.error("--variants xla: one worker only (XLA cannot compile the workers' all-reduce)")
-    sys.stdout.write("BENCH " + json.dumps({"startup": startup, "steps": steps, "policies": policies}[args.probe](args)) + "\n")
+    sys.stdout.write(
+        "BENCH " + json.dumps({"startup": startup, "steps": steps, "policies": policies}[args.probe](args)) + "\n"
+    )
 
 
 if __name__ == "__main__":

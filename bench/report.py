@@ -55,11 +55,13 @@ def _scale_ratios(rows: list[dict]) -> dict:
         if len(sizes) >= 2 and sizes[-1] in one_actor and sizes[-2] in one_actor and plain_rates:
             big, small = one_actor[sizes[-1]], one_actor[sizes[-2]]
             marginal = (sizes[-1] - sizes[-2]) / (big["wall_s"] - small["wall_s"])
-            out[f"predict marginal images/s / plain model.predict ({kind}, "
-                f"{sizes[-2]:,}->{sizes[-1]:,})"] = marginal / max(plain_rates)
+            out[f"predict marginal images/s / plain model.predict ({kind}, {sizes[-2]:,}->{sizes[-1]:,})"] = (
+                marginal / max(plain_rates)
+            )
         if sizes[0] in one_actor and len(sizes) > 1 and sizes[-1] in one_actor:
-            out[f"predict driver peak RSS, largest / 28k ({kind}, {sizes[-1]:,} images)"] = \
+            out[f"predict driver peak RSS, largest / 28k ({kind}, {sizes[-1]:,} images)"] = (
                 one_actor[sizes[-1]]["driver_peak_rss_mb"] / one_actor[sizes[0]]["driver_peak_rss_mb"]
+            )
     return out
 
 
@@ -73,13 +75,20 @@ def verdict(name: str, value: float) -> tuple[str, str]:
 
 def markdown(results: dict, chart: str) -> str:
     peak = results["arithmetic"]["peak_gflops"]
-    lines = [f"# Benchmarks ({results['date']}{', QUICK SMOKE RUN: numbers meaningless' if results['quick'] else ''})",
-             "", f"`python -m bench` on {results['machine']['cpus']} CPUs "
-             f"({results['machine']['platform']}; a 2048x2048 float32 matmul in TensorFlow peaks at "
-             f"{peak:.0f} GFLOP/s here), {results['wall_s'] / 60:.0f} minutes, repeats "
-             f"{results['settings']['repeats']}, sections: {', '.join(results['sections'])}."
-             + _kept_note(results.get("kept")), "",
-             "## Headline ratios", "", "| ratio | measured | target | |", "|---|---|---|---|"]
+    lines = [
+        f"# Benchmarks ({results['date']}{', QUICK SMOKE RUN: numbers meaningless' if results['quick'] else ''})",
+        "",
+        f"`python -m bench` on {results['machine']['cpus']} CPUs "
+        f"({results['machine']['platform']}; a 2048x2048 float32 matmul in TensorFlow peaks at "
+        f"{peak:.0f} GFLOP/s here), {results['wall_s'] / 60:.0f} minutes, repeats "
+        f"{results['settings']['repeats']}, sections: {', '.join(results['sections'])}."
+        + _kept_note(results.get("kept")),
+        "",
+        "## Headline ratios",
+        "",
+        "| ratio | measured | target | |",
+        "|---|---|---|---|",
+    ]
     for name, value in results["ratios"].items():
         target, met = verdict(name, value)
         lines.append(f"| {name} | {value:.2f} | {target} | {met} |")
@@ -94,116 +103,171 @@ def markdown(results: dict, chart: str) -> str:
 def _kept_note(kept: dict | None) -> str:
     if not kept or not kept["sections"]:
         return ""
-    return (f" The {' and '.join(kept['sections'])} section{'s' if len(kept['sections']) > 1 else ''} "
-            f"{'are' if len(kept['sections']) > 1 else 'is'} kept from an earlier run ({kept['date']}, "
-            f"{kept['wall_s'] / 60:.0f} minutes, matmul peak {kept['peak_gflops']:.0f} GFLOP/s; "
-            "`--update`): compare its ratios, not its absolute numbers, with this run's.")
+    return (
+        f" The {' and '.join(kept['sections'])} section{'s' if len(kept['sections']) > 1 else ''} "
+        f"{'are' if len(kept['sections']) > 1 else 'is'} kept from an earlier run ({kept['date']}, "
+        f"{kept['wall_s'] / 60:.0f} minutes, matmul peak {kept['peak_gflops']:.0f} GFLOP/s; "
+        "`--update`): compare its ratios, not its absolute numbers, with this run's."
+    )
 
 
 def _scoring_tables(scoring: dict) -> list[str]:
     fixed = scoring["fixed_cost"]
-    lines = ["", "## Scoring the Kaggle test set (28,000 rows of test.csv), whole commands", "",
-             "Medians of the repeats, each a fresh process. The plain script: pandas reads test.csv, "
-             "Keras predicts, pandas writes Parquet and submission.csv. "
-             f"Submissions byte-identical: {fixed['identical_submissions']}.", "",
-             "| | wall | seconds by phase |", "|---|---|---|",
-             f"| plain script | {fixed['plain_wall_s']:.1f} s | "
-             + ", ".join(f"{k} {v:.1f}" for k, v in fixed["plain_seconds"].items()) + " |",
-             f"| `digits predict`, 1 actor | {fixed['digits_wall_s']:.1f} s | "
-             + ", ".join(f"{k.replace('_', ' ')} {v:.1f}" for k, v in fixed["digits_seconds"].items())
-             + " (from predict.json) |", "",
-             "Where `digits predict`'s fixed seconds go (a probe doing the same steps, in seconds):", "",
-             "| " + " | ".join(k.replace("_", " ") for k in fixed["startup"] if k != "process_s") + " |",
-             "|" + "---|" * (len(fixed["startup"]) - 1),
-             "| " + " | ".join(f"{v:.2f}" for k, v in fixed["startup"].items() if k != "process_s") + " |"]
+    lines = [
+        "",
+        "## Scoring the Kaggle test set (28,000 rows of test.csv), whole commands",
+        "",
+        "Medians of the repeats, each a fresh process. The plain script: pandas reads test.csv, "
+        "Keras predicts, pandas writes Parquet and submission.csv. "
+        f"Submissions byte-identical: {fixed['identical_submissions']}.",
+        "",
+        "| | wall | seconds by phase |",
+        "|---|---|---|",
+        f"| plain script | {fixed['plain_wall_s']:.1f} s | "
+        + ", ".join(f"{k} {v:.1f}" for k, v in fixed["plain_seconds"].items())
+        + " |",
+        f"| `digits predict`, 1 actor | {fixed['digits_wall_s']:.1f} s | "
+        + ", ".join(f"{k.replace('_', ' ')} {v:.1f}" for k, v in fixed["digits_seconds"].items())
+        + " (from predict.json) |",
+        "",
+        "Where `digits predict`'s fixed seconds go (a probe doing the same steps, in seconds):",
+        "",
+        "| " + " | ".join(k.replace("_", " ") for k in fixed["startup"] if k != "process_s") + " |",
+        "|" + "---|" * (len(fixed["startup"]) - 1),
+        "| " + " | ".join(f"{v:.2f}" for k, v in fixed["startup"].items() if k != "process_s") + " |",
+    ]
     cluster = scoring.get("two_node_cluster")
     if cluster:
-        lines += ["", f"On `cluster/local_cluster.sh start 2` ({cluster['cluster_nodes']} nodes: a head "
-                  "without CPUs and two worker nodes of one CPU each), 2 actors scored test.csv in "
-                  f"{cluster['cluster_2_actors_wall_s']:.1f} s (the embedded Ray with 1 actor: "
-                  f"{cluster['embedded_1_actor_wall_s']:.1f} s); submission.csv byte-identical to the "
-                  f"embedded run's: {cluster['identical_submissions']}."]
+        lines += [
+            "",
+            f"On `cluster/local_cluster.sh start 2` ({cluster['cluster_nodes']} nodes: a head "
+            "without CPUs and two worker nodes of one CPU each), 2 actors scored test.csv in "
+            f"{cluster['cluster_2_actors_wall_s']:.1f} s (the embedded Ray with 1 actor: "
+            f"{cluster['embedded_1_actor_wall_s']:.1f} s); submission.csv byte-identical to the "
+            f"embedded run's: {cluster['identical_submissions']}.",
+        ]
     rows = scoring.get("scale", {}).get("rows", [])
     if rows:
-        lines += ["", "## Scoring at scale", "",
-                  "The test set repeated to each size, in one file; 1 actor uses both CPUs, 2 actors "
-                  "one each. Images/s over the whole command, start-up included. Object-store peak: "
-                  "growth of /dev/shm, where Ray's object store lives.", "",
-                  "| images | format | path | wall | images/s | peak RSS of the driver (plain: the script) | object-store peak |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "## Scoring at scale",
+            "",
+            "The test set repeated to each size, in one file; 1 actor uses both CPUs, 2 actors "
+            "one each. Images/s over the whole command, start-up included. Object-store peak: "
+            "growth of /dev/shm, where Ray's object store lives.",
+            "",
+            "| images | format | path | wall | images/s | peak RSS of the driver (plain: the script) | object-store peak |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for row in rows:
             if "not_run" in row:
-                lines.append(f"| {row['images']:,} | {row['format']} | {row['path']} | not run: "
-                             f"{row['not_run']} | | | |")
+                lines.append(
+                    f"| {row['images']:,} | {row['format']} | {row['path']} | not run: {row['not_run']} | | | |"
+                )
                 continue
             rss = row.get("driver_peak_rss_mb", row.get("peak_rss_mb"))
             store = row.get("object_store_peak_mb")
-            lines.append(f"| {row['images']:,} | {row['format']} | {row['path']} | {row['wall_s']:.1f} s | "
-                         f"{row['images_per_s']:,.0f} | {rss:,.0f} MB | "
-                         f"{'-' if store is None else f'{store:,.0f} MB'} |")
+            lines.append(
+                f"| {row['images']:,} | {row['format']} | {row['path']} | {row['wall_s']:.1f} s | "
+                f"{row['images_per_s']:,.0f} | {rss:,.0f} MB | "
+                f"{'-' if store is None else f'{store:,.0f} MB'} |"
+            )
     return lines
 
 
 def _training_tables(results: dict) -> list[str]:
     training, arithmetic = results["training"], results["arithmetic"]
     peak = arithmetic["peak_gflops"]
-    lines = ["", "## Training: what a second worker adds", "",
-             "Images/s of the epochs after the first (medians), the same per-worker batch; `xK`: "
-             "`--accumulate K`. Efficiency: 2 workers x 1 CPU over twice 1 worker x 1 CPU. Between "
-             "workers the gradients are summed in bfloat16.", "",
-             "| model@batch x accumulate | 1 worker x 1 CPU | 2 workers x 1 CPU | efficiency | "
-             "train MFLOP/image | 2-worker GFLOP/s | % of peak |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "",
+        "## Training: what a second worker adds",
+        "",
+        "Images/s of the epochs after the first (medians), the same per-worker batch; `xK`: "
+        "`--accumulate K`. Efficiency: 2 workers x 1 CPU over twice 1 worker x 1 CPU. Between "
+        "workers the gradients are summed in bfloat16.",
+        "",
+        "| model@batch x accumulate | 1 worker x 1 CPU | 2 workers x 1 CPU | efficiency | "
+        "train MFLOP/image | 2-worker GFLOP/s | % of peak |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for key, entry in training["weak_scaling"].items():
         flops = arithmetic["models"][key.split("@")[0]]["train_flops"]
         gflops = flops * entry["two_workers"] / 1e9
-        lines.append(f"| {key} | {entry['one_worker']:,.0f} | {entry['two_workers']:,.0f} | "
-                     f"{entry['efficiency']:.2f} | {flops / 1e6:.1f} | {gflops:.1f} | {100 * gflops / peak:.0f}% |")
-    lines += ["", "Where a step's time goes (bench/probes.py `steps`, ms per step of one batch, "
-              "random images; parts timed alone, 16 steps per call):", "",
-              "| workers x CPUs @ batch | forward + backward | all-reduce of the gradients, float32 | "
-              "bfloat16 | input | Keras step | digits step (bfloat16) | 2 batches per all-reduce, per batch |",
-              "|---|---|---|---|---|---|---|---|"]
+        lines.append(
+            f"| {key} | {entry['one_worker']:,.0f} | {entry['two_workers']:,.0f} | "
+            f"{entry['efficiency']:.2f} | {flops / 1e6:.1f} | {gflops:.1f} | {100 * gflops / peak:.0f}% |"
+        )
+    lines += [
+        "",
+        "Where a step's time goes (bench/probes.py `steps`, ms per step of one batch, "
+        "random images; parts timed alone, 16 steps per call):",
+        "",
+        "| workers x CPUs @ batch | forward + backward | all-reduce of the gradients, float32 | "
+        "bfloat16 | input | Keras step | digits step (bfloat16) | 2 batches per all-reduce, per batch |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for key, parts in training["step_parts"].items():
         whole = parts["ms_per_micro_batch"]
-        lines.append(f"| {key} | {parts.get('compute_ms', 0):.1f} | {parts.get('all_reduce_ms', 0):.1f} | "
-                     f"{parts.get('all_reduce_bfloat16_ms', 0):.1f} | {parts.get('input_ms', 0):.1f} | "
-                     f"{whole['keras']:.1f} | {whole['bfloat16']:.1f} | {whole['bfloat16x2']:.1f} |")
+        lines.append(
+            f"| {key} | {parts.get('compute_ms', 0):.1f} | {parts.get('all_reduce_ms', 0):.1f} | "
+            f"{parts.get('all_reduce_bfloat16_ms', 0):.1f} | {parts.get('input_ms', 0):.1f} | "
+            f"{whole['keras']:.1f} | {whole['bfloat16']:.1f} | {whole['bfloat16x2']:.1f} |"
+        )
     to_99 = training["time_to_99"]
-    lines += ["", "## Time to 99% validation accuracy (`--preset fast`, 1 CPU per worker)", "",
-              "Medians over the repeats; whole command, training clock (first step to the end of the "
-              "epoch that reached 99%), and the start-up before the first step.", "",
-              "| workers | whole command | training | first step | epochs | reached 99% | final val_accuracy |",
-              "|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "## Time to 99% validation accuracy (`--preset fast`, 1 CPU per worker)",
+        "",
+        "Medians over the repeats; whole command, training clock (first step to the end of the "
+        "epoch that reached 99%), and the start-up before the first step.",
+        "",
+        "| workers | whole command | training | first step | epochs | reached 99% | final val_accuracy |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for name, entry in to_99.items():
         reached = f"{entry['reached']} of {entry['repeats']}"
-        lines.append(f"| {name} | {entry['wall_s']:.0f} s | {entry['training_s']:.0f} s | "
-                     f"{entry['first_step_s']:.1f} s | {entry['epochs']:g} | "
-                     f"{reached if entry['reached'] == entry['repeats'] else f'**{reached}**'} | "
-                     f"{entry['val_accuracy']:.4f} |")
+        lines.append(
+            f"| {name} | {entry['wall_s']:.0f} s | {entry['training_s']:.0f} s | "
+            f"{entry['first_step_s']:.1f} s | {entry['epochs']:g} | "
+            f"{reached if entry['reached'] == entry['repeats'] else f'**{reached}**'} | "
+            f"{entry['val_accuracy']:.4f} |"
+        )
     one = to_99.get("1 worker")
     if one:
         stages = {}
         for run in one["runs"]:
             for name, at in run["timeline"].items():
                 stages.setdefault(name, []).append(at)
-        lines += ["", "Start-up of the 1-worker runs, seconds after `train()` was called (medians; "
-                  "run.json's timeline):", "",
-                  "| " + " | ".join(name.replace("_", " ") for name in stages) + " |",
-                  "|" + "---|" * len(stages),
-                  "| " + " | ".join(f"{statistics.median(v):.1f}" for v in stages.values()) + " |"]
-    lines += ["", "## `digits train` against the seed's plain Keras script (batch 32, 1 worker, every CPU)", "",
-              "| model | a: seed Keras images/s | b: digits images/s | b/a | a wall | b wall |",
-              "|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "Start-up of the 1-worker runs, seconds after `train()` was called (medians; run.json's timeline):",
+            "",
+            "| " + " | ".join(name.replace("_", " ") for name in stages) + " |",
+            "|" + "---|" * len(stages),
+            "| " + " | ".join(f"{statistics.median(v):.1f}" for v in stages.values()) + " |",
+        ]
+    lines += [
+        "",
+        "## `digits train` against the seed's plain Keras script (batch 32, 1 worker, every CPU)",
+        "",
+        "| model | a: seed Keras images/s | b: digits images/s | b/a | a wall | b wall |",
+        "|---|---|---|---|---|---|",
+    ]
     for model, entry in training["overhead"].items():
-        lines.append(f"| {model} | {entry['a']:,.0f} | {entry['b']:,.0f} | {entry['b'] / entry['a']:.2f} | "
-                     f"{entry['a_wall']:.0f} s | {entry['b_wall']:.0f} s |")
+        lines.append(
+            f"| {model} | {entry['a']:,.0f} | {entry['b']:,.0f} | {entry['b'] / entry['a']:.2f} | "
+            f"{entry['a_wall']:.0f} s | {entry['b_wall']:.0f} s |"
+        )
     cluster = training.get("two_node_cluster")
     if cluster:
-        lines += ["", f"On `cluster/local_cluster.sh start 2` (two worker nodes of one CPU each), "
-                  f"`--preset fast --workers 2`: {cluster['stop_reason']}, val_accuracy "
-                  f"{cluster['val_accuracy']:.4f}, {cluster['wall_s']:.0f} s in all, epochs at "
-                  + ", ".join(f"{v:,.0f}" for v in cluster["images_per_s"])
-                  + f" images/s; shards disjoint: {cluster['shards']['disjoint']}."]
+        lines += [
+            "",
+            f"On `cluster/local_cluster.sh start 2` (two worker nodes of one CPU each), "
+            f"`--preset fast --workers 2`: {cluster['stop_reason']}, val_accuracy "
+            f"{cluster['val_accuracy']:.4f}, {cluster['wall_s']:.0f} s in all, epochs at "
+            + ", ".join(f"{v:,.0f}" for v in cluster["images_per_s"])
+            + f" images/s; shards disjoint: {cluster['shards']['disjoint']}.",
+        ]
     return lines
 
 
@@ -214,8 +278,9 @@ def chart(results: dict, path: Path) -> None:
     values = [results["ratios"][name] for name in names]
     figure = Figure(figsize=(9, 0.45 * len(names) + 1.2), layout="constrained")
     axes = figure.subplots()
-    colours = [{"met": "tab:green", "**missed**": "tab:red"}.get(verdict(n, v)[1], "tab:gray")
-               for n, v in zip(names, values)]
+    colours = [
+        {"met": "tab:green", "**missed**": "tab:red"}.get(verdict(n, v)[1], "tab:gray") for n, v in zip(names, values)
+    ]
     axes.barh(range(len(names)), values, color=colours)
     for index, (name, value) in enumerate(zip(names, values)):
         target, _ = verdict(name, value)

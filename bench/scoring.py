@@ -29,16 +29,24 @@ def fixed_cost(run: Processes, model_file: Path, test_csv: Path, repeats: int) -
     for _ in range(repeats):
         samples["plain"].append(plain(run, model_file, test_csv))
         samples["digits"].append(digits(run, model_file.parent, test_csv, actors=1))
-    same = (run.scratch / "plain-out" / "submission.csv").read_bytes() == \
-        (run.scratch / "digits-out" / "submission.csv").read_bytes()
-    return {"plain_wall_s": statistics.median(s["wall_s"] for s in samples["plain"]),
-            "digits_wall_s": statistics.median(s["wall_s"] for s in samples["digits"]),
-            "digits_seconds": {key: statistics.median(s["seconds"][key] for s in samples["digits"])
-                               for key in samples["digits"][0]["seconds"]},
-            "plain_seconds": {key: statistics.median(s["seconds"][key] for s in samples["plain"])
-                              for key in samples["plain"][0]["seconds"]},
-            "startup": run.probe("startup", "--model-file", str(model_file)),
-            "identical_submissions": same, "samples": samples}
+    same = (run.scratch / "plain-out" / "submission.csv").read_bytes() == (
+        run.scratch / "digits-out" / "submission.csv"
+    ).read_bytes()
+    return {
+        "plain_wall_s": statistics.median(s["wall_s"] for s in samples["plain"]),
+        "digits_wall_s": statistics.median(s["wall_s"] for s in samples["digits"]),
+        "digits_seconds": {
+            key: statistics.median(s["seconds"][key] for s in samples["digits"])
+            for key in samples["digits"][0]["seconds"]
+        },
+        "plain_seconds": {
+            key: statistics.median(s["seconds"][key] for s in samples["plain"])
+            for key in samples["plain"][0]["seconds"]
+        },
+        "startup": run.probe("startup", "--model-file", str(model_file)),
+        "identical_submissions": same,
+        "samples": samples,
+    }
 
 
 def scale(run: Processes, model_file: Path, test_csv: Path, sizes: list[int], actors: list[int]) -> dict:
@@ -48,15 +56,26 @@ def scale(run: Processes, model_file: Path, test_csv: Path, sizes: list[int], ac
         for kind in ("parquet", "csv"):
             source = scaled_input(test_csv, size, kind, run.scratch)
             for count in actors:
-                rows.append({"images": size, "format": kind, "path": f"digits, {count} actor(s)",
-                             **digits(run, model_file.parent, source, actors=count, sample_store=True)})
+                rows.append(
+                    {
+                        "images": size,
+                        "format": kind,
+                        "path": f"digits, {count} actor(s)",
+                        **digits(run, model_file.parent, source, actors=count, sample_store=True),
+                    }
+                )
             projected = _projected_plain_mb(rows, kind, size)
             if projected is None or projected < PLAIN_MEMORY_LIMIT_MB:
-                rows.append({"images": size, "format": kind, "path": "plain",
-                             **plain(run, model_file, source)})
+                rows.append({"images": size, "format": kind, "path": "plain", **plain(run, model_file, source)})
             else:
-                rows.append({"images": size, "format": kind, "path": "plain",
-                             "not_run": f"projected peak RSS {projected / 1000:.0f} GB"})
+                rows.append(
+                    {
+                        "images": size,
+                        "format": kind,
+                        "path": "plain",
+                        "not_run": f"projected peak RSS {projected / 1000:.0f} GB",
+                    }
+                )
             source.unlink()
     return {"rows": rows}
 
@@ -70,22 +89,49 @@ def two_node_cluster(run: Processes, run_dir: Path, test_csv: Path) -> dict:
         clustered = digits(run, run_dir, test_csv, actors=2, cpus_per_actor=1, env=cluster)
     nodes = clustered["nodes"]
     same = (run.scratch / "digits-out" / "submission.csv").read_bytes() == expected
-    return {"embedded_1_actor_wall_s": embedded["wall_s"], "cluster_2_actors_wall_s": clustered["wall_s"],
-            "cluster_nodes": nodes, "identical_submissions": same}
+    return {
+        "embedded_1_actor_wall_s": embedded["wall_s"],
+        "cluster_2_actors_wall_s": clustered["wall_s"],
+        "cluster_nodes": nodes,
+        "identical_submissions": same,
+    }
 
 
-def digits(run: Processes, run_dir: Path, source: Path, actors: int, sample_store: bool = False,
-           cpus_per_actor: int | None = None, env: dict | None = None) -> dict:
+def digits(
+    run: Processes,
+    run_dir: Path,
+    source: Path,
+    actors: int,
+    sample_store: bool = False,
+    cpus_per_actor: int | None = None,
+    env: dict | None = None,
+) -> dict:
     out = run.scratch / "digits-out"
     shutil.rmtree(out, ignore_errors=True)
     cpus = ["--cpus-per-actor", str(cpus_per_actor)] if cpus_per_actor else []
     with ObjectStoreSampler() if sample_store else nullcontext() as store:
-        wall = run.digits("predict", "--run", str(run_dir), "--input", str(source), "--out", str(out),
-                          "--actors", str(actors), *cpus, env=env)
+        wall = run.digits(
+            "predict",
+            "--run",
+            str(run_dir),
+            "--input",
+            str(source),
+            "--out",
+            str(out),
+            "--actors",
+            str(actors),
+            *cpus,
+            env=env,
+        )
     record = json.loads((out / "predict.json").read_text())
-    return {"wall_s": wall, "images_per_s": record["images"] / wall, "seconds": record["seconds"],
-            "driver_peak_rss_mb": record["driver_peak_rss_mb"], "nodes": record["nodes"],
-            "object_store_peak_mb": store.peak_mb if store else None}
+    return {
+        "wall_s": wall,
+        "images_per_s": record["images"] / wall,
+        "seconds": record["seconds"],
+        "driver_peak_rss_mb": record["driver_peak_rss_mb"],
+        "nodes": record["nodes"],
+        "object_store_peak_mb": store.peak_mb if store else None,
+    }
 
 
 def plain(run: Processes, model_file: Path, source: Path) -> dict:
@@ -109,10 +155,12 @@ def scaled_input(test_csv: Path, size: int, kind: str, scratch: Path) -> Path:
         with open(path, "w") as target:
             target.write(header)
             for start in range(0, size, len(lines)):
-                target.writelines(lines[:min(len(lines), size - start)])
+                target.writelines(lines[: min(len(lines), size - start)])
         return path
-    table = pacsv.read_csv(test_csv, convert_options=pacsv.ConvertOptions(
-        column_types={name: pa.uint8() for name in header.strip().split(",")}))
+    table = pacsv.read_csv(
+        test_csv,
+        convert_options=pacsv.ConvertOptions(column_types={name: pa.uint8() for name in header.strip().split(",")}),
+    )
     with pq.ParquetWriter(path, table.schema) as writer:
         for start in range(0, size, table.num_rows):
             writer.write_table(table.slice(0, min(table.num_rows, size - start)))
@@ -121,8 +169,11 @@ def scaled_input(test_csv: Path, size: int, kind: str, scratch: Path) -> Path:
 
 def _projected_plain_mb(rows: list[dict], kind: str, size: int) -> float | None:
     """The plain script's peak RSS at `size`, extrapolated from the two largest runs below it."""
-    measured = sorted((r["images"], r["peak_rss_mb"]) for r in rows
-                      if r["path"] == "plain" and r["format"] == kind and "peak_rss_mb" in r)
+    measured = sorted(
+        (r["images"], r["peak_rss_mb"])
+        for r in rows
+        if r["path"] == "plain" and r["format"] == kind and "peak_rss_mb" in r
+    )
     if len(measured) < 2:
         return None
     (n1, m1), (n2, m2) = measured[-2:]

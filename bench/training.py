@@ -36,8 +36,7 @@ class Trainer:
         run_dir = self.run.scratch / f"run-{self.count}"
         limit = ["--limit", str(self.limit)] if self.limit else []
         launched = time.time()
-        wall = self.run.digits("train", "--data", str(self.data), "--out", str(run_dir), *limit, *args,
-                               env=env)
+        wall = self.run.digits("train", "--data", str(self.data), "--out", str(run_dir), *limit, *args, env=env)
         run = json.loads((run_dir / "run.json").read_text())
         run["first_step_after_launch_s"] = run["timeline_origin_unix"] + run["timeline"]["first_step"] - launched
         if "--model" in args:
@@ -57,13 +56,29 @@ def weak_scaling(trainer: Trainer, setups: list[tuple[str, int, int]], epochs: i
         for model, batch, accumulate in setups:
             entry = samples.setdefault(f"{model}@{batch}x{accumulate}", {"one": [], "two": [], "timelines": []})
             for workers, key in (("1", "one"), ("2", "two")):
-                run, _, _ = trainer.train("--model", model, "--workers", workers, *ONE_CPU,
-                                          "--batch-size", str(batch), "--accumulate", str(accumulate), *fixed)
+                run, _, _ = trainer.train(
+                    "--model",
+                    model,
+                    "--workers",
+                    workers,
+                    *ONE_CPU,
+                    "--batch-size",
+                    str(batch),
+                    "--accumulate",
+                    str(accumulate),
+                    *fixed,
+                )
                 entry[key] += [e["images_per_s"] for e in run["history"][1:]]
                 entry["timelines"].append({"workers": int(workers), **run["timeline"]})
-    return {key: {"one_worker": statistics.median(entry["one"]), "two_workers": statistics.median(entry["two"]),
-                  "efficiency": statistics.median(entry["two"]) / (2 * statistics.median(entry["one"])),
-                  "samples": entry} for key, entry in samples.items()}
+    return {
+        key: {
+            "one_worker": statistics.median(entry["one"]),
+            "two_workers": statistics.median(entry["two"]),
+            "efficiency": statistics.median(entry["two"]) / (2 * statistics.median(entry["one"])),
+            "samples": entry,
+        }
+        for key, entry in samples.items()
+    }
 
 
 def overhead(trainer: Trainer, models: list[str], epochs: int, repeats: int) -> dict:
@@ -73,15 +88,24 @@ def overhead(trainer: Trainer, models: list[str], epochs: int, repeats: int) -> 
     samples: dict = {model: {"a": [], "b": [], "a_wall": [], "b_wall": []} for model in models}
     for _ in range(repeats):
         for model in models:
-            seed = trainer.run.baseline("train", "--model", model, "--train-csv", str(trainer.data / "train.csv"),
-                                        "--epochs", str(epochs), *limit)
+            seed = trainer.run.baseline(
+                "train",
+                "--model",
+                model,
+                "--train-csv",
+                str(trainer.data / "train.csv"),
+                "--epochs",
+                str(epochs),
+                *limit,
+            )
             samples[model]["a"] += seed["images_per_s"][1:]
             samples[model]["a_wall"].append(seed["process_s"])
             run, wall, _ = trainer.train("--model", model, "--workers", "1", *fixed)
             samples[model]["b"] += [e["images_per_s"] for e in run["history"][1:]]
             samples[model]["b_wall"].append(wall)
-    return {model: {name: statistics.median(values) for name, values in entry.items()}
-            for model, entry in samples.items()}
+    return {
+        model: {name: statistics.median(values) for name, values in entry.items()} for model, entry in samples.items()
+    }
 
 
 def time_to_accuracy(trainer: Trainer, quick: bool, repeats: int) -> dict:
@@ -93,18 +117,30 @@ def time_to_accuracy(trainer: Trainer, quick: bool, repeats: int) -> dict:
     samples: dict = {name: [] for name, _ in settings}
     for _ in range(repeats):
         for name, args in settings:
-            run, wall, _ = trainer.train("--preset", "fast", *args, *ONE_CPU,
-                                         *(QUICK_TO_TARGET if quick else []))
-            samples[name].append({"wall_s": wall, "epochs": run["epochs_run"],
-                                  "reached": run["stop_reason"].startswith("target reached"),
-                                  "val_accuracy": run["history"][-1]["val_accuracy"],
-                                  "training_s": run["history"][-1]["elapsed_s"],
-                                  "first_step_s": run["first_step_after_launch_s"],
-                                  "timeline": run["timeline"]})
-    return {name: {**{key: statistics.median(run[key] for run in runs)
-                      for key in ("wall_s", "training_s", "first_step_s", "epochs", "val_accuracy")},
-                   "reached": sum(run["reached"] for run in runs), "repeats": len(runs), "runs": runs}
-            for name, runs in samples.items()}
+            run, wall, _ = trainer.train("--preset", "fast", *args, *ONE_CPU, *(QUICK_TO_TARGET if quick else []))
+            samples[name].append(
+                {
+                    "wall_s": wall,
+                    "epochs": run["epochs_run"],
+                    "reached": run["stop_reason"].startswith("target reached"),
+                    "val_accuracy": run["history"][-1]["val_accuracy"],
+                    "training_s": run["history"][-1]["elapsed_s"],
+                    "first_step_s": run["first_step_after_launch_s"],
+                    "timeline": run["timeline"],
+                }
+            )
+    return {
+        name: {
+            **{
+                key: statistics.median(run[key] for run in runs)
+                for key in ("wall_s", "training_s", "first_step_s", "epochs", "val_accuracy")
+            },
+            "reached": sum(run["reached"] for run in runs),
+            "repeats": len(runs),
+            "runs": runs,
+        }
+        for name, runs in samples.items()
+    }
 
 
 def step_parts(run: Processes, quick: bool) -> dict:
@@ -114,10 +150,21 @@ def step_parts(run: Processes, quick: bool) -> dict:
     variants = ["keras", "bfloat16", "bfloat16x2"]
     quick_settings = ["--model", "dense", "--calls", "1", "--rounds", "1", "--timings", "1"] if quick else []
     shapes = [(2, 32)] if quick else [(1, 32), (2, 32), (1, 128), (2, 128)]
-    return {f"{workers}x1@{batch}": run.probe("steps", "--workers", str(workers), "--cpus", "1",
-                                              "--batch", str(batch), "--variants", *variants,
-                                              *quick_settings)
-            for workers, batch in shapes}
+    return {
+        f"{workers}x1@{batch}": run.probe(
+            "steps",
+            "--workers",
+            str(workers),
+            "--cpus",
+            "1",
+            "--batch",
+            str(batch),
+            "--variants",
+            *variants,
+            *quick_settings,
+        )
+        for workers, batch in shapes
+    }
 
 
 def two_node_cluster(trainer: Trainer) -> dict:
@@ -125,6 +172,11 @@ def two_node_cluster(trainer: Trainer) -> dict:
     each): `--preset fast --workers 2`, one worker per node."""
     with local_cluster(6392) as cluster:
         run, wall, _ = trainer.train("--preset", "fast", "--workers", "2", env=cluster)
-    return {"wall_s": wall, "epochs": run["epochs_run"], "stop_reason": run["stop_reason"],
-            "val_accuracy": run["history"][-1]["val_accuracy"], "shards": run["shards"],
-            "images_per_s": [e["images_per_s"] for e in run["history"]]}
+    return {
+        "wall_s": wall,
+        "epochs": run["epochs_run"],
+        "stop_reason": run["stop_reason"],
+        "val_accuracy": run["history"][-1]["val_accuracy"],
+        "shards": run["shards"],
+        "images_per_s": [e["images_per_s"] for e in run["history"]],
+    }

@@ -31,8 +31,21 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="digits-bench-tune-") as scratch:
         run = Processes(Path(scratch))
         search = Path(scratch, "search")
-        search_s = run.digits("tune", "--data", args.data, "--out", str(search), "--trials", str(args.trials),
-                              "--model", "cnn", "--limit", str(args.rows), "--epochs", str(args.epochs))
+        search_s = run.digits(
+            "tune",
+            "--data",
+            args.data,
+            "--out",
+            str(search),
+            "--trials",
+            str(args.trials),
+            "--model",
+            "cnn",
+            "--limit",
+            str(args.rows),
+            "--epochs",
+            str(args.epochs),
+        )
         rows = json.loads((search / "results.json").read_text())
         best = json.loads((search / "best.json").read_text())
         one_by_one_s, full_best, full_epochs = 0.0, 0.0, 0
@@ -46,8 +59,9 @@ def main() -> None:
             full_best = max(full_best, trained["history"][-1]["val_accuracy"])
             full_epochs += trained["epochs_run"]
         scored = Path(scratch, "scored")
-        run.digits("predict", "--run", str(search / best["run_dir"]), "--input", f"{args.data}/test.csv",
-                   "--out", str(scored))
+        run.digits(
+            "predict", "--run", str(search / best["run_dir"]), "--input", f"{args.data}/test.csv", "--out", str(scored)
+        )
         run.digits("evaluate", "--predictions", str(scored), "--labels", f"{args.data}/test_labels.csv")
         official = json.loads((scored / "evaluation.json").read_text())["official_mnist_test"]["accuracy"]
         peak = run.arithmetic("cnn")["peak_gflops"]
@@ -56,13 +70,19 @@ def main() -> None:
     print()
     print("| way | wall | trials stopped early | epochs trained | best val_accuracy |")
     print("|---|---|---|---|---|")
-    print(f"| `digits tune`, {len(rows)} trials | {search_s:.0f} s | {stopped} of {len(rows)} | "
-          f"{sum(row['epochs'] or 0 for row in rows)} | {best['val_accuracy']:.4f} (trial {best['trial']}) |")
-    print(f"| the same {len(rows)} trials to their end, one after another | {one_by_one_s:.0f} s | - | "
-          f"{full_epochs} | {full_best:.4f} |")
+    print(
+        f"| `digits tune`, {len(rows)} trials | {search_s:.0f} s | {stopped} of {len(rows)} | "
+        f"{sum(row['epochs'] or 0 for row in rows)} | {best['val_accuracy']:.4f} (trial {best['trial']}) |"
+    )
+    print(
+        f"| the same {len(rows)} trials to their end, one after another | {one_by_one_s:.0f} s | - | "
+        f"{full_epochs} | {full_best:.4f} |"
+    )
     print()
-    print(f"Search / one after another: {search_s / one_by_one_s:.2f}. The search's best model "
-          f"(trial {best['trial']}: `{best['command']}`) on the official MNIST test images: {official:.4f}.")
+    print(
+        f"Search / one after another: {search_s / one_by_one_s:.2f}. The search's best model "
+        f"(trial {best['trial']}: `{best['command']}`) on the official MNIST test images: {official:.4f}."
+    )
 
 
 def _cpu() -> str:

@@ -42,8 +42,11 @@ def main() -> None:
 
     def scored(model, images, truth, views: int) -> dict:
         predicted = probabilities(model, images, views)
-        return {"correct": int((predicted.argmax(axis=1) == truth).sum()), "images": len(truth),
-                "log_loss": float(-np.log(predicted[np.arange(len(truth)), truth]).mean())}
+        return {
+            "correct": int((predicted.argmax(axis=1) == truth).sum()),
+            "images": len(truth),
+            "log_loss": float(-np.log(predicted[np.arange(len(truth)), truth]).mean()),
+        }
 
     result = {"run": args.run, "momentum": config["weight_average"]}
     for set_name, (images, truth) in sets.items():

@@ -28,17 +28,37 @@ PRESETS = {
     # 99% on held-out data soonest: the seed's CNN with larger batches (fewer, cheaper steps
     # per image, and fewer all-reduces per image between workers) and a short warm-up + cosine
     # schedule over 3 epochs.
-    "fast": dict(model="cnn", batch_size=128, learning_rate=3e-3, lr_schedule="cosine",
-                 epochs=3, target_metric="val_accuracy", target=0.99, scale_learning_rate=True),
+    "fast": dict(
+        model="cnn",
+        batch_size=128,
+        learning_rate=3e-3,
+        lr_schedule="cosine",
+        epochs=3,
+        target_metric="val_accuracy",
+        target=0.99,
+        scale_learning_rate=True,
+    ),
     # The highest accuracy of one run within an hour on 2 CPU cores: the BatchNorm CNN,
     # augmented, with label smoothing, trained for every planned epoch (the schedule's
     # low-rate end is where the last errors go; a target of 1.0 only stops a perfect run),
     # its weights averaged (no worse on validation: docs/accuracy.md's "The weight average"),
     # BatchNorm's statistics taken from plain images, and half the model's dropout (each
     # fewer errors on held-out images: docs/accuracy.md's "BatchNorm statistics" and "Dropout").
-    "best": dict(model="deep_cnn", dropout=0.2, batch_size=64, learning_rate=2e-3, lr_schedule="cosine",
-                 augment=True, label_smoothing=0.1, weight_average=0.999, recompute_batchnorm=True,
-                 epochs=30, target_metric="val_accuracy", target=1.0, scale_learning_rate=True),
+    "best": dict(
+        model="deep_cnn",
+        dropout=0.2,
+        batch_size=64,
+        learning_rate=2e-3,
+        lr_schedule="cosine",
+        augment=True,
+        label_smoothing=0.1,
+        weight_average=0.999,
+        recompute_batchnorm=True,
+        epochs=30,
+        target_metric="val_accuracy",
+        target=1.0,
+        scale_learning_rate=True,
+    ),
 }
 
 
@@ -76,7 +96,9 @@ class TrainConfig:
     recompute_batchnorm: bool = False  # BatchNorm statistics from plain images, dropout off (training/batchnorm.py)
     preset: str | None = None  # the preset the settings started from, for the record
     mlflow: str | None = None  # MLflow tracking URI to log the run to (training/mlflow_log.py)
-    time_budget: float | None = None  # minutes for the whole run; epochs sized as the first half goes (training/schedule.py)
+    time_budget: float | None = (
+        None  # minutes for the whole run; epochs sized as the first half goes (training/schedule.py)
+    )
     scoring_reserve: int = 0  # images (rows x views) this model will score within the budget (training/schedule.py)
     keep: str = "best"  # model.keras: the epoch of the best val_accuracy ("best") or the last epoch ("last")
 
@@ -132,44 +154,59 @@ class TrainConfig:
         require(self.epochs >= 1, f"--epochs {self.epochs}: must be at least 1")
         require(self.keep in KEEP_CHOICES, f"--keep {self.keep}: choose one of {', '.join(KEEP_CHOICES)}")
         require(self.workers >= 1, f"--workers {self.workers}: must be at least 1")
-        require(1 <= self.fewest_workers <= self.workers,
-                f"--min-workers {self.min_workers}: must be 1 to --workers ({self.workers})")
+        require(
+            1 <= self.fewest_workers <= self.workers,
+            f"--min-workers {self.min_workers}: must be 1 to --workers ({self.workers})",
+        )
         require(self.max_preemptions >= 0, f"--max-preemptions {self.max_preemptions}: must be >= 0")
-        require(self.wait_for_workers > 0,
-                f"--wait-for-workers {self.wait_for_workers}: must be positive (seconds)")
+        require(self.wait_for_workers > 0, f"--wait-for-workers {self.wait_for_workers}: must be positive (seconds)")
         require(self.batch_size >= 1, f"--batch-size {self.batch_size}: must be at least 1")
         require(self.accumulate >= 1, f"--accumulate {self.accumulate}: must be at least 1")
-        require(self.all_reduce_dtype is None or self.all_reduce_dtype in ALL_REDUCE_DTYPES,
-                f"--all-reduce-dtype {self.all_reduce_dtype}: choose one of {', '.join(ALL_REDUCE_DTYPES)}")
+        require(
+            self.all_reduce_dtype is None or self.all_reduce_dtype in ALL_REDUCE_DTYPES,
+            f"--all-reduce-dtype {self.all_reduce_dtype}: choose one of {', '.join(ALL_REDUCE_DTYPES)}",
+        )
         require(self.learning_rate > 0, f"--learning-rate {self.learning_rate}: must be positive")
         require(0 < self.target <= 1, f"--target {self.target}: must be in (0, 1]")
-        require(self.target_metric in TARGET_METRICS,
-                f"--target-metric {self.target_metric}: choose one of {', '.join(TARGET_METRICS)}")
+        require(
+            self.target_metric in TARGET_METRICS,
+            f"--target-metric {self.target_metric}: choose one of {', '.join(TARGET_METRICS)}",
+        )
         require(0 <= self.val_fraction < 1, f"--val-fraction {self.val_fraction}: must be in [0, 1)")
-        require(self.target_metric != "val_accuracy" or self.val_fraction > 0,
-                "--target-metric val_accuracy needs a validation split (--val-fraction > 0)")
+        require(
+            self.target_metric != "val_accuracy" or self.val_fraction > 0,
+            "--target-metric val_accuracy needs a validation split (--val-fraction > 0)",
+        )
         require(self.limit is None or self.limit >= 1, f"--limit {self.limit}: must be at least 1")
-        require(self.cpus_per_worker is None or self.cpus_per_worker >= 1,
-                f"--cpus-per-worker {self.cpus_per_worker}: must be at least 1")
+        require(
+            self.cpus_per_worker is None or self.cpus_per_worker >= 1,
+            f"--cpus-per-worker {self.cpus_per_worker}: must be at least 1",
+        )
         require(self.gpus_per_worker >= 0, f"--gpus-per-worker {self.gpus_per_worker}: must be >= 0")
         require(self.max_failures >= 0, f"--max-failures {self.max_failures}: must be >= 0")
-        require(self.lr_schedule in LR_SCHEDULES,
-                f"--lr-schedule {self.lr_schedule}: choose one of {', '.join(LR_SCHEDULES)}")
-        require(0 <= self.label_smoothing < 1,
-                f"--label-smoothing {self.label_smoothing}: must be in [0, 1)")
-        require(self.dropout is None or self.model in MODELS_WITH_DROPOUT,
-                f"--dropout: model {self.model} has no dropout layers (these do: "
-                f"{', '.join(MODELS_WITH_DROPOUT)})")
+        require(
+            self.lr_schedule in LR_SCHEDULES,
+            f"--lr-schedule {self.lr_schedule}: choose one of {', '.join(LR_SCHEDULES)}",
+        )
+        require(0 <= self.label_smoothing < 1, f"--label-smoothing {self.label_smoothing}: must be in [0, 1)")
+        require(
+            self.dropout is None or self.model in MODELS_WITH_DROPOUT,
+            f"--dropout: model {self.model} has no dropout layers (these do: {', '.join(MODELS_WITH_DROPOUT)})",
+        )
         require(self.dropout is None or 0 <= self.dropout < 1, f"--dropout {self.dropout}: must be in [0, 1)")
-        require(0 <= self.weight_average < 1,
-                f"--weight-average {self.weight_average}: must be in [0, 1)")
-        require(self.time_budget is None or self.time_budget > 0,
-                f"--time-budget {self.time_budget}: must be positive (minutes)")
+        require(0 <= self.weight_average < 1, f"--weight-average {self.weight_average}: must be in [0, 1)")
+        require(
+            self.time_budget is None or self.time_budget > 0,
+            f"--time-budget {self.time_budget}: must be positive (minutes)",
+        )
         require(self.scoring_reserve >= 0, f"--scoring-reserve {self.scoring_reserve}: must be >= 0")
-        require(not self.scoring_reserve or self.time_budget is not None,
-                "--scoring-reserve keeps time free in a --time-budget: give one")
-        require(self.preset is None or self.preset in PRESETS,
-                f"--preset {self.preset}: choose one of {', '.join(PRESETS)}")
+        require(
+            not self.scoring_reserve or self.time_budget is not None,
+            "--scoring-reserve keeps time free in a --time-budget: give one",
+        )
+        require(
+            self.preset is None or self.preset in PRESETS, f"--preset {self.preset}: choose one of {', '.join(PRESETS)}"
+        )
 
 
 @dataclass
@@ -192,8 +229,9 @@ class SearchConfig:
 
     def base(self) -> TrainConfig:
         """A trial's configuration before its sample (its --out is its own, under TUNE_DIR)."""
-        return TrainConfig.from_preset(self.preset, **{**self.fixed, "data": self.data,
-                                                       "workers": self.workers_per_trial})
+        return TrainConfig.from_preset(
+            self.preset, **{**self.fixed, "data": self.data, "workers": self.workers_per_trial}
+        )
 
     def validate(self) -> None:
         if self.trials < 1:
@@ -205,8 +243,10 @@ class SearchConfig:
         base = self.base()
         base.validate()
         if base.val_fraction <= 0:
-            raise DigitsError("--val-fraction 0: `digits tune` ranks the trials by their validation "
-                              "accuracy, so it needs a validation split")
+            raise DigitsError(
+                "--val-fraction 0: `digits tune` ranks the trials by their validation "
+                "accuracy, so it needs a validation split"
+            )
 
 
 @dataclass

@@ -35,8 +35,7 @@ SLICE_TEST_ROWS = 1_500
 @pytest.fixture(scope="session")
 def mnist_slice() -> Mnist:
     with np.load(FIXTURES / "mnist_slice.npz") as saved:
-        return Mnist(images=saved["images"], labels=saved["labels"],
-                     is_official_test=saved["is_official_test"])
+        return Mnist(images=saved["images"], labels=saved["labels"], is_official_test=saved["is_official_test"])
 
 
 @pytest.fixture(scope="session")
@@ -45,8 +44,7 @@ def kaggle_dir(tmp_path_factory, mnist_slice) -> Path:
     from digit_models.storage.data import build_kaggle_files
 
     out = tmp_path_factory.mktemp("kaggle")
-    build_kaggle_files(mnist_slice, out, seed=0, train_size=SLICE_TRAIN_ROWS,
-                       test_size=SLICE_TEST_ROWS)
+    build_kaggle_files(mnist_slice, out, seed=0, train_size=SLICE_TRAIN_ROWS, test_size=SLICE_TEST_ROWS)
     return out
 
 
@@ -93,8 +91,7 @@ def dense_run(tmp_path_factory, kaggle_dir, ray_local) -> Path:
     from digit_models.training.driver import train
 
     run_dir = tmp_path_factory.mktemp("runs") / "dense-2w"
-    train(TrainConfig(data=str(kaggle_dir), out=str(run_dir), model="dense", workers=2, epochs=3,
-                      cpus_per_worker=1))
+    train(TrainConfig(data=str(kaggle_dir), out=str(run_dir), model="dense", workers=2, epochs=3, cpus_per_worker=1))
     return run_dir
 
 
@@ -111,8 +108,14 @@ def cnn_run(tmp_path_factory, kaggle_dir, ray_local) -> Path:
 
 def run_digits(*args: str, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
     """The real `digits` command in a child process."""
-    return subprocess.run([sys.executable, "-m", "digit_models.cli", *args], capture_output=True,
-                          text=True, timeout=timeout, cwd=REPO, env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-m", "digit_models.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+        env={**os.environ, **(env or {})},
+    )
 
 
 @contextmanager
@@ -131,13 +134,20 @@ def local_cluster(worker_nodes: int, without: tuple[str, ...] = (), **settings: 
     state = tempfile.mkdtemp(prefix="dlc-", dir="/tmp")  # short: Ray's socket paths live under it
     # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0: Ray's own commands (`ray drain-node`) then reach the
     # cluster at 127.0.0.1, where it listens (cluster/local_cluster.sh).
-    env = {**os.environ, "RAY": str(Path(sys.executable).with_name("ray")), "RAY_PORT": free_port(),
-           "DASHBOARD_PORT": free_port(), "AGENT_PORT": free_port(), "CLUSTER_STATE": state,
-           "RAY_AUTH_MODE": "token", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", **settings}
+    env = {
+        **os.environ,
+        "RAY": str(Path(sys.executable).with_name("ray")),
+        "RAY_PORT": free_port(),
+        "DASHBOARD_PORT": free_port(),
+        "AGENT_PORT": free_port(),
+        "CLUSTER_STATE": state,
+        "RAY_AUTH_MODE": "token",
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+        **settings,
+    }
     for name in ("RAY_ADDRESS", *without):
         env.pop(name, None)
-    started = subprocess.run([script, "start", str(worker_nodes)], env=env, capture_output=True,
-                             text=True, timeout=300)
+    started = subprocess.run([script, "start", str(worker_nodes)], env=env, capture_output=True, text=True, timeout=300)
     try:
         assert started.returncode == 0, started.stdout + started.stderr
         yield env
@@ -184,8 +194,16 @@ def dense_scored(tmp_path_factory, kaggle_dir, dense_run) -> Path:
     from digit_models.scoring.predict import predict
 
     out = tmp_path_factory.mktemp("scored") / "out"
-    predict(PredictConfig(runs=[str(dense_run)], input=str(kaggle_dir / "test.csv"), out=str(out),
-                        batch_size=128, actors=2, cpus_per_actor=1))
+    predict(
+        PredictConfig(
+            runs=[str(dense_run)],
+            input=str(kaggle_dir / "test.csv"),
+            out=str(out),
+            batch_size=128,
+            actors=2,
+            cpus_per_actor=1,
+        )
+    )
     return out
 
 
@@ -193,6 +211,7 @@ def dense_scored(tmp_path_factory, kaggle_dir, dense_run) -> Path:
 class S3Server:
     """An S3-protocol server on loopback with one bucket, which refuses unsigned requests and
     wrong keys as S3 does."""
+
     endpoint: str  # http://127.0.0.1:PORT
     bucket: str
     region: str
@@ -202,9 +221,12 @@ class S3Server:
         """pyarrow's S3 client for it, for tests to put files there and read outputs back."""
         import pyarrow.fs as pafs
 
-        return pafs.S3FileSystem(endpoint_override=self.endpoint, region=self.region,
-                                 access_key=self.env["AWS_ACCESS_KEY_ID"],
-                                 secret_key=self.env["AWS_SECRET_ACCESS_KEY"])
+        return pafs.S3FileSystem(
+            endpoint_override=self.endpoint,
+            region=self.region,
+            access_key=self.env["AWS_ACCESS_KEY_ID"],
+            secret_key=self.env["AWS_SECRET_ACCESS_KEY"],
+        )
 
     def listing(self) -> dict[str, int]:
         """Every object in the bucket, with its size."""
@@ -226,29 +248,51 @@ def s3_server(tmp_path_factory) -> S3Server:
         port = probe.getsockname()[1]
     endpoint, region = f"http://127.0.0.1:{port}", "us-east-1"
     with open(tmp_path_factory.mktemp("moto") / "server.log", "wb") as log:
-        server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1",
-                                   "-p", str(port)], stdout=log, stderr=subprocess.STDOUT)
+        server = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     try:
         _wait_until_answering(f"{endpoint}/moto-api/", server)
         # moto takes any key until told to check them: first a user whose key may do anything
         # in S3, then every request from here on must be signed with that key.
-        admin = {"endpoint_url": endpoint, "region_name": region,
-                 "aws_access_key_id": "setup", "aws_secret_access_key": "setup"}
+        admin = {
+            "endpoint_url": endpoint,
+            "region_name": region,
+            "aws_access_key_id": "setup",
+            "aws_secret_access_key": "setup",
+        }
         iam = boto3.client("iam", **admin)
         iam.create_user(UserName="digits")
-        iam.put_user_policy(UserName="digits", PolicyName="s3", PolicyDocument=json.dumps(
-            {"Version": "2012-10-17",
-             "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}))
+        iam.put_user_policy(
+            UserName="digits",
+            PolicyName="s3",
+            PolicyDocument=json.dumps(
+                {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}
+            ),
+        )
         key = iam.create_access_key(UserName="digits")["AccessKey"]
         boto3.client("s3", **admin).create_bucket(Bucket="digits")
-        urllib.request.urlopen(urllib.request.Request(
-            f"{endpoint}/moto-api/reset-auth", data=b"0", method="POST",
-            headers={"Content-Type": "text/plain"}), timeout=10)
-        yield S3Server(endpoint=endpoint, bucket="digits", region=region, env={
-            "AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": key["AccessKeyId"],
-            "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"],
-            # pyarrow finds no region on its own for an endpoint that is not AWS's
-            "AWS_DEFAULT_REGION": region, "AWS_REGION": region})
+        urllib.request.urlopen(
+            urllib.request.Request(
+                f"{endpoint}/moto-api/reset-auth", data=b"0", method="POST", headers={"Content-Type": "text/plain"}
+            ),
+            timeout=10,
+        )
+        yield S3Server(
+            endpoint=endpoint,
+            bucket="digits",
+            region=region,
+            env={
+                "AWS_ENDPOINT_URL": endpoint,
+                "AWS_ACCESS_KEY_ID": key["AccessKeyId"],
+                "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"],
+                # pyarrow finds no region on its own for an endpoint that is not AWS's
+                "AWS_DEFAULT_REGION": region,
+                "AWS_REGION": region,
+            },
+        )
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -272,7 +316,10 @@ def s3_kaggle(s3_server, kaggle_dir) -> str:
     server: the URI of their folder."""
     import pyarrow.fs as pafs
 
-    pafs.copy_files(str(kaggle_dir), f"{s3_server.bucket}/kaggle",
-                    source_filesystem=pafs.LocalFileSystem(),
-                    destination_filesystem=s3_server.filesystem())
+    pafs.copy_files(
+        str(kaggle_dir),
+        f"{s3_server.bucket}/kaggle",
+        source_filesystem=pafs.LocalFileSystem(),
+        destination_filesystem=s3_server.filesystem(),
+    )
     return f"s3://{s3_server.bucket}/kaggle"

@@ -42,10 +42,16 @@ def test_a_shift_moves_pixels_and_nothing_is_mirrored(mnist_slice):
     images = mnist_slice.images[:32].astype(np.float32)
     moved = random_affine(images, SEED, Augmentation(0, 0.1, 0)).numpy()
     for original, shifted in zip(images, moved):
-        best = min(np.abs(np.roll(original, (dy, dx), axis=(0, 1)) - shifted).sum()
-                   for dy in range(-3, 4) for dx in range(-3, 4))
-        mirrored = min(np.abs(np.roll(original[:, ::-1], (dy, dx), axis=(0, 1)) - shifted).sum()
-                       for dy in range(-3, 4) for dx in range(-3, 4))
+        best = min(
+            np.abs(np.roll(original, (dy, dx), axis=(0, 1)) - shifted).sum()
+            for dy in range(-3, 4)
+            for dx in range(-3, 4)
+        )
+        mirrored = min(
+            np.abs(np.roll(original[:, ::-1], (dy, dx), axis=(0, 1)) - shifted).sum()
+            for dy in range(-3, 4)
+            for dx in range(-3, 4)
+        )
         assert best < 0.5 * original.sum() and best < mirrored
 
 
@@ -55,8 +61,7 @@ def test_training_batches_are_augmented_with_labels_kept_and_validation_untouche
     order = EpochOrder(len(images), 64, rank=0, world=1, seed=5)
 
     def first_batches(augmentation=None):
-        data = order.batches(images, labels, first_epoch=0, start=0, replicas=1, cpus=1,
-                             augmentation=augmentation)
+        data = order.batches(images, labels, first_epoch=0, start=0, replicas=1, cpus=1, augmentation=augmentation)
         return [(x.numpy(), y.numpy()) for x, y in data.take(4)]
 
     plain = first_batches()
@@ -105,8 +110,7 @@ def test_tta_views_are_fixed_small_moves_one_per_extra_view(mnist_slice):
 
 
 @pytest.mark.parametrize("world_before, world_after", [(2, 1), (1, 2), (2, 2)])
-def test_an_epoch_resumed_at_any_image_by_any_group_trains_on_the_images_it_had_left(world_before,
-                                                                                    world_after):
+def test_an_epoch_resumed_at_any_image_by_any_group_trains_on_the_images_it_had_left(world_before, world_after):
     """The epoch's order is one seeded permutation whatever the number of workers: the steps
     two workers take, then the rest of the epoch taken by one (or the other way round), are the
     images of that epoch in the order one worker alone would have taken them."""
@@ -114,8 +118,9 @@ def test_an_epoch_resumed_at_any_image_by_any_group_trains_on_the_images_it_had_
 
     def group_steps(world, start, steps):
         orders = [EpochOrder(rows, step_rows * world, rank, world, seed) for rank in range(world)]
-        return [np.concatenate([order.rows_of(epoch, step, start).numpy() for order in orders])
-                for step in range(steps)]
+        return [
+            np.concatenate([order.rows_of(epoch, step, start).numpy() for order in orders]) for step in range(steps)
+        ]
 
     alone = np.concatenate(group_steps(1, 0, EpochOrder(rows, step_rows, 0, 1, seed).steps))
     assert len(set(alone)) == len(alone) == rows - rows % step_rows
@@ -125,8 +130,9 @@ def test_an_epoch_resumed_at_any_image_by_any_group_trains_on_the_images_it_had_
     after = np.concatenate(group_steps(world_after, start, after_order.steps_from(start)))
     trained = np.concatenate([before, after])
     assert len(set(trained)) == len(trained)  # no image twice in the epoch
-    np.testing.assert_array_equal(trained, alone[:len(trained)])
+    np.testing.assert_array_equal(trained, alone[: len(trained)])
     assert len(trained) > rows - 2 * step_rows * max(world_before, world_after)  # all but a remainder
-    other_epoch = np.concatenate([EpochOrder(rows, step_rows, 0, 1, seed).rows_of(epoch + 1, s).numpy()
-                                  for s in range(3)])
-    assert not np.array_equal(other_epoch, alone[:len(other_epoch)])  # each epoch its own order
+    other_epoch = np.concatenate(
+        [EpochOrder(rows, step_rows, 0, 1, seed).rows_of(epoch + 1, s).numpy() for s in range(3)]
+    )
+    assert not np.array_equal(other_epoch, alone[: len(other_epoch)])  # each epoch its own order

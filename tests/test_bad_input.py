@@ -33,7 +33,7 @@ def _header_change(change):
 
 
 def _cell(row: int, column: int, value: str):
-    return lambda lines: lines[:row] + [_replace_cell(lines[row], column, value)] + lines[row + 1:]
+    return lambda lines: lines[:row] + [_replace_cell(lines[row], column, value)] + lines[row + 1 :]
 
 
 # (case id, transform of the text lines, the message after the file's name). Columns are
@@ -42,22 +42,41 @@ def _cell(row: int, column: int, value: str):
 # columns of the cut last line).
 CSV_CASES = [
     ("header-only", lambda lines: lines[:1], "no data rows after the header"),
-    ("missing-column", _header_change(lambda h: h[:-1]),
-     "header: missing column 'pixel783' (expected {first},...,pixel783)"),
-    ("extra-column", _header_change(lambda h: h + ["pixel784"]),
-     "header: unexpected column 'pixel784' (expected {first},...,pixel783)"),
-    ("renamed-column", _header_change(lambda h: h[:5] + ["px4"] + h[6:]),
-     "header: missing column 'pixel4'; unexpected column 'px4' (expected {first},...,pixel783)"),
-    ("reordered-columns", _header_change(lambda h: h[:3] + [h[4], h[3]] + h[5:]),
-     "header: column {pixel2_at} is 'pixel3', expected 'pixel2' (columns out of order)"),
-    ("duplicated-column", _header_change(lambda h: h[:-1] + [h[-2]]), "header: column 'pixel782' appears more than once"),
+    (
+        "missing-column",
+        _header_change(lambda h: h[:-1]),
+        "header: missing column 'pixel783' (expected {first},...,pixel783)",
+    ),
+    (
+        "extra-column",
+        _header_change(lambda h: h + ["pixel784"]),
+        "header: unexpected column 'pixel784' (expected {first},...,pixel783)",
+    ),
+    (
+        "renamed-column",
+        _header_change(lambda h: h[:5] + ["px4"] + h[6:]),
+        "header: missing column 'pixel4'; unexpected column 'px4' (expected {first},...,pixel783)",
+    ),
+    (
+        "reordered-columns",
+        _header_change(lambda h: h[:3] + [h[4], h[3]] + h[5:]),
+        "header: column {pixel2_at} is 'pixel3', expected 'pixel2' (columns out of order)",
+    ),
+    (
+        "duplicated-column",
+        _header_change(lambda h: h[:-1] + [h[-2]]),
+        "header: column 'pixel782' appears more than once",
+    ),
     ("non-numeric", _cell(7, 300, "x7"), "row 7, column pixel299: 'x7' is not an integer pixel value 0-255"),
     ("float", _cell(3, 200, "3.5"), "row 3, column pixel199: '3.5' is not an integer pixel value 0-255"),
     ("negative", _cell(5, 100, "-4"), "row 5, column pixel99: '-4' is not an integer pixel value 0-255"),
     ("over-255", _cell(9, 400, "300"), "row 9, column pixel399: '300' is not an integer pixel value 0-255"),
     ("blank-cell", _cell(2, 50, ""), "row 2, column pixel49: blank cell"),
-    ("truncated-last-line", lambda lines: lines[:-1] + [lines[-1][:len(lines[-1]) // 2]],
-     f"row {GOOD_ROWS}: has {{cut}} columns, expected {{columns}}"),
+    (
+        "truncated-last-line",
+        lambda lines: lines[:-1] + [lines[-1][: len(lines[-1]) // 2]],
+        f"row {GOOD_ROWS}: has {{cut}} columns, expected {{columns}}",
+    ),
 ]
 TRAIN_CSV = {"first": "label", "pixel2_at": 4, "columns": 785}
 TEST_CSV = {"first": "pixel0", "pixel2_at": 3, "columns": 784}
@@ -69,8 +88,10 @@ LABEL_CASES = [
 
 def _as_test_csv(transform):
     """The same mutation on test.csv, whose cells sit one column to the left."""
+
     def apply(lines):
         return [",".join(line.split(",")[1:]) for line in transform(lines)]
+
     return apply
 
 
@@ -86,7 +107,9 @@ def _train(data: Path, out: Path) -> int:
     return main(["train", "--model", "dense", "--data", str(data), "--out", str(out), "--epochs", "1"])
 
 
-@pytest.mark.parametrize("case,transform,message", CSV_CASES + LABEL_CASES, ids=lambda v: v if isinstance(v, str) else "")
+@pytest.mark.parametrize(
+    "case,transform,message", CSV_CASES + LABEL_CASES, ids=lambda v: v if isinstance(v, str) else ""
+)
 def test_train_rejects(tmp_path, capsys, kaggle_dir, case, transform, message):
     bad = tmp_path / "train.csv"
     bad.write_text("\n".join(transform(_lines(kaggle_dir / "train.csv"))) + "\n")
@@ -111,9 +134,11 @@ def test_predict_rejects(tmp_path, capsys, kaggle_dir, dense_run, case, transfor
 
 def test_accepted_variants_bom_crlf_and_gzip(tmp_path, capsys, kaggle_dir):
     lines = _lines(kaggle_dir / "train.csv", rows=200)
-    variants = {"bom.csv": b"\xef\xbb\xbf" + "\n".join(lines).encode() + b"\n",
-                "crlf.csv": "\r\n".join(lines).encode() + b"\r\n",
-                "packed.csv.gz": gzip.compress("\n".join(lines).encode() + b"\n")}
+    variants = {
+        "bom.csv": b"\xef\xbb\xbf" + "\n".join(lines).encode() + b"\n",
+        "crlf.csv": "\r\n".join(lines).encode() + b"\r\n",
+        "packed.csv.gz": gzip.compress("\n".join(lines).encode() + b"\n"),
+    }
     from digit_models.storage.kaggle_csv import read_train_csv
 
     reference = read_train_csv(str(kaggle_dir / "train.csv"), limit=200)
@@ -149,7 +174,9 @@ def test_unusable_files_are_rejected_by_train_and_predict(tmp_path, capsys, dens
     assert main(["predict", "--run", str(dense_run), "--input", str(path), "--out", str(tmp_path / "o")]) == 2
     predicted = _only_error_line(capsys)
     if case == "directory":
-        assert "folder has no train.csv" in trained and "folder holds no .csv, .csv.gz, .parquet or .pq files" in predicted
+        assert (
+            "folder has no train.csv" in trained and "folder holds no .csv, .csv.gz, .parquet or .pq files" in predicted
+        )
     else:
         assert trained == predicted == f"digits: error: {path}: {message}"
     assert not (tmp_path / "run").exists() and not (tmp_path / "o").exists()
@@ -168,10 +195,14 @@ def test_run_dirs_without_a_model_or_with_a_corrupt_one(tmp_path, capsys, kaggle
     corrupt.mkdir()
     (corrupt / "run.json").write_text("{}")
     (corrupt / "model.keras").write_bytes((dense_run / "model.keras").read_bytes()[:5000])
-    for run, message in ((no_model, "no model.keras"), (corrupt, "not a loadable Keras model"),
-                         (tmp_path / "nowhere", "no such run directory")):
-        code = main(["predict", "--run", str(run), "--input", str(kaggle_dir / "test.csv"),
-                     "--out", str(tmp_path / "o")])
+    for run, message in (
+        (no_model, "no model.keras"),
+        (corrupt, "not a loadable Keras model"),
+        (tmp_path / "nowhere", "no such run directory"),
+    ):
+        code = main(
+            ["predict", "--run", str(run), "--input", str(kaggle_dir / "test.csv"), "--out", str(tmp_path / "o")]
+        )
         assert code == 2 and message in _only_error_line(capsys)
     assert not (tmp_path / "o").exists()
 
@@ -182,22 +213,25 @@ def test_a_model_file_that_would_run_code_is_refused(tmp_path, capsys, kaggle_di
 
     import tf_keras as keras
 
-    model = keras.Sequential([keras.Input((28, 28)), keras.layers.Flatten(),
-                              keras.layers.Lambda(lambda x: x * 2.0), keras.layers.Dense(10)])
+    model = keras.Sequential(
+        [keras.Input((28, 28)), keras.layers.Flatten(), keras.layers.Lambda(lambda x: x * 2.0), keras.layers.Dense(10)]
+    )
     run = tmp_path / "lambda-run"
     run.mkdir()
     model.save(run / "model.keras", save_format="keras_v3")
     (run / "run.json").write_text(json.dumps({"model": "lambda"}))
-    code = main(["predict", "--run", str(run), "--input", str(kaggle_dir / "test.csv"),
-                 "--out", str(tmp_path / "o")])
+    code = main(["predict", "--run", str(run), "--input", str(kaggle_dir / "test.csv"), "--out", str(tmp_path / "o")])
     assert code == 2
     line = _only_error_line(capsys)
-    assert line.endswith("model.keras: refused: the model contains Python code (e.g. a Lambda "
-                         "layer), which Keras safe mode does not load")
+    assert line.endswith(
+        "model.keras: refused: the model contains Python code (e.g. a Lambda "
+        "layer), which Keras safe mode does not load"
+    )
     assert not (tmp_path / "o").exists()
 
 
 # ---------------------------------------------------------------------------- evaluate
+
 
 def _id_label_file(path: Path, rows) -> Path:
     path.write_text("ImageId,Label\n" + "".join(f"{i},{label}\n" for i, label in rows))
@@ -233,8 +267,9 @@ def test_evaluate_rejects_labels_of_a_different_test_set(tmp_path, capsys, kaggl
 
 def test_evaluate_refuses_an_incomplete_predictions_folder(tmp_path, capsys, kaggle_dir):
     (tmp_path / "scored" / "predictions").mkdir(parents=True)
-    code = main(["evaluate", "--predictions", str(tmp_path / "scored"), "--labels",
-                 str(kaggle_dir / "test_labels.csv")])
+    code = main(
+        ["evaluate", "--predictions", str(tmp_path / "scored"), "--labels", str(kaggle_dir / "test_labels.csv")]
+    )
     assert code == 2 and "not a complete `digits predict` output" in _only_error_line(capsys)
 
 
@@ -247,7 +282,8 @@ def test_evaluate_refuses_a_gzip_bomb_of_labels_unread(tmp_path, capsys):
     assert bomb.stat().st_size < 1 << 20
     assert main(["evaluate", "--predictions", str(submission), "--labels", str(bomb)]) == 2
     assert _only_error_line(capsys).endswith(
-        "labels.csv.gz: more than 64 MiB decompressed; too large for a labels or submission file")
+        "labels.csv.gz: more than 64 MiB decompressed; too large for a labels or submission file"
+    )
     assert not (tmp_path / "evaluation.json").exists()
 
 
@@ -262,16 +298,27 @@ def test_data_refuses_an_output_path_that_is_a_file(tmp_path, capsys):
 def test_debug_shows_the_traceback(tmp_path, capsys):
     assert main(["--debug", "train", "--data", str(tmp_path / "absent.csv"), "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
-    assert "Traceback" in err and err.strip().endswith("digits: error: " + str(tmp_path / "absent.csv") + ": no such file")
+    assert "Traceback" in err and err.strip().endswith(
+        "digits: error: " + str(tmp_path / "absent.csv") + ": no such file"
+    )
 
 
 DATA_FOLDER_CASES = [
-    ("a-kaggle-download", {"train.csv": "label,pixel0\n", "test.csv": "pixel0\n"},
-     "not empty and not an earlier `digits data` output"),
-    ("ours-and-a-users-file", {"manifest.json": "ours", "notes.txt": "mine"},
-     "holds 'notes.txt', which `digits data` does not write"),
-    ("a-manifest-of-another-tool", {"manifest.json": '{"files": {"train.csv": "x"}}', "train.csv": "mine"},
-     "manifest.json: not written by `digits data`"),
+    (
+        "a-kaggle-download",
+        {"train.csv": "label,pixel0\n", "test.csv": "pixel0\n"},
+        "not empty and not an earlier `digits data` output",
+    ),
+    (
+        "ours-and-a-users-file",
+        {"manifest.json": "ours", "notes.txt": "mine"},
+        "holds 'notes.txt', which `digits data` does not write",
+    ),
+    (
+        "a-manifest-of-another-tool",
+        {"manifest.json": '{"files": {"train.csv": "x"}}', "train.csv": "mine"},
+        "manifest.json: not written by `digits data`",
+    ),
 ]
 
 

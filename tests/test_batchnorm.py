@@ -24,8 +24,13 @@ def inference_moments(model, images, index: int) -> tuple[np.ndarray, np.ndarray
 def test_every_batchnorm_holds_its_inputs_statistics_as_the_model_predicts(mnist_slice):
     model = build_model("deep_cnn")
     model.compile(optimizer="adam", loss="categorical_crossentropy")
-    model.fit(mnist_slice.images[:256], keras.utils.to_categorical(mnist_slice.labels[:256], 10),
-              epochs=1, batch_size=64, verbose=0)  # running statistics as training leaves them
+    model.fit(
+        mnist_slice.images[:256],
+        keras.utils.to_categorical(mnist_slice.labels[:256], 10),
+        epochs=1,
+        batch_size=64,
+        verbose=0,
+    )  # running statistics as training leaves them
     norms = [i for i, layer in enumerate(model.layers) if isinstance(layer, keras.layers.BatchNormalization)]
     assert len(norms) == 7
     images = mnist_slice.images[256:768].astype(np.float32)
@@ -71,14 +76,26 @@ def test_two_workers_hold_the_statistics_of_their_rows_together(tmp_path, kaggle
     from digit_models.storage.kaggle_csv import read_train_csv
     from digit_models.training.driver import train, validation_split
 
-    config = TrainConfig(data=str(kaggle_dir), out=str(tmp_path / "run"), model="deep_cnn", workers=2,
-                         cpus_per_worker=1, epochs=1, limit=600, augment=True, weight_average=0.9,
-                         recompute_batchnorm=True, dropout=0.25, target=1.0)
+    config = TrainConfig(
+        data=str(kaggle_dir),
+        out=str(tmp_path / "run"),
+        model="deep_cnn",
+        workers=2,
+        cpus_per_worker=1,
+        epochs=1,
+        limit=600,
+        augment=True,
+        weight_average=0.9,
+        recompute_batchnorm=True,
+        dropout=0.25,
+        target=1.0,
+    )
     train(config)
     digits = read_train_csv(str(kaggle_dir / "train.csv"), limit=config.limit)
     train_rows, _ = validation_split(config.limit, config.val_fraction, config.seed)
-    images = np.concatenate([digits.images[train_rows][batchnorm_rows(len(train_rows), rank, 2, config.seed)]
-                             for rank in (0, 1)])
+    images = np.concatenate(
+        [digits.images[train_rows][batchnorm_rows(len(train_rows), rank, 2, config.seed)] for rank in (0, 1)]
+    )
     model = keras.models.load_model(tmp_path / "run" / "model.keras", compile=False)
     assert {layer.rate for layer in model.layers if isinstance(layer, keras.layers.Dropout)} == {0.25}
     norms = [i for i, layer in enumerate(model.layers) if isinstance(layer, keras.layers.BatchNormalization)]
@@ -113,8 +130,13 @@ print(json.dumps({
 
 def test_under_float16_the_statistics_stay_float32_and_match_a_float32_pass(kaggle_dir):
     # GPU workers train with --mixed-precision in float16 (no GPU here: the same code on a CPU)
-    done = subprocess.run([sys.executable, "-c", MIXED_FLOAT16_PROBE, str(kaggle_dir / "train.csv")],
-                          capture_output=True, text=True, cwd=REPO, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", MIXED_FLOAT16_PROBE, str(kaggle_dir / "train.csv")],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     probe = json.loads(done.stdout.strip().splitlines()[-1])
     assert probe["compute"] == "float16" and probe["statistics_dtypes"] == ["float32"]

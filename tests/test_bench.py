@@ -29,44 +29,72 @@ def smoke(tmp_path_factory, kaggle_dir, shared_ray_env):
     out = tmp_path_factory.mktemp("bench")
     results, markdown = out / "results", out / "BENCHMARKS.md"
     done = subprocess.run(
-        [sys.executable, "-m", "bench", "--quick", "--data", str(kaggle_dir), "--epochs", "2",
-         "--repeats", "1", "--results-dir", str(results), "--markdown", str(markdown)],
-        cwd=REPO, env={**os.environ, **shared_ray_env}, capture_output=True, text=True, timeout=880)
+        [
+            sys.executable,
+            "-m",
+            "bench",
+            "--quick",
+            "--data",
+            str(kaggle_dir),
+            "--epochs",
+            "2",
+            "--repeats",
+            "1",
+            "--results-dir",
+            str(results),
+            "--markdown",
+            str(markdown),
+        ],
+        cwd=REPO,
+        env={**os.environ, **shared_ray_env},
+        capture_output=True,
+        text=True,
+        timeout=880,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     [json_file] = results.glob("*.json")
-    return (json.loads(json_file.read_text()), markdown.read_text(),
-            json_file.with_suffix(".png").read_bytes())
+    return (json.loads(json_file.read_text()), markdown.read_text(), json_file.with_suffix(".png").read_bytes())
 
 
 def test_every_ratio_is_the_quotient_of_the_numbers_it_is_made_of(smoke):
     measured, _, _ = smoke
     assert (measured["quick"], measured["settings"]) == (True, {"epochs": 2, "repeats": 1})
     training, fixed = measured["training"], measured["scoring"]["fixed_cost"]
-    scaling, overhead, to_target = (training["weak_scaling"]["dense@32x1"], training["overhead"]["dense"],
-                                    training["time_to_99"])
+    scaling, overhead, to_target = (
+        training["weak_scaling"]["dense@32x1"],
+        training["overhead"]["dense"],
+        training["time_to_99"],
+    )
     # The medians are of the epochs after the first: one epoch of each run (2 epochs, 1 repeat).
     samples = scaling["samples"]
     assert (len(samples["one"]), len(samples["two"]), len(samples["timelines"])) == (1, 1, 2)
     assert (scaling["one_worker"], scaling["two_workers"]) == (samples["one"][0], samples["two"][0])
     # A quick run's --preset fast runs stop at a target they reach in their one epoch.
-    assert {name: (entry["reached"], entry["repeats"], entry["epochs"]) for name, entry in to_target.items()} \
-        == {"1 worker": (1, 1, 1), "2 workers": (1, 1, 1)}
+    assert {name: (entry["reached"], entry["repeats"], entry["epochs"]) for name, entry in to_target.items()} == {
+        "1 worker": (1, 1, 1),
+        "2 workers": (1, 1, 1),
+    }
     one, two = to_target["1 worker"], to_target["2 workers"]
-    assert measured["ratios"] == pytest.approx({
-        "weak-scaling efficiency, dense@32x1": scaling["two_workers"] / (2 * scaling["one_worker"]),
-        "b/a dense": overhead["b"] / overhead["a"],
-        "time to 99%, 2 workers / 1 worker (whole command)": two["wall_s"] / one["wall_s"],
-        "time to 99%, 2 workers / 1 worker (training clock)": two["training_s"] / one["training_s"],
-        "first step after the command starts (s, 1 worker)": one["first_step_s"],
-        "predict wall / plain wall": fixed["digits_wall_s"] / fixed["plain_wall_s"],
-    }, rel=1e-9)
+    assert measured["ratios"] == pytest.approx(
+        {
+            "weak-scaling efficiency, dense@32x1": scaling["two_workers"] / (2 * scaling["one_worker"]),
+            "b/a dense": overhead["b"] / overhead["a"],
+            "time to 99%, 2 workers / 1 worker (whole command)": two["wall_s"] / one["wall_s"],
+            "time to 99%, 2 workers / 1 worker (training clock)": two["training_s"] / one["training_s"],
+            "first step after the command starts (s, 1 worker)": one["first_step_s"],
+            "predict wall / plain wall": fixed["digits_wall_s"] / fixed["plain_wall_s"],
+        },
+        rel=1e-9,
+    )
     # Each quotient's parts are real measurements: a positive rate, a first step inside the command.
     assert min(scaling["one_worker"], scaling["two_workers"], overhead["a"], overhead["b"]) > 0
     assert 0 < one["first_step_s"] < one["wall_s"] and 0 < one["training_s"] < one["wall_s"]
     parts = training["step_parts"]["2x1@32"]
     assert set(parts["ms_per_micro_batch"]) == {"keras", "bfloat16", "bfloat16x2"}
-    assert min(parts["ms_per_micro_batch"].values()) > 0 and min(
-        parts[f"{name}_ms"] for name in ("compute", "all_reduce", "all_reduce_bfloat16", "input")) > 0
+    assert (
+        min(parts["ms_per_micro_batch"].values()) > 0
+        and min(parts[f"{name}_ms"] for name in ("compute", "all_reduce", "all_reduce_bfloat16", "input")) > 0
+    )
 
 
 def test_every_scoring_run_scored_the_images_it_was_given(smoke):
@@ -79,7 +107,11 @@ def test_every_scoring_run_scored_the_images_it_was_given(smoke):
         assert [run["images_per_s"] * run["wall_s"] for run in runs] == pytest.approx([QUICK_TEST_ROWS]), path
     rows = scoring["scale"]["rows"]
     assert [(row["format"], row["path"]) for row in rows] == [
-        ("parquet", "digits, 1 actor(s)"), ("parquet", "plain"), ("csv", "digits, 1 actor(s)"), ("csv", "plain")]
+        ("parquet", "digits, 1 actor(s)"),
+        ("parquet", "plain"),
+        ("csv", "digits, 1 actor(s)"),
+        ("csv", "plain"),
+    ]
     assert [row["images_per_s"] * row["wall_s"] for row in rows] == pytest.approx([QUICK_SCALE] * 4)
     assert [row["images"] for row in rows] == [QUICK_SCALE] * 4
 
@@ -88,31 +120,68 @@ def test_the_markdown_table_holds_the_json_values(smoke):
     """Every table's numbers as the JSON has them, at the precision the table shows."""
     measured, markdown, _ = smoke
     assert markdown.startswith(f"# Benchmarks ({measured['date']}, QUICK SMOKE RUN")
-    assert {name: value for name, value, *_ in _table(markdown, "| ratio |")} == \
-        {name: f"{value:.2f}" for name, value in measured["ratios"].items()}
+    assert {name: value for name, value, *_ in _table(markdown, "| ratio |")} == {
+        name: f"{value:.2f}" for name, value in measured["ratios"].items()
+    }
     training, scoring = measured["training"], measured["scoring"]
     flops = measured["arithmetic"]["models"]["dense"]["train_flops"]
     assert _table(markdown, "| model@batch x accumulate |", columns=6) == [
-        [key, _shown(entry["one_worker"], 0), _shown(entry["two_workers"], 0), _shown(entry["efficiency"], 2),
-         _shown(flops / 1e6, 1), _shown(flops * entry["two_workers"] / 1e9, 1)]
-        for key, entry in training["weak_scaling"].items()]
+        [
+            key,
+            _shown(entry["one_worker"], 0),
+            _shown(entry["two_workers"], 0),
+            _shown(entry["efficiency"], 2),
+            _shown(flops / 1e6, 1),
+            _shown(flops * entry["two_workers"] / 1e9, 1),
+        ]
+        for key, entry in training["weak_scaling"].items()
+    ]
     assert _table(markdown, "| workers x CPUs @ batch |") == [
-        [key, *(_shown(parts[f"{name}_ms"], 1) for name in ("compute", "all_reduce", "all_reduce_bfloat16", "input")),
-         *(_shown(parts["ms_per_micro_batch"][variant], 1) for variant in ("keras", "bfloat16", "bfloat16x2"))]
-        for key, parts in training["step_parts"].items()]
+        [
+            key,
+            *(_shown(parts[f"{name}_ms"], 1) for name in ("compute", "all_reduce", "all_reduce_bfloat16", "input")),
+            *(_shown(parts["ms_per_micro_batch"][variant], 1) for variant in ("keras", "bfloat16", "bfloat16x2")),
+        ]
+        for key, parts in training["step_parts"].items()
+    ]
     assert _table(markdown, "| workers | whole command |", columns=6) == [
-        [name, _shown(entry["wall_s"], 0), _shown(entry["training_s"], 0), _shown(entry["first_step_s"], 1),
-         f"{entry['epochs']:g}", f"{entry['reached']} of {entry['repeats']}"]
-        for name, entry in training["time_to_99"].items()]
+        [
+            name,
+            _shown(entry["wall_s"], 0),
+            _shown(entry["training_s"], 0),
+            _shown(entry["first_step_s"], 1),
+            f"{entry['epochs']:g}",
+            f"{entry['reached']} of {entry['repeats']}",
+        ]
+        for name, entry in training["time_to_99"].items()
+    ]
     assert _table(markdown, "| model | a: seed Keras") == [
-        [model, _shown(entry["a"], 0), _shown(entry["b"], 0), _shown(entry["b"] / entry["a"], 2),
-         _shown(entry["a_wall"], 0), _shown(entry["b_wall"], 0)] for model, entry in training["overhead"].items()]
+        [
+            model,
+            _shown(entry["a"], 0),
+            _shown(entry["b"], 0),
+            _shown(entry["b"] / entry["a"], 2),
+            _shown(entry["a_wall"], 0),
+            _shown(entry["b_wall"], 0),
+        ]
+        for model, entry in training["overhead"].items()
+    ]
     fixed = scoring["fixed_cost"]
-    assert _table(markdown, "| | wall |", columns=2) == [["plain script", _shown(fixed["plain_wall_s"], 1)],
-                                                       ["`digits predict`, 1 actor", _shown(fixed["digits_wall_s"], 1)]]
+    assert _table(markdown, "| | wall |", columns=2) == [
+        ["plain script", _shown(fixed["plain_wall_s"], 1)],
+        ["`digits predict`, 1 actor", _shown(fixed["digits_wall_s"], 1)],
+    ]
     assert _table(markdown, "| images | format |", columns=6) == [
-        [f"{row['images']:,}", row["format"], row["path"], _shown(row["wall_s"], 1), _shown(row["images_per_s"], 0),
-         _shown(row.get("driver_peak_rss_mb", row.get("peak_rss_mb")), 0)] for row in scoring["scale"]["rows"]]
+        [
+            f"{row['images']:,}",
+            row["format"],
+            row["path"],
+            _shown(row["wall_s"], 1),
+            _shown(row["images_per_s"], 0),
+            _shown(row.get("driver_peak_rss_mb", row.get("peak_rss_mb")), 0),
+        ]
+        for row in scoring["scale"]["rows"]
+    ]
 
 
 def test_the_chart_has_a_bar_per_ratio(smoke):
@@ -132,7 +201,7 @@ def _table(markdown: str, header: str, columns: int | None = None) -> list[list[
     lines = markdown.splitlines()
     start = next(index for index, line in enumerate(lines) if line.startswith(header))
     rows = []
-    for line in lines[start + 2:]:
+    for line in lines[start + 2 :]:
         if not line.startswith("|"):
             break
         cells = [re.sub(r"^([\d,.]+) (s|MB)$", r"\1", cell.strip()) for cell in line.strip("|").split("|")]

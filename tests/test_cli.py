@@ -35,8 +35,9 @@ def test_report_still_takes_the_run_first_but_not_two_runs(tmp_path, dense_run):
     done = run_digits("report", str(dense_run), "--out", str(tmp_path / "report"))
     assert done.returncode == 0, done.stderr  # the scripts written before --run
     assert (tmp_path / "report" / "index.html").exists()
-    line = _one_error_line(run_digits("report", str(dense_run), "--run", str(dense_run),
-                                      "--out", str(tmp_path / "other")))
+    line = _one_error_line(
+        run_digits("report", str(dense_run), "--run", str(dense_run), "--out", str(tmp_path / "other"))
+    )
     assert "two runs given" in line
     assert not (tmp_path / "other").exists()
     line = _one_error_line(run_digits("report", "--out", str(tmp_path / "other")))
@@ -53,13 +54,19 @@ def test_debug_works_before_or_after_the_command(tmp_path, where):
     assert done.stderr.strip().endswith(f"digits: error: {missing}: no such file")
 
 
-@pytest.mark.parametrize("args,message", [
-    (["predict", "--run", "runs/a"], "the following arguments are required: --input, --out "
-                                     "(see `digits predict --help`)"),
-    (["train", "--epochs", "many"], "argument --epochs: invalid int value: 'many' (see `digits train --help`)"),
-    (["report", "--run", "runs/a", "--out", "r", "--colour"], "unrecognized arguments: --colour"),
-    (["nosuch"], "argument COMMAND: invalid choice: 'nosuch'"),
-], ids=["missing", "not-a-number", "unknown-option", "unknown-command"])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (
+            ["predict", "--run", "runs/a"],
+            "the following arguments are required: --input, --out (see `digits predict --help`)",
+        ),
+        (["train", "--epochs", "many"], "argument --epochs: invalid int value: 'many' (see `digits train --help`)"),
+        (["report", "--run", "runs/a", "--out", "r", "--colour"], "unrecognized arguments: --colour"),
+        (["nosuch"], "argument COMMAND: invalid choice: 'nosuch'"),
+    ],
+    ids=["missing", "not-a-number", "unknown-option", "unknown-command"],
+)
 def test_a_usage_error_is_one_line(args, message):
     assert message in _one_error_line(run_digits(*args))
 
@@ -70,16 +77,29 @@ def _with_stdout_closed(*args: str) -> subprocess.CompletedProcess:
     read_end, write_end = os.pipe()
     os.close(read_end)
     try:
-        return subprocess.run([sys.executable, "-m", "digit_models.cli", *args], stdout=write_end,
-                              stderr=subprocess.PIPE, text=True, cwd=REPO, timeout=120)
+        return subprocess.run(
+            [sys.executable, "-m", "digit_models.cli", *args],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=REPO,
+            timeout=120,
+        )
     finally:
         os.close(write_end)
 
 
 def test_a_closed_stdout_ends_the_output_quietly(tmp_path, dense_scored, kaggle_dir):
     written = tmp_path / "evaluation.json"
-    done = _with_stdout_closed("evaluate", "--predictions", str(dense_scored), "--labels",
-                               str(kaggle_dir / "test_labels.csv"), "--json", str(written))
+    done = _with_stdout_closed(
+        "evaluate",
+        "--predictions",
+        str(dense_scored),
+        "--labels",
+        str(kaggle_dir / "test_labels.csv"),
+        "--json",
+        str(written),
+    )
     assert (done.returncode, done.stderr) == (0, "")
     assert json.loads(written.read_text())["images"] == 1_500  # the work is done all the same
 
@@ -99,6 +119,7 @@ def test_train_help_says_what_the_readme_says_of_the_time_budget():
 
 # ---------------------------------------------------------------------------- digits runs
 
+
 def _runs_folder(tmp_path: Path, dense_run: Path) -> Path:
     """A finished run, an unfinished one (started, checkpointed, no run.json), a failed one
     (the same, with Ray Train's last record a worker failure), one whose run.json is cut short,
@@ -113,7 +134,8 @@ def _runs_folder(tmp_path: Path, dense_run: Path) -> Path:
         (run / "attempts").mkdir()
         for at, kind in enumerate(records):  # attempts.py's names: milliseconds, then the kind
             (run / "attempts" / f"{1_700_000_000_000 + at:013d}-{kind}.json").write_text(
-                json.dumps({"errors": {"0": "RuntimeError: boom"}} if kind == "failure" else {}))
+                json.dumps({"errors": {"0": "RuntimeError: boom"}} if kind == "failure" else {})
+            )
     (runs / "d-damaged").mkdir()
     (runs / "d-damaged" / "run.json").write_text('{"model": ')
     (runs / "notes").mkdir()
@@ -137,17 +159,27 @@ def test_runs_lists_every_run_with_its_best_epoch_and_state(tmp_path, dense_run)
     assert _normalized(lines[3]) == "d-damaged ? 0 of ? - unreadable"
 
     listed = json.loads(run_digits("runs", "--json", f"file://{runs}").stdout)
-    assert [(entry["run"], entry["state"], entry["best_val_accuracy"], entry["best_epoch"])
-            for entry in listed] == [(name, state, best["val_accuracy"], best["epoch"]) for name, state in
-                                     [("a-finished", "finished"), ("b-unfinished", "unfinished"),
-                                      ("c-failed", "failed")]] + [("d-damaged", "unreadable", None, None)]
+    assert [(entry["run"], entry["state"], entry["best_val_accuracy"], entry["best_epoch"]) for entry in listed] == [
+        (name, state, best["val_accuracy"], best["epoch"])
+        for name, state in [("a-finished", "finished"), ("b-unfinished", "unfinished"), ("c-failed", "failed")]
+    ] + [("d-damaged", "unreadable", None, None)]
     assert listed[3]["problem"].startswith(f"file://{runs}/d-damaged/run.json: unreadable")
     assert listed[0]["location"] == f"file://{runs}/a-finished"
 
 
 def test_runs_lists_the_current_directory_by_default_and_refuses_a_missing_one(tmp_path, dense_run):
     runs = _runs_folder(tmp_path, dense_run)
-    done = subprocess.run([sys.executable, "-m", "digit_models.cli", "runs", "--json"], cwd=runs,
-                          capture_output=True, text=True, timeout=120)
-    assert [entry["location"] for entry in json.loads(done.stdout)] == ["./a-finished", "./b-unfinished", "./c-failed", "./d-damaged"]
+    done = subprocess.run(
+        [sys.executable, "-m", "digit_models.cli", "runs", "--json"],
+        cwd=runs,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert [entry["location"] for entry in json.loads(done.stdout)] == [
+        "./a-finished",
+        "./b-unfinished",
+        "./c-failed",
+        "./d-damaged",
+    ]
     assert _one_error_line(run_digits("runs", str(tmp_path / "absent"))).endswith("absent: no such folder")

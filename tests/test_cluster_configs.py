@@ -50,17 +50,18 @@ def _strings(node):
 
 def _comments(text: str) -> str:
     """A YAML file's comments (whole-line and trailing), shell continuation lines joined."""
-    lines = [line.split("#", 1)[1] for line in text.splitlines()
-             if line.lstrip().startswith("#") or "  # " in line]
+    lines = [line.split("#", 1)[1] for line in text.splitlines() if line.lstrip().startswith("#") or "  # " in line]
     return "\n".join(lines).replace("\\\n", " ")
 
 
 def _train_commands(name: str) -> list[list[str]]:
     """The options of every training command line in a config, in its values and comments."""
     text = (CLUSTER / name).read_text()
-    return [shlex.split(match.group(1))
-            for where in [*_strings(yaml.safe_load(text)), _comments(text)]
-            for match in TRAIN_COMMAND.finditer(where)]
+    return [
+        shlex.split(match.group(1))
+        for where in [*_strings(yaml.safe_load(text)), _comments(text)]
+        for match in TRAIN_COMMAND.finditer(where)
+    ]
 
 
 def _valid_train_config(options: list[str]):
@@ -115,8 +116,7 @@ def test_autoscaler_nodes_are_in_a_security_group_closed_to_the_internet():
     """Each node type names the same security group (one the user made: the autoscaler's own
     opens SSH to 0.0.0.0/0), and nothing in the file opens anything to every address."""
     config = _load("aws-gpu.yaml")
-    groups = [node_type["node_config"]["SecurityGroupIds"]
-              for node_type in config["available_node_types"].values()]
+    groups = [node_type["node_config"]["SecurityGroupIds"] for node_type in config["available_node_types"].values()]
     assert groups[0] and all(group == groups[0] for group in groups)
     assert "security_group" not in config["provider"]  # no rules for the autoscaler to add
     text = (CLUSTER / "aws-gpu.yaml").read_text()
@@ -188,8 +188,10 @@ def test_kuberay_cluster_has_an_on_demand_floor_and_a_spot_group():
 
 def _pod_specs(cluster: dict) -> list[dict]:
     spec = cluster["spec"]
-    return [spec["headGroupSpec"]["template"]["spec"],
-            *(group["template"]["spec"] for group in spec["workerGroupSpecs"])]
+    return [
+        spec["headGroupSpec"]["template"]["spec"],
+        *(group["template"]["spec"] for group in spec["workerGroupSpecs"]),
+    ]
 
 
 def test_kuberay_pods_run_unprivileged():
@@ -212,8 +214,10 @@ def test_kuberay_network_policy_admits_only_the_cluster_and_its_job_clients():
     assert (policy["apiVersion"], policy["kind"]) == ("networking.k8s.io/v1", "NetworkPolicy")
     own_pods = {"matchLabels": {"ray.io/cluster": cluster["metadata"]["name"]}}
     assert policy["spec"]["podSelector"] == own_pods and policy["spec"]["policyTypes"] == ["Ingress"]
-    head_ports = {port["name"]: port["containerPort"]
-                  for port in cluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["ports"]}
+    head_ports = {
+        port["name"]: port["containerPort"]
+        for port in cluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["ports"]
+    }
     clients = []
     for rule in policy["spec"]["ingress"]:
         for peer in rule["from"]:

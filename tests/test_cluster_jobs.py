@@ -31,8 +31,14 @@ def local_cluster():
 
 
 def _ray_job(env: dict, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([RAY, "job", *args, "--address", f"http://127.0.0.1:{env['DASHBOARD_PORT']}"],
-                          env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [RAY, "job", *args, "--address", f"http://127.0.0.1:{env['DASHBOARD_PORT']}"],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def _submit(env: dict, job_id: str, *command: str, wait: bool = True) -> str:
@@ -41,10 +47,28 @@ def _submit(env: dict, job_id: str, *command: str, wait: bool = True) -> str:
     yet; Ray answers that with a 500 that asks the client to try again, so a client does."""
     for _ in range(30):
         done = subprocess.run(
-            [RAY, "job", "submit", "--address", f"http://127.0.0.1:{env['DASHBOARD_PORT']}",
-             "--submission-id", job_id, "--runtime-env", "cluster/runtime_env.yaml",
-             *([] if wait else ["--no-wait"]), "--", "python", "jobs/digits_job.py", *command],
-            env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+            [
+                RAY,
+                "job",
+                "submit",
+                "--address",
+                f"http://127.0.0.1:{env['DASHBOARD_PORT']}",
+                "--submission-id",
+                job_id,
+                "--runtime-env",
+                "cluster/runtime_env.yaml",
+                *([] if wait else ["--no-wait"]),
+                "--",
+                "python",
+                "jobs/digits_job.py",
+                *command,
+            ],
+            env=env,
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         if "No available agent to submit job" not in done.stderr:
             break
         time.sleep(2)
@@ -76,25 +100,73 @@ def test_train_then_score_through_ray_job_submit(local_cluster, tmp_path, kaggle
     # Also: a preset's settings, overridden by the options given, recorded in run.json;
     # augmentation, label smoothing and the cosine schedule under the strategy; and 2 workers
     # stopping together at the validation target.
-    output = _submit(env, f"train-{os.getpid()}", "train", "--preset", "fast", "--model", "dense",
-                     "--workers", "2", "--batch-size", "32", "--augment", "--label-smoothing", "0.1",
-                     "--target", "0.5", "--data", f"file://{kaggle_dir}", "--out", run)
+    output = _submit(
+        env,
+        f"train-{os.getpid()}",
+        "train",
+        "--preset",
+        "fast",
+        "--model",
+        "dense",
+        "--workers",
+        "2",
+        "--batch-size",
+        "32",
+        "--augment",
+        "--label-smoothing",
+        "0.1",
+        "--target",
+        "0.5",
+        "--data",
+        f"file://{kaggle_dir}",
+        "--out",
+        run,
+    )
     summary = json.loads((tmp_path / "run" / "run.json").read_text())
-    assert summary["config"] | {"preset": "fast", "model": "dense", "batch_size": 32, "augment": True,
-                                "label_smoothing": 0.1, "lr_schedule": "cosine", "epochs": 3,
-                                "target_metric": "val_accuracy", "target": 0.5} == summary["config"]
+    assert (
+        summary["config"]
+        | {
+            "preset": "fast",
+            "model": "dense",
+            "batch_size": 32,
+            "augment": True,
+            "label_smoothing": 0.1,
+            "lr_schedule": "cosine",
+            "epochs": 3,
+            "target_metric": "val_accuracy",
+            "target": 0.5,
+        }
+        == summary["config"]
+    )
     assert summary["stop_reason"] == "target reached at epoch 1 (val_accuracy >= 0.5)"
     assert summary["workers"] == 2 and summary["epochs_run"] == 1 and summary["shards"]["disjoint"]
-    assert summary["worker_process"] == {"cpus": 1, "niceness": 0,  # not Ray's default 15
-                                         "precision": "float32"}
+    assert summary["worker_process"] == {
+        "cpus": 1,
+        "niceness": 0,  # not Ray's default 15
+        "precision": "float32",
+    }
     assert "epoch 1/3  loss" in output and "target reached at epoch 1" in output  # rank 0's progress
     assert (tmp_path / "run" / "model.keras").is_file()
 
     # Two scoring jobs at once, each asking for both of the head's CPUs: one queues for them.
     jobs = {f"predict-{os.getpid()}-{n}": tmp_path / f"scored{n}" for n in range(2)}
     for job_id, out in jobs.items():
-        _submit(env, job_id, "predict", "--run", run, "--input", f"file://{kaggle_dir}/test.csv",
-                "--out", f"file://{out}", "--actors", "1", "--cpus-per-actor", "2", wait=False)
+        _submit(
+            env,
+            job_id,
+            "predict",
+            "--run",
+            run,
+            "--input",
+            f"file://{kaggle_dir}/test.csv",
+            "--out",
+            f"file://{out}",
+            "--actors",
+            "1",
+            "--cpus-per-actor",
+            "2",
+            wait=False,
+        )
     for job_id in jobs:
         _wait_succeeded(env, job_id)
     first = jobs[f"predict-{os.getpid()}-0"]

@@ -17,45 +17,70 @@ from tests.conftest import REPO, ray_processes
 from digit_models.runtime.console import PROGRESS, SAY, LiveLine
 
 # Runs the real entry point, then lists the modules it had imported when it exited.
-PROBE = ("import atexit, json, os, sys\n"
-         "atexit.register(lambda: open(os.environ['IMPORTED'], 'w').write(json.dumps(sorted(sys.modules))))\n"
-         "from digit_models.cli import entry_point\n"
-         "sys.argv[0] = 'digits'\n"
-         "entry_point()\n")
+PROBE = (
+    "import atexit, json, os, sys\n"
+    "atexit.register(lambda: open(os.environ['IMPORTED'], 'w').write(json.dumps(sorted(sys.modules))))\n"
+    "from digit_models.cli import entry_point\n"
+    "sys.argv[0] = 'digits'\n"
+    "entry_point()\n"
+)
 HEAVY = ("tensorflow", "ray", "matplotlib", "pandas")
 
 # What TensorFlow's CUDA build and Ray print from every process, and Ray's prefix on
 # forwarded worker lines, none of which a user should have to read past.
-CHATTER = re.compile(r"cuInit|cuda drivers|absl::InitializeLog|cudart_stub|oneDNN custom operations"
-                     r"|computation_placer|Traceback|\(\w+ pid=\d+|\x1b\[|object store and max_restarts")
+CHATTER = re.compile(
+    r"cuInit|cuda drivers|absl::InitializeLog|cudart_stub|oneDNN custom operations"
+    r"|computation_placer|Traceback|\(\w+ pid=\d+|\x1b\[|object store and max_restarts"
+)
 
 
 def _mistyped(kaggle_dir, dense_run, out):
     test_csv, labels = str(kaggle_dir / "test.csv"), str(kaggle_dir / "test_labels.csv")
     return {
-        "predict, no such run": (["predict", "--run", "/nonexistent/run", "--input", test_csv,
-                                  "--out", out], "no such run directory"),
-        "predict, no such input": (["predict", "--run", str(dense_run), "--input",
-                                    "/nonexistent/test.csv", "--out", out], "no such file"),
-        "train, no such data": (["train", "--data", "/nonexistent/train.csv", "--out", out],
-                                "no such file"),
-        "train, unknown model": (["train", "--model", "nosuch", "--data", str(kaggle_dir),
-                                  "--out", out], "--model nosuch: choose one of"),
-        "evaluate, no such predictions": (["evaluate", "--predictions", "/nonexistent/out",
-                                           "--labels", labels], "no such file"),
+        "predict, no such run": (
+            ["predict", "--run", "/nonexistent/run", "--input", test_csv, "--out", out],
+            "no such run directory",
+        ),
+        "predict, no such input": (
+            ["predict", "--run", str(dense_run), "--input", "/nonexistent/test.csv", "--out", out],
+            "no such file",
+        ),
+        "train, no such data": (["train", "--data", "/nonexistent/train.csv", "--out", out], "no such file"),
+        "train, unknown model": (
+            ["train", "--model", "nosuch", "--data", str(kaggle_dir), "--out", out],
+            "--model nosuch: choose one of",
+        ),
+        "evaluate, no such predictions": (
+            ["evaluate", "--predictions", "/nonexistent/out", "--labels", labels],
+            "no such file",
+        ),
         "report, no such run": (["report", "--run", "/nonexistent/run", "--out", out], "no such run directory"),
     }
 
 
-@pytest.mark.parametrize("case", ["predict, no such run", "predict, no such input",
-                                  "train, no such data", "train, unknown model",
-                                  "evaluate, no such predictions", "report, no such run"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "predict, no such run",
+        "predict, no such input",
+        "train, no such data",
+        "train, unknown model",
+        "evaluate, no such predictions",
+        "report, no such run",
+    ],
+)
 def test_mistyped_input_is_one_line_before_any_heavy_import(tmp_path, kaggle_dir, dense_run, case):
     out = tmp_path / "out"
     args, message = _mistyped(kaggle_dir, dense_run, str(out))[case]
     imported = tmp_path / "imported.json"
-    done = subprocess.run([sys.executable, "-c", PROBE, *args], capture_output=True, text=True,
-                          cwd=REPO, timeout=60, env={**os.environ, "IMPORTED": str(imported)})
+    done = subprocess.run(
+        [sys.executable, "-c", PROBE, *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+        env={**os.environ, "IMPORTED": str(imported)},
+    )
     assert done.returncode == 2, done.stderr
     assert done.stdout == ""
     [line] = done.stderr.splitlines()
@@ -66,8 +91,7 @@ def test_mistyped_input_is_one_line_before_any_heavy_import(tmp_path, kaggle_dir
 
 
 @pytest.mark.timeout(400)
-def test_two_real_commands_at_once_print_our_lines_and_no_chatter(tmp_path, kaggle_dir, dense_run,
-                                                                    ray_tmpdir):
+def test_two_real_commands_at_once_print_our_lines_and_no_chatter(tmp_path, kaggle_dir, dense_run, ray_tmpdir):
     """A 2-worker training and a scoring run started together, as a user would, each starting
     its own embedded Ray beside the other (and beside the test session's): both finish, each
     printing only its own lines, and neither driver loads TensorFlow (the workers and scoring
@@ -76,14 +100,35 @@ def test_two_real_commands_at_once_print_our_lines_and_no_chatter(tmp_path, kagg
     run_dir, out = tmp_path / "run", tmp_path / "scored"
     digits, env = [sys.executable, "-c", PROBE], {**os.environ, "RAY_TMPDIR": ray_tmpdir}
     imported = {"train": tmp_path / "train-imported.json", "predict": tmp_path / "predict-imported.json"}
-    training = subprocess.Popen([*digits, "train", "--model", "dense", "--data", str(kaggle_dir),
-                                 "--workers", "2", "--epochs", "3", "--out", str(run_dir)],
-                                cwd=REPO, env={**env, "IMPORTED": str(imported["train"])},
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    scoring = subprocess.Popen([*digits, "predict", "--run", str(dense_run), "--input",
-                                str(kaggle_dir / "test.csv"), "--out", str(out)],
-                               cwd=REPO, env={**env, "IMPORTED": str(imported["predict"])},
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    training = subprocess.Popen(
+        [
+            *digits,
+            "train",
+            "--model",
+            "dense",
+            "--data",
+            str(kaggle_dir),
+            "--workers",
+            "2",
+            "--epochs",
+            "3",
+            "--out",
+            str(run_dir),
+        ],
+        cwd=REPO,
+        env={**env, "IMPORTED": str(imported["train"])},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    scoring = subprocess.Popen(
+        [*digits, "predict", "--run", str(dense_run), "--input", str(kaggle_dir / "test.csv"), "--out", str(out)],
+        cwd=REPO,
+        env={**env, "IMPORTED": str(imported["predict"])},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     trained, scored = (child.communicate(timeout=350)[0].splitlines() for child in (training, scoring))
     assert training.returncode == 0 and scoring.returncode == 0, trained + scored
     assert [line[:10] for line in trained] == ["epoch 1/3 ", "epoch 2/3 ", "epoch 3/3 ", "epochs exh"], trained
@@ -100,6 +145,7 @@ def test_two_real_commands_at_once_print_our_lines_and_no_chatter(tmp_path, kagg
 
 # ---------------------------------------------------------------------------- the live line
 
+
 class Clock:
     def __init__(self):
         self.now = 0.0
@@ -110,11 +156,19 @@ class Clock:
 
 def test_a_crash_inside_the_filtered_console_still_reports_every_threads_stack():
     crash = subprocess.run(
-        [sys.executable, "-c", "import ctypes\n"
-         "from digit_models.runtime.console import stderr_filtered\n"
-         "with stderr_filtered():\n"
-         "    ctypes.string_at(0)\n"],  # a real SIGSEGV
-        cwd=REPO, capture_output=True, text=True, timeout=60)
+        [
+            sys.executable,
+            "-c",
+            "import ctypes\n"
+            "from digit_models.runtime.console import stderr_filtered\n"
+            "with stderr_filtered():\n"
+            "    ctypes.string_at(0)\n",
+        ],  # a real SIGSEGV
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert crash.returncode == -11
     assert "Fatal Python error: Segmentation fault" in crash.stderr
     assert 'File "<string>", line 4' in crash.stderr  # where it crashed
@@ -128,9 +182,9 @@ def test_on_a_terminal_progress_is_one_line_redrawn_in_place():
     live.line("epoch 1/3  loss 0.1")
     live.progress({"text": "epoch 2/3: 5%"})
     live.clear()
-    assert stream.getvalue() == ("\repoch 1/3: 10%\x1b[K\repoch 1/3: 20%\x1b[K"
-                                 "\r\x1b[Kepoch 1/3  loss 0.1\n"
-                                 "\repoch 2/3: 5%\x1b[K\r\x1b[K")
+    assert stream.getvalue() == (
+        "\repoch 1/3: 10%\x1b[K\repoch 1/3: 20%\x1b[K\r\x1b[Kepoch 1/3  loss 0.1\n\repoch 2/3: 5%\x1b[K\r\x1b[K"
+    )
 
 
 def test_in_a_log_progress_appears_once_it_has_lasted_and_then_every_30_s_unless_ending():
@@ -145,9 +199,13 @@ def test_in_a_log_progress_appears_once_it_has_lasted_and_then_every_30_s_unless
     for second, left_s in ((125, 40.0), (131, 5.0), (132, 40.0)):
         clock.now = second
         live.progress({"text": f"epoch 2/2: at {second}s", "left_s": left_s})
-    assert stream.getvalue().splitlines() == ["scoring: 3,000 images", "scoring: 6,000 images",
-                                              "scoring: 9,000 images", "epoch 1/2  loss 0.1",
-                                              "epoch 2/2: at 132s"]  # not at 125 (too soon) or 131 (ending)
+    assert stream.getvalue().splitlines() == [
+        "scoring: 3,000 images",
+        "scoring: 6,000 images",
+        "scoring: 9,000 images",
+        "epoch 1/2  loss 0.1",
+        "epoch 2/2: at 132s",
+    ]  # not at 125 (too soon) or 131 (ending)
 
 
 def test_a_worker_says_and_reports_through_its_stdout(capfd):
@@ -173,14 +231,14 @@ def test_training_reports_progress_within_long_epochs_only(capfd):
     x, y = np.zeros((64, 4), np.float32), np.zeros((64, 2), np.float32)
     entry = {"epoch": 1, "loss": 0.5, "images_per_s": 100.0, "epoch_s": 0.1, "elapsed_s": 0.1}
     for longer_than_s, reports in ((0.0, 8), (3600.0, 0)):
-        callback = ProgressLine(epochs=1, steps=8, state={"history": [entry]}, every_s=0.0,
-                                longer_than_s=longer_than_s)
+        callback = ProgressLine(epochs=1, steps=8, state={"history": [entry]}, every_s=0.0, longer_than_s=longer_than_s)
         model.fit(x, y, batch_size=8, epochs=1, callbacks=[callback], verbose=0)
         written = capfd.readouterr().out.splitlines()
-        progress = [json.loads(line[len(PROGRESS):])["text"] for line in written if line.startswith(PROGRESS)]
+        progress = [json.loads(line[len(PROGRESS) :])["text"] for line in written if line.startswith(PROGRESS)]
         assert len(progress) == reports
-        assert all(re.fullmatch(r"epoch 1/1: \d+% \(\d/8 steps\), \d+s left in the epoch", text)
-                   for text in progress), progress
+        assert all(
+            re.fullmatch(r"epoch 1/1: \d+% \(\d/8 steps\), \d+s left in the epoch", text) for text in progress
+        ), progress
         assert written[-1] == SAY + "epoch 1/1  loss 0.5000  100 img/s  epoch 0.1s  elapsed 0.1s"
 
 

@@ -14,8 +14,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from digit_models.storage.kaggle_csv import (PIXEL_COLUMNS, TRAIN_COLUMNS, read_test_csv, read_train_csv,
-                                     resolve_train_csv, write_kaggle_csv)
+from digit_models.storage.kaggle_csv import (
+    PIXEL_COLUMNS,
+    TRAIN_COLUMNS,
+    read_test_csv,
+    read_train_csv,
+    resolve_train_csv,
+    write_kaggle_csv,
+)
 from digit_models.training.driver import validation_split
 from digit_models.errors import DigitsError
 from digit_models.storage.data import FILES, MANIFEST, build_kaggle_files
@@ -52,13 +58,17 @@ def test_kaggle_split_keeps_official_test_images_out_of_train(kaggle_dir, mnist_
 
 
 def test_kaggle_files_are_byte_identical_for_the_same_seed(tmp_path, mnist_slice, kaggle_dir):
-    build_kaggle_files(mnist_slice, tmp_path / "again", seed=0, train_size=SLICE_TRAIN_ROWS,
-                       test_size=SLICE_TEST_ROWS)
-    for name in ("train.csv", "test.csv", "test_labels.csv", "test_origin.csv",
-                 "sample_submission.csv", "manifest.json"):
+    build_kaggle_files(mnist_slice, tmp_path / "again", seed=0, train_size=SLICE_TRAIN_ROWS, test_size=SLICE_TEST_ROWS)
+    for name in (
+        "train.csv",
+        "test.csv",
+        "test_labels.csv",
+        "test_origin.csv",
+        "sample_submission.csv",
+        "manifest.json",
+    ):
         assert (tmp_path / "again" / name).read_bytes() == (kaggle_dir / name).read_bytes(), name
-    build_kaggle_files(mnist_slice, tmp_path / "other", seed=1, train_size=SLICE_TRAIN_ROWS,
-                       test_size=SLICE_TEST_ROWS)
+    build_kaggle_files(mnist_slice, tmp_path / "other", seed=1, train_size=SLICE_TRAIN_ROWS, test_size=SLICE_TEST_ROWS)
     assert (tmp_path / "other" / "train.csv").read_bytes() != (kaggle_dir / "train.csv").read_bytes()
 
 
@@ -110,6 +120,7 @@ def test_validation_split_is_seeded_and_disjoint():
 
 
 # ---------------------------------------------------------------------------- bad input
+
 
 @pytest.fixture
 def good_rows(mnist_slice) -> list[str]:
@@ -168,14 +179,17 @@ def test_bad_rows_are_named(tmp_path, good_rows):
         read_train_csv(_write(tmp_path, long))
 
 
-@pytest.mark.parametrize("change,message", [
-    (lambda h: h[:-1], "missing column 'pixel783'"),
-    (lambda h: h + ["extra"], "unexpected column 'extra'"),
-    (lambda h: [("digit" if c == "label" else c) for c in h], "missing column 'label'; unexpected column 'digit'"),
-    (lambda h: [h[0], h[2], h[1], *h[3:]], "column 2 is 'pixel1', expected 'pixel0' (columns out of order)"),
-    (lambda h: h[:-1] + ["pixel5"], "column 'pixel5' appears more than once"),
-    (lambda h: h[1:], "no 'label' column (is this a test file?"),
-])
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (lambda h: h[:-1], "missing column 'pixel783'"),
+        (lambda h: h + ["extra"], "unexpected column 'extra'"),
+        (lambda h: [("digit" if c == "label" else c) for c in h], "missing column 'label'; unexpected column 'digit'"),
+        (lambda h: [h[0], h[2], h[1], *h[3:]], "column 2 is 'pixel1', expected 'pixel0' (columns out of order)"),
+        (lambda h: h[:-1] + ["pixel5"], "column 'pixel5' appears more than once"),
+        (lambda h: h[1:], "no 'label' column (is this a test file?"),
+    ],
+)
 def test_header_problems_are_named(tmp_path, good_rows, change, message):
     lines = [",".join(change(_cells(good_rows[0])))] + good_rows[1:]
     with pytest.raises(DigitsError) as caught:
@@ -226,6 +240,7 @@ def test_test_csv_must_not_carry_labels(tmp_path, good_rows):
 
 
 # ---------------------------------------------------------------------------- MNIST source safety
+
 
 class _RunsCode:
     def __init__(self, marker: Path):

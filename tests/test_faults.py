@@ -21,9 +21,15 @@ from tests.conftest import REPO, ray_processes, run_digits
 def _start_digits(*args: str, ray_tmpdir: str) -> subprocess.Popen:
     # SIGINT handled as in a terminal even when the tests themselves run in the background,
     # where a shell starts them with SIGINT ignored, and a child would inherit that.
-    return subprocess.Popen([sys.executable, "-m", "digit_models.cli", *args], cwd=REPO,
-                            env={**os.environ, "RAY_TMPDIR": ray_tmpdir}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    return subprocess.Popen(
+        [sys.executable, "-m", "digit_models.cli", *args],
+        cwd=REPO,
+        env={**os.environ, "RAY_TMPDIR": ray_tmpdir},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
 
 
 def _wait_for(condition, timeout: float, what: str) -> None:
@@ -80,22 +86,44 @@ def test_a_run_survives_a_killed_worker_and_a_stopped_driver_and_runs_each_epoch
     run_dir = tmp_path / "run"
     # val_accuracy 1.0 on 200 held-out digits is out of reach: every planned epoch runs, enough
     # of them that the run is still going when it is interrupted.
-    child = _start_digits("train", "--model", "cnn", "--data", str(kaggle_dir), "--workers", "2",
-                          "--epochs", "10", "--max-failures", "1", "--target-metric", "val_accuracy",
-                          "--target", "1.0", "--out", str(run_dir), ray_tmpdir=ray_tmpdir)
-    _wait_for(lambda: _checkpointed_epoch(run_dir) >= 1 or child.poll() is not None, 300,
-              "epoch 1's checkpoint")
+    child = _start_digits(
+        "train",
+        "--model",
+        "cnn",
+        "--data",
+        str(kaggle_dir),
+        "--workers",
+        "2",
+        "--epochs",
+        "10",
+        "--max-failures",
+        "1",
+        "--target-metric",
+        "val_accuracy",
+        "--target",
+        "1.0",
+        "--out",
+        str(run_dir),
+        ray_tmpdir=ray_tmpdir,
+    )
+    _wait_for(lambda: _checkpointed_epoch(run_dir) >= 1 or child.poll() is not None, 300, "epoch 1's checkpoint")
     victims = _train_workers(child.pid)
     assert len(victims) == 2, victims
     os.kill(victims[-1], signal.SIGKILL)  # one real worker process, mid-run
     # The new group's start is on record before it trains; a checkpoint registered after that is
     # its own. (The old group's last checkpoint can still register after the kill, so a new
     # checkpoint alone does not show that a new group started.)
-    _wait_for(lambda: len(attempts.recorded(str(run_dir), "start")) >= 2 or child.poll() is not None, 300,
-              "the replaced worker group's start")
+    _wait_for(
+        lambda: len(attempts.recorded(str(run_dir), "start")) >= 2 or child.poll() is not None,
+        300,
+        "the replaced worker group's start",
+    )
     replaced_after = _checkpointed_epoch(run_dir)
-    _wait_for(lambda: _checkpointed_epoch(run_dir) > replaced_after or child.poll() is not None, 300,
-              "a checkpoint from the replaced worker group")
+    _wait_for(
+        lambda: _checkpointed_epoch(run_dir) > replaced_after or child.poll() is not None,
+        300,
+        "a checkpoint from the replaced worker group",
+    )
     assert child.poll() is None, "the run ended before it could be interrupted"
     assert not set(_train_workers(child.pid)) & set(victims)  # a new group
 
@@ -133,11 +161,23 @@ def test_a_driver_lost_with_its_machine_leaves_a_run_that_resumes(tmp_path, kagg
     every process, as when the machine they run on is lost): no run.json, and `--resume`
     goes on from the last checkpoint and runs every epoch once."""
     run_dir = tmp_path / "run"
-    child = _start_digits("train", "--model", "dense", "--data", str(kaggle_dir), "--epochs", "8",
-                          "--target-metric", "val_accuracy", "--target", "1.0", "--out", str(run_dir),
-                          ray_tmpdir=ray_tmpdir)
-    _wait_for(lambda: _checkpointed_epoch(run_dir) >= 1 or child.poll() is not None, 300,
-              "epoch 1's checkpoint")
+    child = _start_digits(
+        "train",
+        "--model",
+        "dense",
+        "--data",
+        str(kaggle_dir),
+        "--epochs",
+        "8",
+        "--target-metric",
+        "val_accuracy",
+        "--target",
+        "1.0",
+        "--out",
+        str(run_dir),
+        ray_tmpdir=ray_tmpdir,
+    )
+    _wait_for(lambda: _checkpointed_epoch(run_dir) >= 1 or child.poll() is not None, 300, "epoch 1's checkpoint")
     assert child.poll() is None, "the run ended before it could be killed"
     for pid in [child.pid, *(pid for pid, _ in _descendants(child.pid)), *ray_processes(ray_tmpdir)]:
         try:
@@ -163,16 +203,30 @@ def test_restarts_spent_end_the_run_in_one_line_that_says_how_to_go_on(tmp_path,
     """A worker killed in epoch 2 of a run that allows no restart: exit 1, our one line last
     (after Ray's one line on the dead worker process), and the --resume it names finishes."""
     run_dir = tmp_path / "run"
-    failed = run_digits("train", "--model", "dense", "--data", str(kaggle_dir), "--epochs", "3",
-                        "--max-failures", "0", "--out", str(run_dir), timeout=400,
-                        env={"RAY_TMPDIR": ray_tmpdir, "DIGITS_FAULT": "mid_epoch:2:0"})
+    failed = run_digits(
+        "train",
+        "--model",
+        "dense",
+        "--data",
+        str(kaggle_dir),
+        "--epochs",
+        "3",
+        "--max-failures",
+        "0",
+        "--out",
+        str(run_dir),
+        timeout=400,
+        env={"RAY_TMPDIR": ray_tmpdir, "DIGITS_FAULT": "mid_epoch:2:0"},
+    )
     assert failed.returncode == 1, failed.stderr[-3000:]
     ours = [line for line in failed.stderr.splitlines() if line.startswith("digits:")]
     assert ours == failed.stderr.splitlines()[-1:], failed.stderr
-    assert re.fullmatch(r"digits: error: the workers failed once more than --max-failures and "
-                        r"--max-preemptions allow \(\w+: [^\n]+\); "
-                        rf"`digits train --resume {re.escape(str(run_dir))}` goes on from the last checkpoint",
-                        ours[0]), ours
+    assert re.fullmatch(
+        r"digits: error: the workers failed once more than --max-failures and "
+        r"--max-preemptions allow \(\w+: [^\n]+\); "
+        rf"`digits train --resume {re.escape(str(run_dir))}` goes on from the last checkpoint",
+        ours[0],
+    ), ours
     assert not (run_dir / "run.json").exists() and not ray_processes(ray_tmpdir)
 
     resumed = run_digits("train", "--resume", str(run_dir), timeout=400, env={"RAY_TMPDIR": ray_tmpdir})
@@ -187,11 +241,25 @@ def test_sigterm_during_training_stops_the_workers_and_exits_143(tmp_path, kaggl
     """SIGTERM, as a scheduler sends it, while the driver waits on Ray Train: the run's workers
     are stopped, the status is 143 with one line, and the run stays resumable."""
     run_dir = tmp_path / "run"
-    child = _start_digits("train", "--model", "dense", "--data", str(kaggle_dir), "--workers", "2",
-                          "--epochs", "50", "--target-metric", "val_accuracy", "--target", "1.0",
-                          "--out", str(run_dir), ray_tmpdir=ray_tmpdir)
-    _wait_for(lambda: _checkpointed_epoch(run_dir) >= 1 or child.poll() is not None, 300,
-              "epoch 1's checkpoint")
+    child = _start_digits(
+        "train",
+        "--model",
+        "dense",
+        "--data",
+        str(kaggle_dir),
+        "--workers",
+        "2",
+        "--epochs",
+        "50",
+        "--target-metric",
+        "val_accuracy",
+        "--target",
+        "1.0",
+        "--out",
+        str(run_dir),
+        ray_tmpdir=ray_tmpdir,
+    )
+    _wait_for(lambda: _checkpointed_epoch(run_dir) >= 1 or child.poll() is not None, 300, "epoch 1's checkpoint")
     assert child.poll() is None, "the run ended before it could be terminated"
     workers = _train_workers(child.pid)
     child.send_signal(signal.SIGTERM)
@@ -209,10 +277,17 @@ def test_sigterm_during_training_stops_the_workers_and_exits_143(tmp_path, kaggl
 @pytest.mark.timeout(300)
 def test_sigterm_during_scoring_exits_143_and_writes_nothing(tmp_path, kaggle_dir, dense_run, ray_tmpdir):
     out = tmp_path / "scored"
-    child = _start_digits("predict", "--run", str(dense_run), "--input", str(kaggle_dir / "test.csv"),
-                          "--out", str(out), ray_tmpdir=ray_tmpdir)
-    _wait_for(lambda: list(tmp_path.glob(".scored.partial-*")) or child.poll() is not None, 120,
-              "scoring to start")
+    child = _start_digits(
+        "predict",
+        "--run",
+        str(dense_run),
+        "--input",
+        str(kaggle_dir / "test.csv"),
+        "--out",
+        str(out),
+        ray_tmpdir=ray_tmpdir,
+    )
+    _wait_for(lambda: list(tmp_path.glob(".scored.partial-*")) or child.poll() is not None, 120, "scoring to start")
     child.send_signal(signal.SIGTERM)
     _, stderr = child.communicate(timeout=120)
     assert child.returncode == 143, stderr[-3000:]
@@ -232,12 +307,20 @@ def test_an_embedded_ray_never_joins_a_stale_default_cluster():
     default_cluster.write_text(stale)
     try:
         joined = subprocess.run(
-            [sys.executable, "-c", "import ray\n"
-             "from digit_models.runtime.ray_runtime import ray_session\n"
-             "with ray_session():\n"
-             "    print(ray.get_runtime_context().gcs_address)\n"
-             "    print('started its own head:', ray._private.worker._global_node.head)"],
-            cwd=REPO, capture_output=True, text=True, timeout=150)
+            [
+                sys.executable,
+                "-c",
+                "import ray\n"
+                "from digit_models.runtime.ray_runtime import ray_session\n"
+                "with ray_session():\n"
+                "    print(ray.get_runtime_context().gcs_address)\n"
+                "    print('started its own head:', ray._private.worker._global_node.head)",
+            ],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=150,
+        )
     finally:
         default_cluster.unlink(missing_ok=True)
     assert joined.returncode == 0, joined.stderr[-2000:]
@@ -249,23 +332,40 @@ def test_an_embedded_ray_never_joins_a_stale_default_cluster():
 
 # (moment, epoch, rank) of each kill, and the epoch the next worker group resumes after: the
 # last whose checkpoint was whole in storage, however far Ray Train had got registering it.
-KILLS = [("mid_epoch", 2, 1, 1), ("validation", 3, 1, 2), ("checkpoint", 4, 0, 3),
-         ("after_epoch", 5, 1, 5)]
+KILLS = [("mid_epoch", 2, 1, 1), ("validation", 3, 1, 2), ("checkpoint", 4, 0, 3), ("after_epoch", 5, 1, 5)]
 
 
 @pytest.mark.timeout(600)
-def test_a_worker_killed_at_any_moment_costs_at_most_the_epoch_in_progress(tmp_path, kaggle_dir,
-                                                                            shared_ray_env):
+def test_a_worker_killed_at_any_moment_costs_at_most_the_epoch_in_progress(tmp_path, kaggle_dir, shared_ray_env):
     """One 2-worker run, killed four times: halfway through an epoch's steps, as validation
     begins, with rank 0's checkpoint saved but not yet uploaded, and right after an epoch's
     report and line (before Ray Train can have registered its checkpoint)."""
     run_dir = tmp_path / "run"
     spec = ",".join(f"{moment}:{epoch}:{rank}" for moment, epoch, rank, _ in KILLS)
     # With a weight average, so that every restart resumes both it and the weights (swapped).
-    done = run_digits("train", "--model", "dense", "--data", str(kaggle_dir), "--workers", "2",
-                      "--epochs", "6", "--max-failures", "4", "--target-metric", "val_accuracy",
-                      "--target", "1.0", "--weight-average", "0.9", "--out", str(run_dir),
-                      env={**shared_ray_env, "DIGITS_FAULT": spec}, timeout=550)
+    done = run_digits(
+        "train",
+        "--model",
+        "dense",
+        "--data",
+        str(kaggle_dir),
+        "--workers",
+        "2",
+        "--epochs",
+        "6",
+        "--max-failures",
+        "4",
+        "--target-metric",
+        "val_accuracy",
+        "--target",
+        "1.0",
+        "--weight-average",
+        "0.9",
+        "--out",
+        str(run_dir),
+        env={**shared_ray_env, "DIGITS_FAULT": spec},
+        timeout=550,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     run = json.loads((run_dir / "run.json").read_text())
     assert run["fault_injected"] == spec
@@ -274,13 +374,16 @@ def test_a_worker_killed_at_any_moment_costs_at_most_the_epoch_in_progress(tmp_p
     assert epoch_lines == [f"{epoch}/6" for epoch in range(1, 7)]
     assert [line for line in done.stdout.splitlines() if line.startswith("workers restarted")] == [
         f"workers restarted after a failure (restart {n} of this run), resuming after epoch {k[3]}"
-        for n, k in enumerate(KILLS, 1)]
+        for n, k in enumerate(KILLS, 1)
+    ]
     assert "Traceback" not in done.stdout + done.stderr
     assert [restart["resumed_after_epoch"] for restart in run["restarts"]] == [k[3] for k in KILLS]
     for (_, _, rank, _), restart in zip(KILLS, run["restarts"]):
         assert restart["why"].startswith(f"rank {rank}: WorkerHealthCheckFailedError"), restart  # it died
-    assert sorted(path.name.split("-", 1)[1] for path in (run_dir / "attempts").iterdir()) == \
-        ["failure.json"] * 4 + ["fault.json"] * 4 + ["restart.json"] * 4 + ["start.json"] * 5
+    assert (
+        sorted(path.name.split("-", 1)[1] for path in (run_dir / "attempts").iterdir())
+        == ["failure.json"] * 4 + ["fault.json"] * 4 + ["restart.json"] * 4 + ["start.json"] * 5
+    )
     assert [restart["kind"] for restart in run["restarts"]] == ["failure"] * 4
     assert run["worker_groups"] == [2] * 5
 
@@ -315,8 +418,9 @@ def mounted(tmp_path):
     def mount(name: str, options: str) -> Path:
         point = tmp_path / name
         point.mkdir()
-        done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(point)],
-                              capture_output=True, text=True)
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(point)], capture_output=True, text=True
+        )
         if done.returncode:
             pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
         mounts.append(point)
@@ -328,19 +432,22 @@ def mounted(tmp_path):
 
 
 @pytest.mark.timeout(300)
-def test_an_unwritable_or_full_output_is_one_line_and_leaves_nothing(mounted, kaggle_dir, dense_run,
-                                                                     shared_ray_env):
+def test_an_unwritable_or_full_output_is_one_line_and_leaves_nothing(mounted, kaggle_dir, dense_run, shared_ray_env):
     read_only, full = mounted("ro", "size=1m,ro"), mounted("full", "size=48k")
     score = ("predict", "--run", str(dense_run), "--input", str(kaggle_dir / "test.csv"))
-    for command in (["train", "--data", str(kaggle_dir), "--out", str(read_only / "run")],
-                    [*score, "--out", str(read_only / "scored")]):
+    for command in (
+        ["train", "--data", str(kaggle_dir), "--out", str(read_only / "run")],
+        [*score, "--out", str(read_only / "scored")],
+    ):
         done = run_digits(*command, timeout=60)
         assert done.returncode == 2
         assert done.stderr.splitlines() == [
-            f"digits: error: {command[-1]}: cannot write there: {read_only} is on a read-only file system"]
+            f"digits: error: {command[-1]}: cannot write there: {read_only} is on a read-only file system"
+        ]
     # Scoring that runs out of room partway through writing its output.
     done = run_digits(*score, "--out", str(full / "scored"), env=shared_ray_env, timeout=200)
     assert done.returncode == 1, done.stderr[-2000:]
     assert done.stderr.splitlines() == [
-        f"digits: error: {full / 'scored'}: No space left on device (nothing of the output is kept)"]
+        f"digits: error: {full / 'scored'}: No space left on device (nothing of the output is kept)"
+    ]
     assert list(full.iterdir()) == []

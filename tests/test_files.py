@@ -28,7 +28,7 @@ def test_a_link_planted_at_a_temporary_name_is_not_written_through(tmp_path, mon
     monkeypatch.setattr(uuid, "uuid4", lambda: uuid.UUID(int=7))
     (out / f".run.json.{uuid.UUID(int=7).hex}.tmp").symlink_to(victim)
     with pytest.raises(FileExistsError):
-        Folder(str(out)).write_text("run.json", "{\"again\": 1}\n")
+        Folder(str(out)).write_text("run.json", '{"again": 1}\n')
     assert victim.read_text() == "someone else's" and (out / "run.json").read_text() == "{}\n"
 
 

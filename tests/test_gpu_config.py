@@ -17,8 +17,7 @@ from tests.conftest import REPO
 
 
 def test_a_cpu_only_run_never_asks_ray_for_a_gpu():
-    args = build_parser().parse_args(["train", "--data", "d", "--out", "o", "--workers", "2",
-                                      "--cpus-per-worker", "1"])
+    args = build_parser().parse_args(["train", "--data", "d", "--out", "o", "--workers", "2", "--cpus-per-worker", "1"])
     config = _train_config(args)
     assert config.gpus_per_worker == 0 and config.precision_policy == "float32"
     scaling = scaling_config(config)
@@ -27,16 +26,31 @@ def test_a_cpu_only_run_never_asks_ray_for_a_gpu():
 
 
 def test_gpu_workers_and_actors_get_their_gpus():
-    args = build_parser().parse_args(["train", "--data", "d", "--out", "o", "--workers", "4",
-                                      "--cpus-per-worker", "3", "--gpus-per-worker", "1",
-                                      "--mixed-precision"])
+    args = build_parser().parse_args(
+        [
+            "train",
+            "--data",
+            "d",
+            "--out",
+            "o",
+            "--workers",
+            "4",
+            "--cpus-per-worker",
+            "3",
+            "--gpus-per-worker",
+            "1",
+            "--mixed-precision",
+        ]
+    )
     config = _train_config(args)
     assert config.precision_policy == "mixed_float16"
     scaling = scaling_config(config)
     assert scaling.use_gpu is True and scaling.num_workers == 4
     assert scaling.resources_per_worker == {"CPU": 3, "GPU": 1}
-    assert actor_resources(PredictConfig(runs=["r"], input="i", out="o", gpus_per_actor=0.5), cpus=2) == \
-        {"num_cpus": 2, "num_gpus": 0.5}
+    assert actor_resources(PredictConfig(runs=["r"], input="i", out="o", gpus_per_actor=0.5), cpus=2) == {
+        "num_cpus": 2,
+        "num_gpus": 0.5,
+    }
 
 
 def test_mixed_precision_on_cpu_workers_is_bfloat16():
@@ -80,22 +94,36 @@ print(json.dumps({
 """
 
 
-@pytest.mark.parametrize("policy, compute, optimizer", [
-    # float16 needs loss scaling, around the optimizer that keeps the weight average; bfloat16
-    # has float32's range and needs none
-    ("mixed_float16", "float16", "LossScaleOptimizer"),
-    ("mixed_bfloat16", "bfloat16", "AveragingAdam"),
-])
-def test_mixed_precision_computes_in_16_bits_with_a_float32_softmax(kaggle_dir, tmp_path, policy, compute,
-                                                                     optimizer):
+@pytest.mark.parametrize(
+    "policy, compute, optimizer",
+    [
+        # float16 needs loss scaling, around the optimizer that keeps the weight average; bfloat16
+        # has float32's range and needs none
+        ("mixed_float16", "float16", "LossScaleOptimizer"),
+        ("mixed_bfloat16", "bfloat16", "AveragingAdam"),
+    ],
+)
+def test_mixed_precision_computes_in_16_bits_with_a_float32_softmax(kaggle_dir, tmp_path, policy, compute, optimizer):
     # The policy's wiring is the subject, on any CPU: the probe reads a bfloat16 CPU's flags, and
     # trains only dense layers, whose bfloat16 kernels run without those instructions too (the
     # refusal itself is tested below).
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 fma avx512f avx512_bf16\n")
-    done = subprocess.run([sys.executable, "-c", MIXED_PRECISION_PROBE, str(kaggle_dir / "train.csv"), policy,
-                           str(tmp_path / "model.keras"), str(cpuinfo)],
-                          capture_output=True, text=True, cwd=REPO, timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            MIXED_PRECISION_PROBE,
+            str(kaggle_dir / "train.csv"),
+            policy,
+            str(tmp_path / "model.keras"),
+            str(cpuinfo),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     probe = json.loads(done.stdout.strip().splitlines()[-1])
     assert probe["policy"] == policy
@@ -110,14 +138,17 @@ def test_mixed_precision_computes_in_16_bits_with_a_float32_softmax(kaggle_dir, 
     assert all(abs(total - 1.0) < 1e-2 for total in probe["sums"])
 
 
-@pytest.mark.parametrize("cpuinfo, supported", [
-    ("processor\t: 0\nflags\t\t: fpu sse2 avx2 fma avx512f avx512_bf16 avx512_vnni\n", True),  # AMD Zen 4
-    ("processor\t: 0\nflags\t\t: fpu sse2 avx2 fma amx_bf16 amx_tile\n", True),  # Intel Sapphire Rapids
-    ("processor\t: 0\nflags\t\t: fpu sse2 avx2 fma avx512f\n", False),  # AVX-512 without bfloat16
-    ("processor\t: 0\nFeatures\t: fp asimd sve bf16 i8mm\n", True),  # Arm Neoverse V1
-    ("processor\t: 0\nFeatures\t: fp asimd crc32\n", False),
-    ("", None),  # cannot tell: let it run
-])
+@pytest.mark.parametrize(
+    "cpuinfo, supported",
+    [
+        ("processor\t: 0\nflags\t\t: fpu sse2 avx2 fma avx512f avx512_bf16 avx512_vnni\n", True),  # AMD Zen 4
+        ("processor\t: 0\nflags\t\t: fpu sse2 avx2 fma amx_bf16 amx_tile\n", True),  # Intel Sapphire Rapids
+        ("processor\t: 0\nflags\t\t: fpu sse2 avx2 fma avx512f\n", False),  # AVX-512 without bfloat16
+        ("processor\t: 0\nFeatures\t: fp asimd sve bf16 i8mm\n", True),  # Arm Neoverse V1
+        ("processor\t: 0\nFeatures\t: fp asimd crc32\n", False),
+        ("", None),  # cannot tell: let it run
+    ],
+)
 def test_bfloat16_support_is_read_from_cpuinfo(cpuinfo, supported):
     assert cpu_has_bfloat16(cpuinfo) is supported
 
@@ -135,9 +166,30 @@ def test_mixed_precision_on_a_cpu_without_bfloat16_is_refused_before_ray_starts(
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 fma\n")  # an AVX2-only machine's
     out = tmp_path / "run"
-    done = subprocess.run([sys.executable, "-c", REFUSING_CPU, str(cpuinfo), "train", "--data", str(kaggle_dir),
-                           "--out", str(out), "--model", "dense", "--epochs", "1", "--limit", "500",
-                           "--mixed-precision"], capture_output=True, text=True, cwd=REPO, timeout=120)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            REFUSING_CPU,
+            str(cpuinfo),
+            "train",
+            "--data",
+            str(kaggle_dir),
+            "--out",
+            str(out),
+            "--model",
+            "dense",
+            "--epochs",
+            "1",
+            "--limit",
+            "500",
+            "--mixed-precision",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
     assert done.returncode == 2
     [line] = done.stderr.splitlines()
     assert line.startswith("digits: error: --mixed-precision: the CPU of ") and "no bfloat16 instructions" in line

@@ -16,9 +16,14 @@ LINT_IMPORTS = str(Path(sys.executable).with_name("lint-imports"))
 
 def _lint_imports(package_parent: Path) -> subprocess.CompletedProcess:
     """import-linter on the `digit_models` found first on the path under `package_parent`."""
-    return subprocess.run([LINT_IMPORTS, "--config", str(REPO / "pyproject.toml"), "--no-cache"],
-                          cwd=package_parent, capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "PYTHONPATH": str(package_parent)})
+    return subprocess.run(
+        [LINT_IMPORTS, "--config", str(REPO / "pyproject.toml"), "--no-cache"],
+        cwd=package_parent,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(package_parent)},
+    )
 
 
 def test_every_module_imports_only_from_the_layers_below_its_own():
@@ -38,12 +43,42 @@ def test_an_import_up_a_layer_breaks_the_contract(tmp_path):
 
 
 def test_the_code_passes_the_linter():
-    done = subprocess.run([str(Path(sys.executable).with_name("ruff")), "check", "--no-cache", "digit_models",
-                           "bench", "tests", "jobs"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [str(Path(sys.executable).with_name("ruff")), "check", "--no-cache", "digit_models", "bench", "tests", "jobs"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+def test_the_code_is_formatted_as_ruff_formats_it():
+    done = subprocess.run(
+        [
+            str(Path(sys.executable).with_name("ruff")),
+            "format",
+            "--check",
+            "--no-cache",
+            "digit_models",
+            "bench",
+            "tests",
+            "jobs",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
 
 def test_the_typed_hand_offs_type_check(tmp_path):
-    done = subprocess.run([str(Path(sys.executable).with_name("mypy")), "--cache-dir", str(tmp_path)],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [str(Path(sys.executable).with_name("mypy")), "--cache-dir", str(tmp_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

@@ -19,8 +19,9 @@ import pytest
 
 from tests.conftest import REPO, local_cluster
 
-pytestmark = pytest.mark.skipif(shutil.which("ss") is None or not Path("/proc").is_dir(),
-                                reason="needs ss (iproute2) and /proc")
+pytestmark = pytest.mark.skipif(
+    shutil.which("ss") is None or not Path("/proc").is_dir(), reason="needs ss (iproute2) and /proc"
+)
 
 LOOPBACK = re.compile(r"^(127\.0\.0\.1|\[::ffff:127\.0\.0\.1\]|\[::1\]):\d+$")
 
@@ -78,9 +79,30 @@ def test_an_embedded_run_listens_on_loopback_only_with_a_token_of_its_own(tmp_pa
     # The seed's CNN for a few epochs out of the target's reach: seconds of training on the
     # slice, so that several looks fall within it.
     command = subprocess.Popen(
-        [sys.executable, "-m", "digit_models.cli", "train", "--model", "cnn", "--data", str(kaggle_dir),
-         "--epochs", "3", "--target", "1.0", "--workers", "1", "--out", str(run_dir)],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-m",
+            "digit_models.cli",
+            "train",
+            "--model",
+            "cnn",
+            "--data",
+            str(kaggle_dir),
+            "--epochs",
+            "3",
+            "--target",
+            "1.0",
+            "--workers",
+            "1",
+            "--out",
+            str(run_dir),
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     sockets: set[tuple[str, str]] = set()
     looks_at_the_worker = []  # (from, to): when a look that found the training worker began and ended
     ray_environments = {}
@@ -109,8 +131,10 @@ def test_an_embedded_run_listens_on_loopback_only_with_a_token_of_its_own(tmp_pa
     origin, timeline = run["timeline_origin_unix"], run["timeline"]
     training = (origin + timeline["first_step"], origin + timeline["training_ended"])
     assert run["worker_groups"] == [1]
-    assert any(training[0] <= began and ended <= training[1] for began, ended in looks_at_the_worker), \
-        (training, looks_at_the_worker)
+    assert any(training[0] <= began and ended <= training[1] for began, ended in looks_at_the_worker), (
+        training,
+        looks_at_the_worker,
+    )
     assert len(ray_environments) == 2
     for environment in ray_environments.values():
         assert environment["RAY_AUTH_MODE"] == "token"
@@ -126,9 +150,11 @@ def test_a_local_cluster_listens_on_loopback_only_and_keeps_its_token_private(tm
     with local_cluster(1, HOME=str(home)) as env:
         time.sleep(5)  # the agents bind after `ray start` returns
         sessions = Path(env["CLUSTER_STATE"], "sessions").read_text().split()
-        pids = {int(pid) for session in sessions
-                for pid in subprocess.run(["pgrep", "-s", session], capture_output=True,
-                                          text=True).stdout.split()}
+        pids = {
+            int(pid)
+            for session in sessions
+            for pid in subprocess.run(["pgrep", "-s", session], capture_output=True, text=True).stdout.split()
+        }
         sockets = _listening(pids)
         token = home / ".ray" / "auth_token"
         mode = stat.S_IMODE(token.stat().st_mode)

@@ -67,12 +67,15 @@ def _refused_by_the_commands(run: Path, tmp_path: Path, kaggle_dir: Path, messag
     """`digits predict` and `digits export` on the run: each one stderr line ending in
     `message`, exit status 2, no output; returns what they printed on stdout."""
     printed = []
-    for command in (["predict", "--run", str(run), "--input", str(kaggle_dir / "test.csv"),
-                     "--out", str(tmp_path / "scored")],
-                    ["export", "--run", str(run), "--out", str(tmp_path / "exported")]):
+    for command in (
+        ["predict", "--run", str(run), "--input", str(kaggle_dir / "test.csv"), "--out", str(tmp_path / "scored")],
+        ["export", "--run", str(run), "--out", str(tmp_path / "exported")],
+    ):
         done = run_digits(*command, timeout=120)
         assert (done.returncode, done.stderr.splitlines()) == (
-            2, [f"digits: error: {run / 'model.keras'}: {message}"]), command
+            2,
+            [f"digits: error: {run / 'model.keras'}: {message}"],
+        ), command
         printed.append(done.stdout)
     assert not (tmp_path / "scored").exists() and not (tmp_path / "exported").exists()
     return printed
@@ -95,8 +98,14 @@ def hdf5_with_code(tmp_path) -> tuple[Path, Path]:
     source = f"def touch(x):\n    import pathlib\n    pathlib.Path({str(marker)!r}).touch()\n    return x\n"
     namespace = {}
     exec(source, namespace)  # a function with real source: Keras stores its bytecode in the file
-    model = keras.Sequential([keras.Input((28, 28)), keras.layers.Flatten(),
-                              keras.layers.Lambda(namespace["touch"]), keras.layers.Dense(10, activation="softmax")])
+    model = keras.Sequential(
+        [
+            keras.Input((28, 28)),
+            keras.layers.Flatten(),
+            keras.layers.Lambda(namespace["touch"]),
+            keras.layers.Dense(10, activation="softmax"),
+        ]
+    )
     path = tmp_path / "model.keras"
     model.save(path, save_format="h5")
     marker.unlink()  # building the model called the Lambda
@@ -122,22 +131,36 @@ def test_an_hdf5_model_named_model_keras_is_refused_unrun(hdf5_with_code, tmp_pa
 # The code of a config.json naming a foreign module or class would run inside Keras's loader.
 FOREIGN_NAMES = {
     # tf-keras imports the module, here the standard library's `this`, which prints the Zen of Python.
-    "module": (lambda config: config.update(module="this"),
-               "refused: config.json names 'Sequential' of module 'this' (registered name None), "
-               "which no model of ours is built from"),
+    "module": (
+        lambda config: config.update(module="this"),
+        "refused: config.json names 'Sequential' of module 'this' (registered name None), "
+        "which no model of ours is built from",
+    ),
     # A Python function by module and name as an activation, called on every prediction.
-    "function": (lambda config: config["config"]["layers"][3]["config"].update(activation={
-                     "module": "os", "class_name": "function", "config": "system", "registered_name": "system"}),
-                 "refused: config.json names 'function' of module 'os' (registered name 'system'), "
-                 "which no model of ours is built from"),
+    "function": (
+        lambda config: config["config"]["layers"][3]["config"].update(
+            activation={"module": "os", "class_name": "function", "config": "system", "registered_name": "system"}
+        ),
+        "refused: config.json names 'function' of module 'os' (registered name 'system'), "
+        "which no model of ours is built from",
+    ),
     # A tf-keras layer our models do not use: TFOpLambda calls any TensorFlow function by name.
-    "keras class": (lambda config: config["config"]["layers"][1].update(class_name="TFOpLambda"),
-                    "refused: config.json names 'TFOpLambda' of module 'keras.layers' (registered name None), "
-                    "which no model of ours is built from"),
-    "lambda": (lambda config: config["config"]["layers"][3]["config"].update(activation={
-                   "module": "builtins", "class_name": "__lambda__", "config": {"value": ["", None, None]},
-                   "registered_name": None}),
-               PYTHON_CODE),
+    "keras class": (
+        lambda config: config["config"]["layers"][1].update(class_name="TFOpLambda"),
+        "refused: config.json names 'TFOpLambda' of module 'keras.layers' (registered name None), "
+        "which no model of ours is built from",
+    ),
+    "lambda": (
+        lambda config: config["config"]["layers"][3]["config"].update(
+            activation={
+                "module": "builtins",
+                "class_name": "__lambda__",
+                "config": {"value": ["", None, None]},
+                "registered_name": None,
+            }
+        ),
+        PYTHON_CODE,
+    ),
 }
 
 
@@ -191,24 +214,41 @@ def _zip_declaring(entries: list[tuple[str, bytes, int, int, int]]) -> bytes:
     body, directory = b"", b""
     for name, data, method, crc, size in entries:
         fields = struct.pack("<HHHHHIIIHH", 20, 0, method, 0, 0x21, crc, len(data), size, len(name), 0)
-        directory += (struct.pack("<IH", 0x02014B50, 20) + fields
-                      + struct.pack("<HHHII", 0, 0, 0, 0, len(body)) + name.encode())
+        directory += (
+            struct.pack("<IH", 0x02014B50, 20) + fields + struct.pack("<HHHII", 0, 0, 0, 0, len(body)) + name.encode()
+        )
         body += struct.pack("<I", 0x04034B50) + fields + name.encode() + data
-    return body + directory + struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, len(entries), len(entries),
-                                          len(directory), len(body), 0)
+    return (
+        body
+        + directory
+        + struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, len(entries), len(entries), len(directory), len(body), 0)
+    )
 
 
-@pytest.mark.parametrize("declared, message", [
-    (BOMB_SIZE, f"refused: config.json declares {BOMB_SIZE:,} bytes uncompressed, more than the "
-                f"{ENTRY_LIMITS[CONFIG]:,} allowed"),
-    # A header that lies: zipfile stops at the size declared, and the CRC of what it read is wrong.
-    (1000, "not a loadable Keras model: Bad CRC-32 for file 'config.json'"),
-], ids=["declared", "lying header"])
+@pytest.mark.parametrize(
+    "declared, message",
+    [
+        (
+            BOMB_SIZE,
+            f"refused: config.json declares {BOMB_SIZE:,} bytes uncompressed, more than the "
+            f"{ENTRY_LIMITS[CONFIG]:,} allowed",
+        ),
+        # A header that lies: zipfile stops at the size declared, and the CRC of what it read is wrong.
+        (1000, "not a loadable Keras model: Bad CRC-32 for file 'config.json'"),
+    ],
+    ids=["declared", "lying header"],
+)
 def test_a_zip_bomb_is_refused_without_inflating_it(declared, message, dense_archive):
     entries = _entries(dense_archive)
-    bomb = _zip_declaring([(CONFIG, _zero_bomb(), zipfile.ZIP_DEFLATED, BOMB_CRC, declared),
-                           *((name, entries[name], zipfile.ZIP_STORED, zlib.crc32(entries[name]),
-                              len(entries[name])) for name in (METADATA, WEIGHTS))])
+    bomb = _zip_declaring(
+        [
+            (CONFIG, _zero_bomb(), zipfile.ZIP_DEFLATED, BOMB_CRC, declared),
+            *(
+                (name, entries[name], zipfile.ZIP_STORED, zlib.crc32(entries[name]), len(entries[name]))
+                for name in (METADATA, WEIGHTS)
+            ),
+        ]
+    )
     tracemalloc.start()
     try:
         with pytest.raises(DigitsError) as refused:
@@ -220,12 +260,19 @@ def test_a_zip_bomb_is_refused_without_inflating_it(declared, message, dense_arc
     assert peak < 16 << 20  # inflating it would take 2 GiB
 
 
-@pytest.mark.parametrize("entries, problem", [
-    ({CONFIG, METADATA}, "has no model.weights.h5"),
-    ({METADATA, WEIGHTS}, "has no config.json"),
-    ({CONFIG, WEIGHTS}, "has no metadata.json"),
-    ({CONFIG, METADATA, WEIGHTS, "assets/extra.txt"}, "holds 'assets/extra.txt', which a Keras model archive does not"),
-], ids=["no weights", "no config", "no metadata", "an extra entry"])
+@pytest.mark.parametrize(
+    "entries, problem",
+    [
+        ({CONFIG, METADATA}, "has no model.weights.h5"),
+        ({METADATA, WEIGHTS}, "has no config.json"),
+        ({CONFIG, WEIGHTS}, "has no metadata.json"),
+        (
+            {CONFIG, METADATA, WEIGHTS, "assets/extra.txt"},
+            "holds 'assets/extra.txt', which a Keras model archive does not",
+        ),
+    ],
+    ids=["no weights", "no config", "no metadata", "an extra entry"],
+)
 def test_an_archive_without_exactly_the_entries_of_a_keras_save_is_refused(entries, problem, dense_archive):
     saved = _entries(dense_archive)
     crafted = _zipped({name: saved.get(name, b"extra") for name in sorted(entries)})
@@ -261,8 +308,9 @@ def test_weights_read_from_another_file_are_refused(dense_archive, tmp_path):
     crafted = _with_output_bias(dense_archive, tmp_path, external=[(str(secret), 0, 40)])
     with pytest.raises(DigitsError) as refused:
         load_model_bytes(crafted, "crafted")
-    assert str(refused.value) == ("crafted: refused: model.weights.h5: dataset "
-                                  "'layers/dense_1/vars/1' is stored outside the file or filtered")
+    assert str(refused.value) == (
+        "crafted: refused: model.weights.h5: dataset 'layers/dense_1/vars/1' is stored outside the file or filtered"
+    )
     (tmp_path / "unchecked.keras").write_bytes(crafted)
     unchecked = keras.models.load_model(tmp_path / "unchecked.keras", safe_mode=True)
     assert unchecked.layers[-1].bias.numpy().tobytes() == secret.read_bytes()
@@ -270,9 +318,12 @@ def test_weights_read_from_another_file_are_refused(dense_archive, tmp_path):
 
 def test_weights_declaring_more_than_their_cap_are_refused(dense_archive, tmp_path):
     """A billion floats declared, none stored: HDF5 reads them as fill values, 4 GB of them."""
-    crafted = _with_output_bias(dense_archive, tmp_path, shape=(10 ** 9,))
-    with pytest.raises(DigitsError, match=r"^crafted: refused: model\.weights\.h5: its datasets hold "
-                                          rf"4,000,\d{{3}},\d{{3}} bytes, more than the {ENTRY_LIMITS[WEIGHTS]:,} allowed$"):
+    crafted = _with_output_bias(dense_archive, tmp_path, shape=(10**9,))
+    with pytest.raises(
+        DigitsError,
+        match=r"^crafted: refused: model\.weights\.h5: its datasets hold "
+        rf"4,000,\d{{3}},\d{{3}} bytes, more than the {ENTRY_LIMITS[WEIGHTS]:,} allowed$",
+    ):
         load_model_bytes(crafted, "crafted")
 
 
@@ -280,9 +331,11 @@ def test_the_check_runs_without_tensorflow(dense_archive, tmp_path):
     """Callers check before TensorFlow loads (predict's and export's drivers): the check
     imports none of it."""
     (tmp_path / "model.keras").write_bytes(dense_archive)
-    script = ("import sys\nfrom digit_models.nets.model_file import check_keras_archive\n"
-              f"check_keras_archive({str(tmp_path / 'model.keras')!r}, 'model.keras')\n"
-              "print(sorted(name for name in ('tensorflow', 'tf_keras', 'keras') if name in sys.modules))\n")
+    script = (
+        "import sys\nfrom digit_models.nets.model_file import check_keras_archive\n"
+        f"check_keras_archive({str(tmp_path / 'model.keras')!r}, 'model.keras')\n"
+        "print(sorted(name for name in ('tensorflow', 'tf_keras', 'keras') if name in sys.modules))\n"
+    )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=60)
     assert (done.returncode, done.stdout) == (0, "[]\n"), done.stderr[-2000:]
 
@@ -292,9 +345,10 @@ def test_the_check_runs_without_tensorflow(dense_archive, tmp_path):
 # under each dtype policy with --weight-average (AveragingAdam) and --lr-schedule cosine
 # (WarmupCosine); and the plain optimizer at a constant rate, whose classes do not depend on
 # the model, with the dense net alone: in float32, and wrapped for loss scaling (mixed_float16).
-RUN_MODELS = [*((model, policy, True) for model in sorted(MODELS)
-                for policy in ("float32", "mixed_float16", "mixed_bfloat16")),
-              *(("dense", policy, False) for policy in ("float32", "mixed_float16"))]
+RUN_MODELS = [
+    *((model, policy, True) for model in sorted(MODELS) for policy in ("float32", "mixed_float16", "mixed_bfloat16")),
+    *(("dense", policy, False) for policy in ("float32", "mixed_float16")),
+]
 
 
 @pytest.fixture
@@ -314,8 +368,9 @@ def test_every_model_a_run_writes_loads(model_name, policy, averaged, tmp_path, 
     from digit_models.training.worker import compiled_model
 
     dtype_policy(policy)
-    config = TrainConfig(model=model_name, weight_average=0.999 if averaged else 0.0,
-                         lr_schedule="cosine" if averaged else "constant")
+    config = TrainConfig(
+        model=model_name, weight_average=0.999 if averaged else 0.0, lr_schedule="cosine" if averaged else "constant"
+    )
     model = compiled_model(config, steps=10, workers=1, epochs=2)
     model.optimizer.build(model.trainable_variables)  # as after a training step
     rng = np.random.default_rng(0)
@@ -328,8 +383,10 @@ def test_every_model_a_run_writes_loads(model_name, policy, averaged, tmp_path, 
     model_file = newest_complete(str(tmp_path)).model_file
     resumed = load_with_optimizer(model_file, "checkpoint")
     assert type(resumed.optimizer) is type(model.optimizer)
-    for mine, saved in ((resumed.get_weights(), model.get_weights()),
-                        ([v.numpy() for v in resumed.optimizer.variables], [v.numpy() for v in model.optimizer.variables])):
+    for mine, saved in (
+        (resumed.get_weights(), model.get_weights()),
+        ([v.numpy() for v in resumed.optimizer.variables], [v.numpy() for v in model.optimizer.variables]),
+    ):
         assert len(mine) == len(saved) and all(np.array_equal(a, b) for a, b in zip(mine, saved))
 
     scoring = load_model_file(str(checkpoint / "model.keras"))
@@ -348,7 +405,9 @@ def test_a_resume_refuses_a_checkpoint_replaced_by_code(hdf5_with_code, dense_ru
     shutil.copytree(dense_run, run)
     for finished in ("run.json", "model.keras", "checkpoints/checkpoint_manager_snapshot.json"):
         (run / finished).unlink()  # an unfinished run; Ray Train's record of it starts afresh
-    states = sorted(run.glob("checkpoints/*/state.json"), key=lambda state: json.loads(state.read_text())["epochs_done"])
+    states = sorted(
+        run.glob("checkpoints/*/state.json"), key=lambda state: json.loads(state.read_text())["epochs_done"]
+    )
     newest = states[-1].parent
     crafted = path.read_bytes()
     (newest / "model.keras").write_bytes(crafted)
@@ -358,6 +417,7 @@ def test_a_resume_refuses_a_checkpoint_replaced_by_code(hdf5_with_code, dense_ru
 
     done = run_digits("train", "--resume", str(run), env=shared_ray_env, timeout=380)
     assert not marker.exists()
-    assert (done.returncode, done.stderr.splitlines()) == (2, [
-        f"digits: error: {run}/checkpoints: the newest complete checkpoint's model.keras: {NOT_A_ZIP}"]), \
-        done.stderr[-3000:]
+    assert (done.returncode, done.stderr.splitlines()) == (
+        2,
+        [f"digits: error: {run}/checkpoints: the newest complete checkpoint's model.keras: {NOT_A_ZIP}"],
+    ), done.stderr[-3000:]

@@ -16,7 +16,11 @@ def _layer_summary(model):
 def test_dense_is_the_seeds_dense_net():
     model = build_model("dense")
     assert _layer_summary(model) == [
-        ("Rescaling", 0), ("Flatten", 0), ("Dense", 784 * 128 + 128), ("Dense", 128 * 10 + 10)]
+        ("Rescaling", 0),
+        ("Flatten", 0),
+        ("Dense", 784 * 128 + 128),
+        ("Dense", 128 * 10 + 10),
+    ]
     assert model.layers[2].activation.__name__ == "relu"
     assert model.layers[3].activation.__name__ == "softmax"
 
@@ -24,10 +28,16 @@ def test_dense_is_the_seeds_dense_net():
 def test_cnn_is_the_seeds_convnet():
     model = build_model("cnn")
     assert _layer_summary(model) == [
-        ("Rescaling", 0), ("Reshape", 0),
-        ("Conv2D", 5 * 5 * 1 * 32 + 32), ("MaxPooling2D", 0),
-        ("Conv2D", 5 * 5 * 32 * 64 + 64), ("MaxPooling2D", 0),
-        ("Flatten", 0), ("Dense", 4 * 4 * 64 * 512 + 512), ("Dense", 512 * 10 + 10)]
+        ("Rescaling", 0),
+        ("Reshape", 0),
+        ("Conv2D", 5 * 5 * 1 * 32 + 32),
+        ("MaxPooling2D", 0),
+        ("Conv2D", 5 * 5 * 32 * 64 + 64),
+        ("MaxPooling2D", 0),
+        ("Flatten", 0),
+        ("Dense", 4 * 4 * 64 * 512 + 512),
+        ("Dense", 512 * 10 + 10),
+    ]
     assert [layer.kernel_size for layer in model.layers if type(layer).__name__ == "Conv2D"] == [(5, 5)] * 2
 
 

@@ -56,9 +56,14 @@ def _node_added(env: dict) -> None:
 
 
 def _train(env: dict, *args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "digit_models.cli", "train", *args,
-                             "--address", f"127.0.0.1:{env['RAY_PORT']}"], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "digit_models.cli", "train", *args, "--address", f"127.0.0.1:{env['RAY_PORT']}"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _lines_until(process: subprocess.Popen, prefix: str, timeout: float = 300) -> list[str]:
@@ -112,15 +117,43 @@ def test_a_preempted_node_costs_no_steps(cluster, s3_server, s3_kaggle):
     the last, the restart counts as a preemption, and the new group resumes at that checkpoint's
     image, so no step is trained twice."""
     run = f"s3://{s3_server.bucket}/nodes/preempted"
-    training = _train(cluster, *TRAIN_LONGER, "--workers", "2", "--min-workers", "1", "--data", s3_kaggle,
-                      "--out", run, "--max-failures", "0")  # a restart counted as a failure fails the run
+    training = _train(
+        cluster,
+        *TRAIN_LONGER,
+        "--workers",
+        "2",
+        "--min-workers",
+        "1",
+        "--data",
+        s3_kaggle,
+        "--out",
+        run,
+        "--max-failures",
+        "0",
+    )  # a restart counted as a failure fails the run
     deadline_s = _preemption_deadline_s(_lines_until(training, "epoch 2/")[-1])
     victim = _live_workers(cluster)[-1].stem
     node = _script(cluster, "node-id", victim)
-    drained = subprocess.run([RAY, "drain-node", "--address", f"127.0.0.1:{cluster['RAY_PORT']}",
-                              "--node-id", node, "--reason", "DRAIN_NODE_REASON_PREEMPTION",
-                              "--reason-message", "spot reclaim", "--deadline-remaining-seconds",
-                              str(deadline_s)], env=cluster, capture_output=True, text=True, timeout=60)
+    drained = subprocess.run(
+        [
+            RAY,
+            "drain-node",
+            "--address",
+            f"127.0.0.1:{cluster['RAY_PORT']}",
+            "--node-id",
+            node,
+            "--reason",
+            "DRAIN_NODE_REASON_PREEMPTION",
+            "--reason-message",
+            "spot reclaim",
+            "--deadline-remaining-seconds",
+            str(deadline_s),
+        ],
+        env=cluster,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert drained.returncode == 0, drained.stdout + drained.stderr
     time.sleep(deadline_s)
     _script(cluster, "kill", victim)
@@ -140,8 +173,11 @@ def test_a_preempted_node_costs_no_steps(cluster, s3_server, s3_kaggle):
     assert restart["resumed_at_image"] == checkpoints[-1]["images_done"]
     assert restart["resumed_after_epoch"] == checkpoints[-1]["epoch"] - 1
     then = "waiting for the node to go" if checkpoints[0]["last"] else "training on"
-    assert any(line.startswith(f"preemption notice for worker(s) {checkpoints[0]['ranks'][0]}: checkpoint at ")
-               and line.endswith(f", {then}") for line in stdout.splitlines()), stdout
+    assert any(
+        line.startswith(f"preemption notice for worker(s) {checkpoints[0]['ranks'][0]}: checkpoint at ")
+        and line.endswith(f", {then}")
+        for line in stdout.splitlines()
+    ), stdout
 
 
 @pytest.mark.timeout(900)
@@ -149,8 +185,7 @@ def test_an_elastic_run_goes_on_without_a_lost_node(cluster, s3_server, s3_kaggl
     """--workers 2 --min-workers 1, one worker node killed in epoch 2: the run finishes every
     epoch once, those after the kill on one worker, with the group sizes on record."""
     run = f"s3://{s3_server.bucket}/nodes/elastic"
-    training = _train(cluster, *TRAIN, "--workers", "2", "--min-workers", "1", "--data", s3_kaggle,
-                      "--out", run)
+    training = _train(cluster, *TRAIN, "--workers", "2", "--min-workers", "1", "--data", s3_kaggle, "--out", run)
     _lines_until(training, "epoch 1/")
     _script(cluster, "kill", _live_workers(cluster)[-1].stem)
     stdout, stderr = training.communicate(timeout=600)
@@ -173,8 +208,7 @@ def test_a_fixed_size_run_that_loses_a_node_waits_then_ends_resumable(cluster, s
     wait, exit 1 with one line that says how to go on, and a --resume that finishes once the
     cluster has its nodes again."""
     run = f"s3://{s3_server.bucket}/nodes/fixed"
-    training = _train(cluster, *TRAIN, "--workers", "2", "--data", s3_kaggle, "--out", run,
-                      "--wait-for-workers", "20")
+    training = _train(cluster, *TRAIN, "--workers", "2", "--data", s3_kaggle, "--out", run, "--wait-for-workers", "20")
     _lines_until(training, "epoch 1/")
     _script(cluster, "kill", _live_workers(cluster)[-1].stem)
     killed = time.time()
@@ -185,11 +219,26 @@ def test_a_fixed_size_run_that_loses_a_node_waits_then_ends_resumable(cluster, s
     assert stderr.strip().splitlines() == [
         f"digits: fewer than 2 worker(s) could start for {stderr.split('start for ')[1].split(' s')[0]} s "
         f"(--wait-for-workers 20); continue with `digits train --resume {run}` once the cluster has "
-        "the nodes, or train with a smaller --min-workers"], stderr
+        "the nodes, or train with a smaller --min-workers"
+    ], stderr
     _script(cluster, "add", "1")  # a fixed-size group asks Ray for its workers and waits for them
-    resumed = subprocess.run([sys.executable, "-m", "digit_models.cli", "train", "--resume", run,
-                              "--address", f"127.0.0.1:{cluster['RAY_PORT']}"], cwd=REPO, env=cluster,
-                             capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "digit_models.cli",
+            "train",
+            "--resume",
+            run,
+            "--address",
+            f"127.0.0.1:{cluster['RAY_PORT']}",
+        ],
+        cwd=REPO,
+        env=cluster,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     _no_traceback(resumed.stderr)
     summary = _run_json(s3_server, run)

@@ -29,6 +29,7 @@ def _read_json(server, key: str) -> dict:
 
 # ---------------------------------------------------------------------------- locations
 
+
 def test_names_go_before_a_uris_query(s3_server, monkeypatch):
     for name, value in s3_server.env.items():
         monkeypatch.setenv(name, value)
@@ -54,9 +55,13 @@ def test_a_question_mark_in_a_local_path_is_part_of_the_name(tmp_path):
 
 def test_the_drivers_s3_settings_go_into_a_joined_clusters_runtime_env(monkeypatch):
     """(That the processes then reach the store: `s3_run` below.)"""
-    settings = {"AWS_ENDPOINT_URL": "http://storage.internal:9000", "AWS_ACCESS_KEY_ID": "key",
-                "AWS_SECRET_ACCESS_KEY": "secret", "AWS_REGION": "us-east-1",
-                "AWS_DEFAULT_REGION": "us-east-1"}
+    settings = {
+        "AWS_ENDPOINT_URL": "http://storage.internal:9000",
+        "AWS_ACCESS_KEY_ID": "key",
+        "AWS_SECRET_ACCESS_KEY": "secret",
+        "AWS_REGION": "us-east-1",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
     for name, value in settings.items():
         monkeypatch.setenv(name, value)
     monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
@@ -64,12 +69,14 @@ def test_the_drivers_s3_settings_go_into_a_joined_clusters_runtime_env(monkeypat
     assert {name: forwarded[name] for name in settings} == settings
     assert "AWS_SESSION_TOKEN" not in forwarded  # only what the driver has
     # Inside a `ray job submit` job, Ray refuses a variable its runtime env already sets.
-    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR",
-                       json.dumps({"runtime_env": {"env_vars": {"AWS_REGION": "eu-west-1"}}}))
+    monkeypatch.setenv(
+        "RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"runtime_env": {"env_vars": {"AWS_REGION": "eu-west-1"}}})
+    )
     assert "AWS_REGION" not in _env_vars_to_add()
 
 
 # ---------------------------------------------------------------------------- a run on the server
+
 
 @pytest.fixture(scope="module")
 def s3_run(s3_server, s3_kaggle, shared_ray_env) -> str:
@@ -77,8 +84,22 @@ def s3_run(s3_server, s3_kaggle, shared_ray_env) -> str:
     server by `digits train` joined to the session's Ray, whose processes learn the server's
     settings only from the command (the session's Ray was started without them)."""
     run = f"s3://{s3_server.bucket}/runs/dense"
-    done = run_digits("train", "--model", "dense", "--workers", "1", "--epochs", "2", "--limit", "600",
-                      "--data", s3_kaggle, "--out", run, env={**shared_ray_env, **s3_server.env})
+    done = run_digits(
+        "train",
+        "--model",
+        "dense",
+        "--workers",
+        "1",
+        "--epochs",
+        "2",
+        "--limit",
+        "600",
+        "--data",
+        s3_kaggle,
+        "--out",
+        run,
+        env={**shared_ray_env, **s3_server.env},
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return run
 
@@ -86,8 +107,16 @@ def s3_run(s3_server, s3_kaggle, shared_ray_env) -> str:
 @pytest.fixture(scope="module")
 def s3_scored(s3_server, s3_kaggle, s3_run, shared_ray_env) -> str:
     scored = f"s3://{s3_server.bucket}/scored"
-    done = run_digits("predict", "--run", s3_run, "--input", f"{s3_kaggle}/test.csv", "--out", scored,
-                      env={**shared_ray_env, **s3_server.env})
+    done = run_digits(
+        "predict",
+        "--run",
+        s3_run,
+        "--input",
+        f"{s3_kaggle}/test.csv",
+        "--out",
+        scored,
+        env={**shared_ray_env, **s3_server.env},
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return scored
 
@@ -120,8 +149,16 @@ def test_scoring_reads_the_run_and_input_from_the_server_and_writes_there(s3_ser
 
 def test_evaluate_reads_predictions_and_labels_from_the_server(s3_server, s3_kaggle, s3_scored):
     target = f"s3://{s3_server.bucket}/evaluations/plain.json"
-    done = run_digits("evaluate", "--predictions", s3_scored, "--labels", f"{s3_kaggle}/test_labels.csv",
-                      "--json", target, env=s3_server.env)
+    done = run_digits(
+        "evaluate",
+        "--predictions",
+        s3_scored,
+        "--labels",
+        f"{s3_kaggle}/test_labels.csv",
+        "--json",
+        target,
+        env=s3_server.env,
+    )
     assert done.returncode == 0, done.stderr
     evaluation = _read_json(s3_server, "evaluations/plain.json")
     assert evaluation["images"] == SLICE_TEST_ROWS and evaluation["accuracy"] > 0.5
@@ -133,8 +170,14 @@ def test_a_uri_with_the_endpoint_in_its_query_works_end_to_end(s3_server, s3_kag
     evaluation.json lands in the predictions folder, not in an object named after the query."""
     query = _query(s3_server)
     settings = {name: value for name, value in s3_server.env.items() if name != "AWS_ENDPOINT_URL"}
-    done = run_digits("evaluate", "--predictions", f"{s3_scored}?{query}",
-                      "--labels", f"{s3_kaggle}/test_labels.csv?{query}", env=settings)
+    done = run_digits(
+        "evaluate",
+        "--predictions",
+        f"{s3_scored}?{query}",
+        "--labels",
+        f"{s3_kaggle}/test_labels.csv?{query}",
+        env=settings,
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[-1] == f"written to {s3_scored}/evaluation.json?{query}"
     by_query = _read_json(s3_server, "scored/evaluation.json")
@@ -142,19 +185,34 @@ def test_a_uri_with_the_endpoint_in_its_query_works_end_to_end(s3_server, s3_kag
 
 
 def test_scoring_and_evaluating_with_the_endpoint_in_the_querys_of_input_and_output(
-        s3_server, s3_kaggle, s3_run, shared_ray_env):
+    s3_server, s3_kaggle, s3_run, shared_ray_env
+):
     """No AWS_ENDPOINT_URL: the input's query leads its listing and reading to the server,
     the output's query the Parquet written by Ray Data's tasks, and evaluating the
     submission.csv writes evaluation.json beside it; no object is named after the query."""
     query = _query(s3_server)
     settings = {name: value for name, value in s3_server.env.items() if name != "AWS_ENDPOINT_URL"}
     scored = f"s3://{s3_server.bucket}/scored-by-query"
-    done = run_digits("predict", "--run", f"{s3_run}?{query}", "--input", f"{s3_kaggle}/test.csv?{query}",
-                      "--out", f"{scored}?{query}", env={**shared_ray_env, **settings})
+    done = run_digits(
+        "predict",
+        "--run",
+        f"{s3_run}?{query}",
+        "--input",
+        f"{s3_kaggle}/test.csv?{query}",
+        "--out",
+        f"{scored}?{query}",
+        env={**shared_ray_env, **settings},
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.splitlines()[-1].endswith(f"submission: {scored}/submission.csv?{query}")
-    done = run_digits("evaluate", "--predictions", f"{scored}/submission.csv?{query}",
-                      "--labels", f"{s3_kaggle}/test_labels.csv?{query}", env=settings)
+    done = run_digits(
+        "evaluate",
+        "--predictions",
+        f"{scored}/submission.csv?{query}",
+        "--labels",
+        f"{s3_kaggle}/test_labels.csv?{query}",
+        env=settings,
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[-1] == f"written to {scored}/evaluation.json?{query}"
 
@@ -169,16 +227,32 @@ def test_scoring_and_evaluating_with_the_endpoint_in_the_querys_of_input_and_out
     assert evaluation["images"] == SLICE_TEST_ROWS and evaluation["accuracy"] > 0.5
 
 
-def test_a_report_on_a_run_and_predictions_on_the_server_is_written_there(s3_server, s3_kaggle, s3_run,
-                                                                          s3_scored):
+def test_a_report_on_a_run_and_predictions_on_the_server_is_written_there(s3_server, s3_kaggle, s3_run, s3_scored):
     report = f"s3://{s3_server.bucket}/report"
-    done = run_digits("report", s3_run, "--predictions", s3_scored,
-                      "--labels", f"{s3_kaggle}/test_labels.csv", "--out", report, env=s3_server.env)
+    done = run_digits(
+        "report",
+        s3_run,
+        "--predictions",
+        s3_scored,
+        "--labels",
+        f"{s3_kaggle}/test_labels.csv",
+        "--out",
+        report,
+        env=s3_server.env,
+    )
     assert done.returncode == 0, done.stderr
-    written = {key.rpartition("/")[2]: size for key, size in s3_server.listing().items()
-               if key.startswith(f"{s3_server.bucket}/report/")}
-    assert set(written) == {"training_curves.png", "confusion_matrix.png", "per_class_accuracy.png",
-                            "mistakes.png", "index.html"}
+    written = {
+        key.rpartition("/")[2]: size
+        for key, size in s3_server.listing().items()
+        if key.startswith(f"{s3_server.bucket}/report/")
+    }
+    assert set(written) == {
+        "training_curves.png",
+        "confusion_matrix.png",
+        "per_class_accuracy.png",
+        "mistakes.png",
+        "index.html",
+    }
     with s3_server.filesystem().open_input_stream(f"{s3_server.bucket}/report/index.html") as stream:
         page = stream.read().decode()
     assert page.count("data:image/png;base64,") == 4 and "run dense" in page
@@ -194,13 +268,18 @@ def test_export_reads_the_run_from_the_server(tmp_path, s3_server, s3_run, s3_sc
     images = read_test_csv(str(kaggle_dir / "test.csv"), limit=64).images.astype(np.float32)
     served = tf.saved_model.load(str(tmp_path / "served" / "1")).signatures["serving_default"]
     exported = served(pixels=tf.constant(images))["probabilities"].numpy()
-    scored = pq.read_table(f"{s3_scored.removeprefix('s3://')}/predictions",
-                           filesystem=s3_server.filesystem()).sort_by("ImageId").slice(0, 64)
-    assert np.allclose(exported, np.stack([scored.column(f"prob_{digit}").to_numpy()
-                                           for digit in range(10)], axis=1), atol=1e-5)
+    scored = (
+        pq.read_table(f"{s3_scored.removeprefix('s3://')}/predictions", filesystem=s3_server.filesystem())
+        .sort_by("ImageId")
+        .slice(0, 64)
+    )
+    assert np.allclose(
+        exported, np.stack([scored.column(f"prob_{digit}").to_numpy() for digit in range(10)], axis=1), atol=1e-5
+    )
 
 
 # ---------------------------------------------------------------------------- bad settings
+
 
 def _closed_port() -> int:
     with socket.socket() as probe:
@@ -213,32 +292,35 @@ def _bad_settings(case: str, server) -> tuple[dict, str, str]:
     if case == "no such bucket":
         return server.env, "no-such-bucket", "no such bucket"
     if case == "wrong keys":
-        return ({**server.env, "AWS_SECRET_ACCESS_KEY": "not-the-secret"}, server.bucket,
-                "access denied (check the keys and their permissions)")
+        return (
+            {**server.env, "AWS_SECRET_ACCESS_KEY": "not-the-secret"},
+            server.bucket,
+            "access denied (check the keys and their permissions)",
+        )
     endpoint = f"http://127.0.0.1:{_closed_port()}"  # endpoint down: the connection is refused
-    return ({**server.env, "AWS_ENDPOINT_URL": endpoint}, server.bucket,
-            f"cannot reach the endpoint {endpoint}")
+    return ({**server.env, "AWS_ENDPOINT_URL": endpoint}, server.bucket, f"cannot reach the endpoint {endpoint}")
 
 
 COMMANDS = {  # each command's arguments ({b}: the bucket's URI), and the location it checks first
-    "train": (["train", "--model", "dense", "--data", "{b}/kaggle", "--out", "{b}/runs/refused"],
-              "{b}/runs/refused"),
-    "predict": (["predict", "--run", "{b}/runs/dense", "--input", "{b}/kaggle/test.csv",
-                 "--out", "{b}/refused"], "{b}/refused"),
-    "evaluate": (["evaluate", "--predictions", "{b}/scored", "--labels", "{b}/kaggle/test_labels.csv"],
-                 "{b}/scored"),
+    "train": (["train", "--model", "dense", "--data", "{b}/kaggle", "--out", "{b}/runs/refused"], "{b}/runs/refused"),
+    "predict": (
+        ["predict", "--run", "{b}/runs/dense", "--input", "{b}/kaggle/test.csv", "--out", "{b}/refused"],
+        "{b}/refused",
+    ),
+    "evaluate": (["evaluate", "--predictions", "{b}/scored", "--labels", "{b}/kaggle/test_labels.csv"], "{b}/scored"),
 }
 
 
 @pytest.mark.parametrize("command", COMMANDS)
 @pytest.mark.parametrize("case", ["no such bucket", "wrong keys", "endpoint down"])
-def test_bad_storage_settings_are_one_line_and_exit_2_with_nothing_written(s3_server, s3_kaggle, case,
-                                                                          command):
+def test_bad_storage_settings_are_one_line_and_exit_2_with_nothing_written(s3_server, s3_kaggle, case, command):
     """Checked before Ray starts: the one line is the check's, which runs first."""
     env, bucket, problem = _bad_settings(case, s3_server)
     arguments, checked_first = COMMANDS[command]
     before = s3_server.listing()
     done = run_digits(*(argument.format(b=f"s3://{bucket}") for argument in arguments), env=env)
     assert (done.returncode, done.stderr.splitlines()) == (
-        2, [f"digits: error: {checked_first.format(b=f's3://{bucket}')}: {problem}"])
+        2,
+        [f"digits: error: {checked_first.format(b=f's3://{bucket}')}: {problem}"],
+    )
     assert s3_server.listing() == before

@@ -29,8 +29,7 @@ def _write(path: Path, lines: list[str], newline: str = "\n") -> str:
     return str(path)
 
 
-def test_small_chunks_give_the_same_rows_and_locate_a_bad_cell_deep_in_the_file(tmp_path, test_lines,
-                                                                               monkeypatch):
+def test_small_chunks_give_the_same_rows_and_locate_a_bad_cell_deep_in_the_file(tmp_path, test_lines, monkeypatch):
     monkeypatch.setattr(kaggle_csv, "CHUNK_BYTES", 20_000)  # about ten rows per chunk
     path = _write(tmp_path / "test.csv", test_lines)
     chunks = list(read_csv_chunks(path, labelled=False))
@@ -46,8 +45,7 @@ def test_small_chunks_give_the_same_rows_and_locate_a_bad_cell_deep_in_the_file(
         list(read_csv_chunks(_write(tmp_path / "test.csv", bad), labelled=False))
 
 
-def test_the_row_count_matches_the_parser_with_blank_lines_crlf_bom_and_gzip(tmp_path, test_lines,
-                                                                            monkeypatch):
+def test_the_row_count_matches_the_parser_with_blank_lines_crlf_bom_and_gzip(tmp_path, test_lines, monkeypatch):
     monkeypatch.setattr(kaggle_csv, "CHUNK_BYTES", 30_000)
     rows = test_lines[:301]
     with_blanks = [rows[0], "", *rows[1:100], "", "", *rows[100:]]
@@ -94,14 +92,19 @@ def test_a_folder_or_glob_lists_its_files_in_name_order_and_skips_hidden_ones(tm
     assert np.array_equal(found[11], expected[0]) and np.array_equal(found[30], expected[19])
 
 
-@pytest.mark.parametrize("setup,message", [
-    (lambda d: None, "folder holds no .csv, .csv.gz, .parquet or .pq files"),
-    (lambda d: (d / "x.txt").write_text("x"), "folder holds no .csv"),
-    (lambda d: [(d / "a.csv").write_text("pixel0\n0\n"), (d / "b.parquet").write_bytes(b"PAR1")],
-     "mixes CSV and Parquet files"),
-    (lambda d: (d / "a.parquet").write_bytes(b"not parquet"), "a.parquet: not readable as Parquet"),
-    (lambda d: (d / "a.csv").write_text("label,pixel0\n1,0\n"), "a.csv: header: missing column"),
-])
+@pytest.mark.parametrize(
+    "setup,message",
+    [
+        (lambda d: None, "folder holds no .csv, .csv.gz, .parquet or .pq files"),
+        (lambda d: (d / "x.txt").write_text("x"), "folder holds no .csv"),
+        (
+            lambda d: [(d / "a.csv").write_text("pixel0\n0\n"), (d / "b.parquet").write_bytes(b"PAR1")],
+            "mixes CSV and Parquet files",
+        ),
+        (lambda d: (d / "a.parquet").write_bytes(b"not parquet"), "a.parquet: not readable as Parquet"),
+        (lambda d: (d / "a.csv").write_text("label,pixel0\n1,0\n"), "a.csv: header: missing column"),
+    ],
+)
 def test_unusable_folders_are_refused_before_anything_is_read(tmp_path, setup, message):
     folder = tmp_path / "input"
     folder.mkdir()
@@ -111,8 +114,10 @@ def test_unusable_folders_are_refused_before_anything_is_read(tmp_path, setup, m
 
 
 def test_parquet_files_are_checked_row_by_row(tmp_path, kaggle_dir):
-    frame = pd.DataFrame(read_test_csv(str(kaggle_dir / "test.csv"), limit=50).images.reshape(50, 784).astype(np.int64),
-                         columns=PIXEL_COLUMNS)
+    frame = pd.DataFrame(
+        read_test_csv(str(kaggle_dir / "test.csv"), limit=50).images.reshape(50, 784).astype(np.int64),
+        columns=PIXEL_COLUMNS,
+    )
     frame.loc[37, "pixel300"] = 256
     frame.to_parquet(tmp_path / "bad.parquet")
     source = open_input(str(tmp_path / "bad.parquet"))
@@ -127,10 +132,10 @@ def test_parquet_files_are_checked_row_by_row(tmp_path, kaggle_dir):
         list(read_file(source.kind, source.files[0], first_id=None))
 
 
-def test_parquet_row_groups_larger_than_their_rows_can_be_are_refused_unread(tmp_path, kaggle_dir,
-                                                                            monkeypatch):
-    frame = pd.DataFrame(read_test_csv(str(kaggle_dir / "test.csv"), limit=50).images.reshape(50, 784),
-                         columns=PIXEL_COLUMNS)
+def test_parquet_row_groups_larger_than_their_rows_can_be_are_refused_unread(tmp_path, kaggle_dir, monkeypatch):
+    frame = pd.DataFrame(
+        read_test_csv(str(kaggle_dir / "test.csv"), limit=50).images.reshape(50, 784), columns=PIXEL_COLUMNS
+    )
     frame.to_parquet(tmp_path / "test.parquet")
     source = open_input(str(tmp_path / "test.parquet"))
     assert len(list(read_file(source.kind, source.files[0], first_id=1))) == 1

@@ -17,8 +17,7 @@ from matplotlib.image import imread
 from digit_models.storage.kaggle_csv import read_test_csv
 from digit_models.errors import DigitsError
 from digit_models.scoring.evaluation import evaluate
-from digit_models.scoring.report import (Mistakes, confident_mistakes, mistakes_gallery, training_curves,
-                                         write_report)
+from digit_models.scoring.report import Mistakes, confident_mistakes, mistakes_gallery, training_curves, write_report
 
 FIGURES = ["training_curves.png", "confusion_matrix.png", "per_class_accuracy.png", "mistakes.png"]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -35,7 +34,8 @@ def _embedded_pngs(page: str) -> list[bytes]:
 
 
 def test_a_report_on_predictions_writes_every_figure_and_a_self_contained_page(
-        tmp_path, dense_run, dense_scored, kaggle_dir):
+    tmp_path, dense_run, dense_scored, kaggle_dir
+):
     labels = kaggle_dir / "test_labels.csv"
     out = tmp_path / "report"
     written = write_report(str(dense_run), str(out), predictions=str(dense_scored), labels=str(labels))
@@ -91,8 +91,10 @@ def test_a_report_on_a_run_alone_has_the_curves_and_the_page(tmp_path, dense_run
 
 def test_the_error_rate_axis_labels_every_tick_as_a_percentage():
     # Errors from 4% to 1%: within one decade, where matplotlib labels the minor ticks itself.
-    history = [{"epoch": epoch, "loss": 0.1, "accuracy": accuracy, "val_accuracy": accuracy + 0.002}
-               for epoch, accuracy in enumerate([0.96, 0.975, 0.985, 0.99], start=1)]
+    history = [
+        {"epoch": epoch, "loss": 0.1, "accuracy": accuracy, "val_accuracy": accuracy + 0.002}
+        for epoch, accuracy in enumerate([0.96, 0.975, 0.985, 0.99], start=1)
+    ]
     figure = training_curves({"model": "cnn", "history": history})
     figure.draw_without_rendering()
     error_axes = figure.axes[1]
@@ -103,16 +105,22 @@ def test_the_error_rate_axis_labels_every_tick_as_a_percentage():
 
 def test_each_mistake_shows_a_confidence_that_tells_it_from_the_others():
     confidence = np.array([0.999991, 0.99987, 0.9987, 0.62], np.float32)
-    mistakes = Mistakes(total=4, image_ids=np.arange(1, 5), truth=np.array([4, 7, 1, 3]),
-                        predicted=np.array([9, 1, 7, 5]), confidence=confidence,
-                        images=np.zeros((4, 28, 28), np.uint8))
+    mistakes = Mistakes(
+        total=4,
+        image_ids=np.arange(1, 5),
+        truth=np.array([4, 7, 1, 3]),
+        predicted=np.array([9, 1, 7, 5]),
+        confidence=confidence,
+        images=np.zeros((4, 28, 28), np.uint8),
+    )
     captions = [axes.get_title() for axes in mistakes_gallery(mistakes).axes if axes.get_title()]
     shown = [re.search(r"\((\d\.\d+)\)", caption).group(1) for caption in captions]
     assert shown == ["0.999991", "0.99987", "0.9987", "0.62"], captions
 
 
-def test_the_page_shows_the_training_settings_and_what_the_predictions_average(tmp_path, dense_run,
-                                                                              dense_scored, kaggle_dir):
+def test_the_page_shows_the_training_settings_and_what_the_predictions_average(
+    tmp_path, dense_run, dense_scored, kaggle_dir
+):
     run = json.loads((dense_run / "run.json").read_text())
     config = run["config"]
     write_report(str(dense_run), str(tmp_path / "report"), str(dense_scored), str(kaggle_dir / "test_labels.csv"))
@@ -127,8 +135,9 @@ def test_the_page_shows_the_training_settings_and_what_the_predictions_average(t
     record = json.loads((tmp_path / "scored" / "predict.json").read_text())
     record.update(runs=[str(dense_run), "/runs/other"], tta_extra_views=8, views_per_image=9)
     (tmp_path / "scored" / "predict.json").write_text(json.dumps(record))
-    write_report(str(dense_run), str(tmp_path / "ensemble"), str(tmp_path / "scored"),
-                 str(kaggle_dir / "test_labels.csv"))
+    write_report(
+        str(dense_run), str(tmp_path / "ensemble"), str(tmp_path / "scored"), str(kaggle_dir / "test_labels.csv")
+    )
     page = (tmp_path / "ensemble" / "index.html").read_text()
     assert f"<th>ensemble of 2</th><td>{dense_run}, /runs/other</td>" in page
     assert "<th>test-time augmentation</th><td>8 extra views per image (9 averaged)</td>" in page
@@ -158,8 +167,7 @@ def _broken_run(tmp_path: Path, dense_run: Path, case: str) -> Path:
     return run
 
 
-@pytest.mark.parametrize("case", ["no run dir", "unfinished run", "run.json not JSON",
-                                  "run.json without history"])
+@pytest.mark.parametrize("case", ["no run dir", "unfinished run", "run.json not JSON", "run.json without history"])
 def test_an_unusable_run_is_refused_and_nothing_is_written(tmp_path, dense_run, case):
     run = _broken_run(tmp_path, dense_run, case)
     with pytest.raises(DigitsError, match=re.escape(str(run))) as raised:
@@ -179,8 +187,12 @@ def test_predictions_and_labels_go_together(tmp_path, dense_run, dense_scored, k
 
 def test_a_submission_csv_has_no_images_to_show(tmp_path, dense_run, dense_scored, kaggle_dir):
     with pytest.raises(DigitsError, match="not a `digits predict` output folder"):
-        write_report(str(dense_run), str(tmp_path / "report"), str(dense_scored / "submission.csv"),
-                     str(kaggle_dir / "test_labels.csv"))
+        write_report(
+            str(dense_run),
+            str(tmp_path / "report"),
+            str(dense_scored / "submission.csv"),
+            str(kaggle_dir / "test_labels.csv"),
+        )
     assert not (tmp_path / "report").exists()
 
 
@@ -192,8 +204,9 @@ def test_images_changed_since_scoring_are_refused(tmp_path, dense_run, dense_sco
     record = json.loads((tmp_path / "scored" / "predict.json").read_text())
     (tmp_path / "scored" / "predict.json").write_text(json.dumps({**record, "input": str(tmp_path / "test.csv")}))
     with pytest.raises(DigitsError, match="changed since it was scored"):
-        write_report(str(dense_run), str(tmp_path / "report"), str(tmp_path / "scored"),
-                     str(kaggle_dir / "test_labels.csv"))
+        write_report(
+            str(dense_run), str(tmp_path / "report"), str(tmp_path / "scored"), str(kaggle_dir / "test_labels.csv")
+        )
     assert not (tmp_path / "report").exists()
 
 

@@ -30,10 +30,14 @@ def _rewind_to_epoch(run_dir: Path, epoch: int) -> None:
     snapshot_file = run_dir / "checkpoints" / "checkpoint_manager_snapshot.json"
     snapshot = json.loads(snapshot_file.read_text())
     kept = [r for r in snapshot["checkpoint_results"] if r["metrics"]["epoch"] <= epoch]
-    for dropped in snapshot["checkpoint_results"][len(kept):]:
+    for dropped in snapshot["checkpoint_results"][len(kept) :]:
         shutil.rmtree(run_dir / "checkpoints" / dropped["checkpoint_dir_name"])
-    snapshot.update(checkpoint_results=kept, latest_checkpoint_result=kept[-1],
-                    checkpoint_report_indices=list(range(len(kept))), current_report_index=len(kept))
+    snapshot.update(
+        checkpoint_results=kept,
+        latest_checkpoint_result=kept[-1],
+        checkpoint_report_indices=list(range(len(kept))),
+        current_report_index=len(kept),
+    )
     snapshot_file.write_text(json.dumps(snapshot))
     (run_dir / "run.json").unlink()
     (run_dir / "model.keras").unlink()
@@ -46,14 +50,29 @@ def resumed_run(tmp_path_factory, kaggle_dir, ray_local, shared_ray_env) -> dict
     with `digits train --resume`."""
     base = tmp_path_factory.mktemp("logged")
     run_dir, store = base / "run", f"file://{base}/mlruns"
-    first = train(TrainConfig(data=str(kaggle_dir), out=f"file://{run_dir}", model="dense", workers=2,
-                              epochs=EPOCHS, limit=600, cpus_per_worker=1, mlflow=store))
+    first = train(
+        TrainConfig(
+            data=str(kaggle_dir),
+            out=f"file://{run_dir}",
+            model="dense",
+            workers=2,
+            epochs=EPOCHS,
+            limit=600,
+            cpus_per_worker=1,
+            mlflow=store,
+        )
+    )
     abandoned = _scalars(run_dir / "tensorboard")
     _rewind_to_epoch(run_dir, EPOCHS - 1)
     resumed = run_digits("train", "--resume", f"file://{run_dir}", env=shared_ray_env)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    return {"dir": run_dir, "store": store, "first": first, "abandoned": abandoned,
-            "run": json.loads((run_dir / "run.json").read_text())}
+    return {
+        "dir": run_dir,
+        "store": store,
+        "first": first,
+        "abandoned": abandoned,
+        "run": json.loads((run_dir / "run.json").read_text()),
+    }
 
 
 def _event_file(folder: Path) -> Path:
@@ -65,9 +84,12 @@ def _scalars(folder: Path) -> list[tuple[str, int, float]]:
     """Every scalar record of the event file, as written: (tag, step, value)."""
     import tensorflow as tf
 
-    return [(value.tag, event.step, value.simple_value)
-            for event in tf.compat.v1.train.summary_iterator(str(_event_file(folder)))
-            for value in event.summary.value if value.HasField("simple_value")]
+    return [
+        (value.tag, event.step, value.simple_value)
+        for event in tf.compat.v1.train.summary_iterator(str(_event_file(folder)))
+        for value in event.summary.value
+        if value.HasField("simple_value")
+    ]
 
 
 def test_tensorboard_shows_each_epoch_once_with_the_committed_values(resumed_run):
@@ -82,7 +104,8 @@ def test_tensorboard_shows_each_epoch_once_with_the_committed_values(resumed_run
         assert value == pytest.approx(run["history"][step - 1][tag], rel=1e-6), (tag, step)
     # The abandoned attempt's last epoch was in the file; it was replaced, not added to.
     assert Counter(step for _, step, _ in resumed_run["abandoned"]) == Counter(
-        {epoch: len(EPOCH_METRICS) for epoch in range(1, EPOCHS + 1)})
+        {epoch: len(EPOCH_METRICS) for epoch in range(1, EPOCHS + 1)}
+    )
 
 
 def test_tensorboard_reads_the_curves_and_the_model_graph(resumed_run):
@@ -128,13 +151,33 @@ def test_mlflow_has_the_params_each_epoch_once_and_the_artifacts(resumed_run):
 
 def test_mlflow_without_its_package_is_one_line_before_anything_starts(tmp_path, kaggle_dir):
     """A Python without mlflow (the import made to fail, as Python does for a None module)."""
-    without_mlflow = ("import sys; sys.modules['mlflow'] = None; "
-                      "from digit_models.cli import main; sys.exit(main(sys.argv[1:]))")
-    done = subprocess.run([sys.executable, "-c", without_mlflow, "train", "--model", "dense",
-                           "--data", str(kaggle_dir), "--epochs", "1", "--out", str(tmp_path / "run"),
-                           "--mlflow", f"file://{tmp_path}/mlruns"],
-                          capture_output=True, text=True, timeout=120, cwd=REPO)
+    without_mlflow = (
+        "import sys; sys.modules['mlflow'] = None; from digit_models.cli import main; sys.exit(main(sys.argv[1:]))"
+    )
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            without_mlflow,
+            "train",
+            "--model",
+            "dense",
+            "--data",
+            str(kaggle_dir),
+            "--epochs",
+            "1",
+            "--out",
+            str(tmp_path / "run"),
+            "--mlflow",
+            f"file://{tmp_path}/mlruns",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
     assert done.returncode == 2, done.stderr
-    assert done.stderr.strip() == ("digits: error: --mlflow: the mlflow package is not installed; "
-                                   "pip install 'digit-models[mlflow]'")
+    assert done.stderr.strip() == (
+        "digits: error: --mlflow: the mlflow package is not installed; pip install 'digit-models[mlflow]'"
+    )
     assert list(tmp_path.iterdir()) == []

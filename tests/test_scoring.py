@@ -66,8 +66,11 @@ def test_submission_has_kaggles_exact_layout(dense_scored, kaggle_dir):
 
 def test_an_ensemble_averages_the_models_probabilities(tmp_path, kaggle_dir, dense_run, cnn_run, ray_local):
     out = tmp_path / "ensemble"
-    predict(PredictConfig(runs=[str(dense_run), str(cnn_run)], input=str(kaggle_dir / "test.csv"),
-                        out=str(out), batch_size=256))
+    predict(
+        PredictConfig(
+            runs=[str(dense_run), str(cnn_run)], input=str(kaggle_dir / "test.csv"), out=str(out), batch_size=256
+        )
+    )
     frame = pd.read_parquet(out / "predictions").sort_values("ImageId")
     images = read_test_csv(str(kaggle_dir / "test.csv")).images
     expected = (_in_process_probabilities(dense_run, images) + _in_process_probabilities(cnn_run, images)) / 2
@@ -81,8 +84,7 @@ def test_parquet_input_keeps_its_own_image_ids(tmp_path, kaggle_dir, dense_run, 
     frame = pd.DataFrame(test.images.reshape(300, 784), columns=PIXEL_COLUMNS)
     frame.insert(0, "ImageId", ids)
     frame.to_parquet(tmp_path / "test.parquet")
-    predict(PredictConfig(runs=[str(dense_run)], input=str(tmp_path / "test.parquet"),
-                        out=str(tmp_path / "out")))
+    predict(PredictConfig(runs=[str(dense_run)], input=str(tmp_path / "test.parquet"), out=str(tmp_path / "out")))
     result = pd.read_parquet(tmp_path / "out" / "predictions").set_index("ImageId").loc[ids]
     expected = _in_process_probabilities(dense_run, test.images).argmax(axis=1)
     assert np.array_equal(result["Label"].to_numpy(), expected)
@@ -99,8 +101,16 @@ def test_several_files_and_blocks_keep_kaggles_row_numbers(tmp_path, kaggle_dir,
     (parts / "part-0.csv").write_text("\n".join([lines[0], *rows[:4000]]) + "\n")
     (parts / "part-1.csv").write_text("\n".join([lines[0], *rows[4000:7000]]) + "\n")
     (parts / "part-2.csv.gz").write_bytes(gzip.compress(("\n".join([lines[0], *rows[7000:]]) + "\n").encode()))
-    record = predict(PredictConfig(runs=[str(dense_run)], input=str(parts), out=str(tmp_path / "out"),
-                                   batch_size=512, actors=2, cpus_per_actor=1))
+    record = predict(
+        PredictConfig(
+            runs=[str(dense_run)],
+            input=str(parts),
+            out=str(tmp_path / "out"),
+            batch_size=512,
+            actors=2,
+            cpus_per_actor=1,
+        )
+    )
     assert record["images"] == 9000 and [f["rows"] for f in record["input_files"]] == [4000, 3000, 2000]
     frame = pd.read_parquet(tmp_path / "out" / "predictions").sort_values("ImageId")
     assert frame["ImageId"].tolist() == list(range(1, 9001))
@@ -117,28 +127,38 @@ def test_a_folder_of_parquet_files_is_numbered_across_files(tmp_path, kaggle_dir
     folder.mkdir()
     for index, part in enumerate(np.array_split(np.arange(SLICE_TEST_ROWS), 3)):
         pd.DataFrame(test.images[part].reshape(len(part), 784), columns=PIXEL_COLUMNS).to_parquet(
-            folder / f"part-{index}.parquet")
-    predict(PredictConfig(runs=[str(dense_run)], input=str(folder / "part-*.parquet"),
-                          out=str(tmp_path / "out")))
+            folder / f"part-{index}.parquet"
+        )
+    predict(PredictConfig(runs=[str(dense_run)], input=str(folder / "part-*.parquet"), out=str(tmp_path / "out")))
     frame = pd.read_parquet(tmp_path / "out" / "predictions").sort_values("ImageId")
     assert frame["ImageId"].tolist() == list(range(1, SLICE_TEST_ROWS + 1))
     expected = _in_process_probabilities(dense_run, test.images).argmax(axis=1)
     assert np.array_equal(frame["Label"].to_numpy(), expected)
 
 
-def test_a_bad_row_deep_in_a_large_input_is_named_and_nothing_is_written(tmp_path, kaggle_dir, dense_run,
-                                                                          shared_ray_env):
+def test_a_bad_row_deep_in_a_large_input_is_named_and_nothing_is_written(
+    tmp_path, kaggle_dir, dense_run, shared_ray_env
+):
     lines = (kaggle_dir / "test.csv").read_text().splitlines()
     rows = lines[1:] * 8  # 12,000 rows: the bad one is in the read task's second chunk
     cells = rows[10_499].split(",")
     cells[123] = "-1"
     rows[10_499] = ",".join(cells)
     (tmp_path / "big.csv").write_text("\n".join([lines[0], *rows]) + "\n")
-    done = run_digits("predict", "--run", str(dense_run), "--input", str(tmp_path / "big.csv"),
-                      "--out", str(tmp_path / "out"), env=shared_ray_env)
+    done = run_digits(
+        "predict",
+        "--run",
+        str(dense_run),
+        "--input",
+        str(tmp_path / "big.csv"),
+        "--out",
+        str(tmp_path / "out"),
+        env=shared_ray_env,
+    )
     assert done.returncode == 2
-    assert done.stderr.strip() == (f"digits: error: {tmp_path / 'big.csv'}: row 10500, column pixel123: "
-                                   "'-1' is not an integer pixel value 0-255"), done.stderr
+    assert done.stderr.strip() == (
+        f"digits: error: {tmp_path / 'big.csv'}: row 10500, column pixel123: '-1' is not an integer pixel value 0-255"
+    ), done.stderr
     assert sorted(path.name for path in tmp_path.iterdir()) == ["big.csv"]
 
 
@@ -146,11 +166,13 @@ def test_a_gzip_of_blank_lines_is_refused_not_read_for_ever(tmp_path, kaggle_dir
     lines = (kaggle_dir / "test.csv").read_text().splitlines()
     bomb = tmp_path / "test.csv.gz"  # one image, then 64 MiB of blank lines in 64 KiB
     bomb.write_bytes(gzip.compress(("\n".join(lines[:2]) + "\n").encode() + b"\n" * (64 << 20)))
-    done = run_digits("predict", "--run", str(dense_run), "--input", str(bomb), "--out", str(tmp_path / "out"),
-                      env=shared_ray_env)
+    done = run_digits(
+        "predict", "--run", str(dense_run), "--input", str(bomb), "--out", str(tmp_path / "out"), env=shared_ray_env
+    )
     assert done.returncode == 2
-    assert done.stderr.strip() == (f"digits: error: {bomb}: more than 1,048,576 blank lines; not a "
-                                   "Kaggle digits CSV"), done.stderr
+    assert done.stderr.strip() == (
+        f"digits: error: {bomb}: more than 1,048,576 blank lines; not a Kaggle digits CSV"
+    ), done.stderr
     assert sorted(path.name for path in tmp_path.iterdir()) == ["test.csv.gz"]
 
 
@@ -160,8 +182,7 @@ def test_duplicated_own_image_ids_are_refused(tmp_path, kaggle_dir, dense_run, r
     frame.insert(0, "ImageId", np.r_[np.arange(1, 100), 42].astype(np.int32))
     frame.to_parquet(tmp_path / "dup.parquet")
     with pytest.raises(DigitsError, match="column ImageId: 42 appears more than once"):
-        predict(PredictConfig(runs=[str(dense_run)], input=str(tmp_path / "dup.parquet"),
-                              out=str(tmp_path / "out")))
+        predict(PredictConfig(runs=[str(dense_run)], input=str(tmp_path / "dup.parquet"), out=str(tmp_path / "out")))
     assert not (tmp_path / "out").exists()
 
 
@@ -188,22 +209,46 @@ def test_scoring_refuses_unfinished_or_broken_runs(tmp_path, kaggle_dir, dense_r
 @pytest.mark.parametrize("spelled", ["with a trailing slash", "relative", "through a link"])
 def test_the_same_run_twice_in_an_ensemble_is_refused(tmp_path, kaggle_dir, dense_run, spelled):
     (tmp_path / "link").symlink_to(dense_run)
-    again = {"with a trailing slash": f"{dense_run}/", "relative": os.path.relpath(dense_run, REPO),
-             "through a link": str(tmp_path / "link")}[spelled]
-    done = run_digits("predict", "--run", str(dense_run), "--run", again, "--input",
-                      str(kaggle_dir / "test.csv"), "--out", str(tmp_path / "scored"))
+    again = {
+        "with a trailing slash": f"{dense_run}/",
+        "relative": os.path.relpath(dense_run, REPO),
+        "through a link": str(tmp_path / "link"),
+    }[spelled]
+    done = run_digits(
+        "predict",
+        "--run",
+        str(dense_run),
+        "--run",
+        again,
+        "--input",
+        str(kaggle_dir / "test.csv"),
+        "--out",
+        str(tmp_path / "scored"),
+    )
     assert done.returncode == 2, done.stderr
-    assert done.stderr.splitlines() == [f"digits: error: --run {again}: the same run as --run {dense_run}; "
-                                        "give each member of an ensemble once"]
+    assert done.stderr.splitlines() == [
+        f"digits: error: --run {again}: the same run as --run {dense_run}; give each member of an ensemble once"
+    ]
     assert not (tmp_path / "scored").exists()
 
 
-def test_predict_json_records_the_extra_views_asked_for_and_the_views_in_all(tmp_path, kaggle_dir, dense_run,
-                                                                              shared_ray_env):
+def test_predict_json_records_the_extra_views_asked_for_and_the_views_in_all(
+    tmp_path, kaggle_dir, dense_run, shared_ray_env
+):
     rows = (kaggle_dir / "test.csv").read_text().splitlines(keepends=True)[:65]  # 64 images: cheap
     (tmp_path / "test.csv").write_text("".join(rows))
-    done = run_digits("predict", "--run", str(dense_run), "--input", str(tmp_path / "test.csv"),
-                      "--out", str(tmp_path / "scored"), "--tta", "2", env=shared_ray_env)
+    done = run_digits(
+        "predict",
+        "--run",
+        str(dense_run),
+        "--input",
+        str(tmp_path / "test.csv"),
+        "--out",
+        str(tmp_path / "scored"),
+        "--tta",
+        "2",
+        env=shared_ray_env,
+    )
     assert done.returncode == 0, done.stderr
     record = json.loads((tmp_path / "scored" / "predict.json").read_text())
     assert (record["tta_extra_views"], record["views_per_image"]) == (2, 3)
@@ -211,6 +256,7 @@ def test_predict_json_records_the_extra_views_asked_for_and_the_views_in_all(tmp
 
 
 # ---------------------------------------------------------------------------- evaluate
+
 
 def _write_csv(path: Path, rows: list[tuple]) -> str:
     path.write_text("ImageId,Label\n" + "".join(f"{i},{label}\n" for i, label in rows))
@@ -230,11 +276,14 @@ def test_evaluate_numbers_on_a_hand_checked_case(tmp_path):
     assert "official_mnist_test" not in result
 
 
-@pytest.mark.parametrize("predicted,message", [
-    ([(1, 0), (2, 1)], "no prediction for ImageId 3"),
-    ([(1, 0), (2, 1), (3, 2), (3, 2)], "row 4, column ImageId: 3 appears more than once"),
-    ([(1, 0), (2, 1), (3, 2), (7, 2)], "ImageId 7 is not in"),
-])
+@pytest.mark.parametrize(
+    "predicted,message",
+    [
+        ([(1, 0), (2, 1)], "no prediction for ImageId 3"),
+        ([(1, 0), (2, 1), (3, 2), (3, 2)], "row 4, column ImageId: 3 appears more than once"),
+        ([(1, 0), (2, 1), (3, 2), (7, 2)], "ImageId 7 is not in"),
+    ],
+)
 def test_evaluate_refuses_mismatched_ids(tmp_path, predicted, message):
     labels = _write_csv(tmp_path / "labels.csv", [(1, 0), (2, 1), (3, 2)])
     with pytest.raises(DigitsError, match=message):
@@ -263,11 +312,17 @@ def test_evaluate_checks_the_predictions_footers_before_reading_them(tmp_path, d
     (crafted / "predictions").mkdir(parents=True)
     (crafted / "predict.json").write_text(json.dumps({"images": 1}))
     # One row whose Label is 64 MiB of text, kilobytes on disk: refused from the footer alone.
-    pq.write_table(pa.table({"ImageId": pa.array([1], pa.int32()), "Label": ["7" * (64 << 20)]}),
-                   crafted / "predictions" / "p.parquet", compression="zstd")
+    pq.write_table(
+        pa.table({"ImageId": pa.array([1], pa.int32()), "Label": ["7" * (64 << 20)]}),
+        crafted / "predictions" / "p.parquet",
+        compression="zstd",
+    )
     assert (crafted / "predictions" / "p.parquet").stat().st_size < 1 << 20
-    with pytest.raises(DigitsError, match=r"crafted/predictions/p.parquet: row group 1, column Label: "
-                                          r"67,1\d\d,\d\d\d bytes for 1 row, more than numbers take"):
+    with pytest.raises(
+        DigitsError,
+        match=r"crafted/predictions/p.parquet: row group 1, column Label: "
+        r"67,1\d\d,\d\d\d bytes for 1 row, more than numbers take",
+    ):
         evaluate(str(crafted), labels)
 
 
@@ -281,6 +336,7 @@ def test_evaluate_reports_the_official_mnist_test_subset(dense_scored, kaggle_di
 
 # ---------------------------------------------------------------------------- the CLI
 
+
 def test_evaluate_from_the_command_line_with_origin_and_json_where_asked(tmp_path, dense_scored, kaggle_dir):
     """`digits evaluate` on a submission.csv, labels without test_origin.csv beside them: the
     official subset only with --origin, the numbers in the --json file asked for, and the
@@ -291,12 +347,24 @@ def test_evaluate_from_the_command_line_with_origin_and_json_where_asked(tmp_pat
     submission = dense_scored / "submission.csv"
     truth = pd.read_csv(labels).merge(pd.read_csv(submission), on="ImageId", suffixes=("", "_predicted"))
     right = truth["Label"] == truth["Label_predicted"]
-    official = pd.read_csv(kaggle_dir / "test_origin.csv").set_index("ImageId").loc[truth["ImageId"], "MnistSplit"] == "test"
+    official = (
+        pd.read_csv(kaggle_dir / "test_origin.csv").set_index("ImageId").loc[truth["ImageId"], "MnistSplit"] == "test"
+    )
 
-    plain = run_digits("evaluate", "--predictions", str(submission), "--labels", str(labels),
-                       "--json", str(tmp_path / "plain.json"))
-    with_origin = run_digits("evaluate", "--predictions", str(submission), "--labels", str(labels),
-                             "--origin", str(kaggle_dir / "test_origin.csv"), "--json", str(tmp_path / "origin.json"))
+    plain = run_digits(
+        "evaluate", "--predictions", str(submission), "--labels", str(labels), "--json", str(tmp_path / "plain.json")
+    )
+    with_origin = run_digits(
+        "evaluate",
+        "--predictions",
+        str(submission),
+        "--labels",
+        str(labels),
+        "--origin",
+        str(kaggle_dir / "test_origin.csv"),
+        "--json",
+        str(tmp_path / "origin.json"),
+    )
     assert plain.returncode == with_origin.returncode == 0, plain.stderr + with_origin.stderr
     assert plain.stdout.splitlines()[-1] == f"written to {tmp_path / 'plain.json'}"
     plain, with_origin = (json.loads((tmp_path / name).read_text()) for name in ("plain.json", "origin.json"))
@@ -304,13 +372,29 @@ def test_evaluate_from_the_command_line_with_origin_and_json_where_asked(tmp_pat
     assert with_origin["official_mnist_test"]["images"] == official.sum() == 1000
     assert with_origin["official_mnist_test"]["accuracy"] == pytest.approx(right[official.to_numpy()].mean())
 
-def test_a_killed_predict_leaves_nothing_and_the_cli_rerun_completes(tmp_path, kaggle_dir, dense_run,
-                                                                   shared_ray_env, ray_tmpdir):
+
+def test_a_killed_predict_leaves_nothing_and_the_cli_rerun_completes(
+    tmp_path, kaggle_dir, dense_run, shared_ray_env, ray_tmpdir
+):
     out, env = tmp_path / "out", {**shared_ray_env, "RAY_TMPDIR": ray_tmpdir}
-    child = subprocess.Popen([sys.executable, "-m", "digit_models.cli", "predict", "--run",
-                              str(dense_run), "--input", str(kaggle_dir / "test.csv"), "--out", str(out)],
-                             cwd=REPO, env={**os.environ, **env},
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "digit_models.cli",
+            "predict",
+            "--run",
+            str(dense_run),
+            "--input",
+            str(kaggle_dir / "test.csv"),
+            "--out",
+            str(out),
+        ],
+        cwd=REPO,
+        env={**os.environ, **env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 120
     while not list(tmp_path.glob(".out.partial-*")) and time.time() < deadline:
         time.sleep(0.05)
@@ -318,16 +402,16 @@ def test_a_killed_predict_leaves_nothing_and_the_cli_rerun_completes(tmp_path, k
     child.send_signal(signal.SIGKILL)
     child.wait()
     assert not out.exists()
-    again = run_digits("predict", "--run", str(dense_run), "--input", str(kaggle_dir / "test.csv"),
-                       "--out", str(out), env=env)
+    again = run_digits(
+        "predict", "--run", str(dense_run), "--input", str(kaggle_dir / "test.csv"), "--out", str(out), env=env
+    )
     assert again.returncode == 0, again.stderr[-2000:]
     assert f"scored {SLICE_TEST_ROWS:,} images" in again.stdout and str(out / "submission.csv") in again.stdout
     assert len((out / "submission.csv").read_text().splitlines()) == SLICE_TEST_ROWS + 1
     assert not list(tmp_path.glob(".out.partial-*"))  # the abandoned attempt was cleaned up
     assert not ray_processes(ray_tmpdir)  # both joined the session's Ray; neither started one
 
-    evaluated = run_digits("evaluate", "--predictions", str(out), "--labels",
-                           str(kaggle_dir / "test_labels.csv"))
+    evaluated = run_digits("evaluate", "--predictions", str(out), "--labels", str(kaggle_dir / "test_labels.csv"))
     assert evaluated.returncode == 0, evaluated.stderr[-2000:]
     assert evaluated.stdout.startswith("accuracy 0.")
     assert "official MNIST test images: accuracy" in evaluated.stdout
@@ -335,8 +419,9 @@ def test_a_killed_predict_leaves_nothing_and_the_cli_rerun_completes(tmp_path, k
 
 
 @pytest.mark.parametrize("earlier", ["a-stray-record", "a-whole-output"])
-def test_predict_refuses_a_folder_with_a_users_file_and_leaves_it_alone(tmp_path, kaggle_dir, dense_run,
-                                                                       dense_scored, shared_ray_env, earlier):
+def test_predict_refuses_a_folder_with_a_users_file_and_leaves_it_alone(
+    tmp_path, kaggle_dir, dense_run, dense_scored, shared_ray_env, earlier
+):
     out = tmp_path / "out"
     if earlier == "a-whole-output":
         shutil.copytree(dense_scored, out)
@@ -345,24 +430,40 @@ def test_predict_refuses_a_folder_with_a_users_file_and_leaves_it_alone(tmp_path
         (out / "predict.json").write_text("{}")
     (out / "notes.txt").write_text("mine")
     before = sorted(path.name for path in out.iterdir())
-    done = run_digits("predict", "--run", str(dense_run), "--input", str(kaggle_dir / "test.csv"),
-                      "--out", str(out), env=shared_ray_env)
+    done = run_digits(
+        "predict",
+        "--run",
+        str(dense_run),
+        "--input",
+        str(kaggle_dir / "test.csv"),
+        "--out",
+        str(out),
+        env=shared_ray_env,
+    )
     assert done.returncode == 2
-    assert done.stderr.strip() == (f"digits: error: {out}: holds 'notes.txt', which `digits predict` "
-                                   "does not write; refusing to replace it"), done.stderr
+    assert done.stderr.strip() == (
+        f"digits: error: {out}: holds 'notes.txt', which `digits predict` does not write; refusing to replace it"
+    ), done.stderr
     assert (out / "notes.txt").read_text() == "mine" and sorted(path.name for path in out.iterdir()) == before
 
 
-def test_an_earlier_output_is_replaced_entry_by_entry(tmp_path, kaggle_dir, dense_run, dense_scored,
-                                                      shared_ray_env):
+def test_an_earlier_output_is_replaced_entry_by_entry(tmp_path, kaggle_dir, dense_run, dense_scored, shared_ray_env):
     out = tmp_path / "out"
     shutil.copytree(dense_scored, out)
     (out / "evaluation.json").write_text("{}")  # `digits evaluate`'s, of the predictions replaced
     folder = out.stat().st_ino
     lines = (kaggle_dir / "test.csv").read_text().splitlines()
     (tmp_path / "small.csv").write_text("\n".join(lines[:101]) + "\n")
-    done = run_digits("predict", "--run", str(dense_run), "--input", str(tmp_path / "small.csv"),
-                      "--out", str(out), env=shared_ray_env)
+    done = run_digits(
+        "predict",
+        "--run",
+        str(dense_run),
+        "--input",
+        str(tmp_path / "small.csv"),
+        "--out",
+        str(out),
+        env=shared_ray_env,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert out.stat().st_ino == folder  # the folder stays where it is; only our entries are new
     assert sorted(path.name for path in out.iterdir()) == ["predict.json", "predictions", "submission.csv"]

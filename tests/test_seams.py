@@ -27,8 +27,10 @@ def test_the_seam_is_in_the_installed_version(seam):
         assert len(seam.names) == 1 or len(found) == len(seam.names)
         return
     instance = _instance_for(seam)
-    assert isinstance(instance, seams.borrow(seams.Seam(seam.package, seam.read_from, seam.module,
-                                                        (seam.names[0].split(".")[0],), seam.why)))
+    assert isinstance(
+        instance,
+        seams.borrow(seams.Seam(seam.package, seam.read_from, seam.module, (seam.names[0].split(".")[0],), seam.why)),
+    )
     for name in seam.names:
         assert hasattr(instance, name.split(".")[1]), name
 
@@ -41,7 +43,8 @@ def test_a_moved_seam_is_one_line_naming_it_and_the_versions():
         seams.borrow(moved)
     assert str(refused.value) == (
         f"ray._private.worker.no_longer_here is not in ray {importlib.metadata.version('ray')} (it was read "
-        "from 2.59.0, and we rely on it for a test); install the version pyproject.toml pins")
+        "from 2.59.0, and we rely on it for a test); install the version pyproject.toml pins"
+    )
     gone = seams.Seam("tensorflow", "2.21.0", "tensorflow.python.no_such_module", ("x",), "a test")
     with pytest.raises(DigitsError, match=r"^tensorflow.python.no_such_module.x is not in tensorflow "):
         seams.borrow(gone)

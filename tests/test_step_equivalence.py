@@ -49,11 +49,20 @@ SCALED_RATE = ADAM_RATE * math.sqrt(WORLD * ACCUMULATE)  # the README's: the rat
 CASES = {
     "float32": dict(sgd_rate=SGD_RATE, config=dict(model="cnn", batch_size=32, all_reduce_dtype="float32")),
     "cpu_default": dict(sgd_rate=SGD_RATE, config=dict(model="cnn", batch_size=32)),  # bfloat16 on CPUs
-    "accumulate": dict(sgd_rate=SGD_RATE, config=dict(model="cnn", batch_size=16, accumulate=ACCUMULATE,
-                                                      all_reduce_dtype="float32")),
-    "scaled_adam": dict(sgd_rate=None, config=dict(model="cnn", batch_size=16, accumulate=ACCUMULATE,
-                                                   learning_rate=ADAM_RATE, scale_learning_rate=True,
-                                                   all_reduce_dtype="float32")),
+    "accumulate": dict(
+        sgd_rate=SGD_RATE, config=dict(model="cnn", batch_size=16, accumulate=ACCUMULATE, all_reduce_dtype="float32")
+    ),
+    "scaled_adam": dict(
+        sgd_rate=None,
+        config=dict(
+            model="cnn",
+            batch_size=16,
+            accumulate=ACCUMULATE,
+            learning_rate=ADAM_RATE,
+            scale_learning_rate=True,
+            all_reduce_dtype="float32",
+        ),
+    ),
 }
 # The largest difference float32 arithmetic leaves between the two-worker step's weights and
 # the plain step's, as a fraction of the plain step's largest weight change: the gradient is
@@ -61,7 +70,7 @@ CASES = {
 # the update. Seen: 1.2e-6 (float32), 0.9e-6 (accumulate). A lost or doubled gradient,
 # micro-batch or worker moves weights by about the change itself.
 FLOAT32_TOLERANCE = 1e-5
-BFLOAT16_UNIT_ROUNDOFF = 2.0 ** -8  # 8 significant bits, rounded to nearest
+BFLOAT16_UNIT_ROUNDOFF = 2.0**-8  # 8 significant bits, rounded to nearest
 WORKERS_TIMEOUT_S = 300
 
 
@@ -84,13 +93,21 @@ def worker_process(spec_json: str) -> None:
         config = TrainConfig(**case["config"])
         order = EpochOrder(len(images), config.global_batch(WORLD), spec["rank"], WORLD, config.seed)
         with strategy.scope():
-            model = (compiled_model(config, order.steps, WORLD, config.epochs) if case["sgd_rate"] is None
-                     else plain_model(config, keras.optimizers.SGD(case["sgd_rate"])))
+            model = (
+                compiled_model(config, order.steps, WORLD, config.epochs)
+                if case["sgd_rate"] is None
+                else plain_model(config, keras.optimizers.SGD(case["sgd_rate"]))
+            )
         model.set_weights(initial)
-        model.train_step = types.MethodType(data_parallel_step(getattr(tf, config.gradient_dtype),
-                                                               config.accumulate), model)
-        model.fit(strategy.distribute_datasets_from_function(_first_batches(order, images, labels)),
-                  epochs=1, steps_per_epoch=1, verbose=0)
+        model.train_step = types.MethodType(
+            data_parallel_step(getattr(tf, config.gradient_dtype), config.accumulate), model
+        )
+        model.fit(
+            strategy.distribute_datasets_from_function(_first_batches(order, images, labels)),
+            epochs=1,
+            steps_per_epoch=1,
+            verbose=0,
+        )
         results.update({f"{name}/{i}": weights for i, weights in enumerate(model.get_weights())})
         results[f"{name}/iterations"] = model.optimizer.iterations.numpy()
         results[f"{name}/learning_rate"] = keras.backend.get_value(model.optimizer.learning_rate)
@@ -111,8 +128,12 @@ def plain_model(config: TrainConfig, optimizer, steps_per_execution: int | None 
     from digit_models.training.worker import STEPS_PER_EXECUTION
 
     model = build_model(config.model)
-    model.compile(optimizer=optimizer, loss=keras.losses.CategoricalCrossentropy(), metrics=["accuracy"],
-                  steps_per_execution=steps_per_execution or STEPS_PER_EXECUTION)
+    model.compile(
+        optimizer=optimizer,
+        loss=keras.losses.CategoricalCrossentropy(),
+        metrics=["accuracy"],
+        steps_per_execution=steps_per_execution or STEPS_PER_EXECUTION,
+    )
     return model
 
 
@@ -128,6 +149,7 @@ def batch_rows(config: TrainConfig) -> tuple[np.ndarray, list[np.ndarray]]:
 @dataclass
 class Steps:
     """The steps' inputs, the two workers' results and the plain steps' weights."""
+
     images: np.ndarray
     labels: np.ndarray
     initial: list[np.ndarray]
@@ -154,26 +176,51 @@ def two_worker_steps(tmp_path_factory, mnist_slice) -> Steps:
     images, labels = mnist_slice.images[:ROWS], mnist_slice.labels[:ROWS]
     keras.utils.set_random_seed(0)
     initial = build_model("cnn").get_weights()
-    np.savez(folder / "data.npz", images=images, labels=labels,
-             **{f"weight{i}": weights for i, weights in enumerate(initial)})
+    np.savez(
+        folder / "data.npz",
+        images=images,
+        labels=labels,
+        **{f"weight{i}": weights for i, weights in enumerate(initial)},
+    )
     addresses = [f"127.0.0.1:{port}" for port in _free_ports(WORLD)]
     workers = []
     for rank in range(WORLD):
-        spec = json.dumps({"rank": rank, "data": str(folder / "data.npz"), "weights": len(initial),
-                           "out": str(folder / f"rank{rank}.npz")})
+        spec = json.dumps(
+            {
+                "rank": rank,
+                "data": str(folder / "data.npz"),
+                "weights": len(initial),
+                "out": str(folder / f"rank{rank}.npz"),
+            }
+        )
         log = open(folder / f"rank{rank}.log", "w")
-        workers.append(subprocess.Popen(
-            [sys.executable, "-c", f"from tests.test_step_equivalence import worker_process; worker_process({spec!r})"],
-            cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "TF_CONFIG": json.dumps(
-                {"cluster": {"worker": addresses}, "task": {"type": "worker", "index": rank}})}))
+        workers.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-c",
+                    f"from tests.test_step_equivalence import worker_process; worker_process({spec!r})",
+                ],
+                cwd=REPO,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={
+                    **os.environ,
+                    "TF_CONFIG": json.dumps(
+                        {"cluster": {"worker": addresses}, "task": {"type": "worker", "index": rank}}
+                    ),
+                },
+            )
+        )
         log.close()
     try:
         plain = {}
         for name, case in CASES.items():
             config = TrainConfig(**case["config"])
             rows, _ = batch_rows(config)
-            optimizer = (keras.optimizers.SGD(case["sgd_rate"]) if case["sgd_rate"]
-                         else keras.optimizers.Adam(SCALED_RATE))
+            optimizer = (
+                keras.optimizers.SGD(case["sgd_rate"]) if case["sgd_rate"] else keras.optimizers.Adam(SCALED_RATE)
+            )
             model = plain_model(config, optimizer, steps_per_execution=1)
             model.set_weights(initial)
             model.train_on_batch(images[rows], tf.one_hot(labels[rows], 10))
@@ -209,8 +256,9 @@ def _wait_for_all(workers: list[subprocess.Popen], logs: list[Path]) -> None:
     deadline = time.monotonic() + WORKERS_TIMEOUT_S
     while any(worker.poll() is None for worker in workers):
         failed = [i for i, worker in enumerate(workers) if worker.poll() not in (None, 0)]
-        assert not failed and time.monotonic() < deadline, \
-            "\n".join(f"rank {i}: {logs[i].read_text()[-3000:]}" for i in failed or range(len(workers)))
+        assert not failed and time.monotonic() < deadline, "\n".join(
+            f"rank {i}: {logs[i].read_text()[-3000:]}" for i in failed or range(len(workers))
+        )
         time.sleep(0.2)
     failed = [i for i, worker in enumerate(workers) if worker.returncode]
     assert not failed, "\n".join(f"rank {i}: {logs[i].read_text()[-3000:]}" for i in failed)
@@ -230,8 +278,9 @@ def test_both_workers_hold_the_same_weights_after_every_step(two_worker_steps):
     """A mirrored variable is one value: the all-reduced update applied alike on each worker,
     bit for bit, and one optimizer step each."""
     for name in CASES:
-        assert all(np.array_equal(a, b) for a, b in zip(two_worker_steps.weights(name, 0),
-                                                        two_worker_steps.weights(name, 1))), name
+        assert all(
+            np.array_equal(a, b) for a, b in zip(two_worker_steps.weights(name, 0), two_worker_steps.weights(name, 1))
+        ), name
         assert [int(results[f"{name}/iterations"]) for results in two_worker_steps.workers] == [1, 1]
 
 
@@ -288,8 +337,9 @@ def test_the_scaled_learning_rate_is_the_documented_one_in_the_optimizer_used(tw
     steps = two_worker_steps
     for results in steps.workers:
         assert float(results["scaled_adam/learning_rate"]) == pytest.approx(SCALED_RATE, rel=1e-6)
-    moved = max(float(np.abs(after - before).max())
-                for after, before in zip(steps.weights("scaled_adam"), steps.initial))
+    moved = max(
+        float(np.abs(after - before).max()) for after, before in zip(steps.weights("scaled_adam"), steps.initial)
+    )
     assert moved == pytest.approx(SCALED_RATE, rel=1e-3)
     assert steps.largest_difference("scaled_adam") <= 1e-3 * SCALED_RATE
 
@@ -301,9 +351,21 @@ def test_run_json_and_the_saved_optimizer_give_the_documented_scaled_rate(tmp_pa
     from digit_models.runtime.tf_setup import keras
     from digit_models.training.driver import train
 
-    run = train(TrainConfig(data=str(kaggle_dir), out=str(tmp_path / "run"), model="dense", workers=WORLD,
-                            batch_size=16, accumulate=ACCUMULATE, learning_rate=ADAM_RATE,
-                            scale_learning_rate=True, epochs=1, limit=400, cpus_per_worker=1))
+    run = train(
+        TrainConfig(
+            data=str(kaggle_dir),
+            out=str(tmp_path / "run"),
+            model="dense",
+            workers=WORLD,
+            batch_size=16,
+            accumulate=ACCUMULATE,
+            learning_rate=ADAM_RATE,
+            scale_learning_rate=True,
+            epochs=1,
+            limit=400,
+            cpus_per_worker=1,
+        )
+    )
     assert run["learning_rate_per_update"] == pytest.approx(SCALED_RATE, rel=1e-12)
     assert run["global_batch_size"] == 96 and run["accumulate"] == ACCUMULATE
     optimizer = keras.models.load_model(tmp_path / "run" / "model.keras").optimizer
@@ -326,16 +388,18 @@ def test_a_smaller_group_resumed_mid_epoch_trains_on_every_row_once_per_epoch():
         seen = []
         for rank in range(world):
             order = EpochOrder(rows, batch * world, rank, world, seed)
-            for ids, one_hot in order.batches(np.arange(rows), labels, first_epoch, start, replicas=1,
-                                              cpus=1).take(steps):
+            for ids, one_hot in order.batches(np.arange(rows), labels, first_epoch, start, replicas=1, cpus=1).take(
+                steps
+            ):
                 assert np.array_equal(one_hot.numpy().argmax(axis=1), labels[ids.numpy()])
                 seen.append(ids.numpy())
         return np.concatenate(seen)
 
     images_done = steps_before * batch * 2
     resumed = EpochOrder(rows, batch, 0, 1, seed)
-    interrupted_epoch = np.concatenate([trained(2, epoch, 0, steps_before),
-                                        trained(1, epoch, images_done, resumed.steps_from(images_done))])
+    interrupted_epoch = np.concatenate(
+        [trained(2, epoch, 0, steps_before), trained(1, epoch, images_done, resumed.steps_from(images_done))]
+    )
     next_epoch = trained(1, epoch + 1, 0, resumed.steps)
     for seen in (interrupted_epoch, next_epoch):
         assert np.array_equal(np.sort(seen), np.arange(rows))

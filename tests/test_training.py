@@ -41,14 +41,16 @@ def test_run_json_records_the_run(dense_run):
     assert run["stop_reason"] == "epochs exhausted" and run["epochs_run"] == 3
     assert [entry["epoch"] for entry in run["history"]] == [1, 2, 3]
     for entry in run["history"]:
-        assert {"loss", "accuracy", "val_loss", "val_accuracy", "images_per_s", "epoch_s",
-                "elapsed_s"} <= set(entry)
+        assert {"loss", "accuracy", "val_loss", "val_accuracy", "images_per_s", "epoch_s", "elapsed_s"} <= set(entry)
     assert run["history"][-1]["loss"] < run["history"][0]["loss"]
     assert {"tensorflow", "tf_keras", "ray", "numpy", "pandas", "pyarrow"} <= set(run["versions"])
     assert run["versions"]["tf_keras"].startswith("2.")
     assert run["config"]["model"] == "dense" and run["restarts"] == []
-    assert run["worker_process"] == {"cpus": 1, "niceness": 0,  # not Ray's default 15
-                                     "precision": "float32"}
+    assert run["worker_process"] == {
+        "cpus": 1,
+        "niceness": 0,  # not Ray's default 15
+        "precision": "float32",
+    }
 
 
 def test_the_saved_model_is_portable_keras_and_predicts_real_digits(dense_run, kaggle_dir):
@@ -70,8 +72,10 @@ def test_model_keras_is_the_checkpoint_of_the_best_epoch(dense_run):
     the best val_accuracy (the later of equals), and run.json says which epoch."""
     run = json.loads((dense_run / "run.json").read_text())
     assert run["model_epoch"] == max((entry["val_accuracy"], entry["epoch"]) for entry in run["history"])[1]
-    states = {json.loads(state.read_text())["epochs_done"]: state.parent
-              for state in (dense_run / "checkpoints").glob("*/state.json")}
+    states = {
+        json.loads(state.read_text())["epochs_done"]: state.parent
+        for state in (dense_run / "checkpoints").glob("*/state.json")
+    }
     assert (states[run["model_epoch"]] / "model.keras").read_bytes() == (dense_run / "model.keras").read_bytes()
 
 
@@ -85,13 +89,20 @@ def test_the_kept_checkpoint_is_the_best_validated_epoch_or_the_last(keep, chose
     from digit_models.training.driver import kept_checkpoint
     from digit_models.training.handoff import MODEL_SCORE, UNVALIDATED
 
-    kept = [("epoch 1", {"epoch": 1, MODEL_SCORE: 0.97}), ("epoch 2", {"epoch": 2, MODEL_SCORE: 0.98}),
-            ("epoch 3", {"epoch": 3, "in_epoch": {"images_done": 64}, MODEL_SCORE: 0.99}),
-            ("epoch 4", {"epoch": 4, MODEL_SCORE: 0.96}), ("epoch 0", {"epoch": 0, MODEL_SCORE: 0.98})]
+    kept = [
+        ("epoch 1", {"epoch": 1, MODEL_SCORE: 0.97}),
+        ("epoch 2", {"epoch": 2, MODEL_SCORE: 0.98}),
+        ("epoch 3", {"epoch": 3, "in_epoch": {"images_done": 64}, MODEL_SCORE: 0.99}),
+        ("epoch 4", {"epoch": 4, MODEL_SCORE: 0.96}),
+        ("epoch 0", {"epoch": 0, MODEL_SCORE: 0.98}),
+    ]
     result = SimpleNamespace(best_checkpoints=kept, checkpoint="epoch 4", metrics=kept[3][1])
     assert kept_checkpoint(result, TrainConfig(keep=keep))[0] == chosen
-    unvalidated = SimpleNamespace(best_checkpoints=[(f"epoch {n}", {"epoch": n, MODEL_SCORE: UNVALIDATED})
-                                                    for n in (2, 3, 1)], checkpoint="epoch 3", metrics={})
+    unvalidated = SimpleNamespace(
+        best_checkpoints=[(f"epoch {n}", {"epoch": n, MODEL_SCORE: UNVALIDATED}) for n in (2, 3, 1)],
+        checkpoint="epoch 3",
+        metrics={},
+    )
     assert kept_checkpoint(unvalidated, TrainConfig(keep=keep))[0] == "epoch 3"
 
 
@@ -114,8 +125,13 @@ def test_a_resume_refuses_train_csv_changed_since_the_start_and_touches_nothing(
     (run / "started.json").write_text(json.dumps(started))
     before = {path: path.read_bytes() for path in run.rglob("*") if path.is_file()}
 
-    done = subprocess.run([sys.executable, "-m", "digit_models.cli", "train", "--resume", str(run)],
-                          capture_output=True, text=True, timeout=120, cwd=Path(__file__).parent.parent)
+    done = subprocess.run(
+        [sys.executable, "-m", "digit_models.cli", "train", "--resume", str(run)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).parent.parent,
+    )
     assert done.returncode == 2 and done.stdout == "", done.stderr
     [line] = done.stderr.splitlines()
     assert line.startswith(f"digits: error: {data / 'train.csv'}: changed since the run started (sha256 ")
@@ -132,6 +148,7 @@ def test_a_run_dir_is_never_reused(dense_run, kaggle_dir):
 
 # ---------------------------------------------------------------------------- synchronized stop
 
+
 def _skewed_metric_train_func(config: dict) -> None:
     """Real MWMS training where each rank's local `accuracy` reaches the target at a different
     epoch (config["reached"][rank]); records the epoch each rank stopped at."""
@@ -147,7 +164,8 @@ def _skewed_metric_train_func(config: dict) -> None:
         model.compile(optimizer="sgd", loss="mse")
     features = np.random.default_rng(rank).normal(size=(64, 4)).astype(np.float32)
     data = strategy.distribute_datasets_from_function(
-        lambda _: tf.data.Dataset.from_tensor_slices((features, features[:, :1])).batch(8).repeat())
+        lambda _: tf.data.Dataset.from_tensor_slices((features, features[:, :1])).batch(8).repeat()
+    )
     reached = config["reached"][rank]
 
     class RankLocalAccuracy(keras.callbacks.Callback):
@@ -155,10 +173,12 @@ def _skewed_metric_train_func(config: dict) -> None:
             logs["accuracy"] = 1.0 if epoch + 1 >= reached else 0.5
 
     stop = SynchronizedTargetStop(strategy, "accuracy", 0.999)
-    history = model.fit(data, epochs=config["epochs"], steps_per_epoch=4,
-                        callbacks=[RankLocalAccuracy(), stop], verbose=0)
+    history = model.fit(
+        data, epochs=config["epochs"], steps_per_epoch=4, callbacks=[RankLocalAccuracy(), stop], verbose=0
+    )
     Path(config["out"], f"rank{rank}.json").write_text(
-        json.dumps({"epochs": len(history.epoch), "reached_at": stop.reached_at_epoch}))
+        json.dumps({"epochs": len(history.epoch), "reached_at": stop.reached_at_epoch})
+    )
 
 
 @pytest.mark.timeout(300)  # a worker deciding alone would hang the other in an all-reduce
@@ -177,18 +197,21 @@ def test_workers_with_different_local_metrics_stop_at_the_same_epoch(tmp_path, r
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("first_epoch_end_s,scoring,plans", [
-    # 5 s to start, a first epoch of 10 s (tracing included), then 4 s each, in 60 s with 15 s
-    # kept for the end: after epoch 1, 2 more epochs fit (30 s at 10.5 s each); after epoch 2,
-    # 6 more at 4.2 s; the plan is remade after each epoch up to the middle of the plan (8 // 2).
-    (15.0, 0, [3, 8, 8, 8]),
-    # The same with a scoring reserve of 4 epochs' images: 4 x 1,000 images scored at 4x the
-    # training speed take one epoch's time, recomputed from each plan's epoch time (and the
-    # middle of a plan of 7 comes an epoch sooner).
-    (15.0, 4_000, [2, 7, 7]),
-    # Over budget at the first epoch's end: stop at once, after it.
-    (50.0, 0, [1]),
-])
+@pytest.mark.parametrize(
+    "first_epoch_end_s,scoring,plans",
+    [
+        # 5 s to start, a first epoch of 10 s (tracing included), then 4 s each, in 60 s with 15 s
+        # kept for the end: after epoch 1, 2 more epochs fit (30 s at 10.5 s each); after epoch 2,
+        # 6 more at 4.2 s; the plan is remade after each epoch up to the middle of the plan (8 // 2).
+        (15.0, 0, [3, 8, 8, 8]),
+        # The same with a scoring reserve of 4 epochs' images: 4 x 1,000 images scored at 4x the
+        # training speed take one epoch's time, recomputed from each plan's epoch time (and the
+        # middle of a plan of 7 comes an epoch sooner).
+        (15.0, 4_000, [2, 7, 7]),
+        # Over budget at the first epoch's end: stop at once, after it.
+        (50.0, 0, [1]),
+    ],
+)
 def test_the_budget_plans_the_epochs_that_fit_from_the_epochs_timed_so_far(first_epoch_end_s, scoring, plans):
     """The planner alone, on an injected clock: real Keras callback and schedule, one replica."""
     from digit_models.training.handoff import TrainingState
@@ -196,13 +219,30 @@ def test_the_budget_plans_the_epochs_that_fit_from_the_epochs_timed_so_far(first
     from digit_models.runtime.tf_setup import keras, tf
 
     steps = 10
-    config = TrainConfig(data="train.csv", out="run", model="dense", epochs=1000, lr_schedule="cosine",
-                         time_budget=1.0, scoring_reserve=scoring)
+    config = TrainConfig(
+        data="train.csv",
+        out="run",
+        model="dense",
+        epochs=1000,
+        lr_schedule="cosine",
+        time_budget=1.0,
+        scoring_reserve=scoring,
+    )
     model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
     model.compile(optimizer=keras.optimizers.Adam(WarmupCosine(0.1, warmup_steps=steps, total_steps=steps)))
     state, now = TrainingState(), [0.0]
-    budget = TimeBudget(tf.distribute.get_strategy(), config, state, steps, images_per_epoch=1_000, rank=0,
-                        world=1, command_started=0.0, resumed=False, clock=lambda: now[0])
+    budget = TimeBudget(
+        tf.distribute.get_strategy(),
+        config,
+        state,
+        steps,
+        images_per_epoch=1_000,
+        rank=0,
+        world=1,
+        command_started=0.0,
+        resumed=False,
+        clock=lambda: now[0],
+    )
     budget.set_model(model)
     model.stop_training, epoch = False, 0
     while not model.stop_training:
@@ -218,7 +258,8 @@ def test_the_budget_plans_the_epochs_that_fit_from_the_epochs_timed_so_far(first
 
 
 def test_a_time_budget_sizes_the_epochs_from_the_first_ones_and_the_schedule_ends_with_them(
-        tmp_path, kaggle_dir, ray_local):
+    tmp_path, kaggle_dir, ray_local
+):
     """Two workers on the real clock, a budget that fits some of the 1,000 allowed epochs after
     keeping time to score the test set with --tta 8 (nearly two epochs' time): the plan, made
     after each epoch of its first half, is the most epochs that fit by the recorded times, every
@@ -226,18 +267,34 @@ def test_a_time_budget_sizes_the_epochs_from_the_first_ones_and_the_schedule_end
     step. (How many epochs fit depends on the machine's speed; the planner's arithmetic is
     checked on an injected clock above.)"""
     from digit_models.config import TrainConfig
-    from digit_models.training.schedule import (AFTER_TRAINING_S, DRIFT_MARGIN, SCORING_SPEEDUP, SIZING_EPOCHS,
-                                       WarmupCosine)
+    from digit_models.training.schedule import (
+        AFTER_TRAINING_S,
+        DRIFT_MARGIN,
+        SCORING_SPEEDUP,
+        SIZING_EPOCHS,
+        WarmupCosine,
+    )
     from digit_models.runtime.tf_setup import keras
     from digit_models.training.driver import train
 
     run_dir, minutes, scoring = tmp_path / "run", 0.75, 9 * SLICE_TEST_ROWS
-    run = train(TrainConfig(data=str(kaggle_dir), out=str(run_dir), model="dense", workers=2, epochs=1000,
-                            cpus_per_worker=1, lr_schedule="cosine", time_budget=minutes,
-                            scoring_reserve=scoring,
-                            # a dense net can fit this slice's training rows perfectly; the
-                            # held-out rows it cannot, so the target never ends the run first:
-                            target_metric="val_accuracy", target=1.0))
+    run = train(
+        TrainConfig(
+            data=str(kaggle_dir),
+            out=str(run_dir),
+            model="dense",
+            workers=2,
+            epochs=1000,
+            cpus_per_worker=1,
+            lr_schedule="cosine",
+            time_budget=minutes,
+            scoring_reserve=scoring,
+            # a dense net can fit this slice's training rows perfectly; the
+            # held-out rows it cannot, so the target never ends the run first:
+            target_metric="val_accuracy",
+            target=1.0,
+        )
+    )
     sizing = run["time_budget"]
     planned, ends, plans = sizing["epochs_planned"], sizing["epoch_ends_s"], sizing["plans"]
     assert len(ends) == len(plans) and plans[-1] == planned == run["epochs_planned"]
@@ -251,8 +308,10 @@ def test_a_time_budget_sizes_the_epochs_from_the_first_ones_and_the_schedule_end
     assert sizing["scoring_reserve_s"] == pytest.approx(scoring_s, abs=0.1) and scoring_s > epoch_s
 
     def fits(epochs: int) -> bool:
-        return (ends[-1] + (epochs - len(ends)) * epoch_s * (1 + DRIFT_MARGIN) + AFTER_TRAINING_S
-                + scoring_s <= minutes * 60)
+        return (
+            ends[-1] + (epochs - len(ends)) * epoch_s * (1 + DRIFT_MARGIN) + AFTER_TRAINING_S + scoring_s
+            <= minutes * 60
+        )
 
     assert fits(planned) or planned == len(ends)  # over budget already: stop at once
     assert not fits(planned + 1)
@@ -266,6 +325,7 @@ def test_a_time_budget_sizes_the_epochs_from_the_first_ones_and_the_schedule_end
 
 # ---------------------------------------------------------------------------- the CLI
 
+
 def test_cli_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, kaggle_dir):
     """In a real process (the whole corpus runs in-process in test_bad_input.py)."""
     run_dir = tmp_path / "run"
@@ -277,19 +337,22 @@ def test_cli_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, kaggle_di
     assert not run_dir.exists()
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--workers", "0"], "--workers 0: must be at least 1"),
-    (["--model", "resnet"], "--model resnet: choose one of cnn, deep_cnn, dense"),
-    (["--label-smoothing", "1"], "--label-smoothing 1.0: must be in [0, 1)"),
-    (["--weight-average", "1"], "--weight-average 1.0: must be in [0, 1)"),
-    (["--dropout", "0.2"], "--dropout: model cnn has no dropout layers (these do: deep_cnn)"),
-    (["--model", "deep_cnn", "--dropout", "1"], "--dropout 1.0: must be in [0, 1)"),
-    (["--limit", "40", "--workers", "2"], "40 rows are too few"),
-    (["--target", "1.5"], "--target 1.5: must be in (0, 1]"),
-    (["--target-metric", "val_accuracy", "--val-fraction", "0"], "needs a validation split"),
-    (["--scoring-reserve", "252000"], "--scoring-reserve keeps time free in a --time-budget: give one"),
-    (["--scoring-reserve", "-1", "--time-budget", "15"], "--scoring-reserve -1: must be >= 0"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--workers", "0"], "--workers 0: must be at least 1"),
+        (["--model", "resnet"], "--model resnet: choose one of cnn, deep_cnn, dense"),
+        (["--label-smoothing", "1"], "--label-smoothing 1.0: must be in [0, 1)"),
+        (["--weight-average", "1"], "--weight-average 1.0: must be in [0, 1)"),
+        (["--dropout", "0.2"], "--dropout: model cnn has no dropout layers (these do: deep_cnn)"),
+        (["--model", "deep_cnn", "--dropout", "1"], "--dropout 1.0: must be in [0, 1)"),
+        (["--limit", "40", "--workers", "2"], "40 rows are too few"),
+        (["--target", "1.5"], "--target 1.5: must be in (0, 1]"),
+        (["--target-metric", "val_accuracy", "--val-fraction", "0"], "needs a validation split"),
+        (["--scoring-reserve", "252000"], "--scoring-reserve keeps time free in a --time-budget: give one"),
+        (["--scoring-reserve", "-1", "--time-budget", "15"], "--scoring-reserve -1: must be >= 0"),
+    ],
+)
 def test_bad_training_options(tmp_path, kaggle_dir, capsys, args, message):
     from digit_models.cli import main
 
@@ -334,8 +397,7 @@ def test_no_training_input_pipeline_autotunes():
     """Destroying an autotuned tf.data iterator waits out its tuning thread's sleep, which held
     fit() tens of seconds after its last epoch: neither our pipeline nor the strategy's per-device
     ones may autotune."""
-    done = subprocess.run([sys.executable, "-c", UNTUNED_INPUT_PROBE], capture_output=True, text=True,
-                          timeout=300)
+    done = subprocess.run([sys.executable, "-c", UNTUNED_INPUT_PROBE], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     autotune_enabled = json.loads(done.stdout.strip().splitlines()[-1])
     assert len(autotune_enabled) >= 2 and all(enabled is False for enabled in autotune_enabled)  # unset: on

@@ -28,9 +28,11 @@ from tests.conftest import REPO, run_digits
 # hopeless ones after (1e-5 reaches about 20% in an epoch): each hopeless trial reaches its
 # first rung after a good one has, so the scheduler stops it there, whatever the timing.
 SPACE = "learning-rate: [0.00001, 0.003]\nbatch-size: [32, 64]\n"
-OUR_LINE = re.compile(r"^(trial \d{3} (started: |finished: |stopped early after epoch |failed: )"
-                      r"|trial \d{3}: epoch \d+, val_accuracy \d\.\d{4}$|\d+ trials: |train it again: digits train "
-                      r"|trials \d+/4 done, \d+ running)")  # the live line, in a log every 30 s
+OUR_LINE = re.compile(
+    r"^(trial \d{3} (started: |finished: |stopped early after epoch |failed: )"
+    r"|trial \d{3}: epoch \d+, val_accuracy \d\.\d{4}$|\d+ trials: |train it again: digits train "
+    r"|trials \d+/4 done, \d+ running)"
+)  # the live line, in a log every 30 s
 
 
 def _one_error_line(done: subprocess.CompletedProcess) -> str:
@@ -39,22 +41,41 @@ def _one_error_line(done: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
-@pytest.mark.parametrize("space, message", [
-    ("lerning-rate: [0.001]\n", "lerning-rate: not a `digits train` option that can vary; did you mean learning-rate?"),
-    ("val-fraction: [0.1, 0.2]\n", "val-fraction: cannot vary between trials"),
-    ("batch-size: {min: 0, max: 64}\n", "batch-size: --batch-size 0: must be at least 1"),
-    ("learning-rate: {min: 0.01, max: 0.001}\n", "learning-rate: min 0.01 is not below max 0.001"),
-    ("batch-size: [32, 6.5]\n", "batch-size: 6.5 is not an integer"),
-    ("epochs: [2]\n", "epochs: given on the command line as well (--epochs)"),
-    ("learning-rate: [0.001\n", "not YAML or JSON"),
-])
+@pytest.mark.parametrize(
+    "space, message",
+    [
+        (
+            "lerning-rate: [0.001]\n",
+            "lerning-rate: not a `digits train` option that can vary; did you mean learning-rate?",
+        ),
+        ("val-fraction: [0.1, 0.2]\n", "val-fraction: cannot vary between trials"),
+        ("batch-size: {min: 0, max: 64}\n", "batch-size: --batch-size 0: must be at least 1"),
+        ("learning-rate: {min: 0.01, max: 0.001}\n", "learning-rate: min 0.01 is not below max 0.001"),
+        ("batch-size: [32, 6.5]\n", "batch-size: 6.5 is not an integer"),
+        ("epochs: [2]\n", "epochs: given on the command line as well (--epochs)"),
+        ("learning-rate: [0.001\n", "not YAML or JSON"),
+    ],
+)
 def test_a_bad_space_is_refused_in_one_line_before_ray_starts(tmp_path, kaggle_dir, space, message):
     space_file = tmp_path / "space.yaml"
     space_file.write_text(space)
     out = tmp_path / "search"
     # A cluster address nothing answers at: a command that got as far as Ray would fail there.
-    done = run_digits("tune", "--data", str(kaggle_dir), "--out", str(out), "--trials", "2", "--epochs", "2",
-                      "--space", str(space_file), env={"RAY_ADDRESS": "127.0.0.1:1"}, timeout=120)
+    done = run_digits(
+        "tune",
+        "--data",
+        str(kaggle_dir),
+        "--out",
+        str(out),
+        "--trials",
+        "2",
+        "--epochs",
+        "2",
+        "--space",
+        str(space_file),
+        env={"RAY_ADDRESS": "127.0.0.1:1"},
+        timeout=120,
+    )
     line = _one_error_line(done)
     assert line.startswith(f"digits: error: {space_file}: ") and message in line, line
     assert not out.exists()
@@ -75,8 +96,12 @@ def test_the_default_space_leaves_out_what_the_command_line_fixes():
     assert space["weight_average"] == {"values": [0.0, 0.99, 0.999]}
     with pytest.raises(DigitsError, match="space.yaml: dropout: no model of the search has dropout layers"):
         checked_space({"dropout": [0.2]}, search.base(), search.fixed, "space.yaml")
-    mixed = checked_space({"model": ["cnn", "deep_cnn"], "dropout": {"min": 0.1, "max": 0.3, "log": True}},
-                          TrainConfig(), {}, "space.yaml")
+    mixed = checked_space(
+        {"model": ["cnn", "deep_cnn"], "dropout": {"min": 0.1, "max": 0.3, "log": True}},
+        TrainConfig(),
+        {},
+        "space.yaml",
+    )
     assert mixed == {"model": {"values": ["cnn", "deep_cnn"]}, "dropout": {"min": 0.1, "max": 0.3, "log": True}}
 
 
@@ -89,8 +114,9 @@ def test_a_trial_of_a_model_without_dropout_layers_leaves_the_sampled_rate_out()
 def test_best_json_command_trains_the_trial_settings_again():
     """Every setting of the trial, without the preset: a switch the preset turns on and the
     trial turned off has no option of its own."""
-    trial = TrainConfig.from_preset("best", data="/data", out="/t/trials/003", workers=2, augment=False,
-                                    learning_rate=0.00123, cpus_per_worker=1)
+    trial = TrainConfig.from_preset(
+        "best", data="/data", out="/t/trials/003", workers=2, augment=False, learning_rate=0.00123, cpus_per_worker=1
+    )
     command = shlex.split(train_command(asdict(trial), fixed={}))
     assert command[:2] == ["digits", "train"] and "--cpus-per-worker" not in command
     again = _train_config(build_parser().parse_args(command[1:]))
@@ -98,8 +124,14 @@ def test_best_json_command_trains_the_trial_settings_again():
 
 
 def _digits_process(*args: str, env: dict) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "digit_models.cli", *args], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "digit_models.cli", *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def test_an_interrupted_search_resumes_finishes_and_its_best_trial_scores(tmp_path, kaggle_dir, shared_ray_env):
@@ -107,8 +139,20 @@ def test_an_interrupted_search_resumes_finishes_and_its_best_trial_scores(tmp_pa
     space_file.write_text(SPACE)
     tune_dir = tmp_path / "search"
     env = {**os.environ, **shared_ray_env}
-    search = _digits_process("tune", "--data", str(kaggle_dir), "--out", str(tune_dir), "--trials", "4",
-                             "--epochs", "3", "--space", str(space_file), env=env)
+    search = _digits_process(
+        "tune",
+        "--data",
+        str(kaggle_dir),
+        "--out",
+        str(tune_dir),
+        "--trials",
+        "4",
+        "--epochs",
+        "3",
+        "--space",
+        str(space_file),
+        env=env,
+    )
     seen, ended = [], False
     deadline = time.time() + 400
     for line in search.stdout:  # Ctrl-C once a trial has ended and a later one has started
@@ -135,8 +179,9 @@ def test_an_interrupted_search_resumes_finishes_and_its_best_trial_scores(tmp_pa
     assert sorted(row["trial"] for row in rows) == ["000", "001", "002", "003"]
     states = {row["trial"]: row["state"] for row in rows}
     assert set(states.values()) <= {"finished", "stopped early"} and "stopped early" in states.values(), states
-    listed = {entry["run"]: entry for entry in json.loads(
-        run_digits("runs", "--json", str(tune_dir / "trials")).stdout)}
+    listed = {
+        entry["run"]: entry for entry in json.loads(run_digits("runs", "--json", str(tune_dir / "trials")).stdout)
+    }
     best_value = -1.0
     for row in rows:  # the table against each run directory's own records
         run_dir = tune_dir / row["run_dir"]
@@ -166,8 +211,16 @@ def test_an_interrupted_search_resumes_finishes_and_its_best_trial_scores(tmp_pa
     assert json.loads((tune_dir / "search.json").read_text())["finished_at"]
 
     scored = tmp_path / "scored"
-    done = run_digits("predict", "--run", str(tune_dir / "trials" / best["trial"]), "--input",
-                      str(kaggle_dir / "test.csv"), "--out", str(scored), env=shared_ray_env)
+    done = run_digits(
+        "predict",
+        "--run",
+        str(tune_dir / "trials" / best["trial"]),
+        "--input",
+        str(kaggle_dir / "test.csv"),
+        "--out",
+        str(scored),
+        env=shared_ray_env,
+    )
     assert done.returncode == 0, done.stderr
     assert len((scored / "submission.csv").read_text().splitlines()) == 1 + 1_500
     again = run_digits("tune", "--resume", str(tune_dir), env={"RAY_ADDRESS": "127.0.0.1:1"})

@@ -43,15 +43,21 @@ def _assert_same(left, right):
         np.testing.assert_array_equal(a, b)
 
 
-def test_validation_and_checkpoints_see_the_average_and_training_goes_on_from_the_weights(
-        tmp_path, mnist_slice):
+def test_validation_and_checkpoints_see_the_average_and_training_goes_on_from_the_weights(tmp_path, mnist_slice):
     images = mnist_slice.images[:512]
     labels = keras.utils.to_categorical(mnist_slice.labels[:512], 10)
     validation = (images[:256], labels[:256])
     model = compiled_model(TrainConfig(model="dense", weight_average=0.9), steps=8, workers=1, epochs=10)
     epochs = _Epochs(tmp_path)
-    history = model.fit(images, labels, batch_size=64, epochs=3, validation_data=validation,
-                        callbacks=[WeightAverage(), epochs], verbose=0).history
+    history = model.fit(
+        images,
+        labels,
+        batch_size=64,
+        epochs=3,
+        validation_data=validation,
+        callbacks=[WeightAverage(), epochs],
+        verbose=0,
+    ).history
     trained = _weights(model)  # fit's last act copies the optimizer's slots (here: the weights) in
 
     for epoch in range(3):
@@ -81,13 +87,21 @@ def test_the_average_starts_short_and_grows_to_its_momentum(mnist_slice):
     model = compiled_model(TrainConfig(model="dense", weight_average=0.999), steps=8, workers=1, epochs=10)
     before, seen = _weights(model), {}
     look = keras.callbacks.LambdaCallback(  # before fit's end copies the average into the model
-        on_train_batch_end=lambda *_: seen.update(after=_weights(model), average=_averages(model)))
-    model.fit(mnist_slice.images[:64], keras.utils.to_categorical(mnist_slice.labels[:64], 10),
-              batch_size=64, epochs=1, callbacks=[look], verbose=0)  # one step
+        on_train_batch_end=lambda *_: seen.update(after=_weights(model), average=_averages(model))
+    )
+    model.fit(
+        mnist_slice.images[:64],
+        keras.utils.to_categorical(mnist_slice.labels[:64], 10),
+        batch_size=64,
+        epochs=1,
+        callbacks=[look],
+        verbose=0,
+    )  # one step
     after, average = seen["after"], seen["average"]
     step_momentum = 1 / 10  # (1 + 0) / (10 + 0): the update runs before the step count grows
-    np.testing.assert_allclose(average[0], step_momentum * before[0] + (1 - step_momentum) * after[0],
-                               rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(
+        average[0], step_momentum * before[0] + (1 - step_momentum) * after[0], rtol=1e-5, atol=1e-7
+    )
     assert model.optimizer.get_config()["ema_momentum"] == 0.999
 
 

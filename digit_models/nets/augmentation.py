@@ -29,8 +29,9 @@ def random_affine(images: tf.Tensor, seed: tf.Tensor, augmentation: Augmentation
     seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), 3)
     angle_limit = math.radians(augmentation.rotation_degrees)
     angle = tf.random.stateless_uniform([batch], seeds[0], -angle_limit, angle_limit)
-    scale = tf.random.stateless_uniform([batch], seeds[1], 1 - augmentation.zoom_fraction,
-                                        1 + augmentation.zoom_fraction)
+    scale = tf.random.stateless_uniform(
+        [batch], seeds[1], 1 - augmentation.zoom_fraction, 1 + augmentation.zoom_fraction
+    )
     shift_limit = augmentation.shift_fraction * SIDE
     shift = tf.random.stateless_uniform([batch, 2], seeds[2], -shift_limit, shift_limit)
     return affine(images, angle, scale, shift)
@@ -38,15 +39,28 @@ def random_affine(images: tf.Tensor, seed: tf.Tensor, augmentation: Augmentation
 
 # Test-time views: the image itself, then one-pixel shifts, small rotations and zooms, each a
 # (degrees, scale, (dx, dy)); fixed, so that a prediction never depends on how rows were batched.
-TTA_VIEWS = [(0, 1, (0, 0)), (0, 1, (1, 0)), (0, 1, (-1, 0)), (0, 1, (0, 1)), (0, 1, (0, -1)),
-             (8, 1, (0, 0)), (-8, 1, (0, 0)), (0, 1.08, (0, 0)), (0, 0.92, (0, 0))]
+TTA_VIEWS = [
+    (0, 1, (0, 0)),
+    (0, 1, (1, 0)),
+    (0, 1, (-1, 0)),
+    (0, 1, (0, 1)),
+    (0, 1, (0, -1)),
+    (8, 1, (0, 0)),
+    (-8, 1, (0, 0)),
+    (0, 1.08, (0, 0)),
+    (0, 0.92, (0, 0)),
+]
 
 
 def tta_view(images: tf.Tensor, view: int) -> tf.Tensor:
     degrees, scale, (dx, dy) = TTA_VIEWS[view]
     batch = tf.shape(images)[0]
-    return affine(images, tf.fill([batch], math.radians(degrees)), tf.fill([batch], float(scale)),
-                  tf.tile(tf.constant([[dx, dy]], tf.float32), [batch, 1]))
+    return affine(
+        images,
+        tf.fill([batch], math.radians(degrees)),
+        tf.fill([batch], float(scale)),
+        tf.tile(tf.constant([[dx, dy]], tf.float32), [batch, 1]),
+    )
 
 
 def affine(images: tf.Tensor, angle: tf.Tensor, scale: tf.Tensor, shift: tf.Tensor) -> tf.Tensor:
@@ -58,9 +72,15 @@ def affine(images: tf.Tensor, angle: tf.Tensor, scale: tf.Tensor, shift: tf.Tens
     cos, sin = tf.cos(angle) / scale, tf.sin(angle) / scale
     x0, y0 = centre + shift[:, 0], centre + shift[:, 1]
     zeros = tf.zeros_like(cos)
-    transforms = tf.stack([cos, sin, centre - cos * x0 - sin * y0,
-                           -sin, cos, centre + sin * x0 - cos * y0, zeros, zeros], axis=1)
+    transforms = tf.stack(
+        [cos, sin, centre - cos * x0 - sin * y0, -sin, cos, centre + sin * x0 - cos * y0, zeros, zeros], axis=1
+    )
     moved = tf.raw_ops.ImageProjectiveTransformV3(
-        images=tf.cast(images, tf.float32)[..., tf.newaxis], transforms=transforms,
-        output_shape=[SIDE, SIDE], fill_value=0.0, interpolation="BILINEAR", fill_mode="CONSTANT")
+        images=tf.cast(images, tf.float32)[..., tf.newaxis],
+        transforms=transforms,
+        output_shape=[SIDE, SIDE],
+        fill_value=0.0,
+        interpolation="BILINEAR",
+        fill_mode="CONSTANT",
+    )
     return moved[..., 0]

@@ -65,7 +65,8 @@ def serving_module(model):
     module.model = model
     module.serve = tf.function(
         lambda pixels: {"probabilities": model(pixels, training=False)},
-        input_signature=[tf.TensorSpec([None, 28, 28], tf.float32, name="pixels")])
+        input_signature=[tf.TensorSpec([None, 28, 28], tf.float32, name="pixels")],
+    )
     return module
 
 
@@ -80,8 +81,7 @@ def tflite_model(model) -> bytes:
     from digit_models.runtime.tf_setup import tf
 
     module = serving_module(model)
-    converter = tf.lite.TFLiteConverter.from_concrete_functions(
-        [module.serve.get_concrete_function()], module)
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([module.serve.get_concrete_function()], module)
     try:
         return converter.convert()
     except Exception as exc:  # noqa: BLE001  (the converter raises many types)

@@ -52,8 +52,18 @@ ARCHIVE_LIMIT = sum(ENTRY_LIMITS.values()) + (1 << 20)
 # (tests/test_model_trust.py saves and loads every registered model).
 KERAS_CLASSES = {
     "keras": {"Sequential"},
-    "keras.layers": {"InputLayer", "Rescaling", "Flatten", "Reshape", "Dense", "Conv2D",
-                     "MaxPooling2D", "BatchNormalization", "Activation", "Dropout"},
+    "keras.layers": {
+        "InputLayer",
+        "Rescaling",
+        "Flatten",
+        "Reshape",
+        "Dense",
+        "Conv2D",
+        "MaxPooling2D",
+        "BatchNormalization",
+        "Activation",
+        "Dropout",
+    },
     "keras.initializers": {"GlorotUniform", "Zeros", "Ones"},
     "keras.mixed_precision": {"Policy"},
     "keras.optimizers": {"Adam"},
@@ -67,8 +77,7 @@ OUR_CLASSES = {  # registered by digit_models/training/weight_average.py and tra
     ("digit_models.weight_average", "AveragingAdam", "digits>AveragingAdam"),
     ("digit_models.schedule", "WarmupCosine", "digits>WarmupCosine"),
 }
-ALLOWED_CLASSES = {(module, name, None) for module, names in KERAS_CLASSES.items()
-                   for name in names} | OUR_CLASSES
+ALLOWED_CLASSES = {(module, name, None) for module, names in KERAS_CLASSES.items() for name in names} | OUR_CLASSES
 NAMING_KEYS = ("module", "class_name", "registered_name")
 # What holds Python bytecode in a config: a Lambda layer, and the function inside one.
 CODE_CLASSES = {"Lambda", "__lambda__"}
@@ -83,8 +92,16 @@ def check_keras_archive(data: bytes | str | os.PathLike, name: str) -> None:
             config = _read_entry(archive, entries[CONFIG], name)
             _read_entry(archive, entries[METADATA], name)
             weights = _read_entry(archive, entries[WEIGHTS], name)
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError, RuntimeError,
-            NotImplementedError, zlib.error) as exc:  # RuntimeError: an encrypted entry
+    except (
+        zipfile.BadZipFile,
+        zipfile.LargeZipFile,
+        OSError,
+        EOFError,
+        ValueError,
+        RuntimeError,
+        NotImplementedError,
+        zlib.error,
+    ) as exc:  # RuntimeError: an encrypted entry
         raise DigitsError(f"{name}: not a loadable Keras model: {first_line(exc)}") from None
     _check_config(config, name)
     _check_weights(weights, name)
@@ -116,8 +133,10 @@ def read_model_file(path: str, name: str) -> bytes:
         with open(path, "rb") as file:
             size = os.fstat(file.fileno()).st_size
             if size > ARCHIVE_LIMIT:
-                raise DigitsError(f"{name}: not a loadable Keras model: {size:,} bytes, more than "
-                                  f"the {ARCHIVE_LIMIT:,} a model archive may hold")
+                raise DigitsError(
+                    f"{name}: not a loadable Keras model: {size:,} bytes, more than "
+                    f"the {ARCHIVE_LIMIT:,} a model archive may hold"
+                )
             return file.read()
     except OSError as exc:
         raise DigitsError(f"{name}: cannot read: {first_line(exc)}") from None
@@ -132,14 +151,20 @@ def _entries(archive: zipfile.ZipFile, name: str) -> dict[str, zipfile.ZipInfo]:
     unexpected = [entry for entry in counts if entry not in ENTRY_LIMITS]
     missing = [entry for entry in ENTRY_LIMITS if entry not in counts]
     if doubled or unexpected or missing:
-        problem = (f"holds {_shown(doubled[0])} twice" if doubled else
-                   f"holds {_shown(unexpected[0])}, which a Keras model archive does not" if unexpected
-                   else f"has no {missing[0]}")
+        problem = (
+            f"holds {_shown(doubled[0])} twice"
+            if doubled
+            else f"holds {_shown(unexpected[0])}, which a Keras model archive does not"
+            if unexpected
+            else f"has no {missing[0]}"
+        )
         raise DigitsError(f"{name}: not a loadable Keras model: the archive {problem}")
     for info in infos:
         if info.file_size > ENTRY_LIMITS[info.filename]:
-            raise DigitsError(f"{name}: refused: {info.filename} declares {info.file_size:,} bytes "
-                              f"uncompressed, more than the {ENTRY_LIMITS[info.filename]:,} allowed")
+            raise DigitsError(
+                f"{name}: refused: {info.filename} declares {info.file_size:,} bytes "
+                f"uncompressed, more than the {ENTRY_LIMITS[info.filename]:,} allowed"
+            )
     return {info.filename: info for info in infos}
 
 
@@ -150,8 +175,7 @@ def _read_entry(archive: zipfile.ZipFile, info: zipfile.ZipInfo, name: str) -> b
     with archive.open(info) as entry:
         content = entry.read(limit + 1)
     if len(content) > limit:
-        raise DigitsError(f"{name}: refused: {info.filename} holds more than the {limit:,} bytes "
-                          "allowed uncompressed")
+        raise DigitsError(f"{name}: refused: {info.filename} holds more than the {limit:,} bytes allowed uncompressed")
     return content
 
 
@@ -161,8 +185,7 @@ def _check_config(content: bytes, name: str) -> None:
     try:
         config = json.loads(content)
     except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
-        raise DigitsError(f"{name}: not a loadable Keras model: {CONFIG} is not JSON "
-                          f"({first_line(exc)})") from None
+        raise DigitsError(f"{name}: not a loadable Keras model: {CONFIG} is not JSON ({first_line(exc)})") from None
     pending = [config]
     while pending:
         node = pending.pop()
@@ -179,11 +202,15 @@ def _check_named(node: dict, name: str) -> None:
     if named in ALLOWED_CLASSES:
         return
     if node.get("class_name") in CODE_CLASSES:
-        raise DigitsError(f"{name}: refused: the model contains Python code (e.g. a Lambda "
-                          "layer), which Keras safe mode does not load")
+        raise DigitsError(
+            f"{name}: refused: the model contains Python code (e.g. a Lambda "
+            "layer), which Keras safe mode does not load"
+        )
     module, class_name, registered_name = (_shown(value) for value in named)
-    raise DigitsError(f"{name}: refused: {CONFIG} names {class_name} of module {module} "
-                      f"(registered name {registered_name}), which no model of ours is built from")
+    raise DigitsError(
+        f"{name}: refused: {CONFIG} names {class_name} of module {module} "
+        f"(registered name {registered_name}), which no model of ours is built from"
+    )
 
 
 def _shown(value) -> str:
@@ -222,10 +249,10 @@ def _check_weights(content: bytes, name: str) -> None:
             weights.visititems_links(link_problem)
             weights.visititems(object_problem)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:  # what h5py raises for a bad file
-        raise DigitsError(f"{name}: not a loadable Keras model: {WEIGHTS} is not an HDF5 file "
-                          f"({first_line(exc)})") from None
+        raise DigitsError(
+            f"{name}: not a loadable Keras model: {WEIGHTS} is not an HDF5 file ({first_line(exc)})"
+        ) from None
     if total > ENTRY_LIMITS[WEIGHTS]:
-        problems.append(f"its datasets hold {total:,} bytes, more than the "
-                        f"{ENTRY_LIMITS[WEIGHTS]:,} allowed")
+        problems.append(f"its datasets hold {total:,} bytes, more than the {ENTRY_LIMITS[WEIGHTS]:,} allowed")
     if problems:
         raise DigitsError(f"{name}: refused: {WEIGHTS}: {problems[0]}")

@@ -24,6 +24,7 @@ def register(name: str):
     def add(builder: Callable[[], keras.Model]):
         MODELS[name] = builder
         return builder
+
     return add
 
 
@@ -47,28 +48,34 @@ def _softmax_out() -> layers.Layer:
 @register("dense")
 def dense() -> keras.Model:
     """The seed's fully connected net."""
-    return keras.Sequential([
-        *_pixels_in(),
-        layers.Flatten(),
-        layers.Dense(128, activation="relu"),
-        _softmax_out(),
-    ], name="dense")
+    return keras.Sequential(
+        [
+            *_pixels_in(),
+            layers.Flatten(),
+            layers.Dense(128, activation="relu"),
+            _softmax_out(),
+        ],
+        name="dense",
+    )
 
 
 @register("cnn")
 def cnn() -> keras.Model:
     """The seed's convolutional net."""
-    return keras.Sequential([
-        *_pixels_in(),
-        layers.Reshape((28, 28, 1)),
-        layers.Conv2D(32, (5, 5), activation="relu"),
-        layers.MaxPooling2D(2, 2),
-        layers.Conv2D(64, (5, 5), activation="relu"),
-        layers.MaxPooling2D(2, 2),
-        layers.Flatten(),
-        layers.Dense(512, activation="relu"),
-        _softmax_out(),
-    ], name="cnn")
+    return keras.Sequential(
+        [
+            *_pixels_in(),
+            layers.Reshape((28, 28, 1)),
+            layers.Conv2D(32, (5, 5), activation="relu"),
+            layers.MaxPooling2D(2, 2),
+            layers.Conv2D(64, (5, 5), activation="relu"),
+            layers.MaxPooling2D(2, 2),
+            layers.Flatten(),
+            layers.Dense(512, activation="relu"),
+            _softmax_out(),
+        ],
+        name="cnn",
+    )
 
 
 @register("deep_cnn")
@@ -77,20 +84,33 @@ def deep_cnn(dropout: float = 0.4) -> keras.Model:
     strongest Kaggle Digit Recognizer kernels: two 3x3 convolutions, then a strided 5x5 one
     that learns its own downsampling in place of max pooling. Dropout between the blocks: the
     kernels' 0.4 by default; the `best` preset's short runs use less (config.PRESETS)."""
-    def conv(filters: int, size: int, strides: int = 1, padding: str = "valid") -> list[layers.Layer]:
-        return [layers.Conv2D(filters, size, strides=strides, padding=padding, use_bias=False),
-                layers.BatchNormalization(), layers.Activation("relu")]
 
-    return keras.Sequential([
-        *_pixels_in(),
-        layers.Reshape((28, 28, 1)),
-        *conv(32, 3), *conv(32, 3), *conv(32, 5, strides=2, padding="same"), layers.Dropout(dropout),
-        *conv(64, 3), *conv(64, 3), *conv(64, 5, strides=2, padding="same"), layers.Dropout(dropout),
-        *conv(128, 4),
-        layers.Flatten(),
-        layers.Dropout(dropout),
-        _softmax_out(),
-    ], name="deep_cnn")
+    def conv(filters: int, size: int, strides: int = 1, padding: str = "valid") -> list[layers.Layer]:
+        return [
+            layers.Conv2D(filters, size, strides=strides, padding=padding, use_bias=False),
+            layers.BatchNormalization(),
+            layers.Activation("relu"),
+        ]
+
+    return keras.Sequential(
+        [
+            *_pixels_in(),
+            layers.Reshape((28, 28, 1)),
+            *conv(32, 3),
+            *conv(32, 3),
+            *conv(32, 5, strides=2, padding="same"),
+            layers.Dropout(dropout),
+            *conv(64, 3),
+            *conv(64, 3),
+            *conv(64, 5, strides=2, padding="same"),
+            layers.Dropout(dropout),
+            *conv(128, 4),
+            layers.Flatten(),
+            layers.Dropout(dropout),
+            _softmax_out(),
+        ],
+        name="deep_cnn",
+    )
 
 
 def load_model_file(path: str, name: str | None = None) -> keras.Model:
@@ -100,8 +120,9 @@ def load_model_file(path: str, name: str | None = None) -> keras.Model:
     name = name or path
     model = load_model_bytes(read_model_file(path, name), name, compile=False)
     if tuple(model.input_shape[1:]) != (28, 28) or tuple(model.output_shape[1:]) != (10,):
-        raise DigitsError(f"{name}: model maps {model.input_shape} to {model.output_shape}, "
-                          "expected (None, 28, 28) to (None, 10)")
+        raise DigitsError(
+            f"{name}: model maps {model.input_shape} to {model.output_shape}, expected (None, 28, 28) to (None, 10)"
+        )
     return computing_in_float32(model)
 
 

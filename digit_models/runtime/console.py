@@ -54,7 +54,8 @@ NOISE = re.compile(
     r"|gcs_placement_group_scheduler\.cc:\d+\S* Failed to (remove|cancel|return)"
     # The raylet's advice when a node runs more Python processes than CPUs: a search's trials
     # each have a driver, a Ray Train controller and a queue besides their workers, by design.
-    r"|PYTHON worker processes have been started on node")
+    r"|PYTHON worker processes have been started on node"
+)
 
 
 @contextmanager
@@ -78,8 +79,11 @@ def stderr_filtered():
     report of it, every thread's stack, goes to the console directly."""
     read_end, write_end = os.pipe()
     forwarder = threading.Thread(
-        target=_pass_on, args=(os.fdopen(read_end, "rb"), os.fdopen(os.dup(2), "wb", buffering=0)),
-        name="digits-stderr", daemon=True)
+        target=_pass_on,
+        args=(os.fdopen(read_end, "rb"), os.fdopen(os.dup(2), "wb", buffering=0)),
+        name="digits-stderr",
+        daemon=True,
+    )
     forwarder.start()
     crash_report = os.fdopen(os.dup(2), "wb", buffering=0)
     faulthandler.enable(crash_report, all_threads=True)
@@ -118,12 +122,22 @@ def _pass_on(lines, out) -> None:
 
 
 # Ray's own lines said in fewer words (its log files keep them whole).
-RETOLD = [(re.compile(r"A worker died or was killed while executing a task by an unexpected system "
-                      r"error\..*Worker PID: (\d+).*Worker exit type: (\w+)"),
-           r"Ray: worker process \1 died unexpectedly (\2); Ray's logs have the details"),
-           (re.compile(r"The node with node id: \w+ and address: (\S+) .*has been marked dead because the "
-                       r"detector has missed too many heartbeats"),
-           r"Ray: node \1 is gone (it stopped answering); Ray's logs have the details")]
+RETOLD = [
+    (
+        re.compile(
+            r"A worker died or was killed while executing a task by an unexpected system "
+            r"error\..*Worker PID: (\d+).*Worker exit type: (\w+)"
+        ),
+        r"Ray: worker process \1 died unexpectedly (\2); Ray's logs have the details",
+    ),
+    (
+        re.compile(
+            r"The node with node id: \w+ and address: (\S+) .*has been marked dead because the "
+            r"detector has missed too many heartbeats"
+        ),
+        r"Ray: node \1 is gone (it stopped answering); Ray's logs have the details",
+    ),
+]
 
 # Ray Train's worker prints the training function's error, with its traceback and whatever
 # TensorFlow adds to it, and then ends; the error reaches the driver, which says it in one line
@@ -145,6 +159,7 @@ _quiet_actors: set[str] = set()
 def quiet_actors(*names: str) -> None:
     """Keeps the output of the actors of these (class) names off the console from now on."""
     _quiet_actors.update(names)
+
 
 SAY = "digits-say "  # a worker's line for the console
 PROGRESS = "digits-progress "  # a worker's progress message (JSON)
@@ -188,8 +203,7 @@ class LiveLine:
     a terminal; in a log, written out once progress has gone on `log_every_s` seconds since
     the log's latest line, unless it says it is about to end."""
 
-    def __init__(self, stream=None, terminal: bool | None = None, log_every_s: float = 30.0,
-                 clock=time.monotonic):
+    def __init__(self, stream=None, terminal: bool | None = None, log_every_s: float = 30.0, clock=time.monotonic):
         self._stream, self._terminal = stream, terminal  # default: sys.stdout as it is when used
         self.log_every_s, self.clock = log_every_s, clock
         self.formatter = None  # message -> {"text", "left_s"}, for messages without a `text`
@@ -228,8 +242,10 @@ class LiveLine:
                 self.shown = True
             elif self.logged_at is None:  # a log hears of progress only once it has lasted
                 self.logged_at = self.clock()
-            elif (self.clock() - self.logged_at >= self.log_every_s
-                  and message.get("left_s", math.inf) >= self.log_every_s / 3):  # not "1s left"
+            elif (
+                self.clock() - self.logged_at >= self.log_every_s
+                and message.get("left_s", math.inf) >= self.log_every_s / 3
+            ):  # not "1s left"
                 self.stream.write(text + "\n")
                 self.logged_at = self.clock()
             self.stream.flush()
@@ -270,10 +286,10 @@ def filter_worker_output() -> None:
                 failed.add(pid)
             elif line.startswith(SAY):
                 if live.from_workers:
-                    live.line(line[len(SAY):])
+                    live.line(line[len(SAY) :])
             elif line.startswith(PROGRESS):
                 if live.from_workers:
-                    live.progress(json.loads(line[len(PROGRESS):]))
+                    live.progress(json.loads(line[len(PROGRESS) :]))
             else:
                 lines.append(line)
         lines = _shown(lines)

@@ -32,6 +32,8 @@ def require_bfloat16_cpu() -> None:
     except OSError:
         supported = None
     if supported is False:
-        raise DigitsError(f"--mixed-precision: the CPU of {socket.gethostname()} ({platform.machine()}) "
-                          "has no bfloat16 instructions (AVX512-BF16, AMX or Arm BF16), without which "
-                          "bfloat16 is slow or fails; train without --mixed-precision, or on GPU workers")
+        raise DigitsError(
+            f"--mixed-precision: the CPU of {socket.gethostname()} ({platform.machine()}) "
+            "has no bfloat16 instructions (AVX512-BF16, AMX or Arm BF16), without which "
+            "bfloat16 is slow or fails; train without --mixed-precision, or on GPU workers"
+        )

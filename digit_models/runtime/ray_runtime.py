@@ -51,18 +51,27 @@ def ray_session(address: str | None = None, dashboard: bool = False):
         if address:
             _load_auth_settings()
             with _loopback_kept():
-                ray.init(address=address, runtime_env={"env_vars": _env_vars_to_add()},
-                         log_to_driver=True, logging_level=logging.ERROR)
+                ray.init(
+                    address=address,
+                    runtime_env={"env_vars": _env_vars_to_add()},
+                    log_to_driver=True,
+                    logging_level=logging.ERROR,
+                )
         else:
             # "local": never attach to whatever cluster /tmp/ray/ray_current_cluster last named.
             # No runtime_env: the processes of a Ray started here inherit this environment,
             # and one would keep Ray from handing work to the workers it starts in advance.
-            with _state_api_address_known(dashboard) as dashboard_port, _own_token() as auth, \
-                    _loopback_kept():
-                ray.init(address="local", include_dashboard=dashboard, dashboard_host="127.0.0.1",
-                         dashboard_port=dashboard_port, log_to_driver=True,
-                         logging_level=logging.ERROR, _node_ip_address="127.0.0.1",
-                         _system_config=EMBEDDED_RAY_CONFIG)
+            with _state_api_address_known(dashboard) as dashboard_port, _own_token() as auth, _loopback_kept():
+                ray.init(
+                    address="local",
+                    include_dashboard=dashboard,
+                    dashboard_host="127.0.0.1",
+                    dashboard_port=dashboard_port,
+                    log_to_driver=True,
+                    logging_level=logging.ERROR,
+                    _node_ip_address="127.0.0.1",
+                    _system_config=EMBEDDED_RAY_CONFIG,
+                )
             _JOINING.update(auth)
         keep_sigterm_handler(caller_sigterm)  # ray.init put in its own
         configure_ray_data()
@@ -173,7 +182,7 @@ def _stop_autoscaler_monitor() -> None:
     """An embedded Ray's autoscaler monitor has nothing to scale, and takes a second to answer
     the SIGTERM that ray.shutdown() sends it before waiting: stopped outright, a second sooner."""
     node = seams.borrow(seams.GLOBAL_NODE)
-    for process in (node.all_processes.get("monitor", []) if node else []):
+    for process in node.all_processes.get("monitor", []) if node else []:
         if process.process.poll() is None:
             process.process.kill()
             process.process.wait()
@@ -215,8 +224,7 @@ def _env_vars_to_add() -> dict:
     job_config = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
     from_job = (job_config.get("runtime_env") or {}).get("env_vars") or {}
     s3_settings = {name: os.environ[name] for name in AWS_ENVIRONMENT if name in os.environ}
-    return {name: value for name, value in {**RUNTIME_ENV_VARS, **s3_settings}.items()
-            if name not in from_job}
+    return {name: value for name, value in {**RUNTIME_ENV_VARS, **s3_settings}.items() if name not in from_job}
 
 
 def cpus_per_process(processes: int) -> int:

@@ -33,62 +33,128 @@ class Seam:
 RAY, TENSORFLOW, TF_KERAS = ("ray", "2.60.0"), ("tensorflow", "2.21.0"), ("tf-keras", "2.21.0")
 
 # Ray Train V2's controller, for the run's record of worker groups (training/attempts.py).
-CONTROLLER_CALLBACK = Seam(*RAY, "ray.train.v2._internal.execution.callback", ("ControllerCallback",),
-                           "the controller's hooks: every state change of a run's worker group")
-CONTROLLER_STATES = Seam(*RAY, "ray.train.v2._internal.execution.controller.state",
-                         ("SchedulingState", "RunningState", "ResizingState", "RestartingState",
-                          "ReschedulingState"),
-                         "which state the controller is in: starting, running, resizing, restarting")
-PREEMPTION_FAILURE = Seam(*RAY, "ray.train.v2._internal.execution.failure_handling.default",
-                          ("_is_preemption_failure",),
-                          "whether a worker group ended by a preemption (counted apart from failures)")
+CONTROLLER_CALLBACK = Seam(
+    *RAY,
+    "ray.train.v2._internal.execution.callback",
+    ("ControllerCallback",),
+    "the controller's hooks: every state change of a run's worker group",
+)
+CONTROLLER_STATES = Seam(
+    *RAY,
+    "ray.train.v2._internal.execution.controller.state",
+    ("SchedulingState", "RunningState", "ResizingState", "RestartingState", "ReschedulingState"),
+    "which state the controller is in: starting, running, resizing, restarting",
+)
+PREEMPTION_FAILURE = Seam(
+    *RAY,
+    "ray.train.v2._internal.execution.failure_handling.default",
+    ("_is_preemption_failure",),
+    "whether a worker group ended by a preemption (counted apart from failures)",
+)
 # Ray Train V2's trainer, which training/backend.py extends.
-TRAINER_CALLBACKS = Seam(*RAY, "ray.train.v2.api.data_parallel_trainer",
-                         ("DataParallelTrainer._create_default_callbacks",),
-                         "overridden: adds our controller callbacks to Ray Train's own")
-TRAINER_SIGINT = Seam(*RAY, "ray.train.v2.api.data_parallel_trainer",
-                      ("DataParallelTrainer._register_sigint_handler",),
-                      "overridden: keeps the controller instead of Ray's SIGINT handler, which exits")
-TRAINING_FRAMEWORK = Seam(*RAY, "ray.train.v2._internal.util", ("TrainingFramework",),
-                          "how Ray's state API labels a run's framework (TensorFlow)")
-TRAIN_CONTEXT = Seam(*RAY, "ray.train.v2._internal.execution", ("context",),
-                     "the module whose file names the logger that logs every report() at INFO")
+TRAINER_CALLBACKS = Seam(
+    *RAY,
+    "ray.train.v2.api.data_parallel_trainer",
+    ("DataParallelTrainer._create_default_callbacks",),
+    "overridden: adds our controller callbacks to Ray Train's own",
+)
+TRAINER_SIGINT = Seam(
+    *RAY,
+    "ray.train.v2.api.data_parallel_trainer",
+    ("DataParallelTrainer._register_sigint_handler",),
+    "overridden: keeps the controller instead of Ray's SIGINT handler, which exits",
+)
+TRAINING_FRAMEWORK = Seam(
+    *RAY,
+    "ray.train.v2._internal.util",
+    ("TrainingFramework",),
+    "how Ray's state API labels a run's framework (TensorFlow)",
+)
+TRAIN_CONTEXT = Seam(
+    *RAY,
+    "ray.train.v2._internal.execution",
+    ("context",),
+    "the module whose file names the logger that logs every report() at INFO",
+)
 # Ray's driver-side printing of worker output (runtime/console.py, runtime/ray_runtime.py).
-STDSTREAM_DISPATCHER = Seam(*RAY, "ray._private.ray_logging", ("global_worker_stdstream_dispatcher",),
-                            "the handler that prints worker output on the driver, replaced by a filter")
-PRINT_TO_STDSTREAM = Seam(*RAY, "ray._private.worker", ("print_to_stdstream",),
-                          "what prints the raylet's error messages on the driver, wrapped by a filter")
-GLOBAL_NODE = Seam(*RAY, "ray._private.worker", ("_global_node",),
-                   "the embedded Ray's processes, to stop its autoscaler monitor at once")
+STDSTREAM_DISPATCHER = Seam(
+    *RAY,
+    "ray._private.ray_logging",
+    ("global_worker_stdstream_dispatcher",),
+    "the handler that prints worker output on the driver, replaced by a filter",
+)
+PRINT_TO_STDSTREAM = Seam(
+    *RAY,
+    "ray._private.worker",
+    ("print_to_stdstream",),
+    "what prints the raylet's error messages on the driver, wrapped by a filter",
+)
+GLOBAL_NODE = Seam(
+    *RAY,
+    "ray._private.worker",
+    ("_global_node",),
+    "the embedded Ray's processes, to stop its autoscaler monitor at once",
+)
 # Ray on loopback with a token of its own (runtime/ray_runtime.py, cluster/local_cluster.sh).
-RAY_CLUSTER_SWITCH = Seam(*RAY, "ray._private.ray_constants", ("ENABLE_RAY_CLUSTER",),
-                          "switched off while Ray starts, so that 127.0.0.1 is not replaced by the LAN address")
-AUTH_SETTINGS = Seam(*RAY, "ray._raylet", ("Config", "AuthenticationTokenLoader"),
-                     "reading the token authentication settings from the environment again")
-LOCALHOST_RESOLUTION = Seam(*RAY, "ray._private.services", ("resolve_ip_for_localhost",),
-                            "replaced in local_cluster.sh's `ray start` of a worker node, which "
-                            "then keeps the head's 127.0.0.1")
+RAY_CLUSTER_SWITCH = Seam(
+    *RAY,
+    "ray._private.ray_constants",
+    ("ENABLE_RAY_CLUSTER",),
+    "switched off while Ray starts, so that 127.0.0.1 is not replaced by the LAN address",
+)
+AUTH_SETTINGS = Seam(
+    *RAY,
+    "ray._raylet",
+    ("Config", "AuthenticationTokenLoader"),
+    "reading the token authentication settings from the environment again",
+)
+LOCALHOST_RESOLUTION = Seam(
+    *RAY,
+    "ray._private.services",
+    ("resolve_ip_for_localhost",),
+    "replaced in local_cluster.sh's `ray start` of a worker node, which then keeps the head's 127.0.0.1",
+)
 # TensorFlow's distribution internals (training/worker.py).
-CHECK_HEALTH = Seam(*TENSORFLOW, "tensorflow.python.distribute.collective_all_reduce_strategy",
-                    ("CollectiveAllReduceExtended._enable_check_health",),
-                    "turns off the peer health check whose 30 s sleep delayed every run's end")
-DEVICE_DATASET = Seam(*TENSORFLOW, "tensorflow.python.data.ops.multi_device_iterator_ops",
-                      ("_create_device_dataset",),
-                      "wrapped to build the per-device input pipelines without autotuning")
+CHECK_HEALTH = Seam(
+    *TENSORFLOW,
+    "tensorflow.python.distribute.collective_all_reduce_strategy",
+    ("CollectiveAllReduceExtended._enable_check_health",),
+    "turns off the peer health check whose 30 s sleep delayed every run's end",
+)
+DEVICE_DATASET = Seam(
+    *TENSORFLOW,
+    "tensorflow.python.data.ops.multi_device_iterator_ops",
+    ("_create_device_dataset",),
+    "wrapped to build the per-device input pipelines without autotuning",
+)
 # tf-keras's optimizer and callback internals.
-MOVING_AVERAGE = Seam(*TF_KERAS, "tf_keras.src.optimizers.optimizer",
-                      ("Optimizer._update_model_variables_moving_average", "Optimizer._var_key"),
-                      "overridden and called: the weight average's warm-up momentum (training/weight_average.py)")
-MOVING_AVERAGE_SLOTS = Seam(*TF_KERAS, "tf_keras.src.optimizers.optimizer",
-                            ("Optimizer._model_variables_moving_average", "Optimizer._index_dict",
-                             "Optimizer._distribution_strategy"),
-                            "where a built optimizer keeps the weight average (training/weight_average.py)",
-                            on_instance=True)
-LEARNING_RATE = Seam(*TF_KERAS, "tf_keras.src.optimizers.optimizer", ("Optimizer._learning_rate",),
-                     "the optimizer's schedule object, to resize it (training/schedule.py)", on_instance=True)
-SUPPORTS_TF_LOGS = Seam(*TF_KERAS, "tf_keras.src.callbacks", ("Callback._supports_tf_logs",),
-                        "spares Keras converting the logs for a batch hook that reads none "
-                        "(training/callbacks.py)", on_instance=True)
+MOVING_AVERAGE = Seam(
+    *TF_KERAS,
+    "tf_keras.src.optimizers.optimizer",
+    ("Optimizer._update_model_variables_moving_average", "Optimizer._var_key"),
+    "overridden and called: the weight average's warm-up momentum (training/weight_average.py)",
+)
+MOVING_AVERAGE_SLOTS = Seam(
+    *TF_KERAS,
+    "tf_keras.src.optimizers.optimizer",
+    ("Optimizer._model_variables_moving_average", "Optimizer._index_dict", "Optimizer._distribution_strategy"),
+    "where a built optimizer keeps the weight average (training/weight_average.py)",
+    on_instance=True,
+)
+LEARNING_RATE = Seam(
+    *TF_KERAS,
+    "tf_keras.src.optimizers.optimizer",
+    ("Optimizer._learning_rate",),
+    "the optimizer's schedule object, to resize it (training/schedule.py)",
+    on_instance=True,
+)
+SUPPORTS_TF_LOGS = Seam(
+    *TF_KERAS,
+    "tf_keras.src.callbacks",
+    ("Callback._supports_tf_logs",),
+    "spares Keras converting the logs for a batch hook that reads none (training/callbacks.py)",
+    on_instance=True,
+)
 
 SEAMS = tuple(value for value in list(globals().values()) if isinstance(value, Seam))
 
@@ -119,5 +185,7 @@ def _lookup(seam: Seam, name: str):
 
 def _moved(seam: Seam, name: str) -> str:
     installed = importlib.metadata.version(seam.package)
-    return (f"{seam.module}.{name} is not in {seam.package} {installed} (it was read from "
-            f"{seam.read_from}, and we rely on it for {seam.why}); install the version pyproject.toml pins")
+    return (
+        f"{seam.module}.{name} is not in {seam.package} {installed} (it was read from "
+        f"{seam.read_from}, and we rely on it for {seam.why}); install the version pyproject.toml pins"
+    )

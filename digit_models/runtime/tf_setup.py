@@ -31,5 +31,7 @@ def configure_tensorflow(cpus: int, precision_policy: str = "float32") -> None:
     keras.mixed_precision.set_global_policy(precision_policy)
     tf.get_logger().setLevel(logging.ERROR)
     if not keras.__version__.startswith("2."):
-        raise RuntimeError(f"legacy Keras (tf-keras 2.x) expected, got Keras {keras.__version__}; "
-                           "TF_USE_LEGACY_KERAS=1 must be set before TensorFlow is imported")
+        raise RuntimeError(
+            f"legacy Keras (tf-keras 2.x) expected, got Keras {keras.__version__}; "
+            "TF_USE_LEGACY_KERAS=1 must be set before TensorFlow is imported"
+        )

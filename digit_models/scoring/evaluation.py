@@ -51,11 +51,21 @@ def read_origin(origin: str) -> tuple[np.ndarray, np.ndarray]:
 def scores(truth: np.ndarray, predicted: np.ndarray) -> dict:
     confusion = np.zeros((NUM_CLASSES, NUM_CLASSES), dtype=np.int64)
     np.add.at(confusion, (truth, predicted), 1)
-    per_class = {str(digit): {"accuracy": _ratio(confusion[digit, digit], confusion[digit].sum()),
-                              "images": int(confusion[digit].sum())} for digit in range(NUM_CLASSES)}
+    per_class = {
+        str(digit): {
+            "accuracy": _ratio(confusion[digit, digit], confusion[digit].sum()),
+            "images": int(confusion[digit].sum()),
+        }
+        for digit in range(NUM_CLASSES)
+    }
     correct = int(np.trace(confusion))
-    return {"accuracy": _ratio(correct, len(truth)), "correct": correct, "images": int(len(truth)),
-            "per_class": per_class, "confusion_matrix": confusion.tolist()}
+    return {
+        "accuracy": _ratio(correct, len(truth)),
+        "correct": correct,
+        "images": int(len(truth)),
+        "per_class": per_class,
+        "confusion_matrix": confusion.tolist(),
+    }
 
 
 def read_predictions(location: str) -> tuple[np.ndarray, np.ndarray]:
@@ -78,11 +88,12 @@ def _require_same_images(predicted_ids, true_ids, predictions: str, labels: str)
     missing = np.setdiff1d(true_ids, predicted_ids)
     unknown = np.setdiff1d(predicted_ids, true_ids)
     if len(unknown):
-        raise DigitsError(f"{predictions}: ImageId {unknown[0]} is not in {labels} "
-                          f"({len(unknown)} such; labels of a different test set?)")
+        raise DigitsError(
+            f"{predictions}: ImageId {unknown[0]} is not in {labels} "
+            f"({len(unknown)} such; labels of a different test set?)"
+        )
     if len(missing):
-        raise DigitsError(f"{predictions}: no prediction for ImageId {missing[0]} of {labels} "
-                          f"({len(missing)} missing)")
+        raise DigitsError(f"{predictions}: no prediction for ImageId {missing[0]} of {labels} ({len(missing)} missing)")
 
 
 def _origin_beside(labels: str) -> str | None:
@@ -98,10 +109,14 @@ def format_report(result: dict) -> str:
     lines = [f"accuracy {result['accuracy']:.4f} ({result['correct']:,} / {result['images']:,})"]
     if "official_mnist_test" in result:
         official = result["official_mnist_test"]
-        lines.append(f"official MNIST test images: accuracy {official['accuracy']:.4f} "
-                     f"({official['correct']:,} / {official['images']:,})")
-    lines.append("per-class accuracy: " + "  ".join(
-        f"{digit}: {entry['accuracy']:.4f}" for digit, entry in result["per_class"].items()))
+        lines.append(
+            f"official MNIST test images: accuracy {official['accuracy']:.4f} "
+            f"({official['correct']:,} / {official['images']:,})"
+        )
+    lines.append(
+        "per-class accuracy: "
+        + "  ".join(f"{digit}: {entry['accuracy']:.4f}" for digit, entry in result["per_class"].items())
+    )
     lines.append("confusion matrix (rows: true label, columns: predicted)")
     lines.append("      " + "".join(f"{digit:>6}" for digit in range(NUM_CLASSES)))
     for digit, row in enumerate(result["confusion_matrix"]):

@@ -39,8 +39,13 @@ from digit_models.runtime.console import live, report_progress
 from digit_models.errors import DigitsError, first_line
 from digit_models.storage.files import Folder, Output, is_uri, require_output_folder, staged_dir
 from digit_models.nets.model_file import check_keras_archive
-from digit_models.scoring.predict_input import (BLOCK_ROWS, Inspections, images_datasource, open_input,
-                                        require_plausible_row_groups)
+from digit_models.scoring.predict_input import (
+    BLOCK_ROWS,
+    Inspections,
+    images_datasource,
+    open_input,
+    require_plausible_row_groups,
+)
 from digit_models.runtime.ray_runtime import cpus_per_process, on_this_node, put_for_session, ray_session
 from digit_models.storage.run_dir import RunDir
 
@@ -50,8 +55,12 @@ RECORD_FILE = "predict.json"  # what was scored, with what, how fast; written la
 UNDERWAY_FILE = "predict.underway"  # a run is (or was) writing or replacing the output here
 EVALUATION_FILE = "evaluation.json"  # where `digits evaluate` writes by default: describes this output
 # What an output folder may hold, the completion record first (the order a replacement removes them in).
-OUTPUT = Output(command="digits predict", record=RECORD_FILE, underway=UNDERWAY_FILE,
-                entries=(RECORD_FILE, SUBMISSION_FILE, PREDICTIONS_DIR, EVALUATION_FILE, UNDERWAY_FILE))
+OUTPUT = Output(
+    command="digits predict",
+    record=RECORD_FILE,
+    underway=UNDERWAY_FILE,
+    entries=(RECORD_FILE, SUBMISSION_FILE, PREDICTIONS_DIR, EVALUATION_FILE, UNDERWAY_FILE),
+)
 PROBABILITY_COLUMNS = [f"prob_{digit}" for digit in range(10)]
 ACTOR_IMAGE_BYTES = 384 << 20  # about 500,000 images: see default_actors
 ROWS_PER_FILE = 16_384  # Parquet files of about 0.9 MB, however small Ray's blocks are
@@ -81,28 +90,43 @@ def predict(config: PredictConfig, address: str | None = None) -> dict:
         live.formatter = ScoringProgress(inspections)
         actors = config.actors or default_actors(source)
         cpus = config.cpus_per_actor or cpus_per_process(actors)
-        images = ray.data.read_datasource(images_datasource(source, inspections), num_cpus=0,
-                                          override_num_blocks=len(source.files),
-                                          concurrency=min(len(source.files), 2 * actors),
-                                          **local_input)
+        images = ray.data.read_datasource(
+            images_datasource(source, inspections),
+            num_cpus=0,
+            override_num_blocks=len(source.files),
+            concurrency=min(len(source.files), 2 * actors),
+            **local_input,
+        )
         predictions = images.map_batches(
             DigitPredictor,
-            fn_constructor_kwargs={"models": [put_for_session(model) for model in models],
-                                   "names": [run.child(run.MODEL) for run in runs],
-                                   "cpus": cpus, "batch_size": config.batch_size, "tta": config.tta},
+            fn_constructor_kwargs={
+                "models": [put_for_session(model) for model in models],
+                "names": [run.child(run.MODEL) for run in runs],
+                "cpus": cpus,
+                "batch_size": config.batch_size,
+                "tta": config.tta,
+            },
             # Ray Data hands each actor whole blocks (its per-batch overhead is paid once per
             # block); the actor calls the model on config.batch_size images at a time.
-            batch_size=BLOCK_ROWS, batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=actors), **actor_resources(config, cpus))
+            batch_size=BLOCK_ROWS,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=actors),
+            **actor_resources(config, cpus),
+        )
         # Writing is light: at zero CPUs it never waits for the actors to free theirs.
         # Through the resolved filesystem: given a URI, Ray Data would keep its query (the
         # store's settings) in the object keys.
-        predictions.write_parquet(f"{target.path}/{PREDICTIONS_DIR}", filesystem=target.fs,
-                                  min_rows_per_file=ROWS_PER_FILE,
-                                  ray_remote_args={"num_cpus": 0, **({} if is_uri(config.out) else on_this_node())})
+        predictions.write_parquet(
+            f"{target.path}/{PREDICTIONS_DIR}",
+            filesystem=target.fs,
+            min_rows_per_file=ROWS_PER_FILE,
+            ray_remote_args={"num_cpus": 0, **({} if is_uri(config.out) else on_this_node())},
+        )
         scored = time.time()
-        files = [{"file": file if is_uri(file) else str(Path(file).resolve()), **found} for file, found in
-                 zip(source.files, inspections.first(len(source.files)))]
+        files = [
+            {"file": file if is_uri(file) else str(Path(file).resolve()), **found}
+            for file, found in zip(source.files, inspections.first(len(source.files)))
+        ]
         images_total = sum(found["rows"] for found in files)
         write_submission(target, images_total, source.own_ids, config.input)
         record = {
@@ -118,9 +142,11 @@ def predict(config: PredictConfig, address: str | None = None) -> dict:
             "batch_size": config.batch_size,
             "tta_extra_views": config.tta,  # --tta: views of each image besides the image itself
             "views_per_image": 1 + config.tta,  # what each model's prediction of an image averages
-            "seconds": {"ray_start": round(ray_started - started, 3),
-                        "pipeline": round(scored - ray_started, 3),
-                        "submission": round(time.time() - scored, 3)},
+            "seconds": {
+                "ray_start": round(ray_started - started, 3),
+                "pipeline": round(scored - ray_started, 3),
+                "submission": round(time.time() - scored, 3),
+            },
             "images_per_s": round(images_total / (scored - ray_started), 1),
             "wall_s": round(time.time() - started, 3),
             "driver_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
@@ -138,8 +164,10 @@ def require_distinct(runs: list[RunDir]) -> None:
     first = {}
     for run in runs:
         if run.location in first:
-            raise DigitsError(f"--run {run.given}: the same run as --run {first[run.location].given}; "
-                              "give each member of an ensemble once")
+            raise DigitsError(
+                f"--run {run.given}: the same run as --run {first[run.location].given}; "
+                "give each member of an ensemble once"
+            )
         first[run.location] = run
 
 
@@ -209,8 +237,9 @@ class DigitPredictor:
             Path(path).write_bytes(ray.get(model))
             loaded = load_model_file(path, name=name)
         # One traced graph for every batch size: faster per call than predict_on_batch.
-        return tf.function(lambda images: loaded(images, training=False),
-                           input_signature=[tf.TensorSpec([None, 28, 28], tf.uint8)])
+        return tf.function(
+            lambda images: loaded(images, training=False), input_signature=[tf.TensorSpec([None, 28, 28], tf.uint8)]
+        )
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from digit_models.nets.augmentation import tta_view
@@ -220,10 +249,11 @@ class DigitPredictor:
         images = batch["image"]
         probabilities = np.empty((len(images), 10), np.float32)
         for start in range(0, len(images), self.batch_size):
-            part = images[start:start + self.batch_size]
+            part = images[start : start + self.batch_size]
             views = [part, *(tta_view(part, view).numpy() for view in range(1, self.views))]
-            probabilities[start:start + len(part)] = np.mean(
-                [model(view).numpy() for model in self.models for view in views], axis=0)
+            probabilities[start : start + len(part)] = np.mean(
+                [model(view).numpy() for model in self.models for view in views], axis=0
+            )
         report_progress(images=len(images))
         return {
             "ImageId": batch["ImageId"].astype(np.int32),
@@ -247,11 +277,14 @@ class ScoringProgress:
         if total is None:
             return {"text": f"scoring: {self.done:,} images, {rate:,.0f} images/s"}
         left = max(total - self.done, 0) / rate
-        return {"text": f"scoring: {self.done:,} of {total:,} images, {rate:,.0f} images/s, {left:.0f}s left",
-                "left_s": round(left, 1)}
+        return {
+            "text": f"scoring: {self.done:,} of {total:,} images, {rate:,.0f} images/s, {left:.0f}s left",
+            "left_s": round(left, 1),
+        }
 
 
 # ---------------------------------------------------------------------------- submission.csv
+
 
 def write_submission(target: Folder, images: int, own_ids: bool, source: str) -> None:
     """Kaggle's format exactly (`ImageId,Label`, one row per image, ImageId ascending), from
@@ -267,8 +300,11 @@ def write_submission(target: Folder, images: int, own_ids: bool, source: str) ->
         for start in range(0, len(labels), 1 << 20):
             end = min(start + (1 << 20), len(labels))
             part_ids = ids[start:end] if ids is not None else np.arange(start + 1, end + 1, dtype=np.int32)
-            pacsv.write_csv(pa.table({"ImageId": part_ids, "Label": labels[start:end]}), stream,
-                            write_options=pacsv.WriteOptions(include_header=False))
+            pacsv.write_csv(
+                pa.table({"ImageId": part_ids, "Label": labels[start:end]}),
+                stream,
+                write_options=pacsv.WriteOptions(include_header=False),
+            )
 
 
 def _labels_by_row(batches, images: int, source: str) -> tuple[None, np.ndarray]:
@@ -279,23 +315,24 @@ def _labels_by_row(batches, images: int, source: str) -> tuple[None, np.ndarray]
     for batch in batches:
         positions = batch.column("ImageId").to_numpy() - 1
         if len(positions) and (positions.min() < 0 or positions.max() >= images):
-            raise DigitsError(f"{source}: the pipeline returned ImageIds outside 1-{images}; "
-                              "not writing a submission")
+            raise DigitsError(f"{source}: the pipeline returned ImageIds outside 1-{images}; not writing a submission")
         if (labels[positions] != unseen).any() or len(np.unique(positions)) < len(positions):
-            raise DigitsError(f"{source}: the pipeline returned some ImageIds twice; "
-                              "not writing a submission")
+            raise DigitsError(f"{source}: the pipeline returned some ImageIds twice; not writing a submission")
         labels[positions] = batch.column("Label").to_numpy()
     missing = np.flatnonzero(labels == unseen)
     if len(missing):
-        raise DigitsError(f"{source}: the pipeline returned no prediction for ImageId "
-                          f"{missing[0] + 1} ({len(missing)} missing); not writing a submission")
+        raise DigitsError(
+            f"{source}: the pipeline returned no prediction for ImageId "
+            f"{missing[0] + 1} ({len(missing)} missing); not writing a submission"
+        )
     return None, labels
 
 
 def _sorted_own_ids(batches, images: int, source: str) -> tuple[np.ndarray, np.ndarray]:
     """For an input's own ImageIds: five bytes per image, sorted."""
-    parts = [(batch.column("ImageId").to_numpy(), batch.column("Label").to_numpy().astype(np.uint8))
-             for batch in batches]
+    parts = [
+        (batch.column("ImageId").to_numpy(), batch.column("Label").to_numpy().astype(np.uint8)) for batch in batches
+    ]
     ids = np.concatenate([part[0] for part in parts]) if parts else np.zeros(0, np.int32)
     labels = np.concatenate([part[1] for part in parts]) if parts else np.zeros(0, np.uint8)
     order = np.argsort(ids, kind="stable")
@@ -304,12 +341,14 @@ def _sorted_own_ids(batches, images: int, source: str) -> tuple[np.ndarray, np.n
     if len(repeated):
         raise DigitsError(f"{source}: column ImageId: {ids[repeated[0]]} appears more than once")
     if len(ids) != images:
-        raise DigitsError(f"{source}: the pipeline returned {len(ids)} predictions for {images} "
-                          "images; not writing a submission")
+        raise DigitsError(
+            f"{source}: the pipeline returned {len(ids)} predictions for {images} images; not writing a submission"
+        )
     return ids, labels
 
 
 # ---------------------------------------------------------------------------- reading it back
+
 
 def read_back(folder: Folder, columns: list[str]) -> pa.Table:
     """These columns of a complete output's predictions (for `digits evaluate` and `digits

@@ -24,8 +24,15 @@ import pyarrow.parquet as pq
 
 from digit_models.errors import DigitsError, first_line
 from digit_models.storage.files import file_sha256, filesystem, require_file, split_query
-from digit_models.storage.kaggle_csv import (PIXEL_COLUMNS, TEST_COLUMNS, check_header, count_csv_rows,
-                                     pixels_of, read_csv_chunks, read_csv_header)
+from digit_models.storage.kaggle_csv import (
+    PIXEL_COLUMNS,
+    TEST_COLUMNS,
+    check_header,
+    count_csv_rows,
+    pixels_of,
+    read_csv_chunks,
+    read_csv_header,
+)
 
 CSV_SUFFIXES = (".csv", ".csv.gz")
 PARQUET_SUFFIXES = (".parquet", ".pq")
@@ -66,10 +73,11 @@ def open_input(location: str) -> PredictInput:
         own_ids = list(pool.map(_check_csv_header if kind == "csv" else _check_parquet_schema, files))
     if len(set(own_ids)) > 1:
         with_ids = files[own_ids.index(True)]
-        raise DigitsError(f"{location}: {with_ids} has an ImageId column and "
-                          f"{files[own_ids.index(False)]} has none; give every file one or none")
-    return PredictInput(location=str(location), kind=kind, files=files, sizes=sizes,
-                        own_ids=own_ids[0])
+        raise DigitsError(
+            f"{location}: {with_ids} has an ImageId column and "
+            f"{files[own_ids.index(False)]} has none; give every file one or none"
+        )
+    return PredictInput(location=str(location), kind=kind, files=files, sizes=sizes, own_ids=own_ids[0])
 
 
 def _list_files(location: str) -> tuple[list[str], list[int]]:
@@ -78,8 +86,8 @@ def _list_files(location: str) -> tuple[list[str], list[int]]:
     base, query = split_query(location)
     fs, path = filesystem(location)
     if any(char in base for char in "*?["):
-        base_location = base[:min(base.index(c) for c in "*?[" if c in base)]
-        base_location = base_location[:base_location.rfind("/") + 1] or "./"
+        base_location = base[: min(base.index(c) for c in "*?[" if c in base)]
+        base_location = base_location[: base_location.rfind("/") + 1] or "./"
         pattern = base
     else:
         info = fs.get_file_info(path)
@@ -98,11 +106,15 @@ def _list_files(location: str) -> tuple[list[str], list[int]]:
         raise DigitsError(f"{location}: cannot list: {first_line(exc)}") from None
     found = []
     for info in infos:
-        relative = info.path[len(base_path.rstrip("/")) + 1:]
+        relative = info.path[len(base_path.rstrip("/")) + 1 :]
         child = base_location.rstrip("/") + "/" + relative
         hidden = any(part.startswith((".", "_")) for part in relative.split("/"))
-        if (info.type == pafs.FileType.File and not hidden and _kind(child)
-                and (pattern is None or fnmatch.fnmatchcase(child, pattern))):
+        if (
+            info.type == pafs.FileType.File
+            and not hidden
+            and _kind(child)
+            and (pattern is None or fnmatch.fnmatchcase(child, pattern))
+        ):
             found.append((child + query, info.size))
     if not found:
         what = "folder holds" if pattern is None else "pattern matches"
@@ -135,6 +147,7 @@ def _check_parquet_schema(location: str) -> bool:
 
 
 # ---------------------------------------------------------------------------- the read side
+
 
 def inspect_file(kind: str, location: str) -> dict:
     """A file's rows, bytes and sha256: a light pass (no parsing) that tells each file where
@@ -169,8 +182,10 @@ def _read_parquet(location: str, first_id: int | None):
         require_plausible_row_groups(parquet.metadata, columns, location)
         batches = parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=columns)
         for batch in batches:
-            pixels = np.stack([_checked(batch.column(column), column, 0, 255, location, rows_before)
-                               for column in PIXEL_COLUMNS], axis=1).astype(np.uint8, copy=False)
+            pixels = np.stack(
+                [_checked(batch.column(column), column, 0, 255, location, rows_before) for column in PIXEL_COLUMNS],
+                axis=1,
+            ).astype(np.uint8, copy=False)
             if first_id is None:
                 ids = _checked(batch.column("ImageId"), "ImageId", 1, MAX_IMAGE_ID, location, rows_before)
             else:
@@ -186,16 +201,22 @@ def require_plausible_row_groups(metadata: pq.FileMetaData, columns: list[str], 
     and none of these columns takes more bytes than its rows can need."""
     groups = [metadata.row_group(index) for index in range(metadata.num_row_groups)]
     if sum(group.num_rows for group in groups) != metadata.num_rows:
-        raise DigitsError(f"{location}: its row groups hold {sum(group.num_rows for group in groups):,} "
-                          f"rows, its footer counts {metadata.num_rows:,}")
+        raise DigitsError(
+            f"{location}: its row groups hold {sum(group.num_rows for group in groups):,} "
+            f"rows, its footer counts {metadata.num_rows:,}"
+        )
     for number, group in enumerate(groups, start=1):
         for chunk in (group.column(index) for index in range(group.num_columns)):
-            if (chunk.path_in_schema in columns and chunk.total_uncompressed_size
-                    > group.num_rows * PARQUET_VALUE_BYTES + PARQUET_CHUNK_BYTES):
-                raise DigitsError(f"{location}: row group {number}, column {chunk.path_in_schema}: "
-                                  f"{chunk.total_uncompressed_size:,} bytes for "
-                                  f"{group.num_rows:,} row{'' if group.num_rows == 1 else 's'}, "
-                                  "more than numbers take")
+            if (
+                chunk.path_in_schema in columns
+                and chunk.total_uncompressed_size > group.num_rows * PARQUET_VALUE_BYTES + PARQUET_CHUNK_BYTES
+            ):
+                raise DigitsError(
+                    f"{location}: row group {number}, column {chunk.path_in_schema}: "
+                    f"{chunk.total_uncompressed_size:,} bytes for "
+                    f"{group.num_rows:,} row{'' if group.num_rows == 1 else 's'}, "
+                    "more than numbers take"
+                )
 
 
 def _checked(column: pa.Array, name: str, low: int, high: int, source: str, rows_before: int) -> np.ndarray:
@@ -208,8 +229,9 @@ def _checked(column: pa.Array, name: str, low: int, high: int, source: str, rows
         return values  # the type holds no other values
     bad = np.flatnonzero((values < low) | (values > high))
     if len(bad):
-        raise DigitsError(f"{source}: row {rows_before + bad[0] + 1}, column {name}: "
-                          f"{values[bad[0]]} is outside {low}-{high}")
+        raise DigitsError(
+            f"{source}: row {rows_before + bad[0] + 1}, column {name}: {values[bad[0]]} is outside {low}-{high}"
+        )
     return values
 
 
@@ -234,10 +256,13 @@ class Inspections:
         import ray
 
         inspect_group = ray.remote(_inspect_group)
-        self.bounds = sorted(set(np.linspace(0, len(source.files), min(tasks, len(source.files)) + 1,
-                                             dtype=int).tolist()))
-        self.refs = [inspect_group.options(num_cpus=0, **task_options).remote(source.kind, source.files[a:b])
-                     for a, b in zip(self.bounds, self.bounds[1:])]
+        self.bounds = sorted(
+            set(np.linspace(0, len(source.files), min(tasks, len(source.files)) + 1, dtype=int).tolist())
+        )
+        self.refs = [
+            inspect_group.options(num_cpus=0, **task_options).remote(source.kind, source.files[a:b])
+            for a, b in zip(self.bounds, self.bounds[1:])
+        ]
 
     def first(self, count: int) -> list[dict]:
         """The inspections of the first `count` files, waiting for them if need be."""
@@ -288,22 +313,28 @@ def images_datasource(source: PredictInput, inspections: Inspections):
         rows = 0
         for ids, images in _reblocked(read_file(source.kind, location, first_id), BLOCK_ROWS):
             rows += len(ids)
-            yield pa.table({"ImageId": pa.array(ids, pa.int32()),
-                            "image": ArrowTensorArray.from_numpy(images)})
+            yield pa.table({"ImageId": pa.array(ids, pa.int32()), "image": ArrowTensorArray.from_numpy(images)})
         counted = inspections.first(index + 1)[index]["rows"]
         if rows != counted:
-            raise DigitsError(f"{location}: changed while it was read ({rows} rows, {counted} "
-                              "counted before)")
+            raise DigitsError(f"{location}: changed while it was read ({rows} rows, {counted} counted before)")
 
     class ImagesDatasource(Datasource):
         def estimate_inmemory_data_size(self) -> int:
             return source.image_bytes
 
         def get_read_tasks(self, parallelism, per_task_row_limit=None, data_context=None):
-            return [ReadTask(lambda index=index: read(index),
-                             BlockMetadata(num_rows=None, exec_stats=None, input_files=[location],
-                                           size_bytes=_in_memory_bytes(source.kind, size)))
-                    for index, (location, size) in enumerate(zip(source.files, source.sizes))]
+            return [
+                ReadTask(
+                    lambda index=index: read(index),
+                    BlockMetadata(
+                        num_rows=None,
+                        exec_stats=None,
+                        input_files=[location],
+                        size_bytes=_in_memory_bytes(source.kind, size),
+                    ),
+                )
+                for index, (location, size) in enumerate(zip(source.files, source.sizes))
+            ]
 
     return ImagesDatasource()
 

@@ -22,8 +22,7 @@ from typing import TYPE_CHECKING
 
 from digit_models.errors import DigitsError
 from digit_models.scoring.evaluation import evaluate
-from digit_models.storage.files import (Folder, require_output_folder, shown_name, without_credentials,
-                                 writing_into)
+from digit_models.storage.files import Folder, require_output_folder, shown_name, without_credentials, writing_into
 from digit_models.storage.kaggle_csv import NUM_CLASSES
 from digit_models.scoring.predict import RECORD_FILE, read_back
 from digit_models.scoring.predict_input import inspect_file, open_input, read_images
@@ -40,8 +39,7 @@ GALLERY_SIZE = 24
 GALLERY_COLUMNS = 6
 
 
-def write_report(run_dir: str, out: str, predictions: str | None = None,
-                 labels: str | None = None) -> list[str]:
+def write_report(run_dir: str, out: str, predictions: str | None = None, labels: str | None = None) -> list[str]:
     """Writes training_curves.png; with predictions (a `digits predict` folder) and their true
     labels (`ImageId,Label`) also confusion_matrix.png, per_class_accuracy.png and
     mistakes.png; then index.html. `out` must be new or empty. Returns the names written."""
@@ -70,8 +68,9 @@ def read_run(run_dir: str) -> dict:
     run_folder = RunDir(run_dir)
     run = run_folder.read_run()
     history = run.get("history")
-    if not history or not all(isinstance(entry, dict) and {"epoch", "loss", "accuracy"} <= entry.keys()
-                              for entry in history):
+    if not history or not all(
+        isinstance(entry, dict) and {"epoch", "loss", "accuracy"} <= entry.keys() for entry in history
+    ):
         raise DigitsError(f"{run_folder.child(RunDir.RUN)}: no per-epoch history of loss and accuracy")
     return run
 
@@ -79,6 +78,7 @@ def read_run(run_dir: str) -> dict:
 # ---------------------------------------------------------------------------- figures
 # matplotlib is imported where it draws: at the top it would delay every bad-input error by
 # about a second.
+
 
 def _figure(**options) -> Figure:
     from matplotlib.figure import Figure
@@ -95,8 +95,10 @@ def training_curves(run: dict) -> Figure:
     epochs = [entry["epoch"] for entry in history]
     figure = _figure(figsize=(10, 4), layout="constrained")
     loss_axes, error_axes = figure.subplots(1, 2)
-    curves = (("loss", loss_axes, lambda values: values),
-              ("accuracy", error_axes, lambda values: np.where(values < 1, 1 - values, np.nan)))
+    curves = (
+        ("loss", loss_axes, lambda values: values),
+        ("accuracy", error_axes, lambda values: np.where(values < 1, 1 - values, np.nan)),
+    )
     for metric, axes, shown in curves:
         for prefix, label in (("", "training"), ("val_", "validation")):
             if any(prefix + metric in entry for entry in history):
@@ -131,8 +133,13 @@ def _log_percent_formatter(**options):
 def _run_title(run: dict) -> str:
     workers = run.get("workers", 1)
     preset = (run.get("config") or {}).get("preset")
-    return " · ".join([str(run.get("model", "model")), f"{workers} worker{'s' * (workers != 1)}",
-                       *([f"preset {preset}"] if preset else [])])
+    return " · ".join(
+        [
+            str(run.get("model", "model")),
+            f"{workers} worker{'s' * (workers != 1)}",
+            *([f"preset {preset}"] if preset else []),
+        ]
+    )
 
 
 def confusion_matrix(evaluation: dict) -> Figure:
@@ -150,10 +157,22 @@ def confusion_matrix(evaluation: dict) -> Figure:
     image = axes.imshow(np.ma.masked_equal(counts, 0), cmap=palette, norm=norm)
     for (true, predicted), count in np.ndenumerate(counts):
         if count:
-            axes.text(predicted, true, f"{count:,}", ha="center", va="center", fontsize=8,
-                      color="white" if norm(count) > 0.6 else "black")
-    axes.set(xticks=range(NUM_CLASSES), yticks=range(NUM_CLASSES), xlabel="predicted label",
-             ylabel="true label", title=f"confusion matrix · {evaluation['images']:,} images")
+            axes.text(
+                predicted,
+                true,
+                f"{count:,}",
+                ha="center",
+                va="center",
+                fontsize=8,
+                color="white" if norm(count) > 0.6 else "black",
+            )
+    axes.set(
+        xticks=range(NUM_CLASSES),
+        yticks=range(NUM_CLASSES),
+        xlabel="predicted label",
+        ylabel="true label",
+        title=f"confusion matrix · {evaluation['images']:,} images",
+    )
     figure.colorbar(image, ax=axes, label="images (log scale)")
     return figure
 
@@ -166,18 +185,15 @@ def per_class_accuracy(evaluation: dict) -> Figure:
     figure = _figure(figsize=(8, 4), layout="constrained")
     axes = figure.subplots()
     bars = axes.bar(range(NUM_CLASSES), accuracy, color="tab:blue")
-    axes.bar_label(bars, labels=[f"{value:.2%}" for value in accuracy], padding=-14, fontsize=8,
-                   color="white")
+    axes.bar_label(bars, labels=[f"{value:.2%}" for value in accuracy], padding=-14, fontsize=8, color="white")
     # Behind the bars, so that it never crosses the numbers on them.
     axes.axhline(evaluation["accuracy"], color="tab:orange", linestyle="--", zorder=0)
     # Zoomed in: from zero, bars at 98% and 100% would look the same.
     lowest = accuracy.min()
     axes.set_ylim(max(0.0, lowest - max(0.6 * (1 - lowest), 0.005)), 1.0)
     axes.yaxis.set_major_formatter(PercentFormatter(1.0, decimals=1))
-    axes.set_xticks(range(NUM_CLASSES), [f"{digit}\n({entry['images']:,})"
-                                         for digit, entry in enumerate(per_class)])
-    axes.set(xlabel="true label (images)",
-             title=f"accuracy per class · overall {evaluation['accuracy']:.2%} (dashed)")
+    axes.set_xticks(range(NUM_CLASSES), [f"{digit}\n({entry['images']:,})" for digit, entry in enumerate(per_class)])
+    axes.set(xlabel="true label (images)", title=f"accuracy per class · overall {evaluation['accuracy']:.2%} (dashed)")
     return figure
 
 
@@ -196,8 +212,9 @@ class Mistakes:
 def confident_mistakes(predictions: str, labels: str, limit: int = GALLERY_SIZE) -> Mistakes:
     folder = Folder(predictions)
     if not folder.is_folder():
-        raise DigitsError(f"{predictions}: not a `digits predict` output folder (a submission.csv "
-                          "has neither confidences nor images)")
+        raise DigitsError(
+            f"{predictions}: not a `digits predict` output folder (a submission.csv has neither confidences nor images)"
+        )
     table = read_back(folder, ["ImageId", "Label", "Confidence"]).sort_by("ImageId")
     ids = table.column("ImageId").to_numpy().astype(np.int64)
     predicted = table.column("Label").to_numpy()
@@ -207,8 +224,14 @@ def confident_mistakes(predictions: str, labels: str, limit: int = GALLERY_SIZE)
     wrong = np.flatnonzero(predicted != truth)
     shown = wrong[np.argsort(-confidence[wrong], kind="stable")][:limit]
     images = _scored_images(folder, ids[shown]) if len(shown) else np.zeros((0, 28, 28), np.uint8)
-    return Mistakes(total=len(wrong), image_ids=ids[shown], truth=truth[shown],
-                    predicted=predicted[shown], confidence=confidence[shown], images=images)
+    return Mistakes(
+        total=len(wrong),
+        image_ids=ids[shown],
+        truth=truth[shown],
+        predicted=predicted[shown],
+        confidence=confidence[shown],
+        images=images,
+    )
 
 
 def _scored_images(folder: Folder, wanted: np.ndarray) -> np.ndarray:
@@ -230,8 +253,7 @@ def _scored_images(folder: Folder, wanted: np.ndarray) -> np.ndarray:
 def mistakes_gallery(mistakes: Mistakes) -> Figure:
     if not mistakes.total:
         figure = _figure(figsize=(6, 1.2))
-        figure.text(0.5, 0.5, "no mistakes: every image was predicted correctly",
-                    ha="center", va="center", fontsize=13)
+        figure.text(0.5, 0.5, "no mistakes: every image was predicted correctly", ha="center", va="center", fontsize=13)
         return figure
     rows = -(-len(mistakes.images) // GALLERY_COLUMNS)
     figure = _figure(figsize=(1.6 * GALLERY_COLUMNS, 1.9 * rows + 0.5), layout="constrained")
@@ -239,14 +261,15 @@ def mistakes_gallery(mistakes: Mistakes) -> Figure:
     for axes in panels:
         axes.set_axis_off()  # frames and ticks would only clutter the digits; blanks stay blank
     for axes, image_id, truth, predicted, confidence, image in zip(
-            panels, mistakes.image_ids, mistakes.truth, mistakes.predicted,
-            mistakes.confidence, mistakes.images):
+        panels, mistakes.image_ids, mistakes.truth, mistakes.predicted, mistakes.confidence, mistakes.images
+    ):
         axes.imshow(image, cmap="gray", vmin=0, vmax=255)
-        axes.set_title(f"true {truth} / pred {predicted} ({_probability(confidence)})\nImageId {image_id}",
-                       fontsize=8)
+        axes.set_title(f"true {truth} / pred {predicted} ({_probability(confidence)})\nImageId {image_id}", fontsize=8)
     shown = len(mistakes.images)
-    figure.suptitle(f"{mistakes.total:,} mistake{'s' * (mistakes.total != 1)}"
-                    + (f", the {shown} most confident shown" if shown < mistakes.total else ""))
+    figure.suptitle(
+        f"{mistakes.total:,} mistake{'s' * (mistakes.total != 1)}"
+        + (f", the {shown} most confident shown" if shown < mistakes.total else "")
+    )
     return figure
 
 
@@ -266,34 +289,49 @@ def _png(figure: Figure) -> bytes:
 
 # ---------------------------------------------------------------------------- the page
 
-def _page(run: dict, run_dir: str, evaluation: dict | None, scoring: dict | None,
-          pngs: dict[str, bytes]) -> str:
+
+def _page(run: dict, run_dir: str, evaluation: dict | None, scoring: dict | None, pngs: dict[str, bytes]) -> str:
     last = run["history"][-1]
     config = run.get("config") or {}
-    summary = [("run", run_dir), ("model", run.get("model")), ("workers", run.get("workers")),
-               ("preset", config.get("preset")), *_settings(run, config),
-               ("epochs run", f"{run.get('epochs_run', len(run['history']))} of "
-                              f"{run.get('epochs_planned', '?')}"),
-               ("stop reason", run.get("stop_reason")),
-               ("wall time", f"{run['wall_s']:,.1f} s" if "wall_s" in run else None),
-               *((f"final {key}", f"{last[key]:.4f}")
-                 for key in ("loss", "accuracy", "val_loss", "val_accuracy") if key in last)]
+    summary = [
+        ("run", run_dir),
+        ("model", run.get("model")),
+        ("workers", run.get("workers")),
+        ("preset", config.get("preset")),
+        *_settings(run, config),
+        ("epochs run", f"{run.get('epochs_run', len(run['history']))} of {run.get('epochs_planned', '?')}"),
+        ("stop reason", run.get("stop_reason")),
+        ("wall time", f"{run['wall_s']:,.1f} s" if "wall_s" in run else None),
+        *(
+            (f"final {key}", f"{last[key]:.4f}")
+            for key in ("loss", "accuracy", "val_loss", "val_accuracy")
+            if key in last
+        ),
+    ]
     sections = [f"<h2>Training</h2>\n{_table(summary)}"]
     if evaluation:
-        scored = [("predictions", evaluation["predictions"]), *_scored_with(scoring or {}),
-                  ("labels", evaluation["labels"]), ("accuracy", _accuracy(evaluation))]
+        scored = [
+            ("predictions", evaluation["predictions"]),
+            *_scored_with(scoring or {}),
+            ("labels", evaluation["labels"]),
+            ("accuracy", _accuracy(evaluation)),
+        ]
         if "official_mnist_test" in evaluation:
             scored.append(("official MNIST test images", _accuracy(evaluation["official_mnist_test"])))
         sections.append(f"<h2>Evaluation</h2>\n{_table(scored)}")
-    sections += [f'<figure><img alt="{name}" src="data:image/png;base64,'
-                 f'{base64.b64encode(content).decode()}"><figcaption>{name}</figcaption></figure>'
-                 for name, content in pngs.items()]
+    sections += [
+        f'<figure><img alt="{name}" src="data:image/png;base64,'
+        f'{base64.b64encode(content).decode()}"><figcaption>{name}</figcaption></figure>'
+        for name, content in pngs.items()
+    ]
     name = shown_name(run_dir)
     title = html.escape(f"Report: {run.get('model', 'model')} run {name}")
-    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
-            "<style>body{font-family:sans-serif;max-width:1000px;margin:2em auto}"
-            "td,th{padding:2px 12px;text-align:left}img{max-width:100%}</style></head>\n"
-            f"<body><h1>{title}</h1>\n" + "\n".join(sections) + "\n</body></html>\n")
+    return (
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
+        "<style>body{font-family:sans-serif;max-width:1000px;margin:2em auto}"
+        "td,th{padding:2px 12px;text-align:left}img{max-width:100%}</style></head>\n"
+        f"<body><h1>{title}</h1>\n" + "\n".join(sections) + "\n</body></html>\n"
+    )
 
 
 def _settings(run: dict, config: dict) -> list[tuple[str, object]]:
@@ -302,12 +340,16 @@ def _settings(run: dict, config: dict) -> list[tuple[str, object]]:
         return []
     per_update = run.get("global_batch_size")
     rate = run.get("learning_rate_per_update")
-    return [("batch", f"{config.get('batch_size')} per worker"
-                      + (f", {per_update} per update" if per_update else "")),
-            ("learning rate", f"{config.get('learning_rate'):g}"
-                              + (f" ({rate:.3g} per update)" if rate and rate != config.get("learning_rate") else "")
-                              + f", {config.get('lr_schedule', 'constant')} schedule"),
-            ("seed", config.get("seed"))]
+    return [
+        ("batch", f"{config.get('batch_size')} per worker" + (f", {per_update} per update" if per_update else "")),
+        (
+            "learning rate",
+            f"{config.get('learning_rate'):g}"
+            + (f" ({rate:.3g} per update)" if rate and rate != config.get("learning_rate") else "")
+            + f", {config.get('lr_schedule', 'constant')} schedule",
+        ),
+        ("seed", config.get("seed")),
+    ]
 
 
 def _scored_with(record: dict) -> list[tuple[str, object]]:
@@ -316,9 +358,13 @@ def _scored_with(record: dict) -> list[tuple[str, object]]:
     runs = record.get("runs") or []
     # predict.json before tta_extra_views recorded only the views in all, as tta_views.
     extra = record.get("tta_extra_views", record.get("tta_views", 1) - 1)
-    return [(f"ensemble of {len(runs)}" if len(runs) > 1 else "model", ", ".join(runs) or None),
-            ("test-time augmentation", f"{extra} extra view{'s' * (extra != 1)} per image "
-                                       f"({extra + 1} averaged)" if extra else "none")]
+    return [
+        (f"ensemble of {len(runs)}" if len(runs) > 1 else "model", ", ".join(runs) or None),
+        (
+            "test-time augmentation",
+            f"{extra} extra view{'s' * (extra != 1)} per image ({extra + 1} averaged)" if extra else "none",
+        ),
+    ]
 
 
 def _accuracy(scores: dict) -> str:
@@ -326,6 +372,12 @@ def _accuracy(scores: dict) -> str:
 
 
 def _table(rows: list[tuple[str, object]]) -> str:
-    return "<table>\n" + "\n".join(
-        f"<tr><th>{html.escape(name)}</th><td>{html.escape(without_credentials(str(value)))}</td></tr>"
-        for name, value in rows if value is not None) + "\n</table>"
+    return (
+        "<table>\n"
+        + "\n".join(
+            f"<tr><th>{html.escape(name)}</th><td>{html.escape(without_credentials(str(value)))}</td></tr>"
+            for name, value in rows
+            if value is not None
+        )
+        + "\n</table>"
+    )

@@ -43,13 +43,22 @@ def require_data_folder(out_dir: Path, force: bool = False) -> None:
 
 
 def _is_ours(manifest) -> bool:
-    return (isinstance(manifest, dict) and manifest.get("source") == SOURCE
-            and isinstance(manifest.get("files"), dict) and set(manifest["files"]) == set(FILES))
+    return (
+        isinstance(manifest, dict)
+        and manifest.get("source") == SOURCE
+        and isinstance(manifest.get("files"), dict)
+        and set(manifest["files"]) == set(FILES)
+    )
 
 
-def build_kaggle_files(mnist: Mnist, out_dir: Path, seed: int = 0,
-                       train_size: int = KAGGLE_TRAIN_SIZE,
-                       test_size: int = KAGGLE_TEST_SIZE, force: bool = False) -> dict:
+def build_kaggle_files(
+    mnist: Mnist,
+    out_dir: Path,
+    seed: int = 0,
+    train_size: int = KAGGLE_TRAIN_SIZE,
+    test_size: int = KAGGLE_TEST_SIZE,
+    force: bool = False,
+) -> dict:
     """Writes the Kaggle files into out_dir (created if needed; see require_data_folder) and
     returns the manifest.
 
@@ -60,13 +69,15 @@ def build_kaggle_files(mnist: Mnist, out_dir: Path, seed: int = 0,
     official_test = np.flatnonzero(mnist.is_official_test)
     extra_test = test_size - len(official_test)
     if extra_test < 0 or train_size + extra_test > len(official_train):
-        raise DigitsError(f"cannot draw {train_size} train + {test_size} test rows from "
-                          f"{len(official_train)} training and {len(official_test)} test images")
+        raise DigitsError(
+            f"cannot draw {train_size} train + {test_size} test rows from "
+            f"{len(official_train)} training and {len(official_test)} test images"
+        )
 
     rng = np.random.default_rng(seed)
     drawn = rng.permutation(official_train)
     train_rows = drawn[:train_size]
-    test_rows = rng.permutation(np.concatenate([official_test, drawn[train_size:train_size + extra_test]]))
+    test_rows = rng.permutation(np.concatenate([official_test, drawn[train_size : train_size + extra_test]]))
     image_ids = np.arange(1, test_size + 1, dtype=np.int32)
     is_test = mnist.is_official_test[test_rows]
 
@@ -75,14 +86,16 @@ def build_kaggle_files(mnist: Mnist, out_dir: Path, seed: int = 0,
         write_kaggle_csv(staged / "train.csv", mnist.images[train_rows], mnist.labels[train_rows])
         write_kaggle_csv(staged / "test.csv", mnist.images[test_rows])
         pd.DataFrame({"ImageId": image_ids, "Label": mnist.labels[test_rows]}).to_csv(
-            staged / "test_labels.csv", index=False)
-        pd.DataFrame({
-            "ImageId": image_ids,
-            "MnistSplit": np.where(is_test, "test", "train"),
-            "MnistIndex": np.where(is_test, test_rows - len(official_train), test_rows),
-        }).to_csv(staged / "test_origin.csv", index=False)
-        pd.DataFrame({"ImageId": image_ids, "Label": 0}).to_csv(
-            staged / "sample_submission.csv", index=False)
+            staged / "test_labels.csv", index=False
+        )
+        pd.DataFrame(
+            {
+                "ImageId": image_ids,
+                "MnistSplit": np.where(is_test, "test", "train"),
+                "MnistIndex": np.where(is_test, test_rows - len(official_train), test_rows),
+            }
+        ).to_csv(staged / "test_origin.csv", index=False)
+        pd.DataFrame({"ImageId": image_ids, "Label": 0}).to_csv(staged / "sample_submission.csv", index=False)
         manifest = {
             "source": SOURCE,
             "seed": seed,
@@ -93,4 +106,3 @@ def build_kaggle_files(mnist: Mnist, out_dir: Path, seed: int = 0,
         }
         (staged / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
-

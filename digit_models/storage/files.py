@@ -35,8 +35,14 @@ from digit_models.errors import DigitsError, first_line
 # The standard variables that tell S3 clients (pyarrow's among them) where the store is and who
 # is asking. Processes that do not inherit the driver's environment need them handed over
 # (runtime/ray_runtime.py).
-AWS_ENVIRONMENT = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-                   "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_DEFAULT_REGION")
+AWS_ENVIRONMENT = (
+    "AWS_ENDPOINT_URL",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+)
 
 
 def is_uri(location: str) -> bool:
@@ -119,12 +125,12 @@ def _require_s3_reachable(location: str, fs: pafs.S3FileSystem, path: str) -> No
     nothing at all: every path in it reads as not found) into one line."""
     bucket = path.split("/", 1)[0]
     settings = fs.__reduce__()[1][0]  # the constructor's arguments, as pickling uses them
-    reached = (bucket, repr(sorted(settings.items())),
-               tuple(os.environ.get(name) for name in AWS_ENVIRONMENT))
+    reached = (bucket, repr(sorted(settings.items())), tuple(os.environ.get(name) for name in AWS_ENVIRONMENT))
     if reached in _S3_BUCKETS_REACHED:
         return
-    checking = pafs.S3FileSystem(**settings, retry_strategy=pafs.AwsStandardS3RetryStrategy(
-        max_attempts=S3_CHECK_ATTEMPTS))
+    checking = pafs.S3FileSystem(
+        **settings, retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=S3_CHECK_ATTEMPTS)
+    )
     try:
         found = checking.get_file_info(path)
     except OSError as exc:
@@ -186,9 +192,11 @@ def read_at_most(stream, limit: int, location: str, what: str) -> bytes:
     while chunk := stream.read(min(1 << 20, limit + 1 - size)):
         size += len(chunk)
         if size > limit:
-            raise DigitsError(f"{location}: more than {limit >> 20} MiB"
-                              f"{' decompressed' if split_query(location)[0].endswith('.gz') else ''}"
-                              f"; too large for {what}")
+            raise DigitsError(
+                f"{location}: more than {limit >> 20} MiB"
+                f"{' decompressed' if split_query(location)[0].endswith('.gz') else ''}"
+                f"; too large for {what}"
+            )
         chunks.append(chunk)
     return b"".join(chunks)
 
@@ -314,8 +322,7 @@ class Output:
     underway: str | None = None  # the mark of an output being written or replaced
 
 
-def require_output_folder(folder: Folder, advice: str, replaces: Output | None = None,
-                          force: bool = False) -> None:
+def require_output_folder(folder: Folder, advice: str, replaces: Output | None = None, force: bool = False) -> None:
     """An output folder must be new or empty, or an earlier output of the same command
     (`replaces`): one holding its record or underway mark and nothing the command does not
     write, which the caller replaces. `force` accepts any folder; only the entries the command
@@ -333,8 +340,7 @@ def require_output_folder(folder: Folder, advice: str, replaces: Output | None =
         raise DigitsError(f"{folder}: not empty and not an earlier `{replaces.command}` output; {advice}")
     foreign = [name for name in names if name not in replaces.entries]
     if foreign:
-        raise DigitsError(f"{folder}: holds {foreign[0]!r}, which `{replaces.command}` does not "
-                          f"write; {advice}")
+        raise DigitsError(f"{folder}: holds {foreign[0]!r}, which `{replaces.command}` does not write; {advice}")
 
 
 def _require_writable(path: Path, named: str) -> None:
@@ -393,8 +399,10 @@ def _put_in_place(staging: Path, target: Path, replaces: Output | None) -> None:
     staged = sorted(os.listdir(staging))
     for name in staged:  # all checked before anything changes
         if os.path.lexists(target / name) and _is_folder(target / name) != _is_folder(staging / name):
-            raise DigitsError(f"{target / name}: {'a folder' if _is_folder(target / name) else 'a file'} "
-                              f"is in the way; nothing was replaced")
+            raise DigitsError(
+                f"{target / name}: {'a folder' if _is_folder(target / name) else 'a file'} "
+                f"is in the way; nothing was replaced"
+            )
     aside = staging / ".replaced"  # what is replaced goes here, to be deleted with staging
     aside.mkdir()
     if replaces:
@@ -421,7 +429,7 @@ def _remove_abandoned(target: Path) -> None:
     # The name escaped: a target named `a*` or `[x]` must match only its own leftovers.
     prefix = f".{target.name}.partial-"
     for leftover in target.parent.glob(glob.escape(prefix) + "*"):
-        pid = leftover.name[len(prefix):].split("-")[0]
+        pid = leftover.name[len(prefix) :].split("-")[0]
         if pid.isdigit() and not _alive(int(pid)):
             shutil.rmtree(leftover, ignore_errors=True)
 

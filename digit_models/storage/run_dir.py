@@ -50,8 +50,10 @@ class RunDir(Folder):
         if self.exists(self.RUN):
             raise DigitsError(f"{self}: already holds a finished run; choose another --out")
         if self.exists(self.STARTED):
-            raise DigitsError(f"{self}: holds an unfinished run; continue it with "
-                              f"`digits train --resume {self}` or choose another --out")
+            raise DigitsError(
+                f"{self}: holds an unfinished run; continue it with "
+                f"`digits train --resume {self}` or choose another --out"
+            )
         require_output_folder(self, "choose another --out")
 
     def read_started(self) -> dict:
@@ -90,8 +92,7 @@ class RunDir(Folder):
                 json.loads(archive.read("config.json"))
                 archive.getinfo("model.weights.h5")
         except (zipfile.BadZipFile, KeyError, ValueError, OSError) as exc:
-            raise DigitsError(f"{self.child(self.MODEL)}: not a loadable Keras model: "
-                              f"{first_line(exc)}") from None
+            raise DigitsError(f"{self.child(self.MODEL)}: not a loadable Keras model: {first_line(exc)}") from None
         return content
 
     def _require_finished(self) -> None:

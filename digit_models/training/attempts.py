@@ -27,8 +27,9 @@ from digit_models.storage.files import Folder
 from digit_models.storage.run_dir import RunDir
 
 ControllerCallback = seams.borrow(seams.CONTROLLER_CALLBACK)
-(SchedulingState, RunningState, ResizingState, RestartingState,
- ReschedulingState) = seams.borrow(seams.CONTROLLER_STATES)
+(SchedulingState, RunningState, ResizingState, RestartingState, ReschedulingState) = seams.borrow(
+    seams.CONTROLLER_STATES
+)
 is_preemption_failure = seams.borrow(seams.PREEMPTION_FAILURE)
 
 
@@ -70,10 +71,14 @@ class FailureRecorder(ray.train.UserCallback):
     def after_exception(self, run_context, worker_exceptions: dict) -> None:
         try:
             # A worker that died first: the others' errors (a broken collective) follow from it.
-            ranks = sorted(worker_exceptions, key=lambda rank: (
-                not hasattr(worker_exceptions[rank], "health_check_failure"), rank))
-            record(self.run_location, "failure", {"errors": {
-                str(rank): _described(worker_exceptions[rank]) for rank in ranks}})
+            ranks = sorted(
+                worker_exceptions, key=lambda rank: (not hasattr(worker_exceptions[rank], "health_check_failure"), rank)
+            )
+            record(
+                self.run_location,
+                "failure",
+                {"errors": {str(rank): _described(worker_exceptions[rank]) for rank in ranks}},
+            )
         except OSError:  # storage full or gone: the failure itself is what the user will see
             pass
 
@@ -99,8 +104,10 @@ class WorkerGroupWatch(ControllerCallback):
         elif isinstance(current_state, ResizingState) and not isinstance(previous_state, ResizingState):
             size = current_state.scaling_decision.num_workers
             self._record("restart", {"why": "resize", "workers_from": self.group_size, "workers_to": size})
-            say(f"nodes changed: restarting the workers from the last checkpoint with {size} of "
-                f"{self.max_workers} (were {self.group_size})")
+            say(
+                f"nodes changed: restarting the workers from the last checkpoint with {size} of "
+                f"{self.max_workers} (were {self.group_size})"
+            )
         elif isinstance(current_state, RestartingState) and not isinstance(previous_state, RestartingState):
             error = current_state.training_failed_error
             why = "preemption" if is_preemption_failure(error) else "failure"
@@ -109,11 +116,16 @@ class WorkerGroupWatch(ControllerCallback):
             preempted = getattr(getattr(error, "preemption_info", None), "preempted_node_ids", [])
             _wait_until_gone(preempted or _nodes_not_answering())
             lost = _lost_ranks(error)
-            what = (f"lost worker(s) {', '.join(map(str, lost))} of {self.group_size}" if lost
-                    else f"the {self.group_size}-worker group failed ({_first_error(error)})")
-            plan = (f"waiting at most {self.wait_s:.0f} s for {self.min_workers} workers"
-                    if self.min_workers == self.max_workers else
-                    f"restarting with the workers the cluster has ({self.min_workers} to {self.max_workers})")
+            what = (
+                f"lost worker(s) {', '.join(map(str, lost))} of {self.group_size}"
+                if lost
+                else f"the {self.group_size}-worker group failed ({_first_error(error)})"
+            )
+            plan = (
+                f"waiting at most {self.wait_s:.0f} s for {self.min_workers} workers"
+                if self.min_workers == self.max_workers
+                else f"restarting with the workers the cluster has ({self.min_workers} to {self.max_workers})"
+            )
             say(f"{what}; {why}: {plan}")
         elif isinstance(current_state, (RestartingState, ReschedulingState)):
             self._keep_waiting()
@@ -131,7 +143,8 @@ class WorkerGroupWatch(ControllerCallback):
                 f"fewer than {self.min_workers} worker(s) could start for {waited:.0f} s "
                 f"(--wait-for-workers {self.wait_s:g}); continue with `digits train --resume "
                 f"{self.run_location}` once the cluster has the nodes, or train with a smaller "
-                "--min-workers")
+                "--min-workers"
+            )
 
     def _record(self, kind: str, entry: dict) -> None:
         try:
@@ -147,8 +160,9 @@ def _nodes_not_answering() -> list[str]:
     for node in ray.nodes():
         if node["Alive"]:
             try:
-                socket.create_connection((node["NodeManagerAddress"], node["NodeManagerPort"]),
-                                         timeout=RAYLET_ANSWER_S).close()
+                socket.create_connection(
+                    (node["NodeManagerAddress"], node["NodeManagerPort"]), timeout=RAYLET_ANSWER_S
+                ).close()
             except OSError:
                 gone.append(node["NodeID"])
     return gone
@@ -174,8 +188,11 @@ def _lost_ranks(error) -> list[int]:
     """The ranks whose worker process is gone, killed or with its node (a worker that failed
     with an error of its own is not lost)."""
     failures = getattr(error, "worker_failures", None) or {}
-    return sorted(rank for rank, failure in failures.items()
-                  if isinstance(getattr(failure, "health_check_failure", failure), ray.exceptions.ActorDiedError))
+    return sorted(
+        rank
+        for rank, failure in failures.items()
+        if isinstance(getattr(failure, "health_check_failure", failure), ray.exceptions.ActorDiedError)
+    )
 
 
 def _first_error(error) -> str:
@@ -211,12 +228,23 @@ def restarts(run_location: str) -> list[dict]:
                     what, why = "resume", "digits train --resume"
                 else:
                     what = ended["why"] if ended else "failure"
-                    why = ("; ".join(f"rank {rank}: {error}" for rank, error in failures[-1]["errors"].items())
-                           if failures else ended.get("error", "the nodes changed") if ended
-                           else "unknown (no worker error was reported)")
-                found.append({"at": entry["at"], "kind": what, "workers": entry.get("workers"),
-                              "resumed_after_epoch": entry["resumed_after_epoch"],
-                              "resumed_at_image": entry.get("resumed_at_image", 0), "why": why})
+                    why = (
+                        "; ".join(f"rank {rank}: {error}" for rank, error in failures[-1]["errors"].items())
+                        if failures
+                        else ended.get("error", "the nodes changed")
+                        if ended
+                        else "unknown (no worker error was reported)"
+                    )
+                found.append(
+                    {
+                        "at": entry["at"],
+                        "kind": what,
+                        "workers": entry.get("workers"),
+                        "resumed_after_epoch": entry["resumed_after_epoch"],
+                        "resumed_at_image": entry.get("resumed_at_image", 0),
+                        "why": why,
+                    }
+                )
             previous, failures, ended = entry, [], None
     return found
 

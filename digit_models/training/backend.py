@@ -99,8 +99,12 @@ class _MultiWorkerTensorflowBackend(Backend):
             worker_group.execute(_clear_tf_config)
             return
         addresses = worker_group.execute(_free_address)
-        ray.get([worker_group.execute_single_async(index, _set_tf_config, addresses, index)
-                 for index in range(len(addresses))])
+        ray.get(
+            [
+                worker_group.execute_single_async(index, _set_tf_config, addresses, index)
+                for index in range(len(addresses))
+            ]
+        )
 
 
 def _free_address() -> str:
@@ -114,8 +118,7 @@ def _free_address() -> str:
 
 
 def _set_tf_config(addresses: list[str], index: int) -> None:
-    os.environ["TF_CONFIG"] = json.dumps({"cluster": {"worker": addresses},
-                                          "task": {"type": "worker", "index": index}})
+    os.environ["TF_CONFIG"] = json.dumps({"cluster": {"worker": addresses}, "task": {"type": "worker", "index": index}})
 
 
 def _clear_tf_config() -> None:

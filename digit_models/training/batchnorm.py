@@ -57,8 +57,9 @@ class RecomputedBatchNorm(BeforeEvaluation):
         self.strategy, self.world, self.images = strategy, world, images
 
     def prepare(self):
-        recompute_batchnorm(self.model, self.images,
-                            lambda values: sum_over_workers(self.strategy, values, self.world) / self.world)
+        recompute_batchnorm(
+            self.model, self.images, lambda values: sum_over_workers(self.strategy, values, self.world) / self.world
+        )
 
 
 def batchnorm_rows(rows: int, rank: int, world: int, seed: int) -> np.ndarray:

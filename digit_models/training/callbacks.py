@@ -84,8 +84,14 @@ class EpochHistory(keras.callbacks.Callback):
     """Per epoch: metrics, throughput and times into the run's history, and whether and why
     training stops (decided here, once, for the checkpoint and the record)."""
 
-    def __init__(self, config: TrainConfig, state: TrainingState, target_stop: SynchronizedTargetStop,
-                 images_per_epoch: int, timeline: dict):
+    def __init__(
+        self,
+        config: TrainConfig,
+        state: TrainingState,
+        target_stop: SynchronizedTargetStop,
+        images_per_epoch: int,
+        timeline: dict,
+    ):
         super().__init__()
         self.config, self.state, self.target_stop = config, state, target_stop
         self.images_per_epoch, self.timeline = images_per_epoch, timeline
@@ -107,16 +113,22 @@ class EpochHistory(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         now = time.perf_counter()
         train_s = (self.train_ended or now) - self.epoch_started
-        self.state.history.append({
-            "epoch": epoch + 1, **{k: float(v) for k, v in (logs or {}).items()},
-            "images_per_s": self.images_per_epoch / train_s,
-            "learning_rate": float(keras.backend.get_value(self.model.optimizer.learning_rate)),
-            "epoch_s": now - self.epoch_started, "elapsed_s": now - self.started,
-            "ended_unix": time.time()})
+        self.state.history.append(
+            {
+                "epoch": epoch + 1,
+                **{k: float(v) for k, v in (logs or {}).items()},
+                "images_per_s": self.images_per_epoch / train_s,
+                "learning_rate": float(keras.backend.get_value(self.model.optimizer.learning_rate)),
+                "epoch_s": now - self.epoch_started,
+                "elapsed_s": now - self.started,
+                "ended_unix": time.time(),
+            }
+        )
         self.state.epochs_done = epoch + 1
         if self.target_stop.reached_at_epoch is not None:
-            self.state.stop_reason = (f"target reached at epoch {epoch + 1} "
-                                         f"({self.config.target_metric} >= {self.config.target})")
+            self.state.stop_reason = (
+                f"target reached at epoch {epoch + 1} ({self.config.target_metric} >= {self.config.target})"
+            )
         elif epoch + 1 >= self.config.epochs:
             self.state.stop_reason = "epochs exhausted"
 
@@ -135,14 +147,17 @@ class Checkpointing(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         metrics = self.state.history[-1]
-        self._save({**metrics, "stop_reason": self.state.stop_reason,
-                    MODEL_SCORE: metrics.get("val_accuracy", UNVALIDATED)}, before_report=self.before_report)
+        self._save(
+            {**metrics, "stop_reason": self.state.stop_reason, MODEL_SCORE: metrics.get("val_accuracy", UNVALIDATED)},
+            before_report=self.before_report,
+        )
 
     def save_mid_epoch(self, epoch: int, images_done: int) -> None:
         in_epoch = {"epoch": epoch + 1, "images_done": images_done}
         with self.epoch_layout():
-            self._save({"epoch": self.state.epochs_done, "in_epoch": in_epoch, MODEL_SCORE: UNVALIDATED},
-                       in_epoch=in_epoch)
+            self._save(
+                {"epoch": self.state.epochs_done, "in_epoch": in_epoch, MODEL_SCORE: UNVALIDATED}, in_epoch=in_epoch
+            )
 
     def _save(self, metrics: dict, before_report=None, in_epoch: dict | None = None) -> None:
         with tempfile.TemporaryDirectory(prefix="digits-ckpt-") as directory:
@@ -171,8 +186,7 @@ class PreemptionNotice(keras.callbacks.Callback):
 
     steps_done = 0
 
-    def __init__(self, strategy, checkpointing: Checkpointing, global_batch: int, rank: int,
-                 run_location: str):
+    def __init__(self, strategy, checkpointing: Checkpointing, global_batch: int, rank: int, run_location: str):
         super().__init__()
         self.strategy, self.checkpointing, self.rank = strategy, checkpointing, rank
         self.global_batch, self.run_location = global_batch, run_location
@@ -263,15 +277,27 @@ class PreemptionNotice(keras.callbacks.Callback):
         at), and a notice on the console."""
         if self.rank != 0:
             return
-        attempts.record(self.run_location, "preemption", {
-            "why": why, "epoch": epoch, "images_done": images_done, "last": last,
-            "deadline_ms": self.notice.deadline_ms, "checkpoint_s": round(self.saved_s, 2),
-            "nodes": self.notice.preempted_node_ids, "ranks": self.notice.preempted_ranks})
+        attempts.record(
+            self.run_location,
+            "preemption",
+            {
+                "why": why,
+                "epoch": epoch,
+                "images_done": images_done,
+                "last": last,
+                "deadline_ms": self.notice.deadline_ms,
+                "checkpoint_s": round(self.saved_s, 2),
+                "nodes": self.notice.preempted_node_ids,
+                "ranks": self.notice.preempted_ranks,
+            },
+        )
         if why == "notice":
             where = f"image {images_done:,} of epoch {epoch}" if images_done else f"the end of epoch {epoch - 1}"
             then = "waiting for the node to go" if last else "training on"
-            say(f"preemption notice for worker(s) {', '.join(map(str, self.notice.preempted_ranks))}: "
-                f"checkpoint at {where}, {then}")
+            say(
+                f"preemption notice for worker(s) {', '.join(map(str, self.notice.preempted_ranks))}: "
+                f"checkpoint at {where}, {then}"
+            )
 
     def _left_s(self) -> float:
         return self.notice.deadline_ms / 1000 - time.time() if self.notice.deadline_ms else math.inf
@@ -298,10 +324,14 @@ class InjectedFault(keras.callbacks.Callback):
 
     def __init__(self, faults: list, rank: int, steps: int, run_location: str):
         super().__init__()
-        done = {(entry["moment"], entry["epoch"]) for entry in attempts.recorded(run_location, "fault")
-                if entry["rank"] == rank}
-        self.armed = {(moment, epoch) for moment, epoch, victim in faults
-                      if victim == rank and (moment, epoch) not in done}
+        done = {
+            (entry["moment"], entry["epoch"])
+            for entry in attempts.recorded(run_location, "fault")
+            if entry["rank"] == rank
+        }
+        self.armed = {
+            (moment, epoch) for moment, epoch, victim in faults if victim == rank and (moment, epoch) not in done
+        }
         self.rank, self.steps, self.run_location = rank, steps, run_location
 
     def on_epoch_begin(self, epoch, logs=None):
@@ -322,8 +352,7 @@ class InjectedFault(keras.callbacks.Callback):
 
     def _at(self, moment: str) -> None:
         if (moment, self.epoch) in self.armed:
-            attempts.record(self.run_location, "fault", {"moment": moment, "epoch": self.epoch,
-                                                         "rank": self.rank})
+            attempts.record(self.run_location, "fault", {"moment": moment, "epoch": self.epoch, "rank": self.rank})
             os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -332,8 +361,9 @@ class ProgressLine(keras.callbacks.Callback):
     far it is every `every_s` seconds (the driver's live line). Epochs count up to the time
     budget's plan once there is one."""
 
-    def __init__(self, epochs: int, steps: int, state: TrainingState, every_s: float = 2.0,
-                 longer_than_s: float = 30.0):
+    def __init__(
+        self, epochs: int, steps: int, state: TrainingState, every_s: float = 2.0, longer_than_s: float = 30.0
+    ):
         super().__init__()
         self.epochs, self.steps, self.state = epochs, steps, state
         self.every_s, self.longer_than_s = every_s, longer_than_s
@@ -350,9 +380,11 @@ class ProgressLine(keras.callbacks.Callback):
             return
         self.reported = now
         left = elapsed / done * (self.steps - done)
-        report_progress(text=f"epoch {self.epoch + 1}/{self.planned}: {done / self.steps:.0%} "
-                             f"({done:,}/{self.steps:,} steps), {left:.0f}s left in the epoch",
-                        left_s=round(left, 1))
+        report_progress(
+            text=f"epoch {self.epoch + 1}/{self.planned}: {done / self.steps:.0%} "
+            f"({done:,}/{self.steps:,} steps), {left:.0f}s left in the epoch",
+            left_s=round(left, 1),
+        )
 
     def on_epoch_end(self, epoch, logs=None):
         say(progress_line(self.state.history[-1], self.planned))

@@ -33,9 +33,16 @@ def write_checkpoint(directory: str, model, state: TrainingState, in_epoch: dict
     # "model.keras" would silently be written as HDF5.
     model.save(model_file, save_format="keras_v3")
     written = model_file.read_bytes()
-    Path(directory, RunDir.STATE).write_text(json.dumps(
-        {**state.to_record(), **({"in_epoch": in_epoch} if in_epoch else {}),
-         "model_bytes": len(written), "model_sha256": hashlib.sha256(written).hexdigest()}))
+    Path(directory, RunDir.STATE).write_text(
+        json.dumps(
+            {
+                **state.to_record(),
+                **({"in_epoch": in_epoch} if in_epoch else {}),
+                "model_bytes": len(written),
+                "model_sha256": hashlib.sha256(written).hexdigest(),
+            }
+        )
+    )
 
 
 def load_with_optimizer(model_file: bytes, name: str):

@@ -71,26 +71,35 @@ def train_func(loop_config: dict) -> WorkerOutcome:
     return run_worker(loop_config["inputs"])
 
 
-def _run(config: TrainConfig, run_dir: RunDir, address: str | None, started: dict | None,
-         called: float, callbacks: tuple) -> dict:
+def _run(
+    config: TrainConfig, run_dir: RunDir, address: str | None, started: dict | None, called: float, callbacks: tuple
+) -> dict:
     train_csv = resolve_train_csv(config.data)
     digits = read_train_csv(train_csv, limit=config.limit)
     data_sha256 = file_sha256(train_csv)
     if started and started["data"]["sha256"] != data_sha256:
-        raise DigitsError(f"{train_csv}: changed since the run started (sha256 {data_sha256}, "
-                          f"was {started['data']['sha256']}); cannot resume on different data")
+        raise DigitsError(
+            f"{train_csv}: changed since the run started (sha256 {data_sha256}, "
+            f"was {started['data']['sha256']}); cannot resume on different data"
+        )
     faults = injected_faults(config)
     if config.precision_policy == "mixed_bfloat16" and not cluster_address(address):
         require_bfloat16_cpu()  # an embedded Ray's workers run on this CPU (each checks its own)
     train_rows, val_rows = validation_split(len(digits), config.val_fraction, config.seed)
     too_few_val = config.val_fraction > 0 and len(val_rows) < config.workers
     if len(train_rows) // config.workers < config.batch_size * config.accumulate or too_few_val:
-        raise DigitsError(f"{train_csv}: {len(digits)} rows are too few for {config.workers} "
-                          f"worker(s) with --batch-size {config.batch_size} and "
-                          f"--val-fraction {config.val_fraction}")
-    mlflow_run_id = mlflow_log.start_run(
-        config.mlflow, asdict(config), run_dir.location,
-        run_id=(started or {}).get("mlflow_run_id")) if config.mlflow else None
+        raise DigitsError(
+            f"{train_csv}: {len(digits)} rows are too few for {config.workers} "
+            f"worker(s) with --batch-size {config.batch_size} and "
+            f"--val-fraction {config.val_fraction}"
+        )
+    mlflow_run_id = (
+        mlflow_log.start_run(
+            config.mlflow, asdict(config), run_dir.location, run_id=(started or {}).get("mlflow_run_id")
+        )
+        if config.mlflow
+        else None
+    )
     clock = time.time()
     with ray_session(address, dashboard=True):
         ray_started = time.time()
@@ -104,18 +113,33 @@ def _run(config: TrainConfig, run_dir: RunDir, address: str | None, started: dic
         if started:
             started["resumed_at"].append(now)
         else:
-            started = {"config": asdict(config), "started_at": now, "resumed_at": [],
-                       "data": {"train_csv": train_csv, "sha256": data_sha256,
-                                "rows_read": len(digits), "train_rows": len(train_rows),
-                                "validation_rows": len(val_rows)},
-                       "mlflow_run_id": mlflow_run_id}
+            started = {
+                "config": asdict(config),
+                "started_at": now,
+                "resumed_at": [],
+                "data": {
+                    "train_csv": train_csv,
+                    "sha256": data_sha256,
+                    "rows_read": len(digits),
+                    "train_rows": len(train_rows),
+                    "validation_rows": len(val_rows),
+                },
+                "mlflow_run_id": mlflow_run_id,
+            }
         run_dir.write_started(started)
         inputs = WorkerInputs(
-            config=config, rows_total=len(digits), run_dir=run_dir.location, mlflow_run_id=mlflow_run_id,
+            config=config,
+            rows_total=len(digits),
+            run_dir=run_dir.location,
+            mlflow_run_id=mlflow_run_id,
             train=Shares(ray.put(digits.images[train_rows]), ray.put(digits.labels[train_rows])),
-            validation=Shares(ray.put(digits.images[val_rows]), ray.put(digits.labels[val_rows]),
-                              ray.put(val_rows.astype(np.int64))),
-            faults=faults, driver_session=len(started["resumed_at"]), command_started_unix=called)
+            validation=Shares(
+                ray.put(digits.images[val_rows]), ray.put(digits.labels[val_rows]), ray.put(val_rows.astype(np.int64))
+            ),
+            faults=faults,
+            driver_session=len(started["resumed_at"]),
+            command_started_unix=called,
+        )
         # Ray Train gives a worker group's resources this long to be granted before it tries
         # again; the wait for workers (WorkerGroupWatch) is checked at each such end. An
         # elastic group tries again sooner: for a while after a node is lost, the count Ray
@@ -123,24 +147,31 @@ def _run(config: TrainConfig, run_dir: RunDir, address: str | None, started: dic
         # has the node, and a group sized for it waits out the whole timeout before a
         # smaller one is tried. Only the grant is timed (granted at once when the resources
         # are there), not the workers' start.
-        os.environ[START_TIMEOUT_VARIABLE] = str(min(
-            ELASTIC_START_TIMEOUT_S if config.fewest_workers < config.workers else DEFAULT_START_TIMEOUT_S,
-            config.wait_for_workers))
+        os.environ[START_TIMEOUT_VARIABLE] = str(
+            min(
+                ELASTIC_START_TIMEOUT_S if config.fewest_workers < config.workers else DEFAULT_START_TIMEOUT_S,
+                config.wait_for_workers,
+            )
+        )
         trainer = tensorflow_trainer(
             train_func,
-            controller_callbacks=[WorkerGroupWatch(run_dir.location, config.fewest_workers,
-                                                   config.workers, config.wait_for_workers)],
+            controller_callbacks=[
+                WorkerGroupWatch(run_dir.location, config.fewest_workers, config.workers, config.wait_for_workers)
+            ],
             train_loop_config={"inputs": inputs},
             scaling_config=scaling_config(config),
             # The same name and storage path on resume: Ray Train then restores its
             # checkpoint bookkeeping and hands the workers the latest checkpoint.
             run_config=ray.train.RunConfig(
-                name=RunDir.CHECKPOINTS, storage_path=run_dir.location,
-                failure_config=ray.train.FailureConfig(max_failures=config.max_failures,
-                                                       max_preemption_failures=config.max_preemptions),
+                name=RunDir.CHECKPOINTS,
+                storage_path=run_dir.location,
+                failure_config=ray.train.FailureConfig(
+                    max_failures=config.max_failures, max_preemption_failures=config.max_preemptions
+                ),
                 checkpoint_config=checkpoint_config(config),
                 callbacks=[FailureRecorder(run_dir.location), *callbacks],
-                logging_config=ray.train.LoggingConfig(log_level="WARNING")),
+                logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+            ),
         )
         fit_called = time.time()
         result = trainer.fit()
@@ -159,7 +190,9 @@ def _run(config: TrainConfig, run_dir: RunDir, address: str | None, started: dic
         "batch_size_per_worker": config.batch_size,
         "accumulate": config.accumulate,
         "global_batch_size": config.global_batch(workers),
-        "collective": ("NCCL" if config.gpus_per_worker else "RING") if workers > 1 else None,  # a group of one has none
+        "collective": ("NCCL" if config.gpus_per_worker else "RING")
+        if workers > 1
+        else None,  # a group of one has none
         "all_reduce_dtype": config.gradient_dtype if workers > 1 else None,
         "learning_rate_per_update": config.step_learning_rate(workers),
         "epochs_planned": state.epochs_planned(config.epochs),
@@ -172,10 +205,10 @@ def _run(config: TrainConfig, run_dir: RunDir, address: str | None, started: dic
         "restarts": restarts(run_dir.location),
         # Rank 0's questions for a preemption notice in the last group: how many, their
         # seconds in all, and the steps between two (BENCHMARKS.md weighs them against a step).
-        "preemption_checks": {**outcome.preemption_checks,
-                              "check_s": round(outcome.preemption_checks["check_s"], 3)},
-        **({"fault_injected": ",".join(f"{moment}:{epoch}:{rank}" for moment, epoch, rank in faults)}
-           if faults else {}),
+        "preemption_checks": {**outcome.preemption_checks, "check_s": round(outcome.preemption_checks["check_s"], 3)},
+        **(
+            {"fault_injected": ",".join(f"{moment}:{epoch}:{rank}" for moment, epoch, rank in faults)} if faults else {}
+        ),
         "data": started["data"],
         "config": asdict(config),
         "versions": library_versions(),
@@ -189,9 +222,17 @@ def _run(config: TrainConfig, run_dir: RunDir, address: str | None, started: dic
         # Seconds since train() was called (at timeline_origin_unix), when each stage began
         # (worker stages: rank 0's, of the last attempt); the start-up is all before "first_step".
         "timeline_origin_unix": round(called, 3),
-        "timeline": {name: round(at - called, 2) for name, at in {
-            "data_read": clock, "ray_started": ray_started, "trainer_started": fit_called,
-            **outcome.timeline, "trainer_returned": fit_returned, "finished": time.time()}.items()},
+        "timeline": {
+            name: round(at - called, 2)
+            for name, at in {
+                "data_read": clock,
+                "ray_started": ray_started,
+                "trainer_started": fit_called,
+                **outcome.timeline,
+                "trainer_returned": fit_returned,
+                "finished": time.time(),
+            }.items()
+        },
     }
     run_dir.write_run(summary)
     if mlflow_run_id:
@@ -206,8 +247,9 @@ def checkpoint_config(config: TrainConfig):
     import ray.train
 
     if config.keep == "best":
-        return ray.train.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=MODEL_SCORE,
-                                          checkpoint_score_order="max")
+        return ray.train.CheckpointConfig(
+            num_to_keep=2, checkpoint_score_attribute=MODEL_SCORE, checkpoint_score_order="max"
+        )
     return ray.train.CheckpointConfig(num_to_keep=2)
 
 
@@ -216,8 +258,9 @@ def kept_checkpoint(result, config: TrainConfig):
     best the epoch's of the best val_accuracy (the later epoch of equals; the last where
     nothing was validated). Checkpoints taken within an epoch are never chosen: the run goes on
     from them to the epoch's own."""
-    epochs = [(checkpoint, metrics) for checkpoint, metrics in result.best_checkpoints or []
-              if "in_epoch" not in metrics]
+    epochs = [
+        (checkpoint, metrics) for checkpoint, metrics in result.best_checkpoints or [] if "in_epoch" not in metrics
+    ]
     if not epochs:
         return result.checkpoint, result.metrics
     if config.keep == "last":
@@ -238,10 +281,16 @@ def injected_faults(config: TrainConfig) -> list[tuple[str, int, int]]:
     for spec in specs.split(",") if specs else []:
         moment, _, rest = spec.partition(":")
         epoch, _, rank = rest.partition(":")
-        if moment not in FAULT_MOMENTS or not (epoch.isdigit() and rank.isdigit()) \
-                or not 1 <= int(epoch) <= config.epochs or int(rank) >= config.workers:
-            raise DigitsError(f"DIGITS_FAULT={specs}: expected MOMENT:EPOCH:RANK[,...], MOMENT one "
-                              f"of {', '.join(FAULT_MOMENTS)}, an epoch of the run and a worker's rank")
+        if (
+            moment not in FAULT_MOMENTS
+            or not (epoch.isdigit() and rank.isdigit())
+            or not 1 <= int(epoch) <= config.epochs
+            or int(rank) >= config.workers
+        ):
+            raise DigitsError(
+                f"DIGITS_FAULT={specs}: expected MOMENT:EPOCH:RANK[,...], MOMENT one "
+                f"of {', '.join(FAULT_MOMENTS)}, an epoch of the run and a worker's rank"
+            )
         faults.append((moment, int(epoch), int(rank)))
     return faults
 
@@ -267,8 +316,10 @@ def scaling_config(config: TrainConfig):
     elastic = config.fewest_workers < config.workers
     return ray.train.ScalingConfig(
         num_workers=(config.fewest_workers, config.workers) if elastic else config.workers,
-        use_gpu=config.gpus_per_worker > 0, resources_per_worker=resources,
-        elastic_resize_monitor_interval_s=ELASTIC_RESIZE_CHECK_S)
+        use_gpu=config.gpus_per_worker > 0,
+        resources_per_worker=resources,
+        elastic_resize_monitor_interval_s=ELASTIC_RESIZE_CHECK_S,
+    )
 
 
 # Ray Train's default: each look for room costs a restart from the last checkpoint when it finds
@@ -280,9 +331,14 @@ ELASTIC_START_TIMEOUT_S = 10.0
 
 
 def library_versions() -> dict:
-    return {"digit_models": digit_models.__version__, "python": platform.python_version(),
-            **{name: importlib.metadata.version(name)
-               for name in ("tensorflow", "tf_keras", "ray", "numpy", "pandas", "pyarrow")}}
+    return {
+        "digit_models": digit_models.__version__,
+        "python": platform.python_version(),
+        **{
+            name: importlib.metadata.version(name)
+            for name in ("tensorflow", "tf_keras", "ray", "numpy", "pandas", "pyarrow")
+        },
+    }
 
 
 def utc(timestamp: float) -> str:

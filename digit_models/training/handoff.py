@@ -13,6 +13,7 @@ from digit_models.config import TrainConfig
 @dataclass(frozen=True)
 class Shares:
     """Rows in Ray's object store (ObjectRefs), fetched by every worker."""
+
     images: object
     labels: object
     rows: object | None = None  # the rows' numbers in train.csv (validation rows only)
@@ -36,6 +37,7 @@ class TrainingState:
     """What a run has done: the epochs and their metrics, and why it stopped. The workers'
     callbacks write it (callbacks.EpochHistory the epochs and the stop, schedule.TimeBudget its
     plan); every checkpoint's state.json holds it, and a new worker group starts from it."""
+
     epochs_done: int = 0
     history: list[dict] = field(default_factory=list)  # an entry per epoch: its metrics and times
     stop_reason: str | None = None
@@ -58,6 +60,7 @@ class TrainingState:
 @dataclass(frozen=True)
 class WorkerOutcome:
     """What rank 0 returns when the run has ended: the state, and its worker group's own."""
+
     state: TrainingState
     workers: int  # the last worker group's size
     shards: dict  # which rows each worker trained and validated on

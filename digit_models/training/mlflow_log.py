@@ -28,8 +28,7 @@ def client(tracking_uri: str):
     try:
         from mlflow import MlflowClient
     except ImportError:
-        raise DigitsError("--mlflow: the mlflow package is not installed; "
-                          "pip install 'digit-models[mlflow]'") from None
+        raise DigitsError("--mlflow: the mlflow package is not installed; pip install 'digit-models[mlflow]'") from None
     if tracking_uri.startswith("file:") or "://" not in tracking_uri:
         # MLflow 3 refuses its file store unless told that it is wanted; a user who names a
         # file:// store has said so.
@@ -50,8 +49,7 @@ def start_run(tracking_uri: str, config: dict, run_location: str, run_id: str | 
     experiment_id = experiment.experiment_id if experiment else tracking.create_experiment(EXPERIMENT)
     name = shown_name(run_location)
     run_id = tracking.create_run(experiment_id, run_name=name).info.run_id
-    tracking.log_batch(run_id, params=[Param(key, without_credentials(str(value)))
-                                       for key, value in config.items()])
+    tracking.log_batch(run_id, params=[Param(key, without_credentials(str(value))) for key, value in config.items()])
     return run_id
 
 
@@ -60,15 +58,18 @@ class EpochMetrics:
 
     def __init__(self, tracking_uri: str, run_id: str):
         self.tracking, self.run_id = client(tracking_uri), run_id
-        self.logged = max((metric.step for metric in self.tracking.get_metric_history(run_id, "loss")),
-                          default=0)
+        self.logged = max((metric.step for metric in self.tracking.get_metric_history(run_id, "loss")), default=0)
 
     def log(self, history: list[dict]) -> None:
         from mlflow.entities import Metric
 
         new = [entry for entry in history if entry["epoch"] > self.logged]
-        metrics = [Metric(key, float(entry[key]), int(entry.get("ended_unix", 0) * 1000), entry["epoch"])
-                   for entry in new for key in EPOCH_METRICS if key in entry]
+        metrics = [
+            Metric(key, float(entry[key]), int(entry.get("ended_unix", 0) * 1000), entry["epoch"])
+            for entry in new
+            for key in EPOCH_METRICS
+            if key in entry
+        ]
         if metrics:
             self.tracking.log_batch(self.run_id, metrics=metrics)
             self.logged = new[-1]["epoch"]

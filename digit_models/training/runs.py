@@ -57,17 +57,32 @@ def describe(run: RunDir) -> dict:
             model, epochs = config.get("model"), progress.epochs_done
             planned = progress.epochs_planned(config.get("epochs"))
     except DigitsError as exc:  # one damaged run does not hide the others
-        return {"model": None, "epochs_run": None, "epochs_planned": None, "best_val_accuracy": None,
-                "best_epoch": None, "val_accuracy": None, "stop_reason": None, "state": "unreadable",
-                "problem": str(exc)}
+        return {
+            "model": None,
+            "epochs_run": None,
+            "epochs_planned": None,
+            "best_val_accuracy": None,
+            "best_epoch": None,
+            "val_accuracy": None,
+            "stop_reason": None,
+            "state": "unreadable",
+            "problem": str(exc),
+        }
     validated = [entry for entry in history if "val_accuracy" in entry]
     best = max(validated, key=lambda entry: entry["val_accuracy"], default=None)
-    return {"model": model, "epochs_run": epochs, "epochs_planned": planned,
-            "best_val_accuracy": best["val_accuracy"] if best else None,
-            "best_epoch": best["epoch"] if best else None,
-            "val_accuracy": next((entry.get("val_accuracy") for entry in reversed(history)
-                                  if model_epoch in (None, entry.get("epoch"))), None),
-            "stop_reason": stop_reason, "state": state}
+    return {
+        "model": model,
+        "epochs_run": epochs,
+        "epochs_planned": planned,
+        "best_val_accuracy": best["val_accuracy"] if best else None,
+        "best_epoch": best["epoch"] if best else None,
+        "val_accuracy": next(
+            (entry.get("val_accuracy") for entry in reversed(history) if model_epoch in (None, entry.get("epoch"))),
+            None,
+        ),
+        "stop_reason": stop_reason,
+        "state": state,
+    }
 
 
 def _gave_up(run: RunDir) -> bool:
@@ -83,11 +98,22 @@ def format_runs(found: list[dict]) -> str:
     """A table with a header line, columns padded to their widest entry."""
     if not found:
         return "no runs here (folders holding started.json or run.json)"
-    rows = [COLUMNS, *([entry["run"], entry["model"] or "?",
-                        f"{entry['epochs_run'] or 0} of {entry['epochs_planned'] or '?'}",
-                        (f"{entry['best_val_accuracy']:.4f} (epoch {entry['best_epoch']})"
-                         if entry["best_val_accuracy"] is not None else "-"),
-                        entry["state"]] for entry in found)]
+    rows = [
+        COLUMNS,
+        *(
+            [
+                entry["run"],
+                entry["model"] or "?",
+                f"{entry['epochs_run'] or 0} of {entry['epochs_planned'] or '?'}",
+                (
+                    f"{entry['best_val_accuracy']:.4f} (epoch {entry['best_epoch']})"
+                    if entry["best_val_accuracy"] is not None
+                    else "-"
+                ),
+                entry["state"],
+            ]
+            for entry in found
+        ),
+    ]
     widths = [max(len(str(row[column])) for row in rows) for column in range(len(COLUMNS))]
-    return "\n".join("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip()
-                     for row in rows)
+    return "\n".join("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows)

@@ -36,8 +36,7 @@ class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
         return tf.where(step < warmup, warming, cosine)
 
     def get_config(self) -> dict:
-        return {"rate": self.rate, "warmup_steps": self.warmup_steps,
-                "total_steps": float(self.total_steps.numpy())}
+        return {"rate": self.rate, "warmup_steps": self.warmup_steps, "total_steps": float(self.total_steps.numpy())}
 
 
 def learning_rate(config: TrainConfig, steps_per_epoch: int, workers: int, epochs: int):
@@ -86,8 +85,19 @@ class TimeBudget(keras.callbacks.Callback):
     together. A resumed run (`digits train --resume`, a later command) keeps its plan: the
     budget was the first command's."""
 
-    def __init__(self, strategy, config: TrainConfig, state: TrainingState, steps: int, images_per_epoch: int,
-                 rank: int, world: int, command_started: float, resumed: bool, clock=time.time):
+    def __init__(
+        self,
+        strategy,
+        config: TrainConfig,
+        state: TrainingState,
+        steps: int,
+        images_per_epoch: int,
+        rank: int,
+        world: int,
+        command_started: float,
+        resumed: bool,
+        clock=time.time,
+    ):
         super().__init__()
         self.strategy, self.config, self.state, self.steps = strategy, config, state, steps
         self.images_per_epoch = images_per_epoch
@@ -99,12 +109,12 @@ class TimeBudget(keras.callbacks.Callback):
             self.state.time_budget = {"minutes": self.config.time_budget, "epoch_ends_s": [], "plans": []}
         sizing = self.state.time_budget
         if "epochs_planned" not in sizing or (
-                not self.resumed and epoch < max(SIZING_EPOCHS, sizing["epochs_planned"] // 2)):
+            not self.resumed and epoch < max(SIZING_EPOCHS, sizing["epochs_planned"] // 2)
+        ):
             self._plan(sizing, done=epoch + 1)
         planned = sizing["epochs_planned"]
         if epoch + 1 >= planned and self.state.stop_reason is None:
-            self.state.stop_reason = (f"time budget: {planned} epochs fit in "
-                                         f"{self.config.time_budget:g} min")
+            self.state.stop_reason = f"time budget: {planned} epochs fit in {self.config.time_budget:g} min"
             self.model.stop_training = True
 
     def _plan(self, sizing: dict, done: int) -> None:
@@ -113,17 +123,25 @@ class TimeBudget(keras.callbacks.Callback):
         mine[self.world + self.rank] = self.clock() - self.command_started
         totals = sum_over_workers(self.strategy, mine, self.world)
         ends = sizing["epoch_ends_s"]
-        ends.append(round(float(totals[self.world:].max()), 2))
+        ends.append(round(float(totals[self.world :].max()), 2))
         if len(ends) == 1:  # the first epoch's time includes tracing the step: an upper bound
-            epoch_s = sizing["first_epoch_s"] = round(float(totals[:self.world].max()), 2)
+            epoch_s = sizing["first_epoch_s"] = round(float(totals[: self.world].max()), 2)
         else:  # from one epoch's end to the next: validation and checkpoint included
             epoch_s = (ends[-1] - ends[0]) / (len(ends) - 1)
         scoring_s = self.config.scoring_reserve * epoch_s / (self.images_per_epoch * SCORING_SPEEDUP)
-        planned = max(1, min(self.config.epochs, epochs_that_fit(
-            self.config.time_budget, ends[-1], epoch_s, done, reserved_s=scoring_s)))
+        planned = max(
+            1,
+            min(
+                self.config.epochs,
+                epochs_that_fit(self.config.time_budget, ends[-1], epoch_s, done, reserved_s=scoring_s),
+            ),
+        )
         sizing["plans"].append(planned)
-        sizing.update(planned_from_epoch_s=round(epoch_s, 2), epochs_planned=planned,
-                      **({"scoring_reserve_s": round(scoring_s, 1)} if self.config.scoring_reserve else {}))
+        sizing.update(
+            planned_from_epoch_s=round(epoch_s, 2),
+            epochs_planned=planned,
+            **({"scoring_reserve_s": round(scoring_s, 1)} if self.config.scoring_reserve else {}),
+        )
         schedule = getattr(self.model.optimizer, "_learning_rate", None)  # seams.LEARNING_RATE
         if isinstance(schedule, WarmupCosine):
             schedule.total_steps.assign(float(planned * self.steps))

@@ -57,20 +57,31 @@ def model_graph_events(model: keras.Model, wall_time: float) -> list:
     predict = tf.function(lambda pixels: model(pixels, training=False))
     graph = predict.get_concrete_function(tf.TensorSpec([None, *model.input_shape[1:]])).graph
     metadata = tf.compat.v1.SummaryMetadata(
-        plugin_data=tf.compat.v1.SummaryMetadata.PluginData(plugin_name="graph_keras_model",
-                                                            content=b"1"))
-    keras_config = tf.compat.v1.Summary.Value(tag="keras", metadata=metadata,
-                                              tensor=tf.make_tensor_proto(model.to_json()))
-    return [tf.compat.v1.Event(wall_time=wall_time, file_version="brain.Event:2"),
-            tf.compat.v1.Event(wall_time=wall_time, graph_def=graph.as_graph_def().SerializeToString()),
-            tf.compat.v1.Event(wall_time=wall_time, step=0,
-                               summary=tf.compat.v1.Summary(value=[keras_config]))]
+        plugin_data=tf.compat.v1.SummaryMetadata.PluginData(plugin_name="graph_keras_model", content=b"1")
+    )
+    keras_config = tf.compat.v1.Summary.Value(
+        tag="keras", metadata=metadata, tensor=tf.make_tensor_proto(model.to_json())
+    )
+    return [
+        tf.compat.v1.Event(wall_time=wall_time, file_version="brain.Event:2"),
+        tf.compat.v1.Event(wall_time=wall_time, graph_def=graph.as_graph_def().SerializeToString()),
+        tf.compat.v1.Event(wall_time=wall_time, step=0, summary=tf.compat.v1.Summary(value=[keras_config])),
+    ]
 
 
 def scalar_events(history: list[dict]) -> list:
     """One event per epoch (step = epoch number), at the time the epoch ended."""
-    return [tf.compat.v1.Event(
-        wall_time=entry.get("ended_unix", 0.0), step=entry["epoch"],
-        summary=tf.compat.v1.Summary(value=[tf.compat.v1.Summary.Value(tag=tag, simple_value=entry[tag])
-                                            for tag in EPOCH_METRICS if tag in entry]))
-        for entry in history]
+    return [
+        tf.compat.v1.Event(
+            wall_time=entry.get("ended_unix", 0.0),
+            step=entry["epoch"],
+            summary=tf.compat.v1.Summary(
+                value=[
+                    tf.compat.v1.Summary.Value(tag=tag, simple_value=entry[tag])
+                    for tag in EPOCH_METRICS
+                    if tag in entry
+                ]
+            ),
+        )
+        for entry in history
+    ]

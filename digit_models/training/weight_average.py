@@ -41,8 +41,9 @@ class AveragingAdam(keras.optimizers.Adam):
             average.assign(momentum * average + (1.0 - momentum) * variable)
 
         for variable in var_list:
-            self._distribution_strategy.extended.update(self._average_of(variable), update,
-                                                        args=(variable,), group=False)
+            self._distribution_strategy.extended.update(
+                self._average_of(variable), update, args=(variable,), group=False
+            )
 
     def _average_of(self, variable):
         return self._model_variables_moving_average[self._index_dict[self._var_key(variable)]]

@@ -45,9 +45,15 @@ from digit_models.nets.models import build_model
 from digit_models.storage.run_dir import RunDir
 from digit_models.training.schedule import TimeBudget, learning_rate
 from digit_models.training.tensorboard_log import TensorBoardEvents
-from digit_models.training.callbacks import (Checkpointing, EpochHistory, InjectedFault, PreemptionNotice,
-                                          ProgressLine,
-                                          SynchronizedTargetStop, sum_over_workers)
+from digit_models.training.callbacks import (
+    Checkpointing,
+    EpochHistory,
+    InjectedFault,
+    PreemptionNotice,
+    ProgressLine,
+    SynchronizedTargetStop,
+    sum_over_workers,
+)
 from digit_models.training.weight_average import AveragingAdam, WeightAverage
 
 # Training steps per call from Python into TensorFlow: for the seed's small dense net the
@@ -72,9 +78,11 @@ def run_worker(inputs: WorkerInputs) -> WorkerOutcome:
     val_x, val_y, val_rows = own_rows(inputs.validation, rank, world)
     order = EpochOrder(len(train_x), config.global_batch(world), rank, world, config.seed)
     if order.steps == 0:
-        raise DigitsError(f"{len(train_x)} training rows are fewer than one step of {world} worker(s) "
-                          f"x --batch-size x --accumulate ({order.global_batch}); use more rows or "
-                          "smaller batches")
+        raise DigitsError(
+            f"{len(train_x)} training rows are fewer than one step of {world} worker(s) "
+            f"x --batch-size x --accumulate ({order.global_batch}); use more rows or "
+            "smaller batches"
+        )
     shards = _shard_report(strategy, rank, world, order, val_rows, inputs.rows_total)
     # Every worker must run the same number of steps, or one waits forever in an all-reduce.
     val_size = min(shards["validation_rows"])
@@ -84,9 +92,11 @@ def run_worker(inputs: WorkerInputs) -> WorkerOutcome:
     if val_size:
         val_batch = max(config.batch_size, 256)
         validation = dict(
-            validation_data=strategy.distribute_datasets_from_function(lambda _: _batches(
-                val_x[:val_size], val_y[:val_size], val_batch // replicas_here, cpus)),
-            validation_steps=-(-val_size // val_batch))
+            validation_data=strategy.distribute_datasets_from_function(
+                lambda _: _batches(val_x[:val_size], val_y[:val_size], val_batch // replicas_here, cpus)
+            ),
+            validation_steps=-(-val_size // val_batch),
+        )
 
     timeline["data_ready"] = time.time()
     resumed = newest_complete(inputs.run_dir)
@@ -95,45 +105,87 @@ def run_worker(inputs: WorkerInputs) -> WorkerOutcome:
     with strategy.scope():
         model = compiled_model(config, order.steps, world, state.epochs_planned(config.epochs))
         if resumed:
-            restore(model, resumed.model_file, RunDir(inputs.run_dir).child(RunDir.CHECKPOINTS),
-                    global_batch_then=state.global_batch or order.global_batch,
-                    global_batch_now=order.global_batch)
+            restore(
+                model,
+                resumed.model_file,
+                RunDir(inputs.run_dir).child(RunDir.CHECKPOINTS),
+                global_batch_then=state.global_batch or order.global_batch,
+                global_batch_now=order.global_batch,
+            )
     state.global_batch = order.global_batch
     if rank == 0:
-        record_start(inputs, world, config.workers, state.epochs_done if resumed else None,
-                     in_epoch["images_done"] if in_epoch else 0)
+        record_start(
+            inputs,
+            world,
+            config.workers,
+            state.epochs_done if resumed else None,
+            in_epoch["images_done"] if in_epoch else 0,
+        )
 
     if strategy.num_replicas_in_sync > 1 or config.accumulate > 1:
-        model.train_step = types.MethodType(data_parallel_step(
-            getattr(tf, config.gradient_dtype), config.accumulate), model)
+        model.train_step = types.MethodType(
+            data_parallel_step(getattr(tf, config.gradient_dtype), config.accumulate), model
+        )
     timeline["model_ready"] = time.time()
     target_stop = SynchronizedTargetStop(strategy, config.target_metric, config.target)
     images_per_epoch = order.steps * order.global_batch
     fault = inputs.faults and InjectedFault(inputs.faults, rank, order.steps, inputs.run_dir)
     weight_average = WeightAverage() if config.weight_average else None
-    checkpointing = Checkpointing(rank, state, before_report=fault and fault.checkpoint_written,
-                                  epoch_layout=weight_average.average_in if weight_average else nullcontext)
+    checkpointing = Checkpointing(
+        rank,
+        state,
+        before_report=fault and fault.checkpoint_written,
+        epoch_layout=weight_average.average_in if weight_average else nullcontext,
+    )
     preemption = PreemptionNotice(strategy, checkpointing, order.global_batch, rank, inputs.run_dir)
-    callbacks = [*([weight_average] if weight_average else []),  # before all that reads weights
-                 *([RecomputedBatchNorm(strategy, world, train_x[batchnorm_rows(len(train_x), rank, world, config.seed)])]
-                   if config.recompute_batchnorm else []),
-                 target_stop,
-                 EpochHistory(config, state, target_stop, images_per_epoch, timeline=timeline),
-                 *([TimeBudget(strategy, config, state, order.steps, images_per_epoch, rank, world,
-                               inputs.command_started_unix, resumed=inputs.driver_session > 0)] if config.time_budget else []),
-                 checkpointing,
-                 *(rank_zero_logs(inputs, state, order.steps) if rank == 0 else []),
-                 *([fault] if fault else []),
-                 preemption]  # last: a just-in-time checkpoint holds the step's own records
+    callbacks = [
+        *([weight_average] if weight_average else []),  # before all that reads weights
+        *(
+            [RecomputedBatchNorm(strategy, world, train_x[batchnorm_rows(len(train_x), rank, world, config.seed)])]
+            if config.recompute_batchnorm
+            else []
+        ),
+        target_stop,
+        EpochHistory(config, state, target_stop, images_per_epoch, timeline=timeline),
+        *(
+            [
+                TimeBudget(
+                    strategy,
+                    config,
+                    state,
+                    order.steps,
+                    images_per_epoch,
+                    rank,
+                    world,
+                    inputs.command_started_unix,
+                    resumed=inputs.driver_session > 0,
+                )
+            ]
+            if config.time_budget
+            else []
+        ),
+        checkpointing,
+        *(rank_zero_logs(inputs, state, order.steps) if rank == 0 else []),
+        *([fault] if fault else []),
+        preemption,
+    ]  # last: a just-in-time checkpoint holds the step's own records
 
     def train(first_epoch: int, epochs: int, start: int = 0) -> None:
         """fit() over epochs [first_epoch, epochs), the first from image `start` of its order."""
         steps = order.steps_from(start)
         preemption.epoch_start = start
-        data = strategy.distribute_datasets_from_function(lambda _: order.batches(
-            train_x, train_y, first_epoch, start, replicas_here, cpus, augmentation))
-        model.fit(data, epochs=epochs, initial_epoch=first_epoch, steps_per_epoch=steps,
-                  callbacks=callbacks, verbose=0, **validation)
+        data = strategy.distribute_datasets_from_function(
+            lambda _: order.batches(train_x, train_y, first_epoch, start, replicas_here, cpus, augmentation)
+        )
+        model.fit(
+            data,
+            epochs=epochs,
+            initial_epoch=first_epoch,
+            steps_per_epoch=steps,
+            callbacks=callbacks,
+            verbose=0,
+            **validation,
+        )
 
     def more_to_do() -> bool:
         return state.stop_reason is None and state.epochs_done < config.epochs
@@ -143,10 +195,14 @@ def run_worker(inputs: WorkerInputs) -> WorkerOutcome:
     if more_to_do():
         train(state.epochs_done, config.epochs)
     timeline["train_func_ended"] = time.time()
-    return WorkerOutcome(state=state, workers=world, shards=shards, timeline=timeline,
-                         preemption_checks=preemption.cost,
-                         worker_process={"cpus": cpus, "niceness": os.nice(0),
-                                         "precision": keras.mixed_precision.global_policy().name})
+    return WorkerOutcome(
+        state=state,
+        workers=world,
+        shards=shards,
+        timeline=timeline,
+        preemption_checks=preemption.cost,
+        worker_process={"cpus": cpus, "niceness": os.nice(0), "precision": keras.mixed_precision.global_policy().name},
+    )
 
 
 class EpochOrder:
@@ -167,14 +223,21 @@ class EpochOrder:
         return max(1, (self.rows - start) // self.global_batch)
 
     def rows_of(self, epoch: int, step: int | tf.Tensor, start: int | tf.Tensor = 0) -> tf.Tensor:
-        first = tf.cast(start, tf.int64) + tf.cast(step, tf.int64) * self.global_batch \
-            + self.rank * self.step_rows
+        first = tf.cast(start, tf.int64) + tf.cast(step, tf.int64) * self.global_batch + self.rank * self.step_rows
         positions = (first + tf.range(self.step_rows, dtype=tf.int64)) % self.rows
         seed = tf.stack([tf.constant(self.seed, tf.int64), tf.cast(epoch, tf.int64)])
         return tf.random.experimental.index_shuffle(positions, seed, self.rows - 1)
 
-    def batches(self, images, labels, first_epoch: int, start: int, replicas: int, cpus: int,
-                augmentation: Augmentation | None = None):
+    def batches(
+        self,
+        images,
+        labels,
+        first_epoch: int,
+        start: int,
+        replicas: int,
+        cpus: int,
+        augmentation: Augmentation | None = None,
+    ):
         """Endless (pixels, one-hot label) batches from epoch `first_epoch`'s image `start` on,
         each worker step split between this worker's `replicas`; augmented, if asked, from
         (seed, epoch, position): the same images get the same views on resume."""
@@ -191,18 +254,18 @@ class EpochOrder:
             x, y = tf.gather(images, rows), tf.gather(labels, rows)
             if augmentation:
                 where = epoch * self.rows + offset + step * self.global_batch
-                x = random_affine(x, tf.stack([tf.constant(self.seed * 1000 + self.rank, tf.int64), where]),
-                                  augmentation)
+                x = random_affine(
+                    x, tf.stack([tf.constant(self.seed * 1000 + self.rank, tf.int64), where]), augmentation
+                )
             return x, y
 
-        data = tf.data.Dataset.range(2 ** 62).map(batch, num_parallel_calls=cpus)
+        data = tf.data.Dataset.range(2**62).map(batch, num_parallel_calls=cpus)
         if replicas > 1:
             data = data.unbatch().batch(self.step_rows // replicas)
         return data.prefetch(tf.data.AUTOTUNE).with_options(_untuned_options(cpus))
 
 
-def restore(model: keras.Model, model_file: bytes, where: str, global_batch_then: int,
-            global_batch_now: int) -> None:
+def restore(model: keras.Model, model_file: bytes, where: str, global_batch_then: int, global_batch_now: int) -> None:
     """A checkpoint's weights and optimizer state into `model`, compiled for this worker group
     (the checkpoint's file checked first: nets/model_file.py). A group of another size takes more
     or fewer images per update, so the optimizer's step count, which the learning-rate
@@ -212,8 +275,7 @@ def restore(model: keras.Model, model_file: bytes, where: str, global_batch_then
     model.optimizer.build(model.trainable_variables)
     for variable, value in zip(model.optimizer.variables, saved.optimizer.variables, strict=True):
         variable.assign(value)
-    model.optimizer.iterations.assign(
-        int(saved.optimizer.iterations.numpy()) * global_batch_then // global_batch_now)
+    model.optimizer.iterations.assign(int(saved.optimizer.iterations.numpy()) * global_batch_then // global_batch_now)
 
 
 def compiled_model(config: TrainConfig, steps: int, workers: int, epochs: int) -> keras.Model:
@@ -223,34 +285,45 @@ def compiled_model(config: TrainConfig, steps: int, workers: int, epochs: int) -
     (WeightAverage swaps it in and out from then on)."""
     model = build_model(config.model, config.dropout)
     rate = learning_rate(config, steps, workers, epochs)
-    optimizer = (AveragingAdam(rate, ema_momentum=config.weight_average) if config.weight_average
-                 else keras.optimizers.Adam(rate))
-    model.compile(optimizer=optimizer,
-                  loss=keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing),
-                  metrics=["accuracy"], steps_per_execution=STEPS_PER_EXECUTION)
+    optimizer = (
+        AveragingAdam(rate, ema_momentum=config.weight_average)
+        if config.weight_average
+        else keras.optimizers.Adam(rate)
+    )
+    model.compile(
+        optimizer=optimizer,
+        loss=keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing),
+        metrics=["accuracy"],
+        steps_per_execution=STEPS_PER_EXECUTION,
+    )
     if config.weight_average:
         model.optimizer.build(model.trainable_variables)
     return model
 
 
-def record_start(inputs: WorkerInputs, world: int, most: int, resumed_after: int | None,
-                 images_done: int) -> None:
+def record_start(inputs: WorkerInputs, world: int, most: int, resumed_after: int | None, images_done: int) -> None:
     """Rank 0: this worker group's start on record, and on the console when it is a restart
     (with the group's size when it is not the run's full size)."""
     session = inputs.driver_session
     history = attempts.timeline(inputs.run_dir)
     starts = [entry for _, kind, entry in history if kind == "start" and entry["driver_session"] == session]
     ended = [entry for _, kind, entry in history if kind == "restart"]
-    attempts.record(inputs.run_dir, "start", {
-        "driver_session": session, "workers": world, "resumed_after_epoch": resumed_after,
-        "resumed_at_image": images_done})
+    attempts.record(
+        inputs.run_dir,
+        "start",
+        {
+            "driver_session": session,
+            "workers": world,
+            "resumed_after_epoch": resumed_after,
+            "resumed_at_image": images_done,
+        },
+    )
     where = f"after epoch {resumed_after}" if resumed_after is not None else "from scratch"
     if images_done:
         where = f"in epoch {resumed_after + 1} at image {images_done:,}"
     size = f" with {world} of {most} workers" if world != most else ""
     if starts:
-        why = {"preemption": "a preemption", "resize": "a resize"}.get(ended[-1]["why"] if ended else "",
-                                                                     "a failure")
+        why = {"preemption": "a preemption", "resize": "a resize"}.get(ended[-1]["why"] if ended else "", "a failure")
         say(f"workers restarted after {why} (restart {len(starts)} of this run), resuming {where}{size}")
     elif session:
         say(f"resuming {where}{size}")
@@ -311,8 +384,11 @@ def _untuned_options(cpus: int | None = None) -> tf.data.Options:
 def communication(config: TrainConfig) -> tf.distribute.experimental.CommunicationOptions:
     """The collective implementation, chosen rather than left to TensorFlow: NCCL between GPUs,
     ring all-reduce over gRPC between CPUs."""
-    implementation = (tf.distribute.experimental.CommunicationImplementation.NCCL
-                      if config.gpus_per_worker else tf.distribute.experimental.CommunicationImplementation.RING)
+    implementation = (
+        tf.distribute.experimental.CommunicationImplementation.NCCL
+        if config.gpus_per_worker
+        else tf.distribute.experimental.CommunicationImplementation.RING
+    )
     return tf.distribute.experimental.CommunicationOptions(implementation=implementation)
 
 
@@ -339,10 +415,12 @@ def data_parallel_step(all_reduce_dtype, micro_batches: int = 1):
             for part_x, part_y in parts:
                 total = [t + g for t, g in zip(total, gradients(model, part_x, part_y))]
         summed = tf.distribute.get_replica_context().all_reduce(
-            tf.distribute.ReduceOp.SUM, [tf.cast(g, all_reduce_dtype) for g in total])
+            tf.distribute.ReduceOp.SUM, [tf.cast(g, all_reduce_dtype) for g in total]
+        )
         model.optimizer.apply_gradients(
             [(tf.cast(g, v.dtype), v) for g, v in zip(summed, model.trainable_variables)],
-            skip_gradients_aggregation=True)
+            skip_gradients_aggregation=True,
+        )
         return model.get_metrics_result()
 
     return train_step
@@ -378,10 +456,10 @@ def _shard_report(strategy, rank: int, world: int, order: EpochOrder, val_rows, 
     counts[world + rank] = len(val_rows)
     np.add.at(counts, 2 * world + epoch_rows, 1)
     totals = sum_over_workers(strategy, counts, world)
-    per_row = totals[2 * world:]
+    per_row = totals[2 * world :]
     return {
         "train_rows": [int(n) for n in totals[:world]],
-        "validation_rows": [int(n) for n in totals[world:2 * world]],
+        "validation_rows": [int(n) for n in totals[world : 2 * world]],
         "train_rows_seen_by_two_workers": int((per_row > 1).sum()),
         "disjoint": bool(per_row.max(initial=0) <= 1),
     }

@@ -24,8 +24,13 @@ SEARCH_INTERRUPTED = threading.Event()
 
 # Tune's trial states as the table says them; a trial left running or pending when the search
 # stops is unfinished (a resumed search continues it).
-STATES = {"PENDING": "pending", "RUNNING": "running", "PAUSED": "running", "ERROR": "failed",
-          "TERMINATED": "stopped early"}
+STATES = {
+    "PENDING": "pending",
+    "RUNNING": "running",
+    "PAUSED": "running",
+    "ERROR": "failed",
+    "TERMINATED": "stopped early",
+}
 ENDED = ("TERMINATED", "ERROR")
 
 
@@ -33,8 +38,7 @@ class TrialEvents(tune.Callback):
     """Runs in the `digits tune` process. Picklable as it is made (Ray Tune keeps it in the
     search's saved state, and a resumed search gets it back from there)."""
 
-    def __init__(self, tune_dir: str, trials: int, epochs: int, fixed: dict, model: str,
-                 time_budget_s: float | None):
+    def __init__(self, tune_dir: str, trials: int, epochs: int, fixed: dict, model: str, time_budget_s: float | None):
         self.tune_dir, self.trials, self.epochs, self.fixed = tune_dir, trials, epochs, fixed
         self.model = model  # the trials' model, unless sampled
         self.time_budget_s = time_budget_s
@@ -66,8 +70,9 @@ class TrialEvents(tune.Callback):
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self.running.add(trial.trial_id)
-        settings = ", ".join(f"{option(field)} {_shown(value)}"
-                             for field, value in trial_settings(trial.config, self.model).items())
+        settings = ", ".join(
+            f"{option(field)} {_shown(value)}" for field, value in trial_settings(trial.config, self.model).items()
+        )
         self._say(f"trial {trial_name(trial.trial_id)} started: {settings or 'the fixed settings'}")
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
@@ -87,15 +92,17 @@ class TrialEvents(tune.Callback):
         run = trial_run_dir(self.tune_dir, name)
         if run.is_finished:
             summary = run.read_run()
-            self._say(f"trial {name} finished: {summary['epochs_run']} epochs, val_accuracy "
-                              f"{summary['history'][-1].get('val_accuracy', float('nan')):.4f} "
-                              f"({summary['stop_reason']})")
+            self._say(
+                f"trial {name} finished: {summary['epochs_run']} epochs, val_accuracy "
+                f"{summary['history'][-1].get('val_accuracy', float('nan')):.4f} "
+                f"({summary['stop_reason']})"
+            )
         else:
-            why = ("the search's time budget ran out" if self._budget_spent()
-                   else "below the scheduler's cutoff")
+            why = "the search's time budget ran out" if self._budget_spent() else "below the scheduler's cutoff"
             after = f"after epoch {last['epoch']}" if "epoch" in last else "before its first epoch ended"
-            self._say(f"trial {name} stopped early {after} (val_accuracy "
-                              f"{last.get('val_accuracy', float('nan')):.4f}, {why})")
+            self._say(
+                f"trial {name} stopped early {after} (val_accuracy {last.get('val_accuracy', float('nan')):.4f}, {why})"
+            )
         self.write(trials)
 
     def on_trial_error(self, iteration, trials, trial, **info):
@@ -108,8 +115,7 @@ class TrialEvents(tune.Callback):
         if not SEARCH_INTERRUPTED.is_set():  # the trials the search's end stopped: its time budget
             for trial in trials:
                 if trial.trial_id not in (self.ended or ()):
-                    live.line(f"trial {trial_name(trial.trial_id)} left unfinished: the search's time "
-                              "budget ran out")
+                    live.line(f"trial {trial_name(trial.trial_id)} left unfinished: the search's time budget ran out")
         self.write(trials, ended=True)
 
     def write(self, trials, ended: bool = False) -> dict | None:
@@ -120,10 +126,16 @@ class TrialEvents(tune.Callback):
             if ended and (state in ("running", "pending") or trial.trial_id not in (self.ended or ())):
                 state = "unfinished"
             name = trial_name(trial.trial_id)
-            rows.append(trial_row(name, state, trial_settings(trial.config, self.model),
-                                  trial_run_dir(self.tune_dir, name),
-                                  trial.last_result.get("time_total_s"),
-                                  trial_error(trial) if trial.status == "ERROR" else None))
+            rows.append(
+                trial_row(
+                    name,
+                    state,
+                    trial_settings(trial.config, self.model),
+                    trial_run_dir(self.tune_dir, name),
+                    trial.last_result.get("time_total_s"),
+                    trial_error(trial) if trial.status == "ERROR" else None,
+                )
+            )
         return write_results(Folder(self.tune_dir), rows, self.fixed)
 
     def _budget_spent(self) -> bool:
@@ -135,8 +147,7 @@ class TrialEvents(tune.Callback):
 
     def _live(self) -> None:
         best = f", best val_accuracy {self.best:.4f}" if self.best is not None else ""
-        live.progress({"text": f"trials {len(self.ended or ())}/{self.trials} done, "
-                               f"{len(self.running)} running{best}"})
+        live.progress({"text": f"trials {len(self.ended or ())}/{self.trials} done, {len(self.running)} running{best}"})
 
 
 def trial_error(trial) -> str:

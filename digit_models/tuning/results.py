@@ -26,23 +26,29 @@ BEST = "best.json"
 
 # The table's columns around the trial's options (one column each, named as the option).
 FIRST = ("trial", "state")
-LAST = ("epochs", "val_accuracy", "best_val_accuracy", "best_epoch", "stop_reason", "wall_s",
-        "run_dir", "error")
+LAST = ("epochs", "val_accuracy", "best_val_accuracy", "best_epoch", "stop_reason", "wall_s", "run_dir", "error")
 
-def trial_row(name: str, state: str, sampled: dict, run: RunDir, wall_s: float | None,
-              error: str | None) -> dict:
+
+def trial_row(name: str, state: str, sampled: dict, run: RunDir, wall_s: float | None, error: str | None) -> dict:
     """A trial's row: `state` as the search knows it (finished, stopped early, failed,
     running, pending, unfinished), `sampled` its options (TrainConfig fields), `wall_s` Ray
     Tune's time from the trial's start to its last epoch (a finished run's own is run.json's)."""
     numbers = describe(run) if run.exists(RunDir.STARTED) or run.is_finished else {}
     if numbers.get("state") == "finished":
         state, wall_s = "finished", run.read_run()["wall_s"]
-    return {"trial": name, "state": state, **{option(field): value for field, value in sampled.items()},
-            "epochs": numbers.get("epochs_run"), "val_accuracy": numbers.get("val_accuracy"),
-            "best_val_accuracy": numbers.get("best_val_accuracy"), "best_epoch": numbers.get("best_epoch"),
-            "stop_reason": numbers.get("stop_reason"),
-            "wall_s": round(wall_s, 1) if wall_s is not None else None,
-            "run_dir": f"trials/{name}", "error": error}
+    return {
+        "trial": name,
+        "state": state,
+        **{option(field): value for field, value in sampled.items()},
+        "epochs": numbers.get("epochs_run"),
+        "val_accuracy": numbers.get("val_accuracy"),
+        "best_val_accuracy": numbers.get("best_val_accuracy"),
+        "best_epoch": numbers.get("best_epoch"),
+        "stop_reason": numbers.get("stop_reason"),
+        "wall_s": round(wall_s, 1) if wall_s is not None else None,
+        "run_dir": f"trials/{name}",
+        "error": error,
+    }
 
 
 def best_trial(rows: list[dict], tune_dir: Folder, fixed: dict) -> dict | None:
@@ -55,9 +61,15 @@ def best_trial(rows: list[dict], tune_dir: Folder, fixed: dict) -> dict | None:
     best = min(finished, key=lambda row: (-row["val_accuracy"], row["trial"]))
     run = RunDir(tune_dir.child(best["run_dir"]))
     config = run.read_run()["config"]
-    return {"trial": best["trial"], "run_dir": run.given, "val_accuracy": best["val_accuracy"],
-            "best_val_accuracy": best["best_val_accuracy"], "epochs": best["epochs"],
-            "config": config, "command": train_command(config, fixed)}
+    return {
+        "trial": best["trial"],
+        "run_dir": run.given,
+        "val_accuracy": best["val_accuracy"],
+        "best_val_accuracy": best["best_val_accuracy"],
+        "epochs": best["epochs"],
+        "config": config,
+        "command": train_command(config, fixed),
+    }
 
 
 def train_command(config: dict, fixed: dict) -> str:

@@ -18,8 +18,13 @@ class EpochHalving(AsyncHyperBandScheduler):
     its last epoch like at any other). Its result still counts at that rung for the others."""
 
     def __init__(self, epochs: int, default_epochs: int):
-        super().__init__(time_attr="epoch", max_t=epochs, grace_period=GRACE_EPOCHS,
-                         reduction_factor=REDUCTION_FACTOR, stop_last_trials=False)
+        super().__init__(
+            time_attr="epoch",
+            max_t=epochs,
+            grace_period=GRACE_EPOCHS,
+            reduction_factor=REDUCTION_FACTOR,
+            stop_last_trials=False,
+        )
         self.default_epochs = default_epochs  # a trial's epochs unless its sample has its own
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:

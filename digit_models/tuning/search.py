@@ -48,12 +48,17 @@ def tune(config: SearchConfig, address: str | None = None) -> dict:
     user gave is checked before Ray starts or anything is written."""
     config.validate()
     base = config.base()
-    space = (checked_space(read_space(config.space_file), base, config.fixed, config.space_file)
-             if config.space_file else default_space(config.preset, base, config.fixed))
+    space = (
+        checked_space(read_space(config.space_file), base, config.fixed, config.space_file)
+        if config.space_file
+        else default_space(config.preset, base, config.fixed)
+    )
     tune_dir = _tune_dir(config.out)
     if tune_dir.exists(SEARCH):
-        raise DigitsError(f"{config.out}: holds a search already; continue it with "
-                          f"`digits tune --resume {config.out}` or choose another --out")
+        raise DigitsError(
+            f"{config.out}: holds a search already; continue it with "
+            f"`digits tune --resume {config.out}` or choose another --out"
+        )
     require_output_folder(tune_dir, "choose another --out")
     train_csv = resolve_train_csv(config.data)
     read_train_csv(train_csv, limit=base.limit)  # a bad row is one line now, not a failed trial per row
@@ -67,25 +72,41 @@ def tune(config: SearchConfig, address: str | None = None) -> dict:
 
         cpus_per_worker, at_once = _trial_resources(config, base)
         tune_dir.create()
-        tune_dir.write_json(SEARCH, {"config": dataclasses.asdict(config), "space": space,
-                                     "cpus_per_worker": cpus_per_worker, "trials_at_once": at_once,
-                                     "started_at": utc(time.time())})
+        tune_dir.write_json(
+            SEARCH,
+            {
+                "config": dataclasses.asdict(config),
+                "space": space,
+                "cpus_per_worker": cpus_per_worker,
+                "trials_at_once": at_once,
+                "started_at": utc(time.time()),
+            },
+        )
         epochs = max(_ends(space["epochs"])) if "epochs" in space else base.epochs
         events = _events(config, epochs, base.model)
         tuner = ray_tune.Tuner(
-            _trainable(config, cpus_per_worker), param_space=to_tune(space),
+            _trainable(config, cpus_per_worker),
+            param_space=to_tune(space),
             tune_config=ray_tune.TuneConfig(
-                metric="val_accuracy", mode="max", num_samples=config.trials,
+                metric="val_accuracy",
+                mode="max",
+                num_samples=config.trials,
                 # The searcher limits the trials at once itself (Tune ignores max_concurrent_trials
                 # beside a searcher of this kind).
                 search_alg=BasicVariantGenerator(random_state=config.search_seed, max_concurrent=at_once),
                 scheduler=EpochHalving(epochs, base.epochs),
-                time_budget_s=config.time_budget * 60 if config.time_budget else None),
+                time_budget_s=config.time_budget * 60 if config.time_budget else None,
+            ),
             run_config=ray_tune.RunConfig(
-                name=TUNE_STATE, storage_path=tune_dir.location, verbose=0, callbacks=[events],
+                name=TUNE_STATE,
+                storage_path=tune_dir.location,
+                verbose=0,
+                callbacks=[events],
                 # A failed trial is recorded and the search goes on; its Ray Train run has
                 # already spent its own restarts (--max-failures).
-                failure_config=ray_tune.FailureConfig(max_failures=0)))
+                failure_config=ray_tune.FailureConfig(max_failures=0),
+            ),
+        )
         return _fit(tuner, tune_dir, config.trials)
 
 
@@ -100,8 +121,7 @@ def resume(location: str, address: str | None = None) -> dict:
     if record.get("finished_at"):
         raise DigitsError(f"{location}: the search finished at {record['finished_at']}; nothing to resume")
     if not tune_dir.exists(TUNE_STATE):
-        raise DigitsError(f"{location}: stopped before Ray Tune saved the search; start it again "
-                          "with another --out")
+        raise DigitsError(f"{location}: stopped before Ray Tune saved the search; start it again with another --out")
     try:
         config = SearchConfig(**record["config"])
         cpus_per_worker = int(record["cpus_per_worker"])
@@ -111,8 +131,13 @@ def resume(location: str, address: str | None = None) -> dict:
         from ray import tune as ray_tune
 
         # Tune's saved state is pickled: it is read only from a TUNE_DIR this command wrote.
-        tuner = ray_tune.Tuner.restore(tune_dir.child(TUNE_STATE), trainable=_trainable(config, cpus_per_worker),
-                                       resume_unfinished=True, resume_errored=False, restart_errored=False)
+        tuner = ray_tune.Tuner.restore(
+            tune_dir.child(TUNE_STATE),
+            trainable=_trainable(config, cpus_per_worker),
+            resume_unfinished=True,
+            resume_errored=False,
+            restart_errored=False,
+        )
         return _fit(tuner, tune_dir, config.trials)
 
 
@@ -152,8 +177,12 @@ def _fit(tuner, tune_dir: Folder, trials: int) -> dict:
     states: dict[str, int] = {}
     for row in rows:
         states[row["state"]] = states.get(row["state"], 0) + 1
-    return {"trials": trials, "ran": len(rows), "states": states,
-            "best": tune_dir.read_json(BEST) if tune_dir.is_file(BEST) else None}
+    return {
+        "trials": trials,
+        "ran": len(rows),
+        "states": states,
+        "best": tune_dir.read_json(BEST) if tune_dir.is_file(BEST) else None,
+    }
 
 
 def _trainable(config: SearchConfig, cpus_per_worker: int):
@@ -163,14 +192,16 @@ def _trainable(config: SearchConfig, cpus_per_worker: int):
 
     return ray_tune.with_resources(
         ray_tune.with_parameters(run_trial, search=config, cpus_per_worker=cpus_per_worker),
-        {"cpu": 0, "memory": TRIAL_DRIVER_MEMORY})
+        {"cpu": 0, "memory": TRIAL_DRIVER_MEMORY},
+    )
 
 
 def _events(config: SearchConfig, epochs: int, model: str):
     from digit_models.tuning.events import TrialEvents
 
-    return TrialEvents(config.out, config.trials, epochs, config.fixed, model,
-                       config.time_budget * 60 if config.time_budget else None)
+    return TrialEvents(
+        config.out, config.trials, epochs, config.fixed, model, config.time_budget * 60 if config.time_budget else None
+    )
 
 
 def _trial_resources(config: SearchConfig, base: TrainConfig) -> tuple[int, int]:

@@ -22,22 +22,45 @@ from digit_models.storage.files import open_binary, read_at_most
 # The options that may differ between trials. The others are either the search's frame (the
 # data, the validation split and seed every trial is ranked on, the workers and resources) or
 # say how a run is carried out rather than what it learns.
-TUNABLE = ("model", "epochs", "batch_size", "accumulate", "learning_rate", "scale_learning_rate",
-           "lr_schedule", "augment", "label_smoothing", "dropout", "weight_average",
-           "recompute_batchnorm", "all_reduce_dtype")
+TUNABLE = (
+    "model",
+    "epochs",
+    "batch_size",
+    "accumulate",
+    "learning_rate",
+    "scale_learning_rate",
+    "lr_schedule",
+    "augment",
+    "label_smoothing",
+    "dropout",
+    "weight_average",
+    "recompute_batchnorm",
+    "all_reduce_dtype",
+)
 
 # The space searched when no --space is given, by preset: the settings docs/accuracy.md found
 # to matter most for each preset's model, around the preset's own values. An option given on
 # the command line is left out of it (it is fixed), and so is a dropout rate when no model of
 # the search has dropout layers.
 DEFAULT_SPACES: dict[str | None, dict] = {
-    None: {"learning-rate": {"min": 3e-4, "max": 1e-2, "log": True}, "batch-size": [32, 64, 128],
-           "label-smoothing": [0.0, 0.1]},
-    "fast": {"learning-rate": {"min": 1e-3, "max": 1e-2, "log": True}, "batch-size": [64, 128, 256],
-             "label-smoothing": [0.0, 0.05, 0.1]},
-    "best": {"learning-rate": {"min": 5e-4, "max": 5e-3, "log": True}, "batch-size": [32, 64, 128],
-             "dropout": {"min": 0.1, "max": 0.4}, "label-smoothing": [0.0, 0.1],
-             "weight-average": [0.0, 0.99, 0.999], "augment": [True, False]},
+    None: {
+        "learning-rate": {"min": 3e-4, "max": 1e-2, "log": True},
+        "batch-size": [32, 64, 128],
+        "label-smoothing": [0.0, 0.1],
+    },
+    "fast": {
+        "learning-rate": {"min": 1e-3, "max": 1e-2, "log": True},
+        "batch-size": [64, 128, 256],
+        "label-smoothing": [0.0, 0.05, 0.1],
+    },
+    "best": {
+        "learning-rate": {"min": 5e-4, "max": 5e-3, "log": True},
+        "batch-size": [32, 64, 128],
+        "dropout": {"min": 0.1, "max": 0.4},
+        "label-smoothing": [0.0, 0.1],
+        "weight-average": [0.0, 0.99, 0.999],
+        "augment": [True, False],
+    },
 }
 
 SPACE_FILE_BYTES = 1 << 20  # far more than any space; a larger file is not one
@@ -59,8 +82,10 @@ def read_space(location: str) -> dict:
     except yaml.YAMLError as exc:
         raise DigitsError(f"{location}: not YAML or JSON: {' '.join(str(exc).split())}") from None
     if not isinstance(space, dict) or not space:
-        raise DigitsError(f"{location}: expected a mapping of `digits train` option names to values "
-                          "or ranges, e.g. `learning-rate: {min: 0.0005, max: 0.01, log: true}`")
+        raise DigitsError(
+            f"{location}: expected a mapping of `digits train` option names to values "
+            "or ranges, e.g. `learning-rate: {min: 0.0005, max: 0.01, log: true}`"
+        )
     return space
 
 
@@ -74,14 +99,16 @@ def checked_space(space: dict, base: TrainConfig, fixed: dict, where: str) -> di
     for key, spec in space.items():
         field = _field(key, where)
         if field in fixed:
-            raise DigitsError(f"{where}: {key}: given on the command line as well (--{option(field)}); "
-                              "give it in one place")
+            raise DigitsError(
+                f"{where}: {key}: given on the command line as well (--{option(field)}); give it in one place"
+            )
         kind = next(t for t in typing.get_args(kinds[field]) or (kinds[field],) if t is not type(None))
         checked[field] = _checked_entry(spec, kind, f"{where}: {key}")
     models = [value for value in checked.get("model", {}).get("values", [base.model])]
     if "dropout" in checked and not any(model in MODELS_WITH_DROPOUT for model in models):
-        raise DigitsError(f"{where}: dropout: no model of the search has dropout layers "
-                          f"(these do: {', '.join(MODELS_WITH_DROPOUT)})")
+        raise DigitsError(
+            f"{where}: dropout: no model of the search has dropout layers (these do: {', '.join(MODELS_WITH_DROPOUT)})"
+        )
     for field, entry in checked.items():
         # With a dropout rate, a model that has dropout layers: the rate is dropped for trials
         # of the other models (trial_settings).
@@ -97,13 +124,17 @@ def checked_space(space: dict, base: TrainConfig, fixed: dict, where: str) -> di
 def default_space(preset: str | None, base: TrainConfig, fixed: dict) -> dict[str, dict]:
     """The preset's default space, less the options fixed on the command line and, when no
     model of the search has dropout layers, the dropout rate."""
-    space = {key: spec for key, spec in DEFAULT_SPACES[preset].items()
-             if key.replace("-", "_") not in fixed
-             and not (key == "dropout" and base.model not in MODELS_WITH_DROPOUT)}
+    space = {
+        key: spec
+        for key, spec in DEFAULT_SPACES[preset].items()
+        if key.replace("-", "_") not in fixed and not (key == "dropout" and base.model not in MODELS_WITH_DROPOUT)
+    }
     if not space:
-        raise DigitsError(f"every option of the default search space{f' of --preset {preset}' if preset else ''} "
-                          f"({', '.join(DEFAULT_SPACES[preset])}) is fixed on the command line; "
-                          "give a --space of options to vary")
+        raise DigitsError(
+            f"every option of the default search space{f' of --preset {preset}' if preset else ''} "
+            f"({', '.join(DEFAULT_SPACES[preset])}) is fixed on the command line; "
+            "give a --space of options to vary"
+        )
     return checked_space(space, base, fixed, "the default search space")
 
 
@@ -138,12 +169,15 @@ def _field(key, where: str) -> str:
         return field
     every = [f.name for f in dataclasses.fields(TrainConfig)]
     if field in every:
-        raise DigitsError(f"{where}: {key}: cannot vary between trials (give it on the command line "
-                          f"to fix it for all); these can: {', '.join(map(option, TUNABLE))}")
+        raise DigitsError(
+            f"{where}: {key}: cannot vary between trials (give it on the command line "
+            f"to fix it for all); these can: {', '.join(map(option, TUNABLE))}"
+        )
     close = difflib.get_close_matches(name, [option(f) for f in TUNABLE], n=1)
-    raise DigitsError(f"{where}: {key}: not a `digits train` option that can vary"
-                      + (f"; did you mean {close[0]}?" if close else
-                         f"; these can: {', '.join(map(option, TUNABLE))}"))
+    raise DigitsError(
+        f"{where}: {key}: not a `digits train` option that can vary"
+        + (f"; did you mean {close[0]}?" if close else f"; these can: {', '.join(map(option, TUNABLE))}")
+    )
 
 
 def _checked_entry(spec, kind: type, where: str) -> dict:
@@ -163,8 +197,10 @@ def _checked_entry(spec, kind: type, where: str) -> dict:
         if log and low <= 0:
             raise DigitsError(f"{where}: min {low}: a log-scale range must be above 0")
         return {"min": low, "max": high, "log": log}
-    raise DigitsError(f"{where}: {' '.join(repr(spec).split())[:80]}: expected a list of values or "
-                      "{min: A, max: B} (with log: true for a log scale)")
+    raise DigitsError(
+        f"{where}: {' '.join(repr(spec).split())[:80]}: expected a list of values or "
+        "{min: A, max: B} (with log: true for a log scale)"
+    )
 
 
 def _value(value, kind: type, where: str):

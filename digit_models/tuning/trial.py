@@ -39,9 +39,14 @@ def run_trial(sampled: dict, search: SearchConfig, cpus_per_worker: int) -> None
     if run_dir.is_file(RunDir.STARTED):
         resume(run_dir.location, callbacks=(EpochsToTune(),))
         return
-    settings = {**search.fixed, **trial_settings(sampled, search.base().model), "data": search.data,
-                "workers": search.workers_per_trial, "out": run_dir.location,
-                "cpus_per_worker": search.fixed.get("cpus_per_worker", cpus_per_worker)}
+    settings = {
+        **search.fixed,
+        **trial_settings(sampled, search.base().model),
+        "data": search.data,
+        "workers": search.workers_per_trial,
+        "out": run_dir.location,
+        "cpus_per_worker": search.fixed.get("cpus_per_worker", cpus_per_worker),
+    }
     train(TrainConfig.from_preset(search.preset, **settings), callbacks=(EpochsToTune(),))
 
 
