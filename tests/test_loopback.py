@@ -70,7 +70,7 @@ def test_an_embedded_run_listens_on_loopback_only_with_a_token_of_its_own(tmp_pa
     starts (GCS, raylet, object manager, dashboard, agents, Ray Train's controller and worker,
     the driver), is on 127.0.0.1, looked at while the worker trains too; Ray's processes demand
     a token that no file holds. A group of one worker runs TensorFlow's strategy without its
-    gRPC server, which would listen on every interface (README, "Safety")."""
+    gRPC server, which would listen on every interface (docs/security.md)."""
     home = tmp_path / "home"
     home.mkdir()
     env = {**os.environ, "HOME": str(home), "RAY_AUTH_MODE": "disabled"}

@@ -9,7 +9,7 @@ of all workers' addresses that MultiWorkerMirroredStrategy connects by, and its 
 A group of one worker (a 1-worker run, or an elastic group that shrank to one) gets no
 TF_CONFIG, and loses any it inherited: MultiWorkerMirroredStrategy then runs on the worker's
 own devices, with the same collectives between them, and starts no gRPC server. TensorFlow binds
-that server to every interface whatever address TF_CONFIG gives (README, "Safety"), so a group
+that server to every interface whatever address TF_CONFIG gives (docs/security.md), so a group
 of one, which has no peer to reach, opens no port at all.
 """
 
