@@ -225,13 +225,16 @@ def test_training_reports_progress_within_long_epochs_only(capfd):
 
     from digit_models.runtime.tf_setup import keras
     from digit_models.training.callbacks import ProgressLine
+    from digit_models.training.handoff import TrainingState
 
     model = keras.Sequential([keras.layers.Input((4,)), keras.layers.Dense(2)])
     model.compile(optimizer="sgd", loss="mse")
     x, y = np.zeros((64, 4), np.float32), np.zeros((64, 2), np.float32)
     entry = {"epoch": 1, "loss": 0.5, "images_per_s": 100.0, "epoch_s": 0.1, "elapsed_s": 0.1}
     for longer_than_s, reports in ((0.0, 8), (3600.0, 0)):
-        callback = ProgressLine(epochs=1, steps=8, state={"history": [entry]}, every_s=0.0, longer_than_s=longer_than_s)
+        callback = ProgressLine(
+            epochs=1, steps=8, state=TrainingState(history=[entry]), every_s=0.0, longer_than_s=longer_than_s
+        )
         model.fit(x, y, batch_size=8, epochs=1, callbacks=[callback], verbose=0)
         written = capfd.readouterr().out.splitlines()
         progress = [json.loads(line[len(PROGRESS) :])["text"] for line in written if line.startswith(PROGRESS)]
