@@ -193,7 +193,9 @@ def test_an_interrupted_search_resumes_finishes_and_its_best_trial_scores(tmp_pa
             assert (run_dir / "model.keras").is_file()
             assert row["epochs"] == run["epochs_run"] == 3
             assert row["val_accuracy"] == run["history"][run["model_epoch"] - 1]["val_accuracy"]
-            assert run["config"]["learning_rate"] == row["learning-rate"] == 0.003
+            # A weak trial first at a rung has nothing to be compared with and goes on (ASHA),
+            # so a finished trial may have either rate; the best is the higher rate's (below).
+            assert run["config"]["learning_rate"] == row["learning-rate"] in (0.00001, 0.003)
             assert run["config"]["batch_size"] == row["batch-size"]
             best_value = max(best_value, row["val_accuracy"])
         else:
