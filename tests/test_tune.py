@@ -16,11 +16,14 @@ import time
 from dataclasses import asdict
 
 import pytest
+from ray import cloudpickle
+from ray.tune.experiment import Trial
 
 from digit_models.cli import _train_config, build_parser
 from digit_models.config import SearchConfig, TrainConfig
 from digit_models.errors import DigitsError
 from digit_models.tuning.results import train_command
+from digit_models.tuning.scheduler import EpochHalving, SchedulerRecord
 from digit_models.tuning.space import DEFAULT_SPACES, checked_space, default_space, option, trial_settings
 from tests.conftest import REPO, run_digits
 
@@ -121,6 +124,36 @@ def test_best_json_command_trains_the_trial_settings_again():
     assert command[:2] == ["digits", "train"] and "--cpus-per-worker" not in command
     again = _train_config(build_parser().parse_args(command[1:]))
     assert {**asdict(again), "out": trial.out, "preset": "best", "cpus_per_worker": 1} == asdict(trial)
+
+
+def _scheduler() -> EpochHalving:
+    scheduler = EpochHalving(epochs=4, default_epochs=4)
+    scheduler.set_search_properties("val_accuracy", "max")  # what the Tuner tells it
+    return scheduler
+
+
+def test_a_resumed_search_judges_its_trials_against_the_results_from_before_the_interrupt():
+    """The scheduler and its record as Tuner.restore gets them back (one pickle, the record's
+    state set before the trials are added again): a hopeless trial's first epoch is stopped
+    against the good one's, which a fresh scheduler would let go on."""
+    scheduler = _scheduler()
+    record = SchedulerRecord(scheduler)
+    pickled_at_start = cloudpickle.dumps((scheduler, record))  # as the Tuner's pickle holds them
+    good, hopeless = (Trial("run_trial", config={}, trial_id=f"a1b2_0000{n}", stub=True) for n in range(2))
+    scheduler.on_trial_add(None, good)
+    for epoch, accuracy in [(1, 0.91), (2, 0.95)]:
+        assert scheduler.on_trial_result(None, good, {"epoch": epoch, "val_accuracy": accuracy}) == "CONTINUE"
+    saved = cloudpickle.dumps(record.get_state())  # Ray Tune's save of its callbacks' states
+
+    restored_scheduler, restored_record = cloudpickle.loads(pickled_at_start)
+    restored_record.set_state(cloudpickle.loads(saved))
+    for trial in (good, hopeless):
+        restored_scheduler.on_trial_add(None, trial)
+    assert restored_scheduler.on_trial_result(None, hopeless, {"epoch": 1, "val_accuracy": 0.2}) == "STOP"
+    assert restored_scheduler.on_trial_result(None, good, {"epoch": 3, "val_accuracy": 0.96}) == "CONTINUE"
+    fresh = _scheduler()
+    fresh.on_trial_add(None, hopeless)
+    assert fresh.on_trial_result(None, hopeless, {"epoch": 1, "val_accuracy": 0.2}) == "CONTINUE"
 
 
 def _digits_process(*args: str, env: dict) -> subprocess.Popen:

@@ -67,7 +67,7 @@ def tune(config: SearchConfig, address: str | None = None) -> dict:
         from ray import tune as ray_tune
         from ray.tune.search import BasicVariantGenerator
 
-        from digit_models.tuning.scheduler import EpochHalving
+        from digit_models.tuning.scheduler import EpochHalving, SchedulerRecord
         from digit_models.tuning.space import to_tune
 
         cpus_per_worker, at_once = _trial_resources(config, base)
@@ -84,6 +84,7 @@ def tune(config: SearchConfig, address: str | None = None) -> dict:
         )
         epochs = max(_ends(space["epochs"])) if "epochs" in space else base.epochs
         events = _events(config, epochs, base.model)
+        scheduler = EpochHalving(epochs, base.epochs)
         tuner = ray_tune.Tuner(
             _trainable(config, cpus_per_worker),
             param_space=to_tune(space),
@@ -94,14 +95,14 @@ def tune(config: SearchConfig, address: str | None = None) -> dict:
                 # The searcher limits the trials at once itself (Tune ignores max_concurrent_trials
                 # beside a searcher of this kind).
                 search_alg=BasicVariantGenerator(random_state=config.search_seed, max_concurrent=at_once),
-                scheduler=EpochHalving(epochs, base.epochs),
+                scheduler=scheduler,
                 time_budget_s=config.time_budget * 60 if config.time_budget else None,
             ),
             run_config=ray_tune.RunConfig(
                 name=TUNE_STATE,
                 storage_path=tune_dir.location,
                 verbose=0,
-                callbacks=[events],
+                callbacks=[events, SchedulerRecord(scheduler)],
                 # A failed trial is recorded and the search goes on; its Ray Train run has
                 # already spent its own restarts (--max-failures).
                 failure_config=ray_tune.FailureConfig(max_failures=0),
