@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 import digit_models  # noqa: F401  (environment before TensorFlow loads)
@@ -205,6 +206,18 @@ def dense_scored(tmp_path_factory, kaggle_dir, dense_run) -> Path:
         )
     )
     return out
+
+
+def counted_correct(scored: Path, kaggle_dir: Path) -> dict[str, tuple[int, int]]:
+    """(correct, images) of a scoring run's predictions, over all the test slice and over its
+    official MNIST test images, counted here with pandas from the files themselves (a check
+    on `evaluate`, which reads the same files its own way)."""
+    predicted = pd.read_parquet(scored / "predictions").rename(columns={"Label": "Predicted"})
+    table = predicted.merge(pd.read_csv(kaggle_dir / "test_labels.csv"), on="ImageId", validate="1:1")
+    table = table.merge(pd.read_csv(kaggle_dir / "test_origin.csv"), on="ImageId", validate="1:1")
+    right = table["Predicted"] == table["Label"]
+    official = table["MnistSplit"] == "test"
+    return {"all": (int(right.sum()), len(table)), "official": (int(right[official].sum()), int(official.sum()))}
 
 
 @dataclass(frozen=True)
