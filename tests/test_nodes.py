@@ -2,7 +2,8 @@
 without CPUs and worker nodes of one CPU each, so a 2-worker run spans two nodes), with the
 run directory on a real S3-protocol server on loopback: a node killed outright under an
 elastic run and under a fixed-size one, and a preemption announced by `ray drain-node` and
-carried out at its deadline. One cluster for the module; each test leaves two worker nodes."""
+carried out at its deadline; and a scoring run with an actor on each node. One cluster for the
+module; each test leaves two worker nodes."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 
 from tests.conftest import REPO, local_cluster
@@ -246,3 +249,48 @@ def test_a_fixed_size_run_that_loses_a_node_waits_then_ends_resumable(cluster, s
     assert summary["worker_groups"][0] == summary["worker_groups"][-1] == 2
     assert summary["restarts"][-1]["kind"] == "resume"
     assert [kind for kind, _ in _attempts(s3_server, run)].count("waiting") >= 1
+
+
+def test_scoring_spreads_its_actors_over_the_nodes_and_keeps_the_files_on_the_drivers(cluster, tmp_path, dense_scored):
+    """Two 1-CPU actors on a cluster of two 1-CPU nodes (the head has none): one on each node,
+    the model's bytes carried to both through the object store, the reads and writes of local
+    files on the driver's node (every node of this one machine could reach them, so this shows
+    the pipeline across nodes, not where its reads ran), and the predictions those of a scoring
+    on one node."""
+    record = json.loads((dense_scored / "predict.json").read_text())
+    out = tmp_path / "scored"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "digit_models.cli",
+            "predict",
+            "--run",
+            record["runs"][0],
+            "--input",
+            record["input"],
+            "--out",
+            str(out),
+            "--actors",
+            "2",
+            "--cpus-per-actor",
+            "1",
+            "--address",
+            f"127.0.0.1:{cluster['RAY_PORT']}",
+        ],
+        cwd=REPO,
+        env=cluster,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    _no_traceback(done.stderr)
+    spread = json.loads((out / "predict.json").read_text())
+    assert spread["nodes"] == 3 and spread["actors"] == 2 and spread["images"] == record["images"]
+    here = pd.read_parquet(out / "predictions").sort_values("ImageId", ignore_index=True)
+    alone = pd.read_parquet(dense_scored / "predictions").sort_values("ImageId", ignore_index=True)
+    assert here["ImageId"].tolist() == alone["ImageId"].tolist()
+    assert here["Label"].tolist() == alone["Label"].tolist()
+    assert np.allclose(here.filter(like="prob_"), alone.filter(like="prob_"), atol=1e-5)
+    assert (out / "submission.csv").read_bytes() == (dense_scored / "submission.csv").read_bytes()
