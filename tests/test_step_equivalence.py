@@ -7,7 +7,7 @@ in the middle of an epoch trains on every row once.
 
 The two workers are real processes, each with a TF_CONFIG naming both on loopback (what
 training/backend.py gives Ray Train's workers), under worker.multi_worker_strategy, with
-worker.data_parallel_step as run_worker sets it, fed by fit() from worker.EpochOrder's pipeline
+worker.use_data_parallel_step as run_worker calls it, fed by fit() from worker.EpochOrder's pipeline
 as run_worker feeds it: each its own half of the global batch. The plain step is
 train_on_batch on the whole global batch in this process.
 
@@ -29,7 +29,6 @@ import socket
 import subprocess
 import sys
 import time
-import types
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,10 +77,10 @@ def worker_process(spec_json: str) -> None:
     """One of the two workers (run by `two_worker_steps` in a process of its own, TF_CONFIG in
     its environment): every case's one step, from the initial weights, then the weights, the
     optimizer's step count and its learning rate into an .npz file."""
-    from digit_models.runtime.tf_setup import configure_tensorflow, keras, tf
+    from digit_models.runtime.tf_setup import configure_tensorflow, keras
 
     configure_tensorflow(cpus=1)
-    from digit_models.training.worker import EpochOrder, compiled_model, data_parallel_step, multi_worker_strategy
+    from digit_models.training.worker import EpochOrder, compiled_model, multi_worker_strategy, use_data_parallel_step
 
     spec = json.loads(spec_json)
     with np.load(spec["data"]) as data:
@@ -99,9 +98,7 @@ def worker_process(spec_json: str) -> None:
                 else plain_model(config, keras.optimizers.SGD(case["sgd_rate"]))
             )
         model.set_weights(initial)
-        model.train_step = types.MethodType(
-            data_parallel_step(getattr(tf, config.gradient_dtype), config.accumulate), model
-        )
+        use_data_parallel_step(model, strategy, config)
         model.fit(
             strategy.distribute_datasets_from_function(_first_batches(order, images, labels)),
             epochs=1,

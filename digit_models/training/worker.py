@@ -122,10 +122,7 @@ def run_worker(inputs: WorkerInputs) -> WorkerOutcome:
             in_epoch["images_done"] if in_epoch else 0,
         )
 
-    if strategy.num_replicas_in_sync > 1 or config.accumulate > 1:
-        model.train_step = types.MethodType(
-            data_parallel_step(getattr(tf, config.gradient_dtype), config.accumulate), model
-        )
+    use_data_parallel_step(model, strategy, config)
     timeline["model_ready"] = time.time()
     target_stop = SynchronizedTargetStop(strategy, config.target_metric, config.target)
     images_per_epoch = order.steps * order.global_batch
@@ -390,6 +387,16 @@ def communication(config: TrainConfig) -> tf.distribute.experimental.Communicati
         else tf.distribute.experimental.CommunicationImplementation.RING
     )
     return tf.distribute.experimental.CommunicationOptions(implementation=implementation)
+
+
+def use_data_parallel_step(
+    model: keras.Model, strategy: tf.distribute.MultiWorkerMirroredStrategy, config: TrainConfig
+) -> None:
+    """Keras' own step where it is the same: one replica, one batch."""
+    if strategy.num_replicas_in_sync > 1 or config.accumulate > 1:
+        model.train_step = types.MethodType(
+            data_parallel_step(getattr(tf, config.gradient_dtype), config.accumulate), model
+        )
 
 
 def data_parallel_step(all_reduce_dtype, micro_batches: int = 1):
