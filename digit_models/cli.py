@@ -624,16 +624,24 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _restarts_spent(exc: BaseException, args) -> str | None:
-    """For a training whose workers failed once more than its restarts allow: what failed
-    (the first worker's error), and how to go on."""
+    """For a training whose workers failed, or whose nodes were preempted, once more than its
+    restarts allow: which budget ran out, what failed (the first worker's error), and how to
+    go on."""
     ray_train = sys.modules.get("ray.train")  # loaded if the error came from it
-    failed = _find_in_chain(exc, (ray_train.WorkerGroupError,)) if ray_train and args.command == "train" else None
+    ended = (ray_train.WorkerGroupError, ray_train.PreemptionError) if ray_train else ()
+    failed = _find_in_chain(exc, ended) if ended and args.command == "train" else None
     if failed is None:
         return None
+    from digit_models.training.attempts import is_preemption_failure
+
     first = next(iter((getattr(failed, "worker_failures", None) or {}).values()), failed)
+    spent = (
+        "the workers' nodes were preempted once more than --max-preemptions allows"
+        if is_preemption_failure(failed)
+        else "the workers failed once more than --max-failures allows"
+    )
     return (
-        f"the workers failed once more than --max-failures and --max-preemptions allow "
-        f"({type(first).__name__}: {first_line(first)}); `digits train --resume "
+        f"{spent} ({type(first).__name__}: {first_line(first)}); `digits train --resume "
         f"{args.resume or args.out}` goes on from the last checkpoint"
     )
 

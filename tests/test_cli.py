@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from digit_models.cli import _restarts_spent, build_parser
 from tests.conftest import REPO, run_digits
 
 
@@ -183,3 +184,21 @@ def test_runs_lists_the_current_directory_by_default_and_refuses_a_missing_one(t
         "./d-damaged",
     ]
     assert _one_error_line(run_digits("runs", str(tmp_path / "absent"))).endswith("absent: no such folder")
+
+
+def test_a_spent_preemption_budget_is_named_as_such():
+    """Ray Train's own errors at the end of a run: a preemption past --max-preemptions and a
+    worker's failure past --max-failures each name their option; another error is not ours."""
+    from ray.exceptions import RayActorError
+    from ray.train import PreemptionError, WorkerGroupError
+    from ray.train.v2.api.preemption import PreemptionInfo
+
+    args = build_parser().parse_args(["train", "--data", "d", "--out", "runs/r"])
+    preempted = PreemptionError(PreemptionInfo(deadline_ms=None, preempted_node_to_ranks={"n1": [1]}))
+    assert _restarts_spent(RuntimeError("the run failed"), args) is None
+    said = _restarts_spent(preempted, args)
+    assert said.startswith("the workers' nodes were preempted once more than --max-preemptions allows (")
+    assert said.endswith("); `digits train --resume runs/r` goes on from the last checkpoint")
+    failed = WorkerGroupError("rank 0 died", {0: RayActorError()})
+    said = _restarts_spent(failed, args)
+    assert said.startswith("the workers failed once more than --max-failures allows (RayActorError: ")

@@ -222,8 +222,7 @@ def test_restarts_spent_end_the_run_in_one_line_that_says_how_to_go_on(tmp_path,
     ours = [line for line in failed.stderr.splitlines() if line.startswith("digits:")]
     assert ours == failed.stderr.splitlines()[-1:], failed.stderr
     assert re.fullmatch(
-        r"digits: error: the workers failed once more than --max-failures and "
-        r"--max-preemptions allow \(\w+: [^\n]+\); "
+        r"digits: error: the workers failed once more than --max-failures allows \(\w+: [^\n]+\); "
         rf"`digits train --resume {re.escape(str(run_dir))}` goes on from the last checkpoint",
         ours[0],
     ), ours
