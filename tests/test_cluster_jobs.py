@@ -90,25 +90,6 @@ def _wait_succeeded(env: dict, job_id: str, output: str = "", timeout: float = 6
         time.sleep(2)
 
 
-def _scoring_spans(env: dict) -> list[tuple[int, int]]:
-    """Per job, from Ray's task records: when its scoring actor's first task started and its
-    last ended (ms)."""
-    listed = subprocess.run(
-        [RAY, "list", "tasks", "--detail", "--format", "json", "--limit", "10000"],
-        env={**env, "RAY_ADDRESS": f"http://127.0.0.1:{env['DASHBOARD_PORT']}"},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert listed.returncode == 0, listed.stderr
-    spans: dict[str, tuple[int, int]] = {}
-    for task in json.loads(listed.stdout):
-        if "DigitPredictor" in task["name"] and task["type"] == "ACTOR_TASK" and task.get("end_time_ms"):
-            start, end = spans.get(task["job_id"], (task["start_time_ms"], task["end_time_ms"]))
-            spans[task["job_id"]] = (min(start, task["start_time_ms"]), max(end, task["end_time_ms"]))
-    return list(spans.values())
-
-
 @pytest.mark.timeout(900)
 def test_train_then_score_through_ray_job_submit(local_cluster, tmp_path, kaggle_dir):
     env = local_cluster
@@ -188,10 +169,6 @@ def test_train_then_score_through_ray_job_submit(local_cluster, tmp_path, kaggle
         )
     for job_id in jobs:
         _wait_succeeded(env, job_id)
-    spans = _scoring_spans(env)
-    assert len(spans) == 2, spans
-    (first_start, first_end), (second_start, second_end) = sorted(spans)
-    assert first_end <= second_start, spans  # the second job's actor waited for the first's CPUs
     first = jobs[f"predict-{os.getpid()}-0"]
     predictions = pd.read_parquet(first / "predictions")
     assert sorted(predictions["ImageId"]) == list(range(1, SLICE_TEST_ROWS + 1))
