@@ -1,0 +1,66 @@
+"""The training input at 1x, 10x and 100x train.csv: how the driver's memory, the object store and
+what the training worker maps from it grow with the rows.
+
+train.csv's rows repeated (the header once) to each size, in the scratch folder, one file at a
+time (4.2 million rows are 3.3 GB of CSV), deleted after its run. Each size: `digits train
+--workers 1` of the dense net for one epoch at batch 1024 on an embedded Ray, no validation
+split, measured by bench/footprint.py's reading of /proc: the driver's peak RSS and peak
+shared memory (the object store is shared memory, and the driver writes the rows into it:
+what it put there; the raylet that hosts the store touches none of it), and the worker's peak
+shared memory (the objects it has mapped from the store: on one node a zero-copy read of every
+row, nothing copied) and private memory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from bench.footprint import measure
+
+# A row as the driver holds it: 784 uint8 pixels and a uint8 label.
+ROW_BYTES = 785
+TRAINING = ["--model", "dense", "--epochs", "1", "--batch-size", "1024", "--val-fraction", "0", "--target", "1.0"]
+
+
+def repeated_csv(train_csv: Path, times: int, target: Path) -> int:
+    """train.csv with its rows `times` over; returns the rows written."""
+    with open(train_csv, "rb") as source:
+        header, body = source.readline(), source.read()
+    with open(target, "wb") as out:
+        out.write(header)
+        for _ in range(times):
+            out.write(body)
+    return body.count(b"\n") * times
+
+
+def scale(train_csv: Path, scratch: Path, times: list[int], env: dict | None = None) -> list[dict]:
+    rows = []
+    for factor in times:
+        data = scratch / f"train-x{factor}.csv"
+        run_dir = scratch / f"input-x{factor}"
+        count = repeated_csv(train_csv, factor, data)
+        try:
+            result = measure(
+                ["train", "--data", str(data), "--out", str(run_dir), "--workers", "1", *TRAINING], env or {}
+            )
+        finally:
+            os.remove(data)
+        memory = result["memory_mb_by_class"]
+        worker = memory.get("ray::RayTrainWorker", {})
+        run = json.loads((run_dir / "run.json").read_text())
+        rows.append(
+            {
+                "rows": count,
+                "data_mb": count * ROW_BYTES / 2**20,
+                "wall_s": result["wall_s"],
+                "images_per_s": run["history"][-1]["images_per_s"],
+                "driver_peak_rss_mb": memory["driver"]["peak_rss_mb"],
+                "driver_peak_shared_mb": memory["driver"]["peak_shared_mb"],
+                "worker_peak_shared_mb": worker.get("peak_shared_mb", 0.0),
+                "worker_peak_private_mb": worker.get("peak_private_mb", 0.0),
+                "worker_peak_rss_mb": worker.get("peak_rss_mb", 0.0),
+            }
+        )
+    return rows
