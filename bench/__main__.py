@@ -111,12 +111,12 @@ def main() -> None:
             }
             if not args.quick:  # a cluster of its own: not beside the test suite's Ray
                 results["scoring"]["two_node_cluster"] = scoring.two_node_cluster(run, run_dir, test_csv)
-        if "footprint" in args.sections:
-            results["footprint"] = _footprint(data, test_csv, run.scratch, args)
         if "training_input" in args.sections:
             results["training_input"] = training_input.scale(
-                data / "train.csv", run.scratch, [1, 2] if args.quick else args.input_scale
+                data / "train.csv", run.scratch, [1] if args.quick else args.input_scale
             )
+        if "footprint" in args.sections:
+            results["footprint"] = _footprint(data, test_csv, run.scratch, args, results.get("training_input"))
     if args.update:
         _keep_other_sections(results, Path(args.update))
     results["ratios"] = report.ratios(results)
@@ -124,14 +124,18 @@ def main() -> None:
     _write(results, Path(args.results_dir), Path(args.markdown))
 
 
-def _footprint(data: Path, test_csv: Path, scratch: Path, args) -> dict:
+def _footprint(data: Path, test_csv: Path, scratch: Path, args, sizes: list[dict] | None) -> dict:
     """Ray's own processes' CPU during a 1-worker training (the seed CNN, every CPU) and a
-    scoring of test.csv by its model, each on an embedded Ray; a quick run trains the dense
-    net for an epoch on a slice."""
-    quick = ["--model", "dense", "--epochs", "1", "--limit", "1500"]
-    model = ["--model", "cnn", "--epochs", str(args.epochs)]
-    fixed = ["--val-fraction", "0", "--target", "1.0"]
-    trained = footprint.training(data, scratch, args.repeats, [*(quick if args.quick else model), *fixed])
+    scoring of test.csv by its model, each on an embedded Ray. A quick run takes the training
+    input section's run, if it ran (a dense net's epoch on the slice), for the training: one
+    embedded Ray fewer in the smoke test."""
+    if args.quick and sizes:
+        trained = footprint.summary([sizes[0]["footprint"]["runs"][0]])
+    else:
+        quick = ["--model", "dense", "--epochs", "1", "--limit", "1500"]
+        model = ["--model", "cnn", "--epochs", str(args.epochs)]
+        fixed = ["--val-fraction", "0", "--target", "1.0"]
+        trained = footprint.training(data, scratch, args.repeats, [*(quick if args.quick else model), *fixed])
     run_dir = Path(trained["runs"][-1]["run_dir"])
     return {"training": trained, "scoring": footprint.scoring(run_dir, test_csv, scratch, args.repeats)}
 

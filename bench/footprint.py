@@ -11,7 +11,7 @@ Data's coordinator actors). A process's CPU after its last reading (at most half
 lost, so Ray's seconds are if anything low by that.
 
 Training: `--workers 1` with every CPU; Ray's share of the machine is given over the whole
-command and over its training (first step to the last epoch's end, from run.json's timeline).
+command and over its training (first step to the end of its last epoch, from run.json's timeline).
 Scoring: `digits predict` of test.csv with 1 actor, over the whole command.
 """
 
@@ -189,17 +189,17 @@ def _window(series: list, start_s: float, end_s: float) -> dict | None:
 
 def training(data: Path, scratch: Path, repeats: int, args: list[str], env: dict | None = None) -> dict:
     """`digits train --workers 1` ARGS on an embedded Ray, `repeats` times."""
-    runs = []
-    for repeat in range(repeats):
-        run_dir = scratch / f"footprint-train-{repeat}-{time.time_ns()}"
-        result = measure(["train", "--data", str(data), "--out", str(run_dir), "--workers", "1", *args], env or {})
-        run = json.loads((run_dir / "run.json").read_text())
-        offset = run["timeline_origin_unix"] - result["launched_unix"]
-        training_window = (offset + run["timeline"]["first_step"], offset + run["timeline"]["train_func_ended"])
-        result["training"] = _window(result["series"], *training_window)
-        result["run_dir"] = str(run_dir)
-        runs.append(result)
-    return _summary(runs)
+    return summary([train(data, scratch / f"footprint-train-{time.time_ns()}", args, env) for _ in range(repeats)])
+
+
+def train(data: Path, run_dir: Path, args: list[str], env: dict | None = None) -> dict:
+    """One `digits train --workers 1` ARGS on an embedded Ray into run_dir, measured, with the
+    share of the machine Ray's processes took during its epochs."""
+    result = measure(["train", "--data", str(data), "--out", str(run_dir), "--workers", "1", *args], env or {})
+    run = json.loads((run_dir / "run.json").read_text())
+    offset = run["timeline_origin_unix"] - result["launched_unix"]
+    training_window = (offset + run["timeline"]["first_step"], offset + run["timeline"]["training_ended"])
+    return {**result, "training": _window(result["series"], *training_window), "run_dir": str(run_dir)}
 
 
 def scoring(run_dir: Path, test_csv: Path, scratch: Path, repeats: int, env: dict | None = None) -> dict:
@@ -209,10 +209,11 @@ def scoring(run_dir: Path, test_csv: Path, scratch: Path, repeats: int, env: dic
         out = scratch / f"footprint-predict-{repeat}-{time.time_ns()}"
         args = ["predict", "--run", str(run_dir), "--input", str(test_csv), "--out", str(out), "--actors", "1"]
         runs.append(measure(args, env or {}))
-    return _summary(runs)
+    return summary(runs)
 
 
-def _summary(runs: list[dict]) -> dict:
+def summary(runs: list[dict]) -> dict:
+    """The medians of measured runs, and the runs without their time series."""
     medians = {
         key: statistics.median(run[key] for run in runs) for key in ("wall_s", "ray_cpu_s", "ours_cpu_s", "ray_share")
     }

@@ -8,7 +8,7 @@ split, measured by bench/footprint.py's reading of /proc: the driver's peak RSS 
 shared memory (the object store is shared memory, and the driver writes the rows into it:
 what it put there; the raylet that hosts the store touches none of it), and the worker's peak
 shared memory (the objects it has mapped from the store: on one node a zero-copy read of every
-row, nothing copied) and private memory.
+row, nothing copied) and private memory. Each size's Ray footprint comes too (bench/footprint.py).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import json
 import os
 from pathlib import Path
 
-from bench.footprint import measure
+from bench import footprint
 
 # A row as the driver holds it: 784 uint8 pixels and a uint8 label.
 ROW_BYTES = 785
@@ -42,9 +42,7 @@ def scale(train_csv: Path, scratch: Path, times: list[int], env: dict | None = N
         run_dir = scratch / f"input-x{factor}"
         count = repeated_csv(train_csv, factor, data)
         try:
-            result = measure(
-                ["train", "--data", str(data), "--out", str(run_dir), "--workers", "1", *TRAINING], env or {}
-            )
+            result = footprint.train(data, run_dir, TRAINING, env)
         finally:
             os.remove(data)
         memory = result["memory_mb_by_class"]
@@ -61,6 +59,7 @@ def scale(train_csv: Path, scratch: Path, times: list[int], env: dict | None = N
                 "worker_peak_shared_mb": worker.get("peak_shared_mb", 0.0),
                 "worker_peak_private_mb": worker.get("peak_private_mb", 0.0),
                 "worker_peak_rss_mb": worker.get("peak_rss_mb", 0.0),
+                "footprint": footprint.summary([result]),
             }
         )
     return rows
