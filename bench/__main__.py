@@ -77,7 +77,12 @@ def main() -> None:
             "date": datetime.date.today().isoformat(),
             "quick": args.quick,
             "sections": args.sections,
-            "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "cpu_flags": _cpu_flags()},
+            "machine": {
+                "cpus": os.cpu_count(),
+                "platform": platform.platform(),
+                "cpu_flags": _cpu_flags(),
+                "load_average": os.getloadavg(),  # at the start: the machine may be shared
+            },
             "settings": {"epochs": args.epochs, "repeats": args.repeats},
             "arithmetic": run.arithmetic(),
         }

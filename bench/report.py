@@ -49,8 +49,8 @@ def ratios(results: dict) -> dict:
             out[f"{share}, 1-worker training (its epochs)"] = used["training"]["ray_share_training"]
         out[f"{share}, 1-worker training (whole command)"] = used["training"]["ray_share"]
         out[f"{share}, scoring test.csv (whole command)"] = used["scoring"]["ray_share"]
-    sizes = results.get("training_input")
-    if sizes and len(sizes) > 1:
+    sizes = [size for size in results.get("training_input", []) if "not_run" not in size]
+    if len(sizes) > 1:
         small, large = sizes[0], sizes[-1]
         span = f"{large['rows']:,} / {small['rows']:,} rows"
         out[f"training input, driver peak RSS, {span}"] = large["driver_peak_rss_mb"] / small["driver_peak_rss_mb"]
@@ -99,6 +99,7 @@ def markdown(results: dict, chart: str) -> str:
         f"({results['machine']['platform']}; CPU flags {', '.join(results['machine'].get('cpu_flags') or ['none'])}; "
         f"a 2048x2048 float32 matmul in TensorFlow peaks at {peak:.0f} GFLOP/s here"
         + _bfloat16_peak(results["arithmetic"])
+        + _load(results["machine"])
         + f"), {results['wall_s'] / 60:.0f} minutes, repeats "
         f"{results['settings']['repeats']}, sections: {', '.join(results['sections'])}."
         + _kept_note(results.get("kept")),
@@ -121,6 +122,11 @@ def markdown(results: dict, chart: str) -> str:
         lines += _training_input_table(results["training_input"])
     lines += ["", f"![benchmark chart]({chart})", ""]
     return "\n".join(lines)
+
+
+def _load(machine: dict) -> str:
+    load = machine.get("load_average")
+    return "" if load is None else f"; load average {load[0]:.1f} at the start, the machine shared"
 
 
 def _bfloat16_peak(arithmetic: dict) -> str:
@@ -205,7 +211,9 @@ def _scoring_tables(scoring: dict) -> list[str]:
 
 def _training_tables(results: dict) -> list[str]:
     training, arithmetic = results["training"], results["arithmetic"]
-    peak = arithmetic["peak_gflops"]
+    kept = results.get("kept") or {}
+    # The peak of the run that measured the training section, which may be an earlier one's.
+    peak = kept["peak_gflops"] if "training" in kept.get("sections", []) else arithmetic["peak_gflops"]
     lines = [
         "",
         "## Training: what a second worker adds",
@@ -350,6 +358,9 @@ def _training_input_table(sizes: list[dict]) -> list[str]:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for size in sizes:
+        if "not_run" in size:
+            lines.append(f"| {size['rows']:,} | {size['data_mb']:,.0f} MB | not run: {size['not_run']} | | | | | | |")
+            continue
         lines.append(
             f"| {size['rows']:,} | {size['data_mb']:,.0f} MB | {size['driver_peak_rss_mb']:,.0f} MB | "
             f"{size['driver_peak_shared_mb']:,.0f} MB | {size['worker_peak_shared_mb']:,.0f} MB | "
