@@ -15,15 +15,16 @@ import datetime
 import json
 import os
 import platform
+import re
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from bench import report, scoring, training
+from bench import footprint, report, scoring, training, training_input
 from bench.processes import REPO, Processes
 
-SECTIONS = ("training", "scoring")
+SECTIONS = ("training", "scoring", "footprint", "training_input")
 # A quick run's scoring input: the first QUICK_TEST_ROWS rows of test.csv, repeated to
 # QUICK_SCALE images for its one scale size (so that the repeating is exercised too).
 QUICK_TEST_ROWS, QUICK_SCALE = 200, 500
@@ -42,6 +43,14 @@ def main() -> None:
         default=[28_000, 280_000, 2_800_000],
         metavar="IMAGES",
         help="input sizes of the scoring scale runs",
+    )
+    parser.add_argument(
+        "--input-scale",
+        type=int,
+        nargs="+",
+        default=[1, 10, 100],
+        metavar="TIMES",
+        help="train.csv repeated this many times for the training input runs",
     )
     parser.add_argument("--results-dir", default=str(REPO / "bench" / "results"))
     parser.add_argument("--markdown", default=str(REPO / "BENCHMARKS.md"))
@@ -68,7 +77,12 @@ def main() -> None:
             "date": datetime.date.today().isoformat(),
             "quick": args.quick,
             "sections": args.sections,
-            "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+            "machine": {
+                "cpus": os.cpu_count(),
+                "platform": platform.platform(),
+                "cpu_flags": _cpu_flags(),
+                "load_average": os.getloadavg(),  # at the start: the machine may be shared
+            },
             "settings": {"epochs": args.epochs, "repeats": args.repeats},
             "arithmetic": run.arithmetic(),
         }
@@ -102,11 +116,42 @@ def main() -> None:
             }
             if not args.quick:  # a cluster of its own: not beside the test suite's Ray
                 results["scoring"]["two_node_cluster"] = scoring.two_node_cluster(run, run_dir, test_csv)
+        if "training_input" in args.sections:
+            results["training_input"] = training_input.scale(
+                data / "train.csv", run.scratch, [1] if args.quick else args.input_scale
+            )
+        if "footprint" in args.sections:
+            results["footprint"] = _footprint(data, test_csv, run.scratch, args, results.get("training_input"))
     if args.update:
         _keep_other_sections(results, Path(args.update))
     results["ratios"] = report.ratios(results)
     results["wall_s"] = round(time.time() - started, 1)
     _write(results, Path(args.results_dir), Path(args.markdown))
+
+
+def _footprint(data: Path, test_csv: Path, scratch: Path, args, sizes: list[dict] | None) -> dict:
+    """Ray's own processes' CPU during a 1-worker training (the seed CNN, every CPU) and a
+    scoring of test.csv by its model, each on an embedded Ray. A quick run takes the training
+    input section's run, if it ran (a dense net's epoch on the slice), for the training: one
+    embedded Ray fewer in the smoke test."""
+    if args.quick and sizes:
+        trained = footprint.summary([sizes[0]["footprint"]["runs"][0]])
+    else:
+        quick = ["--model", "dense", "--epochs", "1", "--limit", "1500"]
+        model = ["--model", "cnn", "--epochs", str(args.epochs)]
+        fixed = ["--val-fraction", "0", "--target", "1.0"]
+        trained = footprint.training(data, scratch, args.repeats, [*(quick if args.quick else model), *fixed])
+    run_dir = Path(trained["runs"][-1]["run_dir"])
+    return {"training": trained, "scoring": footprint.scoring(run_dir, test_csv, scratch, args.repeats)}
+
+
+def _cpu_flags() -> list[str]:
+    """The CPU's AVX-512 and AMX flags (what decides bfloat16's speed), from /proc/cpuinfo."""
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    return sorted(set(re.findall(r"\b(avx512\w*|amx\w*)\b", cpuinfo)))
 
 
 def _keep_other_sections(results: dict, earlier_file: Path) -> None:

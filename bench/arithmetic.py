@@ -1,5 +1,5 @@
-"""The arithmetic side: FLOPs per image of each model, and this machine's float32 peak as
-TensorFlow reaches it (a large matmul on all cores). Prints one JSON line."""
+"""The arithmetic side: FLOPs per image of each model, and this machine's float32 and bfloat16
+peaks as TensorFlow reaches them (a large matmul on all cores). Prints one JSON line."""
 
 from __future__ import annotations
 
@@ -28,9 +28,9 @@ def forward_flops(model) -> int:
     return flops
 
 
-def matmul_peak_gflops(size: int = 2048, repeats: int = 10) -> float:
-    a = tf.random.normal([size, size])
-    b = tf.random.normal([size, size])
+def matmul_peak_gflops(dtype=tf.float32, size: int = 2048, repeats: int = 10) -> float:
+    a = tf.cast(tf.random.normal([size, size]), dtype)
+    b = tf.cast(tf.random.normal([size, size]), dtype)
     tf.matmul(a, b).numpy()  # warm-up
     seconds = []
     for _ in range(repeats):
@@ -46,7 +46,8 @@ def main() -> None:
         forward = forward_flops(build_model(name))
         # Backpropagation costs about twice the forward pass: gradients for inputs and weights.
         models[name] = {"inference_flops": forward, "train_flops": 3 * forward}
-    sys.stdout.write("BENCH " + json.dumps({"models": models, "peak_gflops": matmul_peak_gflops()}) + "\n")
+    peaks = {"peak_gflops": matmul_peak_gflops(), "peak_gflops_bfloat16": matmul_peak_gflops(tf.bfloat16)}
+    sys.stdout.write("BENCH " + json.dumps({"models": models, **peaks}) + "\n")
 
 
 if __name__ == "__main__":

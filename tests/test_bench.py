@@ -18,7 +18,7 @@ import sys
 import pytest
 
 from bench.__main__ import QUICK_SCALE, QUICK_TEST_ROWS
-from tests.conftest import REPO
+from tests.conftest import REPO, SLICE_TRAIN_ROWS
 
 pytestmark = [pytest.mark.bench, pytest.mark.timeout(900)]
 
@@ -77,6 +77,7 @@ def test_every_ratio_is_the_quotient_of_the_numbers_it_is_made_of(smoke):
     one, two = to_target["1 worker"], to_target["2 workers"]
     assert measured["ratios"] == pytest.approx(
         {
+            **_footprint_ratios(measured),
             "weak-scaling efficiency, dense@32x1": scaling["two_workers"] / (2 * scaling["one_worker"]),
             "b/a dense": overhead["b"] / overhead["a"],
             "time to 99%, 2 workers / 1 worker (whole command)": two["wall_s"] / one["wall_s"],
@@ -95,6 +96,38 @@ def test_every_ratio_is_the_quotient_of_the_numbers_it_is_made_of(smoke):
         min(parts["ms_per_micro_batch"].values()) > 0
         and min(parts[f"{name}_ms"] for name in ("compute", "all_reduce", "all_reduce_bfloat16", "input")) > 0
     )
+
+
+def _footprint_ratios(measured: dict) -> dict:
+    """Ray's share of the machine: its CPU seconds over the wall time and the CPUs. (A quick
+    run's training input section has one size, so no growth ratios.)"""
+    cpus, used = measured["machine"]["cpus"], measured["footprint"]
+    share = "Ray's processes, share of the machine's CPU"
+    ratios = {
+        f"{share}, 1-worker training (whole command)": used["training"]["ray_cpu_s"]
+        / (used["training"]["wall_s"] * cpus),
+        f"{share}, scoring test.csv (whole command)": used["scoring"]["ray_cpu_s"] / (used["scoring"]["wall_s"] * cpus),
+    }
+    if "ray_share_training" in used["training"]:  # one epoch of a slice may fall between two readings
+        ratios[f"{share}, 1-worker training (its epochs)"] = used["training"]["ray_share_training"]
+    return ratios
+
+
+def test_ray_s_own_processes_and_ours_are_told_apart(smoke):
+    """Every command's tree has Ray's GCS and raylet and our driver; the training's has its
+    worker, the scoring's Ray Data's scoring actor. The training is the input section's run
+    (one embedded Ray fewer), whose worker mapped the rows it trains on from the object store:
+    the driver's, every byte."""
+    measured, _, _ = smoke
+    used = measured["footprint"]
+    [size] = measured["training_input"]
+    assert used["training"]["runs"] == size["footprint"]["runs"]
+    for command, ours in (("training", "ray::RayTrainWorker"), ("scoring", "ray::MapWorker")):
+        [run] = used[command]["runs"]
+        assert {"GCS", "raylet", "driver", ours} <= set(run["cpu_s_by_class"]), command
+        assert 0 < used[command]["ray_cpu_s"] and 0 < used[command]["ours_cpu_s"]
+    assert size["rows"] == SLICE_TRAIN_ROWS
+    assert size["worker_peak_shared_mb"] == pytest.approx(size["data_mb"], abs=0.1)
 
 
 def test_every_scoring_run_scored_the_images_it_was_given(smoke):
@@ -191,8 +224,34 @@ def test_the_chart_has_a_bar_per_ratio(smoke):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and png[12:16] == b"IHDR"
     width, height = struct.unpack(">II", png[16:24])
     bars = sum("(s," not in name for name in measured["ratios"])
-    assert bars == 5
+    assert bars == 5 + len(_footprint_ratios(measured))
     assert width == 990 and abs(height - (0.45 * bars + 1.2) * 110) <= 1
+
+
+def test_the_footprint_and_input_tables_hold_the_json_values(smoke):
+    measured, markdown, _ = smoke
+    used = measured["footprint"]
+    assert _table(markdown, "| command | wall |") == [
+        [
+            name,
+            _shown(entry["wall_s"], 0),
+            _shown(entry["ray_cpu_s"], 1),
+            _shown(entry["ray_cpu_s_per_minute"], 1),
+            _shown(entry["ray_share"], 3),
+            _shown(entry["ours_cpu_s"], 1),
+        ]
+        for name, entry in (("1-worker training", used["training"]), ("scoring test.csv, 1 actor", used["scoring"]))
+    ]
+    assert _table(markdown, "| rows | rows held |", columns=5) == [
+        [
+            f"{size['rows']:,}",
+            _shown(size["data_mb"], 0),
+            _shown(size["driver_peak_rss_mb"], 0),
+            _shown(size["driver_peak_shared_mb"], 0),
+            _shown(size["worker_peak_shared_mb"], 0),
+        ]
+        for size in measured["training_input"]
+    ]
 
 
 def _table(markdown: str, header: str, columns: int | None = None) -> list[list[str]]:

@@ -67,8 +67,8 @@ def _not_loopback(sockets: set[tuple[str, str]]) -> list[tuple[str, str]]:
 def test_an_embedded_run_listens_on_loopback_only_with_a_token_of_its_own(tmp_path, kaggle_dir):
     """`digits train` with one worker on its embedded Ray, for a user who switched token
     authentication off and has no ~/.ray: every listening socket, in every process the command
-    starts (GCS, raylet, object manager, dashboard, agents, Ray Train's controller and worker,
-    the driver), is on 127.0.0.1, looked at while the worker trains too; Ray's processes demand
+    starts (GCS, raylet, object manager, agents, Ray Train's controller and worker, the
+    driver), is on 127.0.0.1, looked at while the worker trains too; Ray's processes demand
     a token that no file holds. A group of one worker runs TensorFlow's strategy without its
     gRPC server, which would listen on every interface (docs/security.md)."""
     home = tmp_path / "home"
@@ -125,7 +125,7 @@ def test_an_embedded_run_listens_on_loopback_only_with_a_token_of_its_own(tmp_pa
     stdout, stderr = command.communicate(timeout=60)
     assert command.returncode == 0, stderr[-2000:]
     assert {"gcs_server", "raylet"} <= {name for _, name in sockets}, sockets
-    assert len(sockets) >= 6, sockets  # the dashboard, the agents and the workers were there too
+    assert len(sockets) >= 6, sockets  # the agents and the workers were there too
     assert _not_loopback(sockets) == []
     run = json.loads((run_dir / "run.json").read_text())
     origin, timeline = run["timeline_origin_unix"], run["timeline"]

@@ -23,6 +23,13 @@ from digit_models.runtime.interrupts import keep_sigterm_handler
 # read the input would be killed within a second, so writing the output had to start a new
 # Python process first.
 EMBEDDED_RAY_CONFIG = {"num_workers_soft_limit": 8}
+# What an embedded Ray runs only for a cluster, switched off in its processes, which inherit
+# these from this one's environment as the Ray starts (a value already set there is kept).
+# RAY_enable_metrics_collection: every Ray process records metrics for the node's agent to
+# export, and nothing reads an embedded Ray's.
+# RAY_TRAIN_ENABLE_PREEMPTION_WATCHER: an actor of every run polls for nodes being drained, and
+# an embedded Ray has one node, this machine, which nobody drains.
+EMBEDDED_ENVIRONMENT = {"RAY_enable_metrics_collection": "0", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 
 
 def cluster_address(address: str | None = None) -> str | None:
@@ -38,7 +45,8 @@ def ray_session(address: str | None = None, dashboard: bool = False):
     joins that cluster; otherwise it starts a private local Ray, and stops it on the way out,
     whatever happens. The private Ray listens on 127.0.0.1 only, and demands a token of its
     own whatever RAY_AUTH_MODE says. `dashboard`: it also runs the dashboard process, which
-    serves the State API that Ray Train's controller polls.
+    serves the State API (without it, Ray Train leaves out its placement group cleaner, the
+    one part of it that asks the State API: training/backend.py).
     """
     import ray
 
@@ -61,7 +69,12 @@ def ray_session(address: str | None = None, dashboard: bool = False):
             # "local": never attach to whatever cluster /tmp/ray/ray_current_cluster last named.
             # No runtime_env: the processes of a Ray started here inherit this environment,
             # and one would keep Ray from handing work to the workers it starts in advance.
-            with _state_api_address_known(dashboard) as dashboard_port, _own_token() as auth, _loopback_kept():
+            with (
+                _state_api_address_known(dashboard) as dashboard_port,
+                _own_token() as auth,
+                _inherited_by_ray(EMBEDDED_ENVIRONMENT),
+                _loopback_kept(),
+            ):
                 ray.init(
                     address="local",
                     include_dashboard=dashboard,
@@ -73,6 +86,7 @@ def ray_session(address: str | None = None, dashboard: bool = False):
                     _system_config=EMBEDDED_RAY_CONFIG,
                 )
             _JOINING.update(auth)
+            _EMBEDDED.update(dashboard=dashboard)
         keep_sigterm_handler(caller_sigterm)  # ray.init put in its own
         configure_ray_data()
         filter_worker_output()
@@ -84,10 +98,20 @@ def ray_session(address: str | None = None, dashboard: bool = False):
         ray.shutdown()
         _SESSION_OBJECTS.clear()
         _JOINING.clear()
+        _EMBEDDED.clear()
 
 
-# While this process runs an embedded Ray: the token that another process needs to join it.
+# While this process runs an embedded Ray: the token that another process needs to join it,
+# and whether the Ray runs the dashboard.
 _JOINING: dict[str, str] = {}
+_EMBEDDED: dict[str, bool] = {}
+
+
+def state_api_served() -> bool:
+    """Whether the Ray this process uses serves the State API: a cluster's head runs the
+    dashboard that serves it (`ray start --head` does unless told not to), and an embedded Ray
+    does when started with it."""
+    return _EMBEDDED.get("dashboard", True)
 
 
 def joining_environment() -> dict[str, str]:
@@ -112,6 +136,20 @@ def _own_token():
     try:
         yield auth
     finally:  # this process's own later commands must not find it
+        _restore_environment(saved)
+
+
+@contextmanager
+def _inherited_by_ray(variables: dict[str, str]):
+    """`variables` in this process's environment while the Ray about to start here takes its
+    processes' environment from it (a value already set is kept); then as before, so that the
+    processes this one starts later (a cluster's nodes, in the tests) and its own later
+    commands do not find them."""
+    saved = {name: os.environ.get(name) for name in variables}
+    os.environ.update({name: value for name, value in variables.items() if saved[name] is None})
+    try:
+        yield
+    finally:
         _restore_environment(saved)
 
 

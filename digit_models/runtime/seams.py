@@ -58,6 +58,12 @@ TRAINER_CALLBACKS = Seam(
     ("DataParallelTrainer._create_default_callbacks",),
     "overridden: adds our controller callbacks to Ray Train's own",
 )
+PLACEMENT_GROUP_CLEANER = Seam(
+    *RAY,
+    "ray.train.v2._internal.callbacks.placement_group_callback",
+    ("PlacementGroupCleanerCallback",),
+    "left out of the default callbacks on an embedded Ray without the dashboard, whose State API it polls",
+)
 TRAINER_SIGINT = Seam(
     *RAY,
     "ray.train.v2.api.data_parallel_trainer",

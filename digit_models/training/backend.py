@@ -25,6 +25,7 @@ from ray.train.backend import Backend, BackendConfig
 from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
 from digit_models.runtime import seams
+from digit_models.runtime.ray_runtime import state_api_served
 
 # AbortableTrainer overrides these; an override of a method that has gone would do nothing.
 seams.borrow(seams.TRAINER_CALLBACKS)
@@ -66,8 +67,17 @@ class AbortableTrainer(DataParallelTrainer):
 
     def _create_default_callbacks(self):
         """Ray Train's own callbacks and ours: RunConfig takes only user callbacks, whose hooks
-        do not see the controller's states (attempts.WorkerGroupWatch needs them)."""
-        return [*super()._create_default_callbacks(), *self.controller_callbacks]
+        do not see the controller's states (attempts.WorkerGroupWatch needs them).
+
+        Without the State API (an embedded Ray started without the dashboard) Ray's placement
+        group cleaner is left out: it asks the State API every second whether the controller
+        lives, to remove the workers' placement group if it died, and an embedded Ray ends with
+        the command anyway."""
+        own = super()._create_default_callbacks()
+        if not state_api_served():
+            cleaner = seams.borrow(seams.PLACEMENT_GROUP_CLEANER)
+            own = [callback for callback in own if not isinstance(callback, cleaner)]
+        return [*own, *self.controller_callbacks]
 
     def _register_sigint_handler(self, controller) -> None:
         self._controller = controller

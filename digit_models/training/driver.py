@@ -101,7 +101,7 @@ def _run(
         else None
     )
     clock = time.time()
-    with ray_session(address, dashboard=True):
+    with ray_session(address):
         ray_started = time.time()
         import ray
         import ray.train
