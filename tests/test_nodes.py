@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tests.conftest import REPO, local_cluster
+from tests.conftest import REPO, local_cluster, run_digits
 
 RAY = str(Path(sys.executable).with_name("ray"))
 SCRIPT = str(REPO / "cluster" / "local_cluster.sh")
@@ -225,23 +225,7 @@ def test_a_fixed_size_run_that_loses_a_node_waits_then_ends_resumable(cluster, s
         "the nodes, or train with a smaller --min-workers"
     ], stderr
     _script(cluster, "add", "1")  # a fixed-size group asks Ray for its workers and waits for them
-    resumed = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "digit_models.cli",
-            "train",
-            "--resume",
-            run,
-            "--address",
-            f"127.0.0.1:{cluster['RAY_PORT']}",
-        ],
-        cwd=REPO,
-        env=cluster,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    resumed = run_digits("train", "--resume", run, "--address", f"127.0.0.1:{cluster['RAY_PORT']}", env=cluster)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     _no_traceback(resumed.stderr)
     summary = _run_json(s3_server, run)
@@ -259,30 +243,21 @@ def test_scoring_spreads_its_actors_over_the_nodes_and_keeps_the_files_on_the_dr
     on one node."""
     record = json.loads((dense_scored / "predict.json").read_text())
     out = tmp_path / "scored"
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "digit_models.cli",
-            "predict",
-            "--run",
-            record["runs"][0],
-            "--input",
-            record["input"],
-            "--out",
-            str(out),
-            "--actors",
-            "2",
-            "--cpus-per-actor",
-            "1",
-            "--address",
-            f"127.0.0.1:{cluster['RAY_PORT']}",
-        ],
-        cwd=REPO,
+    done = run_digits(
+        "predict",
+        "--run",
+        record["runs"][0],
+        "--input",
+        record["input"],
+        "--out",
+        str(out),
+        "--actors",
+        "2",
+        "--cpus-per-actor",
+        "1",
+        "--address",
+        f"127.0.0.1:{cluster['RAY_PORT']}",
         env=cluster,
-        capture_output=True,
-        text=True,
-        timeout=600,
     )
     assert done.returncode == 0, done.stdout + done.stderr
     _no_traceback(done.stderr)
