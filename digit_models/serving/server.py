@@ -43,6 +43,7 @@ def serving(config: ServeConfig, address: str | None = None):
 
         from digit_models.serving.app import APP_NAME
 
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)
         serve.start(http_options={"host": HOST, "port": config.port}, logging_config=QUIET)
         try:
             _deploy(runs, models, config)
