@@ -20,10 +20,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench import report, scoring, training
+from bench import report, scoring, serving, training
 from bench.processes import REPO, Processes
 
-SECTIONS = ("training", "scoring")
+SECTIONS = ("training", "scoring", "serving")
 # A quick run's scoring input: the first QUICK_TEST_ROWS rows of test.csv, repeated to
 # QUICK_SCALE images for its one scale size (so that the repeating is exercised too).
 QUICK_TEST_ROWS, QUICK_SCALE = 200, 500
@@ -42,6 +42,13 @@ def main() -> None:
         default=[28_000, 280_000, 2_800_000],
         metavar="IMAGES",
         help="input sizes of the scoring scale runs",
+    )
+    parser.add_argument(
+        "--serve-requests",
+        type=int,
+        default=5000,
+        metavar="N",
+        help="requests per load of the serving section (each load also ends after 60 s)",
     )
     parser.add_argument("--results-dir", default=str(REPO / "bench" / "results"))
     parser.add_argument("--markdown", default=str(REPO / "BENCHMARKS.md"))
@@ -102,6 +109,22 @@ def main() -> None:
             }
             if not args.quick:  # a cluster of its own: not beside the test suite's Ray
                 results["scoring"]["two_node_cluster"] = scoring.two_node_cluster(run, run_dir, test_csv)
+        if "serving" in args.sections:
+            model = "dense" if args.quick else "cnn"
+            run_dir = trainer.latest(model)
+            if run_dir is None:
+                _, _, run_dir = trainer.train("--model", model, "--epochs", "1" if args.quick else "2")
+            results["serving"] = {
+                "model": model,
+                **serving.load_test(
+                    run_dir,
+                    test_csv,
+                    requests=100 if args.quick else args.serve_requests,
+                    seconds=5 if args.quick else 60,
+                    repeats=args.repeats,
+                    scratch=run.scratch,
+                ),
+            }
     if args.update:
         _keep_other_sections(results, Path(args.update))
     results["ratios"] = report.ratios(results)

@@ -17,6 +17,7 @@ TARGETS = {
     "predict wall / plain wall": ("<=", 2.0),
     "predict marginal images/s / plain model.predict": (">=", 0.9),
     "predict driver peak RSS, largest / 28k": ("<=", 1.25),
+    "serve requests/s / plain server's, concurrency 32": (">=", 3.0),
 }
 
 
@@ -40,6 +41,13 @@ def ratios(results: dict) -> dict:
         fixed = scoring["fixed_cost"]
         out["predict wall / plain wall"] = fixed["digits_wall_s"] / fixed["plain_wall_s"]
         out.update(_scale_ratios(scoring.get("scale", {}).get("rows", [])))
+    serving = results.get("serving")
+    if serving:
+        rate = {(row["server"], row["concurrency"]): row["requests_per_s"] for row in serving["rows"]}
+        for concurrency in sorted({row["concurrency"] for row in serving["rows"]}):
+            out[f"serve requests/s / plain server's, concurrency {concurrency}"] = (
+                rate["serve", concurrency] / rate["plain", concurrency]
+            )
     return out
 
 
@@ -96,6 +104,8 @@ def markdown(results: dict, chart: str) -> str:
         lines += _scoring_tables(results["scoring"])
     if "training" in results:
         lines += _training_tables(results)
+    if "serving" in results:
+        lines += _serving_tables(results["serving"])
     lines += ["", f"![benchmark chart]({chart})", ""]
     return "\n".join(lines)
 
@@ -172,6 +182,31 @@ def _scoring_tables(scoring: dict) -> list[str]:
                 f"{row['images_per_s']:,.0f} | {rss:,.0f} MB | "
                 f"{'-' if store is None else f'{store:,.0f} MB'} |"
             )
+    return lines
+
+
+def _serving_tables(serving: dict) -> list[str]:
+    lines = [
+        "",
+        "## Serving: `digits serve` against a plain HTTP server",
+        "",
+        f"The {serving['model']} model's model.keras behind `digits serve` (Ray Serve on an embedded Ray, one "
+        "replica with 2 CPUs, requests batched: at most 32, waiting at most 5 ms) and behind the standard "
+        "library's ThreadingHTTPServer (one process, each request's image through the model as it comes), "
+        "both running side by side on loopback. Each load: that many clients sending single-image POST "
+        f"/predict requests back to back on kept-alive connections, {serving['requests']:,} requests or "
+        f"{serving['seconds']:.0f} s, whichever ends first; the best of the interleaved repeats. Same labels "
+        f"from both: {serving['same_labels']}. CPU: {serving['cpu_flags']}.",
+        "",
+        "| server | concurrency | answered | failed | requests/s | p50 | p99 |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in sorted(serving["rows"], key=lambda row: (row["concurrency"], row["server"])):
+        lines.append(
+            f"| {'`digits serve`' if row['server'] == 'serve' else 'plain http.server'} | {row['concurrency']} | "
+            f"{row['answered']:,} | {row['failed']} | {row['requests_per_s']:,.0f} | {row['p50_ms']:.1f} ms | "
+            f"{row['p99_ms']:.1f} ms |"
+        )
     return lines
 
 

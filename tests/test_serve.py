@@ -259,7 +259,7 @@ def test_the_page_reads_a_digit_drawn_on_its_canvas(server, mnist_slice, tmp_pat
                     ".getImageData(0, 0, 28, 28).data.filter((_, i) => i % 4 === 0))"
                 )
             )
-            page.screenshot(path=str(tmp_path / "page.png"))
+            page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
 
             # The upload: the same digit as a 28x28 PNG, then the slice's first rows as a CSV.
             Image.fromarray(digit).save(tmp_path / "digit.png")
@@ -273,7 +273,7 @@ def test_the_page_reads_a_digit_drawn_on_its_canvas(server, mnist_slice, tmp_pat
             page.set_input_files("#file", str(tmp_path / "three.csv"))
             page.wait_for_selector("#csv-result:not([hidden])", timeout=30_000)
             submission = page.text_content("#csv-result")
-            page.screenshot(path=str(tmp_path / "page-after-uploads.png"))
+            page.screenshot(path=str(tmp_path / "page-after-uploads.png"), full_page=True)
         finally:
             browser.close()
     assert shown == label, f"drew a {label}, the page shows {shown} (screenshot: {tmp_path / 'page.png'})"
