@@ -160,6 +160,7 @@ def serve(args) -> dict:
         def log_message(self, *args):
             pass
 
+    ThreadingHTTPServer.request_queue_size = 64  # the default 5 would refuse 32 clients' connections
     server = ThreadingHTTPServer(("127.0.0.1", args.port), Predict)
     sys.stdout.write("BENCH " + json.dumps({"ready": args.port}) + "\n")
     sys.stdout.flush()

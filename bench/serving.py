@@ -64,11 +64,17 @@ def _load(port: int, bodies: list[bytes], concurrency: int, requests: int, secon
                 if len(latencies) + len(failures) >= requests:
                     return
             began = time.perf_counter()
-            connection.request("POST", "/predict", bodies[sent % len(bodies)], {"Content-Type": "application/json"})
-            response = connection.getresponse()
-            response.read()
+            try:
+                connection.request("POST", "/predict", bodies[sent % len(bodies)], {"Content-Type": "application/json"})
+                response = connection.getresponse()
+                response.read()
+                answered = response.status == 200
+            except (OSError, http.client.HTTPException):  # a refused or reset connection: counted, then a new one
+                connection.close()
+                connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+                answered = False
             with lock:
-                (latencies if response.status == 200 else failures).append(time.perf_counter() - began)
+                (latencies if answered else failures).append(time.perf_counter() - began)
             sent += concurrency
         connection.close()
 
