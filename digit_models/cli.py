@@ -414,6 +414,21 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument(
         "--gpus-per-replica", type=float, default=served.gpus_per_replica, help=f"default {served.gpus_per_replica:g}"
     )
+    server.add_argument(
+        "--max-batch-size",
+        type=int,
+        default=served.max_batch_size,
+        metavar="REQUESTS",
+        help=f"a replica's model call takes at most this many requests' images (default {served.max_batch_size})",
+    )
+    server.add_argument(
+        "--batch-wait-ms",
+        type=float,
+        default=1000 * served.batch_wait_s,
+        metavar="MS",
+        help="how long a batch's first request waits for more before the model call "
+        f"(default {1000 * served.batch_wait_s:g})",
+    )
     _add_ray_address(server)
 
     runs = command("runs", help="list the training runs in a folder: model, epochs, best val_accuracy, state")
@@ -606,6 +621,8 @@ def run_serve(args) -> None:
         port=args.port,
         cpus_per_replica=args.cpus_per_replica,
         gpus_per_replica=args.gpus_per_replica,
+        max_batch_size=args.max_batch_size,
+        batch_wait_s=args.batch_wait_ms / 1000,
     )
     if args.swap:
         swap(config, address=args.address)

@@ -305,5 +305,7 @@ class ServeConfig:
             raise DigitsError(f"--cpus-per-replica {self.cpus_per_replica}: must be >= 0")
         if self.gpus_per_replica < 0:
             raise DigitsError(f"--gpus-per-replica {self.gpus_per_replica}: must be >= 0")
-        if self.max_batch_size < 1 or self.batch_wait_s < 0:
-            raise DigitsError(f"batching: {self.max_batch_size} requests, {self.batch_wait_s} s: out of range")
+        if self.max_batch_size < 1:
+            raise DigitsError(f"--max-batch-size {self.max_batch_size}: must be at least 1")
+        if not 0 <= self.batch_wait_s <= 1:
+            raise DigitsError(f"--batch-wait-ms {1000 * self.batch_wait_s:g}: must be 0 to 1000")

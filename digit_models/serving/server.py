@@ -27,7 +27,7 @@ from digit_models.storage.run_dir import RunDir
 HOST = "127.0.0.1"
 # Serve's controller, proxies and replicas log every start, route change and request to the
 # console; the command prints its own lines, and Serve's stay in Ray's logs.
-QUIET = {"log_level": "WARNING", "enable_access_log": False}
+QUIET = {"log_level": "ERROR", "enable_access_log": False}
 
 
 @contextmanager
@@ -43,7 +43,7 @@ def serving(config: ServeConfig, address: str | None = None):
 
         from digit_models.serving.app import APP_NAME
 
-        logging.getLogger("ray.serve").setLevel(logging.WARNING)
+        logging.getLogger("ray.serve").setLevel(logging.ERROR)
         serve.start(http_options={"host": HOST, "port": config.port}, logging_config=QUIET)
         try:
             _deploy(runs, models, config)
@@ -83,7 +83,7 @@ def _deploy(runs: list[RunDir], models: list[bytes], config: ServeConfig) -> Non
 
     from digit_models.serving.app import APP_NAME, application
 
-    logging.getLogger("ray.serve").setLevel(logging.WARNING)
+    logging.getLogger("ray.serve").setLevel(logging.ERROR)
     serve.run(
         application(models, _names(runs), describe(runs, config), config),
         name=APP_NAME,
