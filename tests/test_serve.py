@@ -156,6 +156,7 @@ def test_each_bad_request_gets_400_and_one_line_while_serving_goes_on(server, te
 
     cases = [
         ("predict", b'{"images": [', "application/json", "body is not JSON"),
+        ("predict", b"[" * 100_000 + b"]" * 100_000, "application/json", "JSON nested too deeply"),
         ("predict", b'{"pictures": []}', "application/json", 'expected a JSON object {"images": [...]}'),
         ("predict", body([]), "application/json", "non-empty list of images"),
         ("predict", body([image[:700]]), "application/json", "images[0]: a list of 700 items; expected a 28x28"),

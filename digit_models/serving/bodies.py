@@ -26,6 +26,8 @@ def images_of_json(body: bytes) -> np.ndarray:
         document = json.loads(body)
     except (UnicodeDecodeError, ValueError) as exc:
         raise DigitsError(f"body is not JSON: {exc}") from None
+    except RecursionError:  # thousands of nested brackets
+        raise DigitsError("body: JSON nested too deeply") from None
     if not isinstance(document, dict) or "images" not in document:
         raise DigitsError('body: expected a JSON object {"images": [...]}')
     images = document["images"]
