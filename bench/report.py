@@ -191,7 +191,7 @@ def _serving_tables(serving: dict) -> list[str]:
         "## Serving: `digits serve` against a plain HTTP server",
         "",
         f"The {serving['model']} model's model.keras behind `digits serve` (Ray Serve on an embedded Ray, one "
-        "replica with 2 CPUs, requests batched: at most 32, waiting at most 5 ms) and behind the standard "
+        "replica with 2 CPUs, requests batched: at most 32, waiting at most 1 ms) and behind the standard "
         "library's ThreadingHTTPServer (one process, each request's image through the model as it comes), "
         "both running side by side on loopback. Each load: that many clients sending single-image POST "
         f"/predict requests back to back on kept-alive connections, {serving['requests']:,} requests or "

@@ -288,9 +288,9 @@ class ServeConfig:
     cpus_per_replica: float = 1.0  # what each replica asks Ray for; its TensorFlow threads: at least 1
     gpus_per_replica: float = 0.0
     # @serve.batch: a batch goes to the model once it holds this many requests or once the
-    # first has waited this long (BENCHMARKS.md, "digits serve", has the measurement).
+    # first has waited this long (docs/serve.md, "Batching", has the measurement).
     max_batch_size: int = 32
-    batch_wait_s: float = 0.005
+    batch_wait_s: float = 0.001
 
     def validate(self) -> None:
         if not self.runs:

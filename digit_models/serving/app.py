@@ -90,7 +90,7 @@ class DigitServer:
         images = images_of_csv(await _body(request, CSV_TYPE))
         return PlainTextResponse(answer_csv(await self.scored(images)), media_type=CSV_TYPE)
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)  # set again by __init__
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.001)  # set again by __init__
     async def scored(self, requests: list[np.ndarray]) -> list[np.ndarray]:
         """The probabilities of each request's images, from one model call on all of them. In
         a thread: the replica goes on reading and checking the next requests meanwhile."""
