@@ -56,14 +56,16 @@ def _load(port: int, bodies: list[bytes], concurrency: int, requests: int, secon
     latencies, failures, lock = [], [], threading.Lock()
     deadline = time.perf_counter() + seconds
 
+    def finished() -> bool:
+        """`requests` answered, or the time is up and something was answered."""
+        with lock:
+            done = len(latencies) + len(failures)
+        return done >= requests or (time.perf_counter() > deadline and done > 0)
+
     def client(number: int) -> None:
         connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
         sent = number
-        while True:
-            with lock:
-                done = len(latencies) + len(failures)
-                if done >= requests or (time.perf_counter() > deadline and done):
-                    return
+        while not finished():
             began = time.perf_counter()
             try:
                 connection.request("POST", "/predict", bodies[sent % len(bodies)], {"Content-Type": "application/json"})
