@@ -125,7 +125,8 @@ def test_every_scoring_run_scored_the_images_it_was_given(smoke):
 
 def test_every_serving_load_was_answered_with_the_same_labels(smoke):
     """Both servers answered every request of each load (the quick run's 100, or what 5 s
-    allowed), and the same labels for the same images."""
+    allowed, and the requests its clients had in flight as it ended), and the same labels for
+    the same images."""
     measured, markdown, _ = smoke
     serving = measured["serving"]
     assert serving["same_labels"] is True
@@ -133,7 +134,7 @@ def test_every_serving_load_was_answered_with_the_same_labels(smoke):
         (server, c) for server in ("plain", "serve") for c in (1, 8, 32)
     )
     for row in serving["rows"]:
-        assert row["failed"] == 0 and 0 < row["answered"] <= 100, row
+        assert row["failed"] == 0 and 0 < row["answered"] < 100 + row["concurrency"], row
         assert row["requests_per_s"] * row["wall_s"] == pytest.approx(row["answered"], rel=0.05)
         assert 0 < row["p50_ms"] <= row["p99_ms"]
     assert _table(markdown, "| server | concurrency |", columns=5) == [
