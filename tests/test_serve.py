@@ -191,7 +191,8 @@ def test_each_bad_request_gets_400_and_one_line_while_serving_goes_on(server, te
 
 
 def _digit_to_draw(server: Server, mnist_slice) -> tuple[np.ndarray, int]:
-    """An official MNIST test image the served model gets right with confidence."""
+    """An official MNIST test image the served model gets right with confidence; not a 1 or a
+    7, whose thin strokes the page's broad pen thickens the most against their width."""
     candidates = np.flatnonzero(mnist_slice.is_official_test)[:40]
     answer = _predict(server.url, [mnist_slice.images[i].tolist() for i in candidates])
     for index, label, probabilities in zip(candidates, answer["labels"], answer["probabilities"]):
