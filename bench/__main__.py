@@ -21,10 +21,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench import footprint, report, scoring, training, training_input
+from bench import footprint, report, scoring, serving, training, training_input
 from bench.processes import REPO, Processes
 
-SECTIONS = ("training", "scoring", "footprint", "training_input")
+SECTIONS = ("training", "scoring", "serving", "footprint", "training_input")
 # A quick run's scoring input: the first QUICK_TEST_ROWS rows of test.csv, repeated to
 # QUICK_SCALE images for its one scale size (so that the repeating is exercised too).
 QUICK_TEST_ROWS, QUICK_SCALE = 200, 500
@@ -51,6 +51,13 @@ def main() -> None:
         default=[1, 10, 100],
         metavar="TIMES",
         help="train.csv repeated this many times for the training input runs",
+    )
+    parser.add_argument(
+        "--serve-requests",
+        type=int,
+        default=5000,
+        metavar="N",
+        help="requests per load of the serving section (each load also ends after 60 s)",
     )
     parser.add_argument("--results-dir", default=str(REPO / "bench" / "results"))
     parser.add_argument("--markdown", default=str(REPO / "BENCHMARKS.md"))
@@ -122,6 +129,22 @@ def main() -> None:
             )
         if "footprint" in args.sections:
             results["footprint"] = _footprint(data, test_csv, run.scratch, args, results.get("training_input"))
+        if "serving" in args.sections:
+            model = "dense" if args.quick else "cnn"
+            run_dir = trainer.latest(model)
+            if run_dir is None:
+                _, _, run_dir = trainer.train("--model", model, "--epochs", "1" if args.quick else "2")
+            results["serving"] = {
+                "model": model,
+                **serving.load_test(
+                    run_dir,
+                    test_csv,
+                    requests=100 if args.quick else args.serve_requests,
+                    seconds=5 if args.quick else 60,
+                    repeats=args.repeats,
+                    scratch=run.scratch,
+                ),
+            }
     if args.update:
         _keep_other_sections(results, Path(args.update))
     results["ratios"] = report.ratios(results)

@@ -5,6 +5,8 @@ process of its own and printing one JSON line.
 Keras, as the seed imports it), model.fit on in-memory arrays, batch 32, no Ray.
 `score`: a trained model's plain in-process model.predict, then pandas.to_parquet and a
 submission.csv.
+`serve`: the same model behind the standard library's HTTP server (one process, a thread per
+connection), answering `digits serve`'s POST /predict.
 """
 
 from __future__ import annotations
@@ -129,6 +131,43 @@ def score(args) -> dict:
     }
 
 
+def serve(args) -> dict:
+    """What a user would write to put model.keras online without Ray Serve: http.server's
+    ThreadingHTTPServer, each request's images through the model as they come. Prints its
+    ready line, then serves until it is stopped."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from digit_models.nets.model_file import load_model_bytes, read_model_file
+
+    model = load_model_bytes(read_model_file(args.model_file, args.model_file), args.model_file, compile=False)
+
+    class Predict(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # keep-alive, as Serve's proxy does
+
+        def do_POST(self):
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            images = np.array(json.loads(body)["images"], dtype=np.uint8).reshape(-1, 28, 28)
+            probabilities = model(images, training=False).numpy()
+            answer = json.dumps(
+                {"labels": probabilities.argmax(axis=1).tolist(), "probabilities": probabilities.tolist()}
+            ).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(answer)))
+            self.end_headers()
+            self.wfile.write(answer)
+
+        def log_message(self, *args):
+            pass
+
+    ThreadingHTTPServer.request_queue_size = 64  # the default 5 would refuse 32 clients' connections
+    server = ThreadingHTTPServer(("127.0.0.1", args.port), Predict)
+    sys.stdout.write("BENCH " + json.dumps({"ready": args.port}) + "\n")
+    sys.stdout.flush()
+    server.serve_forever()
+    return {}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.baselines")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -141,8 +180,11 @@ def main() -> None:
     scoring.add_argument("--model-file", required=True)
     scoring.add_argument("--input", required=True, help="test.csv, or a Parquet file")
     scoring.add_argument("--out", required=True, help="folder to write into")
+    online = commands.add_parser("serve")
+    online.add_argument("--model-file", required=True)
+    online.add_argument("--port", type=int, required=True)
     args = parser.parse_args()
-    result = train(args) if args.command == "train" else score(args)
+    result = {"train": train, "score": score, "serve": serve}[args.command](args)
     sys.stdout.write("BENCH " + json.dumps(result) + "\n")
 
 

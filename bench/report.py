@@ -19,6 +19,7 @@ TARGETS = {
     "predict driver peak RSS, largest / 28k": ("<=", 1.25),
     "Ray's processes, share of the machine's CPU, 1-worker training (its epochs)": ("<=", 0.05),
     "training input,": ("<=", 1.25),
+    "serve requests/s / plain server's, concurrency 32": (">=", 3.0),
 }
 
 
@@ -57,6 +58,13 @@ def ratios(results: dict) -> dict:
         out[f"training input, worker's mapped rows, {span}"] = (
             large["worker_peak_shared_mb"] / small["worker_peak_shared_mb"]
         )
+    serving = results.get("serving")
+    if serving:
+        rate = {(row["server"], row["concurrency"]): row["requests_per_s"] for row in serving["rows"]}
+        for concurrency in sorted({row["concurrency"] for row in serving["rows"]}):
+            out[f"serve requests/s / plain server's, concurrency {concurrency}"] = (
+                rate["serve", concurrency] / rate["plain", concurrency]
+            )
     return out
 
 
@@ -120,6 +128,8 @@ def markdown(results: dict, chart: str) -> str:
         lines += _footprint_tables(results["footprint"], results["machine"]["cpus"])
     if "training_input" in results:
         lines += _training_input_table(results["training_input"])
+    if "serving" in results:
+        lines += _serving_tables(results["serving"])
     lines += ["", f"![benchmark chart]({chart})", ""]
     return "\n".join(lines)
 
@@ -206,6 +216,31 @@ def _scoring_tables(scoring: dict) -> list[str]:
                 f"{row['images_per_s']:,.0f} | {rss:,.0f} MB | "
                 f"{'-' if store is None else f'{store:,.0f} MB'} |"
             )
+    return lines
+
+
+def _serving_tables(serving: dict) -> list[str]:
+    lines = [
+        "",
+        "## Serving: `digits serve` against a plain HTTP server",
+        "",
+        f"The {serving['model']} model's model.keras behind `digits serve` (Ray Serve on an embedded Ray, one "
+        "replica with 2 CPUs, requests batched: at most 32, waiting at most 1 ms) and behind the standard "
+        "library's ThreadingHTTPServer (one process, each request's image through the model as it comes), "
+        "both running side by side on loopback. Each load: that many clients sending single-image POST "
+        f"/predict requests back to back on kept-alive connections, {serving['requests']:,} requests or "
+        f"{serving['seconds']:.0f} s, whichever ends first; the best of the interleaved repeats. Same labels "
+        f"from both: {serving['same_labels']}. CPU: {serving['cpu_flags']}.",
+        "",
+        "| server | concurrency | answered | failed | requests/s | p50 | p99 |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in sorted(serving["rows"], key=lambda row: (row["concurrency"], row["server"])):
+        lines.append(
+            f"| {'`digits serve`' if row['server'] == 'serve' else 'plain http.server'} | {row['concurrency']} | "
+            f"{row['answered']:,} | {row['failed']} | {row['requests_per_s']:,.0f} | {row['p50_ms']:.1f} ms | "
+            f"{row['p99_ms']:.1f} ms |"
+        )
     return lines
 
 

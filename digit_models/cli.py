@@ -165,7 +165,7 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from digit_models.config import EXPORT_FORMATS, PredictConfig, TrainConfig
+    from digit_models.config import EXPORT_FORMATS, PredictConfig, ServeConfig, TrainConfig
 
     # --debug before the command or after it: the command's own copy leaves the value alone
     # unless given (SUPPRESS), so that `digits --debug evaluate ...` keeps it too.
@@ -381,6 +381,56 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.add_argument("--out", required=True, metavar="OUT_DIR", help="new folder to write")
 
+    served = ServeConfig(runs=[])  # the defaults
+    server = command(
+        "serve",
+        help="serve trained runs over HTTP on Ray Serve, with a page to draw a digit on",
+        description="Runs until Ctrl-C or SIGTERM, which let the requests in flight finish. "
+        "POST /predict (JSON), POST /predict.csv (Kaggle CSV), GET /health, GET /model, and the page at /.",
+    )
+    which = server.add_mutually_exclusive_group(required=True)
+    which.add_argument(
+        "--run", action="append", metavar="RUN_DIR", help="trained run directory; repeat to average several models"
+    )
+    which.add_argument(
+        "--swap",
+        action="append",
+        metavar="RUN_DIR",
+        help="switch the server running on the cluster at --address to this run (repeat for an "
+        "ensemble; with this --tta and --replicas) without dropping requests, then return",
+    )
+    server.add_argument(
+        "--tta",
+        type=int,
+        default=served.tta,
+        metavar="VIEWS",
+        help=f"test-time augmentation, as in `digits predict` (default {served.tta})",
+    )
+    server.add_argument("--replicas", type=int, default=served.replicas, help=f"default {served.replicas}")
+    server.add_argument("--port", type=int, default=served.port, help=f"HTTP port on 127.0.0.1 (default {served.port})")
+    server.add_argument(
+        "--cpus-per-replica", type=float, default=served.cpus_per_replica, help=f"default {served.cpus_per_replica:g}"
+    )
+    server.add_argument(
+        "--gpus-per-replica", type=float, default=served.gpus_per_replica, help=f"default {served.gpus_per_replica:g}"
+    )
+    server.add_argument(
+        "--max-batch-size",
+        type=int,
+        default=served.max_batch_size,
+        metavar="REQUESTS",
+        help=f"a replica's model call takes at most this many requests' images (default {served.max_batch_size})",
+    )
+    server.add_argument(
+        "--batch-wait-ms",
+        type=float,
+        default=1000 * served.batch_wait_s,
+        metavar="MS",
+        help="how long a batch's first request waits for more before the model call "
+        f"(default {1000 * served.batch_wait_s:g})",
+    )
+    _add_ray_address(server)
+
     runs = command("runs", help="list the training runs in a folder: model, epochs, best val_accuracy, state")
     runs.add_argument(
         "dir",
@@ -558,6 +608,32 @@ def run_export(args) -> None:
     print(f"wrote {export(args.run, args.out, args.format)}")
 
 
+def run_serve(args) -> None:
+    import time
+
+    from digit_models.config import ServeConfig
+    from digit_models.serving.server import serving, swap
+
+    config = ServeConfig(
+        runs=args.swap or args.run,
+        tta=args.tta,
+        replicas=args.replicas,
+        port=args.port,
+        cpus_per_replica=args.cpus_per_replica,
+        gpus_per_replica=args.gpus_per_replica,
+        max_batch_size=args.max_batch_size,
+        batch_wait_s=args.batch_wait_ms / 1000,
+    )
+    if args.swap:
+        swap(config, address=args.address)
+        print(f"swapped: the server now answers with {', '.join(config.runs)}")
+        return
+    with serving(config, address=args.address) as url:
+        print(f"serving {', '.join(config.runs)} at {url} (Ctrl-C or SIGTERM stops)", flush=True)
+        while True:  # until the interrupt, which ends the block and stops the server
+            time.sleep(3600)
+
+
 def run_runs(args) -> None:
     import json
 
@@ -576,6 +652,7 @@ COMMANDS = {
     "report": run_report,
     "export": run_export,
     "runs": run_runs,
+    "serve": run_serve,
 }
 
 

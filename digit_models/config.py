@@ -274,3 +274,38 @@ class PredictConfig:
             raise DigitsError(f"--cpus-per-actor {self.cpus_per_actor}: must be at least 1")
         if self.gpus_per_actor < 0:
             raise DigitsError(f"--gpus-per-actor {self.gpus_per_actor}: must be >= 0")
+
+
+@dataclass
+class ServeConfig:
+    """`digits serve`: which trained runs answer (averaged when several), with what test-time
+    augmentation, on how many replicas, where."""
+
+    runs: list[str]
+    tta: int = 0
+    replicas: int = 1
+    port: int = 8000
+    cpus_per_replica: float = 1.0  # what each replica asks Ray for; its TensorFlow threads: at least 1
+    gpus_per_replica: float = 0.0
+    # @serve.batch: a batch goes to the model once it holds this many requests or once the
+    # first has waited this long (docs/serve.md, "Batching", has the measurement).
+    max_batch_size: int = 32
+    batch_wait_s: float = 0.001
+
+    def validate(self) -> None:
+        if not self.runs:
+            raise DigitsError("--run: give at least one run directory")
+        if not 0 <= self.tta <= MAX_TTA:
+            raise DigitsError(f"--tta {self.tta}: must be 0 to {MAX_TTA}")
+        if self.replicas < 1:
+            raise DigitsError(f"--replicas {self.replicas}: must be at least 1")
+        if not 1 <= self.port <= 65535:
+            raise DigitsError(f"--port {self.port}: must be 1 to 65535")
+        if self.cpus_per_replica < 0:
+            raise DigitsError(f"--cpus-per-replica {self.cpus_per_replica}: must be >= 0")
+        if self.gpus_per_replica < 0:
+            raise DigitsError(f"--gpus-per-replica {self.gpus_per_replica}: must be >= 0")
+        if self.max_batch_size < 1:
+            raise DigitsError(f"--max-batch-size {self.max_batch_size}: must be at least 1")
+        if not 0 <= self.batch_wait_s <= 1:
+            raise DigitsError(f"--batch-wait-ms {1000 * self.batch_wait_s:g}: must be 0 to 1000")

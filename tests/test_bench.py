@@ -75,6 +75,8 @@ def test_every_ratio_is_the_quotient_of_the_numbers_it_is_made_of(smoke):
         "2 workers": (1, 1, 1),
     }
     one, two = to_target["1 worker"], to_target["2 workers"]
+    rates = {(row["server"], row["concurrency"]): row["requests_per_s"] for row in measured["serving"]["rows"]}
+    served, plain = ({c: rates[server, c] for c in (1, 8, 32)} for server in ("serve", "plain"))
     assert measured["ratios"] == pytest.approx(
         {
             **_footprint_ratios(measured),
@@ -84,6 +86,11 @@ def test_every_ratio_is_the_quotient_of_the_numbers_it_is_made_of(smoke):
             "time to 99%, 2 workers / 1 worker (training clock)": two["training_s"] / one["training_s"],
             "first step after the command starts (s, 1 worker)": one["first_step_s"],
             "predict wall / plain wall": fixed["digits_wall_s"] / fixed["plain_wall_s"],
+            **{
+                f"serve requests/s / plain server's, concurrency {concurrency}": served[concurrency]
+                / plain[concurrency]
+                for concurrency in (1, 8, 32)
+            },
         },
         rel=1e-9,
     )
@@ -147,6 +154,32 @@ def test_every_scoring_run_scored_the_images_it_was_given(smoke):
     ]
     assert [row["images_per_s"] * row["wall_s"] for row in rows] == pytest.approx([QUICK_SCALE] * 4)
     assert [row["images"] for row in rows] == [QUICK_SCALE] * 4
+
+
+def test_every_serving_load_was_answered_with_the_same_labels(smoke):
+    """Both servers answered every request of each load (the quick run's 100, or what 5 s
+    allowed, and the requests its clients had in flight as it ended), and the same labels for
+    the same images."""
+    measured, markdown, _ = smoke
+    serving = measured["serving"]
+    assert serving["same_labels"] is True
+    assert sorted((row["server"], row["concurrency"]) for row in serving["rows"]) == sorted(
+        (server, c) for server in ("plain", "serve") for c in (1, 8, 32)
+    )
+    for row in serving["rows"]:
+        assert row["failed"] == 0 and 0 < row["answered"] < 100 + row["concurrency"], row
+        assert row["requests_per_s"] * row["wall_s"] == pytest.approx(row["answered"], rel=0.05)
+        assert 0 < row["p50_ms"] <= row["p99_ms"]
+    assert _table(markdown, "| server | concurrency |", columns=5) == [
+        [
+            "`digits serve`" if row["server"] == "serve" else "plain http.server",
+            str(row["concurrency"]),
+            f"{row['answered']:,}",
+            str(row["failed"]),
+            _shown(row["requests_per_s"], 0),
+        ]
+        for row in sorted(serving["rows"], key=lambda row: (row["concurrency"], row["server"]))
+    ]
 
 
 def test_the_markdown_table_holds_the_json_values(smoke):
@@ -224,7 +257,7 @@ def test_the_chart_has_a_bar_per_ratio(smoke):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and png[12:16] == b"IHDR"
     width, height = struct.unpack(">II", png[16:24])
     bars = sum("(s," not in name for name in measured["ratios"])
-    assert bars == 5 + len(_footprint_ratios(measured))
+    assert bars == 8 + len(_footprint_ratios(measured))
     assert width == 990 and abs(height - (0.45 * bars + 1.2) * 110) <= 1
 
 

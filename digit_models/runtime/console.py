@@ -55,6 +55,9 @@ NOISE = re.compile(
     # The raylet's advice when a node runs more Python processes than CPUs: a search's trials
     # each have a driver, a Ray Train controller and a queue besides their workers, by design.
     r"|PYTHON worker processes have been started on node"
+    # serve.shutdown() kills Serve's controller once it has stopped the replicas and proxies,
+    # while the controller's own shutdown task is still pending: Ray reports the kill.
+    r"|Task ServeController\.graceful_shutdown failed"
 )
 
 

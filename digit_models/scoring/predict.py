@@ -23,9 +23,7 @@ else (OUTPUT), and only its own entries are touched.
 
 from __future__ import annotations
 
-import os
 import resource
-import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -39,6 +37,7 @@ from digit_models.runtime.console import live, report_progress
 from digit_models.errors import DigitsError, first_line
 from digit_models.storage.files import Folder, Output, is_uri, require_output_folder, staged_dir
 from digit_models.nets.model_file import check_keras_archive
+from digit_models.scoring.ensemble import Ensemble
 from digit_models.scoring.predict_input import (
     BLOCK_ROWS,
     Inspections,
@@ -73,11 +72,7 @@ def predict(config: PredictConfig, address: str | None = None) -> dict:
     started = time.time()
     out = Folder(config.out if is_uri(config.out) else str(Path(config.out).resolve()))
     require_output_folder(out, "refusing to replace it", replaces=OUTPUT)
-    runs = [RunDir(run) for run in config.runs]
-    require_distinct(runs)
-    models = [run.model_bytes() for run in runs]
-    for run, model in zip(runs, models):
-        check_keras_archive(model, run.child(run.MODEL))
+    runs, models = checked_models(config.runs)
     source = open_input(config.input)
 
     with ray_session(address), _writing_into(out) as target:
@@ -157,6 +152,18 @@ def predict(config: PredictConfig, address: str | None = None) -> dict:
     return record
 
 
+def checked_models(given: list[str]) -> tuple[list[RunDir], list[bytes]]:
+    """The runs of an ensemble and their model files, checked without TensorFlow (so that a
+    bad one is refused before Ray starts): bytes, so that processes on any node receive them
+    through Ray rather than reading this disk."""
+    runs = [RunDir(run) for run in given]
+    require_distinct(runs)
+    models = [run.model_bytes() for run in runs]
+    for run, model in zip(runs, models):
+        check_keras_archive(model, run.child(run.MODEL))
+    return runs, models
+
+
 def require_distinct(runs: list[RunDir]) -> None:
     """An ensemble's members are different run directories: the same one twice (however
     spelled: RunDir resolves a local path) would be scored twice and weigh double, most likely
@@ -215,45 +222,22 @@ class DigitPredictor:
     the pipeline has already failed for another reason and the models are gone)."""
 
     def __init__(self, models: list, names: list[str], cpus: int, batch_size: int, tta: int = 0):
+        import ray
+
         from digit_models.runtime.tf_setup import configure_tensorflow
 
         configure_tensorflow(cpus)
-        self.batch_size, self.views = batch_size, 1 + tta
-        self.models, self.error = [], None
+        self.ensemble, self.error = None, None
         try:
-            self.models = [self._load(model, name) for model, name in zip(models, names)]
+            self.ensemble = Ensemble([ray.get(model) for model in models], names, tta=tta, batch_size=batch_size)
         except Exception as exc:  # noqa: BLE001  (raised again by the first batch)
             self.error = exc
 
-    @staticmethod
-    def _load(model, name: str):
-        import ray
-
-        from digit_models.nets.models import load_model_file
-        from digit_models.runtime.tf_setup import tf
-
-        with tempfile.TemporaryDirectory(prefix="digits-model-") as directory:
-            path = os.path.join(directory, "model.keras")
-            Path(path).write_bytes(ray.get(model))
-            loaded = load_model_file(path, name=name)
-        # One traced graph for every batch size: faster per call than predict_on_batch.
-        return tf.function(
-            lambda images: loaded(images, training=False), input_signature=[tf.TensorSpec([None, 28, 28], tf.uint8)]
-        )
-
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from digit_models.nets.augmentation import tta_view
-
         if self.error:
             raise self.error
         images = batch["image"]
-        probabilities = np.empty((len(images), 10), np.float32)
-        for start in range(0, len(images), self.batch_size):
-            part = images[start : start + self.batch_size]
-            views = [part, *(tta_view(part, view).numpy() for view in range(1, self.views))]
-            probabilities[start : start + len(part)] = np.mean(
-                [model(view).numpy() for model in self.models for view in views], axis=0
-            )
+        probabilities = self.ensemble.probabilities(images)
         report_progress(images=len(images))
         return {
             "ImageId": batch["ImageId"].astype(np.int32),

@@ -103,22 +103,30 @@ def read_csv_chunks(
 ) -> Iterator[tuple[int, pa.Table]]:
     """Yields (rows before the chunk, the chunk's rows as uint8 columns), every cell checked."""
     name = str(location)
-    expected = TRAIN_COLUMNS if labelled else TEST_COLUMNS
-    rows = 0
     try:
         with open_binary(location) as stream:
-            chunks = line_chunks(stream, name)
-            check_header(_header(next(chunks, b""), name), expected, name)
-            for chunk in chunks:
-                table = _parse_chunk(chunk, expected, name, rows, threads)
-                if limit is not None and rows + table.num_rows >= limit:
-                    yield rows, table.slice(0, limit - rows)
-                    return
-                if table.num_rows:
-                    yield rows, table
-                rows += table.num_rows
+            yield from csv_stream_chunks(stream, name, labelled, limit=limit, threads=threads)
     except (OSError, EOFError) as exc:
         raise DigitsError(f"{name}: cannot read: {first_line(exc)}") from None
+
+
+def csv_stream_chunks(
+    stream, name: str, labelled: bool, limit: int | None = None, threads: bool = True
+) -> Iterator[tuple[int, pa.Table]]:
+    """read_csv_chunks of an open binary stream (`digits serve` reads a request's body so);
+    `name` is how errors refer to it."""
+    expected = TRAIN_COLUMNS if labelled else TEST_COLUMNS
+    rows = 0
+    chunks = line_chunks(stream, name)
+    check_header(_header(next(chunks, b""), name), expected, name)
+    for chunk in chunks:
+        table = _parse_chunk(chunk, expected, name, rows, threads)
+        if limit is not None and rows + table.num_rows >= limit:
+            yield rows, table.slice(0, limit - rows)
+            return
+        if table.num_rows:
+            yield rows, table
+        rows += table.num_rows
     if rows == 0:
         raise DigitsError(f"{name}: no data rows after the header")
 
