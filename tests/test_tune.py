@@ -186,12 +186,17 @@ def test_an_interrupted_search_resumes_finishes_and_its_best_trial_scores(tmp_pa
         str(space_file),
         env=env,
     )
-    seen, ended = [], False
+    seen, ended, later = [], False, None
     deadline = time.time() + 400
-    for line in search.stdout:  # Ctrl-C once a trial has ended and a later one has started
+    # Ctrl-C once a trial has ended and a later one has trained an epoch: by then that trial's
+    # Ray Train run holds its workers. (Interrupted while its run was still placing them, Ray
+    # Train can leave the workers' placement group behind, holding a CPU of the cluster.)
+    for line in search.stdout:
         seen.append(line.rstrip("\n"))
         ended = ended or " finished: " in line or " stopped early " in line
-        if (ended and re.match(r"trial \d{3} started: ", line)) or time.time() > deadline:
+        started = re.match(r"trial (\d{3}) started: ", line)
+        later = later or (started.group(1) if ended and started else None)
+        if (later and line.startswith(f"trial {later}: epoch ")) or time.time() > deadline:
             break
     search.send_signal(signal.SIGINT)
     rest, errors = search.communicate(timeout=180)
