@@ -167,6 +167,52 @@ def _digits_process(*args: str, env: dict) -> subprocess.Popen:
     )
 
 
+def test_a_placement_group_left_by_a_killed_actor_is_removed_at_the_end_of_the_command(ray_local):
+    """What an interrupted search can leave behind (the group of a trial's Ray Train run, its
+    controller killed): the command's end removes it, and leaves a detached group alone."""
+    import ray
+    from ray.util import placement_group_table
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    from digit_models.runtime.ray_runtime import remove_own_placement_groups
+
+    @ray.remote(num_cpus=0)
+    class Controller:
+        def place(self) -> str:
+            group = placement_group([{"CPU": 1}])
+            ray.get(group.ready())
+            return group.id.hex()
+
+    controller = Controller.remote()
+    left = ray.get(controller.place.remote())
+    ray.kill(controller)
+    detached = placement_group([{"CPU": 0.01}], lifetime="detached")
+    ray.get(detached.ready())
+    time.sleep(1)  # the creator's death reaches the GCS, which keeps the group while the job lives
+    assert placement_group_table()[left]["state"] == "CREATED"
+    remove_own_placement_groups()
+    deadline = time.time() + 10
+    while placement_group_table()[left]["state"] != "REMOVED" and time.time() < deadline:
+        time.sleep(0.2)
+    assert placement_group_table()[left]["state"] == "REMOVED"
+    assert placement_group_table()[detached.id.hex()]["state"] == "CREATED"
+    remove_placement_group(detached)
+
+
+def _no_placement_group_is_left() -> None:
+    """The session Ray holds no placement group once a search has ended (one left behind would
+    hold CPUs that every later command waits for)."""
+    from ray.util import placement_group_table
+
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        held = {key: group["bundles"] for key, group in placement_group_table().items() if group["state"] != "REMOVED"}
+        if not held:
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"placement groups left: {held}")
+
+
 def test_an_interrupted_search_resumes_finishes_and_its_best_trial_scores(tmp_path, kaggle_dir, shared_ray_env):
     space_file = tmp_path / "space.yaml"
     space_file.write_text(SPACE)
@@ -188,9 +234,8 @@ def test_an_interrupted_search_resumes_finishes_and_its_best_trial_scores(tmp_pa
     )
     seen, ended, later = [], False, None
     deadline = time.time() + 400
-    # Ctrl-C once a trial has ended and a later one has trained an epoch: by then that trial's
-    # Ray Train run holds its workers. (Interrupted while its run was still placing them, Ray
-    # Train can leave the workers' placement group behind, holding a CPU of the cluster.)
+    # Ctrl-C once a trial has ended and a later one has trained an epoch: the resume then has
+    # an early stop behind it, a trial to continue from its checkpoint and trials to start.
     for line in search.stdout:
         seen.append(line.rstrip("\n"))
         ended = ended or " finished: " in line or " stopped early " in line
@@ -206,9 +251,11 @@ def test_an_interrupted_search_resumes_finishes_and_its_best_trial_scores(tmp_pa
     assert "finished_at" not in first and (tune_dir / "results.json").is_file()
     before = {row["trial"]: row["state"] for row in json.loads((tune_dir / "results.json").read_text())}
     assert "unfinished" in before.values(), before  # the trials running at the Ctrl-C
+    _no_placement_group_is_left()
 
     resumed = run_digits("tune", "--resume", str(tune_dir), env=shared_ray_env, timeout=600)
     assert resumed.returncode == 0, resumed.stderr
+    _no_placement_group_is_left()
     console = seen + rest.splitlines() + resumed.stdout.splitlines()
     assert all(OUR_LINE.match(line) for line in console), console  # no Ray Tune tables or chatter
     assert "Traceback" not in errors + resumed.stderr and "│" not in errors + resumed.stderr
@@ -259,12 +306,6 @@ def test_an_interrupted_search_resumes_finishes_and_its_best_trial_scores(tmp_pa
         str(kaggle_dir / "test.csv"),
         "--out",
         str(scored),
-        # One CPU: the interrupted search can leave a trial's placement group holding the other
-        # (Ray Train's leak, which `digits tune` does not clean up yet).
-        "--actors",
-        "1",
-        "--cpus-per-actor",
-        "1",
         env=shared_ray_env,
     )
     assert done.returncode == 0, done.stderr

@@ -93,12 +93,42 @@ def ray_session(address: str | None = None, dashboard: bool = False):
         yield
     finally:
         live.clear()
+        if address and ray.is_initialized():
+            remove_own_placement_groups()
         if not address:
             _stop_autoscaler_monitor()
         ray.shutdown()
         _SESSION_OBJECTS.clear()
         _JOINING.clear()
         _EMBEDDED.clear()
+
+
+def remove_own_placement_groups() -> None:
+    """Removes the placement groups this command's job still holds on the cluster it joined.
+
+    Ray removes a job's group once both the job and the actor that made it are gone; but an
+    actor killed while its group was being made (the Ray Train controller of a trial that Ray
+    Tune stops at a Ctrl-C) can leave the group registered after the actor's death, holding its
+    CPUs until the cluster stops. Detached groups outlive jobs by design and are left alone.
+    This asks the State API, which a cluster's head serves unless started without the
+    dashboard; where it does not, the groups are left to Ray."""
+    import ray
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+    from ray.util.state import list_placement_groups
+
+    job = ray.get_runtime_context().get_job_id()
+    try:
+        held = list_placement_groups(
+            filters=[("creator_job_id", "=", job), ("state", "!=", "REMOVED"), ("is_detached", "=", False)],
+            detail=True,
+            timeout=10,
+            raise_on_missing_output=False,
+        )
+    except Exception as exc:  # no State API here, or it did not answer: nothing to act on
+        logging.getLogger(__name__).debug("placement groups of job %s not listed: %s", job, exc)
+        return
+    for group in held:
+        remove_placement_group(PlacementGroup(ray.PlacementGroupID.from_hex(group.placement_group_id)))
 
 
 # While this process runs an embedded Ray: the token that another process needs to join it,
