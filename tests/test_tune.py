@@ -312,3 +312,51 @@ def test_an_interrupted_search_resumes_finishes_and_its_best_trial_scores(tmp_pa
     assert len((scored / "submission.csv").read_text().splitlines()) == 1 + 1_500
     again = run_digits("tune", "--resume", str(tune_dir), env={"RAY_ADDRESS": "127.0.0.1:1"})
     assert _one_error_line(again).endswith("nothing to resume")
+
+
+def test_a_failed_trial_is_recorded_and_the_search_goes_on_with_each_trial_an_mlflow_run(
+    tmp_path, kaggle_dir, shared_ray_env, monkeypatch
+):
+    """A trial whose batch is larger than the slice's training rows fails in its own driver: its
+    row says failed with our one-line error, the other trial finishes and is the best, and
+    MLflow holds the finished trial's run under the trial's name."""
+    space_file = tmp_path / "space.yaml"
+    space_file.write_text("batch-size: [16, 4096]\n")
+    tune_dir, store = tmp_path / "search", str(tmp_path / "mlruns")
+    done = run_digits(
+        "tune",
+        "--data",
+        str(kaggle_dir),
+        "--out",
+        str(tune_dir),
+        "--trials",
+        "2",
+        "--epochs",
+        "1",
+        "--space",
+        str(space_file),
+        "--search-seed",
+        "2",  # draws 4096, then 16
+        "--mlflow",
+        store,
+        env=shared_ray_env,
+    )
+    assert done.returncode == 0, done.stderr
+    rows = {row["batch-size"]: row for row in json.loads((tune_dir / "results.json").read_text())}
+    failed, finished = rows[4096], rows[16]
+    assert failed["state"] == "failed" and finished["state"] == "finished"
+    assert "rows are too few for 1 worker(s) with --batch-size 4096" in failed["error"]
+    assert f"trial {failed['trial']} failed: " in done.stdout and "Traceback" not in done.stdout + done.stderr
+    assert "1 failed, 1 finished" in done.stdout
+    assert json.loads((tune_dir / "best.json").read_text())["trial"] == finished["trial"]
+
+    from mlflow import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # a file store, as the trials' runs had
+    tracking = MlflowClient(store)
+    logged = tracking.search_runs([tracking.get_experiment_by_name("digits").experiment_id])
+    run = json.loads((tune_dir / finished["run_dir"] / "run.json").read_text())
+    assert [(entry.info.run_name, entry.info.run_id, entry.info.status) for entry in logged] == [
+        (finished["trial"], run["mlflow_run_id"], "FINISHED")
+    ]
+    assert logged[0].data.params["batch_size"] == "16"
