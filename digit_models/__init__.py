@@ -34,6 +34,11 @@ import os
 # polls them, every 2 s by default (ending a run took about two polls); a poll is one cheap
 # call per worker (a queue read), so every run ends, and every restart begins, seconds sooner
 # (docs/design.md, "How training works"). The controller reads it from the driver's environment.
+#
+# RAY_JOB_STOP_WAIT_TIME_S: `ray job stop` sends the entrypoint SIGTERM and SIGKILLs it 3 s later
+# by default; a stopped `digits serve` needs longer to let its replicas answer what they hold and
+# then stop Serve (cut off, Serve's controller and proxies stayed on the cluster), and a stopped
+# training to stop its workers. Ray's job supervisor reads it from the job's runtime env.
 RUNTIME_ENV_VARS = {
     "TF_USE_LEGACY_KERAS": "1",
     "TF_CPP_MIN_LOG_LEVEL": "2",
@@ -43,6 +48,7 @@ RUNTIME_ENV_VARS = {
     "PYTHONWARNINGS": "ignore::DeprecationWarning",
     "RAY_worker_niceness": "0",
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
+    "RAY_JOB_STOP_WAIT_TIME_S": "60",
 }
 for _name, _value in RUNTIME_ENV_VARS.items():
     os.environ.setdefault(_name, _value)

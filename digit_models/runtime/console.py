@@ -56,8 +56,9 @@ NOISE = re.compile(
     # each have a driver, a Ray Train controller and a queue besides their workers, by design.
     r"|PYTHON worker processes have been started on node"
     # serve.shutdown() kills Serve's controller once it has stopped the replicas and proxies,
-    # while the controller's own shutdown task is still pending: Ray reports the kill.
-    r"|Task ServeController\.graceful_shutdown failed"
+    # while the controller's own shutdown task is still pending: Ray reports the kill (and, on
+    # a cluster, the proxies' pending watch of the controller too).
+    r"|Task ServeController\.(graceful_shutdown|listen_for_change) failed"
 )
 
 

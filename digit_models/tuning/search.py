@@ -21,6 +21,7 @@ import logging
 import os
 import signal
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from digit_models.config import SearchConfig, TrainConfig
@@ -63,7 +64,7 @@ def tune(config: SearchConfig, address: str | None = None) -> dict:
     train_csv = resolve_train_csv(config.data)
     read_train_csv(train_csv, limit=base.limit)  # a bad row is one line now, not a failed trial per row
     config = dataclasses.replace(config, out=tune_dir.location, data=_absolute(config.data))
-    with ray_session(address, dashboard=True):
+    with _trial_lines_off(), ray_session(address, dashboard=True):
         from ray import tune as ray_tune
         from ray.tune.search import BasicVariantGenerator
 
@@ -128,7 +129,7 @@ def resume(location: str, address: str | None = None) -> dict:
         cpus_per_worker = int(record["cpus_per_worker"])
     except (TypeError, KeyError, ValueError) as exc:
         raise DigitsError(f"{tune_dir.child(SEARCH)}: unreadable ({exc})") from None
-    with ray_session(address, dashboard=True):
+    with _trial_lines_off(), ray_session(address, dashboard=True):
         from ray import tune as ray_tune
 
         # Tune's saved state is pickled: it is read only from a TUNE_DIR this command wrote.
@@ -156,9 +157,8 @@ def _fit(tuner, tune_dir: Folder, trials: int) -> dict:
     os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     tune_logger = logging.getLogger("ray.tune")
-    saved = tune_logger.level, signal.getsignal(signal.SIGINT), live.from_workers
+    saved = tune_logger.level, signal.getsignal(signal.SIGINT)
     tune_logger.setLevel(logging.CRITICAL)
-    live.from_workers = False  # each trial's epoch lines, unnamed, would interleave
     # The trial actors (their class is named after the trial function) and the queues that carry
     # each trial's reports from its Ray Train controller (Ray's _QueueActor) print Ray's
     # traceback of their own stop whenever a trial is stopped early or the search interrupted.
@@ -168,7 +168,6 @@ def _fit(tuner, tune_dir: Folder, trials: int) -> dict:
     finally:
         tune_logger.setLevel(saved[0])
         signal.signal(signal.SIGINT, saved[1])  # Ray Tune leaves its handler in
-        live.from_workers = saved[2]
         live.clear()
     if events.SEARCH_INTERRUPTED.is_set():
         raise KeyboardInterrupt
@@ -184,6 +183,19 @@ def _fit(tuner, tune_dir: Folder, trials: int) -> dict:
         "states": states,
         "best": tune_dir.read_json(BEST) if tune_dir.is_file(BEST) else None,
     }
+
+
+@contextmanager
+def _trial_lines_off():
+    """The trials' epoch lines stay off the console (each trial's, unnamed, would interleave)
+    until Ray is shut down: a stopped trial's last lines can reach this driver after the search
+    has returned."""
+    saved = live.from_workers
+    live.from_workers = False
+    try:
+        yield
+    finally:
+        live.from_workers = saved
 
 
 def _trainable(config: SearchConfig, cpus_per_worker: int):
