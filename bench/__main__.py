@@ -182,12 +182,22 @@ def _keep_other_sections(results: dict, earlier_file: Path) -> None:
     kept = [name for name in SECTIONS if name not in results["sections"] and name in earlier]
     for name in kept:
         results[name] = earlier[name]
-    results["kept"] = {
-        "sections": kept,
-        "date": earlier["date"],
-        "wall_s": earlier["wall_s"],
-        "peak_gflops": earlier["arithmetic"]["peak_gflops"],
-    }
+    # A section the earlier run had itself kept from a run before it keeps that run's date and peak.
+    groups = []
+    for group in report.kept_groups(earlier):
+        inherited = [name for name in group["sections"] if name in kept]
+        if inherited:
+            groups.append({**group, "sections": inherited})
+    inherited = {name for group in groups for name in group["sections"]}
+    own = [name for name in kept if name not in inherited]
+    if own:
+        measured = {
+            "date": earlier["date"],
+            "wall_s": earlier["wall_s"],
+            "peak_gflops": earlier["arithmetic"]["peak_gflops"],
+        }
+        groups.insert(0, {"sections": own, **measured})
+    results["kept"] = groups
     results["sections"] = [name for name in SECTIONS if name in results]
 
 

@@ -109,8 +109,7 @@ def markdown(results: dict, chart: str) -> str:
         + _bfloat16_peak(results["arithmetic"])
         + _load(results["machine"])
         + f"), {results['wall_s'] / 60:.0f} minutes, repeats "
-        f"{results['settings']['repeats']}, sections: {', '.join(results['sections'])}."
-        + _kept_note(results.get("kept")),
+        f"{results['settings']['repeats']}, sections: {', '.join(results['sections'])}." + _kept_note(results),
         "",
         "## Headline ratios",
         "",
@@ -136,7 +135,10 @@ def markdown(results: dict, chart: str) -> str:
 
 def _load(machine: dict) -> str:
     load = machine.get("load_average")
-    return "" if load is None else f"; load average {load[0]:.1f} at the start, the machine shared"
+    if load is None:
+        return ""
+    # Above 1 on a 2-core machine, other work held half a core or more as the run began.
+    return f"; load average {load[0]:.1f} at the start" + (", the machine shared" if load[0] > 1 else "")
 
 
 def _bfloat16_peak(arithmetic: dict) -> str:
@@ -144,14 +146,22 @@ def _bfloat16_peak(arithmetic: dict) -> str:
     return "" if bfloat16 is None else f", bfloat16 at {bfloat16:.0f}"
 
 
-def _kept_note(kept: dict | None) -> str:
-    if not kept or not kept["sections"]:
-        return ""
-    return (
-        f" The {' and '.join(kept['sections'])} section{'s' if len(kept['sections']) > 1 else ''} "
-        f"{'are' if len(kept['sections']) > 1 else 'is'} kept from an earlier run ({kept['date']}, "
-        f"{kept['wall_s'] / 60:.0f} minutes, matmul peak {kept['peak_gflops']:.0f} GFLOP/s; "
+def kept_groups(results: dict) -> list[dict]:
+    """The sections a run kept from earlier ones (`--update`), grouped by the run that measured
+    them: each with its date, wall time and matmul peak. (Files written before the grouping
+    hold one group as a mapping.)"""
+    kept = results.get("kept") or []
+    return [kept] if isinstance(kept, dict) else kept
+
+
+def _kept_note(results: dict) -> str:
+    return "".join(
+        f" The {' and '.join(group['sections'])} section{'s' if len(group['sections']) > 1 else ''} "
+        f"{'are' if len(group['sections']) > 1 else 'is'} kept from an earlier run ({group['date']}, "
+        f"{group['wall_s'] / 60:.0f} minutes, matmul peak {group['peak_gflops']:.0f} GFLOP/s; "
         "`--update`): compare its ratios, not its absolute numbers, with this run's."
+        for group in kept_groups(results)
+        if group["sections"]
     )
 
 
@@ -246,9 +256,11 @@ def _serving_tables(serving: dict) -> list[str]:
 
 def _training_tables(results: dict) -> list[str]:
     training, arithmetic = results["training"], results["arithmetic"]
-    kept = results.get("kept") or {}
     # The peak of the run that measured the training section, which may be an earlier one's.
-    peak = kept["peak_gflops"] if "training" in kept.get("sections", []) else arithmetic["peak_gflops"]
+    peak = next(
+        (group["peak_gflops"] for group in kept_groups(results) if "training" in group["sections"]),
+        arithmetic["peak_gflops"],
+    )
     lines = [
         "",
         "## Training: what a second worker adds",
