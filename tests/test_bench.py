@@ -304,3 +304,34 @@ def _table(markdown: str, header: str, columns: int | None = None) -> list[list[
 def _shown(value: float, decimals: int) -> str:
     """A number as the tables show it."""
     return f"{value:,.{decimals}f}"
+
+
+def test_an_update_keeps_the_run_that_measured_each_kept_section(tmp_path):
+    """`--update` from results that had themselves kept sections from an older run: those keep
+    the older run's date and peak, the rest the earlier run's."""
+    from bench.__main__ import _keep_other_sections
+    from bench.report import _kept_note
+
+    older = {"sections": ["training", "scoring"], "date": "2026-01-01", "wall_s": 600, "peak_gflops": 200.0}
+    earlier = {
+        "date": "2026-02-01",
+        "wall_s": 300,
+        "arithmetic": {"peak_gflops": 50.0},
+        "training": {},
+        "scoring": {},
+        "footprint": {},
+        "kept": older,  # as results written before the grouping hold it
+    }
+    (tmp_path / "earlier.json").write_text(json.dumps(earlier))
+    results = {"sections": ["serving"], "serving": {}}
+    _keep_other_sections(results, tmp_path / "earlier.json")
+    assert results["kept"] == [
+        {"sections": ["footprint"], "date": "2026-02-01", "wall_s": 300, "peak_gflops": 50.0},
+        older,
+    ]
+    note = _kept_note(results)
+    assert "The footprint section is kept from an earlier run (2026-02-01, 5 minutes, matmul peak 50 " in note
+    assert (
+        "The training and scoring sections are kept from an earlier run (2026-01-01, 10 minutes, matmul peak 200 "
+        in note
+    )
