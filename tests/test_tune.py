@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict
+from pathlib import Path
 
 import pytest
 from ray import cloudpickle
@@ -38,6 +39,15 @@ OUR_LINE = re.compile(
 )  # the live line, in a log every 30 s
 
 
+def _search(tmp_path: Path, kaggle_dir: Path, space: str, trials: int, epochs: int) -> tuple[list[str], Path, Path]:
+    """`digits tune`'s arguments for a search of the slice over `space` (written to
+    tmp_path/space.yaml) into tmp_path/search; and those two paths."""
+    space_file, tune_dir = tmp_path / "space.yaml", tmp_path / "search"
+    space_file.write_text(space)
+    arguments = ["tune", "--data", str(kaggle_dir), "--out", str(tune_dir), "--trials", str(trials)]
+    return [*arguments, "--epochs", str(epochs), "--space", str(space_file)], space_file, tune_dir
+
+
 def _one_error_line(done: subprocess.CompletedProcess) -> str:
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 2 and len(lines) == 1, done.stderr
@@ -60,25 +70,9 @@ def _one_error_line(done: subprocess.CompletedProcess) -> str:
     ],
 )
 def test_a_bad_space_is_refused_in_one_line_before_ray_starts(tmp_path, kaggle_dir, space, message):
-    space_file = tmp_path / "space.yaml"
-    space_file.write_text(space)
-    out = tmp_path / "search"
+    search, space_file, out = _search(tmp_path, kaggle_dir, space, trials=2, epochs=2)
     # A cluster address nothing answers at: a command that got as far as Ray would fail there.
-    done = run_digits(
-        "tune",
-        "--data",
-        str(kaggle_dir),
-        "--out",
-        str(out),
-        "--trials",
-        "2",
-        "--epochs",
-        "2",
-        "--space",
-        str(space_file),
-        env={"RAY_ADDRESS": "127.0.0.1:1"},
-        timeout=120,
-    )
+    done = run_digits(*search, env={"RAY_ADDRESS": "127.0.0.1:1"}, timeout=120)
     line = _one_error_line(done)
     assert line.startswith(f"digits: error: {space_file}: ") and message in line, line
     assert not out.exists()
@@ -214,24 +208,8 @@ def _no_placement_group_is_left() -> None:
 
 
 def test_an_interrupted_search_resumes_finishes_and_its_best_trial_scores(tmp_path, kaggle_dir, shared_ray_env):
-    space_file = tmp_path / "space.yaml"
-    space_file.write_text(SPACE)
-    tune_dir = tmp_path / "search"
-    env = {**os.environ, **shared_ray_env}
-    search = _digits_process(
-        "tune",
-        "--data",
-        str(kaggle_dir),
-        "--out",
-        str(tune_dir),
-        "--trials",
-        "4",
-        "--epochs",
-        "3",
-        "--space",
-        str(space_file),
-        env=env,
-    )
+    arguments, _, tune_dir = _search(tmp_path, kaggle_dir, SPACE, trials=4, epochs=3)
+    search = _digits_process(*arguments, env={**os.environ, **shared_ray_env})
     seen, ended, later = [], False, None
     deadline = time.time() + 400
     # Ctrl-C once a trial has ended and a later one has trained an epoch: the resume then has
@@ -320,27 +298,10 @@ def test_a_failed_trial_is_recorded_and_the_search_goes_on_with_each_trial_an_ml
     """A trial whose batch is larger than the slice's training rows fails in its own driver: its
     row says failed with our one-line error, the other trial finishes and is the best, and
     MLflow holds the finished trial's run under the trial's name."""
-    space_file = tmp_path / "space.yaml"
-    space_file.write_text("batch-size: [16, 4096]\n")
-    tune_dir, store = tmp_path / "search", str(tmp_path / "mlruns")
-    done = run_digits(
-        "tune",
-        "--data",
-        str(kaggle_dir),
-        "--out",
-        str(tune_dir),
-        "--trials",
-        "2",
-        "--epochs",
-        "1",
-        "--space",
-        str(space_file),
-        "--search-seed",
-        "2",  # draws 4096, then 16
-        "--mlflow",
-        store,
-        env=shared_ray_env,
-    )
+    search, _, tune_dir = _search(tmp_path, kaggle_dir, "batch-size: [16, 4096]\n", trials=2, epochs=1)
+    store = str(tmp_path / "mlruns")
+    # --search-seed 2 draws 4096, then 16.
+    done = run_digits(*search, "--search-seed", "2", "--mlflow", store, env=shared_ray_env)
     assert done.returncode == 0, done.stderr
     rows = {row["batch-size"]: row for row in json.loads((tune_dir / "results.json").read_text())}
     failed, finished = rows[4096], rows[16]
