@@ -185,9 +185,9 @@ def _keep_other_sections(results: dict, earlier_file: Path) -> None:
     # A section the earlier run had itself kept from a run before it keeps that run's date and peak.
     groups = []
     for group in report.kept_groups(earlier):
-        inherited = [name for name in group["sections"] if name in kept]
-        if inherited:
-            groups.append({**group, "sections": inherited})
+        still_kept = [name for name in group["sections"] if name in kept]
+        if still_kept:
+            groups.append({**group, "sections": still_kept})
     inherited = {name for group in groups for name in group["sections"]}
     own = [name for name in kept if name not in inherited]
     if own:
