@@ -275,3 +275,19 @@ def test_what_a_survivor_says_when_its_peer_dies_is_left_to_rays_logs():
     ]
     ours = ["epoch 2/4  loss 0.1", "a line of a user's own that mentions /job:worker/replica:0/task:1 midway"]
     assert _shown(survivor + ours) == ours
+
+
+def test_the_gcs_saying_a_finished_actor_was_gone_before_its_kill_is_left_to_rays_logs():
+    """As a command's Ray Data actors are stopped, the GCS can find one's process already gone
+    and say so in any of these ways (the last came before a one-line error in a run of the suite)."""
+    from digit_models.runtime.console import _shown
+
+    prefix = "(pid=gcs_server) [2026-12-06 13:08:54,910 E 4562 4562] (gcs_server) gcs_actor_scheduler.cc:538: "
+    gone = [
+        prefix + "Failed to kill actor 5a6d, return status: IOError: Socket closed",
+        prefix + "Failed to kill actor 5a6d, return status: Unavailable: failed to connect to all addresses",
+        prefix + "Failed to kill actor 5a6d, return status: Invalid: KillActor RPC failed for actor 5a6d: "
+        "RpcError: RPC error: recvmsg:Connection reset by peer rpc_code: 14",
+    ]
+    ours = ["digits: error: test.csv: row 40: has 392 columns, expected 784"]
+    assert _shown(gone + ours) == ours

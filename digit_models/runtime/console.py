@@ -42,7 +42,7 @@ NOISE = re.compile(
     r"|cuda_platform\.cc:\d+\] failed call to cuInit|cuda_diagnostics\.cc|cuda_dnn\.cc"
     r"|cuda_fft\.cc|cuda_blas\.cc|computation_placer\.cc|TF-TRT Warning"
     r"|has constructor arguments in the object store and max_restarts > 0"
-    r"|Failed to kill actor .* (Socket closed|failed to connect)"
+    r"|Failed to kill actor .*(Socket closed|failed to connect|Connection reset by peer)"
     # A worker's collective all-reduce aborting because a peer died, which Ray reports itself.
     r"|ring_alg\.cc:\d+\] Aborting RingReduce|base_collective_executor\.cc:\d+\] BaseCollectiveExecutor::StartAbort"
     r"|^Additional GRPC error information from remote target|^:UNKNOWN:Error received from peer"
