@@ -1,8 +1,9 @@
-"""`python -m bench.precision`: what `--mixed-precision` (bfloat16 compute on CPU workers,
-TrainConfig.precision_policy) does to training speed on this machine's CPUs, against float32:
-the `best` preset's CNN with 1 worker and every CPU, and the `fast` preset's (the seed's CNN at
-batch 128), side by side (bench/paired.py). Needs a CPU with bfloat16 instructions (AVX512-BF16,
-AMX or Arm BF16): `digits train` refuses `--mixed-precision` on others."""
+"""`python -m bench.precision`: what `--precision bfloat16` (bfloat16 compute on CPU workers,
+what `auto` picks on CPUs that have it) does to training speed on this machine's CPUs, against
+`--precision float32`: the `best` preset's CNN with 1 worker and every CPU, and the `fast`
+preset's (the seed's CNN at batch 128), side by side (bench/paired.py). Needs a CPU with bfloat16
+instructions (AVX512-BF16, AMX or Arm BF16): `digits train` refuses `--precision bfloat16` on
+others."""
 
 from __future__ import annotations
 
@@ -38,5 +39,8 @@ if __name__ == "__main__":
         "python -m bench.precision",
         __doc__.splitlines()[0],
         SETUPS,
-        (computing_in("float32", []), computing_in("mixed_bfloat16", ["--mixed-precision"])),
+        (
+            computing_in("float32", ["--precision", "float32"]),
+            computing_in("mixed_bfloat16", ["--precision", "bfloat16"]),
+        ),
     )

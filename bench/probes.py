@@ -11,7 +11,7 @@ all-reduce alone (the same tensors, packed as the optimizer packs them), the inp
 alone, and the whole step as Keras runs it.
 
 `policies`: a whole training step (Keras's fit, one process, every CPU) of a model built under
-each Keras dtype policy, timed in interleaved rounds: what `--mixed-precision` would cost or
+each Keras dtype policy, timed in interleaved rounds: what `--precision` would cost or
 gain on this machine's CPUs in float16 and in bfloat16.
 """
 

@@ -82,8 +82,10 @@ def weak_scaling(trainer: Trainer, setups: list[tuple[str, int, int]], epochs: i
 
 
 def overhead(trainer: Trainer, models: list[str], epochs: int, repeats: int) -> dict:
-    """a: the seed's plain Keras script; b: `digits train`, 1 worker with every CPU."""
+    """a: the seed's plain Keras script; b: `digits train`, 1 worker with every CPU, computing in
+    float32 as the script does (what our machinery costs, not what bfloat16 gains)."""
     fixed = ["--epochs", str(epochs), "--val-fraction", "0", "--target", "1.0", "--batch-size", "32"]
+    fixed += ["--precision", "float32"]
     limit = ["--limit", str(trainer.limit)] if trainer.limit else []
     samples: dict = {model: {"a": [], "b": [], "a_wall": [], "b_wall": []} for model in models}
     for _ in range(repeats):

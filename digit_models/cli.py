@@ -52,7 +52,14 @@ def _add_data(parser: argparse.ArgumentParser) -> None:
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
     """The options of a training run that `digits train` and `digits tune` share. Defaults of
     None mark the options a user left out, which a preset then fills."""
-    from digit_models.config import ALL_REDUCE_DTYPES, KEEP_CHOICES, LR_SCHEDULES, TARGET_METRICS, TrainConfig
+    from digit_models.config import (
+        ALL_REDUCE_DTYPES,
+        KEEP_CHOICES,
+        LR_SCHEDULES,
+        PRECISIONS,
+        TARGET_METRICS,
+        TrainConfig,
+    )
 
     defaults = TrainConfig()
     option = parser.add_argument
@@ -140,11 +147,12 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     option("--cpus-per-worker", type=int, help="default: the cluster's CPUs split between the workers")
     option("--gpus-per-worker", type=float, help="default 0")
     option(
-        "--mixed-precision",
-        action="store_true",
-        default=None,
-        help="16-bit compute: float16 on GPU workers, bfloat16 on CPU workers (which need "
-        "bfloat16 instructions: AVX512-BF16, AMX or Arm BF16)",
+        "--precision",
+        choices=PRECISIONS,
+        help="what the layers compute in (the weights and softmax stay float32): auto is bfloat16 "
+        "on CPUs with bfloat16 instructions (AVX512-BF16, AMX, Arm BF16), float16 on GPU "
+        "workers and float32 elsewhere; bfloat16 is refused on a CPU without them (default "
+        f"{defaults.precision})",
     )
     option(
         "--max-failures",

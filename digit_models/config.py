@@ -13,6 +13,7 @@ MODEL_NAMES = ("dense", "cnn", "deep_cnn")  # nets/models.py's registry (a test 
 MODELS_WITH_DROPOUT = ("deep_cnn",)  # the registry's builders that take a dropout rate (tested too)
 TARGET_METRICS = ("accuracy", "val_accuracy")
 ALL_REDUCE_DTYPES = ("float32", "bfloat16")
+PRECISIONS = ("auto", "float32", "bfloat16")
 # Which epoch's model a run's model.keras is: the best by val_accuracy, or the last.
 KEEP_CHOICES = ("best", "last")
 LR_SCHEDULES = ("constant", "cosine")
@@ -84,7 +85,7 @@ class TrainConfig:
     limit: int | None = None
     cpus_per_worker: int | None = None  # None: the CPUs Ray has, split between the workers
     gpus_per_worker: float = 0.0
-    mixed_precision: bool = False  # see precision_policy
+    precision: str = "auto"  # what the layers compute in (PRECISIONS): see compute_policy
     max_failures: int = 1
     max_preemptions: int = 10  # restarts after a node's preemption, counted apart from failures
     wait_for_workers: float = 600.0  # seconds a run below min_workers waits for nodes, then ends
@@ -118,16 +119,20 @@ class TrainConfig:
         """Images per update with `workers` workers."""
         return self.batch_size * self.accumulate * workers
 
-    @property
-    def precision_policy(self) -> str:
-        """Keras's dtype policy. Mixed precision computes in float16 on GPUs (their fast path,
-        with loss scaling) and in bfloat16 on CPUs: float16 has no fast path on a CPU, where it
-        runs several times slower than float32, while bfloat16 runs natively on CPUs with
-        AVX512-BF16 or AMX and keeps float32's range, so it needs no loss scaling. The weights
-        and the softmax stay float32 either way."""
-        if not self.mixed_precision:
+    def compute_policy(self, cpu_has_bfloat16: bool | None) -> str:
+        """Keras's dtype policy for a worker whose CPU has (or lacks, or cannot tell about)
+        bfloat16 instructions. The weights and the softmax stay float32 under every policy.
+        `auto` computes in float16 on GPUs (their fast path, with loss scaling) and in bfloat16
+        on CPUs that have AVX512-BF16 or AMX, where it runs natively and keeps float32's range
+        (no loss scaling); float32 on other CPUs, where bfloat16 is emulated, and where float16
+        has no fast path on any CPU."""
+        if self.precision == "float32":
             return "float32"
-        return "mixed_float16" if self.gpus_per_worker else "mixed_bfloat16"
+        if self.precision == "bfloat16":
+            return "mixed_bfloat16"
+        if self.gpus_per_worker:
+            return "mixed_float16"
+        return "mixed_bfloat16" if cpu_has_bfloat16 else "float32"
 
     @property
     def gradient_dtype(self) -> str:
@@ -152,6 +157,7 @@ class TrainConfig:
 
         require(self.model in MODEL_NAMES, f"--model {self.model}: choose one of {', '.join(sorted(MODEL_NAMES))}")
         require(self.epochs >= 1, f"--epochs {self.epochs}: must be at least 1")
+        require(self.precision in PRECISIONS, f"--precision {self.precision}: choose one of {', '.join(PRECISIONS)}")
         require(self.keep in KEEP_CHOICES, f"--keep {self.keep}: choose one of {', '.join(KEEP_CHOICES)}")
         require(self.workers >= 1, f"--workers {self.workers}: must be at least 1")
         require(

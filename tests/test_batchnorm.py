@@ -129,7 +129,7 @@ print(json.dumps({
 
 
 def test_under_float16_the_statistics_stay_float32_and_match_a_float32_pass(kaggle_dir):
-    # GPU workers train with --mixed-precision in float16 (no GPU here: the same code on a CPU)
+    # GPU workers train in float16 under --precision auto (no GPU here: the same code on a CPU)
     done = subprocess.run(
         [sys.executable, "-c", MIXED_FLOAT16_PROBE, str(kaggle_dir / "train.csv")],
         capture_output=True,

@@ -16,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from tests.conftest import REPO, SLICE_TEST_ROWS
+from tests.conftest import AUTO_PRECISION_HERE, REPO, SLICE_TEST_ROWS
 from tests.conftest import local_cluster as started_cluster
 
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -143,7 +143,7 @@ def test_train_then_score_through_ray_job_submit(local_cluster, tmp_path, kaggle
     assert summary["worker_process"] == {
         "cpus": 1,
         "niceness": 0,  # not Ray's default 15
-        "precision": "float32",
+        "precision": AUTO_PRECISION_HERE,
     }
     assert "epoch 1/3  loss" in output and "target reached at epoch 1" in output  # rank 0's progress
     assert (tmp_path / "run" / "model.keras").is_file()

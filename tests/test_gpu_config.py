@@ -5,21 +5,22 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import asdict
 
 import pytest
 
 from digit_models.cli import _train_config, build_parser
-from digit_models.config import PredictConfig
+from digit_models.config import PredictConfig, TrainConfig
 from digit_models.runtime.cpu_features import cpu_has_bfloat16
 from digit_models.scoring.predict import actor_resources
-from digit_models.training.driver import scaling_config
+from digit_models.training.driver import _precision_named, scaling_config
 from tests.conftest import REPO
 
 
 def test_a_cpu_only_run_never_asks_ray_for_a_gpu():
     args = build_parser().parse_args(["train", "--data", "d", "--out", "o", "--workers", "2", "--cpus-per-worker", "1"])
     config = _train_config(args)
-    assert config.gpus_per_worker == 0 and config.precision_policy == "float32"
+    assert config.gpus_per_worker == 0
     scaling = scaling_config(config)
     assert scaling.use_gpu is False and scaling.resources_per_worker == {"CPU": 1}
     assert actor_resources(PredictConfig(runs=["r"], input="i", out="o"), cpus=2) == {"num_cpus": 2}
@@ -39,11 +40,10 @@ def test_gpu_workers_and_actors_get_their_gpus():
             "3",
             "--gpus-per-worker",
             "1",
-            "--mixed-precision",
         ]
     )
     config = _train_config(args)
-    assert config.precision_policy == "mixed_float16"
+    assert config.compute_policy(cpu_has_bfloat16=False) == "mixed_float16"  # auto, on GPUs
     scaling = scaling_config(config)
     assert scaling.use_gpu is True and scaling.num_workers == 4
     assert scaling.resources_per_worker == {"CPU": 3, "GPU": 1}
@@ -53,9 +53,22 @@ def test_gpu_workers_and_actors_get_their_gpus():
     }
 
 
-def test_mixed_precision_on_cpu_workers_is_bfloat16():
-    args = build_parser().parse_args(["train", "--data", "d", "--out", "o", "--mixed-precision"])
-    assert _train_config(args).precision_policy == "mixed_bfloat16"  # float16 crawls on CPUs
+@pytest.mark.parametrize(
+    "options, cpu_has_bfloat16, policy",
+    [
+        ([], True, "mixed_bfloat16"),  # auto, the default: bfloat16 where the CPU has it
+        ([], None, "float32"),  # ... not where it cannot tell
+        ([], False, "float32"),  # ... nor where it is missing (emulated, slower than float32)
+        (["--precision", "float32"], True, "float32"),
+        (["--precision", "bfloat16"], True, "mixed_bfloat16"),
+        (["--gpus-per-worker", "1"], False, "mixed_float16"),  # auto on GPUs: their fast path
+        (["--gpus-per-worker", "1", "--precision", "bfloat16"], False, "mixed_bfloat16"),
+        (["--gpus-per-worker", "1", "--precision", "float32"], True, "float32"),
+    ],
+)
+def test_the_precision_a_worker_computes_in(options, cpu_has_bfloat16, policy):
+    args = build_parser().parse_args(["train", "--data", "d", "--out", "o", *options])
+    assert _train_config(args).compute_policy(cpu_has_bfloat16) == policy
 
 
 MIXED_PRECISION_PROBE = """
@@ -162,7 +175,7 @@ sys.exit(cli.main(sys.argv[2:]))
 """
 
 
-def test_mixed_precision_on_a_cpu_without_bfloat16_is_refused_before_ray_starts(tmp_path, kaggle_dir):
+def test_bfloat16_on_a_cpu_without_it_is_refused_before_ray_starts(tmp_path, kaggle_dir):
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 fma\n")  # an AVX2-only machine's
     out = tmp_path / "run"
@@ -183,7 +196,8 @@ def test_mixed_precision_on_a_cpu_without_bfloat16_is_refused_before_ray_starts(
             "1",
             "--limit",
             "500",
-            "--mixed-precision",
+            "--precision",
+            "bfloat16",
         ],
         capture_output=True,
         text=True,
@@ -192,5 +206,16 @@ def test_mixed_precision_on_a_cpu_without_bfloat16_is_refused_before_ray_starts(
     )
     assert done.returncode == 2
     [line] = done.stderr.splitlines()
-    assert line.startswith("digits: error: --mixed-precision: the CPU of ") and "no bfloat16 instructions" in line
+    assert line.startswith("digits: error: --precision bfloat16: the CPU of ") and "no bfloat16 instructions" in line
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "mixed, gpus, precision", [(True, 0.0, "bfloat16"), (True, 1.0, "auto"), (False, 0.0, "float32")]
+)
+def test_a_run_started_before_precision_was_an_option_resumes_in_the_precision_it_began_in(mixed, gpus, precision):
+    """started.json of a run begun with --mixed-precision (16 bits: float16 on GPUs, which
+    `auto` picks there, bfloat16 on CPUs) or without it (float32)."""
+    saved = {**asdict(TrainConfig(gpus_per_worker=gpus)), "mixed_precision": mixed}
+    del saved["precision"]
+    assert TrainConfig(**_precision_named(saved)).precision == precision

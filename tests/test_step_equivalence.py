@@ -3,7 +3,8 @@ weights and the same global batch give the same update from two data-parallel wo
 one plain tf-keras step, with `--all-reduce-dtype float32` and, within bfloat16's rounding,
 bfloat16; `--accumulate K` micro-batches of B update as one batch of K x B;
 `--scale-learning-rate` moves the weights at the documented rate; and a smaller group resumed
-in the middle of an epoch trains on every row once.
+in the middle of an epoch trains on every row once. And `--precision auto` computes in bfloat16
+only where every worker's CPU has it.
 
 The two workers are real processes, each with a TF_CONFIG naming both on loopback (what
 training/backend.py gives Ray Train's workers), under worker.multi_worker_strategy, with
@@ -87,7 +88,10 @@ def worker_process(spec_json: str) -> None:
         images, labels = data["images"], data["labels"]
         initial = [data[f"weight{i}"] for i in range(spec["weights"])]
     strategy = multi_worker_strategy(TrainConfig())
-    results = {}
+    results = {
+        "agreed/both": agreed(strategy, lambda: True),
+        "agreed/rank0": agreed(strategy, lambda: spec["rank"] == 0),
+    }
     for name, case in CASES.items():
         config = TrainConfig(**case["config"])
         order = EpochOrder(len(images), config.global_batch(WORLD), spec["rank"], WORLD, config.seed)
@@ -109,6 +113,18 @@ def worker_process(spec_json: str) -> None:
         results[f"{name}/iterations"] = model.optimizer.iterations.numpy()
         results[f"{name}/learning_rate"] = keras.backend.get_value(model.optimizer.learning_rate)
     np.savez(spec["out"], **results)
+
+
+def agreed(strategy, cpu_has_bfloat16) -> str:
+    """The policy run_worker's `--precision auto` agrees on when this worker's CPU has bfloat16
+    or not as `cpu_has_bfloat16()` says."""
+    from digit_models.training import worker
+
+    real, worker.this_cpu_has_bfloat16 = worker.this_cpu_has_bfloat16, cpu_has_bfloat16
+    try:
+        return worker.agreed_policy(strategy, TrainConfig(), WORLD)
+    finally:
+        worker.this_cpu_has_bfloat16 = real
 
 
 def _first_batches(order, images, labels):
@@ -279,6 +295,13 @@ def test_both_workers_hold_the_same_weights_after_every_step(two_worker_steps):
             np.array_equal(a, b) for a, b in zip(two_worker_steps.weights(name, 0), two_worker_steps.weights(name, 1))
         ), name
         assert [int(results[f"{name}/iterations"]) for results in two_worker_steps.workers] == [1, 1]
+
+
+def test_auto_precision_computes_in_bfloat16_only_where_every_workers_cpu_has_it(two_worker_steps):
+    """`--precision auto` on CPUs: both workers' CPUs with bfloat16 instructions, both compute
+    in bfloat16; rank 0's alone, both in float32 (not each its own)."""
+    for results in two_worker_steps.workers:
+        assert (str(results["agreed/both"]), str(results["agreed/rank0"])) == ("mixed_bfloat16", "float32")
 
 
 def test_a_two_worker_float32_step_is_the_plain_step(two_worker_steps):

@@ -18,7 +18,7 @@ from digit_models.storage.kaggle_csv import read_test_csv
 from digit_models.errors import DigitsError
 from digit_models.config import TrainConfig
 from digit_models.training.driver import train
-from tests.conftest import SLICE_TEST_ROWS, run_digits
+from tests.conftest import AUTO_PRECISION_HERE, SLICE_TEST_ROWS, run_digits
 
 # The worker functions below live in this test module; ship them by value.
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -49,7 +49,7 @@ def test_run_json_records_the_run(dense_run):
     assert run["worker_process"] == {
         "cpus": 1,
         "niceness": 0,  # not Ray's default 15
-        "precision": "float32",
+        "precision": AUTO_PRECISION_HERE,
     }
 
 

@@ -127,7 +127,7 @@ def load_model_file(path: str, name: str | None = None) -> keras.Model:
 
 
 def computing_in_float32(model: keras.Model) -> keras.Model:
-    """The same model and weights, computing in float32. A model trained with --mixed-precision
+    """The same model and weights, computing in float32. A model trained in 16 bits (--precision)
     is saved computing in 16 bits, which is slow on CPUs (float16) or fails on CPUs without
     bfloat16 instructions (bfloat16); scoring costs little beside training, so a loaded model
     scores in float32 wherever it runs."""

@@ -22,18 +22,22 @@ def cpu_has_bfloat16(cpuinfo: str) -> bool | None:
     return bool(flags & BFLOAT16_CPU_FLAGS) if flags else None
 
 
-def require_bfloat16_cpu() -> None:
-    """For bfloat16 compute (--mixed-precision on CPU workers): refuses a CPU that lacks its
-    instructions, where it is slow or fails (oneDNN refused a bfloat16 convolution when held
-    to AVX2 here); lets a CPU it cannot tell about through."""
+def this_cpu_has_bfloat16() -> bool | None:
+    """cpu_has_bfloat16 of this machine's /proc/cpuinfo; None where there is none."""
     try:
         with open(CPUINFO) as file:
-            supported = cpu_has_bfloat16(file.read())
+            return cpu_has_bfloat16(file.read())
     except OSError:
-        supported = None
-    if supported is False:
+        return None
+
+
+def require_bfloat16_cpu() -> None:
+    """For bfloat16 compute asked for by name (--precision bfloat16 on CPU workers): refuses a
+    CPU that lacks its instructions, where it is slow or fails (oneDNN refused a bfloat16
+    convolution when held to AVX2 here); lets a CPU it cannot tell about through."""
+    if this_cpu_has_bfloat16() is False:
         raise DigitsError(
-            f"--mixed-precision: the CPU of {socket.gethostname()} ({platform.machine()}) "
+            f"--precision bfloat16: the CPU of {socket.gethostname()} ({platform.machine()}) "
             "has no bfloat16 instructions (AVX512-BF16, AMX or Arm BF16), without which "
-            "bfloat16 is slow or fails; train without --mixed-precision, or on GPU workers"
+            "bfloat16 is slow or fails; train with --precision auto or float32, or on GPU workers"
         )

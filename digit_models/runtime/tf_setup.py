@@ -14,20 +14,16 @@ with startup_noise_filtered():
 
     GPUS = tf.config.list_physical_devices("GPU")  # CUDA's own lines come with the first look
 
-from digit_models.runtime.cpu_features import require_bfloat16_cpu
-
 
 def configure_tensorflow(cpus: int, precision_policy: str = "float32") -> None:
     """Thread pools sized to the CPUs Ray granted (TensorFlow would size them to the machine,
     and two workers sharing two cores would each run a full set); GPU memory allocated as
     needed rather than all at once, so a GPU can be shared; the Keras dtype policy for the
-    models built next (TrainConfig.precision_policy). Must run before TensorFlow's first op."""
+    models built next. Must run before TensorFlow's first op."""
     tf.config.threading.set_intra_op_parallelism_threads(cpus)
     tf.config.threading.set_inter_op_parallelism_threads(cpus)
     for gpu in GPUS:
         tf.config.experimental.set_memory_growth(gpu, True)
-    if precision_policy == "mixed_bfloat16":
-        require_bfloat16_cpu()
     keras.mixed_precision.set_global_policy(precision_policy)
     tf.get_logger().setLevel(logging.ERROR)
     if not keras.__version__.startswith("2."):

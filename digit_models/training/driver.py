@@ -56,11 +56,21 @@ def resume(run_dir: str, address: str | None = None, callbacks: tuple = ()) -> d
     folder = RunDir(run_dir)
     started = folder.read_started()
     try:
-        config = TrainConfig(**started["config"])
+        config = TrainConfig(**_precision_named(started["config"]))
     except (TypeError, KeyError) as exc:
         raise DigitsError(f"{folder.child(folder.STARTED)}: unreadable ({exc})") from None
     config.validate()
     return _run(config, folder, address, started=started, called=called, callbacks=callbacks)
+
+
+def _precision_named(saved: dict) -> dict:
+    """A run's saved settings with a run started before --precision replaced --mixed-precision
+    given the precision it trained in (16-bit compute: float16 on GPUs, bfloat16 on CPUs)."""
+    if "mixed_precision" not in saved:
+        return saved
+    sixteen_bits = "auto" if saved.get("gpus_per_worker") else "bfloat16"
+    settings = {name: value for name, value in saved.items() if name != "mixed_precision"}
+    return {**settings, "precision": sixteen_bits if saved["mixed_precision"] else "float32"}
 
 
 def train_func(loop_config: dict) -> WorkerOutcome:
@@ -83,7 +93,7 @@ def _run(
             f"was {started['data']['sha256']}); cannot resume on different data"
         )
     faults = injected_faults(config)
-    if config.precision_policy == "mixed_bfloat16" and not cluster_address(address):
+    if config.precision == "bfloat16" and not config.gpus_per_worker and not cluster_address(address):
         require_bfloat16_cpu()  # an embedded Ray's workers run on this CPU (each checks its own)
     train_rows, val_rows = validation_split(len(digits), config.val_fraction, config.seed)
     too_few_val = config.val_fraction > 0 and len(val_rows) < config.workers

@@ -37,6 +37,7 @@ from digit_models.training.batchnorm import RecomputedBatchNorm, batchnorm_rows
 from digit_models.training.checkpoints import load_with_optimizer, newest_complete
 from digit_models.config import TrainConfig
 from digit_models.runtime.console import say
+from digit_models.runtime.cpu_features import require_bfloat16_cpu, this_cpu_has_bfloat16
 from digit_models.errors import DigitsError
 from digit_models.storage.kaggle_csv import NUM_CLASSES
 from digit_models.training.handoff import Shares, TrainingState, WorkerInputs, WorkerOutcome
@@ -69,10 +70,11 @@ def run_worker(inputs: WorkerInputs) -> WorkerOutcome:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     cpus = int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))
-    configure_tensorflow(cpus, config.precision_policy)
+    configure_tensorflow(cpus)
     _quiet_report_logging()
 
     strategy = multi_worker_strategy(config)
+    keras.mixed_precision.set_global_policy(agreed_policy(strategy, config, world))
     timeline["strategy_ready"] = time.time()
     train_x, train_y = ray.get([inputs.train.images, inputs.train.labels])
     val_x, val_y, val_rows = own_rows(inputs.validation, rank, world)
@@ -387,6 +389,24 @@ def communication(config: TrainConfig) -> tf.distribute.experimental.Communicati
         else tf.distribute.experimental.CommunicationImplementation.RING
     )
     return tf.distribute.experimental.CommunicationOptions(implementation=implementation)
+
+
+def agreed_policy(strategy, config: TrainConfig, world: int) -> str:
+    """The dtype policy this worker computes in (TrainConfig.compute_policy for its CPU), the
+    same on every worker: under `auto` on CPUs, bfloat16 only where every worker's CPU has it,
+    as a group whose workers computed each their slice of a step in another precision would
+    not be the data-parallel step of one model. bfloat16 asked for by name is refused on a CPU
+    without it."""
+    has_bfloat16 = this_cpu_has_bfloat16()
+    policy = config.compute_policy(has_bfloat16)
+    if config.gpus_per_worker:
+        return policy
+    if config.precision == "bfloat16":
+        require_bfloat16_cpu()
+    if config.precision == "auto" and world > 1:
+        mine = np.array([policy == "mixed_bfloat16"], dtype=np.float32)
+        policy = "mixed_bfloat16" if sum_over_workers(strategy, mine, world)[0] == world else "float32"
+    return policy
 
 
 def use_data_parallel_step(
