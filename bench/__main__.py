@@ -21,10 +21,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench import footprint, report, scoring, serving, training, training_input
+from bench import footprint, precision_accuracy, report, scoring, serving, training, training_input
 from bench.processes import REPO, Processes
 
-SECTIONS = ("training", "scoring", "serving", "footprint", "training_input")
+SECTIONS = ("training", "scoring", "serving", "footprint", "training_input", "precision")
 # A quick run's scoring input: the first QUICK_TEST_ROWS rows of test.csv, repeated to
 # QUICK_SCALE images for its one scale size (so that the repeating is exercised too).
 QUICK_TEST_ROWS, QUICK_SCALE = 200, 500
@@ -145,6 +145,8 @@ def main() -> None:
                     scratch=run.scratch,
                 ),
             }
+        if "precision" in args.sections:
+            results["precision"] = precision_accuracy.compare(trainer, data, [0] if args.quick else [0, 1, 2])
     if args.update:
         _keep_other_sections(results, Path(args.update))
     results["ratios"] = report.ratios(results)

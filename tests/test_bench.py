@@ -80,6 +80,7 @@ def test_every_ratio_is_the_quotient_of_the_numbers_it_is_made_of(smoke):
     assert measured["ratios"] == pytest.approx(
         {
             **_footprint_ratios(measured),
+            **_precision_ratios(measured),
             "weak-scaling efficiency, dense@32x1": scaling["two_workers"] / (2 * scaling["one_worker"]),
             "b/a dense": overhead["b"] / overhead["a"],
             "time to 99%, 2 workers / 1 worker (whole command)": two["wall_s"] / one["wall_s"],
@@ -103,6 +104,26 @@ def test_every_ratio_is_the_quotient_of_the_numbers_it_is_made_of(smoke):
         min(parts["ms_per_micro_batch"].values()) > 0
         and min(parts[f"{name}_ms"] for name in ("compute", "all_reduce", "all_reduce_bfloat16", "input")) > 0
     )
+
+
+def _precision_ratios(measured: dict) -> dict:
+    """bfloat16 against float32 in a quick run's one seed, its accuracies real ones (a CPU
+    without bfloat16 instructions runs none, and says so)."""
+    result = measured["precision"]
+    if "rows" not in result:
+        assert result == {"not_run": "this CPU has no bfloat16 instructions"}
+        return {}
+    [row] = result["rows"]
+    f32, bf16 = row["float32"], row["bfloat16"]
+    assert (f32["epochs"], bf16["epochs"]) == (3, 3)
+    assert all(0.5 < run[name] <= 1 for run in (f32, bf16) for name in ("official_test", "heldout_train"))
+    return {
+        "`--preset fast` images/s, bfloat16 / float32 (median of seeds)": bf16["images_per_s"] / f32["images_per_s"],
+        "`--preset fast` official-test accuracy, bfloat16 - float32 (mean of seeds, points)": 100
+        * (bf16["official_test"] - f32["official_test"]),
+        "`--preset fast` held-out rows' accuracy, bfloat16 - float32 (mean of seeds, points)": 100
+        * (bf16["heldout_train"] - f32["heldout_train"]),
+    }
 
 
 def _footprint_ratios(measured: dict) -> dict:
@@ -257,7 +278,7 @@ def test_the_chart_has_a_bar_per_ratio(smoke):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and png[12:16] == b"IHDR"
     width, height = struct.unpack(">II", png[16:24])
     bars = sum("(s," not in name for name in measured["ratios"])
-    assert bars == 8 + len(_footprint_ratios(measured))
+    assert bars == 8 + len(_footprint_ratios(measured)) + len(_precision_ratios(measured))
     assert width == 990 and abs(height - (0.45 * bars + 1.2) * 110) <= 1
 
 
