@@ -67,7 +67,8 @@ def ray_local():
 def _session_ray_cpus_free_after_each_test():
     """A failed in-process pipeline's actors live as long as their handles, which its
     exception's traceback keeps in reference cycles; until Python's collector frees them they
-    hold the session Ray's CPUs, and the next `digits` command that joins it waits forever."""
+    hold the session Ray's CPUs, and the next `digits` command that joins it waits forever. A
+    test whose CPUs are still held 30 s after it ended fails at its teardown, not the next one."""
     yield
     gc.collect()
     import ray
@@ -77,6 +78,8 @@ def _session_ray_cpus_free_after_each_test():
         total = ray.cluster_resources().get("CPU", 0)
         while ray.available_resources().get("CPU", 0) < total and time.time() < deadline:
             time.sleep(0.2)
+        free = ray.available_resources().get("CPU", 0)
+        assert free >= total, f"the test left {total - free:g} of the session Ray's {total:g} CPUs held after 30 s"
 
 
 @pytest.fixture(scope="session")
