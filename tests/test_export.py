@@ -17,11 +17,12 @@ IMAGES = 200
 
 @pytest.fixture(scope="module")
 def images_and_keras_predictions(cnn_run, kaggle_dir) -> tuple[np.ndarray, np.ndarray]:
-    import tf_keras as keras
+    """model.keras's predictions as `digits predict` makes them: computing in float32, whatever
+    precision the run trained in (bfloat16 where `--precision auto` picks it)."""
+    from digit_models.nets.models import load_model_file
 
     images = read_test_csv(str(kaggle_dir / "test.csv")).images[:IMAGES].astype(np.float32)
-    model = keras.models.load_model(cnn_run / "model.keras", safe_mode=True, compile=False)
-    return images, model.predict(images, verbose=0)
+    return images, load_model_file(str(cnn_run / "model.keras")).predict(images, verbose=0)
 
 
 def _export(run: Path, out: Path, format: str) -> None:
