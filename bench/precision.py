@@ -34,13 +34,17 @@ def computing_in(policy: str, options: list[str]) -> Variant:
     return Variant(policy, options=options, check=check)
 
 
+# float32 against bfloat16, each checked to be what the workers computed in (bench/precision_accuracy.py
+# compares the same two).
+VARIANTS = (
+    computing_in("float32", ["--precision", "float32"]),
+    computing_in("mixed_bfloat16", ["--precision", "bfloat16"]),
+)
+
 if __name__ == "__main__":
     main(
         "python -m bench.precision",
         __doc__.splitlines()[0],
         SETUPS,
-        (
-            computing_in("float32", ["--precision", "float32"]),
-            computing_in("mixed_bfloat16", ["--precision", "bfloat16"]),
-        ),
+        VARIANTS,
     )
