@@ -29,12 +29,14 @@ def _rewind_to_epoch(run_dir: Path, epoch: int) -> None:
     written as the epochs ended, stay as they were)."""
     snapshot_file = run_dir / "checkpoints" / "checkpoint_manager_snapshot.json"
     snapshot = json.loads(snapshot_file.read_text())
+    # Ray Train keeps the list sorted by the checkpoints' scores, not by epoch.
     kept = [r for r in snapshot["checkpoint_results"] if r["metrics"]["epoch"] <= epoch]
-    for dropped in snapshot["checkpoint_results"][len(kept) :]:
-        shutil.rmtree(run_dir / "checkpoints" / dropped["checkpoint_dir_name"])
+    for dropped in snapshot["checkpoint_results"]:
+        if dropped["metrics"]["epoch"] > epoch:
+            shutil.rmtree(run_dir / "checkpoints" / dropped["checkpoint_dir_name"])
     snapshot.update(
         checkpoint_results=kept,
-        latest_checkpoint_result=kept[-1],
+        latest_checkpoint_result=max(kept, key=lambda r: r["metrics"]["epoch"]),
         checkpoint_report_indices=list(range(len(kept))),
         current_report_index=len(kept),
     )
