@@ -84,13 +84,14 @@ def score(args) -> dict:
 
     import pandas as pd
 
-    from digit_models.nets.model_file import load_model_bytes, read_model_file
-    import tf_keras  # noqa: F401  (TensorFlow loads here, timed as the import rather than the load)
+    from digit_models.nets.models import load_model_file  # TensorFlow loads here, timed as the import
 
     imported = time.perf_counter()
 
-    # Keras's own loader, behind the check every model file of ours gets (nets/model_file.py).
-    model = load_model_bytes(read_model_file(args.model_file, args.model_file), args.model_file, compile=False)
+    # Keras's own loader, behind the check every model file of ours gets (nets/model_file.py), and
+    # computing in float32 as our commands do: a model trained in bfloat16 then gives both the same
+    # arithmetic, and the same labels on near-ties.
+    model = load_model_file(args.model_file)
     loaded = time.perf_counter()
     if args.input.endswith(".csv"):
         frame = pd.read_csv(args.input)
@@ -137,9 +138,9 @@ def serve(args) -> dict:
     ready line, then serves until it is stopped."""
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-    from digit_models.nets.model_file import load_model_bytes, read_model_file
+    from digit_models.nets.models import load_model_file
 
-    model = load_model_bytes(read_model_file(args.model_file, args.model_file), args.model_file, compile=False)
+    model = load_model_file(args.model_file)  # in float32, as `digits serve` computes (score, above)
 
     class Predict(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"  # keep-alive, as Serve's proxy does
