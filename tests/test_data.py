@@ -11,6 +11,7 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
+import ray
 import pandas as pd
 import pytest
 
@@ -117,6 +118,31 @@ def test_validation_split_is_seeded_and_disjoint():
     again_train, again_val = validation_split(1000, 0.1, seed=3)
     assert np.array_equal(val, again_val)
     assert not np.array_equal(val, validation_split(1000, 0.1, seed=4)[1])
+
+
+def test_the_driver_hands_on_every_row_once_a_chunk_at_a_time(kaggle_dir, ray_local):
+    """put_rows puts each chunk's training and validation rows into the object store and lets go
+    of the chunk; a worker joins the training rows back, and takes its validation share from
+    the chunks, exactly as from the whole arrays."""
+    from digit_models.storage.kaggle_csv import read_image_chunks
+    from digit_models.training.driver import put_rows
+    from digit_models.training.worker import joined, own_rows
+
+    whole = read_train_csv(str(kaggle_dir / "train.csv"), limit=1000)
+    [(images, labels)] = read_image_chunks(str(kaggle_dir / "train.csv"), labelled=True, limit=1000)
+    cuts = [0, 1, 7, 400, 401, 1000]  # uneven chunks, one of a single row
+    chunks = [(images[a:b], labels[a:b]) for a, b in zip(cuts, cuts[1:])]
+    train_rows, val_rows = validation_split(1000, 0.1, seed=3)
+    train, validation = put_rows(chunks, train_rows, val_rows)
+    assert chunks == [] and len(train.images) == len(validation.labels) == 5
+    assert np.array_equal(joined(train.images), whole.images[train_rows])
+    assert np.array_equal(np.concatenate(ray.get(train.labels)), whole.labels[train_rows])
+    for world in (1, 2, 3):
+        for rank in range(world):
+            share = own_rows(validation, rank, world)
+            expected = (whole.images[val_rows], whole.labels[val_rows], val_rows)
+            for got, rows in zip(share, expected):
+                assert np.array_equal(got, rows[rank::world])
 
 
 # ---------------------------------------------------------------------------- bad input

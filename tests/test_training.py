@@ -401,3 +401,44 @@ def test_no_training_input_pipeline_autotunes():
     assert done.returncode == 0, done.stderr[-3000:]
     autotune_enabled = json.loads(done.stdout.strip().splitlines()[-1])
     assert len(autotune_enabled) >= 2 and all(enabled is False for enabled in autotune_enabled)  # unset: on
+
+
+SHARED_ROWS_PROBE = """
+import json
+import numpy as np
+from digit_models.runtime.tf_setup import configure_tensorflow
+configure_tensorflow(1)
+from digit_models.config import TrainConfig
+from digit_models.training.worker import EpochOrder, joined, multi_worker_strategy
+import ray
+
+def private_mb():
+    [kb] = [line.split()[1] for line in open("/proc/self/status") if line.startswith("RssAnon:")]
+    return int(kb) / 1024
+
+ray.init(num_cpus=1, include_dashboard=False)
+parts = [ray.put(np.full((n, 28, 28), 1, np.uint8)) for n in (120_000, 80_000)]
+images, labels = joined(parts), np.zeros(200_000, np.uint8)
+strategy = multi_worker_strategy(TrainConfig())
+held = private_mb()
+order = EpochOrder(len(images), 8, rank=0, world=1, seed=0)
+batches = iter(strategy.distribute_datasets_from_function(lambda _: order.batches(images, labels, 0, 0, 1, 1)))
+before = [int(strategy.experimental_local_results(next(batches)[0])[0].numpy().max()) for _ in range(3)]
+images[...] = 2  # once the worker's pipelines and their iterators exist
+after = [int(strategy.experimental_local_results(next(batches)[0])[0].numpy().max()) for _ in range(200)]
+print(json.dumps({"rows": len(images), "before": before[0], "after": after[-1],
+                  "grown_mb": private_mb() - held, "rows_mb": images.nbytes / 2**20}))
+"""
+
+
+def test_the_training_input_reads_the_rows_where_the_worker_holds_them():
+    """A worker holds the training rows once: its pipeline, and the strategy's per-device ones
+    behind it, read the array the worker joined from the object store's chunks, with no copy of
+    their own: rows written after iteration began are the rows the batches come from (through
+    tf.constant they were not), and the worker's private memory grows by far less than the rows
+    as its pipelines start (tf.data's default graph rewrites kept a copy of every row)."""
+    done = subprocess.run([sys.executable, "-c", SHARED_ROWS_PROBE], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    probe = json.loads(done.stdout.strip().splitlines()[-1])
+    assert (probe["rows"], probe["before"], probe["after"]) == (200_000, 1, 2)
+    assert probe["grown_mb"] < 0.5 * probe["rows_mb"], probe

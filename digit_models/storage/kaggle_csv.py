@@ -79,15 +79,27 @@ def read_test_csv(location: str, limit: int | None = None) -> DigitImages:
 
 
 def read_kaggle_csv(location: str, labelled: bool, limit: int | None = None) -> DigitImages:
-    """A whole file in memory (training's few tens of thousands of rows)."""
-    tables = [table for _, table in read_csv_chunks(location, labelled, limit=limit)]
-    table = pa.concat_tables(tables)
+    """A whole file in memory, as one array."""
+    chunks = read_image_chunks(location, labelled, limit=limit)
+    images = np.concatenate([images for images, _ in chunks])
     return DigitImages(
-        images=pixels_of(table),
+        images=images,
         source=str(location),
-        labels=table.column("label").to_numpy() if labelled else None,
-        image_ids=np.arange(1, table.num_rows + 1, dtype=np.int32),
+        labels=np.concatenate([labels for _, labels in chunks]) if labelled else None,
+        image_ids=np.arange(1, len(images) + 1, dtype=np.int32),
     )
+
+
+def read_image_chunks(
+    location: str, labelled: bool, limit: int | None = None
+) -> list[tuple[np.ndarray, np.ndarray | None]]:
+    """A whole file in memory as (images, labels or None) arrays, a chunk of its rows each
+    (read_csv_chunks'), in file order: the rows once, for a reader that hands them on a chunk
+    at a time rather than joining them."""
+    return [
+        (pixels_of(table), table.column("label").to_numpy() if labelled else None)
+        for _, table in read_csv_chunks(location, labelled, limit=limit)
+    ]
 
 
 def pixels_of(table: pa.Table) -> np.ndarray:

@@ -26,7 +26,7 @@ from digit_models.config import TrainConfig
 from digit_models.runtime.cpu_features import require_bfloat16_cpu
 from digit_models.errors import DigitsError
 from digit_models.storage.files import file_sha256
-from digit_models.storage.kaggle_csv import read_train_csv, resolve_train_csv
+from digit_models.storage.kaggle_csv import read_image_chunks, resolve_train_csv
 from digit_models.runtime.ray_runtime import cluster_address, cpus_per_process, ray_session
 from digit_models.storage.run_dir import RunDir
 from digit_models.training.handoff import MODEL_SCORE, UNVALIDATED, Shares, WorkerInputs, WorkerOutcome
@@ -85,7 +85,8 @@ def _run(
     config: TrainConfig, run_dir: RunDir, address: str | None, started: dict | None, called: float, callbacks: tuple
 ) -> dict:
     train_csv = resolve_train_csv(config.data)
-    digits = read_train_csv(train_csv, limit=config.limit)
+    chunks = read_image_chunks(train_csv, labelled=True, limit=config.limit)
+    rows_read = sum(len(images) for images, _ in chunks)
     data_sha256 = file_sha256(train_csv)
     if started and started["data"]["sha256"] != data_sha256:
         raise DigitsError(
@@ -95,11 +96,11 @@ def _run(
     faults = injected_faults(config)
     if config.precision == "bfloat16" and not config.gpus_per_worker and not cluster_address(address):
         require_bfloat16_cpu()  # an embedded Ray's workers run on this CPU (each checks its own)
-    train_rows, val_rows = validation_split(len(digits), config.val_fraction, config.seed)
+    train_rows, val_rows = validation_split(rows_read, config.val_fraction, config.seed)
     too_few_val = config.val_fraction > 0 and len(val_rows) < config.workers
     if len(train_rows) // config.workers < config.batch_size * config.accumulate or too_few_val:
         raise DigitsError(
-            f"{train_csv}: {len(digits)} rows are too few for {config.workers} "
+            f"{train_csv}: {rows_read} rows are too few for {config.workers} "
             f"worker(s) with --batch-size {config.batch_size} and "
             f"--val-fraction {config.val_fraction}"
         )
@@ -130,22 +131,21 @@ def _run(
                 "data": {
                     "train_csv": train_csv,
                     "sha256": data_sha256,
-                    "rows_read": len(digits),
+                    "rows_read": rows_read,
                     "train_rows": len(train_rows),
                     "validation_rows": len(val_rows),
                 },
                 "mlflow_run_id": mlflow_run_id,
             }
         run_dir.write_started(started)
+        train, validation = put_rows(chunks, train_rows, val_rows)
         inputs = WorkerInputs(
             config=config,
-            rows_total=len(digits),
+            rows_total=rows_read,
             run_dir=run_dir.location,
             mlflow_run_id=mlflow_run_id,
-            train=Shares(ray.put(digits.images[train_rows]), ray.put(digits.labels[train_rows])),
-            validation=Shares(
-                ray.put(digits.images[val_rows]), ray.put(digits.labels[val_rows]), ray.put(val_rows.astype(np.int64))
-            ),
+            train=train,
+            validation=validation,
             faults=faults,
             driver_session=len(started["resumed_at"]),
             command_started_unix=called,
@@ -303,6 +303,28 @@ def injected_faults(config: TrainConfig) -> list[tuple[str, int, int]]:
             )
         faults.append((moment, int(epoch), int(rank)))
     return faults
+
+
+def put_rows(
+    chunks: list[tuple[np.ndarray, np.ndarray]], train_rows: np.ndarray, val_rows: np.ndarray
+) -> tuple[Shares, Shares]:
+    """The training and the validation rows (sorted row numbers) into Ray's object store, a
+    chunk of the file at a time, each chunk dropped from `chunks` once it is there: the driver
+    holds the rows once, never beside a copy of them all."""
+    import ray
+
+    train, validation = Shares([], []), Shares([], [], ray.put(val_rows.astype(np.int64)))
+    start = 0
+    chunks.reverse()
+    while chunks:
+        images, labels = chunks.pop()
+        end = start + len(images)
+        for rows, share in ((train_rows, train), (val_rows, validation)):
+            here = rows[np.searchsorted(rows, start) : np.searchsorted(rows, end)] - start
+            share.images.append(ray.put(images[here]))
+            share.labels.append(ray.put(labels[here]))
+        start = end
+    return train, validation
 
 
 def validation_split(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

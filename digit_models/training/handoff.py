@@ -12,11 +12,12 @@ from digit_models.config import TrainConfig
 
 @dataclass(frozen=True)
 class Shares:
-    """Rows in Ray's object store (ObjectRefs), fetched by every worker."""
+    """Rows in Ray's object store, fetched by every worker: the images and the labels as lists
+    of ObjectRefs, one per chunk of train.csv (driver.put_rows), in the file's order."""
 
-    images: object
-    labels: object
-    rows: object | None = None  # the rows' numbers in train.csv (validation rows only)
+    images: list
+    labels: list
+    rows: object | None = None  # an ObjectRef: the rows' numbers in train.csv (validation rows only)
 
 
 @dataclass(frozen=True)

@@ -76,7 +76,7 @@ def run_worker(inputs: WorkerInputs) -> WorkerOutcome:
     strategy = multi_worker_strategy(config)
     keras.mixed_precision.set_global_policy(agreed_policy(strategy, config, world))
     timeline["strategy_ready"] = time.time()
-    train_x, train_y = ray.get([inputs.train.images, inputs.train.labels])
+    train_x, train_y = joined(inputs.train.images), np.concatenate(ray.get(inputs.train.labels))
     val_x, val_y, val_rows = own_rows(inputs.validation, rank, world)
     order = EpochOrder(len(train_x), config.global_batch(world), rank, world, config.seed)
     if order.steps == 0:
@@ -240,7 +240,7 @@ class EpochOrder:
         """Endless (pixels, one-hot label) batches from epoch `first_epoch`'s image `start` on,
         each worker step split between this worker's `replicas`; augmented, if asked, from
         (seed, epoch, position): the same images get the same views on resume."""
-        images, labels = tf.constant(images), tf.one_hot(labels, NUM_CLASSES)
+        images, labels = tensor_sharing(images), tf.one_hot(labels, NUM_CLASSES)
         first_steps = self.steps_from(start)
 
         def batch(index):
@@ -369,12 +369,16 @@ def _device_input_without_autotuning() -> None:
 
 
 def _untuned_options(cpus: int | None = None) -> tf.data.Options:
-    """tf.data options without autotuning. An autotuned pipeline's iterator, when destroyed,
-    waits for its tuning thread to wake from a sleep that grows to a minute, so fit() could
-    return long after its last epoch, as it dropped its iterators. The parallelism here is
-    fixed (the map's calls, the thread pool) or sizes itself (prefetch's buffer) untuned."""
+    """tf.data options without autotuning or graph rewrites. An autotuned pipeline's iterator,
+    when destroyed, waits for its tuning thread to wake from a sleep that grows to a minute, so
+    fit() could return long after its last epoch, as it dropped its iterators. The parallelism
+    here is fixed (the map's calls, the thread pool) or sizes itself (prefetch's buffer)
+    untuned. The default rewrites serialize the pipeline's graph with the tensors it captures,
+    which copies every training row (and could not hold more than 2 GB of them); the pipelines
+    here have nothing for them to fuse."""
     options = tf.data.Options()
     options.autotune.enabled = False
+    options.experimental_optimization.apply_default_optimizations = False
     if cpus:
         options.threading.private_threadpool_size = cpus
     return options
@@ -455,9 +459,43 @@ def data_parallel_step(all_reduce_dtype, micro_batches: int = 1):
 
 def own_rows(shares: Shares, rank: int, world: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """This worker's rows (every world-th, from its rank on) of the images, labels and row
-    numbers the driver put into the object store."""
-    images, labels, rows = ray.get([shares.images, shares.labels, shares.rows])
-    return images[rank::world], labels[rank::world], rows[rank::world]
+    numbers the driver put into the object store, taken chunk by chunk."""
+    images, labels, before = [], [], 0
+    for image_part, label_part in zip(ray.get(shares.images), ray.get(shares.labels), strict=True):
+        first = (rank - before) % world
+        images.append(image_part[first::world])
+        labels.append(label_part[first::world])
+        before += len(image_part)
+    return np.concatenate(images), np.concatenate(labels), ray.get(shares.rows)[rank::world]
+
+
+# TensorFlow's kernels read a tensor's memory only at this alignment (EIGEN_MAX_ALIGN_BYTES).
+TENSOR_ALIGNMENT = 64
+
+
+def joined(parts: list) -> np.ndarray:
+    """The arrays of these ObjectRefs, one after another, in one buffer that a tensor can share
+    (tensor_sharing): every worker holds every training row once."""
+    arrays = ray.get(parts)
+    whole = aligned_empty((sum(len(array) for array in arrays), *arrays[0].shape[1:]), arrays[0].dtype)
+    return np.concatenate(arrays, out=whole)
+
+
+def aligned_empty(shape: tuple, dtype) -> np.ndarray:
+    size = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    raw = np.empty(size + TENSOR_ALIGNMENT, np.uint8)
+    skip = -raw.ctypes.data % TENSOR_ALIGNMENT
+    return raw[skip : skip + size].view(dtype).reshape(shape)
+
+
+def tensor_sharing(array: np.ndarray) -> tf.Tensor:
+    """`array` as a tensor over its own memory, through DLPack (tf.constant would copy it);
+    copied once into an aligned buffer first if TensorFlow cannot read it where it is."""
+    if not (array.flags.c_contiguous and array.flags.writeable and array.ctypes.data % TENSOR_ALIGNMENT == 0):
+        copy = aligned_empty(array.shape, array.dtype)
+        copy[...] = array
+        array = copy
+    return tf.experimental.dlpack.from_dlpack(array.__dlpack__())
 
 
 def _quiet_report_logging() -> None:
