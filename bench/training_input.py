@@ -4,11 +4,12 @@ what the training worker maps from it grow with the rows.
 train.csv's rows repeated (the header once) to each size, in the scratch folder, one file at a
 time (4.2 million rows are 3.3 GB of CSV), deleted after its run. Each size: `digits train
 --workers 1` of the dense net for one epoch at batch 1024 on an embedded Ray, no validation
-split, measured by bench/footprint.py's reading of /proc: the driver's peak RSS and peak
-shared memory (the object store is shared memory, and the driver writes the rows into it:
-what it put there; the raylet that hosts the store touches none of it), and the worker's peak
-shared memory (the objects it has mapped from the store: on one node a zero-copy read of every
-row, nothing copied) and private memory. Each size's Ray footprint comes too (bench/footprint.py).
+split, measured by bench/footprint.py's reading of /proc: the driver's peak RSS, peak private
+memory (the rows it read, before it puts them into the store) and peak shared memory (the
+object store is shared memory, and the driver writes the rows into it: what it put there; the
+raylet that hosts the store touches none of it), and the worker's peak shared memory (the
+objects it has mapped from the store: on one node a zero-copy read of every row) and private
+memory (the rows joined into the one array it trains from). Each size's Ray footprint comes too (bench/footprint.py).
 A size whose driver would not fit in the memory available (projected from the sizes before it)
 is not run, and says so.
 """
@@ -74,6 +75,7 @@ def scale(train_csv: Path, scratch: Path, times: list[int], env: dict | None = N
                 "images_per_s": run["history"][-1]["images_per_s"],
                 "driver_peak_rss_mb": memory["driver"]["peak_rss_mb"],
                 "driver_peak_shared_mb": memory["driver"]["peak_shared_mb"],
+                "driver_peak_private_mb": memory["driver"]["peak_private_mb"],
                 "worker_peak_shared_mb": worker.get("peak_shared_mb", 0.0),
                 "worker_peak_private_mb": worker.get("peak_private_mb", 0.0),
                 "worker_peak_rss_mb": worker.get("peak_rss_mb", 0.0),
@@ -84,8 +86,9 @@ def scale(train_csv: Path, scratch: Path, times: list[int], env: dict | None = N
 
 
 def _projected_driver_mb(measured: list[dict], rows: int) -> float:
-    """The driver's peak RSS at `rows`, on the line through the two largest sizes measured (it
-    holds every row; its imports are the constant); 0 before two are measured."""
+    """The driver's peak RSS at `rows`, on the line through the two largest sizes measured (the
+    rows it read, then put into the store; its imports are the constant); 0 before two are
+    measured."""
     done = [size for size in measured if "not_run" not in size]
     if len(done) < 2:
         return 0.0

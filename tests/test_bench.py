@@ -296,11 +296,12 @@ def test_the_footprint_and_input_tables_hold_the_json_values(smoke):
         ]
         for name, entry in (("1-worker training", used["training"]), ("scoring test.csv, 1 actor", used["scoring"]))
     ]
-    assert _table(markdown, "| rows | rows held |", columns=5) == [
+    assert _table(markdown, "| rows | rows held |", columns=6) == [
         [
             f"{size['rows']:,}",
             _shown(size["data_mb"], 0),
             _shown(size["driver_peak_rss_mb"], 0),
+            _shown(size["driver_peak_private_mb"], 0),
             _shown(size["driver_peak_shared_mb"], 0),
             _shown(size["worker_peak_shared_mb"], 0),
         ]

@@ -374,8 +374,7 @@ def _untuned_options(cpus: int | None = None) -> tf.data.Options:
     fit() could return long after its last epoch, as it dropped its iterators. The parallelism
     here is fixed (the map's calls, the thread pool) or sizes itself (prefetch's buffer)
     untuned. The default rewrites serialize the pipeline's graph with the tensors it captures,
-    which copies every training row (and could not hold more than 2 GB of them); the pipelines
-    here have nothing for them to fuse."""
+    and keep that copy of every training row; the pipelines here have nothing for them to fuse."""
     options = tf.data.Options()
     options.autotune.enabled = False
     options.experimental_optimization.apply_default_optimizations = False
