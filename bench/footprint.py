@@ -54,15 +54,15 @@ def measure(args: list[str], env: dict) -> dict:
     processes: dict[tuple[int, int], dict] = {}  # (pid, start tick) -> class, cpu_s
     series = []  # (seconds since launch, CPU seconds so far of each class)
     while command.poll() is None:
-        _read_tree(command.pid, processes)
-        series.append((time.time() - began, _by_class(processes)))
+        read_tree(command.pid, processes)
+        series.append((time.time() - began, by_class(processes)))
         time.sleep(SAMPLE_S)
     wall = time.time() - began
     stderr = command.stderr.read() if command.stderr else ""
     if command.returncode != 0:
         raise SystemExit(f"bench: `digits {' '.join(args)}` failed:\n{stderr[-3000:]}")
-    by_class = _by_class(processes)
-    ray_s = _ray_cpu_s(by_class)
+    cpu_s_by_class = by_class(processes)
+    ray_s = _ray_cpu_s(cpu_s_by_class)
     memory: dict[str, dict[str, float]] = {}  # class -> the largest of each peak among its processes
     for process in processes.values():
         peaks = memory.setdefault(process["class"], dict.fromkeys(MEMORY, 0.0))
@@ -72,15 +72,15 @@ def measure(args: list[str], env: dict) -> dict:
         "launched_unix": began,
         "wall_s": wall,
         "ray_cpu_s": ray_s,
-        "ours_cpu_s": sum(by_class.values()) - ray_s,
+        "ours_cpu_s": sum(cpu_s_by_class.values()) - ray_s,
         "ray_share": ray_s / (wall * os.cpu_count()),
-        "cpu_s_by_class": by_class,
+        "cpu_s_by_class": cpu_s_by_class,
         "memory_mb_by_class": memory,
         "series": series,
     }
 
 
-def _read_tree(root: int, processes: dict) -> None:
+def read_tree(root: int, processes: dict) -> None:
     """Adds or updates every descendant of `root` (and root) found in /proc now."""
     stats = {}
     for entry in os.listdir("/proc"):
@@ -158,7 +158,7 @@ def _is_ours(name: str) -> bool:
     return name == DRIVER or name.startswith(OURS)
 
 
-def _by_class(processes: dict) -> dict[str, float]:
+def by_class(processes: dict) -> dict[str, float]:
     """CPU seconds of each class of process, the largest first."""
     totals: dict[str, float] = {}
     for process in processes.values():

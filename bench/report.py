@@ -257,6 +257,23 @@ def _serving_tables(serving: dict) -> list[str]:
             f"{row['answered']:,} | {row['failed']} | {row['requests_per_s']:,.0f} | {row['p50_ms']:.1f} ms | "
             f"{row['p99_ms']:.1f} ms |"
         )
+    lines += [
+        "",
+        "CPU time per answered request, by process, over each load above (read from /proc before and after "
+        "it; the server's command is `driver`, the processes under 0.05 ms left out). On 2 CPUs, 2,000 ms "
+        "of CPU a second divided by a request's total is the most requests/s that server could answer.",
+        "",
+        "| server | concurrency | total | by process |",
+        "|---|---|---|---|",
+    ]
+    for row in sorted(serving["rows"], key=lambda row: (row["concurrency"], row["server"])):
+        parts = sorted(row["cpu_ms_per_request"].items(), key=lambda item: -item[1])
+        lines.append(
+            f"| {'`digits serve`' if row['server'] == 'serve' else 'plain http.server'} | {row['concurrency']} | "
+            f"{sum(row['cpu_ms_per_request'].values()):.2f} ms | "
+            + ", ".join(f"{name} {ms:.2f}" for name, ms in parts if ms >= 0.05)
+            + " |"
+        )
     return lines
 
 

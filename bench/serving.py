@@ -21,8 +21,10 @@ import subprocess
 import threading
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
+from bench import footprint
 from bench.processes import PYTHON, REPO
 
 CONCURRENCY = (1, 8, 32)
@@ -33,12 +35,20 @@ SERVE_CPUS = 2  # the replica's TensorFlow threads: the machine's 2 cores, as th
 def load_test(run_dir: Path, test_csv: Path, requests: int, seconds: float, repeats: int, scratch: Path) -> dict:
     bodies = [json.dumps({"images": [row]}).encode() for row in _rows(test_csv, IMAGES)]
     with _plain(run_dir / "model.keras", scratch) as plain, _digits_serve(run_dir, scratch) as served:
-        same = _labels(plain, bodies) == _labels(served, bodies)
+        same = _labels(plain.port, bodies) == _labels(served.port, bodies)
         samples = {("plain", c): [] for c in CONCURRENCY} | {("serve", c): [] for c in CONCURRENCY}
         for _ in range(repeats):
             for concurrency in CONCURRENCY:
-                for name, port in (("plain", plain), ("serve", served)):
-                    samples[name, concurrency].append(_load(port, bodies, concurrency, requests, seconds))
+                for name, server in (("plain", plain), ("serve", served)):
+                    before = _cpu_s_by_process(server.pid)
+                    load = _load(server.port, bodies, concurrency, requests, seconds)
+                    after = _cpu_s_by_process(server.pid)
+                    load["cpu_ms_per_request"] = {
+                        name: round(1000 * (cpu_s - before.get(name, 0.0)) / load["answered"], 2)
+                        for name, cpu_s in after.items()
+                        if cpu_s - before.get(name, 0.0) > 0
+                    }
+                    samples[name, concurrency].append(load)
     rows = []
     for (name, concurrency), runs in samples.items():
         best = max(runs, key=lambda run: run["requests_per_s"])  # the least disturbed repeat
@@ -109,6 +119,20 @@ def _labels(port: int, bodies: list[bytes]) -> list[int]:
     return labels
 
 
+@dataclass(frozen=True)
+class Server:
+    port: int
+    pid: int  # the command's process; the server's processes are it and its descendants
+
+
+def _cpu_s_by_process(pid: int) -> dict[str, float]:
+    """CPU seconds so far of each kind of process in the server's tree (bench/footprint.py's
+    names: `ray::ProxyActor`, `ray::ServeReplica:...`, `driver` for the command itself)."""
+    processes: dict = {}
+    footprint.read_tree(pid, processes)
+    return footprint.by_class(processes)
+
+
 @contextmanager
 def _plain(model_file: Path, scratch: Path):
     port = _free_port()
@@ -116,21 +140,21 @@ def _plain(model_file: Path, scratch: Path):
         [PYTHON, "-m", "bench.baselines", "serve", "--model-file", str(model_file), "--port", str(port)],
         scratch / "plain-serve.log",
         ready='"ready"',
-    ):
-        yield port
+    ) as pid:
+        yield Server(port, pid)
 
 
 @contextmanager
 def _digits_serve(run_dir: Path, scratch: Path):
     port = _free_port()
     command = [PYTHON, "-m", "digit_models.cli", "serve", "--run", str(run_dir), "--port", str(port)]
-    with _running(command + ["--cpus-per-replica", str(SERVE_CPUS)], scratch / "digits-serve.log", ready="serving "):
-        yield port
+    with _running(command + ["--cpus-per-replica", str(SERVE_CPUS)], scratch / "digits-serve.log", ready="serving ") as pid:
+        yield Server(port, pid)
 
 
 @contextmanager
 def _running(command: list[str], log: Path, ready: str, seconds: float = 300):
-    """A server process until the block ends, then SIGTERM (and its exit awaited)."""
+    """A server process (its pid) until the block ends, then SIGTERM (and its exit awaited)."""
     env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
     with open(log, "wb") as output:
         process = subprocess.Popen(command, cwd=REPO, env=env, stdout=output, stderr=subprocess.STDOUT)
@@ -140,7 +164,7 @@ def _running(command: list[str], log: Path, ready: str, seconds: float = 300):
             if process.poll() is not None or time.time() > deadline:
                 raise SystemExit(f"bench: {' '.join(command)} did not start:\n{log.read_text()[-3000:]}")
             time.sleep(0.5)
-        yield
+        yield process.pid
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=120)

@@ -191,6 +191,19 @@ def test_every_serving_load_was_answered_with_the_same_labels(smoke):
         assert row["failed"] == 0 and 0 < row["answered"] < 100 + row["concurrency"], row
         assert row["requests_per_s"] * row["wall_s"] == pytest.approx(row["answered"], rel=0.05)
         assert 0 < row["p50_ms"] <= row["p99_ms"]
+        processes = set(row["cpu_ms_per_request"])  # the server's own tree, nothing else
+        if row["server"] == "serve":
+            assert "ray::ProxyActor" in processes and any(p.startswith("ray::ServeReplica") for p in processes), row
+        else:
+            assert processes == {"driver"}, row
+    assert _table(markdown, "| server | concurrency | total |", columns=3) == [
+        [
+            "`digits serve`" if row["server"] == "serve" else "plain http.server",
+            str(row["concurrency"]),
+            f"{sum(row['cpu_ms_per_request'].values()):.2f}",
+        ]
+        for row in sorted(serving["rows"], key=lambda row: (row["concurrency"], row["server"]))
+    ]
     assert _table(markdown, "| server | concurrency |", columns=5) == [
         [
             "`digits serve`" if row["server"] == "serve" else "plain http.server",
