@@ -148,7 +148,9 @@ def _plain(model_file: Path, scratch: Path):
 def _digits_serve(run_dir: Path, scratch: Path):
     port = _free_port()
     command = [PYTHON, "-m", "digit_models.cli", "serve", "--run", str(run_dir), "--port", str(port)]
-    with _running(command + ["--cpus-per-replica", str(SERVE_CPUS)], scratch / "digits-serve.log", ready="serving ") as pid:
+    with _running(
+        command + ["--cpus-per-replica", str(SERVE_CPUS)], scratch / "digits-serve.log", ready="serving "
+    ) as pid:
         yield Server(port, pid)
 
 
