@@ -324,14 +324,14 @@ def test_the_footprint_and_input_tables_hold_the_json_values(smoke):
 
 def _table(markdown: str, header: str, columns: int | None = None) -> list[list[str]]:
     """The first `columns` cells of each row of the table whose header row starts with
-    `header`, a number's unit (" s", " MB") dropped."""
+    `header`, a number's unit (" s", " ms", " MB") dropped."""
     lines = markdown.splitlines()
     start = next(index for index, line in enumerate(lines) if line.startswith(header))
     rows = []
     for line in lines[start + 2 :]:
         if not line.startswith("|"):
             break
-        cells = [re.sub(r"^([\d,.]+) (s|MB)$", r"\1", cell.strip()) for cell in line.strip("|").split("|")]
+        cells = [re.sub(r"^([\d,.]+) (s|ms|MB)$", r"\1", cell.strip()) for cell in line.strip("|").split("|")]
         rows.append(cells[:columns])
     return rows
 

@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pandas as pd
@@ -75,6 +76,64 @@ def _submit(env: dict, job_id: str, *command: str, wait: bool = True) -> str:
     if wait:
         _wait_succeeded(env, job_id, output=done.stdout + done.stderr)
     return done.stdout + done.stderr  # the job's own output, which the CLI follows
+
+
+# Holds every CPU of the cluster with an actor until its stdin closes; on a line on stdin,
+# prints how many jobs other than its own have actors or tasks waiting to be placed, once
+# there are at least that many.
+CPU_HOLDER = """
+import sys, time
+import ray
+from ray.util.state import list_actors, list_tasks
+ray.init(address=sys.argv[1], logging_level="ERROR")
+
+@ray.remote
+class Holder:
+    def ready(self):
+        return True
+
+held = Holder.options(num_cpus=ray.cluster_resources()["CPU"]).remote()
+ray.get(held.ready.remote())
+print("holding", flush=True)
+mine = ray.get_runtime_context().get_job_id()
+wanted = int(sys.stdin.readline())
+deadline = time.time() + 300
+while time.time() < deadline:
+    waiting = {a.job_id for a in list_actors(filters=[("state", "=", "PENDING_CREATION")])}
+    waiting |= {t.job_id for t in list_tasks(filters=[("state", "=", "PENDING_NODE_ASSIGNMENT")])}
+    waiting.discard(mine)
+    if len(waiting) >= wanted:
+        break
+    time.sleep(0.5)
+print(len(waiting), flush=True)
+sys.stdin.read()
+"""
+
+
+@contextmanager
+def _holding_the_cpus(env: dict):
+    """Every CPU of the cluster held by another client until the block ends; yields a function
+    that waits (up to 5 minutes) for two jobs to have work waiting for CPUs, and returns how
+    many do."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", CPU_HOLDER, f"127.0.0.1:{env['RAY_PORT']}"],
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+
+    def waiting_jobs() -> int:
+        holder.stdin.write("2\n")
+        holder.stdin.flush()
+        return int(holder.stdout.readline())
+
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        yield waiting_jobs
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=60)
 
 
 def _wait_succeeded(env: dict, job_id: str, output: str = "", timeout: float = 600) -> None:
@@ -148,26 +207,32 @@ def test_train_then_score_through_ray_job_submit(local_cluster, tmp_path, kaggle
     assert "epoch 1/3  loss" in output and "target reached at epoch 1" in output  # rank 0's progress
     assert (tmp_path / "run" / "model.keras").is_file()
 
-    # Two scoring jobs submitted together, each asking for both of the head's CPUs: both finish
-    # whether or not one had to wait for the other's (that depends on when each driver starts).
+    # Two scoring jobs, each asking for both of the head's CPUs, submitted while another client
+    # of the cluster holds them: both queue (what they wait to place is on record, and no output
+    # is written), and once the CPUs are free both finish, one after the other.
     jobs = {f"predict-{os.getpid()}-{n}": tmp_path / f"scored{n}" for n in range(2)}
-    for job_id, out in jobs.items():
-        _submit(
-            env,
-            job_id,
-            "predict",
-            "--run",
-            run,
-            "--input",
-            f"file://{kaggle_dir}/test.csv",
-            "--out",
-            f"file://{out}",
-            "--actors",
-            "1",
-            "--cpus-per-actor",
-            "2",
-            wait=False,
-        )
+    with _holding_the_cpus(env) as waiting_jobs:
+        for job_id, out in jobs.items():
+            _submit(
+                env,
+                job_id,
+                "predict",
+                "--run",
+                run,
+                "--input",
+                f"file://{kaggle_dir}/test.csv",
+                "--out",
+                f"file://{out}",
+                "--actors",
+                "1",
+                "--cpus-per-actor",
+                "2",
+                wait=False,
+            )
+        assert waiting_jobs() == 2
+        for job_id, out in jobs.items():
+            assert "RUNNING" in _ray_job(env, "status", job_id).stdout
+            assert not (out / "predict.json").exists() and not (out / "submission.csv").exists()
     for job_id in jobs:
         _wait_succeeded(env, job_id)
     first = jobs[f"predict-{os.getpid()}-0"]

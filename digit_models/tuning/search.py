@@ -29,7 +29,7 @@ from digit_models.errors import DigitsError
 from digit_models.runtime.console import live, quiet_actors
 from digit_models.runtime.ray_runtime import cpus_per_process, ray_session
 from digit_models.storage.files import Folder, is_uri, require_output_folder
-from digit_models.storage.kaggle_csv import read_train_csv, resolve_train_csv
+from digit_models.storage.kaggle_csv import read_csv_chunks, resolve_train_csv
 from digit_models.training.driver import utc
 from digit_models.tuning.results import BEST, RESULTS_JSON
 from digit_models.tuning.space import checked_space, default_space, read_space
@@ -62,7 +62,8 @@ def tune(config: SearchConfig, address: str | None = None) -> dict:
         )
     require_output_folder(tune_dir, "choose another --out")
     train_csv = resolve_train_csv(config.data)
-    read_train_csv(train_csv, limit=base.limit)  # a bad row is one line now, not a failed trial per row
+    for _ in read_csv_chunks(train_csv, labelled=True, limit=base.limit):
+        pass  # every row checked, a chunk at a time: a bad row is one line now, not a failed trial per row
     config = dataclasses.replace(config, out=tune_dir.location, data=_absolute(config.data))
     with _trial_lines_off(), ray_session(address, dashboard=True):
         from ray import tune as ray_tune
