@@ -86,6 +86,7 @@ import sys, time
 import ray
 from ray.util.state import list_actors, list_tasks
 ray.init(address=sys.argv[1], logging_level="ERROR")
+state_api = sys.argv[2]  # named: with no address the state API refuses when it finds other Rays
 
 @ray.remote
 class Holder:
@@ -99,8 +100,8 @@ mine = ray.get_runtime_context().get_job_id()
 wanted = int(sys.stdin.readline())
 deadline = time.time() + 300
 while time.time() < deadline:
-    waiting = {a.job_id for a in list_actors(filters=[("state", "=", "PENDING_CREATION")])}
-    waiting |= {t.job_id for t in list_tasks(filters=[("state", "=", "PENDING_NODE_ASSIGNMENT")])}
+    waiting = {a.job_id for a in list_actors(state_api, filters=[("state", "=", "PENDING_CREATION")])}
+    waiting |= {t.job_id for t in list_tasks(state_api, filters=[("state", "=", "PENDING_NODE_ASSIGNMENT")])}
     waiting.discard(mine)
     if len(waiting) >= wanted:
         break
@@ -116,7 +117,13 @@ def _holding_the_cpus(env: dict):
     that waits (up to 5 minutes) for two jobs to have work waiting for CPUs, and returns how
     many do."""
     holder = subprocess.Popen(
-        [sys.executable, "-c", CPU_HOLDER, f"127.0.0.1:{env['RAY_PORT']}"],
+        [
+            sys.executable,
+            "-c",
+            CPU_HOLDER,
+            f"127.0.0.1:{env['RAY_PORT']}",
+            f"http://127.0.0.1:{env['DASHBOARD_PORT']}",
+        ],
         env=env,
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
