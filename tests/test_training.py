@@ -196,6 +196,28 @@ def test_workers_with_different_local_metrics_stop_at_the_same_epoch(tmp_path, r
     assert ranks == [{"epochs": 4, "reached_at": 4}, {"epochs": 4, "reached_at": 4}]
 
 
+def _report_once(config: dict) -> None:
+    ray.train.report({"done": 1})
+
+
+def test_a_run_given_no_datasets_starts_no_actor_to_hand_them_out(tmp_path, ray_local):
+    """Ray Train starts a DatasetManager actor for every worker group, datasets or none: a Python
+    process starting beside the workers' TensorFlow import. Ours are given none."""
+    from ray.util.state import list_actors
+
+    from digit_models.training.backend import tensorflow_trainer
+
+    tensorflow_trainer(
+        _report_once,
+        scaling_config=ray.train.ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
+        run_config=ray.train.RunConfig(storage_path=str(tmp_path / "ray"), name="no-datasets"),
+    ).fit()
+    job = ray.get_runtime_context().get_job_id()
+    started = list_actors(filters=[("job_id", "=", job)], limit=10_000, raise_on_missing_output=False)
+    names = {actor.class_name for actor in started}
+    assert "RayTrainWorker" in names and "DatasetManager" not in names
+
+
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize(
     "first_epoch_end_s,scoring,plans",

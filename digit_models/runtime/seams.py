@@ -64,6 +64,18 @@ PLACEMENT_GROUP_CLEANER = Seam(
     ("PlacementGroupCleanerCallback",),
     "left out of the default callbacks on an embedded Ray without the dashboard, whose State API it polls",
 )
+DATASETS_CALLBACK = Seam(
+    *RAY,
+    "ray.train.v2._internal.callbacks.datasets",
+    ("DatasetsCallback",),
+    "left out of the default callbacks of a run given no Ray Datasets: it starts an actor to hand them out",
+)
+AUTOSCALING_COORDINATOR = Seam(
+    *RAY,
+    "ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator",
+    ("get_or_create_autoscaling_coordinator",),
+    "started by the driver beside Ray Train's controller, which otherwise waits for it to start",
+)
 TRAINER_SIGINT = Seam(
     *RAY,
     "ray.train.v2.api.data_parallel_trainer",

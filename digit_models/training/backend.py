@@ -72,17 +72,27 @@ class AbortableTrainer(DataParallelTrainer):
         Without the State API (an embedded Ray started without the dashboard) Ray's placement
         group cleaner is left out: it asks the State API every second whether the controller
         lives, to remove the workers' placement group if it died, and an embedded Ray ends with
-        the command anyway."""
+        the command anyway. A run given no Ray Datasets (ours never are) goes without the
+        callback that hands them out: it starts an actor for them at every worker group's
+        start, a Python process competing for the CPUs while the workers import TensorFlow."""
         own = super()._create_default_callbacks()
         if not state_api_served():
             cleaner = seams.borrow(seams.PLACEMENT_GROUP_CLEANER)
             own = [callback for callback in own if not isinstance(callback, cleaner)]
+        if not self.datasets:
+            datasets = seams.borrow(seams.DATASETS_CALLBACK)
+            own = [callback for callback in own if not isinstance(callback, datasets)]
         return [*own, *self.controller_callbacks]
 
     def _register_sigint_handler(self, controller) -> None:
         self._controller = controller
 
     def fit(self):
+        # Ray Train's controller asks Ray Data's autoscaling coordinator (a detached actor, one
+        # per cluster) for the group's resources before it starts the workers, and would start
+        # it then if none runs yet: a Python process that the start-up waited for. Started
+        # here, it starts beside the controller.
+        seams.borrow(seams.AUTOSCALING_COORDINATOR)()
         try:
             return super().fit()
         except BaseException:
