@@ -21,10 +21,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench import footprint, precision_accuracy, report, scoring, serving, training, training_input
+from bench import ceilings, footprint, precision_accuracy, report, scoring, serving, training, training_input
 from bench.processes import REPO, Processes
 
-SECTIONS = ("training", "scoring", "serving", "footprint", "training_input", "precision")
+SECTIONS = ("training", "ceilings", "scoring", "serving", "footprint", "training_input", "precision")
 # A quick run's scoring input: the first QUICK_TEST_ROWS rows of test.csv, repeated to
 # QUICK_SCALE images for its one scale size (so that the repeating is exercised too).
 QUICK_TEST_ROWS, QUICK_SCALE = 200, 500
@@ -107,6 +107,16 @@ def main() -> None:
             }
             if not args.quick:  # a cluster of its own: not beside the test suite's Ray
                 results["training"]["two_node_cluster"] = training.two_node_cluster(trainer)
+        if "ceilings" in args.sections:
+            results["ceilings"] = ceilings.measure(
+                run,
+                data,
+                model="dense" if args.quick else "cnn",
+                batches=[32] if args.quick else [32, 128],
+                rows=1500 if args.quick else 16_000,
+                epochs=args.epochs,
+                repeats=args.repeats,
+            )
         if "scoring" in args.sections:
             model = "dense" if args.quick else "cnn"
             # A quick run scores with a dense net its training section trained, if it ran.

@@ -10,6 +10,11 @@ communication options as `digits train`: the forward and backward pass alone, th
 all-reduce alone (the same tensors, packed as the optimizer packs them), the input pipeline
 alone, and the whole step as Keras runs it.
 
+`uncoupled`: one training worker without Ray and without peers: tf-keras fits the model on
+train.csv's first rows in memory, with the thread count, dtype policy, loss and steps per
+execution of a `digits train` worker of one CPU; images/s of each epoch. Two at once show what
+the machine gives two workers that share nothing (bench/ceilings.py).
+
 `policies`: a whole training step (Keras's fit, one process, every CPU) of a model built under
 each Keras dtype policy, timed in interleaved rounds: what `--precision` would cost or
 gain on this machine's CPUs in float16 and in bfloat16.
@@ -250,6 +255,47 @@ def _time_steps(settings: dict) -> dict:
     return result
 
 
+def uncoupled(args) -> dict:
+    import numpy as np
+
+    from digit_models.config import TrainConfig
+    from digit_models.nets.models import build_model
+    from digit_models.runtime.cpu_features import this_cpu_has_bfloat16
+    from digit_models.runtime.tf_setup import configure_tensorflow, keras, tf
+    from digit_models.storage.kaggle_csv import NUM_CLASSES, read_image_chunks
+    from digit_models.training.worker import STEPS_PER_EXECUTION
+
+    policy = TrainConfig(data=args.train_csv, out="-", model=args.model).compute_policy(this_cpu_has_bfloat16())
+    configure_tensorflow(args.cpus, policy)
+    chunks = read_image_chunks(args.train_csv, labelled=True, limit=args.rows)
+    images = np.concatenate([images for images, _ in chunks]).reshape(-1, 28, 28)
+    labels = keras.utils.to_categorical(np.concatenate([labels for _, labels in chunks]), NUM_CLASSES)
+    batches = (
+        tf.data.Dataset.from_tensor_slices((images, labels))
+        .shuffle(len(images), seed=0)
+        .batch(args.batch, drop_remainder=True)
+    )
+    model = build_model(args.model)
+    model.compile(
+        optimizer=keras.optimizers.Adam(),
+        loss=keras.losses.CategoricalCrossentropy(),
+        metrics=["accuracy"],
+        steps_per_execution=STEPS_PER_EXECUTION,
+    )
+    epoch_s = []
+
+    class Timing(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            self.began = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            epoch_s.append(time.perf_counter() - self.began)
+
+    model.fit(batches, epochs=args.epochs, callbacks=[Timing()], verbose=0)
+    trained = len(images) // args.batch * args.batch
+    return {"policy": policy, "images": trained, "images_per_s": [trained / seconds for seconds in epoch_s]}
+
+
 def policies(args) -> dict:
     import numpy as np
 
@@ -303,6 +349,13 @@ def main() -> None:
     step.add_argument("--timings", type=int, default=5, help="timed runs of each part (their median is kept)")
     step.add_argument("--rounds", type=int, default=3, help="interleaved timings of every variant")
     step.add_argument("--skip-parts", action="store_true", help="time whole steps only")
+    alone = probes.add_parser("uncoupled")
+    alone.add_argument("--train-csv", required=True)
+    alone.add_argument("--model", default="cnn")
+    alone.add_argument("--batch", type=int, default=32)
+    alone.add_argument("--cpus", type=int, default=1)
+    alone.add_argument("--rows", type=int, default=16_000)
+    alone.add_argument("--epochs", type=int, default=3)
     policy = probes.add_parser("policies")
     policy.add_argument("--model", default="deep_cnn")
     policy.add_argument("--batch", type=int, default=128)
@@ -314,7 +367,11 @@ def main() -> None:
     if args.probe == "steps" and "xla" in args.variants and args.workers > 1:
         parser.error("--variants xla: one worker only (XLA cannot compile the workers' all-reduce)")
     sys.stdout.write(
-        "BENCH " + json.dumps({"startup": startup, "steps": steps, "policies": policies}[args.probe](args)) + "\n"
+        "BENCH "
+        + json.dumps(
+            {"startup": startup, "steps": steps, "uncoupled": uncoupled, "policies": policies}[args.probe](args)
+        )
+        + "\n"
     )
 
 

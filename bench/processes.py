@@ -57,12 +57,14 @@ class Processes:
 
 
 @contextmanager
-def local_cluster(port: int):
+def local_cluster(port: int, worker_nodes: int = 2, head_cpus: int = 0):
     """`cluster/local_cluster.sh start 2` (a head without CPUs and two worker nodes of one CPU
-    each) on ports of its own; yields the environment that sends a `digits` command to it."""
+    each), or the nodes and head CPUs given, on ports of its own; yields the environment that
+    sends a `digits` command to it."""
     state = tempfile.mkdtemp(prefix="dlc-", dir="/tmp")
     env = {
         **os.environ,
+        "HEAD_CPUS": str(head_cpus),
         "CLUSTER_STATE": state,
         "RAY_PORT": str(port),
         "DASHBOARD_PORT": str(port + 1900),
@@ -70,7 +72,7 @@ def local_cluster(port: int):
         "RAY": str(Path(PYTHON).with_name("ray")),
     }
     script = str(REPO / "cluster" / "local_cluster.sh")
-    subprocess.run([script, "start", "2"], env=env, check=True, capture_output=True)
+    subprocess.run([script, "start", str(worker_nodes)], env=env, check=True, capture_output=True)
     try:
         # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0: `ray drain-node` then reaches the cluster at
         # 127.0.0.1, where it listens.

@@ -14,6 +14,8 @@ TARGETS = {
     "b/a": (">=", 0.95),
     "weak-scaling efficiency, cnn@32x1": (">=", 0.65),
     "weak-scaling efficiency, cnn@128x1": (">=", 0.80),
+    "2-worker images/s / the same-Ray independent pair's, cnn@32": (">=", 0.85),
+    "2-worker images/s / the same-Ray independent pair's, cnn@128": (">=", 0.95),
     "time to 99%, 2 workers / 1 worker": ("<=", 0.7),
     "first step after the command starts": ("<=", 10.0),
     "predict wall / plain wall": ("<=", 2.0),
@@ -41,6 +43,11 @@ def ratios(results: dict) -> dict:
             out["time to 99%, 2 workers / 1 worker (training clock)"] = two["training_s"] / one["training_s"]
         if one:
             out["first step after the command starts (s, 1 worker)"] = one["first_step_s"]
+    for key, entry in results.get("ceilings", {}).items():
+        out[f"independent pair / twice one alone, without Ray, {key}"] = entry["plain_ceiling"]
+        out[f"independent pair / twice one alone, on one shared Ray, {key}"] = entry["ray_ceiling"]
+        out[f"2-worker images/s / the same-Ray independent pair's, {key}"] = entry["two_workers_of_ray_pair"]
+        out[f"2-worker images/s / the independent pair's without Ray, {key}"] = entry["two_workers_of_plain_pair"]
     scoring = results.get("scoring")
     if scoring:
         fixed = scoring["fixed_cost"]
@@ -127,6 +134,8 @@ def markdown(results: dict, chart: str) -> str:
         lines += _scoring_tables(results["scoring"])
     if "training" in results:
         lines += _training_tables(results)
+    if "ceilings" in results:
+        lines += _ceilings_table(results["ceilings"])
     if "footprint" in results:
         lines += _footprint_tables(results["footprint"], results["machine"]["cpus"])
     if "training_input" in results:
@@ -374,6 +383,31 @@ def _training_tables(results: dict) -> list[str]:
             + ", ".join(f"{v:,.0f}" for v in cluster["images_per_s"])
             + f" images/s; shards disjoint: {cluster['shards']['disjoint']}.",
         ]
+    return lines
+
+
+def _ceilings_table(ceilings: dict) -> list[str]:
+    lines = [
+        "",
+        "## Training: a second worker against the machine's ceiling",
+        "",
+        "Images/s of the epochs after the first (medians), one CPU per worker, the same per-worker "
+        "batch. Without Ray: a plain process training as one worker does (bench/probes.py "
+        "`uncoupled`), alone and two at once. On one shared Ray: `digits train --workers 1` alone, "
+        "two such runs at once, and one `--workers 2` run. A pair's ceiling: its sum over twice "
+        "the one alone.",
+        "",
+        "| model@batch | plain alone | plain pair | ceiling | Ray: 1 worker | Ray: pair | ceiling "
+        "| 2 workers | of the Ray pair | of the plain pair | of twice 1 worker |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for key, entry in ceilings.items():
+        lines.append(
+            f"| {key} | {entry['plain']:,.0f} | {entry['plain_pair']:,.0f} | {entry['plain_ceiling']:.2f} "
+            f"| {entry['ray']:,.0f} | {entry['ray_pair']:,.0f} | {entry['ray_ceiling']:.2f} "
+            f"| {entry['two_workers']:,.0f} | {entry['two_workers_of_ray_pair']:.2f} "
+            f"| {entry['two_workers_of_plain_pair']:.2f} | {entry['efficiency']:.2f} |"
+        )
     return lines
 
 

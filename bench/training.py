@@ -11,6 +11,7 @@ first step, and `digits train` against the seed's plain Keras script.
 
 from __future__ import annotations
 
+import itertools
 import json
 import statistics
 import time
@@ -23,7 +24,8 @@ class Trainer:
     """`digits train` runs into fresh run directories of the scratch folder."""
 
     def __init__(self, run: Processes, data: Path, limit: int | None):
-        self.run, self.data, self.limit, self.count = run, data, limit, 0
+        self.run, self.data, self.limit = run, data, limit
+        self.numbers = itertools.count(1)  # of the run directories; runs may be started from threads
         self.by_model: dict[str, Path] = {}  # the latest run directory of each --model given
 
     def latest(self, model: str) -> Path | None:
@@ -32,8 +34,7 @@ class Trainer:
 
     def train(self, *args: str, env: dict | None = None) -> tuple[dict, float, Path]:
         """Returns run.json, the wall time and the run directory."""
-        self.count += 1
-        run_dir = self.run.scratch / f"run-{self.count}"
+        run_dir = self.run.scratch / f"run-{next(self.numbers)}"
         limit = ["--limit", str(self.limit)] if self.limit else []
         launched = time.time()
         wall = self.run.digits("train", "--data", str(self.data), "--out", str(run_dir), *limit, *args, env=env)

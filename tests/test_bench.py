@@ -81,6 +81,7 @@ def test_every_ratio_is_the_quotient_of_the_numbers_it_is_made_of(smoke):
         {
             **_footprint_ratios(measured),
             **_precision_ratios(measured),
+            **_ceiling_ratios(measured),
             "weak-scaling efficiency, dense@32x1": scaling["two_workers"] / (2 * scaling["one_worker"]),
             "b/a dense": overhead["b"] / overhead["a"],
             "time to 99%, 2 workers / 1 worker (whole command)": two["wall_s"] / one["wall_s"],
@@ -104,6 +105,24 @@ def test_every_ratio_is_the_quotient_of_the_numbers_it_is_made_of(smoke):
         min(parts["ms_per_micro_batch"].values()) > 0
         and min(parts[f"{name}_ms"] for name in ("compute", "all_reduce", "all_reduce_bfloat16", "input")) > 0
     )
+
+
+def _ceiling_ratios(measured: dict) -> dict:
+    """Each pair ran as a pair (two rates, each its own run's epochs after the first), and a
+    ceiling is the pair's sum over twice the one alone; the 2-worker run is a fraction of each
+    pair's sum."""
+    entry = measured["ceilings"]["dense@32"]
+    samples = entry["samples"]
+    assert [len(pair) for pair in samples["plain_pair"] + samples["ray_pair"]] == [2, 2]
+    assert min(samples["plain"] + samples["ray"] + samples["two_workers"] + [min(samples["plain_pair"][0])]) > 0
+    assert (entry["plain_pair"], entry["ray_pair"]) == (sum(samples["plain_pair"][0]), sum(samples["ray_pair"][0]))
+    return {
+        "independent pair / twice one alone, without Ray, dense@32": entry["plain_pair"] / (2 * samples["plain"][0]),
+        "independent pair / twice one alone, on one shared Ray, dense@32": entry["ray_pair"] / (2 * samples["ray"][0]),
+        "2-worker images/s / the same-Ray independent pair's, dense@32": samples["two_workers"][0] / entry["ray_pair"],
+        "2-worker images/s / the independent pair's without Ray, dense@32": samples["two_workers"][0]
+        / entry["plain_pair"],
+    }
 
 
 def _precision_ratios(measured: dict) -> dict:
@@ -266,6 +285,21 @@ def test_the_markdown_table_holds_the_json_values(smoke):
         ]
         for model, entry in training["overhead"].items()
     ]
+    assert _table(markdown, "| model@batch | plain alone |") == [
+        [
+            key,
+            *(_shown(entry[name], 0) for name in ("plain", "plain_pair")),
+            _shown(entry["plain_ceiling"], 2),
+            *(_shown(entry[name], 0) for name in ("ray", "ray_pair")),
+            _shown(entry["ray_ceiling"], 2),
+            _shown(entry["two_workers"], 0),
+            *(
+                _shown(entry[name], 2)
+                for name in ("two_workers_of_ray_pair", "two_workers_of_plain_pair", "efficiency")
+            ),
+        ]
+        for key, entry in measured["ceilings"].items()
+    ]
     fixed = scoring["fixed_cost"]
     assert _table(markdown, "| | wall |", columns=2) == [
         ["plain script", _shown(fixed["plain_wall_s"], 1)],
@@ -291,7 +325,7 @@ def test_the_chart_has_a_bar_per_ratio(smoke):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and png[12:16] == b"IHDR"
     width, height = struct.unpack(">II", png[16:24])
     bars = sum("(s," not in name for name in measured["ratios"])
-    assert bars == 8 + len(_footprint_ratios(measured)) + len(_precision_ratios(measured))
+    assert bars == 8 + len(_footprint_ratios(measured)) + len(_precision_ratios(measured)) + 4
     assert width == 990 and abs(height - (0.45 * bars + 1.2) * 110) <= 1
 
 
