@@ -6,7 +6,8 @@ For each per-worker batch, in interleaved repeats, images/s of the epochs after 
   threads, the dtype policy `digits train` picks here) alone, then two at once;
 - on one shared Ray (`cluster/local_cluster.sh start 0` with every CPU on its head, or the Ray
   the harness was pointed at): `digits train --workers 1 --cpus-per-worker 1` alone, two such
-  runs at once, and one `--workers 2 --cpus-per-worker 1` run.
+  runs at once, and one `--workers 2 --cpus-per-worker 1` run, then again with `--sync-every 4`
+  (each worker's own updates, the weights averaged every 4 batches).
 A pair's ceiling is the sum of its two runs over twice the one alone (1.0: the machine gives two
 workers all it gives one). The 2-worker run is then given as a fraction of each pair's sum: what
 the coupling (the all-reduce every step, waiting for the slower worker) costs beyond what the
@@ -25,20 +26,20 @@ from bench.processes import Processes, local_cluster
 from bench.training import ONE_CPU, Trainer
 
 PORT = 6394
+SYNC_EVERY = 4  # the 2-worker run again with --sync-every: the all-reduce once per this many batches
 
 
 def measure(run: Processes, data: Path, model: str, batches: list[int], rows: int, epochs: int, repeats: int) -> dict:
-    trainer = Trainer(run, data, limit=rows)
+    trainer = Trainer(run, data, limit=rows, name="ceilings-run")
     fixed = ["--model", model, *ONE_CPU, "--epochs", str(epochs), "--val-fraction", "0", "--target", "1.0"]
-    samples = {
-        batch: {name: [] for name in ("plain", "plain_pair", "ray", "ray_pair", "two_workers")} for batch in batches
-    }
+    names = ("plain", "plain_pair", "ray", "ray_pair", "two_workers", "two_workers_synced_less")
+    samples = {batch: {name: [] for name in names} for batch in batches}
     # The harness's Ray when it was given one (the test suite's), else a head of its own.
     shared = nullcontext({}) if os.environ.get("RAY_ADDRESS") else local_cluster(PORT, 0, os.cpu_count() or 1)
     with shared as env:
 
-        def digits(workers: int, batch: int) -> list[float]:
-            found, _, _ = trainer.train("--workers", str(workers), "--batch-size", str(batch), *fixed, env=env)
+        def digits(workers: int, batch: int, *more: str) -> list[float]:
+            found, _, _ = trainer.train("--workers", str(workers), "--batch-size", str(batch), *fixed, *more, env=env)
             return [epoch["images_per_s"] for epoch in found["history"][1:]]
 
         def plain(batch: int) -> list[float]:
@@ -59,6 +60,9 @@ def measure(run: Processes, data: Path, model: str, batches: list[int], rows: in
                     [statistics.median(rates) for rates in _at_once(lambda batch: digits(1, batch), batch)]
                 )
                 entry["two_workers"].append(statistics.median(digits(2, batch)))
+                entry["two_workers_synced_less"].append(
+                    statistics.median(digits(2, batch, "--sync-every", str(SYNC_EVERY)))
+                )
     return {f"{model}@{batch}": _summary(entry) for batch, entry in samples.items()}
 
 
@@ -69,7 +73,9 @@ def _at_once(work, batch: int) -> list:
 
 
 def _summary(entry: dict) -> dict:
-    plain, ray, two = (statistics.median(entry[name]) for name in ("plain", "ray", "two_workers"))
+    plain, ray, two, synced_less = (
+        statistics.median(entry[name]) for name in ("plain", "ray", "two_workers", "two_workers_synced_less")
+    )
     plain_pair, ray_pair = (statistics.median(sum(pair) for pair in entry[name]) for name in ("plain_pair", "ray_pair"))
     return {
         "plain": plain,
@@ -82,5 +88,8 @@ def _summary(entry: dict) -> dict:
         "two_workers_of_ray_pair": two / ray_pair,
         "two_workers_of_plain_pair": two / plain_pair,
         "efficiency": two / (2 * ray),
+        "sync_every": SYNC_EVERY,
+        "two_workers_synced_less": synced_less,
+        "synced_less_of_ray_pair": synced_less / ray_pair,
         "samples": entry,
     }

@@ -16,6 +16,8 @@ TARGETS = {
     "weak-scaling efficiency, cnn@128x1": (">=", 0.80),
     "2-worker images/s / the same-Ray independent pair's, cnn@32": (">=", 0.85),
     "2-worker images/s / the same-Ray independent pair's, cnn@128": (">=", 0.95),
+    "2-worker images/s with --sync-every 4 / the same-Ray independent pair's, cnn@32": (">=", 0.85),
+    "2-worker images/s with --sync-every 4 / the same-Ray independent pair's, cnn@128": (">=", 0.95),
     "time to 99%, 2 workers / 1 worker": ("<=", 0.7),
     "first step after the command starts": ("<=", 10.0),
     "predict wall / plain wall": ("<=", 2.0),
@@ -48,6 +50,9 @@ def ratios(results: dict) -> dict:
         out[f"independent pair / twice one alone, on one shared Ray, {key}"] = entry["ray_ceiling"]
         out[f"2-worker images/s / the same-Ray independent pair's, {key}"] = entry["two_workers_of_ray_pair"]
         out[f"2-worker images/s / the independent pair's without Ray, {key}"] = entry["two_workers_of_plain_pair"]
+        out[f"2-worker images/s with --sync-every {entry['sync_every']} / the same-Ray independent pair's, {key}"] = (
+            entry["synced_less_of_ray_pair"]
+        )
     scoring = results.get("scoring")
     if scoring:
         fixed = scoring["fixed_cost"]
@@ -394,19 +399,23 @@ def _ceilings_table(ceilings: dict) -> list[str]:
         "Images/s of the epochs after the first (medians), one CPU per worker, the same per-worker "
         "batch. Without Ray: a plain process training as one worker does (bench/probes.py "
         "`uncoupled`), alone and two at once. On one shared Ray: `digits train --workers 1` alone, "
-        "two such runs at once, and one `--workers 2` run. A pair's ceiling: its sum over twice "
-        "the one alone.",
+        "two such runs at once, and one `--workers 2` run, then again with `--sync-every K` (each "
+        "worker's own updates, the weights averaged every K batches). A pair's ceiling: its sum "
+        "over twice the one alone.",
         "",
         "| model@batch | plain alone | plain pair | ceiling | Ray: 1 worker | Ray: pair | ceiling "
-        "| 2 workers | of the Ray pair | of the plain pair | of twice 1 worker |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| 2 workers | of the Ray pair | of the plain pair | of twice 1 worker | 2 workers, --sync-every K "
+        "| of the Ray pair |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for key, entry in ceilings.items():
         lines.append(
             f"| {key} | {entry['plain']:,.0f} | {entry['plain_pair']:,.0f} | {entry['plain_ceiling']:.2f} "
             f"| {entry['ray']:,.0f} | {entry['ray_pair']:,.0f} | {entry['ray_ceiling']:.2f} "
             f"| {entry['two_workers']:,.0f} | {entry['two_workers_of_ray_pair']:.2f} "
-            f"| {entry['two_workers_of_plain_pair']:.2f} | {entry['efficiency']:.2f} |"
+            f"| {entry['two_workers_of_plain_pair']:.2f} | {entry['efficiency']:.2f} "
+            f"| {entry['two_workers_synced_less']:,.0f} (K={entry['sync_every']}) "
+            f"| {entry['synced_less_of_ray_pair']:.2f} |"
         )
     return lines
 

@@ -23,8 +23,8 @@ from bench.processes import Processes, local_cluster
 class Trainer:
     """`digits train` runs into fresh run directories of the scratch folder."""
 
-    def __init__(self, run: Processes, data: Path, limit: int | None):
-        self.run, self.data, self.limit = run, data, limit
+    def __init__(self, run: Processes, data: Path, limit: int | None, name: str = "run"):
+        self.run, self.data, self.limit, self.name = run, data, limit, name  # name: of its run directories
         self.numbers = itertools.count(1)  # of the run directories; runs may be started from threads
         self.by_model: dict[str, Path] = {}  # the latest run directory of each --model given
 
@@ -34,7 +34,7 @@ class Trainer:
 
     def train(self, *args: str, env: dict | None = None) -> tuple[dict, float, Path]:
         """Returns run.json, the wall time and the run directory."""
-        run_dir = self.run.scratch / f"run-{next(self.numbers)}"
+        run_dir = self.run.scratch / f"{self.name}-{next(self.numbers)}"
         limit = ["--limit", str(self.limit)] if self.limit else []
         launched = time.time()
         wall = self.run.digits("train", "--data", str(self.data), "--out", str(run_dir), *limit, *args, env=env)

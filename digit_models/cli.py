@@ -88,6 +88,14 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
         f"all-reduces, K times the batch per update (default {defaults.accumulate})",
     )
     option(
+        "--sync-every",
+        type=int,
+        metavar="K",
+        help="each worker updates its own weights K batches in a row, then the workers average "
+        f"their weights: one all-reduce per K batches, the batch per update kept (default "
+        f"{defaults.sync_every}: the gradients summed every batch)",
+    )
+    option(
         "--all-reduce-dtype",
         choices=ALL_REDUCE_DTYPES,
         help="what the gradients are summed across workers in (default bfloat16 between CPU "

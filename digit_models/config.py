@@ -75,6 +75,7 @@ class TrainConfig:
     min_workers: int | None = None  # the fewest it goes on with after losing nodes; None: workers
     batch_size: int = 32  # per worker
     accumulate: int = 1  # micro-batches of batch_size whose gradients make one update
+    sync_every: int = 1  # batches each worker trains on alone between two averagings of the weights
     all_reduce_dtype: str | None = None  # None: bfloat16 between CPU workers, float32 between GPUs
     learning_rate: float = 1e-3
     scale_learning_rate: bool = False  # times sqrt(workers x accumulate): see step_learning_rate
@@ -116,8 +117,9 @@ class TrainConfig:
         return self.learning_rate * factor
 
     def global_batch(self, workers: int) -> int:
-        """Images per update with `workers` workers."""
-        return self.batch_size * self.accumulate * workers
+        """Images of one step of `workers` workers: one update (x --accumulate), or with
+        --sync-every K the K updates of each worker between two averagings."""
+        return self.batch_size * self.accumulate * self.sync_every * workers
 
     def compute_policy(self, cpu_has_bfloat16: bool | None) -> str:
         """Keras's dtype policy for a worker whose CPU has (or lacks, or cannot tell about)
@@ -168,6 +170,15 @@ class TrainConfig:
         require(self.wait_for_workers > 0, f"--wait-for-workers {self.wait_for_workers}: must be positive (seconds)")
         require(self.batch_size >= 1, f"--batch-size {self.batch_size}: must be at least 1")
         require(self.accumulate >= 1, f"--accumulate {self.accumulate}: must be at least 1")
+        require(self.sync_every >= 1, f"--sync-every {self.sync_every}: must be at least 1")
+        require(
+            self.accumulate == 1 or self.sync_every == 1,
+            f"--accumulate {self.accumulate} with --sync-every {self.sync_every}: choose one",
+        )
+        require(
+            self.sync_every == 1 or not self.weight_average,
+            f"--weight-average with --sync-every {self.sync_every}: each worker's average would be its own",
+        )
         require(
             self.all_reduce_dtype is None or self.all_reduce_dtype in ALL_REDUCE_DTYPES,
             f"--all-reduce-dtype {self.all_reduce_dtype}: choose one of {', '.join(ALL_REDUCE_DTYPES)}",

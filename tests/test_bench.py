@@ -114,7 +114,8 @@ def _ceiling_ratios(measured: dict) -> dict:
     entry = measured["ceilings"]["dense@32"]
     samples = entry["samples"]
     assert [len(pair) for pair in samples["plain_pair"] + samples["ray_pair"]] == [2, 2]
-    assert min(samples["plain"] + samples["ray"] + samples["two_workers"] + [min(samples["plain_pair"][0])]) > 0
+    rates = ("plain", "ray", "two_workers", "two_workers_synced_less")
+    assert min(sum((samples[name] for name in rates), []) + [min(samples["plain_pair"][0])]) > 0
     assert (entry["plain_pair"], entry["ray_pair"]) == (sum(samples["plain_pair"][0]), sum(samples["ray_pair"][0]))
     return {
         "independent pair / twice one alone, without Ray, dense@32": entry["plain_pair"] / (2 * samples["plain"][0]),
@@ -122,6 +123,10 @@ def _ceiling_ratios(measured: dict) -> dict:
         "2-worker images/s / the same-Ray independent pair's, dense@32": samples["two_workers"][0] / entry["ray_pair"],
         "2-worker images/s / the independent pair's without Ray, dense@32": samples["two_workers"][0]
         / entry["plain_pair"],
+        "2-worker images/s with --sync-every 4 / the same-Ray independent pair's, dense@32": samples[
+            "two_workers_synced_less"
+        ][0]
+        / entry["ray_pair"],
     }
 
 
@@ -297,6 +302,8 @@ def test_the_markdown_table_holds_the_json_values(smoke):
                 _shown(entry[name], 2)
                 for name in ("two_workers_of_ray_pair", "two_workers_of_plain_pair", "efficiency")
             ),
+            f"{_shown(entry['two_workers_synced_less'], 0)} (K=4)",
+            _shown(entry["synced_less_of_ray_pair"], 2),
         ]
         for key, entry in measured["ceilings"].items()
     ]
@@ -325,7 +332,7 @@ def test_the_chart_has_a_bar_per_ratio(smoke):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and png[12:16] == b"IHDR"
     width, height = struct.unpack(">II", png[16:24])
     bars = sum("(s," not in name for name in measured["ratios"])
-    assert bars == 8 + len(_footprint_ratios(measured)) + len(_precision_ratios(measured)) + 4
+    assert bars == 8 + len(_footprint_ratios(measured)) + len(_precision_ratios(measured)) + 5
     assert width == 990 and abs(height - (0.45 * bars + 1.2) * 110) <= 1
 
 

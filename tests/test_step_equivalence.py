@@ -42,7 +42,7 @@ from tests.conftest import REPO
 WORLD = 2  # workers
 ROWS = 480  # of the MNIST slice: the epoch the global batch is drawn from
 SGD_RATE = 0.1  # large enough that a step's weight changes stand well above float32's rounding of the weights
-ADAM_RATE, ACCUMULATE = 1e-3, 3
+ADAM_RATE, ACCUMULATE, SYNC_EVERY = 1e-3, 3, 3
 SCALED_RATE = ADAM_RATE * math.sqrt(WORLD * ACCUMULATE)  # the README's: the rate x sqrt(workers x accumulate)
 # What each worker process runs, each case from the same initial weights: the TrainConfig and,
 # for an SGD case, its rate (else the optimizer compiled_model builds).
@@ -52,6 +52,7 @@ CASES = {
     "accumulate": dict(
         sgd_rate=SGD_RATE, config=dict(model="cnn", batch_size=16, accumulate=ACCUMULATE, all_reduce_dtype="float32")
     ),
+    "sync_every": dict(sgd_rate=SGD_RATE, config=dict(model="cnn", batch_size=16, sync_every=SYNC_EVERY)),
     "scaled_adam": dict(
         sgd_rate=None,
         config=dict(
@@ -230,14 +231,24 @@ def two_worker_steps(tmp_path_factory, mnist_slice) -> Steps:
         plain = {}
         for name, case in CASES.items():
             config = TrainConfig(**case["config"])
-            rows, _ = batch_rows(config)
+            rows, parts = batch_rows(config)
             optimizer = (
                 keras.optimizers.SGD(case["sgd_rate"]) if case["sgd_rate"] else keras.optimizers.Adam(SCALED_RATE)
             )
             model = plain_model(config, optimizer, steps_per_execution=1)
-            model.set_weights(initial)
-            model.train_on_batch(images[rows], tf.one_hot(labels[rows], 10))
-            plain[name] = model.get_weights()
+            if config.sync_every == 1:
+                model.set_weights(initial)
+                model.train_on_batch(images[rows], tf.one_hot(labels[rows], 10))
+                plain[name] = model.get_weights()
+                continue
+            # --sync-every: each worker's SGD steps on its own batches in turn, then the average
+            alone = []
+            for own in parts:
+                model.set_weights(initial)
+                for batch in np.split(own, config.sync_every):
+                    model.train_on_batch(images[batch], tf.one_hot(labels[batch], 10))
+                alone.append(model.get_weights())
+            plain[name] = [np.mean(worker_weights, axis=0) for worker_weights in zip(*alone)]
         _wait_for_all(workers, [folder / f"rank{rank}.log" for rank in range(WORLD)])
     finally:
         for worker in workers:
@@ -294,7 +305,8 @@ def test_both_workers_hold_the_same_weights_after_every_step(two_worker_steps):
         assert all(
             np.array_equal(a, b) for a, b in zip(two_worker_steps.weights(name, 0), two_worker_steps.weights(name, 1))
         ), name
-        assert [int(results[f"{name}/iterations"]) for results in two_worker_steps.workers] == [1, 1]
+        updates = TrainConfig(**CASES[name]["config"]).sync_every
+        assert [int(results[f"{name}/iterations"]) for results in two_worker_steps.workers] == [updates, updates]
 
 
 def test_auto_precision_computes_in_bfloat16_only_where_every_workers_cpu_has_it(two_worker_steps):
@@ -347,6 +359,17 @@ def test_k_micro_batches_of_b_update_as_one_batch_of_k_times_b(two_worker_steps)
     assert two_worker_steps.largest_difference("accumulate") <= FLOAT32_TOLERANCE * change
 
 
+def test_k_batches_of_local_updates_then_the_weights_averaged(two_worker_steps):
+    """--sync-every 3, --batch-size 16, two workers: each worker's 48 rows as three SGD steps of
+    its own on 16 rows each, one after another, then the two workers' weights averaged; the
+    same weights as the same steps taken here, worker by worker, and averaged (float32's
+    tolerance). Three updates each (test_both_workers_hold_the_same_weights_after_every_step)."""
+    steps = two_worker_steps
+    change = steps.largest_change("sync_every")
+    assert change > 1e-3
+    assert steps.largest_difference("sync_every") <= FLOAT32_TOLERANCE * change
+
+
 def test_the_scaled_learning_rate_is_the_documented_one_in_the_optimizer_used(two_worker_steps):
     """--scale-learning-rate with 2 workers and --accumulate 3: the README's rate, 0.001 x
     sqrt(2 x 3), is the compiled optimizer's, and the weights after its Adam step are a plain
@@ -368,29 +391,41 @@ def test_run_json_and_the_saved_optimizer_give_the_documented_scaled_rate(tmp_pa
     """A real run (Ray Train, 2 workers, --accumulate 3, --scale-learning-rate): run.json's
     rate per update and the rate of the optimizer saved with the model are the README's
     0.001 x sqrt(2 x 3), and the optimizer took one step per 3 micro-batches."""
-    from digit_models.runtime.tf_setup import keras
-    from digit_models.training.driver import train
-
-    run = train(
-        TrainConfig(
-            data=str(kaggle_dir),
-            out=str(tmp_path / "run"),
-            model="dense",
-            workers=WORLD,
-            batch_size=16,
-            accumulate=ACCUMULATE,
-            learning_rate=ADAM_RATE,
-            scale_learning_rate=True,
-            epochs=1,
-            limit=400,
-            cpus_per_worker=1,
-        )
+    run, optimizer = _two_worker_run(
+        tmp_path, kaggle_dir, accumulate=ACCUMULATE, learning_rate=ADAM_RATE, scale_learning_rate=True
     )
     assert run["learning_rate_per_update"] == pytest.approx(SCALED_RATE, rel=1e-12)
     assert run["global_batch_size"] == 96 and run["accumulate"] == ACCUMULATE
-    optimizer = keras.models.load_model(tmp_path / "run" / "model.keras").optimizer
     assert float(optimizer.learning_rate.numpy()) == pytest.approx(SCALED_RATE, rel=1e-6)
     assert int(optimizer.iterations.numpy()) == 360 // 96  # 400 rows less 10% for validation, in updates of 96
+
+
+def test_a_real_run_with_sync_every_records_it_and_updates_k_times_a_step(tmp_path, kaggle_dir, ray_local):
+    """A real run (Ray Train, 2 workers, --sync-every 3): run.json says what the step was, and
+    the optimizer saved with the model took 3 updates per step of 96 rows (16 x 3 x 2)."""
+    run, optimizer = _two_worker_run(tmp_path, kaggle_dir, sync_every=SYNC_EVERY)
+    assert (run["sync_every"], run["global_batch_size"], run["all_reduce_dtype"]) == (SYNC_EVERY, 96, "float32")
+    assert int(optimizer.iterations.numpy()) == 360 // 96 * SYNC_EVERY
+
+
+def _two_worker_run(tmp_path, kaggle_dir, **options):
+    """run.json and the saved optimizer of a real 1-epoch run of the dense net, 2 workers of one
+    CPU, batches of 16, on 400 rows."""
+    from digit_models.runtime.tf_setup import keras
+    from digit_models.training.driver import train
+
+    config = TrainConfig(
+        data=str(kaggle_dir),
+        out=str(tmp_path / "run"),
+        model="dense",
+        workers=WORLD,
+        batch_size=16,
+        epochs=1,
+        limit=400,
+        cpus_per_worker=1,
+        **options,
+    )
+    return train(config), keras.models.load_model(tmp_path / "run" / "model.keras").optimizer
 
 
 def test_a_smaller_group_resumed_mid_epoch_trains_on_every_row_once_per_epoch():

@@ -369,6 +369,10 @@ def test_cli_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, kaggle_di
         (["--dropout", "0.2"], "--dropout: model cnn has no dropout layers (these do: deep_cnn)"),
         (["--model", "deep_cnn", "--dropout", "1"], "--dropout 1.0: must be in [0, 1)"),
         (["--limit", "40", "--workers", "2"], "40 rows are too few"),
+        (["--limit", "120", "--workers", "2", "--sync-every", "2"], "120 rows are too few"),  # 108 train < 2 x 2 x 32
+        (["--sync-every", "0"], "--sync-every 0: must be at least 1"),
+        (["--sync-every", "2", "--accumulate", "2"], "--accumulate 2 with --sync-every 2: choose one"),
+        (["--sync-every", "2", "--weight-average", "0.99"], "--weight-average with --sync-every 2: each worker's"),
         (["--target", "1.5"], "--target 1.5: must be in (0, 1]"),
         (["--target-metric", "val_accuracy", "--val-fraction", "0"], "needs a validation split"),
         (["--scoring-reserve", "252000"], "--scoring-reserve keeps time free in a --time-budget: give one"),

@@ -98,7 +98,7 @@ def _run(
         require_bfloat16_cpu()  # an embedded Ray's workers run on this CPU (each checks its own)
     train_rows, val_rows = validation_split(rows_read, config.val_fraction, config.seed)
     too_few_val = config.val_fraction > 0 and len(val_rows) < config.workers
-    if len(train_rows) // config.workers < config.batch_size * config.accumulate or too_few_val:
+    if len(train_rows) < config.global_batch(config.workers) or too_few_val:
         raise DigitsError(
             f"{train_csv}: {rows_read} rows are too few for {config.workers} "
             f"worker(s) with --batch-size {config.batch_size} and "
@@ -199,11 +199,13 @@ def _run(
         "worker_groups": group_sizes(run_dir.location),  # every group's size, in order
         "batch_size_per_worker": config.batch_size,
         "accumulate": config.accumulate,
+        "sync_every": config.sync_every,
         "global_batch_size": config.global_batch(workers),
         "collective": ("NCCL" if config.gpus_per_worker else "RING")
         if workers > 1
         else None,  # a group of one has none
-        "all_reduce_dtype": config.gradient_dtype if workers > 1 else None,
+        # --sync-every averages the weights, always in float32
+        "all_reduce_dtype": (config.gradient_dtype if config.sync_every == 1 else "float32") if workers > 1 else None,
         "learning_rate_per_update": config.step_learning_rate(workers),
         "epochs_planned": state.epochs_planned(config.epochs),
         "epochs_run": state.epochs_done,

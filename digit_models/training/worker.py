@@ -279,11 +279,12 @@ def restore(model: keras.Model, model_file: bytes, where: str, global_batch_then
 
 def compiled_model(config: TrainConfig, steps: int, workers: int, epochs: int) -> keras.Model:
     """A fresh model with its optimizer, loss and metrics, for a group of `workers` taking
-    `steps` per epoch over `epochs` (under a strategy: inside its scope). With a weight
+    `steps` per epoch over `epochs` (under a strategy: inside its scope); with --sync-every K
+    its optimizer updates K times a step. With a weight
     average the optimizer is built at once, so that its average exists before the first epoch
     (WeightAverage swaps it in and out from then on)."""
     model = build_model(config.model, config.dropout)
-    rate = learning_rate(config, steps, workers, epochs)
+    rate = learning_rate(config, steps * config.sync_every, workers, epochs)
     optimizer = (
         AveragingAdam(rate, ema_momentum=config.weight_average)
         if config.weight_average
@@ -416,7 +417,9 @@ def use_data_parallel_step(
     model: keras.Model, strategy: tf.distribute.MultiWorkerMirroredStrategy, config: TrainConfig
 ) -> None:
     """Keras' own step where it is the same: one replica, one batch."""
-    if strategy.num_replicas_in_sync > 1 or config.accumulate > 1:
+    if config.sync_every > 1:
+        model.train_step = types.MethodType(local_steps(config.sync_every, strategy.num_replicas_in_sync), model)
+    elif strategy.num_replicas_in_sync > 1 or config.accumulate > 1:
         model.train_step = types.MethodType(
             data_parallel_step(getattr(tf, config.gradient_dtype), config.accumulate), model
         )
@@ -428,22 +431,15 @@ def data_parallel_step(all_reduce_dtype, micro_batches: int = 1):
     across workers in `all_reduce_dtype` (the weights and their update stay float32). Set on
     the model instance, so the model file stays Keras's own."""
 
-    def gradients(model, x, y):
-        with tf.GradientTape() as tape:
-            y_pred = model(x, training=True)
-            loss = model.compute_loss(x, y, y_pred) / micro_batches
-        model.compiled_metrics.update_state(y, y_pred)
-        return [g for g, _ in model.optimizer.compute_gradients(loss, model.trainable_variables, tape)]
-
     def train_step(model, data):
         x, y = data
         if micro_batches == 1:
-            total = gradients(model, x, y)
+            total = _gradients(model, x, y, 1.0)
         else:
             parts = zip(tf.split(x, micro_batches), tf.split(y, micro_batches))
-            total = gradients(model, *next(parts))
+            total = _gradients(model, *next(parts), 1 / micro_batches)
             for part_x, part_y in parts:
-                total = [t + g for t, g in zip(total, gradients(model, part_x, part_y))]
+                total = [t + g for t, g in zip(total, _gradients(model, part_x, part_y, 1 / micro_batches))]
         summed = tf.distribute.get_replica_context().all_reduce(
             tf.distribute.ReduceOp.SUM, [tf.cast(g, all_reduce_dtype) for g in total]
         )
@@ -454,6 +450,46 @@ def data_parallel_step(all_reduce_dtype, micro_batches: int = 1):
         return model.get_metrics_result()
 
     return train_step
+
+
+def local_steps(batches: int, replicas: int):
+    """Keras's train step for --sync-every: each worker updates its own copy of the weights
+    with the gradients of `batches` slices of the batch, one after another, as a worker alone
+    would; then the workers' weights are averaged, in float32: one all-reduce of the weights
+    per `batches` updates instead of one of the gradients per update, and every step ends with
+    the same weights on every worker. Each worker's optimizer state stays its own."""
+
+    def train_step(model, data):
+        x, y = data
+        for part_x, part_y in zip(tf.split(x, batches), tf.split(y, batches)):
+            # Keras divides each replica's loss by the replicas, for a sum across them
+            gradients = _gradients(model, part_x, part_y, replicas)
+            model.optimizer.apply_gradients(zip(gradients, model.trainable_variables), skip_gradients_aggregation=True)
+        if replicas > 1:
+            weights = model.trainable_variables
+            summed = tf.distribute.get_replica_context().all_reduce(
+                tf.distribute.ReduceOp.SUM, [tf.identity(weight) for weight in weights]
+            )
+            tf.distribute.get_replica_context().merge_call(
+                _assign_all, args=([total / replicas for total in summed], weights)
+            )
+        return model.get_metrics_result()
+
+    return train_step
+
+
+def _gradients(model, x, y, scale: float) -> list:
+    """The gradients of Keras's loss on (x, y) times `scale`; the metrics updated."""
+    with tf.GradientTape() as tape:
+        y_pred = model(x, training=True)
+        loss = model.compute_loss(x, y, y_pred) * scale
+    model.compiled_metrics.update_state(y, y_pred)
+    return [g for g, _ in model.optimizer.compute_gradients(loss, model.trainable_variables, tape)]
+
+
+def _assign_all(strategy, values, variables) -> None:
+    for value, variable in zip(values, variables):
+        strategy.extended.update(variable, lambda held, new: held.assign(new), args=(value,), group=False)
 
 
 def own_rows(shares: Shares, rank: int, world: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
