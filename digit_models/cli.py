@@ -106,7 +106,7 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
         "--scale-learning-rate",
         action="store_true",
         default=None,
-        help="multiply the rate by the square root of workers x --accumulate (the presets do)",
+        help="multiply the rate by the square root of workers x --accumulate (the presets do; not with --sync-every)",
     )
     option(
         "--lr-schedule",

@@ -112,8 +112,10 @@ class TrainConfig:
         """The rate per update with `workers` workers (an elastic run's group can be smaller
         than --workers): with scaling, grown with the square root of how many batches make
         one update (workers x accumulate), as an update averages over that many more images
-        (the square root keeps Adam stable where the linear rule overshoots)."""
-        factor = (workers * self.accumulate) ** 0.5 if self.scale_learning_rate else 1.0
+        (the square root keeps Adam stable where the linear rule overshoots). With --sync-every
+        an update is one worker's, of one batch: the rate is not scaled."""
+        batches_per_update = workers * self.accumulate if self.sync_every == 1 else 1
+        factor = batches_per_update**0.5 if self.scale_learning_rate else 1.0
         return self.learning_rate * factor
 
     def global_batch(self, workers: int) -> int:

@@ -401,10 +401,15 @@ def test_run_json_and_the_saved_optimizer_give_the_documented_scaled_rate(tmp_pa
 
 
 def test_a_real_run_with_sync_every_records_it_and_updates_k_times_a_step(tmp_path, kaggle_dir, ray_local):
-    """A real run (Ray Train, 2 workers, --sync-every 3): run.json says what the step was, and
-    the optimizer saved with the model took 3 updates per step of 96 rows (16 x 3 x 2)."""
-    run, optimizer = _two_worker_run(tmp_path, kaggle_dir, sync_every=SYNC_EVERY)
+    """A real run (Ray Train, 2 workers, --sync-every 3, --scale-learning-rate): run.json says
+    what the step was, the rate is not scaled (an update is one worker's batch), and the
+    optimizer saved with the model took 3 updates per step of 96 rows (16 x 3 x 2)."""
+    run, optimizer = _two_worker_run(
+        tmp_path, kaggle_dir, sync_every=SYNC_EVERY, learning_rate=ADAM_RATE, scale_learning_rate=True
+    )
     assert (run["sync_every"], run["global_batch_size"], run["all_reduce_dtype"]) == (SYNC_EVERY, 96, "float32")
+    assert run["learning_rate_per_update"] == ADAM_RATE
+    assert float(optimizer.learning_rate.numpy()) == pytest.approx(ADAM_RATE, rel=1e-6)
     assert int(optimizer.iterations.numpy()) == 360 // 96 * SYNC_EVERY
 
 
