@@ -12,6 +12,10 @@ A pair's ceiling is the sum of its two runs over twice the one alone (1.0: the m
 workers all it gives one). The 2-worker run is then given as a fraction of each pair's sum: what
 the coupling (the all-reduce every step, waiting for the slower worker) costs beyond what the
 machine and Ray's own processes take anyway.
+
+Then, per batch, where the time of a step goes: one more `--workers 1` and `--workers 2` run,
+each with `--profile-steps` over PROFILED_STEPS steps from the second epoch's first, read by
+bench/step_profile.py.
 """
 
 from __future__ import annotations
@@ -23,10 +27,12 @@ from contextlib import nullcontext
 from pathlib import Path
 
 from bench.processes import Processes, local_cluster
+from bench.step_profile import breakdown
 from bench.training import ONE_CPU, Trainer
 
 PORT = 6394
 SYNC_EVERY = 4  # the 2-worker run again with --sync-every: the all-reduce once per this many batches
+PROFILED_STEPS = 64
 
 
 def measure(run: Processes, data: Path, model: str, batches: list[int], rows: int, epochs: int, repeats: int) -> dict:
@@ -63,7 +69,22 @@ def measure(run: Processes, data: Path, model: str, batches: list[int], rows: in
                 entry["two_workers_synced_less"].append(
                     statistics.median(digits(2, batch, "--sync-every", str(SYNC_EVERY)))
                 )
-    return {f"{model}@{batch}": _summary(entry) for batch, entry in samples.items()}
+        profiles = {batch: {} for batch in batches}
+        for batch in batches:
+            for workers, key in ((1, "one_worker"), (2, "two_workers")):
+                first = rows // (batch * workers) + 1
+                _, _, run_dir = trainer.train(
+                    "--workers",
+                    str(workers),
+                    "--batch-size",
+                    str(batch),
+                    *fixed,
+                    "--profile-steps",
+                    f"{first}:{first + PROFILED_STEPS - 1}",
+                    env=env,
+                )
+                profiles[batch][key] = breakdown(run_dir)
+    return {f"{model}@{batch}": {**_summary(entry), "profile": profiles[batch]} for batch, entry in samples.items()}
 
 
 def _at_once(work, batch: int) -> list:

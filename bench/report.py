@@ -417,6 +417,28 @@ def _ceilings_table(ceilings: dict) -> list[str]:
             f"| {entry['two_workers_synced_less']:,.0f} (K={entry['sync_every']}) "
             f"| {entry['synced_less_of_ray_pair']:.2f} |"
         )
+    lines += [
+        "",
+        "Where a step's time goes: one more run of each, every worker tracing 64 steps from the "
+        "second epoch with TensorFlow's profiler (`--profile-steps`, read by bench/step_profile.py). "
+        "Per step, in ms, per worker: the step's wall time; TensorFlow's compute threads in the "
+        "model's ops; the all-reduces from start to end (the transfer and the wait for the other "
+        "worker); and the CPU time of the threads that compute, that run the collectives, that "
+        "carry gRPC, and the rest (the worker's Python, Ray's threads).",
+        "",
+        "| model@batch | run | rank | step | in ops | all-reduces (per step) | CPU: compute | collectives "
+        "| gRPC | other |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for key, entry in ceilings.items():
+        for run, ranks in entry["profile"].items():
+            for rank, parts in ranks.items():
+                cpu = parts["cpu_ms"]
+                lines.append(
+                    f"| {key} | {run.replace('_', ' ')} | {rank} | {parts['step_ms']:.1f} | {parts['compute_ms']:.1f} "
+                    f"| {parts['collective_ms']:.1f} ({parts['collectives_per_step']:g}) | {cpu['compute']:.1f} "
+                    f"| {cpu['collectives']:.1f} | {cpu['grpc']:.1f} | {cpu['other']:.1f} |"
+                )
     return lines
 
 

@@ -178,6 +178,20 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
         metavar="TRACKING_URI",
         help="also log the run to MLflow (e.g. file:///abs/path/mlruns or http://host:5000); needs the mlflow extra",
     )
+    option(
+        "--profile-steps",
+        type=_step_range,
+        metavar="FIRST:LAST",
+        help="trace these training steps (counted from 1 across epochs) with TensorFlow's profiler "
+        "on every worker, for TensorBoard's Profile tab (tensorboard/plugins/profile/ in the run)",
+    )
+
+
+def _step_range(text: str) -> list[int]:
+    first, colon, last = text.partition(":")
+    if not (colon and first.isdigit() and last.isdigit()):
+        raise argparse.ArgumentTypeError(f"{text}: expected FIRST:LAST, two step numbers")
+    return [int(first), int(last)]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -102,6 +102,7 @@ class TrainConfig:
         None  # minutes for the whole run; epochs sized as the first half goes (training/schedule.py)
     )
     scoring_reserve: int = 0  # images (rows x views) this model will score within the budget (training/schedule.py)
+    profile_steps: list[int] | None = None  # [FIRST, LAST]: the steps every worker traces (tensorboard_log.StepProfile)
     keep: str = "best"  # model.keras: the epoch of the best val_accuracy ("best") or the last epoch ("last")
 
     @property
@@ -222,6 +223,11 @@ class TrainConfig:
         require(
             not self.scoring_reserve or self.time_budget is not None,
             "--scoring-reserve keeps time free in a --time-budget: give one",
+        )
+        require(
+            self.profile_steps is None
+            or (len(self.profile_steps) == 2 and 1 <= self.profile_steps[0] <= self.profile_steps[1]),
+            f"--profile-steps {':'.join(map(str, self.profile_steps or []))}: must be FIRST:LAST with 1 <= FIRST <= LAST",
         )
         require(
             self.preset is None or self.preset in PRESETS, f"--preset {self.preset}: choose one of {', '.join(PRESETS)}"

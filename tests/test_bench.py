@@ -165,6 +165,20 @@ def _footprint_ratios(measured: dict) -> dict:
     return ratios
 
 
+def test_a_profiled_step_is_parted_per_worker(smoke):
+    """The profiled runs of the ceilings section: one worker and no all-reduce; two workers,
+    each with the same all-reduces in every step; each worker's trace of whole steps that
+    took time, in ops that took time, on threads that used CPU."""
+    measured, _, _ = smoke
+    for entry in measured["ceilings"].values():
+        one, two = entry["profile"]["one_worker"], entry["profile"]["two_workers"]
+        assert list(one) == ["0"] and list(two) == ["0", "1"]
+        assert one["0"]["collectives_per_step"] == 0 and one["0"]["collective_ms"] == 0
+        assert two["0"]["collectives_per_step"] == two["1"]["collectives_per_step"] >= 1
+        for parts in [*one.values(), *two.values()]:
+            assert parts["steps"] >= 16 and min(parts["step_ms"], parts["compute_ms"], parts["cpu_ms"]["compute"]) > 0
+
+
 def test_ray_s_own_processes_and_ours_are_told_apart(smoke):
     """Every command's tree has Ray's GCS and raylet and our driver; the training's has its
     worker, the scoring's Ray Data's scoring actor. The training is the input section's run
@@ -306,6 +320,20 @@ def test_the_markdown_table_holds_the_json_values(smoke):
             _shown(entry["synced_less_of_ray_pair"], 2),
         ]
         for key, entry in measured["ceilings"].items()
+    ]
+    assert _table(markdown, "| model@batch | run | rank |") == [
+        [
+            key,
+            run.replace("_", " "),
+            rank,
+            _shown(parts["step_ms"], 1),
+            _shown(parts["compute_ms"], 1),
+            f"{_shown(parts['collective_ms'], 1)} ({parts['collectives_per_step']:g})",
+            *(_shown(parts["cpu_ms"][kind], 1) for kind in ("compute", "collectives", "grpc", "other")),
+        ]
+        for key, entry in measured["ceilings"].items()
+        for run, ranks in entry["profile"].items()
+        for rank, parts in ranks.items()
     ]
     fixed = scoring["fixed_cost"]
     assert _table(markdown, "| | wall |", columns=2) == [

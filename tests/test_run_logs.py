@@ -1,12 +1,13 @@
-"""Where users look at a run: TensorBoard's event files and an MLflow store, read back with
-TensorBoard's and MLflow's own readers, after a real 2-worker run that is interrupted the way
-a killed driver leaves one and then resumed."""
+"""Where users look at a run: TensorBoard's event files and profiles and an MLflow store, read
+back with TensorBoard's, TensorFlow's and MLflow's own readers, after a real 2-worker run that is
+interrupted the way a killed driver leaves one and then resumed."""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from collections import Counter
@@ -20,6 +21,7 @@ from digit_models.training.driver import train
 from tests.conftest import REPO, run_digits
 
 EPOCHS = 3
+PROFILED = (2, 5)  # --profile-steps: within the first call of 16 steps, which holds a whole epoch here
 
 
 def _rewind_to_epoch(run_dir: Path, epoch: int) -> None:
@@ -62,6 +64,7 @@ def resumed_run(tmp_path_factory, kaggle_dir, ray_local, shared_ray_env) -> dict
             limit=600,
             cpus_per_worker=1,
             mlflow=store,
+            profile_steps=[PROFILED[0], PROFILED[1]],
         )
     )
     abandoned = _scalars(run_dir / "tensorboard")
@@ -126,6 +129,35 @@ def test_tensorboard_reads_the_curves_and_the_model_graph(resumed_run):
     assert any(node.op == "MatMul" for node in graph.node)
     keras_config = board.Tensors("keras")[0].tensor_proto.string_val[0]  # the conceptual graph
     assert json.loads(keras_config)["config"]["name"] == "dense"
+
+
+def test_each_command_of_the_run_left_a_profile_of_both_workers(resumed_run):
+    """--profile-steps 2:5 (recorded, so the resume profiles too): per command, each worker's
+    trace of the call into TensorFlow that holds those steps (epoch 1's 8 steps in the first,
+    epoch 3's in the resume), with the model's ops and the all-reduce between the workers, and
+    its threads' CPU time over the same steps."""
+    from tensorflow.tsl.profiler.protobuf import xplane_pb2
+
+    assert resumed_run["run"]["config"]["profile_steps"] == list(PROFILED)
+    commands = sorted((resumed_run["dir"] / "tensorboard" / "plugins" / "profile").iterdir())
+    assert len(commands) == 2
+    host = socket.gethostname()
+    for folder in commands:
+        assert sorted(path.name for path in folder.iterdir()) == [
+            f"{host}-rank{rank}.{kind}" for rank in (0, 1) for kind in ("threads.json", "xplane.pb")
+        ]
+        for rank in (0, 1):
+            record = json.loads((folder / f"{host}-rank{rank}.threads.json").read_text())
+            assert record["steps"] == [1, 8] and record["seconds"] > 0
+            assert sum(record["thread_cpu_seconds"].values()) > 0
+            space = xplane_pb2.XSpace.FromString((folder / f"{host}-rank{rank}.xplane.pb").read_bytes())
+            [cpu] = [plane for plane in space.planes if plane.name == "/host:CPU"]
+            ops = {
+                cpu.event_metadata[event.metadata_id].name.rpartition(":")[2]
+                for line in cpu.lines
+                for event in line.events
+            }
+            assert "CollectiveReduceV2" in ops and any("MatMul" in op for op in ops), sorted(ops)
 
 
 def test_mlflow_has_the_params_each_epoch_once_and_the_artifacts(resumed_run):

@@ -15,6 +15,8 @@ def _instance_for(seam: seams.Seam):
 
     if seam is seams.SUPPORTS_TF_LOGS:
         return keras.callbacks.Callback()
+    if seam is seams.MEAN_METRIC_STATE:
+        return keras.metrics.Mean()
     optimizer = keras.optimizers.Adam(0.1, use_ema=seam is seams.MOVING_AVERAGE_SLOTS)
     optimizer.build([tf.Variable([1.0])])
     return optimizer

@@ -104,13 +104,14 @@ def worker_process(spec_json: str) -> None:
             )
         model.set_weights(initial)
         use_data_parallel_step(model, strategy, config)
-        model.fit(
+        fitted = model.fit(
             strategy.distribute_datasets_from_function(_first_batches(order, images, labels)),
             epochs=1,
             steps_per_epoch=1,
             verbose=0,
         )
         results.update({f"{name}/{i}": weights for i, weights in enumerate(model.get_weights())})
+        results.update({f"{name}/logged_{metric}": fitted.history[metric][0] for metric in ("loss", "accuracy")})
         results[f"{name}/iterations"] = model.optimizer.iterations.numpy()
         results[f"{name}/learning_rate"] = keras.backend.get_value(model.optimizer.learning_rate)
     np.savez(spec["out"], **results)
@@ -169,6 +170,7 @@ class Steps:
     initial: list[np.ndarray]
     workers: list[dict[str, np.ndarray]]  # each rank's results, keyed as worker_process saves them
     plain: dict[str, list[np.ndarray]]  # each case's weights after the plain step
+    plain_logs: dict[str, dict]  # the plain step's loss and accuracy, where it is one step
 
     def weights(self, case: str, rank: int = 0) -> list[np.ndarray]:
         return [self.workers[rank][f"{case}/{i}"] for i in range(len(self.initial))]
@@ -228,7 +230,7 @@ def two_worker_steps(tmp_path_factory, mnist_slice) -> Steps:
         )
         log.close()
     try:
-        plain = {}
+        plain, plain_logs = {}, {}
         for name, case in CASES.items():
             config = TrainConfig(**case["config"])
             rows, parts = batch_rows(config)
@@ -238,7 +240,7 @@ def two_worker_steps(tmp_path_factory, mnist_slice) -> Steps:
             model = plain_model(config, optimizer, steps_per_execution=1)
             if config.sync_every == 1:
                 model.set_weights(initial)
-                model.train_on_batch(images[rows], tf.one_hot(labels[rows], 10))
+                plain_logs[name] = model.train_on_batch(images[rows], tf.one_hot(labels[rows], 10), return_dict=True)
                 plain[name] = model.get_weights()
                 continue
             # --sync-every: each worker's SGD steps on its own batches in turn, then the average
@@ -259,7 +261,7 @@ def two_worker_steps(tmp_path_factory, mnist_slice) -> Steps:
     for rank in range(WORLD):
         with np.load(folder / f"rank{rank}.npz") as saved:
             results.append(dict(saved))
-    return Steps(images, labels, initial, results, plain)
+    return Steps(images, labels, initial, results, plain, plain_logs)
 
 
 def _free_ports(count: int) -> list[int]:
@@ -322,6 +324,20 @@ def test_a_two_worker_float32_step_is_the_plain_step(two_worker_steps):
     change = two_worker_steps.largest_change("float32")
     assert change > 1e-3  # the step moved the weights
     assert two_worker_steps.largest_difference("float32") <= FLOAT32_TOLERANCE * change
+
+
+def test_the_logged_loss_and_accuracy_are_those_of_both_workers_rows(two_worker_steps):
+    """A step returns each worker's own running metrics (no all-reduce per step); the epoch's
+    log, which the history, the target stop and TensorBoard read, holds the metrics over both
+    workers' rows: the plain step's on the whole global batch, on both workers."""
+    logged = [
+        {metric: float(results[f"float32/logged_{metric}"]) for metric in ("loss", "accuracy")}
+        for results in two_worker_steps.workers
+    ]
+    plain = two_worker_steps.plain_logs["float32"]
+    assert logged[0] == logged[1]
+    assert logged[0]["loss"] == pytest.approx(plain["loss"], rel=1e-5)
+    assert logged[0]["accuracy"] == pytest.approx(plain["accuracy"], abs=1e-7)
 
 
 def test_a_bfloat16_all_reduce_differs_only_by_bfloat16_rounding_of_the_gradients(two_worker_steps):

@@ -166,6 +166,20 @@ LEARNING_RATE = Seam(
     "the optimizer's schedule object, to resize it (training/schedule.py)",
     on_instance=True,
 )
+EPOCH_LOGS_FROM_METRICS = Seam(
+    *TF_KERAS,
+    "tf_keras.src.engine.training",
+    ("Model._validate_and_get_metrics_result",),
+    "fit's log of an epoch: the model's metrics over every worker in place of the last step's "
+    "values of the same names, so a step may return each worker's own (training/worker.py)",
+)
+MEAN_METRIC_STATE = Seam(
+    *TF_KERAS,
+    "tf_keras.src.metrics.base_metric",
+    ("Reduce.total", "Reduce.count"),
+    "a mean metric's running sum and count, read as this worker's own in a step (training/worker.py)",
+    on_instance=True,
+)
 SUPPORTS_TF_LOGS = Seam(
     *TF_KERAS,
     "tf_keras.src.callbacks",

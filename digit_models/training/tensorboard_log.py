@@ -8,10 +8,15 @@ checkpoint, or a resumed run, has that checkpoint's history, so the epochs an ab
 logged after it disappear with the next write and no epoch appears twice. Each write has a new,
 later name (as TensorFlow's own writers name theirs) because a running TensorBoard only moves on
 to newer files; the old one is deleted once the new one is in place.
+
+With --profile-steps every worker also traces those steps with TensorFlow's profiler, for
+TensorBoard's Profile tab.
 """
 
 from __future__ import annotations
 
+import os
+import socket
 import tempfile
 import time
 from pathlib import Path
@@ -85,3 +90,79 @@ def scalar_events(history: list[dict]) -> list:
         )
         for entry in history
     ]
+
+
+class StepProfile(keras.callbacks.Callback):
+    """--profile-steps FIRST:LAST on one worker: TensorFlow's profiler over those steps of the
+    worker group's training (counted from its first step, across epochs; a call into TensorFlow
+    runs several steps, so the trace starts and ends at the calls that hold FIRST and LAST),
+    saved where TensorBoard's Profile tab finds it: tensorboard/plugins/profile/<when the
+    command started>/<host>-rank<R>.xplane.pb. Beside it, <host>-rank<R>.threads.json: the
+    steps traced, the seconds they took, and the CPU seconds each kind of the process's threads
+    used meanwhile (TensorFlow's compute threads, the collectives' gRPC threads, Ray's), which
+    the trace does not hold."""
+
+    def __init__(
+        self, run_dir: str, first: int, last: int, rank: int, command_started_unix: float, steps_per_call: int
+    ):
+        super().__init__()
+        run = time.strftime("%Y_%m_%d_%H_%M_%S", time.gmtime(command_started_unix))
+        self.folder = Folder(f"{RunDir(run_dir).child(RunDir.TENSORBOARD)}/plugins/profile/{run}")
+        self.name = f"{socket.gethostname()}-rank{rank}"
+        self.first, self.last, self.steps_per_call = first, last, steps_per_call
+        self.before_epoch, self.step = 0, 0  # steps done before this epoch, and in all
+        self.tracing, self.done = None, False
+        self._supports_tf_logs = True  # seams.SUPPORTS_TF_LOGS: the batch hooks read no logs
+
+    def on_train_batch_begin(self, batch, logs=None):
+        # Keras numbers a call by its first step in the epoch (from 0); a call runs at most
+        # steps_per_call steps.
+        if not self.done and self.tracing is None and self.before_epoch + batch + self.steps_per_call >= self.first:
+            self.tracing = tempfile.TemporaryDirectory(prefix="digits-profile-")
+            self.started = (self.before_epoch + batch + 1, time.monotonic(), thread_cpu_seconds())
+            tf.profiler.experimental.start(self.tracing.name)
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.step = self.before_epoch + batch + 1  # Keras gives a call's last step
+        if self.tracing is not None and self.step >= self.last:
+            self._save()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.before_epoch = self.step
+
+    def on_train_end(self, logs=None):
+        if self.tracing is not None:  # the run stopped before LAST
+            self._save()
+
+    def _save(self) -> None:
+        tf.profiler.experimental.stop()
+        first, started, cpu_before = self.started
+        cpu = thread_cpu_seconds()
+        record = {
+            "steps": [first, self.step],
+            "seconds": time.monotonic() - started,
+            "thread_cpu_seconds": {name: cpu[name] - cpu_before.get(name, 0.0) for name in sorted(cpu)},
+        }
+        [trace] = Path(self.tracing.name).glob("plugins/profile/*/*.xplane.pb")
+        self.folder.create()
+        self.folder.write_bytes(f"{self.name}.xplane.pb", trace.read_bytes())
+        self.folder.write_json(f"{self.name}.threads.json", record)
+        self.tracing.cleanup()
+        self.tracing, self.done = None, True
+
+
+def thread_cpu_seconds() -> dict[str, float]:
+    """CPU seconds (user and system) this process's threads have used, summed by the thread's
+    name with its digits dropped (TensorFlow and gRPC number the threads of a pool)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    used: dict[str, float] = {}
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            stat = (task / "stat").read_text()
+        except OSError:  # the thread ended meanwhile
+            continue
+        name = stat[stat.index("(") + 1 : stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2 :].split()
+        kind = "".join(c for c in name if not c.isdigit()).rstrip("-_/ ") or name
+        used[kind] = used.get(kind, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return used

@@ -45,7 +45,7 @@ from digit_models.training.mlflow_log import EpochMetrics
 from digit_models.nets.models import build_model
 from digit_models.storage.run_dir import RunDir
 from digit_models.training.schedule import TimeBudget, learning_rate
-from digit_models.training.tensorboard_log import TensorBoardEvents
+from digit_models.training.tensorboard_log import StepProfile, TensorBoardEvents
 from digit_models.training.callbacks import (
     Checkpointing,
     EpochHistory,
@@ -166,6 +166,11 @@ def run_worker(inputs: WorkerInputs) -> WorkerOutcome:
         checkpointing,
         *(rank_zero_logs(inputs, state, order.steps) if rank == 0 else []),
         *([fault] if fault else []),
+        *(
+            [StepProfile(inputs.run_dir, *config.profile_steps, rank, inputs.command_started_unix, STEPS_PER_EXECUTION)]
+            if config.profile_steps
+            else []
+        ),
         preemption,
     ]  # last: a just-in-time checkpoint holds the step's own records
 
@@ -258,7 +263,9 @@ class EpochOrder:
                 )
             return x, y
 
-        data = tf.data.Dataset.range(2**62).map(batch, num_parallel_calls=cpus)
+        # Infinite, not merely long: over a finite input the strategy's iterator all-reduces,
+        # every step, whether any worker's input has run out (every worker's has as many steps)
+        data = tf.data.Dataset.counter().map(batch, num_parallel_calls=cpus)
         if replicas > 1:
             data = data.unbatch().batch(self.step_rows // replicas)
         return data.prefetch(tf.data.AUTOTUNE).with_options(_untuned_options(cpus))
@@ -417,6 +424,9 @@ def use_data_parallel_step(
     model: keras.Model, strategy: tf.distribute.MultiWorkerMirroredStrategy, config: TrainConfig
 ) -> None:
     """Keras' own step where it is the same: one replica, one batch."""
+    seams.borrow(seams.EPOCH_LOGS_FROM_METRICS)  # what makes the steps' own metrics enough
+    # A step's values as this worker has them, not summed across workers after every step
+    model.distribute_reduction_method = "first"
     if config.sync_every > 1:
         model.train_step = types.MethodType(local_steps(config.sync_every, strategy.num_replicas_in_sync), model)
     elif strategy.num_replicas_in_sync > 1 or config.accumulate > 1:
@@ -447,7 +457,7 @@ def data_parallel_step(all_reduce_dtype, micro_batches: int = 1):
             [(tf.cast(g, v.dtype), v) for g, v in zip(summed, model.trainable_variables)],
             skip_gradients_aggregation=True,
         )
-        return model.get_metrics_result()
+        return own_metrics(model)
 
     return train_step
 
@@ -473,9 +483,19 @@ def local_steps(batches: int, replicas: int):
             tf.distribute.get_replica_context().merge_call(
                 _assign_all, args=([total / replicas for total in summed], weights)
             )
-        return model.get_metrics_result()
+        return own_metrics(model)
 
     return train_step
+
+
+def own_metrics(model) -> dict:
+    """This worker's own running metrics (each a mean), for a step to return. Keras's
+    `get_metrics_result()` would sum every metric's state across the workers: an all-reduce
+    per number, every step, each a round trip between the workers. fit() replaces a step's
+    values with the metrics over every worker at the epoch's end, which is where they are
+    read (seams.EPOCH_LOGS_FROM_METRICS)."""
+    # Each is a Keras mean metric: its running sum and count (seams.MEAN_METRIC_STATE)
+    return {metric.name: tf.math.divide_no_nan(metric.total, metric.count) for metric in model.metrics}
 
 
 def _gradients(model, x, y, scale: float) -> list:
