@@ -14,7 +14,7 @@ the coupling (the all-reduce every step, waiting for the slower worker) costs be
 machine and Ray's own processes take anyway.
 
 Then, per batch, where the time of a step goes: one more `--workers 1` and `--workers 2` run,
-each with `--profile-steps` over PROFILED_STEPS steps from the second epoch's first, read by
+each with `--profile-steps` over the second epoch's first PROFILED_STEPS steps, read by
 bench/step_profile.py.
 """
 
@@ -72,16 +72,11 @@ def measure(run: Processes, data: Path, model: str, batches: list[int], rows: in
         profiles = {batch: {} for batch in batches}
         for batch in batches:
             for workers, key in ((1, "one_worker"), (2, "two_workers")):
-                first = rows // (batch * workers) + 1
+                steps = rows // (batch * workers)  # an epoch's
+                # Within the second epoch: the trace ends before the run does
+                window = f"{steps + 1}:{steps + min(PROFILED_STEPS, steps)}"
                 _, _, run_dir = trainer.train(
-                    "--workers",
-                    str(workers),
-                    "--batch-size",
-                    str(batch),
-                    *fixed,
-                    "--profile-steps",
-                    f"{first}:{first + PROFILED_STEPS - 1}",
-                    env=env,
+                    "--workers", str(workers), "--batch-size", str(batch), *fixed, "--profile-steps", window, env=env
                 )
                 profiles[batch][key] = breakdown(run_dir)
     return {f"{model}@{batch}": {**_summary(entry), "profile": profiles[batch]} for batch, entry in samples.items()}

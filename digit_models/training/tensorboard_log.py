@@ -115,23 +115,30 @@ class StepProfile(keras.callbacks.Callback):
         self._supports_tf_logs = True  # seams.SUPPORTS_TF_LOGS: the batch hooks read no logs
 
     def on_train_batch_begin(self, batch, logs=None):
-        # Keras numbers a call by its first step in the epoch (from 0); a call runs at most
-        # steps_per_call steps.
-        if not self.done and self.tracing is None and self.before_epoch + batch + self.steps_per_call >= self.first:
+        # Keras numbers a call by its first step in the epoch (from 0); a call runs
+        # steps_per_call steps, or the epoch's last ones.
+        last_in_call = self.before_epoch + min(batch + self.steps_per_call, self.params["steps"])
+        if not self.done and self.tracing is None and last_in_call >= self.first:
             self.tracing = tempfile.TemporaryDirectory(prefix="digits-profile-")
             self.started = (self.before_epoch + batch + 1, time.monotonic(), thread_cpu_seconds())
             tf.profiler.experimental.start(self.tracing.name)
 
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
     def on_train_batch_end(self, batch, logs=None):
         self.step = self.before_epoch + batch + 1  # Keras gives a call's last step
-        if self.tracing is not None and self.step >= self.last:
+        fit_ends = self.epoch == self.params["epochs"] - 1 and batch + 1 == self.params["steps"]
+        # At the fit's last step at the latest: stopped from on_train_end, as the fit lets its
+        # input go, TensorFlow's profiler once crashed a worker (a segfault collecting the trace)
+        if self.tracing is not None and (self.step >= self.last or fit_ends):
             self._save()
 
     def on_epoch_end(self, epoch, logs=None):
         self.before_epoch = self.step
 
     def on_train_end(self, logs=None):
-        if self.tracing is not None:  # the run stopped before LAST
+        if self.tracing is not None:  # stopped early (the target, the time budget)
             self._save()
 
     def _save(self) -> None:
