@@ -315,6 +315,7 @@ def test_a_time_budget_sizes_the_epochs_from_the_first_ones_and_the_schedule_end
             # held-out rows it cannot, so the target never ends the run first:
             target_metric="val_accuracy",
             target=1.0,
+            keep="last",  # model.keras of the last epoch, whose schedule is the last plan's
         )
     )
     sizing = run["time_budget"]

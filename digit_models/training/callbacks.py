@@ -320,19 +320,16 @@ class InjectedFault(keras.callbacks.Callback):
     itself with SIGKILL at that moment of that epoch, once per run, and says so in attempts/
     first. Moments: mid_epoch (half the epoch's steps done), validation (as it begins),
     checkpoint (saved locally, not yet reported: before the upload), after_epoch (reported,
-    line printed)."""
+    line printed: every worker waits there for the others first, so that rank 0 has printed
+    the line before the victim dies)."""
 
-    def __init__(self, faults: list, rank: int, steps: int, run_location: str):
+    def __init__(self, faults: list, rank: int, steps: int, run_location: str, strategy):
         super().__init__()
-        done = {
-            (entry["moment"], entry["epoch"])
-            for entry in attempts.recorded(run_location, "fault")
-            if entry["rank"] == rank
-        }
-        self.armed = {
-            (moment, epoch) for moment, epoch, victim in faults if victim == rank and (moment, epoch) not in done
-        }
-        self.rank, self.steps, self.run_location = rank, steps, run_location
+        done = {(entry["moment"], entry["epoch"], entry["rank"]) for entry in attempts.recorded(run_location, "fault")}
+        left = [(moment, epoch, victim) for moment, epoch, victim in faults if (moment, epoch, victim) not in done]
+        self.armed = {(moment, epoch) for moment, epoch, victim in left if victim == rank}
+        self.wait_at = {epoch for moment, epoch, _ in left if moment == "after_epoch"}  # on every rank
+        self.rank, self.steps, self.run_location, self.strategy = rank, steps, run_location, strategy
 
     def on_epoch_begin(self, epoch, logs=None):
         self.epoch = epoch + 1
@@ -348,6 +345,8 @@ class InjectedFault(keras.callbacks.Callback):
         self._at("checkpoint")
 
     def on_epoch_end(self, epoch, logs=None):
+        if self.epoch in self.wait_at:
+            all_reduce_sum(self.strategy, [1.0])
         self._at("after_epoch")
 
     def _at(self, moment: str) -> None:

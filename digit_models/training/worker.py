@@ -128,7 +128,7 @@ def run_worker(inputs: WorkerInputs) -> WorkerOutcome:
     timeline["model_ready"] = time.time()
     target_stop = SynchronizedTargetStop(strategy, config.target_metric, config.target)
     images_per_epoch = order.steps * order.global_batch
-    fault = inputs.faults and InjectedFault(inputs.faults, rank, order.steps, inputs.run_dir)
+    fault = inputs.faults and InjectedFault(inputs.faults, rank, order.steps, inputs.run_dir, strategy)
     weight_average = WeightAverage() if config.weight_average else None
     checkpointing = Checkpointing(
         rank,
