@@ -181,12 +181,13 @@ def _footprint(data: Path, test_csv: Path, scratch: Path, args, sizes: list[dict
 
 
 def _cpu_flags() -> list[str]:
-    """The CPU's AVX-512 and AMX flags (what decides bfloat16's speed), from /proc/cpuinfo."""
+    """The CPU's AVX2, FMA, AVX-512 and AMX flags (what TensorFlow's float32 and bfloat16
+    kernels run on), from /proc/cpuinfo."""
     try:
         cpuinfo = Path("/proc/cpuinfo").read_text()
     except OSError:
         return []
-    return sorted(set(re.findall(r"\b(avx512\w*|amx\w*)\b", cpuinfo)))
+    return sorted(set(re.findall(r"\b(avx2|fma|avx512\w*|amx\w*)\b", cpuinfo)))
 
 
 def _keep_other_sections(results: dict, earlier_file: Path) -> None:
@@ -207,6 +208,7 @@ def _keep_other_sections(results: dict, earlier_file: Path) -> None:
             "date": earlier["date"],
             "wall_s": earlier["wall_s"],
             "peak_gflops": earlier["arithmetic"]["peak_gflops"],
+            "cpu_flags": earlier.get("machine", {}).get("cpu_flags"),
         }
         groups.insert(0, {"sections": own, **measured})
     results["kept"] = groups

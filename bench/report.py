@@ -168,7 +168,7 @@ def _bfloat16_peak(arithmetic: dict) -> str:
 
 def kept_groups(results: dict) -> list[dict]:
     """The sections a run kept from earlier ones (`--update`), grouped by the run that measured
-    them: each with its date, wall time and matmul peak. (Files written before the grouping
+    them: each with its date, wall time, matmul peak and CPU flags. (Files written before the grouping
     hold one group as a mapping.)"""
     kept = results.get("kept") or []
     return [kept] if isinstance(kept, dict) else kept
@@ -178,11 +178,18 @@ def _kept_note(results: dict) -> str:
     return "".join(
         f" The {' and '.join(group['sections'])} section{'s' if len(group['sections']) > 1 else ''} "
         f"{'are' if len(group['sections']) > 1 else 'is'} kept from an earlier run ({group['date']}, "
-        f"{group['wall_s'] / 60:.0f} minutes, matmul peak {group['peak_gflops']:.0f} GFLOP/s; "
+        f"{group['wall_s'] / 60:.0f} minutes, matmul peak {group['peak_gflops']:.0f} GFLOP/s"
+        f"{_flags_note(group)}; "
         "`--update`): compare its ratios, not its absolute numbers, with this run's."
         for group in kept_groups(results)
         if group["sections"]
     )
+
+
+def _flags_note(group: dict) -> str:
+    """The CPU flags of the machine that measured a kept group, where its run recorded them."""
+    flags = group.get("cpu_flags")
+    return "" if flags is None else f", CPU flags {', '.join(flags) or 'none'}"
 
 
 def _scoring_tables(scoring: dict) -> list[str]:

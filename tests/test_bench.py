@@ -412,7 +412,7 @@ def _shown(value: float, decimals: int) -> str:
 
 def test_an_update_keeps_the_run_that_measured_each_kept_section(tmp_path):
     """`--update` from results that had themselves kept sections from an older run: those keep
-    the older run's date and peak, the rest the earlier run's."""
+    the older run's date and peak, the rest the earlier run's date, peak and CPU flags."""
     from bench.__main__ import _keep_other_sections
     from bench.report import _kept_note
 
@@ -421,6 +421,7 @@ def test_an_update_keeps_the_run_that_measured_each_kept_section(tmp_path):
         "date": "2026-02-01",
         "wall_s": 300,
         "arithmetic": {"peak_gflops": 50.0},
+        "machine": {"cpu_flags": ["avx2", "fma"]},
         "training": {},
         "scoring": {},
         "footprint": {},
@@ -430,11 +431,20 @@ def test_an_update_keeps_the_run_that_measured_each_kept_section(tmp_path):
     results = {"sections": ["serving"], "serving": {}}
     _keep_other_sections(results, tmp_path / "earlier.json")
     assert results["kept"] == [
-        {"sections": ["footprint"], "date": "2026-02-01", "wall_s": 300, "peak_gflops": 50.0},
+        {
+            "sections": ["footprint"],
+            "date": "2026-02-01",
+            "wall_s": 300,
+            "peak_gflops": 50.0,
+            "cpu_flags": ["avx2", "fma"],
+        },
         older,
     ]
     note = _kept_note(results)
-    assert "The footprint section is kept from an earlier run (2026-02-01, 5 minutes, matmul peak 50 " in note
+    assert (
+        "The footprint section is kept from an earlier run (2026-02-01, 5 minutes, matmul peak 50 GFLOP/s, "
+        "CPU flags avx2, fma; " in note
+    )
     assert (
         "The training and scoring sections are kept from an earlier run (2026-01-01, 10 minutes, matmul peak 200 "
         in note
