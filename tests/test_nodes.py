@@ -47,22 +47,9 @@ def _live_workers(env: dict) -> list[str]:
     return sorted(Path(env["CLUSTER_STATE"]).glob("worker-*.session"), key=lambda p: p.name)
 
 
-# Ray Train sizes an elastic group by Ray Data's autoscaling coordinator, which looks at the
-# cluster's nodes every 20 s: a node added since is not counted yet.
-COORDINATOR_TICK_S = 21
-_last_node_added = {"at": 0.0}  # time.monotonic() of the latest _node_added
-
-
 def _node_added(env: dict) -> None:
     """A worker node in place of the one a test took away."""
     _script(env, "add", "1")
-    _last_node_added["at"] = time.monotonic()
-
-
-def _every_node_counted_by_elastic_runs() -> None:
-    """Waits, if need be, until the coordinator has looked at the cluster since the latest node
-    was added."""
-    time.sleep(max(0.0, _last_node_added["at"] + COORDINATOR_TICK_S - time.monotonic()))
 
 
 def _train(env: dict, *args: str) -> subprocess.Popen:
@@ -196,17 +183,17 @@ def test_a_fixed_size_run_that_loses_a_node_waits_then_ends_resumable(cluster, s
     wait, exit 1 with one line that says how to go on, and a --resume that finishes once the
     cluster has its nodes again."""
     run = f"s3://{s3_server.bucket}/nodes/fixed"
-    training = _train(cluster, *TRAIN, "--workers", "2", "--data", s3_kaggle, "--out", run, "--wait-for-workers", "20")
+    training = _train(cluster, *TRAIN, "--workers", "2", "--data", s3_kaggle, "--out", run, "--wait-for-workers", "10")
     _lines_until(training, "epoch 1/")
     _script(cluster, "kill", _live_workers(cluster)[-1].stem)
     killed = time.time()
     said = _lines_until(training, "the 2-worker group failed", timeout=120)[-1]
-    assert "waiting at most 20 s for 2 workers" in said and time.time() - killed < 30
+    assert "waiting at most 10 s for 2 workers" in said and time.time() - killed < 30
     stdout, stderr = training.communicate(timeout=300)
     assert training.returncode == 1, stdout + stderr
     assert stderr.strip().splitlines() == [
         f"digits: fewer than 2 worker(s) could start for {stderr.split('start for ')[1].split(' s')[0]} s "
-        f"(--wait-for-workers 20); continue with `digits train --resume {run}` once the cluster has "
+        f"(--wait-for-workers 10); continue with `digits train --resume {run}` once the cluster has "
         "the nodes, or train with a smaller --min-workers"
     ], stderr
     _node_added(cluster)  # a fixed-size group asks Ray for its workers and waits for them
@@ -224,7 +211,6 @@ def test_a_fixed_size_run_that_loses_a_node_waits_then_ends_resumable(cluster, s
 def test_an_elastic_run_goes_on_without_a_lost_node(cluster, s3_server, s3_kaggle):
     """--workers 2 --min-workers 1, one worker node killed in epoch 2: the run finishes every
     epoch once, those after the kill on one worker, with the group sizes on record."""
-    _every_node_counted_by_elastic_runs()
     run = f"s3://{s3_server.bucket}/nodes/elastic"
     training = _train(cluster, *TRAIN, "--workers", "2", "--min-workers", "1", "--data", s3_kaggle, "--out", run)
     _lines_until(training, "epoch 1/")

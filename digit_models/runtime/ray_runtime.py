@@ -131,6 +131,30 @@ def remove_own_placement_groups() -> None:
         remove_placement_group(PlacementGroup(ray.PlacementGroupID.from_hex(group.placement_group_id)))
 
 
+def count_nodes_now(wait_s: float = 10.0) -> None:
+    """Has Ray Data's autoscaling coordinator (a detached actor, one per cluster; started here
+    if none runs yet) count the cluster's nodes now. Ray Train sizes an elastic worker group by
+    what the coordinator reserves, from the nodes it counted last, which it does every 20 s on
+    its own: sized from an older count, a group is given workers on a node that has gone, and
+    waits out Ray Train's start timeout before it tries again without it; or it leaves out a
+    node that has just joined until its next resize check, a minute on. Waits up to `wait_s`
+    for the count (0: not at all); one that fails or takes longer leaves the next of its own."""
+    import ray
+
+    coordinator = seams.borrow(seams.AUTOSCALING_COORDINATOR)()
+    seams.borrow(seams.NODE_COUNT)
+    counted = coordinator.get_reserved_resources.remote(NODE_COUNT_REQUESTER, recompute=True)
+    if wait_s:
+        try:
+            ray.get(counted, timeout=wait_s)
+        except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError) as exc:
+            logging.getLogger(__name__).debug("the autoscaling coordinator did not count the nodes: %s", exc)
+
+
+# Who asks for the count: no request of resources is under this name, so none is changed.
+NODE_COUNT_REQUESTER = "digits-node-count"
+
+
 # While this process runs an embedded Ray: the token that another process needs to join it,
 # and whether the Ray runs the dashboard.
 _JOINING: dict[str, str] = {}

@@ -76,6 +76,12 @@ AUTOSCALING_COORDINATOR = Seam(
     ("get_or_create_autoscaling_coordinator",),
     "started by the driver beside Ray Train's controller, which otherwise waits for it to start",
 )
+NODE_COUNT = Seam(
+    *RAY,
+    "ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator",
+    ("_AutoscalingCoordinatorActor.get_reserved_resources",),
+    "asked with recompute=True to count the cluster's nodes now, which it does every 20 s on its own",
+)
 TRAINER_SIGINT = Seam(
     *RAY,
     "ray.train.v2.api.data_parallel_trainer",

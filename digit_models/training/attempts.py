@@ -22,6 +22,7 @@ import ray.train
 
 from digit_models.runtime import seams
 from digit_models.runtime.console import say
+from digit_models.runtime.ray_runtime import count_nodes_now
 from digit_models.errors import WorkersUnavailable, first_line
 from digit_models.storage.files import Folder
 from digit_models.storage.run_dir import RunDir
@@ -115,6 +116,7 @@ class WorkerGroupWatch(ControllerCallback):
             self.waiting_since = time.time()
             preempted = getattr(getattr(error, "preemption_info", None), "preempted_node_ids", [])
             _wait_until_gone(preempted or _nodes_not_answering())
+            count_nodes_now()
             lost = _lost_ranks(error)
             what = (
                 f"lost worker(s) {', '.join(map(str, lost))} of {self.group_size}"
@@ -173,9 +175,10 @@ RAYLET_ANSWER_S = 2.0
 
 def _wait_until_gone(node_ids: list[str], timeout_s: float = 30.0) -> None:
     """Until Ray counts these nodes out (or `timeout_s`): preempted ones, or ones that have
-    stopped answering. A restart decided before that would try to start workers on them, and
-    wait out Ray Train's start timeout before it tries again without them. Blocks the
-    controller's loop meanwhile; the group is already ended."""
+    stopped answering. A restart decided before that (or before the autoscaling coordinator
+    counts the nodes again, count_nodes_now) would try to start workers on them, and wait out
+    Ray Train's start timeout before it tries again without them. Blocks the controller's loop
+    meanwhile; the group is already ended."""
     deadline = time.time() + timeout_s
     while node_ids and time.time() < deadline:
         alive = {node["NodeID"] for node in ray.nodes() if node["Alive"]}

@@ -25,7 +25,7 @@ from ray.train.backend import Backend, BackendConfig
 from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
 from digit_models.runtime import seams
-from digit_models.runtime.ray_runtime import state_api_served
+from digit_models.runtime.ray_runtime import count_nodes_now, state_api_served
 
 # AbortableTrainer overrides these; an override of a method that has gone would do nothing.
 seams.borrow(seams.TRAINER_CALLBACKS)
@@ -91,8 +91,9 @@ class AbortableTrainer(DataParallelTrainer):
         # Ray Train's controller asks Ray Data's autoscaling coordinator (a detached actor, one
         # per cluster) for the group's resources before it starts the workers, and would start
         # it then if none runs yet: a Python process that the start-up waited for. Started
-        # here, it starts beside the controller.
-        seams.borrow(seams.AUTOSCALING_COORDINATOR)()
+        # here, it starts beside the controller; one already running counts the nodes the
+        # cluster has now, so that an elastic group is sized by them (not waited for).
+        count_nodes_now(wait_s=0)
         try:
             return super().fit()
         except BaseException:

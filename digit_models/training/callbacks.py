@@ -321,14 +321,17 @@ class InjectedFault(keras.callbacks.Callback):
     first. Moments: mid_epoch (half the epoch's steps done), validation (as it begins),
     checkpoint (saved locally, not yet reported: before the upload), after_epoch (reported,
     line printed: every worker waits there for the others first, so that rank 0 has printed
-    the line before the victim dies)."""
+    the line before the victim dies). And hold, not a kill: at the after_epoch moment every
+    worker of the group waits for ever, so that a test interrupts a run that is still going
+    however fast the machine trains, not one that may have ended."""
 
     def __init__(self, faults: list, rank: int, steps: int, run_location: str, strategy):
         super().__init__()
         done = {(entry["moment"], entry["epoch"], entry["rank"]) for entry in attempts.recorded(run_location, "fault")}
         left = [(moment, epoch, victim) for moment, epoch, victim in faults if (moment, epoch, victim) not in done]
         self.armed = {(moment, epoch) for moment, epoch, victim in left if victim == rank}
-        self.wait_at = {epoch for moment, epoch, _ in left if moment == "after_epoch"}  # on every rank
+        self.wait_at = {epoch for moment, epoch, _ in left if moment in ("after_epoch", "hold")}  # on every rank
+        self.hold_at = {epoch for moment, epoch, _ in left if moment == "hold"}
         self.rank, self.steps, self.run_location, self.strategy = rank, steps, run_location, strategy
 
     def on_epoch_begin(self, epoch, logs=None):
@@ -348,11 +351,16 @@ class InjectedFault(keras.callbacks.Callback):
         if self.epoch in self.wait_at:
             all_reduce_sum(self.strategy, [1.0])
         self._at("after_epoch")
+        if self.epoch in self.hold_at:
+            self._at("hold")
+            while True:
+                time.sleep(1)
 
     def _at(self, moment: str) -> None:
         if (moment, self.epoch) in self.armed:
             attempts.record(self.run_location, "fault", {"moment": moment, "epoch": self.epoch, "rank": self.rank})
-            os.kill(os.getpid(), signal.SIGKILL)
+            if moment != "hold":
+                os.kill(os.getpid(), signal.SIGKILL)
 
 
 class ProgressLine(keras.callbacks.Callback):

@@ -280,14 +280,15 @@ def kept_checkpoint(result, config: TrainConfig):
     return max(epochs, key=lambda kept: (kept[1].get(MODEL_SCORE, UNVALIDATED), kept[1]["epoch"]))
 
 
-# Moments of an epoch at which DIGITS_FAULT kills a worker (callbacks.InjectedFault).
-FAULT_MOMENTS = ("mid_epoch", "validation", "checkpoint", "after_epoch")
+# Moments of an epoch at which DIGITS_FAULT kills a worker, and "hold", at which the worker
+# group stops where it is (callbacks.InjectedFault).
+FAULT_MOMENTS = ("mid_epoch", "validation", "checkpoint", "after_epoch", "hold")
 
 
 def injected_faults(config: TrainConfig) -> list[tuple[str, int, int]]:
     """DIGITS_FAULT=MOMENT:EPOCH:RANK[,...], for fault tests, as (moment, epoch, rank): that
-    worker kills itself then, once (callbacks.InjectedFault); run.json and attempts/
-    record it."""
+    worker kills itself then, or with "hold" the whole group waits after that epoch until the
+    command is interrupted, once (callbacks.InjectedFault); run.json and attempts/ record it."""
     specs = os.environ.get("DIGITS_FAULT")
     faults = []
     for spec in specs.split(",") if specs else []:
