@@ -67,6 +67,11 @@ CSV_CASES = [
         _header_change(lambda h: h[:-1] + [h[-2]]),
         "header: column 'pixel782' appears more than once",
     ),
+]
+# Bad rows: train.csv's are found as the driver reads it, test.csv's by `digits predict`'s
+# read tasks in Ray Data (read_file); a run of the whole pipeline with one of them is
+# tests/test_scoring.py's.
+ROW_CASES = [
     ("non-numeric", _cell(7, 300, "x7"), "row 7, column pixel299: 'x7' is not an integer pixel value 0-255"),
     ("float", _cell(3, 200, "3.5"), "row 3, column pixel199: '3.5' is not an integer pixel value 0-255"),
     ("negative", _cell(5, 100, "-4"), "row 5, column pixel99: '-4' is not an integer pixel value 0-255"),
@@ -108,7 +113,7 @@ def _train(data: Path, out: Path) -> int:
 
 
 @pytest.mark.parametrize(
-    "case,transform,message", CSV_CASES + LABEL_CASES, ids=lambda v: v if isinstance(v, str) else ""
+    "case,transform,message", CSV_CASES + ROW_CASES + LABEL_CASES, ids=lambda v: v if isinstance(v, str) else ""
 )
 def test_train_rejects(tmp_path, capsys, kaggle_dir, case, transform, message):
     bad = tmp_path / "train.csv"
@@ -130,6 +135,22 @@ def test_predict_rejects(tmp_path, capsys, kaggle_dir, dense_run, case, transfor
     cut = len(bad.read_text().splitlines()[-1].split(","))
     assert _only_error_line(capsys) == f"digits: error: {bad}: {message.format(**TEST_CSV, cut=cut)}"
     assert not out.exists()
+
+
+@pytest.mark.parametrize("case,transform,message", ROW_CASES, ids=lambda v: v if isinstance(v, str) else "")
+def test_predict_read_tasks_reject(tmp_path, kaggle_dir, case, transform, message):
+    """What `digits predict`'s read tasks do with each file (predict_input.read_file), here
+    in-process: each bad row is an error that names the file, row and column."""
+    from digit_models.errors import DigitsError
+    from digit_models.scoring.predict_input import read_file
+
+    lines = _lines(kaggle_dir / "test.csv")
+    bad = tmp_path / "test.csv"
+    bad.write_text("\n".join(_as_test_csv(transform)([f"label,{line}" for line in lines])) + "\n")
+    with pytest.raises(DigitsError) as refused:
+        list(read_file("csv", str(bad), first_id=1))
+    cut = len(bad.read_text().splitlines()[-1].split(","))
+    assert str(refused.value) == f"{bad}: {message.format(**TEST_CSV, cut=cut)}"
 
 
 def test_accepted_variants_bom_crlf_and_gzip(tmp_path, capsys, kaggle_dir):
