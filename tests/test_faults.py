@@ -463,3 +463,30 @@ def test_an_unwritable_or_full_output_is_one_line_and_leaves_nothing(mounted, ka
         f"digits: error: {full / 'scored'}: No space left on device (nothing of the output is kept)"
     ]
     assert list(full.iterdir()) == []
+
+
+@pytest.mark.timeout(400)
+def test_a_disk_that_fills_during_training_is_one_line_and_the_run_goes_on_once_there_is_room(
+    mounted, kaggle_dir, shared_ray_env
+):
+    """The run's disk fills up a few checkpoints in: exit 1 with one line that names the run
+    and says how to go on, no run.json or model; the disk given more room, `--resume` trains
+    every epoch once."""
+    disk = mounted("disk", "size=3m")  # the dense net's checkpoints fill it by epoch 3
+    run_dir = disk / "run"
+    train = ("train", "--model", "dense", "--data", str(kaggle_dir), "--epochs", "6", "--target", "1.0")
+    failed = run_digits(*train, "--out", str(run_dir), env=shared_ray_env, timeout=300)
+    assert failed.returncode == 1, failed.stderr[-2000:]
+    assert failed.stderr.splitlines() == [
+        f"digits: error: {run_dir}: No space left on device; the run can go on with "
+        f"`digits train --resume {run_dir}` once there is room"
+    ]
+    assert not (run_dir / "run.json").exists() and not (run_dir / "model.keras").exists()
+
+    grown = subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], capture_output=True, text=True)
+    assert grown.returncode == 0, grown.stderr
+    resumed = run_digits("train", "--resume", str(run_dir), env=shared_ray_env, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    run = json.loads((run_dir / "run.json").read_text())
+    assert [entry["epoch"] for entry in run["history"]] == [1, 2, 3, 4, 5, 6]  # none twice
+    assert run["restarts"][-1]["kind"] == "resume" and (run_dir / "model.keras").is_file()

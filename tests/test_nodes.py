@@ -27,7 +27,7 @@ SCRIPT = str(REPO / "cluster" / "local_cluster.sh")
 # longer: its deadline is set from epoch 2's time (`_preemption_deadline_s`), and the run must
 # still be going then, whatever the machine's speed.
 TRAIN = ("--model", "cnn", "--epochs", "4", "--target", "1.0")
-PREEMPTED_EPOCHS = 10
+PREEMPTED_EPOCHS = 8
 TRAIN_LONGER = ("--model", "deep_cnn", "--epochs", str(PREEMPTED_EPOCHS), "--target", "1.0")
 
 
