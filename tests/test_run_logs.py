@@ -5,7 +5,6 @@ interrupted the way a killed driver leaves one and then resumed."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import socket
 import subprocess
@@ -160,8 +159,8 @@ def test_each_command_of_the_run_left_a_profile_of_both_workers(resumed_run):
             assert "CollectiveReduceV2" in ops and any("MatMul" in op for op in ops), sorted(ops)
 
 
-def test_mlflow_has_the_params_each_epoch_once_and_the_artifacts(resumed_run):
-    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+def test_mlflow_has_the_params_each_epoch_once_and_the_artifacts(resumed_run, monkeypatch):
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # for this test's client only
     from mlflow import MlflowClient
 
     run = resumed_run["run"]
