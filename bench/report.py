@@ -18,7 +18,8 @@ TARGETS = {
     "2-worker images/s / the same-Ray independent pair's, cnn@128": (">=", 0.95),
     "2-worker images/s with --sync-every 4 / the same-Ray independent pair's, cnn@32": (">=", 0.85),
     "2-worker images/s with --sync-every 4 / the same-Ray independent pair's, cnn@128": (">=", 0.95),
-    "time to 99%, 2 workers / 1 worker": ("<=", 0.7),
+    "time to 99%, 2 workers / 1 worker (whole command": ("<=", 0.85),
+    "time to 99%, 2 workers / 1 worker (training clock": ("<=", 0.7),
     "first step after the command starts": ("<=", 10.0),
     "predict wall / plain wall": ("<=", 2.0),
     "predict marginal images/s / plain model.predict": (">=", 0.9),
@@ -40,9 +41,16 @@ def ratios(results: dict) -> dict:
             out[f"b/a {model}"] = entry["b"] / entry["a"]
         to_99 = training["time_to_99"]
         one, two = to_99.get("1 worker"), to_99.get("2 workers")
-        if one and two and one["reached"] == one["repeats"] and two["reached"] == two["repeats"]:
-            out["time to 99%, 2 workers / 1 worker (whole command)"] = two["wall_s"] / one["wall_s"]
-            out["time to 99%, 2 workers / 1 worker (training clock)"] = two["training_s"] / one["training_s"]
+        if one and two:
+            # A repeat that missed 99% ran all its epochs: its time is not a time to 99%.
+            missed = [
+                f"{label} {entry['reached']} of {entry['repeats']}"
+                for label, entry in (("1 worker", one), ("2 workers", two))
+                if entry["reached"] < entry["repeats"]
+            ]
+            short = f"; {UNPROVEN} in {', '.join(missed)} repeats" if missed else ""
+            out[f"time to 99%, 2 workers / 1 worker (whole command{short})"] = two["wall_s"] / one["wall_s"]
+            out[f"time to 99%, 2 workers / 1 worker (training clock{short})"] = two["training_s"] / one["training_s"]
         if one:
             out["first step after the command starts (s, 1 worker)"] = one["first_step_s"]
     for key, entry in results.get("ceilings", {}).items():
@@ -106,9 +114,15 @@ def _scale_ratios(rows: list[dict]) -> dict:
     return out
 
 
+# Said of a time to 99% when some repeats ended short of it: the ratio is shown, not judged.
+UNPROVEN = "99% reached"
+
+
 def verdict(name: str, value: float) -> tuple[str, str]:
     for key, (comparison, bound) in TARGETS.items():
         if name.startswith(key):
+            if UNPROVEN in name:
+                return f"{comparison} {bound}", "unproven"
             met = value >= bound if comparison == ">=" else value <= bound
             return f"{comparison} {bound}", "met" if met else "**missed**"
     return "", ""

@@ -449,3 +449,27 @@ def test_an_update_keeps_the_run_that_measured_each_kept_section(tmp_path):
         "The training and scoring sections are kept from an earlier run (2026-01-01, 10 minutes, matmul peak 200 "
         in note
     )
+
+
+def test_a_time_to_99_that_a_repeat_missed_is_shown_unjudged():
+    """The time-to-99% ratios are of the medians; where a repeat ended short of 99% (every
+    epoch run), the ratio's name says how many repeats reached it, and no target is judged."""
+    from bench.report import ratios, verdict
+
+    def training(reached_by_two: int) -> dict:
+        run = {"wall_s": 60.0, "training_s": 40.0, "first_step_s": 14.0, "repeats": 2}
+        return {
+            "training": {
+                "weak_scaling": {},
+                "overhead": {},
+                "time_to_99": {"1 worker": {**run, "reached": 2}, "2 workers": {**run, "reached": reached_by_two}},
+            }
+        }
+
+    every = ratios(training(2))
+    assert verdict("time to 99%, 2 workers / 1 worker (whole command)", 0.8) == ("<= 0.85", "met")
+    assert verdict("time to 99%, 2 workers / 1 worker (training clock)", 0.8) == ("<= 0.7", "**missed**")
+    assert every["time to 99%, 2 workers / 1 worker (whole command)"] == 1.0
+    short = ratios(training(1))
+    name = "time to 99%, 2 workers / 1 worker (training clock; 99% reached in 2 workers 1 of 2 repeats)"
+    assert short[name] == 1.0 and verdict(name, short[name]) == ("<= 0.7", "unproven")
