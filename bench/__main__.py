@@ -15,13 +15,22 @@ import datetime
 import json
 import os
 import platform
-import re
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from bench import ceilings, footprint, precision_accuracy, report, scoring, serving, training, training_input
+from bench import (
+    ceilings,
+    footprint,
+    machine,
+    precision_accuracy,
+    report,
+    scoring,
+    serving,
+    training,
+    training_input,
+)
 from bench.processes import REPO, Processes
 
 SECTIONS = ("training", "ceilings", "scoring", "serving", "footprint", "training_input", "precision")
@@ -87,7 +96,7 @@ def main() -> None:
             "machine": {
                 "cpus": os.cpu_count(),
                 "platform": platform.platform(),
-                "cpu_flags": _cpu_flags(),
+                "cpu_flags": machine.cpu_flags(),
                 "load_average": os.getloadavg(),  # at the start: the machine may be shared
             },
             "settings": {"epochs": args.epochs, "repeats": args.repeats},
@@ -178,16 +187,6 @@ def _footprint(data: Path, test_csv: Path, scratch: Path, args, sizes: list[dict
         trained = footprint.training(data, scratch, args.repeats, [*(quick if args.quick else model), *fixed])
     run_dir = Path(trained["runs"][-1]["run_dir"])
     return {"training": trained, "scoring": footprint.scoring(run_dir, test_csv, scratch, args.repeats)}
-
-
-def _cpu_flags() -> list[str]:
-    """The CPU's AVX2, FMA, AVX-512 and AMX flags (what TensorFlow's float32 and bfloat16
-    kernels run on), from /proc/cpuinfo."""
-    try:
-        cpuinfo = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return []
-    return sorted(set(re.findall(r"\b(avx2|fma|avx512\w*|amx\w*)\b", cpuinfo)))
 
 
 def _keep_other_sections(results: dict, earlier_file: Path) -> None:

@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench import footprint
+from bench import footprint, machine
 from bench.processes import PYTHON, REPO
 
 CONCURRENCY = (1, 8, 32)
@@ -53,7 +53,13 @@ def load_test(run_dir: Path, test_csv: Path, requests: int, seconds: float, repe
     for (name, concurrency), runs in samples.items():
         best = max(runs, key=lambda run: run["requests_per_s"])  # the least disturbed repeat
         rows.append({"server": name, "concurrency": concurrency, **best})
-    return {"rows": rows, "same_labels": same, "requests": requests, "seconds": seconds, "cpu_flags": _cpu_flags()}
+    return {
+        "rows": rows,
+        "same_labels": same,
+        "requests": requests,
+        "seconds": seconds,
+        "cpu_flags": machine.cpu_description(),
+    }
 
 
 def _rows(test_csv: Path, count: int) -> list[list[int]]:
@@ -176,12 +182,3 @@ def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
-
-
-def _cpu_flags() -> str:
-    """The CPU's model and its vector and matrix extensions (what TensorFlow's kernels use)."""
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
-    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
-    wanted = [flag for flag in flags if flag.startswith(("avx", "amx", "fma", "sse4"))]
-    return f"{model}; {' '.join(wanted) or 'no AVX flags'}"

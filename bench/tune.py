@@ -15,10 +15,9 @@ import shlex
 import tempfile
 from pathlib import Path
 
+from bench import machine
 from bench.processes import REPO, Processes
 from digit_models.tuning.results import train_command
-
-INTERESTING_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_tile")
 
 
 def main() -> None:
@@ -66,7 +65,7 @@ def main() -> None:
         official = json.loads((scored / "evaluation.json").read_text())["official_mnist_test"]["accuracy"]
         peak = run.arithmetic("cnn")["peak_gflops"]
     stopped = sum(row["state"] == "stopped early" for row in rows)
-    print(f"Machine: {platform.platform()}, {_cpu()}; float32 matmul peak {peak:.0f} GFLOP/s.")
+    print(f"Machine: {platform.platform()}, {machine.cpu_description()}; float32 matmul peak {peak:.0f} GFLOP/s.")
     print()
     print("| way | wall | trials stopped early | epochs trained | best val_accuracy |")
     print("|---|---|---|---|---|")
@@ -83,21 +82,6 @@ def main() -> None:
         f"Search / one after another: {search_s / one_by_one_s:.2f}. The search's best model "
         f"(trial {best['trial']}: `{best['command']}`) on the official MNIST test images: {official:.4f}."
     )
-
-
-def _cpu() -> str:
-    """The CPU's model and the instruction sets that matter to TensorFlow's kernels here."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor() or "CPU unknown"
-    fields: dict[str, str] = {}
-    for line in text.splitlines():  # the first CPU's
-        name, _, value = line.partition(":")
-        fields.setdefault(name.strip(), value.strip())
-    flags = set(fields.get("flags", "").split())
-    model = fields.get("model name", "?")
-    return f"{model}, flags {' '.join(flag for flag in INTERESTING_FLAGS if flag in flags) or 'none of interest'}"
 
 
 if __name__ == "__main__":
