@@ -15,12 +15,14 @@ def _cpuinfo() -> str:
         return ""
 
 
-def cpu_flags() -> list[str]:
-    return sorted(set(re.findall(r"\b(avx2|fma|avx512\w*|amx\w*)\b", _cpuinfo())))
+def cpu_flags(cpuinfo: str | None = None) -> list[str]:
+    found = re.findall(r"\b(avx2|fma|avx512\w*|amx\w*)\b", _cpuinfo() if cpuinfo is None else cpuinfo)
+    return sorted(set(found))
 
 
 def cpu_description() -> str:
     """'MODEL; CPU flags FLAG, ...' (the first CPU's model)."""
-    model = re.search(r"^model name\s*:\s*(.+)$", _cpuinfo(), re.MULTILINE)
+    cpuinfo = _cpuinfo()
+    model = re.search(r"^model name\s*:\s*(.+)$", cpuinfo, re.MULTILINE)
     name = model.group(1).strip() if model else platform.processor() or "CPU unknown"
-    return f"{name}; CPU flags {', '.join(cpu_flags()) or 'none'}"
+    return f"{name}; CPU flags {', '.join(cpu_flags(cpuinfo)) or 'none'}"

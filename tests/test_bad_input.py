@@ -100,6 +100,15 @@ def _as_test_csv(transform):
     return apply
 
 
+def _bad_test_csv(tmp_path: Path, kaggle_dir: Path, transform) -> tuple[Path, str]:
+    """test.csv's slice with a case's mutation applied (tmp_path/test.csv), and the number of
+    cells on its last line (the `cut` of a truncated line's message)."""
+    lines = _lines(kaggle_dir / "test.csv")
+    bad = tmp_path / "test.csv"
+    bad.write_text("\n".join(_as_test_csv(transform)([f"label,{line}" for line in lines])) + "\n")
+    return bad, str(len(bad.read_text().splitlines()[-1].split(",")))
+
+
 def _only_error_line(capsys) -> str:
     err = capsys.readouterr().err
     assert "Traceback" not in err
@@ -126,13 +135,9 @@ def test_train_rejects(tmp_path, capsys, kaggle_dir, case, transform, message):
 
 @pytest.mark.parametrize("case,transform,message", CSV_CASES, ids=lambda v: v if isinstance(v, str) else "")
 def test_predict_rejects(tmp_path, capsys, kaggle_dir, dense_run, case, transform, message):
-    lines = _lines(kaggle_dir / "test.csv")
-    mutated = _as_test_csv(transform)([f"label,{line}" for line in lines])
-    bad = tmp_path / "test.csv"
-    bad.write_text("\n".join(mutated) + "\n")
+    bad, cut = _bad_test_csv(tmp_path, kaggle_dir, transform)
     out = tmp_path / "scored"
     assert main(["predict", "--run", str(dense_run), "--input", str(bad), "--out", str(out)]) == 2
-    cut = len(bad.read_text().splitlines()[-1].split(","))
     assert _only_error_line(capsys) == f"digits: error: {bad}: {message.format(**TEST_CSV, cut=cut)}"
     assert not out.exists()
 
@@ -144,12 +149,9 @@ def test_predict_read_tasks_reject(tmp_path, kaggle_dir, case, transform, messag
     from digit_models.errors import DigitsError
     from digit_models.scoring.predict_input import read_file
 
-    lines = _lines(kaggle_dir / "test.csv")
-    bad = tmp_path / "test.csv"
-    bad.write_text("\n".join(_as_test_csv(transform)([f"label,{line}" for line in lines])) + "\n")
+    bad, cut = _bad_test_csv(tmp_path, kaggle_dir, transform)
     with pytest.raises(DigitsError) as refused:
         list(read_file("csv", str(bad), first_id=1))
-    cut = len(bad.read_text().splitlines()[-1].split(","))
     assert str(refused.value) == f"{bad}: {message.format(**TEST_CSV, cut=cut)}"
 
 

@@ -144,7 +144,7 @@ def test_a_run_survives_a_killed_worker_and_a_stopped_driver_and_runs_each_epoch
     refused = run_digits("train", "--model", "cnn", "--data", str(kaggle_dir), "--out", str(run_dir))
     assert refused.returncode == 2 and "holds an unfinished run; continue it with" in refused.stderr
 
-    # (In the session's Ray: a resume's own embedded Ray is the next test's.)
+    # On the session's Ray: the driver-lost test's resume is the one that starts and stops its own.
     resumed = run_digits("train", "--resume", str(run_dir), timeout=400, env=shared_ray_env)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     run = json.loads((run_dir / "run.json").read_text())
