@@ -345,15 +345,21 @@ def test_an_embedded_ray_never_joins_a_stale_default_cluster(ray_tmpdir):
 # (moment, epoch, rank) of each kill, and the epoch the next worker group resumes after: the
 # last whose checkpoint was whole in storage, however far Ray Train had got registering it.
 KILLS = [("mid_epoch", 2, 1, 1), ("validation", 3, 1, 2), ("checkpoint", 4, 0, 3), ("after_epoch", 5, 1, 5)]
+# And rank 0, which serves TensorFlow's coordination between the workers, frozen after epoch 4
+# (by the group that goes on to epoch 5's line).
+STALL = "stall:4:0"
 
 
 @pytest.mark.timeout(600)
 def test_a_worker_killed_at_any_moment_costs_at_most_the_epoch_in_progress(tmp_path, kaggle_dir, shared_ray_env):
     """One 2-worker run, killed four times: halfway through an epoch's steps, as validation
     begins, with rank 0's checkpoint saved but not yet uploaded, and right after an epoch's
-    report and line (before Ray Train can have registered its checkpoint)."""
+    report and line (before Ray Train can have registered its checkpoint). Frozen once, too,
+    for longer than TensorFlow's own heartbeat timeout: that costs no restart."""
+    from digit_models.training.callbacks import STALL_S
+
     run_dir = tmp_path / "run"
-    spec = ",".join(f"{moment}:{epoch}:{rank}" for moment, epoch, rank, _ in KILLS)
+    spec = ",".join([STALL] + [f"{moment}:{epoch}:{rank}" for moment, epoch, rank, _ in KILLS])
     # With a weight average, so that every restart resumes both it and the weights (swapped).
     done = run_digits(
         "train",
@@ -382,8 +388,10 @@ def test_a_worker_killed_at_any_moment_costs_at_most_the_epoch_in_progress(tmp_p
     run = json.loads((run_dir / "run.json").read_text())
     assert run["fault_injected"] == spec
     assert [entry["epoch"] for entry in run["history"]] == [1, 2, 3, 4, 5, 6]  # each once
-    epoch_lines = [line.split()[1] for line in done.stdout.splitlines() if line.startswith("epoch ")]
-    assert epoch_lines == [f"{epoch}/6" for epoch in range(1, 7)]
+    epoch_lines = [line.split() for line in done.stdout.splitlines() if line.startswith("epoch ")]
+    assert [line[1] for line in epoch_lines] == [f"{epoch}/6" for epoch in range(1, 7)]
+    elapsed = [float(line[line.index("elapsed") + 1].rstrip("s")) for line in epoch_lines]
+    assert elapsed[4] - elapsed[3] >= STALL_S  # frozen in between
     assert [line for line in done.stdout.splitlines() if line.startswith("workers restarted")] == [
         f"workers restarted after a failure (restart {n} of this run), resuming after epoch {k[3]}"
         for n, k in enumerate(KILLS, 1)
@@ -394,8 +402,10 @@ def test_a_worker_killed_at_any_moment_costs_at_most_the_epoch_in_progress(tmp_p
         assert restart["why"].startswith(f"rank {rank}: WorkerHealthCheckFailedError"), restart  # it died
     assert (
         sorted(path.name.split("-", 1)[1] for path in (run_dir / "attempts").iterdir())
-        == ["failure.json"] * 4 + ["fault.json"] * 4 + ["restart.json"] * 4 + ["start.json"] * 5
+        == ["failure.json"] * 4 + ["fault.json"] * 5 + ["restart.json"] * 4 + ["start.json"] * 5
     )
+    stalls = [json.loads(path.read_text()) for path in (run_dir / "attempts").glob("*-fault.json")]
+    assert [(entry["epoch"], entry["rank"]) for entry in stalls if entry["moment"] == "stall"] == [(4, 0)]
     assert [restart["kind"] for restart in run["restarts"]] == ["failure"] * 4
     assert run["worker_groups"] == [2] * 5
 

@@ -49,6 +49,7 @@ NOISE = re.compile(
     # ... and TensorFlow's coordination service saying the same, in several lines.
     r"|^/job:worker/replica:\d+/task:\d+$|^The tasks have crashed\. Check the task logs"
     r"|^The error could be from a previous operation\. Restart your program to reset"
+    r"|^RPC: /tensorflow\.CoordinationService/\w+|^$"
     # A lost node: what the GCS says as it gives up on it (retold below) and on its resources.
     r"|^\s*\(\d\) raylet (crashes unexpectedly|has lagging heartbeats)"
     r"|gcs_placement_group_scheduler\.cc:\d+\S* Failed to (remove|cancel|return)"

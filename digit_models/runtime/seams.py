@@ -145,6 +145,18 @@ CHECK_HEALTH = Seam(
     ("CollectiveAllReduceExtended._enable_check_health",),
     "turns off the peer health check whose 30 s sleep delayed every run's end",
 )
+COORDINATION_SERVICE = Seam(
+    *TENSORFLOW,
+    "tensorflow.python.eager.context",
+    ("context",),
+    "the eager context, to set the coordination service's heartbeat timeout before the strategy does",
+)
+COORDINATED_JOB = Seam(
+    *TENSORFLOW,
+    "tensorflow.compiler.xla.tsl.protobuf.coordination_config_pb2",
+    ("CoordinatedJob",),
+    "the jobs the coordination service watches, as the strategy lists them",
+)
 DEVICE_DATASET = Seam(
     *TENSORFLOW,
     "tensorflow.python.data.ops.multi_device_iterator_ops",

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import os
 import signal
+import subprocess
 import tempfile
 import time
 from contextlib import nullcontext
@@ -321,16 +322,18 @@ class InjectedFault(keras.callbacks.Callback):
     first. Moments: mid_epoch (half the epoch's steps done), validation (as it begins),
     checkpoint (saved locally, not yet reported: before the upload), after_epoch (reported,
     line printed: every worker waits there for the others first, so that rank 0 has printed
-    the line before the victim dies). And hold, not a kill: at the after_epoch moment every
-    worker of the group waits for ever, so that a test interrupts a run that is still going
-    however fast the machine trains, not one that may have ended."""
+    the line before the victim dies). And two that kill nothing, both at the after_epoch
+    moment: hold, where every worker of the group waits for ever, so that a test interrupts a
+    run that is still going however fast the machine trains, not one that may have ended; and
+    stall, where the worker's whole process is frozen (SIGSTOP) for STALL_S seconds, as a
+    loaded machine or a paused VM freezes it, and a helper process thaws it."""
 
     def __init__(self, faults: list, rank: int, steps: int, run_location: str, strategy):
         super().__init__()
         done = {(entry["moment"], entry["epoch"], entry["rank"]) for entry in attempts.recorded(run_location, "fault")}
         left = [(moment, epoch, victim) for moment, epoch, victim in faults if (moment, epoch, victim) not in done]
         self.armed = {(moment, epoch) for moment, epoch, victim in left if victim == rank}
-        self.wait_at = {epoch for moment, epoch, _ in left if moment in ("after_epoch", "hold")}  # on every rank
+        self.wait_at = {epoch for moment, epoch, _ in left if moment in ("after_epoch", "hold", "stall")}  # every rank
         self.hold_at = {epoch for moment, epoch, _ in left if moment == "hold"}
         self.rank, self.steps, self.run_location, self.strategy = rank, steps, run_location, strategy
 
@@ -351,6 +354,7 @@ class InjectedFault(keras.callbacks.Callback):
         if self.epoch in self.wait_at:
             all_reduce_sum(self.strategy, [1.0])
         self._at("after_epoch")
+        self._at("stall")
         if self.epoch in self.hold_at:
             self._at("hold")
             while True:
@@ -359,8 +363,15 @@ class InjectedFault(keras.callbacks.Callback):
     def _at(self, moment: str) -> None:
         if (moment, self.epoch) in self.armed:
             attempts.record(self.run_location, "fault", {"moment": moment, "epoch": self.epoch, "rank": self.rank})
-            if moment != "hold":
+            if moment == "stall":
+                subprocess.Popen(["sh", "-c", f"sleep {STALL_S}; kill -CONT {os.getpid()}"], start_new_session=True)
+                os.kill(os.getpid(), signal.SIGSTOP)
+            elif moment != "hold":
                 os.kill(os.getpid(), signal.SIGKILL)
+
+
+# Longer than the 10 s TensorFlow allows a silent peer by default (training/worker.py).
+STALL_S = 15
 
 
 class ProgressLine(keras.callbacks.Callback):

@@ -282,7 +282,7 @@ def kept_checkpoint(result, config: TrainConfig):
 
 # Moments of an epoch at which DIGITS_FAULT kills a worker, and "hold", at which the worker
 # group stops where it is (callbacks.InjectedFault).
-FAULT_MOMENTS = ("mid_epoch", "validation", "checkpoint", "after_epoch", "hold")
+FAULT_MOMENTS = ("mid_epoch", "validation", "checkpoint", "after_epoch", "hold", "stall")
 
 
 def injected_faults(config: TrainConfig) -> list[tuple[str, int, int]]:

@@ -18,6 +18,7 @@ alone would leave `fit()` while the others wait forever in the next step's all-r
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -357,7 +358,27 @@ def multi_worker_strategy(config: TrainConfig) -> tf.distribute.MultiWorkerMirro
     no server."""
     seams.replace(seams.CHECK_HEALTH, False)
     _device_input_without_autotuning()
+    if "TF_CONFIG" in os.environ:
+        _coordination_tolerating_stalls(len(json.loads(os.environ["TF_CONFIG"])["cluster"]["worker"]))
     return tf.distribute.MultiWorkerMirroredStrategy(communication_options=communication(config))
+
+
+# How long a peer may send TensorFlow no heartbeat before the group is aborted.
+PEER_SILENCE_S = 60
+
+
+def _coordination_tolerating_stalls(workers: int) -> None:
+    """The coordination service the strategy would start, with a heartbeat timeout of
+    PEER_SILENCE_S in place of TensorFlow's 10 s. A worker that dies, or whose node does, is
+    found by Ray, which restarts the group; a heartbeat stops only while the whole process is
+    frozen (a loaded or swapping machine, a paused VM), and at 10 s one such pause of a worker
+    cost the group a restart, spent from --max-failures, although the worker would go on."""
+    seams.borrow(seams.COORDINATION_SERVICE)().configure_coordination_service(
+        service_type="standalone",
+        service_leader="/job:worker/replica:0/task:0",
+        heartbeat_timeout_in_ms=PEER_SILENCE_S * 1000,
+        coordinated_jobs=[seams.borrow(seams.COORDINATED_JOB)(name="worker", num_tasks=workers)],
+    )
 
 
 def _device_input_without_autotuning() -> None:
