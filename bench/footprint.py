@@ -35,7 +35,15 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 # Titles of our own work, by prefix (Ray names a worker process `ray::<actor or task>`); a
 # worker that ran one of these at any reading is ours for its whole life.
 DRIVER = "driver"
-OURS = ("ray::RayTrainWorker", "ray::MapWorker", "ray::ReadCSV", "ray::ReadParquet", "ray::Write", "ray::Map")
+OURS = (
+    "ray::RayTrainWorker",
+    "ray::_rows_into_store",
+    "ray::MapWorker",
+    "ray::ReadCSV",
+    "ray::ReadParquet",
+    "ray::Write",
+    "ray::Map",
+)
 
 
 def measure(args: list[str], env: dict) -> dict:

@@ -506,22 +506,28 @@ def _training_input_table(sizes: list[dict]) -> list[str]:
         "",
         "train.csv's rows repeated; `digits train --workers 1`, dense net, one epoch at batch "
         "1024, no validation split, embedded Ray. Rows held: the images and labels as arrays "
-        "(785 bytes a row). Driver private: its own memory, the rows it read before it put them "
-        "into the store; driver shared: what it put into the object store (shared memory); "
-        "worker mapped: what the worker mapped from the store (zero-copy on one node); worker "
-        "private: the rows joined into the array it trains from. Each a peak of its own.",
+        "(785 bytes a row). Driver private: its own memory (the rows pass through it a chunk at "
+        "a time, parsed and checked, to a spool on disk); driver shared: what it mapped of the "
+        "object store (shared memory); putting task: the task on the driver's node that reads the "
+        "spool into the store, its private memory and the store's pages it wrote; worker mapped: what the worker mapped from the store (zero-copy on "
+        "one node); worker private: the rows joined into the array it trains from. Each a peak of "
+        "its own.",
         "",
-        "| rows | rows held | driver peak RSS | driver private | driver shared | worker mapped | "
-        "worker private | worker peak RSS | images/s | wall |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| rows | rows held | driver peak RSS | driver private | driver shared | putting task private | "
+        "putting task shared | worker mapped | worker private | worker peak RSS | images/s | wall |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for size in sizes:
         if "not_run" in size:
-            lines.append(f"| {size['rows']:,} | {size['data_mb']:,.0f} MB | not run: {size['not_run']} | | | | | | | |")
+            lines.append(
+                f"| {size['rows']:,} | {size['data_mb']:,.0f} MB | not run: {size['not_run']} | | | | | | | | | |"
+            )
             continue
         lines.append(
             f"| {size['rows']:,} | {size['data_mb']:,.0f} MB | {size['driver_peak_rss_mb']:,.0f} MB | "
-            f"{size['driver_peak_private_mb']:,.0f} MB | {size['driver_peak_shared_mb']:,.0f} MB | {size['worker_peak_shared_mb']:,.0f} MB | "
+            f"{size['driver_peak_private_mb']:,.0f} MB | {size['driver_peak_shared_mb']:,.0f} MB | "
+            f"{size['putter_peak_private_mb']:,.0f} MB | {size['putter_peak_shared_mb']:,.0f} MB | "
+            f"{size['worker_peak_shared_mb']:,.0f} MB | "
             f"{size['worker_peak_private_mb']:,.0f} MB | {size['worker_peak_rss_mb']:,.0f} MB | "
             f"{size['images_per_s']:,.0f} | {size['wall_s']:.0f} s |"
         )

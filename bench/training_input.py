@@ -5,9 +5,11 @@ train.csv's rows repeated (the header once) to each size, in the scratch folder,
 time (4.2 million rows are 3.3 GB of CSV), deleted after its run. Each size: `digits train
 --workers 1` of the dense net for one epoch at batch 1024 on an embedded Ray, no validation
 split, measured by bench/footprint.py's reading of /proc: the driver's peak RSS, peak private
-memory (the rows it read, before it puts them into the store) and peak shared memory (the
-object store is shared memory, and the driver writes the rows into it: what it put there; the
-raylet that hosts the store touches none of it), and the worker's peak shared memory (the
+memory (a chunk of rows at a time, on its way to the spool on disk) and peak shared memory (the
+object store is shared memory: what the driver mapped of it; the raylet that hosts the store
+touches none of it), the peak private and shared memory of the task that puts the rows from
+the spool into the store (on the driver's node: a chunk at a time, and the store's pages it
+wrote), and the worker's peak shared memory (the
 objects it has mapped from the store: on one node a zero-copy read of every row) and private
 memory (the rows joined into the one array it trains from). Each size's Ray footprint comes too (bench/footprint.py).
 A size whose driver would not fit in the memory available (projected from the sizes before it)
@@ -66,6 +68,7 @@ def scale(train_csv: Path, scratch: Path, times: list[int], env: dict | None = N
             os.remove(data)
         memory = result["memory_mb_by_class"]
         worker = memory.get("ray::RayTrainWorker", {})
+        putter = memory.get("ray::_rows_into_store", {})
         run = json.loads((run_dir / "run.json").read_text())
         rows.append(
             {
@@ -76,6 +79,8 @@ def scale(train_csv: Path, scratch: Path, times: list[int], env: dict | None = N
                 "driver_peak_rss_mb": memory["driver"]["peak_rss_mb"],
                 "driver_peak_shared_mb": memory["driver"]["peak_shared_mb"],
                 "driver_peak_private_mb": memory["driver"]["peak_private_mb"],
+                "putter_peak_private_mb": putter.get("peak_private_mb", 0.0),
+                "putter_peak_shared_mb": putter.get("peak_shared_mb", 0.0),
                 "worker_peak_shared_mb": worker.get("peak_shared_mb", 0.0),
                 "worker_peak_private_mb": worker.get("peak_private_mb", 0.0),
                 "worker_peak_rss_mb": worker.get("peak_rss_mb", 0.0),

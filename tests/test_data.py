@@ -6,6 +6,7 @@ import gzip
 import hashlib
 import io
 import json
+import os
 import pickle
 import zipfile
 from pathlib import Path
@@ -121,10 +122,11 @@ def test_validation_split_is_seeded_and_disjoint():
 
 
 def test_the_driver_hands_on_every_row_once_a_chunk_at_a_time(kaggle_dir, ray_local):
-    """put_rows puts each chunk's training and validation rows into the object store and lets go
-    of the chunk; a worker joins the training rows back, and takes its validation share from
-    the chunks, exactly as from the whole arrays."""
+    """put_rows puts each spooled chunk's training and validation rows into the object store;
+    a worker joins the training rows back, and takes its validation share from the chunks,
+    exactly as from the whole arrays. The spool is gone after its block, and the rows stay."""
     from digit_models.storage.kaggle_csv import read_image_chunks
+    from digit_models.storage.row_spool import spooled
     from digit_models.training.driver import put_rows
     from digit_models.training.worker import joined, own_rows
 
@@ -133,8 +135,11 @@ def test_the_driver_hands_on_every_row_once_a_chunk_at_a_time(kaggle_dir, ray_lo
     cuts = [0, 1, 7, 400, 401, 1000]  # uneven chunks, one of a single row
     chunks = [(images[a:b], labels[a:b]) for a, b in zip(cuts, cuts[1:])]
     train_rows, val_rows = validation_split(1000, 0.1, seed=3)
-    train, validation = put_rows(chunks, train_rows, val_rows)
-    assert chunks == [] and len(train.images) == len(validation.labels) == 5
+    with spooled(iter(chunks), "the test's chunks") as spool:
+        assert spool.lengths == (1, 6, 393, 1, 599)
+        train, validation = put_rows(spool, train_rows, val_rows)
+        ray.wait(train.images + train.labels + validation.images + validation.labels, num_returns=20)
+    assert not os.path.exists(spool.directory) and len(train.images) == len(validation.labels) == 5
     assert np.array_equal(joined(train.images), whole.images[train_rows])
     assert np.array_equal(np.concatenate(ray.get(train.labels)), whole.labels[train_rows])
     for world in (1, 2, 3):

@@ -454,7 +454,9 @@ def mounted(tmp_path):
 
 
 @pytest.mark.timeout(300)
-def test_an_unwritable_or_full_output_is_one_line_and_leaves_nothing(mounted, kaggle_dir, dense_run, shared_ray_env):
+def test_an_unwritable_or_full_output_is_one_line_and_leaves_nothing(
+    tmp_path, mounted, kaggle_dir, dense_run, shared_ray_env
+):
     read_only, full = mounted("ro", "size=1m,ro"), mounted("full", "size=48k")
     score = ("predict", "--run", str(dense_run), "--input", str(kaggle_dir / "test.csv"))
     for command in (
@@ -466,6 +468,15 @@ def test_an_unwritable_or_full_output_is_one_line_and_leaves_nothing(mounted, ka
         assert done.stderr.splitlines() == [
             f"digits: error: {command[-1]}: cannot write there: {read_only} is on a read-only file system"
         ]
+    # Training whose temporary folder has no room for train.csv's parsed rows (storage/row_spool.py).
+    done = run_digits("train", "--data", str(kaggle_dir), "--out", str(tmp_path / "run"), env={"TMPDIR": str(full)})
+    assert done.returncode == 2
+    assert re.fullmatch(
+        f"digits: error: {full}/digits-rows-\\w+: cannot keep the rows read from {kaggle_dir / 'train.csv'} there "
+        r"\(\[Errno 28\] No space left on device\); TMPDIR chooses another folder",
+        done.stderr.rstrip("\n"),
+    ), done.stderr
+    assert list(full.iterdir()) == [] and not (tmp_path / "run").exists()
     # Scoring that runs out of room partway through writing its output.
     done = run_digits(*score, "--out", str(full / "scored"), env=shared_ray_env, timeout=200)
     assert done.returncode == 1, done.stderr[-2000:]

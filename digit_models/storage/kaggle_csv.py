@@ -96,10 +96,15 @@ def read_image_chunks(
     """A whole file in memory as (images, labels or None) arrays, a chunk of its rows each
     (read_csv_chunks'), in file order: the rows once, for a reader that hands them on a chunk
     at a time rather than joining them."""
-    return [
-        (pixels_of(table), table.column("label").to_numpy() if labelled else None)
-        for _, table in read_csv_chunks(location, labelled, limit=limit)
-    ]
+    return list(image_chunks(location, labelled, limit=limit))
+
+
+def image_chunks(
+    location: str, labelled: bool, limit: int | None = None
+) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
+    """read_image_chunks' chunks one at a time, as they are read."""
+    for _, table in read_csv_chunks(location, labelled, limit=limit):
+        yield pixels_of(table), table.column("label").to_numpy() if labelled else None
 
 
 def pixels_of(table: pa.Table) -> np.ndarray:

@@ -2,7 +2,8 @@
 each worker runs): read and check train.csv, split off the validation rows, hand both to Ray
 Train (training/backend.py), and write the run directory.
 
-The driver puts the training and validation rows into Ray's object store once; every worker
+The driver reads train.csv once, into a spool on its disk (storage/row_spool.py), and a task on
+its node puts the training and validation rows into Ray's object store once; every worker
 fetches all of them from there (so workers on other machines never read the driver's disk) and
 trains each step on its own slice of them (training/worker.py). Neither the driver nor Ray
 Train's controller imports TensorFlow (training/backend.py).
@@ -26,8 +27,9 @@ from digit_models.config import TrainConfig
 from digit_models.runtime.cpu_features import require_bfloat16_cpu
 from digit_models.errors import DigitsError
 from digit_models.storage.files import file_sha256
-from digit_models.storage.kaggle_csv import read_image_chunks, resolve_train_csv
-from digit_models.runtime.ray_runtime import cluster_address, cpus_per_process, ray_session
+from digit_models.storage.kaggle_csv import image_chunks, resolve_train_csv
+from digit_models.storage.row_spool import RowSpool, spooled
+from digit_models.runtime.ray_runtime import cluster_address, cpus_per_process, on_this_node, ray_session
 from digit_models.storage.run_dir import RunDir
 from digit_models.training.handoff import MODEL_SCORE, UNVALIDATED, Shares, WorkerInputs, WorkerOutcome
 
@@ -85,8 +87,21 @@ def _run(
     config: TrainConfig, run_dir: RunDir, address: str | None, started: dict | None, called: float, callbacks: tuple
 ) -> dict:
     train_csv = resolve_train_csv(config.data)
-    chunks = read_image_chunks(train_csv, labelled=True, limit=config.limit)
-    rows_read = sum(len(images) for images, _ in chunks)
+    with spooled(image_chunks(train_csv, labelled=True, limit=config.limit), train_csv) as spool:
+        return _train(config, run_dir, address, started, called, callbacks, train_csv, spool)
+
+
+def _train(
+    config: TrainConfig,
+    run_dir: RunDir,
+    address: str | None,
+    started: dict | None,
+    called: float,
+    callbacks: tuple,
+    train_csv: str,
+    spool: RowSpool,
+) -> dict:
+    rows_read = spool.rows
     data_sha256 = file_sha256(train_csv)
     if started and started["data"]["sha256"] != data_sha256:
         raise DigitsError(
@@ -138,7 +153,7 @@ def _run(
                 "mlflow_run_id": mlflow_run_id,
             }
         run_dir.write_started(started)
-        train, validation = put_rows(chunks, train_rows, val_rows)
+        train, validation = put_rows(spool, train_rows, val_rows)
         inputs = WorkerInputs(
             config=config,
             rows_total=rows_read,
@@ -308,26 +323,35 @@ def injected_faults(config: TrainConfig) -> list[tuple[str, int, int]]:
     return faults
 
 
-def put_rows(
-    chunks: list[tuple[np.ndarray, np.ndarray]], train_rows: np.ndarray, val_rows: np.ndarray
-) -> tuple[Shares, Shares]:
+def put_rows(spool: RowSpool, train_rows: np.ndarray, val_rows: np.ndarray) -> tuple[Shares, Shares]:
     """The training and the validation rows (sorted row numbers) into Ray's object store, a
-    chunk of the file at a time, each chunk dropped from `chunks` once it is there: the driver
-    holds the rows once, never beside a copy of them all."""
+    chunk of the file at a time, by a task on this node that reads them from the spool: the
+    driver neither holds the rows nor maps them from the store. The task's objects are the
+    driver's (a task's returns belong to its caller), so they outlive the task; the ObjectRefs
+    are here at once, and the workers wait for the rows while Ray Train starts them."""
     import ray
 
-    train, validation = Shares([], []), Shares([], [], ray.put(val_rows.astype(np.int64)))
-    start = 0
-    chunks.reverse()
-    while chunks:
-        images, labels = chunks.pop()
-        end = start + len(images)
-        for rows, share in ((train_rows, train), (val_rows, validation)):
-            here = rows[np.searchsorted(rows, start) : np.searchsorted(rows, end)] - start
-            share.images.append(ray.put(images[here]))
-            share.labels.append(ray.put(labels[here]))
-        start = end
+    into_store = ray.remote(num_cpus=0)(_rows_into_store)
+    parts = into_store.options(num_returns=4 * len(spool.lengths), **on_this_node()).remote(
+        spool, ray.put(train_rows), ray.put(val_rows)
+    )
+    train = Shares(parts[0::4], parts[1::4])
+    validation = Shares(parts[2::4], parts[3::4], ray.put(val_rows.astype(np.int64)))
     return train, validation
+
+
+def _rows_into_store(spool: RowSpool, train_rows: np.ndarray, val_rows: np.ndarray):
+    """Each chunk's training images and labels, then its validation images and labels. A
+    generator, so that Ray stores each part as it comes, not all of them at the end."""
+    start = 0
+    for index in range(len(spool.lengths)):
+        images, labels = spool.chunk(index)
+        end = start + len(images)
+        for rows in (train_rows, val_rows):
+            here = rows[np.searchsorted(rows, start) : np.searchsorted(rows, end)] - start
+            yield images[here]
+            yield labels[here]
+        start = end
 
 
 def validation_split(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

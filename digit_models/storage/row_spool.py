@@ -1,0 +1,84 @@
+"""Rows parsed once, kept on this machine's disk until the command ends.
+
+`digits train` checks every cell of train.csv before Ray starts, and puts the rows into Ray's
+object store after. Held in the driver's memory in between, and then mapped by it while it put
+them, they made the driver as large as the rows themselves, however large train.csv grew.
+Spooled a chunk per file instead, the driver holds one chunk at a time, and a task on its node
+reads the files back into the object store (training/driver.py).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from digit_models.errors import DigitsError, first_line
+
+
+@dataclass(frozen=True)
+class RowSpool:
+    directory: str
+    lengths: tuple[int, ...]  # rows of each chunk, in the file's order
+
+    @property
+    def rows(self) -> int:
+        return sum(self.lengths)
+
+    def chunk(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """(images, labels) of that chunk."""
+        return np.load(_path(self.directory, index, "images")), np.load(_path(self.directory, index, "labels"))
+
+
+@contextmanager
+def spooled(chunks: Iterable[tuple[np.ndarray, np.ndarray]], what: str) -> Iterator[RowSpool]:
+    """The (images, labels) chunks, each written to a new folder in the system's temporary
+    folder (TMPDIR) as it comes; the folder is removed when the block ends. `what`: the rows'
+    source, for the error when the folder has no room."""
+    try:
+        directory = tempfile.mkdtemp(prefix="digits-rows-")
+    except OSError as exc:
+        failed = _no_room(tempfile.gettempdir(), what, exc)
+    else:
+        failed = None
+    if failed:  # raised outside the handler: not in an OSError's context, which cli.py reads
+        raise failed  # as the run's own disk being full
+    try:
+        lengths = []
+        for index, (images, labels) in enumerate(chunks):
+            try:
+                _save(_path(directory, index, "images"), images)
+                _save(_path(directory, index, "labels"), labels)
+            except OSError as exc:
+                failed = _no_room(directory, what, exc)
+            if failed:
+                raise failed
+            lengths.append(len(images))
+        yield RowSpool(directory, tuple(lengths))
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def _no_room(directory: str, what: str, exc: OSError) -> DigitsError:
+    return DigitsError(
+        f"{directory}: cannot keep the rows read from {what} there ({first_line(exc)}); TMPDIR chooses another folder"
+    )
+
+
+def _save(path: str, array: np.ndarray) -> None:
+    # Through Python's write, which says when the disk is full; numpy's own says only how
+    # many bytes it wrote of how many.
+    staged = io.BytesIO()
+    np.save(staged, array)
+    with open(path, "wb") as out:
+        out.write(staged.getbuffer())
+
+
+def _path(directory: str, index: int, part: str) -> str:
+    return os.path.join(directory, f"{index:06d}-{part}.npy")
