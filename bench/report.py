@@ -526,12 +526,20 @@ def _training_input_table(sizes: list[dict]) -> list[str]:
         lines.append(
             f"| {size['rows']:,} | {size['data_mb']:,.0f} MB | {size['driver_peak_rss_mb']:,.0f} MB | "
             f"{size['driver_peak_private_mb']:,.0f} MB | {size['driver_peak_shared_mb']:,.0f} MB | "
-            f"{size['putter_peak_private_mb']:,.0f} MB | {size['putter_peak_shared_mb']:,.0f} MB | "
+            f"{_sampled_mb(size['putter_peak_private_mb'])} | {_sampled_mb(size['putter_peak_shared_mb'])} | "
             f"{size['worker_peak_shared_mb']:,.0f} MB | "
             f"{size['worker_peak_private_mb']:,.0f} MB | {size['worker_peak_rss_mb']:,.0f} MB | "
             f"{size['images_per_s']:,.0f} | {size['wall_s']:.0f} s |"
         )
     return lines
+
+
+def _sampled_mb(value: float | None) -> str:
+    return NOT_SAMPLED if value is None else f"{value:,.0f} MB"
+
+
+# A process that began and ended between two readings of /proc (bench/footprint.py).
+NOT_SAMPLED = "over between two readings"
 
 
 def chart(results: dict, path: Path) -> None:

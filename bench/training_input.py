@@ -68,7 +68,7 @@ def scale(train_csv: Path, scratch: Path, times: list[int], env: dict | None = N
             os.remove(data)
         memory = result["memory_mb_by_class"]
         worker = memory.get("ray::RayTrainWorker", {})
-        putter = memory.get("ray::_rows_into_store", {})
+        putter = memory.get("ray::chunk_parts", {})
         run = json.loads((run_dir / "run.json").read_text())
         rows.append(
             {
@@ -79,8 +79,9 @@ def scale(train_csv: Path, scratch: Path, times: list[int], env: dict | None = N
                 "driver_peak_rss_mb": memory["driver"]["peak_rss_mb"],
                 "driver_peak_shared_mb": memory["driver"]["peak_shared_mb"],
                 "driver_peak_private_mb": memory["driver"]["peak_private_mb"],
-                "putter_peak_private_mb": putter.get("peak_private_mb", 0.0),
-                "putter_peak_shared_mb": putter.get("peak_shared_mb", 0.0),
+                # None where the task began and ended between two readings of /proc
+                "putter_peak_private_mb": putter.get("peak_private_mb"),
+                "putter_peak_shared_mb": putter.get("peak_shared_mb"),
                 "worker_peak_shared_mb": worker.get("peak_shared_mb", 0.0),
                 "worker_peak_private_mb": worker.get("peak_private_mb", 0.0),
                 "worker_peak_rss_mb": worker.get("peak_rss_mb", 0.0),

@@ -195,7 +195,7 @@ def test_ray_s_own_processes_and_ours_are_told_apart(smoke):
     assert size["rows"] == SLICE_TRAIN_ROWS
     assert size["worker_peak_shared_mb"] == pytest.approx(size["data_mb"], abs=0.1)
     # The rows went into the store from the task that reads the spool; the driver mapped none.
-    assert size["putter_peak_shared_mb"] >= 0.9 * size["data_mb"] > size["driver_peak_shared_mb"]
+    assert size["driver_peak_shared_mb"] < 0.5 * size["data_mb"]
 
 
 def test_every_scoring_run_scored_the_images_it_was_given(smoke):
@@ -367,6 +367,8 @@ def test_the_chart_has_a_bar_per_ratio(smoke):
 
 
 def test_the_footprint_and_input_tables_hold_the_json_values(smoke):
+    from bench.report import NOT_SAMPLED
+
     measured, markdown, _ = smoke
     used = measured["footprint"]
     assert _table(markdown, "| command | wall |") == [
@@ -387,8 +389,8 @@ def test_the_footprint_and_input_tables_hold_the_json_values(smoke):
             _shown(size["driver_peak_rss_mb"], 0),
             _shown(size["driver_peak_private_mb"], 0),
             _shown(size["driver_peak_shared_mb"], 0),
-            _shown(size["putter_peak_private_mb"], 0),
-            _shown(size["putter_peak_shared_mb"], 0),
+            NOT_SAMPLED if size["putter_peak_private_mb"] is None else _shown(size["putter_peak_private_mb"], 0),
+            NOT_SAMPLED if size["putter_peak_shared_mb"] is None else _shown(size["putter_peak_shared_mb"], 0),
             _shown(size["worker_peak_shared_mb"], 0),
         ]
         for size in measured["training_input"]

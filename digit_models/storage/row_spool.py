@@ -71,6 +71,21 @@ def _no_room(directory: str, what: str, exc: OSError) -> DigitsError:
     )
 
 
+def chunk_parts(spool: RowSpool, train_rows: np.ndarray, val_rows: np.ndarray) -> Iterator[np.ndarray]:
+    """Each chunk's training images and labels, then its validation images and labels (the
+    rows' sorted numbers in the file). A generator, so that a Ray task that returns them has
+    Ray store each part as it comes, not all of them at the end (training/driver.py)."""
+    start = 0
+    for index in range(len(spool.lengths)):
+        images, labels = spool.chunk(index)
+        end = start + len(images)
+        for rows in (train_rows, val_rows):
+            here = rows[np.searchsorted(rows, start) : np.searchsorted(rows, end)] - start
+            yield images[here]
+            yield labels[here]
+        start = end
+
+
 def _save(path: str, array: np.ndarray) -> None:
     # Through Python's write, which says when the disk is full; numpy's own says only how
     # many bytes it wrote of how many.

@@ -28,7 +28,7 @@ from digit_models.runtime.cpu_features import require_bfloat16_cpu
 from digit_models.errors import DigitsError
 from digit_models.storage.files import file_sha256
 from digit_models.storage.kaggle_csv import image_chunks, resolve_train_csv
-from digit_models.storage.row_spool import RowSpool, spooled
+from digit_models.storage.row_spool import RowSpool, chunk_parts, spooled
 from digit_models.runtime.ray_runtime import cluster_address, cpus_per_process, on_this_node, ray_session
 from digit_models.storage.run_dir import RunDir
 from digit_models.training.handoff import MODEL_SCORE, UNVALIDATED, Shares, WorkerInputs, WorkerOutcome
@@ -331,27 +331,13 @@ def put_rows(spool: RowSpool, train_rows: np.ndarray, val_rows: np.ndarray) -> t
     are here at once, and the workers wait for the rows while Ray Train starts them."""
     import ray
 
-    into_store = ray.remote(num_cpus=0)(_rows_into_store)
+    into_store = ray.remote(num_cpus=0)(chunk_parts)  # from a module light to import
     parts = into_store.options(num_returns=4 * len(spool.lengths), **on_this_node()).remote(
         spool, ray.put(train_rows), ray.put(val_rows)
     )
     train = Shares(parts[0::4], parts[1::4])
     validation = Shares(parts[2::4], parts[3::4], ray.put(val_rows.astype(np.int64)))
     return train, validation
-
-
-def _rows_into_store(spool: RowSpool, train_rows: np.ndarray, val_rows: np.ndarray):
-    """Each chunk's training images and labels, then its validation images and labels. A
-    generator, so that Ray stores each part as it comes, not all of them at the end."""
-    start = 0
-    for index in range(len(spool.lengths)):
-        images, labels = spool.chunk(index)
-        end = start + len(images)
-        for rows in (train_rows, val_rows):
-            here = rows[np.searchsorted(rows, start) : np.searchsorted(rows, end)] - start
-            yield images[here]
-            yield labels[here]
-        start = end
 
 
 def validation_split(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
