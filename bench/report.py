@@ -509,9 +509,9 @@ def _training_input_table(sizes: list[dict]) -> list[str]:
         "(785 bytes a row). Driver private: its own memory (the rows pass through it a chunk at "
         "a time, parsed and checked, to a spool on disk); driver shared: what it mapped of the "
         "object store (shared memory); putting task: the task on the driver's node that reads the "
-        "spool into the store, its private memory and the store's pages it wrote; worker mapped: what the worker mapped from the store (zero-copy on "
-        "one node); worker private: the rows joined into the array it trains from. Each a peak of "
-        "its own.",
+        "spool into the store, its private memory and the store's pages it wrote; worker mapped: "
+        "what the worker mapped from the store (zero-copy on one node); worker private: the rows "
+        "joined into the array it trains from. Each a peak of its own.",
         "",
         "| rows | rows held | driver peak RSS | driver private | driver shared | putting task private | "
         "putting task shared | worker mapped | worker private | worker peak RSS | images/s | wall |",

@@ -771,7 +771,7 @@ def _find_in_chain(exc: BaseException, types: tuple) -> BaseException | None:
             cause,
             getattr(exc, "controller_failure", None),
             exc.__cause__,
-            exc.__context__,
+            None if exc.__suppress_context__ else exc.__context__,  # `raise ... from None` ends the chain
             *(getattr(exc, "worker_failures", None) or {}).values(),
         ]
         pending = [e for e in pending if isinstance(e, BaseException)]

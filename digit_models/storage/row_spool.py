@@ -44,11 +44,7 @@ def spooled(chunks: Iterable[tuple[np.ndarray, np.ndarray]], what: str) -> Itera
     try:
         directory = tempfile.mkdtemp(prefix="digits-rows-")
     except OSError as exc:
-        failed = _no_room(tempfile.gettempdir(), what, exc)
-    else:
-        failed = None
-    if failed:  # raised outside the handler: not in an OSError's context, which cli.py reads
-        raise failed  # as the run's own disk being full
+        raise _no_room(tempfile.gettempdir(), what, exc) from None
     try:
         lengths = []
         for index, (images, labels) in enumerate(chunks):
@@ -56,9 +52,7 @@ def spooled(chunks: Iterable[tuple[np.ndarray, np.ndarray]], what: str) -> Itera
                 _save(_path(directory, index, "images"), images)
                 _save(_path(directory, index, "labels"), labels)
             except OSError as exc:
-                failed = _no_room(directory, what, exc)
-            if failed:
-                raise failed
+                raise _no_room(directory, what, exc) from None
             lengths.append(len(images))
         yield RowSpool(directory, tuple(lengths))
     finally:

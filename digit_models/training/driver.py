@@ -332,11 +332,12 @@ def put_rows(spool: RowSpool, train_rows: np.ndarray, val_rows: np.ndarray) -> t
     import ray
 
     into_store = ray.remote(num_cpus=0)(chunk_parts)  # from a module light to import
+    val_rows_stored = ray.put(val_rows.astype(np.int64))
     parts = into_store.options(num_returns=4 * len(spool.lengths), **on_this_node()).remote(
-        spool, ray.put(train_rows), ray.put(val_rows)
+        spool, ray.put(train_rows), val_rows_stored
     )
     train = Shares(parts[0::4], parts[1::4])
-    validation = Shares(parts[2::4], parts[3::4], ray.put(val_rows.astype(np.int64)))
+    validation = Shares(parts[2::4], parts[3::4], val_rows_stored)
     return train, validation
 
 
