@@ -28,7 +28,7 @@ def main() -> None:
     from digit_models.nets.models import load_model_file
     from digit_models.storage.run_dir import RunDir
     from digit_models.runtime.tf_setup import configure_tensorflow
-    from digit_models.training.driver import validation_split
+    from digit_models.storage.row_spool import validation_split
 
     configure_tensorflow(cpus=2)
     for run in args.runs:

@@ -37,7 +37,7 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 DRIVER = "driver"
 OURS = (
     "ray::RayTrainWorker",
-    "ray::chunk_parts",
+    "ray::split_parts",
     "ray::MapWorker",
     "ray::ReadCSV",
     "ray::ReadParquet",

@@ -13,7 +13,7 @@ from digit_models.nets.augmentation import tta_view
 from digit_models.scoring.evaluation import read_origin
 from digit_models.storage.kaggle_csv import read_test_csv, read_train_csv
 from digit_models.storage.submission_csv import read_id_label_csv
-from digit_models.training.driver import validation_split
+from digit_models.storage.row_spool import validation_split
 
 
 def labelled_sets(data: str, config: dict | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:

@@ -68,7 +68,7 @@ def scale(train_csv: Path, scratch: Path, times: list[int], env: dict | None = N
             os.remove(data)
         memory = result["memory_mb_by_class"]
         worker = memory.get("ray::RayTrainWorker", {})
-        putter = memory.get("ray::chunk_parts", {})
+        putter = memory.get("ray::split_parts", {})
         run = json.loads((run_dir / "run.json").read_text())
         rows.append(
             {

@@ -74,7 +74,8 @@ def test_two_workers_hold_the_statistics_of_their_rows_together(tmp_path, kaggle
     a weight average, which is what the statistics are recomputed for)."""
     from digit_models.config import TrainConfig
     from digit_models.storage.kaggle_csv import read_train_csv
-    from digit_models.training.driver import train, validation_split
+    from digit_models.storage.row_spool import validation_split
+    from digit_models.training.driver import train
 
     config = TrainConfig(
         data=str(kaggle_dir),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import hashlib
 import io
@@ -24,7 +25,7 @@ from digit_models.storage.kaggle_csv import (
     resolve_train_csv,
     write_kaggle_csv,
 )
-from digit_models.training.driver import validation_split
+from digit_models.storage.row_spool import validation_split
 from digit_models.errors import DigitsError
 from digit_models.storage.data import FILES, MANIFEST, build_kaggle_files
 from digit_models.storage.mnist_source import read_wheel, restricted_loads
@@ -121,10 +122,11 @@ def test_validation_split_is_seeded_and_disjoint():
     assert not np.array_equal(val, validation_split(1000, 0.1, seed=4)[1])
 
 
-def test_the_driver_hands_on_every_row_once_a_chunk_at_a_time(kaggle_dir, ray_local):
-    """put_rows puts each spooled chunk's training and validation rows into the object store;
-    a worker joins the training rows back, and takes its validation share from the chunks,
-    exactly as from the whole arrays. The spool is gone after its block, and the rows stay."""
+def test_the_driver_hands_on_every_row_once_a_part_at_a_time(kaggle_dir, ray_local):
+    """put_rows puts the training and validation rows (validation_split's) of each part (a
+    run of spooled chunks) into the object store; a worker joins the training rows back, and
+    takes its validation share from the parts, exactly as from the whole arrays. The spool is
+    gone after its block, and the rows stay."""
     from digit_models.storage.kaggle_csv import read_image_chunks
     from digit_models.storage.row_spool import spooled
     from digit_models.training.driver import put_rows
@@ -137,9 +139,13 @@ def test_the_driver_hands_on_every_row_once_a_chunk_at_a_time(kaggle_dir, ray_lo
     train_rows, val_rows = validation_split(1000, 0.1, seed=3)
     with spooled(iter(chunks), "the test's chunks") as spool:
         assert spool.lengths == (1, 6, 393, 1, 599)
-        train, validation = put_rows(spool, train_rows, val_rows)
-        ray.wait(train.images + train.labels + validation.images + validation.labels, num_returns=20)
-    assert not os.path.exists(spool.directory) and len(train.images) == len(validation.labels) == 5
+        spool = dataclasses.replace(spool, part_rows=7)  # parts of 1 + 6, 393, 1 + 599 rows
+        assert spool.parts() == [range(0, 2), range(2, 3), range(3, 5)]
+        train, validation = put_rows(spool, 0.1, seed=3)
+        ray.wait(
+            [*train.images, *train.labels, *validation.images, *validation.labels, validation.rows], num_returns=13
+        )
+    assert not os.path.exists(spool.directory) and len(train.images) == len(validation.labels) == 3
     assert np.array_equal(joined(train.images), whole.images[train_rows])
     assert np.array_equal(np.concatenate(ray.get(train.labels)), whole.labels[train_rows])
     for world in (1, 2, 3):

@@ -22,10 +22,18 @@ import numpy as np
 from digit_models.errors import DigitsError, first_line
 
 
+# Rows per object that the spool's rows are put into the store as (split_parts). The driver owns
+# every such object, and each worker that reads one borrows it: the driver's own memory grows
+# with the number of objects times their borrowers (docs/design.md, "How it grows"), so a part
+# is many chunks of the file, at the price of that many rows in the putting task's memory.
+PART_ROWS = 40_000
+
+
 @dataclass(frozen=True)
 class RowSpool:
     directory: str
     lengths: tuple[int, ...]  # rows of each chunk, in the file's order
+    part_rows: int = PART_ROWS
 
     @property
     def rows(self) -> int:
@@ -34,6 +42,18 @@ class RowSpool:
     def chunk(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """(images, labels) of that chunk."""
         return np.load(_path(self.directory, index, "images")), np.load(_path(self.directory, index, "labels"))
+
+    def parts(self) -> list[range]:
+        """The chunks in runs of at least part_rows rows (the last run may have fewer), in order."""
+        runs, first, rows = [], 0, 0
+        for index, length in enumerate(self.lengths):
+            rows += length
+            if rows >= self.part_rows:
+                runs.append(range(first, index + 1))
+                first, rows = index + 1, 0
+        if first < len(self.lengths):
+            runs.append(range(first, len(self.lengths)))
+        return runs
 
 
 @contextmanager
@@ -65,13 +85,30 @@ def _no_room(directory: str, what: str, exc: OSError) -> DigitsError:
     )
 
 
-def chunk_parts(spool: RowSpool, train_rows: np.ndarray, val_rows: np.ndarray) -> Iterator[np.ndarray]:
-    """Each chunk's training images and labels, then its validation images and labels (the
-    rows' sorted numbers in the file). A generator, so that a Ray task that returns them has
-    Ray store each part as it comes, not all of them at the end (training/driver.py)."""
+def validation_count(n: int, fraction: float) -> int:
+    return int(round(n * fraction))
+
+
+def validation_split(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded row numbers (train, validation), each sorted; validation_count of them validation."""
+    order = np.random.default_rng(seed).permutation(n)
+    n_val = validation_count(n, fraction)
+    return np.sort(order[n_val:]), np.sort(order[:n_val])
+
+
+def split_parts(spool: RowSpool, val_fraction: float, seed: int) -> Iterator[np.ndarray]:
+    """The validation rows' numbers in the file (validation_split's), then for each of
+    spool.parts() its training images and labels and its validation images and labels. A
+    generator, so that a Ray task that returns them has Ray store each as it comes, not all of
+    them at the end (training/driver.py)."""
+    train_rows, val_rows = validation_split(spool.rows, val_fraction, seed)
+    yield val_rows
     start = 0
-    for index in range(len(spool.lengths)):
-        images, labels = spool.chunk(index)
+    for part in spool.parts():
+        chunks = [spool.chunk(index) for index in part]
+        images = np.concatenate([chunk_images for chunk_images, _ in chunks])
+        labels = np.concatenate([chunk_labels for _, chunk_labels in chunks])
+        del chunks
         end = start + len(images)
         for rows in (train_rows, val_rows):
             here = rows[np.searchsorted(rows, start) : np.searchsorted(rows, end)] - start

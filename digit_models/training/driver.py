@@ -19,7 +19,6 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 
 import digit_models
 from digit_models.training import mlflow_log
@@ -28,7 +27,7 @@ from digit_models.runtime.cpu_features import require_bfloat16_cpu
 from digit_models.errors import DigitsError
 from digit_models.storage.files import file_sha256
 from digit_models.storage.kaggle_csv import image_chunks, resolve_train_csv
-from digit_models.storage.row_spool import RowSpool, chunk_parts, spooled
+from digit_models.storage.row_spool import RowSpool, split_parts, spooled, validation_count
 from digit_models.runtime.ray_runtime import cluster_address, cpus_per_process, on_this_node, ray_session
 from digit_models.storage.run_dir import RunDir
 from digit_models.training.handoff import MODEL_SCORE, UNVALIDATED, Shares, WorkerInputs, WorkerOutcome
@@ -111,9 +110,10 @@ def _train(
     faults = injected_faults(config)
     if config.precision == "bfloat16" and not config.gpus_per_worker and not cluster_address(address):
         require_bfloat16_cpu()  # an embedded Ray's workers run on this CPU (each checks its own)
-    train_rows, val_rows = validation_split(rows_read, config.val_fraction, config.seed)
-    too_few_val = config.val_fraction > 0 and len(val_rows) < config.workers
-    if len(train_rows) < config.global_batch(config.workers) or too_few_val:
+    val_rows = validation_count(rows_read, config.val_fraction)
+    train_rows = rows_read - val_rows
+    too_few_val = config.val_fraction > 0 and val_rows < config.workers
+    if train_rows < config.global_batch(config.workers) or too_few_val:
         raise DigitsError(
             f"{train_csv}: {rows_read} rows are too few for {config.workers} "
             f"worker(s) with --batch-size {config.batch_size} and "
@@ -147,13 +147,13 @@ def _train(
                     "train_csv": train_csv,
                     "sha256": data_sha256,
                     "rows_read": rows_read,
-                    "train_rows": len(train_rows),
-                    "validation_rows": len(val_rows),
+                    "train_rows": train_rows,
+                    "validation_rows": val_rows,
                 },
                 "mlflow_run_id": mlflow_run_id,
             }
         run_dir.write_started(started)
-        train, validation = put_rows(spool, train_rows, val_rows)
+        train, validation = put_rows(spool, config.val_fraction, config.seed)
         inputs = WorkerInputs(
             config=config,
             rows_total=rows_read,
@@ -323,29 +323,21 @@ def injected_faults(config: TrainConfig) -> list[tuple[str, int, int]]:
     return faults
 
 
-def put_rows(spool: RowSpool, train_rows: np.ndarray, val_rows: np.ndarray) -> tuple[Shares, Shares]:
-    """The training and the validation rows (sorted row numbers) into Ray's object store, a
-    chunk of the file at a time, by a task on this node that reads them from the spool: the
-    driver neither holds the rows nor maps them from the store. The task's objects are the
-    driver's (a task's returns belong to its caller), so they outlive the task; the ObjectRefs
-    are here at once, and the workers wait for the rows while Ray Train starts them."""
+def put_rows(spool: RowSpool, val_fraction: float, seed: int) -> tuple[Shares, Shares]:
+    """The training and the validation rows (validation_split's) into Ray's object store, a
+    part of the file (RowSpool.parts) at a time, by a task on this node that reads them from
+    the spool: the driver neither holds the rows nor maps them from the store. The task's
+    objects are the driver's (a task's returns belong to its caller), so they outlive the
+    task; the ObjectRefs are here at once, and the workers wait for the rows while Ray Train
+    starts them."""
     import ray
 
-    into_store = ray.remote(num_cpus=0)(chunk_parts)  # from a module light to import
-    val_rows_stored = ray.put(val_rows.astype(np.int64))
-    parts = into_store.options(num_returns=4 * len(spool.lengths), **on_this_node()).remote(
-        spool, ray.put(train_rows), val_rows_stored
+    into_store = ray.remote(num_cpus=0)(split_parts)  # from a module light to import
+    returns = into_store.options(num_returns=1 + 4 * len(spool.parts()), **on_this_node()).remote(
+        spool, val_fraction, seed
     )
-    train = Shares(parts[0::4], parts[1::4])
-    validation = Shares(parts[2::4], parts[3::4], val_rows_stored)
-    return train, validation
-
-
-def validation_split(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded row indices (train, validation); the validation part is round(n * fraction)."""
-    order = np.random.default_rng(seed).permutation(n)
-    n_val = int(round(n * fraction))
-    return np.sort(order[n_val:]), np.sort(order[:n_val])
+    val_rows, parts = returns[0], returns[1:]
+    return Shares(parts[0::4], parts[1::4]), Shares(parts[2::4], parts[3::4], val_rows)
 
 
 def scaling_config(config: TrainConfig):

@@ -13,7 +13,7 @@ from digit_models.config import TrainConfig
 @dataclass(frozen=True)
 class Shares:
     """Rows in Ray's object store, fetched by every worker: the images and the labels as lists
-    of ObjectRefs, one per chunk of train.csv (driver.put_rows), in the file's order."""
+    of ObjectRefs, one per part of train.csv (driver.put_rows), in the file's order."""
 
     images: list
     labels: list
