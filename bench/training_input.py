@@ -8,7 +8,7 @@ split, measured by bench/footprint.py's reading of /proc: the driver's peak RSS,
 memory (a chunk of rows at a time, on its way to the spool on disk) and peak shared memory (the
 object store is shared memory: what the driver mapped of it; the raylet that hosts the store
 touches none of it), the peak private and shared memory of the task that puts the rows from
-the spool into the store (on the driver's node: a chunk at a time, and the store's pages it
+the spool into the store (on the driver's node: a part at a time, and the store's pages it
 wrote), and the worker's peak shared memory (the
 objects it has mapped from the store: on one node a zero-copy read of every row) and private
 memory (the rows joined into the one array it trains from). Each size's Ray footprint comes too (bench/footprint.py).
