@@ -90,7 +90,8 @@ def validation_count(n: int, fraction: float) -> int:
 
 
 def validation_split(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded row numbers (train, validation), each sorted; validation_count of them validation."""
+    """Seeded row numbers (train, validation), each sorted: validation_count(n, fraction) of
+    them are the validation rows."""
     order = np.random.default_rng(seed).permutation(n)
     n_val = validation_count(n, fraction)
     return np.sort(order[n_val:]), np.sort(order[:n_val])

@@ -19,7 +19,6 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-
 import digit_models
 from digit_models.training import mlflow_log
 from digit_models.config import TrainConfig
