@@ -80,11 +80,10 @@ def score(args) -> dict:
     """What a user would write without this project: pandas reads the input whole, Keras
     predicts it whole, pandas writes the Parquet predictions and submission.csv."""
     started = time.perf_counter()
-    import resource
-
     import pandas as pd
 
     from digit_models.nets.models import load_model_file  # TensorFlow loads here, timed as the import
+    from digit_models.runtime.process_memory import peak_rss_mb
 
     imported = time.perf_counter()
 
@@ -128,7 +127,7 @@ def score(args) -> dict:
         },
         "predict_images_per_s": len(ids) / (predicted - read),
         "wall_s": done - started,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": peak_rss_mb(),
     }
 
 

@@ -472,3 +472,18 @@ def test_an_earlier_output_is_replaced_entry_by_entry(tmp_path, kaggle_dir, dens
     assert json.loads((out / "predict.json").read_text())["images"] == 100
     assert len((out / "submission.csv").read_text().splitlines()) == 101
     assert sorted(path.name for path in tmp_path.iterdir()) == ["out", "small.csv"]  # nothing left beside it
+
+
+def test_the_recorded_peak_memory_is_the_command_s_own_not_its_parent_s():
+    """predict.json's driver_peak_rss_mb (runtime/process_memory.py). Linux carries getrusage's
+    peak over an exec from the process that started the command: started by a large process (a
+    notebook's kernel, the benchmark harness), a command reported its parent's size."""
+    held = np.ones(600 << 17)  # 600 MB, every page touched
+    measure = (
+        "import resource; from digit_models.runtime.process_memory import peak_rss_mb; "
+        "print(peak_rss_mb(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"
+    )
+    child = subprocess.run([sys.executable, "-c", measure], capture_output=True, text=True, check=True)
+    own, carried_over = map(float, child.stdout.split())
+    assert carried_over > 600 and own < 200, (own, carried_over)
+    del held

@@ -23,7 +23,6 @@ else (OUTPUT), and only its own entries are touched.
 
 from __future__ import annotations
 
-import resource
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -34,6 +33,7 @@ import pyarrow.csv as pacsv
 
 from digit_models.config import PredictConfig
 from digit_models.runtime.console import live, report_progress
+from digit_models.runtime.process_memory import peak_rss_mb
 from digit_models.errors import DigitsError, first_line
 from digit_models.storage.files import Folder, Output, is_uri, require_output_folder, staged_dir
 from digit_models.nets.model_file import check_keras_archive
@@ -144,7 +144,7 @@ def predict(config: PredictConfig, address: str | None = None) -> dict:
             },
             "images_per_s": round(images_total / (scored - ray_started), 1),
             "wall_s": round(time.time() - started, 3),
-            "driver_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "driver_peak_rss_mb": round(peak_rss_mb(), 1),
             "predictions": PREDICTIONS_DIR,
             "submission": SUBMISSION_FILE,
         }
