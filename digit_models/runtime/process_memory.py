@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import resource
+import sys
 
 STATUS = "/proc/self/status"
 
@@ -20,4 +21,5 @@ def peak_rss_mb() -> float:
                     return int(line.split()[1]) / 1024
     except OSError:
         pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # no /proc: kilobytes on Linux
+    # No /proc (not Linux): ru_maxrss is in bytes on macOS, kilobytes elsewhere.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 1024)
