@@ -68,18 +68,23 @@ def _session_ray_cpus_free_after_each_test():
     """A failed in-process pipeline's actors live as long as their handles, which its
     exception's traceback keeps in reference cycles; until Python's collector frees them they
     hold the session Ray's CPUs, and the next `digits` command that joins it waits forever. A
-    test whose CPUs are still held 30 s after it ended fails at its teardown, not the next one."""
+    test whose CPUs are still held 30 s after it ended fails at its teardown, not the next one.
+    The collector runs only then: a full collection of a heap that holds TensorFlow and Ray is
+    slow, and every test would pay for it."""
     yield
-    gc.collect()
     import ray
 
-    if ray.is_initialized():
-        deadline = time.time() + 30
-        total = ray.cluster_resources().get("CPU", 0)
-        while ray.available_resources().get("CPU", 0) < total and time.time() < deadline:
-            time.sleep(0.2)
-        free = ray.available_resources().get("CPU", 0)
-        assert free >= total, f"the test left {total - free:g} of the session Ray's {total:g} CPUs held after 30 s"
+    if not ray.is_initialized():
+        return
+    total = ray.cluster_resources().get("CPU", 0)
+    if ray.available_resources().get("CPU", 0) >= total:
+        return
+    gc.collect()
+    deadline = time.time() + 30
+    while ray.available_resources().get("CPU", 0) < total and time.time() < deadline:
+        time.sleep(0.2)
+    free = ray.available_resources().get("CPU", 0)
+    assert free >= total, f"the test left {total - free:g} of the session Ray's {total:g} CPUs held after 30 s"
 
 
 @pytest.fixture(scope="session")
@@ -193,6 +198,41 @@ def ray_tmpdir():
     folder = tempfile.mkdtemp(prefix="drt-", dir="/tmp")
     yield folder
     shutil.rmtree(folder, ignore_errors=True)
+
+
+# An embedded Ray in a process of its own, up until its stdin closes.
+ANOTHER_RAY = """
+import sys
+import ray
+ray.init(num_cpus=0, include_dashboard=False, _temp_dir=sys.argv[1], logging_level="ERROR")
+print("up", flush=True)
+sys.stdin.read()
+"""
+
+
+@pytest.fixture
+def another_ray(ray_tmpdir):
+    """Another Ray running on this machine while the test runs, as another user's or another
+    command's would: for the code that must find its own Ray, not any Ray."""
+    env = {name: value for name, value in os.environ.items() if not name.startswith(("RAY_ADDRESS", "RAY_AUTH"))}
+    process = subprocess.Popen(
+        [sys.executable, "-c", ANOTHER_RAY, ray_tmpdir],
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert process.stdout.readline().strip() == "up", "the other Ray did not start"
+        assert ray_processes(ray_tmpdir)
+        yield
+    finally:
+        process.stdin.close()
+        process.wait(timeout=60)
+        deadline = time.time() + 30
+        while ray_processes(ray_tmpdir) and time.time() < deadline:
+            time.sleep(0.2)
 
 
 @pytest.fixture(scope="session")

@@ -213,7 +213,12 @@ def test_a_run_given_no_datasets_starts_no_actor_to_hand_them_out(tmp_path, ray_
         run_config=ray.train.RunConfig(storage_path=str(tmp_path / "ray"), name="no-datasets"),
     ).fit()
     job = ray.get_runtime_context().get_job_id()
-    started = list_actors(filters=[("job_id", "=", job)], limit=10_000, raise_on_missing_output=False)
+    started = list_actors(
+        address=ray.get_runtime_context().gcs_address,
+        filters=[("job_id", "=", job)],
+        limit=10_000,
+        raise_on_missing_output=False,
+    )
     names = {actor.class_name for actor in started}
     assert "RayTrainWorker" in names and "DatasetManager" not in names
 

@@ -161,12 +161,13 @@ def _digits_process(*args: str, env: dict) -> subprocess.Popen:
     )
 
 
-def test_a_placement_group_left_by_a_killed_actor_is_removed_at_the_end_of_the_command(ray_local):
+def test_a_placement_group_left_by_a_killed_actor_is_removed_at_the_end_of_the_command(ray_local, another_ray):
     """What an interrupted search can leave behind (the group of a trial's Ray Train run, its
-    controller killed): the command's end removes it, and leaves a detached group alone."""
+    controller killed): the command's end removes it, and leaves a detached group alone; with
+    another Ray running on this machine, which Ray's State API client, unguided, gives up on."""
     import ray
     from ray.util import placement_group_table
-    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 
     from digit_models.runtime.ray_runtime import remove_own_placement_groups
 
@@ -181,16 +182,20 @@ def test_a_placement_group_left_by_a_killed_actor_is_removed_at_the_end_of_the_c
     left = ray.get(controller.place.remote())
     ray.kill(controller)
     detached = placement_group([{"CPU": 0.01}], lifetime="detached")
-    ray.get(detached.ready())
-    time.sleep(1)  # the creator's death reaches the GCS, which keeps the group while the job lives
-    assert placement_group_table()[left]["state"] == "CREATED"
-    remove_own_placement_groups()
-    deadline = time.time() + 10
-    while placement_group_table()[left]["state"] != "REMOVED" and time.time() < deadline:
-        time.sleep(0.2)
-    assert placement_group_table()[left]["state"] == "REMOVED"
-    assert placement_group_table()[detached.id.hex()]["state"] == "CREATED"
-    remove_placement_group(detached)
+    try:
+        ray.get(detached.ready())
+        time.sleep(1)  # the creator's death reaches the GCS, which keeps the group while the job lives
+        assert placement_group_table()[left]["state"] == "CREATED"
+        remove_own_placement_groups()
+        deadline = time.time() + 10
+        while placement_group_table()[left]["state"] != "REMOVED" and time.time() < deadline:
+            time.sleep(0.2)
+        assert placement_group_table()[left]["state"] == "REMOVED"
+        assert placement_group_table()[detached.id.hex()]["state"] == "CREATED"
+    finally:  # the later tests need the session Ray's CPUs whatever happened here
+        for group in (left, detached.id.hex()):
+            if placement_group_table()[group]["state"] != "REMOVED":
+                remove_placement_group(PlacementGroup(ray.PlacementGroupID.from_hex(group)))
 
 
 def _no_placement_group_is_left() -> None:

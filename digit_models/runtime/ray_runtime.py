@@ -111,14 +111,18 @@ def remove_own_placement_groups() -> None:
     Tune stops at a Ctrl-C) can leave the group registered after the actor's death, holding its
     CPUs until the cluster stops. Detached groups outlive jobs by design and are left alone.
     This asks the State API, which a cluster's head serves unless started without the
-    dashboard; where it does not, the groups are left to Ray."""
+    dashboard; where it does not, the groups are left to Ray. The State API is found through
+    this command's own cluster: told no address, Ray's client looks for a Ray on this machine,
+    and gives up when it finds two (another command's embedded one, say)."""
     import ray
     from ray.util.placement_group import PlacementGroup, remove_placement_group
     from ray.util.state import list_placement_groups
 
-    job = ray.get_runtime_context().get_job_id()
+    context = ray.get_runtime_context()
+    job = context.get_job_id()
     try:
         held = list_placement_groups(
+            address=context.gcs_address,
             filters=[("creator_job_id", "=", job), ("state", "!=", "REMOVED"), ("is_detached", "=", False)],
             detail=True,
             timeout=10,
