@@ -166,12 +166,17 @@ def local_cluster(worker_nodes: int, without: tuple[str, ...] = (), **settings: 
         yield env
     finally:
         subprocess.run([script, "stop"], env=env, capture_output=True, timeout=120)
-        deadline = time.time() + 30
-        while ray_processes(state) and time.time() < deadline:
-            time.sleep(0.5)
-        assert not ray_processes(state), "a raylet or GCS of the test cluster outlived `stop`"
+        assert ray_processes_gone(state), "a raylet or GCS of the test cluster outlived `stop`"
         # In the background: a runtime env's copy of the virtualenv takes seconds to delete.
         subprocess.Popen(["rm", "-rf", state], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def ray_processes_gone(under: str, seconds: float = 30) -> bool:
+    """Whether Ray's node processes under `under` (`ray_processes`) end within `seconds`."""
+    deadline = time.time() + seconds
+    while ray_processes(under) and time.time() < deadline:
+        time.sleep(0.2)
+    return not ray_processes(under)
 
 
 def ray_processes(under: str) -> set[int]:
@@ -230,9 +235,7 @@ def another_ray(ray_tmpdir):
     finally:
         process.stdin.close()
         process.wait(timeout=60)
-        deadline = time.time() + 30
-        while ray_processes(ray_tmpdir) and time.time() < deadline:
-            time.sleep(0.2)
+        assert ray_processes_gone(ray_tmpdir), "the other Ray's raylet or GCS outlived it"
 
 
 @pytest.fixture(scope="session")
