@@ -1,7 +1,10 @@
-"""This process's own peak memory, for the records our commands write (predict.json)."""
+"""This process's own peak memory, for the records our commands write (predict.json), and
+handing memory its allocator keeps back to the system."""
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import resource
 import sys
 
@@ -23,3 +26,16 @@ def peak_rss_mb() -> float:
         pass
     # No /proc (not Linux): ru_maxrss is in bytes on macOS, kilobytes elsewhere.
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 1024)
+
+
+def return_freed_memory() -> None:
+    """Hands the memory that glibc's allocator keeps after it is freed back to the system.
+
+    For after a burst of many small short-lived native allocations, such as parsing Parquet
+    footers (every row group's metadata for every column, in several threads): glibc keeps what
+    they freed in each thread's arena, and a driver's memory otherwise grows with the rows in
+    its input files. Nothing to do on other C libraries."""
+    name = ctypes.util.find_library("c")
+    trim = getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
+    if trim is not None:
+        trim(0)

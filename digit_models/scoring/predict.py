@@ -274,11 +274,7 @@ def write_submission(target: Folder, images: int, own_ids: bool, source: str) ->
     """Kaggle's format exactly (`ImageId,Label`, one row per image, ImageId ascending), from
     the ImageId and Label columns of the written predictions, after checking that every
     ImageId of the input is there exactly once."""
-    import pyarrow.dataset as pads  # here: its import (pandas) would delay every bad-input error
-
-    written = pads.dataset(f"{target.path}/{PREDICTIONS_DIR}", filesystem=target.fs, format="parquet")
-    batches = (batch for batch in written.to_batches(columns=["ImageId", "Label"], batch_size=1 << 20))
-    ids, labels = (_sorted_own_ids if own_ids else _labels_by_row)(batches, images, source)
+    ids, labels = (_sorted_own_ids if own_ids else _labels_by_row)(_written_labels(target), images, source)
     with target.open_output(SUBMISSION_FILE) as stream:
         stream.write(b"ImageId,Label\n")
         for start in range(0, len(labels), 1 << 20):
@@ -289,6 +285,19 @@ def write_submission(target: Folder, images: int, own_ids: bool, source: str) ->
                 stream,
                 write_options=pacsv.WriteOptions(include_header=False),
             )
+
+
+def _written_labels(target: Folder):
+    """The ImageId and Label columns of the written predictions, a file at a time in this
+    thread: the dataset scanner, reading ahead in several files and threads at once, left its
+    buffers with the allocator, and the driver's peak memory grew with the images scored."""
+    import pyarrow.dataset as pads  # here: its import (pandas) would delay every bad-input error
+    import pyarrow.parquet as pq
+
+    written = pads.dataset(f"{target.path}/{PREDICTIONS_DIR}", filesystem=target.fs, format="parquet")
+    for fragment in written.get_fragments():
+        with pq.ParquetFile(fragment.path, filesystem=target.fs) as file:
+            yield from file.iter_batches(batch_size=1 << 16, columns=["ImageId", "Label"], use_threads=False)
 
 
 def _labels_by_row(batches, images: int, source: str) -> tuple[None, np.ndarray]:

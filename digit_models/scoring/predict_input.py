@@ -23,6 +23,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from digit_models.errors import DigitsError, first_line
+from digit_models.runtime.process_memory import return_freed_memory
 from digit_models.storage.files import file_sha256, filesystem, require_file, split_query
 from digit_models.storage.kaggle_csv import (
     PIXEL_COLUMNS,
@@ -71,6 +72,7 @@ def open_input(location: str) -> PredictInput:
     kind = kinds.pop()
     with ThreadPoolExecutor(max_workers=min(16, len(files))) as pool:
         own_ids = list(pool.map(_check_csv_header if kind == "csv" else _check_parquet_schema, files))
+    return_freed_memory()  # what parsing the Parquet footers left with the allocator
     if len(set(own_ids)) > 1:
         with_ids = files[own_ids.index(True)]
         raise DigitsError(
