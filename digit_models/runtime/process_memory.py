@@ -4,7 +4,6 @@ handing memory its allocator keeps back to the system."""
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import resource
 import sys
 
@@ -34,8 +33,8 @@ def return_freed_memory() -> None:
     For after a burst of many small short-lived native allocations, such as parsing Parquet
     footers (every row group's metadata for every column, in several threads): glibc keeps what
     they freed in each thread's arena, and a driver's memory otherwise grows with the rows in
-    its input files. Nothing to do on other C libraries."""
-    name = ctypes.util.find_library("c")
-    trim = getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
+    its input files. The process's own C library, whichever it is: nothing to do where it is
+    not glibc."""
+    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
     if trim is not None:
         trim(0)

@@ -72,7 +72,8 @@ def open_input(location: str) -> PredictInput:
     kind = kinds.pop()
     with ThreadPoolExecutor(max_workers=min(16, len(files))) as pool:
         own_ids = list(pool.map(_check_csv_header if kind == "csv" else _check_parquet_schema, files))
-    return_freed_memory()  # what parsing the Parquet footers left with the allocator
+    if kind == "parquet":
+        return_freed_memory()  # what parsing the footers left with the allocator
     if len(set(own_ids)) > 1:
         with_ids = files[own_ids.index(True)]
         raise DigitsError(
